@@ -2,4 +2,14 @@
 //! exits to sandboxed service processes without interpreting them.
 #![deny(missing_docs)]
 
+pub mod arch;
+pub mod boot;
 pub mod bus;
+pub mod control;
+pub mod devices;
+pub mod host;
+pub mod memory;
+pub mod vcpu;
+pub mod vm;
+pub mod cli;
+pub mod logger;

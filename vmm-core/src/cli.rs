@@ -1,0 +1,88 @@
+//! The `bulkhead` command line.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+/// Bulkhead: a microkernel-style VMM whose devices run as separate sandboxed processes.
+#[derive(Debug, Parser)]
+#[command(name = "bulkhead", version, about, propagate_version = true)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Boot a guest with its device services.
+    Run(RunArgs),
+}
+
+/// `bulkhead run`.
+#[derive(Debug, Args, Clone)]
+pub struct RunArgs {
+    /// Guest kernel: an ELF vmlinux (booted through the 64-bit Linux boot protocol) or a bzImage.
+    #[arg(long, value_name = "PATH")]
+    pub kernel: PathBuf,
+    /// Initial RAM disk to load for the kernel.
+    #[arg(long, value_name = "PATH")]
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line. On a PVM host the parameters a stock kernel needs there are added.
+    #[arg(long, value_name = "STRING", default_value = "console=ttyS0 reboot=k panic=1")]
+    pub cmdline: String,
+    /// Guest RAM in MiB.
+    #[arg(long, value_name = "MIB", default_value_t = 128, value_parser = clap::value_parser!(u64).range(1..=1_048_576))]
+    pub mem: u64,
+    /// Number of vCPUs.
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=32))]
+    pub vcpus: u8,
+    /// Where the guest's serial console output goes: `stdout` or a file path (created or truncated
+    /// by the core, which passes it to the console service).
+    #[arg(long, value_name = "stdout|PATH", default_value = "stdout")]
+    pub serial_output: String,
+    /// Where the guest's serial console input comes from: `stdin` or `none`.
+    #[arg(long, value_name = "stdin|none", default_value = "stdin", value_parser = ["stdin", "none"])]
+    pub serial_input: String,
+    /// Directory holding the service binaries (`bulkhead-console`, ...). Default: next to `bulkhead`.
+    #[arg(long, value_name = "DIR")]
+    pub service_dir: Option<PathBuf>,
+    /// How long the core waits for a service to answer a forwarded exit before declaring it failed.
+    #[arg(long, value_name = "MS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=600_000))]
+    pub service_deadline_ms: u64,
+    /// Log level: error, warn, info, debug, trace.
+    #[arg(long, value_name = "LEVEL", default_value = "info", value_parser = parse_level)]
+    pub log_level: log::LevelFilter,
+}
+
+fn parse_level(s: &str) -> Result<log::LevelFilter, String> {
+    s.parse().map_err(|_| format!("unknown log level `{s}` (error, warn, info, debug, trace, off)"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("bulkhead").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn defaults() {
+        let Command::Run(r) = parse(&["run", "--kernel", "/k"]).expect("parse").command;
+        assert_eq!(r.mem, 128);
+        assert_eq!(r.vcpus, 1);
+        assert_eq!(r.serial_output, "stdout");
+        assert_eq!(r.serial_input, "stdin");
+    }
+
+    #[test]
+    fn bad_flags_are_errors() {
+        assert!(parse(&["run"]).is_err(), "kernel is required");
+        assert!(parse(&["run", "--kernel", "/k", "--bogus"]).is_err());
+        assert!(parse(&["run", "--kernel", "/k", "--mem", "0"]).is_err());
+        assert!(parse(&["run", "--kernel", "/k", "--vcpus", "33"]).is_err());
+        assert!(parse(&["run", "--kernel", "/k", "--serial-input", "tty"]).is_err());
+    }
+}
