@@ -1,17 +1,27 @@
-//! `cargo xtask`: build helpers for Bulkhead.
+//! `cargo xtask`: build, run, test and benchmark helpers for Bulkhead.
 //!
 //! - `cargo xtask probe`  builds the freestanding probe guest; last line: the ELF's path.
-//! - `cargo xtask guest`  builds the Linux guest (kernel + rootfs); last lines: their paths.
+//! - `cargo xtask guest`  builds the Linux guest (kernel + rootfs); last lines: `key=path`.
+//! - `cargo xtask run`    builds what is missing and boots the Linux guest with its services.
+//! - `cargo xtask test`   builds everything and runs every test (what CI runs).
+//! - `cargo xtask bench`  runs the benchmarks and prints the report.
 
+mod bench;
 mod guest;
 mod probe;
+mod tasks;
+mod util;
 
 use std::process::ExitCode;
 
 fn usage() -> &'static str {
-    "usage: cargo xtask <probe|guest> [options]\n\
-     \x20 probe   build the probe guest ELF\n\
-     \x20 guest   build the Linux guest kernel and root file systems"
+    "usage: cargo xtask <command> [options]\n\
+     \x20 probe   build the probe guest ELF (prints its path last)\n\
+     \x20 guest   build the Linux guest kernel and root file systems (prints key=path lines last)\n\
+     \x20 run     build what is missing, then boot the Linux guest with its device services\n\
+     \x20         (extra arguments are passed to `bulkhead run`)\n\
+     \x20 test    build everything and run every test\n\
+     \x20 bench   run the benchmarks (probe guest; see docs/benchmarks.md)"
 }
 
 fn main() -> ExitCode {
@@ -24,6 +34,9 @@ fn main() -> ExitCode {
     let result = match cmd.as_str() {
         "probe" => probe::run(&rest),
         "guest" => guest::run(&rest),
+        "run" => tasks::run_guest(&rest),
+        "test" => tasks::test(&rest),
+        "bench" => bench::run(&rest),
         "-h" | "--help" | "help" => {
             println!("{}", usage());
             Ok(())

@@ -1,0 +1,48 @@
+//! The probe's tests and their registry. To add one: write a module with a
+//! `pub const TEST: Test` and list it in [`TESTS`].
+
+mod hello;
+mod pio_loop;
+mod ticker;
+
+use crate::cmdline::Params;
+use crate::console::Console;
+use crate::Verdict;
+
+/// A test selectable with `probe.test=NAME`.
+pub struct Test {
+    /// The NAME in `probe.test=NAME`.
+    pub name: &'static [u8],
+    /// Runs the test; prints its own lines, not the verdict line.
+    pub run: fn(&mut Console<'_>, &Params<'_>) -> Verdict,
+}
+
+/// Every test, in the order listed by `probe: tests:`.
+pub static TESTS: &[Test] = &[hello::TEST, pio_loop::TEST, ticker::TEST];
+
+/// The test called `name`.
+pub fn find(name: &[u8]) -> Option<&'static Test> {
+    TESTS.iter().find(|t| t.name == name)
+}
+
+/// Prints ` NAME` for every test.
+pub fn print_names(con: &mut Console<'_>) {
+    for t in TESTS {
+        con.str(b" ").str(t.name);
+    }
+}
+
+#[cfg(test)]
+mod registry_tests {
+    use super::*;
+
+    #[test]
+    fn names_are_unique_and_found() {
+        for (i, t) in TESTS.iter().enumerate() {
+            assert!(TESTS[i + 1..].iter().all(|u| u.name != t.name));
+            assert!(core::ptr::eq(find(t.name).expect("listed"), t));
+        }
+        assert!(find(b"hello").is_some());
+        assert!(find(b"nope").is_none());
+    }
+}

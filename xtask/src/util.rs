@@ -1,0 +1,90 @@
+//! Helpers shared by the xtask commands.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+/// Boxed error used by every xtask command.
+pub type BoxError = Box<dyn std::error::Error>;
+
+/// The workspace root (the parent of `xtask/`).
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."))
+}
+
+/// Runs a command with inherited stdio, failing on a non-zero exit.
+pub fn run(cmd: &mut Command) -> Result<(), BoxError> {
+    eprintln!("xtask: $ {}", describe(cmd));
+    let status = cmd.status().map_err(|e| format!("cannot run {}: {e}", describe(cmd)))?;
+    if !status.success() {
+        return Err(format!("{} failed with {status}", describe(cmd)).into());
+    }
+    Ok(())
+}
+
+/// Runs this xtask binary with `args` (another xtask command), stderr inherited, and returns its
+/// stdout lines.
+pub fn xtask_lines(args: &[&str]) -> Result<Vec<String>, BoxError> {
+    let exe = std::env::current_exe()?;
+    let out = Command::new(&exe)
+        .args(args)
+        .current_dir(workspace_root())
+        .stderr(Stdio::inherit())
+        .output()
+        .map_err(|e| format!("cannot run xtask {}: {e}", args.join(" ")))?;
+    if !out.status.success() {
+        return Err(format!("xtask {} failed with {}", args.join(" "), out.status).into());
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).lines().map(str::to_string).collect())
+}
+
+/// Builds the probe guest and returns the ELF's path (the last line `cargo xtask probe` prints).
+pub fn probe_elf() -> Result<PathBuf, BoxError> {
+    let lines = xtask_lines(&["probe"])?;
+    let last = lines.last().ok_or("xtask probe printed no path")?;
+    Ok(PathBuf::from(last.trim()))
+}
+
+/// The Linux guest's artefacts.
+pub struct GuestImages {
+    /// The ELF vmlinux.
+    pub vmlinux: PathBuf,
+    /// The uncompressed initramfs.
+    pub initramfs: PathBuf,
+    /// The ext4 root file system image.
+    pub rootfs: PathBuf,
+}
+
+/// Builds (or finds cached) the Linux guest and returns its paths (`key=path` lines).
+pub fn guest_images() -> Result<GuestImages, BoxError> {
+    let lines = xtask_lines(&["guest"])?;
+    let get = |key: &str| -> Result<PathBuf, BoxError> {
+        lines
+            .iter()
+            .rev()
+            .find_map(|l| l.strip_prefix(&format!("{key}=")))
+            .map(PathBuf::from)
+            .ok_or_else(|| format!("xtask guest printed no {key}= line").into())
+    };
+    Ok(GuestImages { vmlinux: get("vmlinux")?, initramfs: get("initramfs")?, rootfs: get("rootfs")? })
+}
+
+/// Builds the workspace binaries (`bulkhead` and the services) in `profile` and returns their
+/// directory.
+pub fn build_binaries(release: bool) -> Result<PathBuf, BoxError> {
+    let mut cmd = Command::new(env!("CARGO"));
+    cmd.current_dir(workspace_root()).args(["build", "--workspace", "--bins"]);
+    if release {
+        cmd.arg("--release");
+    }
+    run(&mut cmd)?;
+    Ok(workspace_root().join("target").join(if release { "release" } else { "debug" }))
+}
+
+fn describe(cmd: &Command) -> String {
+    let mut s = cmd.get_program().to_string_lossy().into_owned();
+    for a in cmd.get_args() {
+        s.push(' ');
+        s.push_str(&a.to_string_lossy());
+    }
+    s
+}
