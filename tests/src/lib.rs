@@ -1,1 +1,142 @@
-//! End-to-end tests live in tests/tests/.
+//! Helpers for Bulkhead's end-to-end tests: they run the real `bulkhead` binary, which starts the
+//! real, sandboxed service processes, exactly as a user would.
+//!
+//! Artefacts come from the environment `cargo xtask test` sets: `BULKHEAD_PROBE` (the probe guest
+//! ELF), `BULKHEAD_VMLINUX` and `BULKHEAD_INITRAMFS` (the Linux guest). The binaries are found in
+//! the cargo target directory this test executable was built into.
+#![deny(missing_docs)]
+
+use std::io::Read;
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+/// The directory holding `bulkhead` and the service binaries (target/<profile>).
+pub fn bin_dir() -> PathBuf {
+    // The test executable lives in target/<profile>/deps/.
+    let exe = std::env::current_exe().expect("current_exe");
+    let dir = exe.parent().and_then(|d| d.parent()).expect("target dir").to_path_buf();
+    assert!(
+        dir.join("bulkhead").is_file() && dir.join("bulkhead-console").is_file(),
+        "{} lacks bulkhead or bulkhead-console: run `cargo build --workspace --bins` (cargo xtask test does)",
+        dir.display()
+    );
+    dir
+}
+
+/// A path from the environment, with a message saying how to get it when it is missing.
+pub fn artefact(var: &str) -> PathBuf {
+    let p = std::env::var_os(var)
+        .map(PathBuf::from)
+        .unwrap_or_else(|| panic!("{var} is not set: run the tests with `cargo xtask test`, which builds the guests"));
+    assert!(p.is_file(), "{var}={} does not exist", p.display());
+    p
+}
+
+/// The probe guest ELF.
+pub fn probe() -> PathBuf {
+    artefact("BULKHEAD_PROBE")
+}
+
+/// A fresh scratch directory for one test.
+pub fn scratch(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("bulkhead-test-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).expect("scratch dir");
+    d
+}
+
+/// `bulkhead run` with `args`, stdin closed, stdout and stderr piped.
+pub fn bulkhead(args: &[&str]) -> Command {
+    let mut cmd = Command::new(bin_dir().join("bulkhead"));
+    cmd.arg("run").args(args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    cmd
+}
+
+/// What a finished run left.
+#[derive(Debug)]
+pub struct Finished {
+    /// Exit status.
+    pub status: ExitStatus,
+    /// Everything on stdout (the guest console unless redirected).
+    pub stdout: String,
+    /// Everything on stderr (the core's and the services' logs).
+    pub stderr: String,
+}
+
+/// Waits for `child` for at most `limit`, killing it (and failing the test) past that.
+pub fn wait_bounded(mut child: Child, limit: Duration) -> Finished {
+    let mut out = child.stdout.take().expect("stdout piped");
+    let mut err = child.stderr.take().expect("stderr piped");
+    let t_out = std::thread::spawn(move || {
+        let mut s = Vec::new();
+        let _ = out.read_to_end(&mut s);
+        String::from_utf8_lossy(&s).into_owned()
+    });
+    let t_err = std::thread::spawn(move || {
+        let mut s = Vec::new();
+        let _ = err.read_to_end(&mut s);
+        String::from_utf8_lossy(&s).into_owned()
+    });
+    let start = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("try_wait") {
+            break s;
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            let stdout = t_out.join().unwrap_or_default();
+            let stderr = t_err.join().unwrap_or_default();
+            panic!("bulkhead still running after {limit:?}\n--- stdout\n{stdout}\n--- stderr\n{stderr}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    Finished { status, stdout: t_out.join().unwrap_or_default(), stderr: t_err.join().unwrap_or_default() }
+}
+
+/// Runs `bulkhead run args` to completion within `limit`.
+pub fn run_to_end(args: &[&str], limit: Duration) -> Finished {
+    wait_bounded(bulkhead(args).spawn().expect("spawn bulkhead"), limit)
+}
+
+/// A process as seen in /proc.
+#[derive(Debug, Clone)]
+pub struct ProcInfo {
+    /// Its pid.
+    pub pid: u32,
+    /// Its parent's pid.
+    pub ppid: u32,
+    /// The executable's path.
+    pub exe: PathBuf,
+}
+
+/// The children of `parent` currently alive.
+pub fn children_of(parent: u32) -> Vec<ProcInfo> {
+    let mut v = Vec::new();
+    let Ok(rd) = std::fs::read_dir("/proc") else { return v };
+    for e in rd.flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { continue };
+        // The comm field may hold spaces and parentheses: ppid is the 2nd field after the last ')'.
+        let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else { continue };
+        let ppid = rest.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+        if ppid == parent {
+            let exe = std::fs::read_link(format!("/proc/{pid}/exe")).unwrap_or_default();
+            v.push(ProcInfo { pid, ppid, exe });
+        }
+    }
+    v
+}
+
+/// Polls `cond` every 20 ms for at most `limit`; returns whether it became true.
+pub fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if cond() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    cond()
+}

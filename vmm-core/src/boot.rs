@@ -201,10 +201,12 @@ mod tests {
     fn e820_covers_ram_around_gap() {
         let m = e820_map(128 << 20);
         assert_eq!(m.len(), 2);
-        assert_eq!(m[1].addr + m[1].size, 128 << 20);
+        let (addr, size) = (m[1].addr, m[1].size);
+        assert_eq!(addr + size, 128 << 20);
         let m = e820_map(4 << 30);
         assert_eq!(m.len(), 3);
-        assert_eq!(m[2].addr, MMIO_GAP_END);
+        let addr = m[2].addr;
+        assert_eq!(addr, MMIO_GAP_END);
     }
 
     #[test]

@@ -12,4 +12,6 @@ pub mod memory;
 pub mod vcpu;
 pub mod vm;
 pub mod cli;
+pub mod launch;
 pub mod logger;
+pub mod service;

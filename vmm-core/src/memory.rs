@@ -33,6 +33,14 @@ pub enum MemoryError {
     /// Sealing the memfd failed.
     #[error("cannot seal the guest memory memfd")]
     Seal(#[source] nix::Error),
+    /// More guest memory than the host has.
+    #[error("guest memory of {requested} MiB exceeds the host's {host} MiB")]
+    ExceedsHost {
+        /// Requested MiB.
+        requested: u64,
+        /// Host MemTotal in MiB.
+        host: u64,
+    },
     /// Mapping guest memory failed.
     #[error("cannot map guest memory")]
     Map(#[source] vm_memory::mmap::FromRangesError),
@@ -54,12 +62,25 @@ pub fn ram_ranges(size: u64) -> Vec<(u64, u64, u64)> {
     }
 }
 
+/// The host's MemTotal in MiB, if /proc/meminfo says.
+pub fn host_mem_mib() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024)
+}
+
 impl GuestRam {
     /// Creates `mib` MiB of guest RAM in a new memfd.
     pub fn new(mib: u64) -> Result<Self, MemoryError> {
         // Bound: 1 TiB is far beyond anything these machines can back; the kernel refuses first.
         if mib == 0 || mib > (1 << 20) {
             return Err(MemoryError::InvalidSize(mib));
+        }
+        if let Some(host) = host_mem_mib() {
+            if mib > host {
+                return Err(MemoryError::ExceedsHost { requested: mib, host });
+            }
         }
         let size = mib << 20;
         let fd = memfd_create(
@@ -141,5 +162,7 @@ mod tests {
         assert_eq!(u32::from_le_bytes(buf), 0xdead_beef);
         assert_eq!(ram.size(), 4 << 20);
         assert!(GuestRam::new(0).is_err());
+        let host = host_mem_mib().expect("meminfo");
+        assert!(matches!(GuestRam::new(host + 1), Err(MemoryError::ExceedsHost { .. })));
     }
 }

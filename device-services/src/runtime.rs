@@ -1,0 +1,370 @@
+//! The service-side runtime shared by all device services.
+
+use std::collections::HashMap;
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
+use std::time::{Duration, Instant};
+
+use ipc::control::{ControlMsg, FdRole, ServiceSetup, ServiceStats};
+use ipc::ring::{ExitKind, ExitReply, ExitRequest, Incoming, ServiceEndpoint};
+use ipc::{ControlChannel, ControlError, IpcError};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::jail::{self, JailError};
+
+/// How long a service waits for its set-up message.
+pub const SETUP_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest the service sleeps in one `poll` before re-checking (bounds every wait).
+const SLEEP_SLICE: Duration = Duration::from_secs(1);
+/// While spinning, how often the control socket and device fds are polled (without blocking).
+const SIDE_POLL_INTERVAL: Duration = Duration::from_millis(1);
+/// Upper bound on the configurable idle spin.
+const MAX_IDLE_SPIN: Duration = Duration::from_millis(10);
+
+/// Errors of the service runtime.
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    /// Bad command line.
+    #[error("usage: {0}")]
+    Usage(String),
+    /// The control fd is not open.
+    #[error("control fd {0} is not open")]
+    BadControlFd(RawFd),
+    /// Control channel failure.
+    #[error("control channel")]
+    Control(#[from] ControlError),
+    /// The first message was not a set-up.
+    #[error("expected a set-up message, got {0}")]
+    NotSetup(String),
+    /// The set-up's fd roles do not match the fds received.
+    #[error("set-up names {roles} fds with duplicates or missing ring fds, {fds} received")]
+    BadFds {
+        /// Roles named.
+        roles: usize,
+        /// Fds received.
+        fds: usize,
+    },
+    /// Ring failure (attach or protocol violation by the core).
+    #[error("exit ring")]
+    Ring(#[from] IpcError),
+    /// The set-up's device configuration is not for this service.
+    #[error("wrong device configuration: {0}")]
+    WrongDevice(String),
+    /// An fd the device needs is missing.
+    #[error("missing fd for role {0:?}")]
+    MissingFd(FdRole),
+    /// Device-specific failure.
+    #[error("device: {0}")]
+    Device(String),
+    /// Entering the jail failed.
+    #[error("jail")]
+    Jail(#[from] JailError),
+    /// Polling failed.
+    #[error("poll")]
+    Poll(#[source] std::io::Error),
+    /// The core closed the control channel (it exited).
+    #[error("core closed the control channel")]
+    CoreGone,
+}
+
+/// A port-I/O device served by the runtime. Offsets are relative to the device's base port and
+/// already checked to lie inside its range.
+pub trait PioHandler {
+    /// Guest read of `data.len()` bytes at `offset`. Returns false to reject the access (the
+    /// guest then reads all-ones).
+    fn read(&mut self, offset: u16, data: &mut [u8]) -> bool;
+    /// Guest write of `data` at `offset`. Returns false to reject it.
+    fn write(&mut self, offset: u16, data: &[u8]) -> bool;
+    /// Device fds to watch for readability (re-queried every loop iteration).
+    fn event_fds(&self) -> Vec<RawFd> {
+        Vec::new()
+    }
+    /// One of [`event_fds`](Self::event_fds) is readable or hung up.
+    fn on_event(&mut self, _fd: RawFd) -> Result<(), RuntimeError> {
+        Ok(())
+    }
+}
+
+/// Parses `--control-fd N` (default 3) from the arguments after the program name.
+pub fn parse_control_fd<I: IntoIterator<Item = String>>(args: I) -> Result<RawFd, RuntimeError> {
+    let mut fd = 3;
+    let mut it = args.into_iter();
+    while let Some(a) = it.next() {
+        let val = if a == "--control-fd" {
+            it.next().ok_or_else(|| RuntimeError::Usage("--control-fd needs a value".into()))?
+        } else if let Some(v) = a.strip_prefix("--control-fd=") {
+            v.to_string()
+        } else {
+            return Err(RuntimeError::Usage(format!("unknown argument {a:?}; expected [--control-fd N]")));
+        };
+        fd = val
+            .parse::<RawFd>()
+            .ok()
+            .filter(|&f| f >= 0)
+            .ok_or_else(|| RuntimeError::Usage(format!("bad fd {val:?}")))?;
+    }
+    Ok(fd)
+}
+
+fn eventfd(fd: OwnedFd) -> EventFd {
+    // SAFETY: `fd` is an owned fd received over the control socket; EventFd takes sole ownership.
+    // A non-eventfd fd only makes later reads/writes fail with an error, never UB.
+    unsafe { EventFd::from_raw_fd(fd.into_raw_fd()) }
+}
+
+/// A service after set-up: configuration, the fds for its device, the ring and the control socket.
+pub struct Startup {
+    /// The set-up message.
+    pub setup: ServiceSetup,
+    fds: HashMap<FdRole, OwnedFd>,
+    control: ControlChannel,
+    ring: ServiceEndpoint,
+}
+
+impl std::fmt::Debug for Startup {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Startup").field("setup", &self.setup).finish_non_exhaustive()
+    }
+}
+
+impl Startup {
+    /// Parses the arguments (without the program name), takes the control fd and completes set-up.
+    pub fn from_args<I: IntoIterator<Item = String>>(args: I) -> Result<Self, RuntimeError> {
+        let raw = parse_control_fd(args)?;
+        // SAFETY: F_GETFD only queries the fd table.
+        if unsafe { libc::fcntl(raw, libc::F_GETFD) } < 0 {
+            return Err(RuntimeError::BadControlFd(raw));
+        }
+        // SAFETY: the fd is open (checked above) and was handed to this process for its sole
+        // use as the control socket; nothing else in the process owns it.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        // Do not leak the control socket into anything the service might exec.
+        // SAFETY: F_SETFD with an int flag on an fd we own.
+        unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) };
+        Self::from_control(ControlChannel::from_fd(fd))
+    }
+
+    /// Completes set-up over an already-open control channel.
+    pub fn from_control(control: ControlChannel) -> Result<Self, RuntimeError> {
+        let (msg, fds) = control.recv(Instant::now() + SETUP_TIMEOUT)?;
+        let ControlMsg::Setup(setup) = msg else {
+            return Err(RuntimeError::NotSetup(format!("{msg:?}")));
+        };
+        let nfds = fds.len();
+        let bad = || RuntimeError::BadFds { roles: setup.fds.len(), fds: nfds };
+        if setup.fds.len() != fds.len() {
+            return Err(bad());
+        }
+        let mut by_role = HashMap::new();
+        for (role, fd) in setup.fds.iter().zip(fds) {
+            if by_role.insert(*role, fd).is_some() {
+                return Err(bad());
+            }
+        }
+        let (Some(region), Some(sub), Some(comp)) = (
+            by_role.remove(&FdRole::Ring),
+            by_role.remove(&FdRole::SubmitBell),
+            by_role.remove(&FdRole::CompleteBell),
+        ) else {
+            return Err(bad());
+        };
+        let ring = ServiceEndpoint::attach(region, setup.ring.region_len, setup.ring.capacity, eventfd(sub), eventfd(comp))?;
+        Ok(Self { setup, fds: by_role, control, ring })
+    }
+
+    /// Takes the device fd passed in `role`, if any.
+    pub fn take_fd(&mut self, role: FdRole) -> Option<OwnedFd> {
+        self.fds.remove(&role)
+    }
+
+    /// Takes an EventFd passed in `role` (e.g. the irqfd).
+    pub fn take_eventfd(&mut self, role: FdRole) -> Option<EventFd> {
+        self.take_fd(role).map(eventfd)
+    }
+
+    /// Tells the core set-up failed (best effort) before the service exits.
+    pub fn report_failure(&self, reason: &str) {
+        let _ = self.control.send(&ControlMsg::Failed { reason: reason.to_string() }, &[]);
+    }
+
+    /// Enters the jail: closes every fd except stdio, the runtime's own and `device_fds`.
+    /// Fds not taken with [`take_fd`](Self::take_fd) are closed too.
+    pub fn jail(&mut self, device_fds: &[RawFd]) -> Result<(), RuntimeError> {
+        self.fds.clear();
+        let mut keep = device_fds.to_vec();
+        keep.push(self.control.as_fd().as_raw_fd());
+        keep.extend(self.ring.raw_fds());
+        jail::close_other_fds(&keep)?;
+        Ok(())
+    }
+
+    /// Sends `Ready` and serves the ring with `handler` for the ports `[base, base + len)` until
+    /// the core sends `Shutdown` (returns `Ok`) or something fails.
+    pub fn serve<H: PioHandler>(self, handler: H, base: u16, len: u16) -> Result<ServiceStats, RuntimeError> {
+        let idle_spin = Duration::from_micros(u64::from(self.setup.idle_spin_us)).min(MAX_IDLE_SPIN);
+        let mut server = Server { ring: self.ring, control: self.control, handler, base, len, stats: ServiceStats::default() };
+        server.control.send(&ControlMsg::Ready { pid: std::process::id() }, &[])?;
+        server.run(idle_spin)
+    }
+}
+
+enum Flow {
+    Continue,
+    Stop,
+}
+
+struct Server<H> {
+    ring: ServiceEndpoint,
+    control: ControlChannel,
+    handler: H,
+    base: u16,
+    len: u16,
+    stats: ServiceStats,
+}
+
+impl<H: PioHandler> Server<H> {
+    fn run(&mut self, idle_spin: Duration) -> Result<ServiceStats, RuntimeError> {
+        let mut last_active = Instant::now();
+        let mut last_side_poll = last_active;
+        loop {
+            let mut did = false;
+            while let Some(inc) = self.ring.next_request()? {
+                let reply = self.dispatch(&inc);
+                self.ring.complete(&inc, &reply)?;
+                did = true;
+            }
+            let now = Instant::now();
+            if did {
+                last_active = now;
+            }
+            if now.duration_since(last_active) < idle_spin {
+                if now.duration_since(last_side_poll) >= SIDE_POLL_INTERVAL {
+                    last_side_poll = now;
+                    if let Flow::Stop = self.poll_side(Duration::ZERO, None)? {
+                        return Ok(self.stats);
+                    }
+                }
+                std::hint::spin_loop();
+                continue;
+            }
+            if !self.ring.prepare_sleep() {
+                continue;
+            }
+            self.stats.sleeps += 1;
+            let bell = self.ring.bell_fd().as_raw_fd();
+            let flow = self.poll_side(SLEEP_SLICE, Some(bell));
+            self.ring.end_sleep();
+            last_side_poll = Instant::now();
+            if let Flow::Stop = flow? {
+                return Ok(self.stats);
+            }
+        }
+    }
+
+    /// Polls the control socket, the device fds and (when sleeping) the doorbell, and handles
+    /// whatever is ready.
+    fn poll_side(&mut self, timeout: Duration, bell: Option<RawFd>) -> Result<Flow, RuntimeError> {
+        let dev_fds = self.handler.event_fds();
+        let mut pfds = Vec::with_capacity(dev_fds.len() + 2);
+        pfds.push(libc::pollfd { fd: self.control.as_fd().as_raw_fd(), events: libc::POLLIN, revents: 0 });
+        pfds.extend(dev_fds.iter().map(|&fd| libc::pollfd { fd, events: libc::POLLIN, revents: 0 }));
+        if let Some(b) = bell {
+            pfds.push(libc::pollfd { fd: b, events: libc::POLLIN, revents: 0 });
+        }
+        if ipc::wait::poll(&mut pfds, timeout).map_err(RuntimeError::Poll)? == 0 {
+            return Ok(Flow::Continue);
+        }
+        for p in &pfds[1..=dev_fds.len()] {
+            if p.revents != 0 {
+                self.handler.on_event(p.fd)?;
+            }
+        }
+        if pfds[0].revents != 0 {
+            return self.on_control();
+        }
+        Ok(Flow::Continue)
+    }
+
+    fn on_control(&mut self) -> Result<Flow, RuntimeError> {
+        let (msg, _fds) = match self.control.recv_now() {
+            Ok(m) => m,
+            Err(ControlError::Closed) => return Err(RuntimeError::CoreGone),
+            Err(ControlError::Timeout) => return Ok(Flow::Continue),
+            Err(e @ (ControlError::Decode(_) | ControlError::TooLarge | ControlError::TooManyFds(_))) => {
+                // A malformed management message is not fatal: report and carry on serving.
+                eprintln!("{}: ignoring bad control message: {e}", self.name());
+                return Ok(Flow::Continue);
+            }
+            Err(e) => return Err(e.into()),
+        };
+        match msg {
+            ControlMsg::Shutdown => Ok(Flow::Stop),
+            ControlMsg::Ping { token } => {
+                self.control.send(&ControlMsg::Pong { token, stats: self.stats }, &[])?;
+                Ok(Flow::Continue)
+            }
+            other => {
+                eprintln!("{}: ignoring unexpected control message {other:?}", self.name());
+                Ok(Flow::Continue)
+            }
+        }
+    }
+
+    fn name(&self) -> String {
+        format!("service[{}]", std::process::id())
+    }
+
+    fn dispatch(&mut self, inc: &Incoming) -> ExitReply {
+        self.stats.requests += 1;
+        let reply = match inc.request {
+            Some(req) => self.dispatch_pio(&req),
+            None => None,
+        };
+        reply.unwrap_or_else(|| {
+            self.stats.rejected += 1;
+            ExitReply::rejected()
+        })
+    }
+
+    fn dispatch_pio(&mut self, req: &ExitRequest) -> Option<ExitReply> {
+        let offset = req.addr.checked_sub(u64::from(self.base))?;
+        let end = offset.checked_add(u64::from(req.len))?;
+        if end > u64::from(self.len) {
+            return None;
+        }
+        let offset = u16::try_from(offset).ok()?;
+        let n = usize::try_from(req.len).ok()?.min(8);
+        match req.kind {
+            ExitKind::PioRead => {
+                let mut data = [0u8; 8];
+                self.handler.read(offset, &mut data[..n]).then(|| ExitReply::ok(&data[..n]))
+            }
+            ExitKind::PioWrite => self.handler.write(offset, &req.data[..n]).then(|| ExitReply::ok(&[])),
+            ExitKind::MmioRead | ExitKind::MmioWrite => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(v: &[&str]) -> Vec<String> {
+        v.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn control_fd_args() {
+        assert_eq!(parse_control_fd(args(&[])).expect("default"), 3);
+        assert_eq!(parse_control_fd(args(&["--control-fd", "7"])).expect("fd"), 7);
+        assert_eq!(parse_control_fd(args(&["--control-fd=9"])).expect("fd"), 9);
+        assert!(matches!(parse_control_fd(args(&["--control-fd"])), Err(RuntimeError::Usage(_))));
+        assert!(matches!(parse_control_fd(args(&["--control-fd", "-1"])), Err(RuntimeError::Usage(_))));
+        assert!(matches!(parse_control_fd(args(&["--bogus"])), Err(RuntimeError::Usage(_))));
+    }
+
+    #[test]
+    fn bad_control_fd() {
+        let r = Startup::from_args(args(&["--control-fd", "999999"]));
+        assert!(matches!(r, Err(RuntimeError::BadControlFd(999999))), "{r:?}");
+    }
+}

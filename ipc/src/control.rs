@@ -1,0 +1,391 @@
+//! The control channel: set-up messages and fds over a Unix `SOCK_SEQPACKET` socket.
+//!
+//! Messages are a serde enum encoded with bincode 1.3 (fixed-width integers, a size limit on
+//! decode, trailing bytes rejected). Fds travel as `SCM_RIGHTS` and arrive `O_CLOEXEC`. This channel
+//! is for set-up and management only, never for the exit path.
+
+use std::io::{IoSlice, IoSliceMut};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::time::Instant;
+
+use bincode::Options;
+use nix::sys::socket::{
+    recvmsg, sendmsg, socketpair, AddressFamily, ControlMessage, ControlMessageOwned, MsgFlags, SockFlag, SockType,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::wait;
+
+/// Largest encoded message accepted or sent.
+pub const MAX_MSG_SIZE: usize = 64 * 1024;
+/// Most fds accepted with one message.
+pub const MAX_FDS: usize = 16;
+/// Kernel limit on fds in one `SCM_RIGHTS` message; the receive buffer holds that many so extra
+/// fds are received (and closed) instead of leaking on truncation.
+const SCM_MAX_FD: usize = 253;
+
+/// Errors of the control channel.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    /// Creating the socket pair failed.
+    #[error("socketpair failed")]
+    Socket(#[source] nix::Error),
+    /// Encoding failed (or the message exceeds [`MAX_MSG_SIZE`]).
+    #[error("encode control message")]
+    Encode(#[source] bincode::Error),
+    /// The received bytes are not a valid message.
+    #[error("decode control message")]
+    Decode(#[source] bincode::Error),
+    /// The message is larger than [`MAX_MSG_SIZE`].
+    #[error("control message too large")]
+    TooLarge,
+    /// More than [`MAX_FDS`] fds attached (they were closed).
+    #[error("too many fds ({0}) with a control message")]
+    TooManyFds(usize),
+    /// `sendmsg` failed.
+    #[error("sendmsg failed")]
+    Send(#[source] nix::Error),
+    /// `recvmsg` or `poll` failed.
+    #[error("recvmsg failed")]
+    Recv(#[source] nix::Error),
+    /// Nothing arrived before the deadline.
+    #[error("no control message before the deadline")]
+    Timeout,
+    /// The peer closed its end.
+    #[error("control channel closed by peer")]
+    Closed,
+    /// A message arrived that the protocol does not allow here.
+    #[error("unexpected control message: {0}")]
+    Unexpected(String),
+}
+
+/// Role of an fd passed with [`ControlMsg::Setup`]; `ServiceSetup::fds[i]` names the i-th fd.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum FdRole {
+    /// The memfd of the exit ring.
+    Ring,
+    /// Doorbell the core rings after submitting.
+    SubmitBell,
+    /// Doorbell the service rings after completing.
+    CompleteBell,
+    /// Where the device writes its output (console).
+    Output,
+    /// Where the device reads its input (console).
+    Input,
+    /// EventFd registered as an irqfd: writing it raises the device's interrupt.
+    Irq,
+}
+
+/// Geometry of the exit ring.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RingSetup {
+    /// Entries per direction (power of two).
+    pub capacity: u32,
+    /// Size of the region in bytes.
+    pub region_len: u64,
+}
+
+/// Device-specific configuration.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DeviceConfig {
+    /// A 16550 UART at port `base` spanning `len` ports.
+    Console {
+        /// First port (absolute).
+        base: u16,
+        /// Number of ports (8 for a 16550).
+        len: u16,
+    },
+}
+
+/// Everything a service needs to start; sent once by the core with the fds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceSetup {
+    /// Name of the service instance, for logs.
+    pub name: String,
+    /// Ring geometry.
+    pub ring: RingSetup,
+    /// Role of each fd attached to the message, in order.
+    pub fds: Vec<FdRole>,
+    /// The device's configuration.
+    pub device: DeviceConfig,
+    /// How long the service keeps spinning after its last request before sleeping, in µs.
+    pub idle_spin_us: u32,
+}
+
+/// Counters a service reports.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceStats {
+    /// Exit records handled.
+    pub requests: u64,
+    /// Exit records rejected (malformed or out of range).
+    pub rejected: u64,
+    /// Times the service went to sleep on its doorbell.
+    pub sleeps: u64,
+}
+
+/// A control message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ControlMsg {
+    /// Core → service: configuration, with the fds named in `fds`.
+    Setup(ServiceSetup),
+    /// Service → core: set-up done, serving the ring.
+    Ready {
+        /// The service's pid as it sees it.
+        pid: u32,
+    },
+    /// Core → service: exit cleanly.
+    Shutdown,
+    /// Core → service: ask for counters.
+    Ping {
+        /// Echoed in the pong.
+        token: u64,
+    },
+    /// Service → core: answer to a ping.
+    Pong {
+        /// The ping's token.
+        token: u64,
+        /// Current counters.
+        stats: ServiceStats,
+    },
+    /// Service → core: set-up failed, the service is about to exit.
+    Failed {
+        /// Why.
+        reason: String,
+    },
+}
+
+fn codec() -> impl Options {
+    bincode::DefaultOptions::new()
+        .with_fixint_encoding()
+        .with_limit(MAX_MSG_SIZE as u64)
+        .reject_trailing_bytes()
+}
+
+/// Encodes a message as sent on the wire.
+pub fn encode(msg: &ControlMsg) -> Result<Vec<u8>, ControlError> {
+    codec().serialize(msg).map_err(ControlError::Encode)
+}
+
+/// Decodes a message received from the wire (bounded, trailing bytes rejected).
+pub fn decode(bytes: &[u8]) -> Result<ControlMsg, ControlError> {
+    if bytes.len() > MAX_MSG_SIZE {
+        return Err(ControlError::TooLarge);
+    }
+    codec().deserialize(bytes).map_err(ControlError::Decode)
+}
+
+/// One end of a control socket.
+#[derive(Debug)]
+pub struct ControlChannel {
+    fd: OwnedFd,
+}
+
+impl ControlChannel {
+    /// A connected pair (both ends `O_CLOEXEC`).
+    pub fn pair() -> Result<(Self, Self), ControlError> {
+        let (a, b) = socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::SOCK_CLOEXEC)
+            .map_err(ControlError::Socket)?;
+        Ok((Self { fd: a }, Self { fd: b }))
+    }
+
+    /// Wraps an inherited socket (e.g. fd 3 in a service).
+    pub fn from_fd(fd: OwnedFd) -> Self {
+        Self { fd }
+    }
+
+    /// Gives up the socket.
+    pub fn into_fd(self) -> OwnedFd {
+        self.fd
+    }
+
+    /// Sends `msg` with `fds` attached (at most [`MAX_FDS`]).
+    pub fn send(&self, msg: &ControlMsg, fds: &[BorrowedFd<'_>]) -> Result<(), ControlError> {
+        if fds.len() > MAX_FDS {
+            return Err(ControlError::TooManyFds(fds.len()));
+        }
+        let bytes = encode(msg)?;
+        let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
+        let rights = [ControlMessage::ScmRights(&raw)];
+        let cmsgs: &[ControlMessage<'_>] = if raw.is_empty() { &[] } else { &rights };
+        let iov = [IoSlice::new(&bytes)];
+        sendmsg::<()>(self.fd.as_raw_fd(), &iov, cmsgs, MsgFlags::MSG_NOSIGNAL, None).map_err(ControlError::Send)?;
+        Ok(())
+    }
+
+    /// Receives one message and its fds, waiting until `deadline` at most.
+    pub fn recv(&self, deadline: Instant) -> Result<(ControlMsg, Vec<OwnedFd>), ControlError> {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let ready = wait::wait_readable(self.fd.as_fd(), left).map_err(|e| ControlError::Recv(io_to_nix(&e)))?;
+        if !ready {
+            return Err(ControlError::Timeout);
+        }
+        self.recv_now()
+    }
+
+    /// Receives one message that is already queued (returns [`ControlError::Timeout`] if none).
+    pub fn recv_now(&self) -> Result<(ControlMsg, Vec<OwnedFd>), ControlError> {
+        let mut buf = vec![0u8; MAX_MSG_SIZE + 1];
+        let mut cmsg = nix::cmsg_space!([RawFd; SCM_MAX_FD]);
+        let (len, flags, fds) = {
+            let mut iov = [IoSliceMut::new(&mut buf)];
+            let msg = recvmsg::<()>(
+                self.fd.as_raw_fd(),
+                &mut iov,
+                Some(&mut cmsg),
+                MsgFlags::MSG_CMSG_CLOEXEC | MsgFlags::MSG_DONTWAIT,
+            )
+            .map_err(|e| if e == nix::Error::EAGAIN { ControlError::Timeout } else { ControlError::Recv(e) })?;
+            let mut fds = Vec::new();
+            // With a buffer sized for SCM_MAX_FD the control data is never truncated; if it is
+            // anyway, nix refuses to iterate and the fds cannot be recovered.
+            if let Ok(it) = msg.cmsgs() {
+                for c in it {
+                    if let ControlMessageOwned::ScmRights(raw) = c {
+                        for r in raw {
+                            // SAFETY: the kernel just installed `r` in our table for us; nothing
+                            // else owns it.
+                            fds.push(unsafe { OwnedFd::from_raw_fd(r) });
+                        }
+                    }
+                }
+            }
+            (msg.bytes, msg.flags, fds)
+        };
+        if flags.contains(MsgFlags::MSG_CTRUNC) {
+            return Err(ControlError::TooManyFds(fds.len()));
+        }
+        if flags.contains(MsgFlags::MSG_TRUNC) || len > MAX_MSG_SIZE {
+            return Err(ControlError::TooLarge);
+        }
+        if len == 0 {
+            return Err(ControlError::Closed);
+        }
+        if fds.len() > MAX_FDS {
+            return Err(ControlError::TooManyFds(fds.len()));
+        }
+        let msg = decode(&buf[..len])?;
+        Ok((msg, fds))
+    }
+
+    /// Sends raw bytes (tests of a hostile peer use this to send garbage).
+    pub fn send_raw(&self, bytes: &[u8]) -> Result<(), ControlError> {
+        let iov = [IoSlice::new(bytes)];
+        sendmsg::<()>(self.fd.as_raw_fd(), &iov, &[], MsgFlags::MSG_NOSIGNAL, None).map_err(ControlError::Send)?;
+        Ok(())
+    }
+}
+
+impl AsFd for ControlChannel {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
+fn io_to_nix(e: &std::io::Error) -> nix::Error {
+    nix::Error::from_raw(e.raw_os_error().unwrap_or(libc::EIO))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+    use vmm_sys_util::eventfd::EventFd;
+
+    fn soon() -> Instant {
+        Instant::now() + Duration::from_secs(2)
+    }
+
+    fn setup() -> ControlMsg {
+        ControlMsg::Setup(ServiceSetup {
+            name: "console".into(),
+            ring: RingSetup { capacity: 16, region_len: 8192 },
+            fds: vec![FdRole::Ring, FdRole::Irq],
+            device: DeviceConfig::Console { base: 0x3f8, len: 8 },
+            idle_spin_us: 200,
+        })
+    }
+
+    #[test]
+    fn round_trip_with_fds() {
+        let (a, b) = ControlChannel::pair().expect("pair");
+        let e1 = EventFd::new(0).expect("eventfd");
+        let e2 = EventFd::new(0).expect("eventfd");
+        // SAFETY: the EventFds own these fds and outlive the borrows.
+        let fds = unsafe { [BorrowedFd::borrow_raw(e1.as_raw_fd()), BorrowedFd::borrow_raw(e2.as_raw_fd())] };
+        a.send(&setup(), &fds).expect("send");
+        let (msg, got) = b.recv(soon()).expect("recv");
+        assert_eq!(msg, setup());
+        assert_eq!(got.len(), 2);
+        for f in &got {
+            let flags = nix::fcntl::fcntl(f.as_raw_fd(), nix::fcntl::FcntlArg::F_GETFD).expect("getfd");
+            assert_ne!(flags & libc::FD_CLOEXEC, 0, "received fds must be CLOEXEC");
+        }
+        // The received fd is the same eventfd: a write through it is seen by the original.
+        // SAFETY: `got[1]` is an owned eventfd we just received; EventFd takes ownership of a dup.
+        let e2b = unsafe { EventFd::from_raw_fd(got[1].try_clone().expect("dup").into_raw_fd()) };
+        e2b.write(5).expect("write");
+        assert_eq!(e2.read().expect("read"), 5);
+
+        b.send(&ControlMsg::Pong { token: 7, stats: ServiceStats { requests: 3, rejected: 1, sleeps: 2 } }, &[])
+            .expect("send");
+        let (msg, got) = a.recv(soon()).expect("recv");
+        assert!(got.is_empty());
+        assert_eq!(msg, ControlMsg::Pong { token: 7, stats: ServiceStats { requests: 3, rejected: 1, sleeps: 2 } });
+    }
+
+    use std::os::fd::IntoRawFd;
+
+    #[test]
+    fn timeout_and_close() {
+        let (a, b) = ControlChannel::pair().expect("pair");
+        let t = Instant::now();
+        assert!(matches!(b.recv(Instant::now() + Duration::from_millis(30)), Err(ControlError::Timeout)));
+        assert!(t.elapsed() >= Duration::from_millis(25));
+        drop(a);
+        assert!(matches!(b.recv(soon()), Err(ControlError::Closed)));
+    }
+
+    #[test]
+    fn oversize_and_garbage_rejected() {
+        let (a, b) = ControlChannel::pair().expect("pair");
+        a.send_raw(&vec![0u8; MAX_MSG_SIZE + 100]).expect("send big");
+        assert!(matches!(b.recv(soon()), Err(ControlError::TooLarge)));
+        a.send_raw(&[0xff, 0xff, 0xff, 0xff, 1, 2, 3]).expect("send garbage");
+        assert!(matches!(b.recv(soon()), Err(ControlError::Decode(_))));
+        // A string claiming 2^60 bytes must not allocate it.
+        let mut evil = vec![0u8; 4]; // variant 0 = Setup
+        evil.extend_from_slice(&(1u64 << 60).to_le_bytes());
+        a.send_raw(&evil).expect("send evil");
+        assert!(matches!(b.recv(soon()), Err(ControlError::Decode(_))));
+        // Trailing bytes after a valid message are rejected.
+        let mut trailing = encode(&ControlMsg::Shutdown).expect("encode");
+        trailing.push(0);
+        a.send_raw(&trailing).expect("send");
+        assert!(matches!(b.recv(soon()), Err(ControlError::Decode(_))));
+        // The channel still works afterwards.
+        a.send(&ControlMsg::Shutdown, &[]).expect("send");
+        assert_eq!(b.recv(soon()).expect("recv").0, ControlMsg::Shutdown);
+    }
+
+    #[test]
+    fn too_many_fds_rejected_and_closed() {
+        let (a, b) = ControlChannel::pair().expect("pair");
+        let evs: Vec<EventFd> = (0..MAX_FDS + 1).map(|_| EventFd::new(0).expect("eventfd")).collect();
+        // SAFETY: the EventFds outlive the borrows.
+        let fds: Vec<BorrowedFd<'_>> = evs.iter().map(|e| unsafe { BorrowedFd::borrow_raw(e.as_raw_fd()) }).collect();
+        assert!(matches!(a.send(&ControlMsg::Shutdown, &fds), Err(ControlError::TooManyFds(17))));
+        // Bypass the sender's check with a raw sendmsg.
+        let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
+        let bytes = encode(&ControlMsg::Shutdown).expect("encode");
+        sendmsg::<()>(a.as_fd().as_raw_fd(), &[IoSlice::new(&bytes)], &[ControlMessage::ScmRights(&raw)], MsgFlags::empty(), None)
+            .expect("sendmsg");
+        assert!(matches!(b.recv(soon()), Err(ControlError::TooManyFds(17))));
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn decode_never_panics(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512)) {
+            let _ = decode(&bytes);
+        }
+    }
+}

@@ -1,0 +1,714 @@
+//! The exit ring: fixed-layout records in a shared region, no serialisation.
+//!
+//! Layout (all offsets in bytes from the start of the region, indices are free-running `u64`s,
+//! slot = index mod capacity, capacity a power of two):
+//!
+//! | offset | content |
+//! |---|---|
+//! | 0 | header: magic `u64`, version `u32`, capacity `u32`, submission record size `u32`, completion record size `u32` |
+//! | 64 | submission producer index (written by the core) |
+//! | 128 | submission consumer index (written by the service) |
+//! | 192 | completion producer index (written by the service) |
+//! | 256 | completion consumer index (written by the core) |
+//! | 320 | service-sleeping flag (`u32`, written by the service) |
+//! | 384 | core-sleeping flag (`u32`, written by the core) |
+//! | 512 | submission ring: `capacity` × [`ExitRecord`] (32 bytes) |
+//! | 512 + 32·cap | completion ring: `capacity` × [`CompletionRecord`] (24 bytes) |
+//!
+//! Each side keeps private copies of the indices it produces and only *reads* the peer's, and
+//! validates every value read: a submission/completion producer may never be more than `capacity`
+//! ahead of the consumer, and the service may never complete more than the core submitted.
+//!
+//! Doorbells: a waiter spins on the peer's producer index for a while, then sets its sleeping flag,
+//! issues a `SeqCst` fence, re-checks the index and only then sleeps in `poll()` on its eventfd with
+//! a timeout. A producer publishes its index, fences, and writes the peer's eventfd only if the
+//! peer's sleeping flag is set. The two fences order "flag store → index load" against
+//! "index store → flag load", so one of the two always sees the other: no lost wake-up, and no
+//! syscall on the fast path when the peer spins.
+
+use std::os::fd::{AsRawFd, BorrowedFd};
+use std::sync::atomic::{fence, AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::region::{RegionError, SharedRegion};
+use crate::wait;
+
+/// Magic at offset 0 of every ring region ("BHRING01").
+pub const RING_MAGIC: u64 = 0x3130_474e_4952_4842;
+/// Version of the layout described in the module docs.
+pub const RING_VERSION: u32 = 1;
+/// Largest supported capacity.
+pub const MAX_CAPACITY: u32 = 4096;
+
+const OFF_SUB_PROD: usize = 64;
+const OFF_SUB_CONS: usize = 128;
+const OFF_COMP_PROD: usize = 192;
+const OFF_COMP_CONS: usize = 256;
+const OFF_SERVICE_SLEEPING: usize = 320;
+const OFF_CORE_SLEEPING: usize = 384;
+const OFF_SUB_RING: usize = 512;
+const PAGE: usize = 4096;
+
+/// Kind of a forwarded exit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u32)]
+pub enum ExitKind {
+    /// Guest `in`.
+    PioRead = 1,
+    /// Guest `out`.
+    PioWrite = 2,
+    /// Guest MMIO load.
+    MmioRead = 3,
+    /// Guest MMIO store.
+    MmioWrite = 4,
+}
+
+impl ExitKind {
+    /// Decodes a raw kind, `None` when unknown.
+    pub fn from_raw(v: u32) -> Option<Self> {
+        match v {
+            1 => Some(Self::PioRead),
+            2 => Some(Self::PioWrite),
+            3 => Some(Self::MmioRead),
+            4 => Some(Self::MmioWrite),
+            _ => None,
+        }
+    }
+
+    /// Whether the guest expects data back.
+    pub fn is_read(self) -> bool {
+        matches!(self, Self::PioRead | Self::MmioRead)
+    }
+}
+
+/// Completion status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u32)]
+pub enum Status {
+    /// The device handled the access.
+    Ok = 0,
+    /// The service refused the access (out of its range, unsupported size, malformed record).
+    Rejected = 1,
+}
+
+impl Status {
+    /// Decodes a raw status, `None` when unknown.
+    pub fn from_raw(v: u32) -> Option<Self> {
+        match v {
+            0 => Some(Self::Ok),
+            1 => Some(Self::Rejected),
+            _ => None,
+        }
+    }
+}
+
+/// Submission record as laid out in shared memory.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[repr(C)]
+pub struct ExitRecord {
+    /// Sequence number chosen by the core, echoed in the completion.
+    pub seq: u64,
+    /// Raw [`ExitKind`].
+    pub kind: u32,
+    /// Access size: 1, 2, 4 or 8.
+    pub len: u32,
+    /// Absolute guest port or physical address.
+    pub addr: u64,
+    /// Data of a write (first `len` bytes, little-endian guest order).
+    pub data: [u8; 8],
+}
+
+/// Completion record as laid out in shared memory.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[repr(C)]
+pub struct CompletionRecord {
+    /// Sequence number of the request this completes.
+    pub seq: u64,
+    /// Raw [`Status`].
+    pub status: u32,
+    /// Access size, must equal the request's.
+    pub len: u32,
+    /// Data of a read (first `len` bytes).
+    pub data: [u8; 8],
+}
+
+const SUB_REC: usize = std::mem::size_of::<ExitRecord>();
+const COMP_REC: usize = std::mem::size_of::<CompletionRecord>();
+const _: () = assert!(SUB_REC == 32 && COMP_REC == 24);
+const SUB_REC_U32: u32 = 32;
+const COMP_REC_U32: u32 = 24;
+
+/// A validated exit to forward.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExitRequest {
+    /// What the guest did.
+    pub kind: ExitKind,
+    /// Absolute guest port or physical address.
+    pub addr: u64,
+    /// Access size: 1, 2, 4 or 8.
+    pub len: u32,
+    /// Data of a write; ignored for reads.
+    pub data: [u8; 8],
+}
+
+impl ExitRequest {
+    /// A read of `len` bytes at `addr`.
+    pub fn read(kind: ExitKind, addr: u64, len: u32) -> Self {
+        Self { kind, addr, len, data: [0; 8] }
+    }
+
+    /// A write of `data` (1, 2, 4 or 8 bytes) at `addr`; `None` for other sizes.
+    pub fn write(kind: ExitKind, addr: u64, data: &[u8]) -> Option<Self> {
+        let len = u32::try_from(data.len()).ok().filter(|l| valid_len(*l))?;
+        let mut d = [0u8; 8];
+        d[..data.len()].copy_from_slice(data);
+        Some(Self { kind, addr, len, data: d })
+    }
+
+    /// The bytes of the access (`len` bytes of `data`).
+    pub fn bytes(&self) -> &[u8] {
+        &self.data[..self.len.min(8) as usize]
+    }
+}
+
+/// A validated completion.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExitReply {
+    /// Outcome.
+    pub status: Status,
+    /// Data of a read; meaningful for `len` bytes when `status` is [`Status::Ok`].
+    pub data: [u8; 8],
+}
+
+impl ExitReply {
+    /// Successful reply carrying `data` (up to 8 bytes).
+    pub fn ok(data: &[u8]) -> Self {
+        let mut d = [0u8; 8];
+        let n = data.len().min(8);
+        d[..n].copy_from_slice(&data[..n]);
+        Self { status: Status::Ok, data: d }
+    }
+
+    /// Rejection: reads see all-ones.
+    pub fn rejected() -> Self {
+        Self { status: Status::Rejected, data: [0xff; 8] }
+    }
+}
+
+fn valid_len(l: u32) -> bool {
+    matches!(l, 1 | 2 | 4 | 8)
+}
+
+/// Errors of the exit ring.
+#[derive(Debug, thiserror::Error)]
+pub enum IpcError {
+    /// The peer broke the ring protocol (bad index, seq, length, status, header).
+    #[error("protocol violation: {what}")]
+    Protocol {
+        /// What was wrong.
+        what: String,
+    },
+    /// No reply before the deadline.
+    #[error("no reply within {0:?}")]
+    Timeout(Duration),
+    /// The request itself is malformed (size not 1, 2, 4 or 8).
+    #[error("invalid request size {0}")]
+    InvalidRequest(u32),
+    /// The endpoint was aborted (the peer died).
+    #[error("endpoint aborted")]
+    Aborted,
+    /// An earlier failure left the ring in an unknown state; it is no longer used.
+    #[error("ring unusable after an earlier failure")]
+    Broken,
+    /// Bad ring parameters.
+    #[error("invalid ring capacity {0}")]
+    InvalidCapacity(u32),
+    /// Creating or mapping the region failed.
+    #[error("shared region")]
+    Region(#[from] RegionError),
+    /// An eventfd or poll operation failed.
+    #[error("doorbell")]
+    Doorbell(#[source] std::io::Error),
+}
+
+fn protocol(what: impl Into<String>) -> IpcError {
+    IpcError::Protocol { what: what.into() }
+}
+
+/// Spin/sleep tuning of a waiter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WaitConfig {
+    /// How long to busy-poll the shared index before announcing sleep and blocking on the eventfd.
+    pub spin: Duration,
+}
+
+impl Default for WaitConfig {
+    fn default() -> Self {
+        Self { spin: Duration::from_micros(100) }
+    }
+}
+
+/// Size in bytes of a ring region of `capacity` entries (rounded up to a page).
+pub fn region_size(capacity: u32) -> Result<usize, IpcError> {
+    if capacity == 0 || capacity > MAX_CAPACITY || !capacity.is_power_of_two() {
+        return Err(IpcError::InvalidCapacity(capacity));
+    }
+    let cap = capacity as usize;
+    let end = OFF_SUB_RING + cap * (SUB_REC + COMP_REC);
+    Ok(end.div_ceil(PAGE) * PAGE)
+}
+
+/// Raw view of the ring inside a region. All accessors stay within the mapping because the
+/// capacity was checked against the region size at construction.
+#[derive(Debug)]
+struct RingView {
+    region: SharedRegion,
+    cap: u64,
+}
+
+impl RingView {
+    fn new(region: SharedRegion, capacity: u32) -> Result<Self, IpcError> {
+        let need = region_size(capacity)?;
+        if region.len() < need {
+            return Err(protocol(format!("region of {} bytes too small for capacity {capacity}", region.len())));
+        }
+        Ok(Self { region, cap: u64::from(capacity) })
+    }
+
+    fn u64_at(&self, off: usize) -> &AtomicU64 {
+        debug_assert!(off.is_multiple_of(8) && off + 8 <= self.region.len());
+        // SAFETY: `off` is one of the 8-aligned header offsets below OFF_SUB_RING, inside the
+        // page-aligned mapping (at least one page); the memory lives as long as `self.region`,
+        // and is only ever accessed atomically through this type by both processes.
+        unsafe { &*self.region.as_ptr().add(off).cast::<AtomicU64>() }
+    }
+
+    fn u32_at(&self, off: usize) -> &AtomicU32 {
+        debug_assert!(off.is_multiple_of(4) && off + 4 <= self.region.len());
+        // SAFETY: as in `u64_at`, for a 4-aligned header offset.
+        unsafe { &*self.region.as_ptr().add(off).cast::<AtomicU32>() }
+    }
+
+    fn slot(&self, idx: u64) -> usize {
+        // Capacity is a power of two and at most MAX_CAPACITY, so the masked value fits.
+        usize::try_from(idx & (self.cap - 1)).unwrap_or(0)
+    }
+
+    fn sub_ptr(&self, idx: u64) -> *mut ExitRecord {
+        // SAFETY: slot < cap and the region holds OFF_SUB_RING + cap * SUB_REC bytes (checked in
+        // `new`), so the pointer stays inside the mapping.
+        unsafe { self.region.as_ptr().add(OFF_SUB_RING + self.slot(idx) * SUB_REC).cast() }
+    }
+
+    fn comp_ptr(&self, idx: u64) -> *mut CompletionRecord {
+        let base = OFF_SUB_RING + usize::try_from(self.cap).unwrap_or(0) * SUB_REC;
+        // SAFETY: as in `sub_ptr`, the completion ring follows the submission ring inside the
+        // mapping.
+        unsafe { self.region.as_ptr().add(base + self.slot(idx) * COMP_REC).cast() }
+    }
+
+    fn write_header(&self, capacity: u32) {
+        let p = self.region.as_ptr();
+        // SAFETY: the header occupies the first 24 bytes of the mapping, 8-aligned; the peer does
+        // not run yet (the core writes the header before passing the fd).
+        unsafe {
+            p.cast::<u64>().write_volatile(RING_MAGIC);
+            p.add(8).cast::<u32>().write_volatile(RING_VERSION);
+            p.add(12).cast::<u32>().write_volatile(capacity);
+            p.add(16).cast::<u32>().write_volatile(SUB_REC_U32);
+            p.add(20).cast::<u32>().write_volatile(COMP_REC_U32);
+        }
+    }
+
+    fn check_header(&self, capacity: u32) -> Result<(), IpcError> {
+        let p = self.region.as_ptr();
+        // SAFETY: the header lies inside the mapping; volatile copies tolerate concurrent writes.
+        let (magic, version, cap, sr, cr) = unsafe {
+            (
+                p.cast::<u64>().read_volatile(),
+                p.add(8).cast::<u32>().read_volatile(),
+                p.add(12).cast::<u32>().read_volatile(),
+                p.add(16).cast::<u32>().read_volatile(),
+                p.add(20).cast::<u32>().read_volatile(),
+            )
+        };
+        if magic != RING_MAGIC || version != RING_VERSION {
+            return Err(protocol(format!("bad ring header magic {magic:#x} version {version}")));
+        }
+        if cap != capacity || sr as usize != SUB_REC || cr as usize != COMP_REC {
+            return Err(protocol(format!("ring header capacity {cap} / record sizes {sr},{cr} do not match")));
+        }
+        Ok(())
+    }
+}
+
+fn drain(bell: &EventFd) {
+    // Non-blocking: EAGAIN just means nothing was pending.
+    let _ = bell.read();
+}
+
+fn borrow(e: &EventFd) -> BorrowedFd<'_> {
+    // SAFETY: the EventFd owns this fd and outlives the returned borrow.
+    unsafe { BorrowedFd::borrow_raw(e.as_raw_fd()) }
+}
+
+#[derive(Debug)]
+struct CoreState {
+    next_seq: u64,
+    sub_prod: u64,
+    comp_cons: u64,
+    broken: bool,
+}
+
+/// The core's end of a ring: submits exits and waits for their completions.
+///
+/// Thread-safe: concurrent [`call`](Self::call)s are serialised by a mutex (the layout itself allows
+/// up to `capacity` requests in flight). After a timeout or protocol violation the endpoint is
+/// marked broken and every later call fails with [`IpcError::Broken`] at once.
+#[derive(Debug)]
+pub struct CoreEndpoint {
+    view: RingView,
+    capacity: u32,
+    state: Mutex<CoreState>,
+    sub_bell: EventFd,
+    comp_bell: EventFd,
+    aborted: AtomicBool,
+    wait: WaitConfig,
+}
+
+impl CoreEndpoint {
+    /// Creates a ring of `capacity` entries (a power of two, at most [`MAX_CAPACITY`]) in a new
+    /// memfd named `name`, and its two doorbells.
+    pub fn create(name: &str, capacity: u32, wait: WaitConfig) -> Result<Self, IpcError> {
+        let size = region_size(capacity)?;
+        let region = SharedRegion::create(name, size)?;
+        let view = RingView::new(region, capacity)?;
+        view.write_header(capacity);
+        let sub_bell = EventFd::new(EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(IpcError::Doorbell)?;
+        let comp_bell = EventFd::new(EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(IpcError::Doorbell)?;
+        Ok(Self {
+            view,
+            capacity,
+            state: Mutex::new(CoreState { next_seq: 1, sub_prod: 0, comp_cons: 0, broken: false }),
+            sub_bell,
+            comp_bell,
+            aborted: AtomicBool::new(false),
+            wait,
+        })
+    }
+
+    /// Capacity in entries.
+    pub fn capacity(&self) -> u32 {
+        self.capacity
+    }
+
+    /// The memfd of the ring region (to send to the service).
+    pub fn region_fd(&self) -> BorrowedFd<'_> {
+        self.view.region.fd()
+    }
+
+    /// Size of the ring region in bytes.
+    pub fn region_len(&self) -> usize {
+        self.view.region.len()
+    }
+
+    /// The doorbell the core rings after submitting (the service waits on it).
+    pub fn submit_bell(&self) -> BorrowedFd<'_> {
+        borrow(&self.sub_bell)
+    }
+
+    /// The doorbell the service rings after completing (the core waits on it).
+    pub fn complete_bell(&self) -> BorrowedFd<'_> {
+        borrow(&self.comp_bell)
+    }
+
+    /// Marks the endpoint dead (the peer exited) and wakes a caller blocked in [`call`](Self::call),
+    /// which then returns [`IpcError::Aborted`], as do all later calls.
+    pub fn abort(&self) {
+        self.aborted.store(true, Ordering::SeqCst);
+        let _ = self.comp_bell.write(1);
+    }
+
+    /// Whether [`abort`](Self::abort) was called.
+    pub fn is_aborted(&self) -> bool {
+        self.aborted.load(Ordering::SeqCst)
+    }
+
+    /// Forwards one exit and waits at most `timeout` for its completion.
+    pub fn call(&self, req: &ExitRequest, timeout: Duration) -> Result<ExitReply, IpcError> {
+        if !valid_len(req.len) {
+            return Err(IpcError::InvalidRequest(req.len));
+        }
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if self.is_aborted() {
+            return Err(IpcError::Aborted);
+        }
+        if st.broken {
+            return Err(IpcError::Broken);
+        }
+        let res = self.call_locked(&mut st, req, timeout);
+        if res.is_err() {
+            st.broken = true;
+        }
+        res
+    }
+
+    fn call_locked(&self, st: &mut CoreState, req: &ExitRequest, timeout: Duration) -> Result<ExitReply, IpcError> {
+        let start = Instant::now();
+        let deadline = start + timeout;
+        // Our own bookkeeping guarantees at most `cap` requests are outstanding, so we never need
+        // to trust the service's consumer index to find space.
+        if st.sub_prod.wrapping_sub(st.comp_cons) >= self.view.cap {
+            return Err(protocol("submission ring full"));
+        }
+        let seq = st.next_seq;
+        st.next_seq = st.next_seq.wrapping_add(1);
+        let rec = ExitRecord { seq, kind: req.kind as u32, len: req.len, addr: req.addr, data: req.data };
+        // SAFETY: `sub_ptr` points inside the mapping at an aligned slot the service does not
+        // consume until the producer index below is published.
+        unsafe { self.view.sub_ptr(st.sub_prod).write_volatile(rec) };
+        st.sub_prod = st.sub_prod.wrapping_add(1);
+        self.view.u64_at(OFF_SUB_PROD).store(st.sub_prod, Ordering::Release);
+        fence(Ordering::SeqCst);
+        if self.view.u32_at(OFF_SERVICE_SLEEPING).load(Ordering::SeqCst) != 0 {
+            self.sub_bell.write(1).map_err(IpcError::Doorbell)?;
+        }
+
+        let spin_until = start + self.wait.spin;
+        let comp_prod = self.view.u64_at(OFF_COMP_PROD);
+        let sleeping = self.view.u32_at(OFF_CORE_SLEEPING);
+        loop {
+            if let Some(reply) = self.try_complete(st, seq, req)? {
+                return Ok(reply);
+            }
+            if self.is_aborted() {
+                return Err(IpcError::Aborted);
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(IpcError::Timeout(timeout));
+            }
+            if now < spin_until {
+                std::hint::spin_loop();
+                continue;
+            }
+            sleeping.store(1, Ordering::SeqCst);
+            fence(Ordering::SeqCst);
+            if comp_prod.load(Ordering::SeqCst) != st.comp_cons || self.is_aborted() {
+                sleeping.store(0, Ordering::SeqCst);
+                continue;
+            }
+            let r = wait::wait_readable(borrow(&self.comp_bell), deadline.saturating_duration_since(now));
+            sleeping.store(0, Ordering::SeqCst);
+            drain(&self.comp_bell);
+            r.map_err(IpcError::Doorbell)?;
+        }
+    }
+
+    fn try_complete(&self, st: &mut CoreState, seq: u64, req: &ExitRequest) -> Result<Option<ExitReply>, IpcError> {
+        let cp = self.view.u64_at(OFF_COMP_PROD).load(Ordering::Acquire);
+        if cp == st.comp_cons {
+            return Ok(None);
+        }
+        let avail = cp.wrapping_sub(st.comp_cons);
+        let outstanding = st.sub_prod.wrapping_sub(st.comp_cons);
+        if avail > outstanding {
+            return Err(protocol(format!(
+                "completion index {cp} runs {avail} ahead of consumer {} with {outstanding} outstanding",
+                st.comp_cons
+            )));
+        }
+        // SAFETY: the slot is inside the mapping; the volatile copy takes a snapshot we validate
+        // below, whatever the service writes concurrently.
+        let rec = unsafe { self.view.comp_ptr(st.comp_cons).read_volatile() };
+        st.comp_cons = st.comp_cons.wrapping_add(1);
+        self.view.u64_at(OFF_COMP_CONS).store(st.comp_cons, Ordering::Release);
+        if rec.seq != seq {
+            return Err(protocol(format!("completion seq {} for request {seq}", rec.seq)));
+        }
+        if rec.len != req.len {
+            return Err(protocol(format!("completion len {} for request of {}", rec.len, req.len)));
+        }
+        let status = Status::from_raw(rec.status).ok_or_else(|| protocol(format!("unknown status {}", rec.status)))?;
+        let mut data = if status == Status::Ok { rec.data } else { [0xff; 8] };
+        if !req.kind.is_read() {
+            data = [0; 8];
+        }
+        Ok(Some(ExitReply { status, data }))
+    }
+}
+
+/// A request taken from the ring by the service: its seq and either a validated request or the
+/// reason the record was refused (the service must still complete it, with [`Status::Rejected`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Incoming {
+    /// Sequence number to echo.
+    pub seq: u64,
+    /// Raw length to echo in the completion.
+    pub len: u32,
+    /// The validated request, or `None` when the record was malformed.
+    pub request: Option<ExitRequest>,
+}
+
+/// The service's end of a ring: takes exits and posts completions.
+#[derive(Debug)]
+pub struct ServiceEndpoint {
+    view: RingView,
+    sub_cons: u64,
+    comp_prod: u64,
+    sub_bell: EventFd,
+    comp_bell: EventFd,
+}
+
+impl ServiceEndpoint {
+    /// Attaches to a ring the core created: maps `region_fd` (exactly `region_len` bytes), checks
+    /// the header against `capacity`, and takes the two doorbells.
+    pub fn attach(
+        region_fd: std::os::fd::OwnedFd,
+        region_len: u64,
+        capacity: u32,
+        sub_bell: EventFd,
+        comp_bell: EventFd,
+    ) -> Result<Self, IpcError> {
+        let need = region_size(capacity)?;
+        if region_len != need as u64 {
+            return Err(protocol(format!("region length {region_len} for capacity {capacity} (want {need})")));
+        }
+        let region = SharedRegion::from_fd(region_fd, region_len)?;
+        let view = RingView::new(region, capacity)?;
+        view.check_header(capacity)?;
+        // Start from where the core is (normally zero), validated like any later read.
+        let sub_cons = view.u64_at(OFF_SUB_CONS).load(Ordering::Acquire);
+        let comp_prod = view.u64_at(OFF_COMP_PROD).load(Ordering::Acquire);
+        if sub_cons != 0 || comp_prod != 0 {
+            return Err(protocol("ring indices not zero at attach"));
+        }
+        Ok(Self { view, sub_cons, comp_prod, sub_bell, comp_bell })
+    }
+
+    /// Raw fds this endpoint owns (ring memfd, both doorbells), e.g. to keep them open when a
+    /// jail closes everything else.
+    pub fn raw_fds(&self) -> [std::os::fd::RawFd; 3] {
+        [self.view.region.fd().as_raw_fd(), self.sub_bell.as_raw_fd(), self.comp_bell.as_raw_fd()]
+    }
+
+    /// The doorbell to watch while sleeping.
+    pub fn bell_fd(&self) -> BorrowedFd<'_> {
+        borrow(&self.sub_bell)
+    }
+
+    /// Whether the core has published a request not yet taken (cheap, no validation).
+    pub fn has_pending(&self) -> bool {
+        self.view.u64_at(OFF_SUB_PROD).load(Ordering::Acquire) != self.sub_cons
+    }
+
+    /// Takes the next request, if any. A malformed record comes back with `request: None`; a
+    /// corrupt producer index is a protocol error.
+    pub fn next_request(&mut self) -> Result<Option<Incoming>, IpcError> {
+        let sp = self.view.u64_at(OFF_SUB_PROD).load(Ordering::Acquire);
+        if sp == self.sub_cons {
+            return Ok(None);
+        }
+        let avail = sp.wrapping_sub(self.sub_cons);
+        if avail > self.view.cap {
+            return Err(protocol(format!("submission index {sp} runs {avail} ahead of consumer {}", self.sub_cons)));
+        }
+        // Completions are produced in order, so one is owed for every request taken: refuse to
+        // take more than the completion ring can hold.
+        let owed = self.sub_cons.wrapping_sub(self.comp_prod);
+        if owed >= self.view.cap {
+            return Err(protocol("too many requests without completions"));
+        }
+        // SAFETY: the slot is inside the mapping; the volatile copy is validated below.
+        let rec = unsafe { self.view.sub_ptr(self.sub_cons).read_volatile() };
+        self.sub_cons = self.sub_cons.wrapping_add(1);
+        self.view.u64_at(OFF_SUB_CONS).store(self.sub_cons, Ordering::Release);
+        let request = match ExitKind::from_raw(rec.kind) {
+            Some(kind) if valid_len(rec.len) => Some(ExitRequest { kind, addr: rec.addr, len: rec.len, data: rec.data }),
+            _ => None,
+        };
+        Ok(Some(Incoming { seq: rec.seq, len: rec.len, request }))
+    }
+
+    /// Posts the completion of `inc` and rings the core if it announced sleep.
+    pub fn complete(&mut self, inc: &Incoming, reply: &ExitReply) -> Result<(), IpcError> {
+        if self.comp_prod == self.sub_cons {
+            return Err(protocol("completion without a request"));
+        }
+        let cc = self.view.u64_at(OFF_COMP_CONS).load(Ordering::Acquire);
+        let used = self.comp_prod.wrapping_sub(cc);
+        if used >= self.view.cap {
+            return Err(protocol(format!("completion ring full or corrupt (producer {}, consumer {cc})", self.comp_prod)));
+        }
+        let rec = CompletionRecord { seq: inc.seq, status: reply.status as u32, len: inc.len, data: reply.data };
+        // SAFETY: slot inside the mapping; the core reads it only after the index is published.
+        unsafe { self.view.comp_ptr(self.comp_prod).write_volatile(rec) };
+        self.comp_prod = self.comp_prod.wrapping_add(1);
+        self.view.u64_at(OFF_COMP_PROD).store(self.comp_prod, Ordering::Release);
+        fence(Ordering::SeqCst);
+        if self.view.u32_at(OFF_CORE_SLEEPING).load(Ordering::SeqCst) != 0 {
+            self.comp_bell.write(1).map_err(IpcError::Doorbell)?;
+        }
+        Ok(())
+    }
+
+    /// Announces that the service is about to sleep on [`bell_fd`](Self::bell_fd). Returns false
+    /// (and withdraws the announcement) when a request arrived meanwhile: do not sleep then.
+    pub fn prepare_sleep(&self) -> bool {
+        let flag = self.view.u32_at(OFF_SERVICE_SLEEPING);
+        flag.store(1, Ordering::SeqCst);
+        fence(Ordering::SeqCst);
+        if self.view.u64_at(OFF_SUB_PROD).load(Ordering::SeqCst) != self.sub_cons {
+            flag.store(0, Ordering::SeqCst);
+            return false;
+        }
+        true
+    }
+
+    /// Withdraws the sleep announcement after waking and drains the doorbell.
+    pub fn end_sleep(&self) {
+        self.view.u32_at(OFF_SERVICE_SLEEPING).store(0, Ordering::SeqCst);
+        drain(&self.sub_bell);
+    }
+
+    /// Serves requests until none is pending for `spin`, then sleeps on the doorbell for at most
+    /// `timeout`. Returns the number of requests handled.
+    pub fn serve_for<F>(&mut self, spin: Duration, timeout: Duration, mut handler: F) -> Result<usize, IpcError>
+    where
+        F: FnMut(&ExitRequest) -> ExitReply,
+    {
+        let deadline = Instant::now() + timeout;
+        let mut handled = 0;
+        let mut last = Instant::now();
+        loop {
+            while let Some(inc) = self.next_request()? {
+                let reply = inc.request.as_ref().map_or_else(ExitReply::rejected, &mut handler);
+                self.complete(&inc, &reply)?;
+                handled += 1;
+                last = Instant::now();
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Ok(handled);
+            }
+            if now.duration_since(last) < spin {
+                std::hint::spin_loop();
+                continue;
+            }
+            if handled > 0 {
+                return Ok(handled);
+            }
+            if self.prepare_sleep() {
+                let r = wait::wait_readable(self.bell_fd(), deadline.saturating_duration_since(now));
+                self.end_sleep();
+                r.map_err(IpcError::Doorbell)?;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,133 @@
+//! The probe guest through `bulkhead` and `bulkhead-console`: output, process separation, a
+//! console service killed mid-run, bad input.
+
+use std::time::Duration;
+
+use bulkhead_tests::*;
+
+const LIMIT: Duration = Duration::from_secs(60);
+
+#[test]
+fn hello_prints_through_the_console_service() {
+    let probe = probe();
+    let r = run_to_end(
+        &["--kernel", probe.to_str().expect("utf8"), "--serial-input", "none", "--cmdline", "probe.test=hello"],
+        LIMIT,
+    );
+    assert!(r.stdout.contains("probe: hello from the probe guest"), "stdout:\n{}\nstderr:\n{}", r.stdout, r.stderr);
+    assert!(r.stdout.contains("probe: verdict pass (0)"), "{}", r.stdout);
+    assert_eq!(r.status.code(), Some(0), "stderr:\n{}", r.stderr);
+    assert!(r.stderr.contains("console service running as pid"), "{}", r.stderr);
+}
+
+#[test]
+fn console_is_a_separate_child_process() {
+    let dir = scratch("separate");
+    let out = dir.join("serial.log");
+    let probe = probe();
+    let child = bulkhead(&[
+        "--kernel",
+        probe.to_str().expect("utf8"),
+        "--serial-input",
+        "none",
+        "--serial-output",
+        out.to_str().expect("utf8"),
+        "--cmdline",
+        "probe.test=ticker probe.n=30 probe.delay=20000",
+    ])
+    .spawn()
+    .expect("spawn");
+    let core = child.id();
+    let mut console = None;
+    assert!(
+        wait_until(Duration::from_secs(20), || {
+            console = children_of(core).into_iter().find(|p| p.exe.ends_with("bulkhead-console"));
+            console.is_some()
+        }),
+        "no bulkhead-console child of {core}"
+    );
+    let console = console.expect("found");
+    assert_ne!(console.pid, core);
+    assert_eq!(console.ppid, core);
+    let r = wait_bounded(child, LIMIT);
+    assert_eq!(r.status.code(), Some(0), "{}", r.stderr);
+    let serial = std::fs::read_to_string(&out).expect("serial log");
+    assert!(serial.contains("tick 30"), "{serial}");
+    assert!(r.stderr.contains(&format!("pid {}", console.pid)), "{}", r.stderr);
+}
+
+#[test]
+fn killing_the_console_leaves_the_guest_running() {
+    let dir = scratch("kill-console");
+    let out = dir.join("serial.log");
+    let probe = probe();
+    let child = bulkhead(&[
+        "--kernel",
+        probe.to_str().expect("utf8"),
+        "--serial-input",
+        "none",
+        "--serial-output",
+        out.to_str().expect("utf8"),
+        "--cmdline",
+        "probe.test=ticker probe.n=200 probe.delay=5000",
+    ])
+    .spawn()
+    .expect("spawn");
+    let core = child.id();
+    assert!(
+        wait_until(Duration::from_secs(30), || std::fs::read_to_string(&out).is_ok_and(|s| s.contains("tick 3\n"))),
+        "guest never printed tick 3"
+    );
+    let console = children_of(core).into_iter().find(|p| p.exe.ends_with("bulkhead-console")).expect("console child");
+    // SAFETY-free: kill(2) through the libc crate on a pid we just read from /proc.
+    let rc = unsafe_kill(console.pid);
+    assert_eq!(rc, 0, "kill failed");
+    let r = wait_bounded(child, LIMIT);
+    // The guest ran to its end: the probe's verdict (0 = pass) is the exit status.
+    assert_eq!(r.status.code(), Some(0), "stderr:\n{}", r.stderr);
+    let serial = std::fs::read_to_string(&out).expect("serial log");
+    assert!(!serial.contains("tick 200"), "the console kept printing after SIGKILL?\n{serial}");
+    let failures = r.stderr.lines().filter(|l| l.contains("ERROR") && l.contains("console")).count();
+    assert_eq!(failures, 1, "the death must be logged exactly once:\n{}", r.stderr);
+    assert!(r.stderr.contains("guest stopped: guest wrote 0 to the debug-exit port"), "{}", r.stderr);
+}
+
+fn unsafe_kill(pid: u32) -> i32 {
+    let pid = i32::try_from(pid).expect("pid fits");
+    // SAFETY: kill(2) has no memory-safety preconditions; `pid` is a child of our child.
+    unsafe { libc::kill(pid, libc::SIGKILL) }
+}
+
+#[test]
+fn unknown_probe_test_is_bad_args() {
+    let probe = probe();
+    let r = run_to_end(&["--kernel", probe.to_str().expect("utf8"), "--serial-input", "none", "--cmdline", "probe.test=nope"], LIMIT);
+    assert_eq!(r.status.code(), Some(2));
+    assert!(r.stdout.contains("probe: unknown test nope"), "{}", r.stdout);
+}
+
+fn assert_clean_error(args: &[&str], needle: &str) {
+    let r = run_to_end(args, Duration::from_secs(20));
+    assert!(!r.status.success(), "{args:?} succeeded");
+    let lines: Vec<&str> = r.stderr.lines().filter(|l| l.contains("error")).collect();
+    assert_eq!(lines.len(), 1, "want one error line for {args:?}:\n{}", r.stderr);
+    assert!(lines[0].contains(needle), "{:?} lacks {needle:?}", lines[0]);
+}
+
+#[test]
+fn bad_input_gives_one_clear_error() {
+    let probe = probe();
+    let p = probe.to_str().expect("utf8");
+    assert_clean_error(&["--kernel", "/nonexistent/vmlinux"], "/nonexistent/vmlinux");
+    let dir = scratch("bad-input");
+    let junk = dir.join("junk");
+    std::fs::write(&junk, vec![0x42u8; 4096]).expect("write");
+    assert_clean_error(&["--kernel", junk.to_str().expect("utf8")], "not a bootable kernel");
+    let long = "x".repeat(5000);
+    assert_clean_error(&["--kernel", p, "--cmdline", &long], "command line");
+    assert_clean_error(&["--kernel", p, "--mem", "1048576"], "memory");
+    let empty = dir.join("empty");
+    std::fs::create_dir_all(&empty).expect("mkdir");
+    assert_clean_error(&["--kernel", p, "--service-dir", empty.to_str().expect("utf8")], "bulkhead-console");
+    assert_clean_error(&["--kernel", p, "--no-such-flag"], "--no-such-flag");
+}

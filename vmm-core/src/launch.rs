@@ -1,0 +1,301 @@
+//! `bulkhead run`: puts the pieces together. Guest RAM, the VM, the kernel, the device services
+//! and their bus entries, the vCPU threads, then waits for a stop and tears everything down.
+//!
+//! Every step that can fail on user input (kernel path, memory size, command line, a missing
+//! service binary) fails before any vCPU runs, with one error naming the problem; services already
+//! started are shut down by their handles' `Drop`, and die with the core anyway (PDEATHSIG).
+
+use std::fs::OpenOptions;
+use std::io::IsTerminal;
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use kvm_ioctls::VmFd;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::arch::{cpu, mptable};
+use crate::boot;
+use crate::bus::{BusDevice, BusError};
+use crate::cli::RunArgs;
+use crate::control::{StopHandle, StopReason};
+use crate::devices::{DebugExit, I8042, PostCode, DEBUG_EXIT_PORT, I8042_COMMAND_PORT, I8042_DATA_PORT, POST_CODE_PORT};
+use crate::host::HostKvm;
+use crate::memory::GuestRam;
+use crate::service;
+use crate::vcpu::{self, Buses};
+use crate::vm;
+
+/// COM1: the console service's port range.
+pub const COM1_BASE: u16 = 0x3f8;
+/// Ports in a 16550's register window.
+pub const COM1_LEN: u64 = 8;
+/// COM1's ISA interrupt line.
+pub const COM1_GSI: u32 = 4;
+
+/// Errors from `bulkhead run`.
+#[derive(Debug, thiserror::Error)]
+pub enum LaunchError {
+    /// Guest memory.
+    #[error(transparent)]
+    Memory(#[from] crate::memory::MemoryError),
+    /// The VM.
+    #[error(transparent)]
+    Vm(#[from] vm::VmError),
+    /// Loading the guest.
+    #[error(transparent)]
+    Boot(#[from] boot::BootError),
+    /// The MP table.
+    #[error(transparent)]
+    Mptable(#[from] mptable::MptableError),
+    /// Setting up a vCPU.
+    #[error(transparent)]
+    Cpu(#[from] cpu::CpuError),
+    /// A device service.
+    #[error(transparent)]
+    Service(#[from] service::ServiceError),
+    /// The bus map.
+    #[error("device map: {0}")]
+    Bus(#[from] BusError),
+    /// A service binary is missing.
+    #[error("service binary {0} not found (build it with `cargo build --release`, or pass --service-dir)")]
+    MissingService(PathBuf),
+    /// The serial output file cannot be opened.
+    #[error("cannot open serial output {path}")]
+    SerialOutput {
+        /// The path given.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Some OS call failed.
+    #[error("{what} failed")]
+    Os {
+        /// Which call.
+        what: &'static str,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A KVM call outside VM creation failed.
+    #[error("{what} failed")]
+    Kvm {
+        /// Which call.
+        what: &'static str,
+        /// Cause.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+}
+
+fn os(what: &'static str) -> impl FnOnce(std::io::Error) -> LaunchError {
+    move |source| LaunchError::Os { what, source }
+}
+
+/// Where service binaries are looked up.
+pub fn service_dir(args: &RunArgs) -> PathBuf {
+    args.service_dir.clone().unwrap_or_else(|| {
+        std::env::current_exe()
+            .ok()
+            .and_then(|p| p.parent().map(Path::to_path_buf))
+            .unwrap_or_else(|| PathBuf::from("."))
+    })
+}
+
+fn service_binary(dir: &Path, name: &str) -> Result<PathBuf, LaunchError> {
+    let p = dir.join(name);
+    if p.is_file() {
+        Ok(p)
+    } else {
+        Err(LaunchError::MissingService(p))
+    }
+}
+
+static SIGNALLED: AtomicI32 = AtomicI32::new(0);
+
+extern "C" fn on_terminate(sig: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    SIGNALLED.store(sig, Ordering::SeqCst);
+}
+
+/// Puts the terminal on stdin in raw mode while the guest owns it, and restores it on drop.
+struct RawTerminal(Option<nix::sys::termios::Termios>);
+
+impl RawTerminal {
+    fn enter() -> Self {
+        use nix::sys::termios::{cfmakeraw, tcgetattr, tcsetattr, SetArg};
+        let stdin = std::io::stdin();
+        if !stdin.is_terminal() {
+            return Self(None);
+        }
+        let Ok(saved) = tcgetattr(&stdin) else { return Self(None) };
+        let mut raw = saved.clone();
+        cfmakeraw(&mut raw);
+        // Keep output post-processing so the core's log lines still start at column 0.
+        raw.output_flags = saved.output_flags;
+        if tcsetattr(&stdin, SetArg::TCSANOW, &raw).is_err() {
+            return Self(None);
+        }
+        Self(Some(saved))
+    }
+}
+
+impl Drop for RawTerminal {
+    fn drop(&mut self) {
+        if let Some(saved) = &self.0 {
+            let _ = nix::sys::termios::tcsetattr(std::io::stdin(), nix::sys::termios::SetArg::TCSANOW, saved);
+        }
+    }
+}
+
+fn serial_fds(args: &RunArgs) -> Result<(OwnedFd, Option<OwnedFd>), LaunchError> {
+    let output: OwnedFd = if args.serial_output == "stdout" {
+        std::io::stdout().lock().as_fd_owned().map_err(os("dup(stdout)"))?
+    } else {
+        let path = PathBuf::from(&args.serial_output);
+        OpenOptions::new()
+            .create(true)
+            .write(true)
+            .truncate(true)
+            .open(&path)
+            .map_err(|source| LaunchError::SerialOutput { path, source })?
+            .into()
+    };
+    let input = if args.serial_input == "stdin" {
+        Some(std::io::stdin().as_fd_owned().map_err(os("dup(stdin)"))?)
+    } else {
+        None
+    };
+    Ok((output, input))
+}
+
+trait DupOwned {
+    fn as_fd_owned(&self) -> std::io::Result<OwnedFd>;
+}
+
+impl<T: std::os::fd::AsFd> DupOwned for T {
+    fn as_fd_owned(&self) -> std::io::Result<OwnedFd> {
+        self.as_fd().try_clone_to_owned()
+    }
+}
+
+fn register_in_core_devices(buses: &mut Buses, stop: &StopHandle) -> Result<Arc<PostCode>, LaunchError> {
+    buses.pio.insert(DEBUG_EXIT_PORT, 1, Arc::new(DebugExit::new(stop.clone())))?;
+    let i8042: Arc<dyn BusDevice> = Arc::new(I8042::new(stop.clone()));
+    buses.pio.insert(I8042_DATA_PORT, 1, i8042.clone())?;
+    buses.pio.insert(I8042_COMMAND_PORT, 1, i8042)?;
+    let post = Arc::new(PostCode::default());
+    buses.pio.insert(POST_CODE_PORT, 1, post.clone())?;
+    Ok(post)
+}
+
+fn start_console(args: &RunArgs, vm: &VmFd, buses: &mut Buses) -> Result<service::ServiceHandle, LaunchError> {
+    let binary = service_binary(&service_dir(args), "bulkhead-console")?;
+    let (output, input) = serial_fds(args)?;
+    let irq = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(os("eventfd"))?;
+    vm.register_irqfd(&irq, COM1_GSI).map_err(|source| LaunchError::Kvm { what: "KVM_IRQFD", source })?;
+    let deadline = Duration::from_millis(args.service_deadline_ms);
+    let (device, handle) = service::spawn_console(&binary, output, input, irq, COM1_BASE, deadline)?;
+    buses.pio.insert(u64::from(COM1_BASE), COM1_LEN, device)?;
+    Ok(handle)
+}
+
+/// Runs a VM per `args` until it stops. Returns why it stopped.
+pub fn run(args: &RunArgs) -> Result<StopReason, LaunchError> {
+    // Cheap checks on user input first, so nothing is created when they fail.
+    std::fs::File::open(&args.kernel)
+        .map_err(|source| boot::BootError::OpenKernel { path: args.kernel.clone(), source })?;
+    service_binary(&service_dir(args), "bulkhead-console")?;
+
+    let host = HostKvm::detect();
+    let extra = host.extra_kernel_params(&args.cmdline);
+    let cmdline = boot::build_cmdline(&args.cmdline, &extra)?;
+    if host == HostKvm::Pvm {
+        log::info!(
+            "host KVM is PVM (no VMX/SVM): guest runs under shadow paging; added kernel parameters: {}",
+            if extra.is_empty() { "(none needed, already present)".to_string() } else { extra.join(" ") }
+        );
+    }
+
+    let ram = GuestRam::new(args.mem)?;
+    let kvm = vm::open_kvm()?;
+    let vm = vm::create_vm(&kvm, &ram)?;
+    let kernel = boot::load_kernel(ram.memory(), &args.kernel)?;
+    let initrd = match &args.initrd {
+        Some(p) => Some(boot::load_initrd(&ram, p, kernel.end)?),
+        None => None,
+    };
+    boot::write_boot_params(&ram, &kernel, &cmdline, initrd)?;
+    mptable::setup(ram.memory(), args.vcpus)?;
+    cpu::write_boot_tables(ram.memory())?;
+    log::info!(
+        "guest: {} MiB, {} vCPU(s), kernel {} entry {:#x}, cmdline \"{}\"",
+        args.mem,
+        args.vcpus,
+        args.kernel.display(),
+        kernel.entry,
+        cmdline.as_cstring().map(|c| c.to_string_lossy().into_owned()).unwrap_or_default()
+    );
+
+    let (stop, stopped) = StopHandle::new();
+    let mut buses = Buses::default();
+    let post = register_in_core_devices(&mut buses, &stop)?;
+    let console = start_console(args, &vm, &mut buses)?;
+    log::info!("console service running as pid {}", console.pid());
+
+    let cpuid = kvm
+        .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+        .map_err(|source| LaunchError::Kvm { what: "KVM_GET_SUPPORTED_CPUID", source })?;
+    let mut vcpus = Vec::new();
+    for i in 0..args.vcpus {
+        let fd = vm.create_vcpu(u64::from(i)).map_err(|source| LaunchError::Kvm { what: "KVM_CREATE_VCPU", source })?;
+        cpu::configure_vcpu(&fd, cpuid.clone(), i, args.vcpus, kernel.entry)?;
+        vcpus.push(fd);
+    }
+
+    vcpu::install_kick_handler().map_err(|e| LaunchError::Os { what: "installing the vCPU kick handler", source: e.into() })?;
+    for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+        vmm_sys_util::signal::register_signal_handler(sig, on_terminate)
+            .map_err(|e| LaunchError::Os { what: "installing signal handlers", source: e.into() })?;
+    }
+    let terminal = if args.serial_input == "stdin" { RawTerminal::enter() } else { RawTerminal(None) };
+
+    let buses = Arc::new(buses);
+    let mut threads = Vec::new();
+    for (i, fd) in vcpus.into_iter().enumerate() {
+        let (b, s) = (buses.clone(), stop.clone());
+        let t = std::thread::Builder::new()
+            .name(format!("vcpu{i}"))
+            .spawn(move || vcpu::run(i, fd, b, s))
+            .map_err(os("spawning a vCPU thread"))?;
+        threads.push(t);
+    }
+
+    let reason = loop {
+        match stopped.recv_timeout(Duration::from_millis(50)) {
+            Ok(r) => break r,
+            Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
+                let sig = SIGNALLED.load(Ordering::SeqCst);
+                if sig != 0 {
+                    stop.stop(StopReason::Signal(sig));
+                }
+            }
+            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
+                break StopReason::InternalError("every vCPU thread is gone".into())
+            }
+        }
+    };
+    drop(terminal);
+    let stuck = vcpu::kick_and_join(threads, 200);
+    if stuck > 0 {
+        log::error!("{stuck} vCPU thread(s) did not stop within 2 s");
+    }
+    console.shutdown(Duration::from_secs(2));
+    log::info!("guest stopped: {reason}");
+    log::info!("port 0x80 accesses: {}", post.accesses());
+    drop(vm);
+    drop(ram);
+    Ok(reason)
+}

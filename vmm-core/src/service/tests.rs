@@ -1,0 +1,235 @@
+//! Spawns the real `bulkhead-console` through this module (built by `cargo build --workspace`
+//! before the tests run; each test skips with a message if the binary is absent).
+
+use super::*;
+use std::fs::File;
+use std::io::Read;
+use std::path::PathBuf;
+use std::sync::{Mutex as StdMutex, MutexGuard, OnceLock};
+
+/// Records log lines so tests can count failure reports.
+struct Capture(StdMutex<Vec<String>>);
+
+impl log::Log for Capture {
+    fn enabled(&self, _: &log::Metadata<'_>) -> bool {
+        true
+    }
+    fn log(&self, r: &log::Record<'_>) {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).push(format!("{} {}", r.level(), r.args()));
+    }
+    fn flush(&self) {}
+}
+
+static CAPTURE: OnceLock<&'static Capture> = OnceLock::new();
+
+fn logs() -> &'static Capture {
+    CAPTURE.get_or_init(|| {
+        let c: &'static Capture = Box::leak(Box::new(Capture(StdMutex::new(Vec::new()))));
+        let _ = log::set_logger(c);
+        log::set_max_level(log::LevelFilter::Info);
+        c
+    })
+}
+
+fn lines_matching(pid: u32, level: &str) -> Vec<String> {
+    let pat = format!("(pid {pid})");
+    logs().0.lock().unwrap_or_else(|e| e.into_inner()).iter().filter(|l| l.starts_with(level) && l.contains(&pat)).cloned().collect()
+}
+
+/// Services spin while serving; run them one at a time on these 2-core machines.
+static ONE_AT_A_TIME: StdMutex<()> = StdMutex::new(());
+
+fn serial() -> MutexGuard<'static, ()> {
+    ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn console_binary() -> Option<PathBuf> {
+    // target/<profile>/deps/vmm_core-<hash> → target/<profile>/bulkhead-console
+    let exe = std::env::current_exe().ok()?;
+    let p = exe.parent()?.parent()?.join("bulkhead-console");
+    if p.is_file() {
+        Some(p)
+    } else {
+        eprintln!("SKIPPED: {} is absent; run `cargo build --workspace` first", p.display());
+        None
+    }
+}
+
+struct Console {
+    dev: Arc<RemoteDevice>,
+    handle: ServiceHandle,
+    out: File,
+}
+
+fn start(deadline: Duration) -> Option<Console> {
+    let bin = console_binary()?;
+    logs();
+    let (r, w) = nix::unistd::pipe().expect("pipe");
+    let irq = EventFd::new(libc::EFD_NONBLOCK).expect("eventfd");
+    let (dev, handle) = spawn_console(&bin, w, None, irq, 0x3f8, deadline).expect("spawn console");
+    Some(Console { dev, handle, out: File::from(r) })
+}
+
+fn read_out(f: &mut File, n: usize) -> Vec<u8> {
+    let mut got = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while got.len() < n {
+        let left = deadline.saturating_duration_since(Instant::now());
+        assert!(ipc::wait::wait_readable(f.as_fd(), left).expect("poll"), "no output; got {got:?}");
+        let mut buf = [0u8; 64];
+        let k = f.read(&mut buf).expect("read");
+        assert!(k > 0, "output closed");
+        got.extend_from_slice(&buf[..k]);
+    }
+    got
+}
+
+fn inb(dev: &RemoteDevice, off: u64) -> u8 {
+    let mut b = [0u8];
+    dev.read(0x3f8, off, &mut b);
+    b[0]
+}
+
+#[test]
+fn missing_binary_is_named() {
+    let e = spawn_console(
+        Path::new("/nonexistent/bulkhead-console"),
+        File::open("/dev/null").expect("null").into(),
+        None,
+        EventFd::new(0).expect("eventfd"),
+        0x3f8,
+        Duration::from_secs(1),
+    )
+    .expect_err("must fail");
+    assert!(matches!(e, ServiceError::BinaryMissing { .. }));
+    assert!(e.to_string().contains("/nonexistent/bulkhead-console"), "{e}");
+}
+
+#[test]
+fn service_that_never_becomes_ready() {
+    let _g = serial();
+    let e = spawn_service(ServiceSpec {
+        name: "bogus".into(),
+        binary: PathBuf::from("/bin/true"),
+        device: DeviceConfig::Console { base: 0x3f8, len: 8 },
+        fds: Vec::new(),
+        space: AddressSpace::Pio,
+        options: ServiceOptions { ready_timeout: Duration::from_secs(2), ..ServiceOptions::default() },
+    })
+    .expect_err("must fail");
+    assert!(matches!(e, ServiceError::NotReady { .. }), "{e:?}");
+}
+
+#[test]
+fn console_output_then_sigkill_fails_fast_and_once() {
+    let _g = serial();
+    let Some(mut c) = start(Duration::from_secs(1)) else { return };
+    for b in b"hi\n" {
+        c.dev.write(0x3f8, 0, &[*b]);
+    }
+    assert_eq!(read_out(&mut c.out, 3), b"hi\n");
+    assert_eq!(inb(&c.dev, 5), 0x60, "LSR after reset");
+    assert_eq!(c.dev.stats().forwarded, 4);
+    let stats = c.handle.stats(Duration::from_secs(2)).expect("ping");
+    assert_eq!(stats.requests, 4);
+
+    let pid = c.handle.pid();
+    c.handle.kill().expect("kill");
+    let t = Instant::now();
+    assert_eq!(inb(&c.dev, 5), 0xff);
+    let first = t.elapsed();
+    assert!(first < Duration::from_millis(300), "first read after death took {first:?}");
+    let t = Instant::now();
+    for _ in 0..100 {
+        assert_eq!(inb(&c.dev, 5), 0xff);
+        c.dev.write(0x3f8, 0, b"x");
+    }
+    assert!(t.elapsed() < Duration::from_millis(50), "fail-fast accesses took {:?}", t.elapsed());
+    assert!(c.dev.is_failed());
+    assert!(c.dev.stats().failures >= 200);
+    // Wait for the watcher to reap and report.
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while c.handle.try_exit_status().is_none() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let status = c.handle.try_exit_status().expect("reaped");
+    assert_eq!(status.signal(), Some(libc::SIGKILL));
+    let errors = lines_matching(pid, "ERROR");
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert!(errors[0].contains("console") && errors[0].contains("killed by signal 9"), "{errors:?}");
+    // Reaped: no zombie left.
+    assert!(!Path::new(&format!("/proc/{pid}")).exists() || !is_zombie(pid));
+}
+
+fn is_zombie(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).map(|s| s.contains(") Z ")).unwrap_or(false)
+}
+
+#[test]
+fn stopped_service_times_out_once_then_fails_fast() {
+    let _g = serial();
+    let Some(c) = start(Duration::from_millis(100)) else { return };
+    let pid = c.handle.pid();
+    assert_eq!(inb(&c.dev, 5), 0x60);
+    // SAFETY: sending SIGSTOP to our own child, which the watcher has not reaped (it is alive).
+    assert_eq!(unsafe { libc::kill(pid as libc::pid_t, libc::SIGSTOP) }, 0);
+    let t = Instant::now();
+    assert_eq!(inb(&c.dev, 5), 0xff);
+    let el = t.elapsed();
+    assert!(el >= Duration::from_millis(100) && el < Duration::from_millis(600), "{el:?}");
+    let t = Instant::now();
+    assert_eq!(inb(&c.dev, 5), 0xff);
+    assert!(t.elapsed() < Duration::from_millis(10));
+    let errors = lines_matching(pid, "ERROR");
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert!(errors[0].contains("no reply"), "{errors:?}");
+    // Shutdown of a stopped service falls back to SIGKILL and still reaps it.
+    let t = Instant::now();
+    let status = c.handle.shutdown(Duration::from_millis(200)).expect("reaped");
+    assert_eq!(status.signal(), Some(libc::SIGKILL));
+    assert!(t.elapsed() < Duration::from_secs(3));
+    assert_eq!(lines_matching(pid, "ERROR").len(), 1, "death after failure is not reported again");
+}
+
+#[test]
+fn orderly_shutdown_exits_zero_and_is_not_an_error() {
+    let _g = serial();
+    let Some(mut c) = start(Duration::from_secs(1)) else { return };
+    let pid = c.handle.pid();
+    c.dev.write(0x3f8, 0, b"z");
+    assert_eq!(read_out(&mut c.out, 1), b"z");
+    let status = c.handle.shutdown(Duration::from_secs(2)).expect("reaped");
+    assert!(status.success(), "{status:?}");
+    assert!(lines_matching(pid, "ERROR").is_empty());
+    let t = Instant::now();
+    assert_eq!(inb(&c.dev, 5), 0xff);
+    assert!(t.elapsed() < Duration::from_millis(10));
+    // The service closed its copy of the output pipe: EOF.
+    let mut rest = Vec::new();
+    c.out.read_to_end(&mut rest).expect("read");
+    assert!(rest.is_empty());
+}
+
+#[test]
+fn child_gets_only_its_fds() {
+    let _g = serial();
+    // An fd the core holds without CLOEXEC must not reach the service.
+    let leak = File::open("/dev/null").expect("open");
+    // SAFETY: clearing FD_CLOEXEC on an fd we own.
+    unsafe { libc::fcntl(leak.as_raw_fd(), libc::F_SETFD, 0) };
+    let Some(c) = start(Duration::from_secs(1)) else { return };
+    let fds: Vec<(u32, String)> = std::fs::read_dir(format!("/proc/{}/fd", c.handle.pid()))
+        .expect("proc")
+        .filter_map(|e| {
+            let e = e.ok()?;
+            let target = std::fs::read_link(e.path()).ok()?.to_string_lossy().into_owned();
+            Some((e.file_name().to_str()?.parse().ok()?, target))
+        })
+        .collect();
+    // stdin, stdout, stderr, control, ring memfd, two doorbells, output, irq.
+    assert_eq!(fds.len(), 9, "{fds:?}");
+    assert!(fds.iter().all(|(n, t)| *n < 3 || t != "/dev/null"), "leaked fd: {fds:?}");
+    assert!(fds.iter().any(|(n, t)| *n == 3 && t.starts_with("socket:")), "{fds:?}");
+    drop(leak);
+    assert!(c.handle.shutdown(Duration::from_secs(2)).is_some_and(|s| s.success()));
+}
