@@ -29,7 +29,7 @@ fn linux_boots_to_init_with_console_service() {
     let out = &r.stdout;
     assert!(out.contains("Linux version 6.1"), "no kernel banner on the console:\n{out}\n{}", r.stderr);
     assert!(out.contains("Run /init"), "kernel did not reach init:\n{out}\n{}", r.stderr);
-    assert!(r.stderr.contains("console service running as pid"), "{}", r.stderr);
+    assert!(r.stderr.contains("service console started as pid"), "{}", r.stderr);
     if r.stderr.contains("host KVM is PVM") {
         // Under PVM, user space faults on its first system call; the kernel panics and reboots.
         assert!(out.contains("Kernel panic") || out.contains("bulkhead-guest: init running"), "{out}");

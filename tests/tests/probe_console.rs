@@ -17,7 +17,7 @@ fn hello_prints_through_the_console_service() {
     assert!(r.stdout.contains("probe: hello from the probe guest"), "stdout:\n{}\nstderr:\n{}", r.stdout, r.stderr);
     assert!(r.stdout.contains("probe: verdict pass (0)"), "{}", r.stdout);
     assert_eq!(r.status.code(), Some(0), "stderr:\n{}", r.stderr);
-    assert!(r.stderr.contains("console service running as pid"), "{}", r.stderr);
+    assert!(r.stderr.contains("service console started as pid"), "{}", r.stderr);
 }
 
 #[test]

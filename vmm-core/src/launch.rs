@@ -243,7 +243,6 @@ pub fn run(args: &RunArgs) -> Result<StopReason, LaunchError> {
     let mut buses = Buses::default();
     let post = register_in_core_devices(&mut buses, &stop)?;
     let console = start_console(args, &vm, &mut buses)?;
-    log::info!("console service running as pid {}", console.pid());
 
     let cpuid = kvm
         .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
