@@ -113,7 +113,7 @@ mod tests {
     struct Recorder(Mutex<Vec<(u64, u64, Vec<u8>)>>);
     impl BusDevice for Recorder {
         fn read(&self, _base: u64, offset: u64, data: &mut [u8]) {
-            data.fill(offset as u8);
+            data.fill(u8::try_from(offset).unwrap_or(0xee));
         }
         fn write(&self, base: u64, offset: u64, data: &[u8]) {
             self.0.lock().expect("lock").push((base, offset, data.to_vec()));
@@ -131,7 +131,7 @@ mod tests {
         assert!(!bus.read(0x400, &mut b));
         assert_eq!(b, [0xff]);
         assert!(!bus.read(0x3f7, &mut b));
-        assert!(bus.write(0x3f8, &[b'x']));
+        assert!(bus.write(0x3f8, b"x"));
         assert_eq!(dev.0.lock().expect("lock")[0], (0x3f8, 0, vec![b'x']));
     }
 

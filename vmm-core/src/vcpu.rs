@@ -250,7 +250,7 @@ mod tests {
     impl BusDevice for Echo {
         fn read(&self, _base: u64, offset: u64, data: &mut [u8]) {
             for (i, b) in data.iter_mut().enumerate() {
-                *b = offset as u8 + i as u8;
+                *b = u8::try_from(offset + i as u64).unwrap_or(0xee);
             }
         }
         fn write(&self, base: u64, offset: u64, data: &[u8]) {
