@@ -9,6 +9,7 @@ pub mod control;
 pub mod devices;
 pub mod host;
 pub mod memory;
+pub mod mmio;
 pub mod vcpu;
 pub mod vm;
 pub mod cli;
