@@ -9,6 +9,8 @@
 
 pub mod console;
 pub mod jail;
+pub mod memory;
 pub mod runtime;
+pub mod virtio;
 
-pub use runtime::{PioHandler, RuntimeError, Startup};
+pub use runtime::{MmioHandler, PioHandler, RuntimeError, Startup};

@@ -84,6 +84,118 @@ pub trait PioHandler {
     }
 }
 
+/// A memory-mapped device served by the runtime (e.g. a virtio-mmio transport). Offsets are
+/// relative to the device's window and already checked to lie inside it.
+pub trait MmioHandler {
+    /// Guest load of `data.len()` bytes at `offset`. Returns false to reject the access (the
+    /// guest then reads all-ones).
+    fn read(&mut self, offset: u64, data: &mut [u8]) -> bool;
+    /// Guest store of `data` at `offset`. Returns false to reject it.
+    fn write(&mut self, offset: u64, data: &[u8]) -> bool;
+    /// Device fds to watch for readability (e.g. queue ioeventfds); re-queried every iteration.
+    fn event_fds(&self) -> Vec<RawFd> {
+        Vec::new()
+    }
+    /// One of [`event_fds`](Self::event_fds) is readable or hung up.
+    fn on_event(&mut self, _fd: RawFd) -> Result<(), RuntimeError> {
+        Ok(())
+    }
+    /// Called on every iteration while the service spins: look for work in shared memory (no
+    /// blocking). Returns true if it did any, which keeps the service spinning.
+    fn poll(&mut self) -> Result<bool, RuntimeError> {
+        Ok(false)
+    }
+    /// The service is about to sleep: re-arm notifications. Returns true if work arrived
+    /// meanwhile (the service then keeps spinning instead).
+    fn prepare_sleep(&mut self) -> Result<bool, RuntimeError> {
+        Ok(false)
+    }
+}
+
+/// What the serve loop needs from a device, whatever its bus.
+trait Dispatch {
+    fn access(&mut self, req: &ExitRequest) -> Option<ExitReply>;
+    fn event_fds(&self) -> Vec<RawFd>;
+    fn on_event(&mut self, fd: RawFd) -> Result<(), RuntimeError>;
+    fn poll(&mut self) -> Result<bool, RuntimeError>;
+    fn prepare_sleep(&mut self) -> Result<bool, RuntimeError>;
+}
+
+struct PioDispatch<H> {
+    handler: H,
+    base: u16,
+    len: u16,
+}
+
+impl<H: PioHandler> Dispatch for PioDispatch<H> {
+    fn access(&mut self, req: &ExitRequest) -> Option<ExitReply> {
+        let offset = req.addr.checked_sub(u64::from(self.base))?;
+        let end = offset.checked_add(u64::from(req.len))?;
+        if end > u64::from(self.len) {
+            return None;
+        }
+        let offset = u16::try_from(offset).ok()?;
+        let n = usize::try_from(req.len).ok()?.min(8);
+        match req.kind {
+            ExitKind::PioRead => {
+                let mut data = [0u8; 8];
+                self.handler.read(offset, &mut data[..n]).then(|| ExitReply::ok(&data[..n]))
+            }
+            ExitKind::PioWrite => self.handler.write(offset, &req.data[..n]).then(|| ExitReply::ok(&[])),
+            ExitKind::MmioRead | ExitKind::MmioWrite => None,
+        }
+    }
+    fn event_fds(&self) -> Vec<RawFd> {
+        self.handler.event_fds()
+    }
+    fn on_event(&mut self, fd: RawFd) -> Result<(), RuntimeError> {
+        self.handler.on_event(fd)
+    }
+    fn poll(&mut self) -> Result<bool, RuntimeError> {
+        Ok(false)
+    }
+    fn prepare_sleep(&mut self) -> Result<bool, RuntimeError> {
+        Ok(false)
+    }
+}
+
+struct MmioDispatch<H> {
+    handler: H,
+    base: u64,
+    len: u64,
+}
+
+impl<H: MmioHandler> Dispatch for MmioDispatch<H> {
+    fn access(&mut self, req: &ExitRequest) -> Option<ExitReply> {
+        let offset = req.addr.checked_sub(self.base)?;
+        let end = offset.checked_add(u64::from(req.len))?;
+        if end > self.len {
+            return None;
+        }
+        let n = usize::try_from(req.len).ok()?.min(8);
+        match req.kind {
+            ExitKind::MmioRead => {
+                let mut data = [0u8; 8];
+                self.handler.read(offset, &mut data[..n]).then(|| ExitReply::ok(&data[..n]))
+            }
+            ExitKind::MmioWrite => self.handler.write(offset, &req.data[..n]).then(|| ExitReply::ok(&[])),
+            ExitKind::PioRead | ExitKind::PioWrite => None,
+        }
+    }
+    fn event_fds(&self) -> Vec<RawFd> {
+        self.handler.event_fds()
+    }
+    fn on_event(&mut self, fd: RawFd) -> Result<(), RuntimeError> {
+        self.handler.on_event(fd)
+    }
+    fn poll(&mut self) -> Result<bool, RuntimeError> {
+        self.handler.poll()
+    }
+    fn prepare_sleep(&mut self) -> Result<bool, RuntimeError> {
+        self.handler.prepare_sleep()
+    }
+}
+
 /// Parses `--control-fd N` (default 3) from the arguments after the program name.
 pub fn parse_control_fd<I: IntoIterator<Item = String>>(args: I) -> Result<RawFd, RuntimeError> {
     let mut fd = 3;
@@ -200,8 +312,23 @@ impl Startup {
     /// Sends `Ready` and serves the ring with `handler` for the ports `[base, base + len)` until
     /// the core sends `Shutdown` (returns `Ok`) or something fails.
     pub fn serve<H: PioHandler>(self, handler: H, base: u16, len: u16) -> Result<ServiceStats, RuntimeError> {
+        self.serve_dispatch(PioDispatch { handler, base, len })
+    }
+
+    /// Sends `Ready` and serves the ring with `handler` for the MMIO window `[base, base + len)`
+    /// until the core sends `Shutdown` (returns `Ok`) or something fails. Between exits the
+    /// handler's [`poll`](MmioHandler::poll) runs on every spin iteration and its event fds are
+    /// watched, so queue work never waits for a register access.
+    pub fn serve_mmio<H: MmioHandler>(self, handler: H, base: u64, len: u64) -> Result<ServiceStats, RuntimeError> {
+        if base.checked_add(len).is_none() || len == 0 {
+            return Err(RuntimeError::WrongDevice(format!("MMIO window {base:#x}+{len:#x}")));
+        }
+        self.serve_dispatch(MmioDispatch { handler, base, len })
+    }
+
+    fn serve_dispatch<D: Dispatch>(self, handler: D) -> Result<ServiceStats, RuntimeError> {
         let idle_spin = Duration::from_micros(u64::from(self.setup.idle_spin_us)).min(MAX_IDLE_SPIN);
-        let mut server = Server { ring: self.ring, control: self.control, handler, base, len, stats: ServiceStats::default() };
+        let mut server = Server { ring: self.ring, control: self.control, handler, stats: ServiceStats::default() };
         server.control.send(&ControlMsg::Ready { pid: std::process::id() }, &[])?;
         server.run(idle_spin)
     }
@@ -216,12 +343,10 @@ struct Server<H> {
     ring: ServiceEndpoint,
     control: ControlChannel,
     handler: H,
-    base: u16,
-    len: u16,
     stats: ServiceStats,
 }
 
-impl<H: PioHandler> Server<H> {
+impl<H: Dispatch> Server<H> {
     fn run(&mut self, idle_spin: Duration) -> Result<ServiceStats, RuntimeError> {
         let mut last_active = Instant::now();
         let mut last_side_poll = last_active;
@@ -232,6 +357,9 @@ impl<H: PioHandler> Server<H> {
                 self.ring.complete(&inc, &reply)?;
                 did = true;
             }
+            if self.handler.poll()? {
+                did = true;
+            }
             let now = Instant::now();
             if did {
                 last_active = now;
@@ -239,11 +367,17 @@ impl<H: PioHandler> Server<H> {
             if now.duration_since(last_active) < idle_spin {
                 if now.duration_since(last_side_poll) >= SIDE_POLL_INTERVAL {
                     last_side_poll = now;
-                    if let Flow::Stop = self.poll_side(Duration::ZERO, None)? {
-                        return Ok(self.stats);
+                    match self.poll_side(Duration::ZERO, None)? {
+                        (Flow::Stop, _) => return Ok(self.stats),
+                        (Flow::Continue, true) => last_active = Instant::now(),
+                        (Flow::Continue, false) => {}
                     }
                 }
                 std::hint::spin_loop();
+                continue;
+            }
+            if self.handler.prepare_sleep()? {
+                last_active = Instant::now();
                 continue;
             }
             if !self.ring.prepare_sleep() {
@@ -254,15 +388,18 @@ impl<H: PioHandler> Server<H> {
             let flow = self.poll_side(SLEEP_SLICE, Some(bell));
             self.ring.end_sleep();
             last_side_poll = Instant::now();
-            if let Flow::Stop = flow? {
-                return Ok(self.stats);
+            match flow? {
+                (Flow::Stop, _) => return Ok(self.stats),
+                // Device work woke us: spin again, more is likely to follow.
+                (Flow::Continue, true) => last_active = last_side_poll,
+                (Flow::Continue, false) => {}
             }
         }
     }
 
     /// Polls the control socket, the device fds and (when sleeping) the doorbell, and handles
-    /// whatever is ready.
-    fn poll_side(&mut self, timeout: Duration, bell: Option<RawFd>) -> Result<Flow, RuntimeError> {
+    /// whatever is ready. The flag says whether a device fd was ready.
+    fn poll_side(&mut self, timeout: Duration, bell: Option<RawFd>) -> Result<(Flow, bool), RuntimeError> {
         let dev_fds = self.handler.event_fds();
         let mut pfds = Vec::with_capacity(dev_fds.len() + 2);
         pfds.push(libc::pollfd { fd: self.control.as_fd().as_raw_fd(), events: libc::POLLIN, revents: 0 });
@@ -271,17 +408,19 @@ impl<H: PioHandler> Server<H> {
             pfds.push(libc::pollfd { fd: b, events: libc::POLLIN, revents: 0 });
         }
         if ipc::wait::poll(&mut pfds, timeout).map_err(RuntimeError::Poll)? == 0 {
-            return Ok(Flow::Continue);
+            return Ok((Flow::Continue, false));
         }
+        let mut dev_ready = false;
         for p in &pfds[1..=dev_fds.len()] {
             if p.revents != 0 {
+                dev_ready = true;
                 self.handler.on_event(p.fd)?;
             }
         }
         if pfds[0].revents != 0 {
-            return self.on_control();
+            return Ok((self.on_control()?, dev_ready));
         }
-        Ok(Flow::Continue)
+        Ok((Flow::Continue, dev_ready))
     }
 
     fn on_control(&mut self) -> Result<Flow, RuntimeError> {
@@ -316,31 +455,13 @@ impl<H: PioHandler> Server<H> {
     fn dispatch(&mut self, inc: &Incoming) -> ExitReply {
         self.stats.requests += 1;
         let reply = match inc.request {
-            Some(req) => self.dispatch_pio(&req),
+            Some(req) => self.handler.access(&req),
             None => None,
         };
         reply.unwrap_or_else(|| {
             self.stats.rejected += 1;
             ExitReply::rejected()
         })
-    }
-
-    fn dispatch_pio(&mut self, req: &ExitRequest) -> Option<ExitReply> {
-        let offset = req.addr.checked_sub(u64::from(self.base))?;
-        let end = offset.checked_add(u64::from(req.len))?;
-        if end > u64::from(self.len) {
-            return None;
-        }
-        let offset = u16::try_from(offset).ok()?;
-        let n = usize::try_from(req.len).ok()?.min(8);
-        match req.kind {
-            ExitKind::PioRead => {
-                let mut data = [0u8; 8];
-                self.handler.read(offset, &mut data[..n]).then(|| ExitReply::ok(&data[..n]))
-            }
-            ExitKind::PioWrite => self.handler.write(offset, &req.data[..n]).then(|| ExitReply::ok(&[])),
-            ExitKind::MmioRead | ExitKind::MmioWrite => None,
-        }
     }
 }
 

@@ -74,6 +74,13 @@ pub enum FdRole {
     Input,
     /// EventFd registered as an irqfd: writing it raises the device's interrupt.
     Irq,
+    /// The memfd backing guest RAM (mapped per [`BlockConfig::memory`]).
+    GuestMemory,
+    /// The disk image the core opened (read-write, or read-only for a read-only disk).
+    Disk,
+    /// EventFd registered as an ioeventfd on the virtio-mmio QueueNotify register with
+    /// datamatch = this queue index: readable when the guest kicks that queue.
+    QueueNotify(u16),
 }
 
 /// Geometry of the exit ring.
@@ -95,6 +102,42 @@ pub enum DeviceConfig {
         /// Number of ports (8 for a 16550).
         len: u16,
     },
+    /// A virtio-blk device behind a virtio-mmio window.
+    Block(BlockConfig),
+}
+
+/// One range of guest RAM inside the guest-memory memfd.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemoryRegion {
+    /// Guest physical address of the range.
+    pub guest_addr: u64,
+    /// Length in bytes.
+    pub len: u64,
+    /// Offset of the range in the memfd.
+    pub file_offset: u64,
+}
+
+/// Configuration of a virtio-blk service.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlockConfig {
+    /// Guest physical address of the device's virtio-mmio window (absolute).
+    pub mmio_base: u64,
+    /// Length of the window in bytes (0x200 at least; normally 0x1000).
+    pub mmio_len: u64,
+    /// GSI the irqfd is registered on (for logs; the service only writes the irqfd).
+    pub gsi: u32,
+    /// Guest RAM: the ranges of the [`FdRole::GuestMemory`] memfd to map.
+    pub memory: Vec<MemoryRegion>,
+    /// Size of the disk image in bytes, as the core saw it.
+    pub disk_size: u64,
+    /// Whether the disk is read-only (writes fail with IOERR; `VIRTIO_BLK_F_RO` offered).
+    pub read_only: bool,
+    /// Serial returned by `GET_ID` (at most 20 bytes are used).
+    pub id: String,
+    /// Number of virtqueues (one [`FdRole::QueueNotify`] fd each).
+    pub num_queues: u16,
+    /// Largest size of each queue (power of two, at most 32768).
+    pub queue_size: u16,
 }
 
 /// Everything a service needs to start; sent once by the core with the fds.
@@ -334,6 +377,31 @@ mod tests {
     }
 
     use std::os::fd::IntoRawFd;
+
+    #[test]
+    fn block_setup_round_trips() {
+        let msg = ControlMsg::Setup(ServiceSetup {
+            name: "blk0".into(),
+            ring: RingSetup { capacity: 16, region_len: 8192 },
+            fds: vec![FdRole::Ring, FdRole::GuestMemory, FdRole::Disk, FdRole::QueueNotify(0), FdRole::QueueNotify(1)],
+            device: DeviceConfig::Block(BlockConfig {
+                mmio_base: 0xd000_0000,
+                mmio_len: 0x1000,
+                gsi: 5,
+                memory: vec![MemoryRegion { guest_addr: 0, len: 1 << 20, file_offset: 0 }],
+                disk_size: 64 << 20,
+                read_only: true,
+                id: "disk0".into(),
+                num_queues: 2,
+                queue_size: 256,
+            }),
+            idle_spin_us: 200,
+        });
+        let bytes = encode(&msg).expect("encode");
+        assert_eq!(decode(&bytes).expect("decode"), msg);
+        // Distinct queue roles are distinct keys.
+        assert_ne!(FdRole::QueueNotify(0), FdRole::QueueNotify(1));
+    }
 
     #[test]
     fn timeout_and_close() {

@@ -45,6 +45,9 @@ pub struct RunArgs {
     /// Where the guest's serial console input comes from: `stdin` or `none`.
     #[arg(long, value_name = "stdin|none", default_value = "stdin", value_parser = ["stdin", "none"])]
     pub serial_input: String,
+    /// A virtio-blk disk served by `bulkhead-block`: `PATH[,ro][,id=NAME]`. Repeatable.
+    #[arg(long = "disk", value_name = "PATH[,ro][,id=NAME]", value_parser = DiskSpec::parse)]
+    pub disks: Vec<DiskSpec>,
     /// Directory holding the service binaries (`bulkhead-console`, ...). Default: next to `bulkhead`.
     #[arg(long, value_name = "DIR")]
     pub service_dir: Option<PathBuf>,
@@ -54,6 +57,41 @@ pub struct RunArgs {
     /// Log level: error, warn, info, debug, trace.
     #[arg(long, value_name = "LEVEL", default_value = "info", value_parser = parse_level)]
     pub log_level: log::LevelFilter,
+}
+
+/// One `--disk` argument.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskSpec {
+    /// Image file (raw).
+    pub path: PathBuf,
+    /// Read-only: the core opens the file read-only and the device rejects writes.
+    pub read_only: bool,
+    /// The id the guest reads with GET_ID (at most 20 bytes); default: `diskN`.
+    pub id: Option<String>,
+}
+
+/// Longest id virtio-blk's GET_ID can return.
+pub const DISK_ID_MAX: usize = 20;
+
+impl DiskSpec {
+    /// Parses `PATH[,ro][,id=NAME]`.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let mut parts = s.split(',');
+        let path = parts.next().filter(|p| !p.is_empty()).ok_or("--disk needs a path")?;
+        let mut spec = Self { path: PathBuf::from(path), read_only: false, id: None };
+        for opt in parts {
+            match opt.split_once('=') {
+                None if opt == "ro" => spec.read_only = true,
+                None if opt == "rw" => spec.read_only = false,
+                Some(("id", id)) if !id.is_empty() && id.len() <= DISK_ID_MAX && id.is_ascii() => {
+                    spec.id = Some(id.to_string())
+                }
+                Some(("id", _)) => return Err(format!("disk id must be 1 to {DISK_ID_MAX} ASCII bytes")),
+                _ => return Err(format!("unknown disk option `{opt}` (expected ro, rw or id=NAME)")),
+            }
+        }
+        Ok(spec)
+    }
 }
 
 fn parse_level(s: &str) -> Result<log::LevelFilter, String> {
@@ -84,5 +122,18 @@ mod tests {
         assert!(parse(&["run", "--kernel", "/k", "--mem", "0"]).is_err());
         assert!(parse(&["run", "--kernel", "/k", "--vcpus", "33"]).is_err());
         assert!(parse(&["run", "--kernel", "/k", "--serial-input", "tty"]).is_err());
+        assert!(parse(&["run", "--kernel", "/k", "--disk", "/d,rx"]).is_err());
+        assert!(parse(&["run", "--kernel", "/k", "--disk", ",ro"]).is_err());
+        assert!(parse(&["run", "--kernel", "/k", "--disk", "/d,id=123456789012345678901"]).is_err());
+    }
+
+    #[test]
+    fn disks_repeat() {
+        let Command::Run(r) = parse(&["run", "--kernel", "/k", "--disk", "/a.img", "--disk", "/b.img,ro,id=data"])
+            .expect("parse")
+            .command;
+        assert_eq!(r.disks.len(), 2);
+        assert_eq!(r.disks[0], DiskSpec { path: "/a.img".into(), read_only: false, id: None });
+        assert_eq!(r.disks[1], DiskSpec { path: "/b.img".into(), read_only: true, id: Some("data".into()) });
     }
 }

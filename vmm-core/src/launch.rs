@@ -5,7 +5,7 @@
 //! service binary) fails before any vCPU runs, with one error naming the problem; services already
 //! started are shut down by their handles' `Drop`, and die with the core anyway (PDEATHSIG).
 
-use std::fs::OpenOptions;
+use std::fs::{File, OpenOptions};
 use std::io::IsTerminal;
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
@@ -13,17 +13,18 @@ use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use kvm_ioctls::VmFd;
+use kvm_ioctls::{IoEventAddress, VmFd};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::arch::{cpu, mptable};
 use crate::boot;
 use crate::bus::{BusDevice, BusError};
-use crate::cli::RunArgs;
+use crate::cli::{DiskSpec, RunArgs};
+use crate::mmio::{MmioAllocator, MmioSlot};
 use crate::control::{StopHandle, StopReason};
 use crate::devices::{DebugExit, I8042, PostCode, DEBUG_EXIT_PORT, I8042_COMMAND_PORT, I8042_DATA_PORT, POST_CODE_PORT};
 use crate::host::HostKvm;
-use crate::memory::GuestRam;
+use crate::memory::{ram_ranges, GuestRam};
 use crate::service;
 use crate::vcpu::{self, Buses};
 use crate::vm;
@@ -34,6 +35,11 @@ pub const COM1_BASE: u16 = 0x3f8;
 pub const COM1_LEN: u64 = 8;
 /// COM1's ISA interrupt line.
 pub const COM1_GSI: u32 = 4;
+
+/// Queues per virtio-blk device.
+pub const BLOCK_QUEUES: u16 = 1;
+/// Largest queue size a virtio-blk device offers.
+pub const BLOCK_QUEUE_SIZE: u16 = 256;
 
 /// Errors from `bulkhead run`.
 #[derive(Debug, thiserror::Error)]
@@ -62,6 +68,18 @@ pub enum LaunchError {
     /// A service binary is missing.
     #[error("service binary {0} not found (build it with `cargo build --release`, or pass --service-dir)")]
     MissingService(PathBuf),
+    /// A disk image cannot be used.
+    #[error("cannot use disk image {path}")]
+    Disk {
+        /// The path given.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The virtio-mmio address map.
+    #[error(transparent)]
+    Mmio(#[from] crate::mmio::MmioError),
     /// The serial output file cannot be opened.
     #[error("cannot open serial output {path}")]
     SerialOutput {
@@ -191,6 +209,82 @@ fn register_in_core_devices(buses: &mut Buses, stop: &StopHandle) -> Result<Arc<
     Ok(post)
 }
 
+/// One `--disk`, opened and placed in the guest's address map, before its service starts.
+struct PlannedDisk {
+    spec: DiskSpec,
+    file: File,
+    slot: MmioSlot,
+}
+
+/// Opens every disk image (read-only ones read-only) and gives each a virtio-mmio slot.
+fn plan_disks(args: &RunArgs, mmio: &mut MmioAllocator) -> Result<Vec<PlannedDisk>, LaunchError> {
+    let mut planned = Vec::new();
+    for spec in &args.disks {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(!spec.read_only)
+            .open(&spec.path)
+            .map_err(|source| LaunchError::Disk { path: spec.path.clone(), source })?;
+        let meta = file.metadata().map_err(|source| LaunchError::Disk { path: spec.path.clone(), source })?;
+        if !meta.is_file() || meta.len() < 512 {
+            return Err(LaunchError::Disk {
+                path: spec.path.clone(),
+                source: std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a regular file of at least one 512-byte sector"),
+            });
+        }
+        planned.push(PlannedDisk { spec: spec.clone(), file, slot: mmio.allocate()? });
+    }
+    Ok(planned)
+}
+
+fn start_disk(
+    args: &RunArgs,
+    vm: &VmFd,
+    ram: &GuestRam,
+    buses: &mut Buses,
+    index: usize,
+    disk: PlannedDisk,
+) -> Result<service::ServiceHandle, LaunchError> {
+    let binary = service_binary(&service_dir(args), "bulkhead-block")?;
+    let PlannedDisk { spec, file, slot } = disk;
+    let irq = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(os("eventfd"))?;
+    vm.register_irqfd(&irq, slot.gsi).map_err(|source| LaunchError::Kvm { what: "KVM_IRQFD", source })?;
+    let mut queue_notify = Vec::new();
+    for queue in 0..BLOCK_QUEUES {
+        let kick = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(os("eventfd"))?;
+        // A guest write of the queue index to QueueNotify signals this eventfd inside KVM: the
+        // kick never reaches the core.
+        vm.register_ioevent(&kick, &IoEventAddress::Mmio(slot.queue_notify_addr()), u32::from(queue))
+            .map_err(|source| LaunchError::Kvm { what: "KVM_IOEVENTFD", source })?;
+        queue_notify.push(kick);
+    }
+    let spec = service::BlockSpec {
+        id: spec.id.clone().unwrap_or_else(|| format!("disk{index}")),
+        disk: file,
+        read_only: spec.read_only,
+        mmio_base: slot.base,
+        mmio_len: slot.len,
+        gsi: slot.gsi,
+        memfd: ram.memfd().try_clone_to_owned().map_err(os("dup of the guest memory memfd"))?,
+        memory: ram_ranges(ram.size()),
+        queue_notify,
+        irq,
+        queue_size: BLOCK_QUEUE_SIZE,
+    };
+    let deadline = Duration::from_millis(args.service_deadline_ms);
+    let (device, handle) = service::spawn_block(&binary, spec, deadline)?;
+    buses.mmio.insert(slot.base, slot.len, device)?;
+    log::info!(
+        "disk{index}: {}{} at {:#x} (GSI {}) served by pid {}",
+        args.disks[index].path.display(),
+        if args.disks[index].read_only { " (read-only)" } else { "" },
+        slot.base,
+        slot.gsi,
+        handle.pid()
+    );
+    Ok(handle)
+}
+
 fn start_console(args: &RunArgs, vm: &VmFd, buses: &mut Buses) -> Result<service::ServiceHandle, LaunchError> {
     let binary = service_binary(&service_dir(args), "bulkhead-console")?;
     let (output, input) = serial_fds(args)?;
@@ -208,9 +302,15 @@ pub fn run(args: &RunArgs) -> Result<StopReason, LaunchError> {
     std::fs::File::open(&args.kernel)
         .map_err(|source| boot::BootError::OpenKernel { path: args.kernel.clone(), source })?;
     service_binary(&service_dir(args), "bulkhead-console")?;
+    if !args.disks.is_empty() {
+        service_binary(&service_dir(args), "bulkhead-block")?;
+    }
+    let mut mmio = MmioAllocator::default();
+    let disks = plan_disks(args, &mut mmio)?;
 
     let host = HostKvm::detect();
-    let extra = host.extra_kernel_params(&args.cmdline);
+    let mut extra = host.extra_kernel_params(&args.cmdline);
+    extra.extend(disks.iter().map(|d| d.slot.cmdline_word()));
     let cmdline = boot::build_cmdline(&args.cmdline, &extra)?;
     if host == HostKvm::Pvm {
         log::info!(
@@ -243,6 +343,10 @@ pub fn run(args: &RunArgs) -> Result<StopReason, LaunchError> {
     let mut buses = Buses::default();
     let post = register_in_core_devices(&mut buses, &stop)?;
     let console = start_console(args, &vm, &mut buses)?;
+    let mut services = vec![console];
+    for (i, disk) in disks.into_iter().enumerate() {
+        services.push(start_disk(args, &vm, &ram, &mut buses, i, disk)?);
+    }
 
     let cpuid = kvm
         .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
@@ -291,7 +395,9 @@ pub fn run(args: &RunArgs) -> Result<StopReason, LaunchError> {
     if stuck > 0 {
         log::error!("{stuck} vCPU thread(s) did not stop within 2 s");
     }
-    console.shutdown(Duration::from_secs(2));
+    for service in services {
+        service.shutdown(Duration::from_secs(2));
+    }
     log::info!("guest stopped: {reason}");
     log::info!("port 0x80 accesses: {}", post.accesses());
     drop(vm);

@@ -27,7 +27,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use ipc::control::{ControlMsg, DeviceConfig, FdRole, RingSetup, ServiceSetup, ServiceStats};
+use ipc::control::{BlockConfig, ControlMsg, DeviceConfig, FdRole, MemoryRegion, RingSetup, ServiceSetup, ServiceStats};
 use ipc::ring::{ExitKind, ExitRequest, Status};
 use ipc::{ControlChannel, ControlError, CoreEndpoint, IpcError, WaitConfig};
 use vmm_sys_util::eventfd::EventFd;
@@ -546,7 +546,13 @@ pub fn spawn_service(spec: ServiceSpec) -> Result<(Arc<RemoteDevice>, ServiceHan
         idle_spin_us: u32::try_from(options.service_idle_spin.as_micros()).unwrap_or(u32::MAX),
     };
     if let Err(source) = control.send(&ControlMsg::Setup(setup), &borrowed) {
-        return Err(abort(&mut child, ServiceError::Control { name, source }));
+        // EPIPE: the child exited before reading its set-up; it never became ready.
+        let e = if matches!(source, ControlError::Send(nix::Error::EPIPE)) {
+            ServiceError::NotReady { name, pid, source }
+        } else {
+            ServiceError::Control { name, source }
+        };
+        return Err(abort(&mut child, e));
     }
     drop(borrowed);
     // The service holds its own copies now.
@@ -634,6 +640,72 @@ pub fn spawn_console(
         device: DeviceConfig::Console { base, len: 8 },
         fds,
         space: AddressSpace::Pio,
+        options: ServiceOptions { call_timeout: deadline, ..ServiceOptions::default() },
+    })
+}
+
+/// What the core passes to start a `bulkhead-block` service. The lead creates the eventfds and
+/// registers them with KVM first: each `queue_notify[i]` as an ioeventfd on
+/// `mmio_base + 0x50` (4 bytes, datamatch = `i`), `irq` as an irqfd on `gsi`.
+#[derive(Debug)]
+pub struct BlockSpec {
+    /// Instance name and GET_ID serial (at most 20 bytes are used; empty = default).
+    pub id: String,
+    /// The disk image, opened by the core (read-only when `read_only`).
+    pub disk: std::fs::File,
+    /// Read-only disk: `VIRTIO_BLK_F_RO`, writes answered with IOERR.
+    pub read_only: bool,
+    /// Guest physical address of the device's virtio-mmio window.
+    pub mmio_base: u64,
+    /// Length of the window (0x1000 normally; at least 0x200).
+    pub mmio_len: u64,
+    /// GSI the irqfd is registered on.
+    pub gsi: u32,
+    /// The guest RAM memfd.
+    pub memfd: OwnedFd,
+    /// Guest RAM as `(guest address, length, memfd offset)`, e.g. `memory::ram_ranges(size)`.
+    pub memory: Vec<(u64, u64, u64)>,
+    /// One ioeventfd per queue (the number of queues is its length, 1..=8).
+    pub queue_notify: Vec<EventFd>,
+    /// The irqfd.
+    pub irq: EventFd,
+    /// Largest queue size offered (power of two, e.g. 256).
+    pub queue_size: u16,
+}
+
+fn dup_eventfd(e: &EventFd) -> Result<OwnedFd, ServiceError> {
+    // SAFETY: the EventFd owns this fd for the duration of the dup.
+    unsafe { BorrowedFd::borrow_raw(e.as_raw_fd()) }.try_clone_to_owned().map_err(os("dup eventfd"))
+}
+
+/// Starts a `bulkhead-block` service for `spec`. `deadline` bounds each forwarded access.
+/// Register the returned device on the MMIO bus at `spec.mmio_base` with length `spec.mmio_len`.
+pub fn spawn_block(binary: &Path, spec: BlockSpec, deadline: Duration) -> Result<(Arc<RemoteDevice>, ServiceHandle), ServiceError> {
+    let BlockSpec { id, disk, read_only, mmio_base, mmio_len, gsi, memfd, memory, queue_notify, irq, queue_size } = spec;
+    let disk_size = disk.metadata().map_err(os("stat of the disk image"))?.len();
+    let num_queues = u16::try_from(queue_notify.len()).unwrap_or(u16::MAX);
+    let mut fds = vec![(FdRole::GuestMemory, memfd), (FdRole::Disk, OwnedFd::from(disk)), (FdRole::Irq, dup_eventfd(&irq)?)];
+    for (i, e) in queue_notify.iter().enumerate() {
+        let i = u16::try_from(i).unwrap_or(u16::MAX);
+        fds.push((FdRole::QueueNotify(i), dup_eventfd(e)?));
+    }
+    let name = if id.is_empty() { "block".to_string() } else { format!("block-{id}") };
+    spawn_service(ServiceSpec {
+        name,
+        binary: binary.to_path_buf(),
+        device: DeviceConfig::Block(BlockConfig {
+            mmio_base,
+            mmio_len,
+            gsi,
+            memory: memory.iter().map(|&(guest_addr, len, file_offset)| MemoryRegion { guest_addr, len, file_offset }).collect(),
+            disk_size,
+            read_only,
+            id,
+            num_queues,
+            queue_size,
+        }),
+        fds,
+        space: AddressSpace::Mmio,
         options: ServiceOptions { call_timeout: deadline, ..ServiceOptions::default() },
     })
 }

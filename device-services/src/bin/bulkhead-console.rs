@@ -13,7 +13,11 @@ use ipc::control::{DeviceConfig, FdRole};
 
 fn run() -> Result<(), RuntimeError> {
     let mut st = Startup::from_args(std::env::args().skip(1))?;
-    let DeviceConfig::Console { base, len } = st.setup.device.clone();
+    let DeviceConfig::Console { base, len } = st.setup.device.clone() else {
+        let e = RuntimeError::WrongDevice(format!("{:?} is not a console", st.setup.device));
+        st.report_failure(&e.to_string());
+        return Err(e);
+    };
     if len != UART_PORTS || base.checked_add(len).is_none() {
         let e = RuntimeError::WrongDevice(format!("console at {base:#x}+{len} (a 16550 decodes 8 ports)"));
         st.report_failure(&e.to_string());

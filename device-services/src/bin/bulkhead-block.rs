@@ -1,0 +1,94 @@
+//! `bulkhead-block`: the virtio-blk service (virtio-mmio transport).
+//!
+//! Started by the core with its end of the control socket as fd 3 (or `--control-fd N`).
+//! Expects a `DeviceConfig::Block` set-up with fds `Ring`, `SubmitBell`, `CompleteBell`,
+//! `GuestMemory` (the guest RAM memfd), `Disk` (the image, opened by the core), `Irq` (irqfd) and
+//! `QueueNotify(i)` for each queue (ioeventfds; optional: kicks then arrive as forwarded writes).
+//! Opens nothing itself. Exits 0 on `Shutdown`.
+
+use std::error::Error;
+use std::fs::File;
+use std::process::ExitCode;
+
+use device_services::memory::{map_guest_memory, memory_fds};
+use device_services::virtio::block::Block;
+use device_services::virtio::mmio::{MmioTransport, MIN_WINDOW};
+use device_services::{RuntimeError, Startup};
+use ipc::control::{DeviceConfig, FdRole};
+
+fn setup(st: &mut Startup) -> Result<(MmioTransport<Block>, u64, u64), RuntimeError> {
+    let DeviceConfig::Block(cfg) = st.setup.device.clone() else {
+        return Err(RuntimeError::WrongDevice(format!("{:?} is not a block device", st.setup.device)));
+    };
+    if cfg.mmio_len < MIN_WINDOW || cfg.mmio_base.checked_add(cfg.mmio_len).is_none() {
+        return Err(RuntimeError::WrongDevice(format!("MMIO window {:#x}+{:#x}", cfg.mmio_base, cfg.mmio_len)));
+    }
+    let memfd = st.take_fd(FdRole::GuestMemory).ok_or(RuntimeError::MissingFd(FdRole::GuestMemory))?;
+    let disk = st.take_fd(FdRole::Disk).ok_or(RuntimeError::MissingFd(FdRole::Disk))?;
+    let irq = st.take_eventfd(FdRole::Irq).ok_or(RuntimeError::MissingFd(FdRole::Irq))?;
+    let mut notify = Vec::new();
+    for i in 0..cfg.num_queues {
+        match st.take_eventfd(FdRole::QueueNotify(i)) {
+            Some(e) => notify.push(e),
+            None if notify.is_empty() => break,
+            None => return Err(RuntimeError::MissingFd(FdRole::QueueNotify(i))),
+        }
+    }
+    let mem = map_guest_memory(memfd, &cfg.memory).map_err(|e| RuntimeError::Device(chain(&e)))?;
+    let block = Block::new(File::from(disk), cfg.disk_size, cfg.read_only, &cfg.id, cfg.num_queues, cfg.queue_size)
+        .map_err(|e| RuntimeError::Device(chain(&e)))?;
+    let (discard, zeroes) = (block.supports_discard(), block.supports_write_zeroes());
+    let transport = MmioTransport::new(block, mem, notify, irq).map_err(|e| RuntimeError::Device(chain(&e)))?;
+    eprintln!(
+        "bulkhead-block[{}]: {} at {:#x}+{:#x} gsi {}: {} sectors{}{}{}, {} queue(s) of {}",
+        std::process::id(),
+        st.setup.name,
+        cfg.mmio_base,
+        cfg.mmio_len,
+        cfg.gsi,
+        transport.device().capacity(),
+        if cfg.read_only { ", read-only" } else { "" },
+        if discard { ", discard" } else { "" },
+        if zeroes { ", write-zeroes" } else { "" },
+        cfg.num_queues,
+        cfg.queue_size
+    );
+    Ok((transport, cfg.mmio_base, cfg.mmio_len))
+}
+
+fn chain(e: &dyn Error) -> String {
+    let mut msg = e.to_string();
+    let mut src = e.source();
+    while let Some(s) = src {
+        msg.push_str(&format!(": {s}"));
+        src = s.source();
+    }
+    msg
+}
+
+fn run() -> Result<(), RuntimeError> {
+    let mut st = Startup::from_args(std::env::args().skip(1))?;
+    let (transport, base, len) = match setup(&mut st) {
+        Ok(t) => t,
+        Err(e) => {
+            st.report_failure(&chain(&e));
+            return Err(e);
+        }
+    };
+    let mut keep = transport.raw_fds();
+    keep.push(transport.device().disk_fd());
+    keep.extend(memory_fds(transport.memory()));
+    st.jail(&keep)?;
+    st.serve_mmio(transport, base, len)?;
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("bulkhead-block[{}]: {}", std::process::id(), chain(&e));
+            ExitCode::FAILURE
+        }
+    }
+}

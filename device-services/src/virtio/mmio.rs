@@ -1,0 +1,601 @@
+//! The virtio-mmio transport, version 2 (virtio 1.x, "non-legacy"), written once for every
+//! virtio service.
+//!
+//! Register accesses arrive as forwarded MMIO exits (offsets relative to the window); queue kicks
+//! arrive on ioeventfds the core registered on `QueueNotify` (or, as a fallback, as a forwarded
+//! write to it). Interrupts are raised by writing the irqfd. Everything the driver writes is
+//! validated: a register access of the wrong width or to an unknown offset, a queue set-up that
+//! is misaligned, outside guest RAM, of a size that is not a power of two ≤ the maximum, or a
+//! queue the device finds corrupt while processing makes the device set `DEVICE_NEEDS_RESET`,
+//! raise a configuration-change interrupt (if the driver is running) and stop touching its queues
+//! until the driver resets it. Nothing the driver does makes the service panic.
+//!
+//! While the service spins, [`MmioTransport::poll`](crate::runtime::MmioHandler::poll) looks at the
+//! available rings directly and disables kicks (`VRING_USED_F_NO_NOTIFY`, or the `EVENT_IDX`
+//! equivalent); they are re-enabled, with a final check, before it sleeps.
+
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::Ordering;
+
+use virtio_queue::{Queue, QueueT};
+use vm_memory::GuestAddress;
+use vmm_sys_util::eventfd::EventFd;
+
+use super::{VirtioDevice, F_EVENT_IDX, F_VERSION_1};
+use crate::memory::GuestMem;
+use crate::runtime::{MmioHandler, RuntimeError};
+
+/// "virt" in little-endian.
+pub const MAGIC_VALUE: u32 = 0x7472_6976;
+/// Transport version (1.x, non-legacy).
+pub const MMIO_VERSION: u32 = 2;
+/// Vendor ID reported to the driver ("BLKH").
+pub const VENDOR_ID: u32 = 0x484b_4c42;
+/// Start of the device config space in the window.
+pub const CONFIG_OFFSET: u64 = 0x100;
+/// Smallest window the transport needs (registers plus 256 bytes of config space).
+pub const MIN_WINDOW: u64 = 0x200;
+
+/// Register offsets.
+pub mod reg {
+    /// MagicValue (R).
+    pub const MAGIC: u64 = 0x000;
+    /// Version (R).
+    pub const VERSION: u64 = 0x004;
+    /// DeviceID (R).
+    pub const DEVICE_ID: u64 = 0x008;
+    /// VendorID (R).
+    pub const VENDOR_ID: u64 = 0x00c;
+    /// DeviceFeatures (R).
+    pub const DEVICE_FEATURES: u64 = 0x010;
+    /// DeviceFeaturesSel (W).
+    pub const DEVICE_FEATURES_SEL: u64 = 0x014;
+    /// DriverFeatures (W).
+    pub const DRIVER_FEATURES: u64 = 0x020;
+    /// DriverFeaturesSel (W).
+    pub const DRIVER_FEATURES_SEL: u64 = 0x024;
+    /// QueueSel (W).
+    pub const QUEUE_SEL: u64 = 0x030;
+    /// QueueNumMax (R).
+    pub const QUEUE_NUM_MAX: u64 = 0x034;
+    /// QueueNum (W).
+    pub const QUEUE_NUM: u64 = 0x038;
+    /// QueueReady (RW).
+    pub const QUEUE_READY: u64 = 0x044;
+    /// QueueNotify (W).
+    pub const QUEUE_NOTIFY: u64 = 0x050;
+    /// InterruptStatus (R).
+    pub const INTERRUPT_STATUS: u64 = 0x060;
+    /// InterruptACK (W).
+    pub const INTERRUPT_ACK: u64 = 0x064;
+    /// Status (RW).
+    pub const STATUS: u64 = 0x070;
+    /// QueueDescLow (W).
+    pub const QUEUE_DESC_LOW: u64 = 0x080;
+    /// QueueDescHigh (W).
+    pub const QUEUE_DESC_HIGH: u64 = 0x084;
+    /// QueueDriverLow (W).
+    pub const QUEUE_DRIVER_LOW: u64 = 0x090;
+    /// QueueDriverHigh (W).
+    pub const QUEUE_DRIVER_HIGH: u64 = 0x094;
+    /// QueueDeviceLow (W).
+    pub const QUEUE_DEVICE_LOW: u64 = 0x0a0;
+    /// QueueDeviceHigh (W).
+    pub const QUEUE_DEVICE_HIGH: u64 = 0x0a4;
+    /// ConfigGeneration (R).
+    pub const CONFIG_GENERATION: u64 = 0x0fc;
+}
+
+/// Device status bits.
+pub mod status {
+    /// ACKNOWLEDGE.
+    pub const ACKNOWLEDGE: u32 = 1;
+    /// DRIVER.
+    pub const DRIVER: u32 = 2;
+    /// DRIVER_OK.
+    pub const DRIVER_OK: u32 = 4;
+    /// FEATURES_OK.
+    pub const FEATURES_OK: u32 = 8;
+    /// DEVICE_NEEDS_RESET (set by the device).
+    pub const NEEDS_RESET: u32 = 0x40;
+    /// FAILED (set by the driver).
+    pub const FAILED: u32 = 0x80;
+}
+
+/// InterruptStatus bit: a used buffer was added.
+pub const INT_VRING: u32 = 1;
+/// InterruptStatus bit: the configuration (or device status) changed.
+pub const INT_CONFIG: u32 = 2;
+
+/// Errors building a transport.
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    /// The device declared an invalid queue size.
+    #[error("queue {index}: invalid maximum size {size}")]
+    QueueSize {
+        /// Queue index.
+        index: usize,
+        /// The size.
+        size: u16,
+        /// The crate's refusal.
+        #[source]
+        source: virtio_queue::Error,
+    },
+    /// More ioeventfds than queues.
+    #[error("{fds} queue-notify fds for {queues} queues")]
+    TooManyNotifyFds {
+        /// Fds given.
+        fds: usize,
+        /// Queues.
+        queues: usize,
+    },
+    /// The device does not offer VERSION_1.
+    #[error("device does not offer VIRTIO_F_VERSION_1")]
+    NoVersion1,
+}
+
+/// Queue addresses as the driver wrote them, applied when it sets QueueReady.
+#[derive(Debug, Clone, Copy, Default)]
+struct QueueAddrs {
+    desc: u64,
+    driver: u64,
+    device: u64,
+}
+
+/// Counters of a transport.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TransportStats {
+    /// Chains completed.
+    pub completed: u64,
+    /// Interrupts raised.
+    pub interrupts: u64,
+    /// Times the device marked itself as needing reset.
+    pub needs_reset: u64,
+}
+
+/// A virtio device behind the virtio-mmio register file.
+#[derive(Debug)]
+pub struct MmioTransport<D> {
+    device: D,
+    mem: GuestMem,
+    queues: Vec<Queue>,
+    addrs: Vec<QueueAddrs>,
+    /// Whether kicks are currently enabled per queue (false while the service polls).
+    notify_on: Vec<bool>,
+    notify: Vec<EventFd>,
+    irq: EventFd,
+    status: u32,
+    device_features_sel: u32,
+    driver_features_sel: u32,
+    driver_features: u64,
+    queue_sel: u32,
+    interrupt_status: u32,
+    config_generation: u32,
+    irq_failed: bool,
+    complaints: u32,
+    stats: TransportStats,
+}
+
+/// Most complaints about driver errors logged (then silence).
+const MAX_COMPLAINTS: u32 = 20;
+
+impl<D: VirtioDevice> MmioTransport<D> {
+    /// A transport for `device` over guest memory `mem`, with one ioeventfd per queue in `notify`
+    /// (index = queue; fewer is allowed: those queues are kicked through the forwarded register)
+    /// and `irq` as its irqfd.
+    pub fn new(device: D, mem: GuestMem, notify: Vec<EventFd>, irq: EventFd) -> Result<Self, TransportError> {
+        if device.features() & F_VERSION_1 == 0 {
+            return Err(TransportError::NoVersion1);
+        }
+        let sizes = device.queue_max_sizes();
+        if notify.len() > sizes.len() {
+            return Err(TransportError::TooManyNotifyFds { fds: notify.len(), queues: sizes.len() });
+        }
+        let queues = sizes
+            .iter()
+            .enumerate()
+            .map(|(index, &size)| Queue::new(size).map_err(|source| TransportError::QueueSize { index, size, source }))
+            .collect::<Result<Vec<_>, _>>()?;
+        let n = queues.len();
+        Ok(Self {
+            device,
+            mem,
+            queues,
+            addrs: vec![QueueAddrs::default(); n],
+            notify_on: vec![true; n],
+            notify,
+            irq,
+            status: 0,
+            device_features_sel: 0,
+            driver_features_sel: 0,
+            driver_features: 0,
+            queue_sel: 0,
+            interrupt_status: 0,
+            config_generation: 0,
+            irq_failed: false,
+            complaints: 0,
+            stats: TransportStats::default(),
+        })
+    }
+
+    /// The device.
+    pub fn device(&self) -> &D {
+        &self.device
+    }
+
+    /// Guest memory.
+    pub fn memory(&self) -> &GuestMem {
+        &self.mem
+    }
+
+    /// Current device status register.
+    pub fn status(&self) -> u32 {
+        self.status
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> TransportStats {
+        self.stats
+    }
+
+    /// Fds to keep open in a jail (ioeventfds and the irqfd).
+    pub fn raw_fds(&self) -> Vec<RawFd> {
+        let mut v: Vec<RawFd> = self.notify.iter().map(|e| e.as_raw_fd()).collect();
+        v.push(self.irq.as_raw_fd());
+        v
+    }
+
+    fn running(&self) -> bool {
+        self.status & status::DRIVER_OK != 0 && self.status & (status::NEEDS_RESET | status::FAILED) == 0
+    }
+
+    fn signal(&mut self, bits: u32) {
+        self.interrupt_status |= bits;
+        self.stats.interrupts += 1;
+        if let Err(e) = self.irq.write(1) {
+            if !self.irq_failed {
+                self.irq_failed = true;
+                eprintln!("virtio-mmio: raising the interrupt failed (further failures not logged): {e}");
+            }
+        }
+    }
+
+    /// The driver did something invalid, or a queue is corrupt: DEVICE_NEEDS_RESET.
+    fn needs_reset(&mut self, why: &str) {
+        if self.complaints < MAX_COMPLAINTS {
+            self.complaints += 1;
+            eprintln!("virtio-mmio: device needs reset: {why}");
+        }
+        if self.status & status::NEEDS_RESET != 0 {
+            return;
+        }
+        self.stats.needs_reset += 1;
+        self.status |= status::NEEDS_RESET;
+        if self.status & status::DRIVER_OK != 0 {
+            self.signal(INT_CONFIG);
+        }
+    }
+
+    fn reset(&mut self) {
+        self.status = 0;
+        self.device_features_sel = 0;
+        self.driver_features_sel = 0;
+        self.driver_features = 0;
+        self.queue_sel = 0;
+        self.interrupt_status = 0;
+        for q in &mut self.queues {
+            q.reset();
+        }
+        self.addrs.iter_mut().for_each(|a| *a = QueueAddrs::default());
+        self.notify_on.iter_mut().for_each(|n| *n = true);
+        self.device.reset();
+    }
+
+    fn selected(&self) -> Option<usize> {
+        let i = usize::try_from(self.queue_sel).ok()?;
+        (i < self.queues.len()).then_some(i)
+    }
+
+    /// The selected queue, if the driver may still configure it.
+    fn configurable_queue(&mut self, what: &str) -> Option<usize> {
+        let Some(i) = self.selected() else {
+            self.needs_reset(&format!("{what} for queue {} which does not exist", self.queue_sel));
+            return None;
+        };
+        if self.status & status::DRIVER_OK != 0 || self.queues[i].ready() {
+            self.needs_reset(&format!("{what} for queue {i} after it was made ready"));
+            return None;
+        }
+        Some(i)
+    }
+
+    fn set_queue_ready(&mut self, i: usize) {
+        let a = self.addrs[i];
+        let q = &mut self.queues[i];
+        let r = q
+            .try_set_desc_table_address(GuestAddress(a.desc))
+            .and_then(|()| q.try_set_avail_ring_address(GuestAddress(a.driver)))
+            .and_then(|()| q.try_set_used_ring_address(GuestAddress(a.device)));
+        if let Err(e) = r {
+            self.needs_reset(&format!("queue {i}: {e}"));
+            return;
+        }
+        q.set_ready(true);
+        if !q.is_valid(&self.mem) {
+            q.set_ready(false);
+            let size = q.size();
+            self.needs_reset(&format!(
+                "queue {i}: rings (desc {:#x}, avail {:#x}, used {:#x}, size {size}) not inside guest RAM",
+                a.desc, a.driver, a.device
+            ));
+        }
+    }
+
+    fn write_status(&mut self, v: u32) {
+        if v == 0 {
+            self.reset();
+            return;
+        }
+        let old = self.status & !status::NEEDS_RESET;
+        let new = v & !status::NEEDS_RESET;
+        if new & old != old {
+            self.needs_reset(&format!("status {v:#x} clears bits of {old:#x}"));
+            return;
+        }
+        let added = new & !old;
+        let mut keep = new;
+        if added & status::FEATURES_OK != 0 {
+            let offered = self.device.features();
+            if self.driver_features & !offered != 0 || self.driver_features & F_VERSION_1 == 0 {
+                // Not accepted: the driver sees FEATURES_OK did not stick.
+                keep &= !status::FEATURES_OK;
+            }
+        }
+        if added & status::DRIVER_OK != 0 {
+            if keep & status::FEATURES_OK == 0 {
+                self.status = (self.status & status::NEEDS_RESET) | (keep & !status::DRIVER_OK);
+                self.needs_reset("DRIVER_OK without FEATURES_OK");
+                return;
+            }
+            let event_idx = self.driver_features & F_EVENT_IDX != 0;
+            for q in &mut self.queues {
+                q.set_event_idx(event_idx);
+            }
+            if let Err(e) = self.device.activate(self.driver_features) {
+                self.status = (self.status & status::NEEDS_RESET) | keep;
+                self.needs_reset(&e.to_string());
+                return;
+            }
+        }
+        self.status = (self.status & status::NEEDS_RESET) | keep;
+    }
+
+    /// Processes queue `i` if the device is running and the queue ready. Returns whether any
+    /// chain was completed.
+    fn process(&mut self, i: usize) -> bool {
+        if !self.running() || !self.queues[i].ready() {
+            return false;
+        }
+        let Ok(index) = u16::try_from(i) else { return false };
+        match self.device.process_queue(index, &mut self.queues[i], &self.mem) {
+            Ok(0) => false,
+            Ok(n) => {
+                self.stats.completed += n as u64;
+                match self.queues[i].needs_notification(&self.mem) {
+                    Ok(true) => self.signal(INT_VRING),
+                    Ok(false) => {}
+                    Err(e) => self.needs_reset(&format!("queue {i}: reading used_event: {e}")),
+                }
+                true
+            }
+            Err(e) => {
+                self.needs_reset(&e.to_string());
+                false
+            }
+        }
+    }
+
+    fn has_work(&self, i: usize) -> bool {
+        let q = &self.queues[i];
+        q.ready() && q.avail_idx(&self.mem, Ordering::Acquire).is_ok_and(|idx| idx.0 != q.next_avail())
+    }
+
+    fn read_register(&self, offset: u64) -> Option<u32> {
+        let sel_queue = self.selected().map(|i| &self.queues[i]);
+        Some(match offset {
+            reg::MAGIC => MAGIC_VALUE,
+            reg::VERSION => MMIO_VERSION,
+            reg::DEVICE_ID => self.device.device_id(),
+            reg::VENDOR_ID => VENDOR_ID,
+            reg::DEVICE_FEATURES => match self.device_features_sel {
+                0 => (self.device.features() & 0xffff_ffff) as u32,
+                1 => (self.device.features() >> 32) as u32,
+                _ => 0,
+            },
+            reg::QUEUE_NUM_MAX => sel_queue.map_or(0, |q| u32::from(q.max_size())),
+            reg::QUEUE_READY => sel_queue.map_or(0, |q| u32::from(q.ready())),
+            reg::INTERRUPT_STATUS => self.interrupt_status,
+            reg::STATUS => self.status,
+            reg::CONFIG_GENERATION => self.config_generation,
+            _ => return None,
+        })
+    }
+
+    fn write_register(&mut self, offset: u64, v: u32) -> bool {
+        match offset {
+            reg::DEVICE_FEATURES_SEL => self.device_features_sel = v,
+            reg::DRIVER_FEATURES_SEL => self.driver_features_sel = v,
+            reg::DRIVER_FEATURES => {
+                if self.status & (status::FEATURES_OK | status::DRIVER_OK) != 0 {
+                    self.needs_reset("driver features written after FEATURES_OK");
+                    return true;
+                }
+                match self.driver_features_sel {
+                    0 => self.driver_features = (self.driver_features & !0xffff_ffff) | u64::from(v),
+                    1 => self.driver_features = (self.driver_features & 0xffff_ffff) | (u64::from(v) << 32),
+                    // Feature bits above 63 do not exist: only zeros are valid.
+                    _ if v != 0 => self.needs_reset("driver features beyond bit 63"),
+                    _ => {}
+                }
+            }
+            reg::QUEUE_SEL => self.queue_sel = v,
+            reg::QUEUE_NUM => {
+                if let Some(i) = self.configurable_queue("QueueNum") {
+                    let size = u16::try_from(v).unwrap_or(0);
+                    if let Err(e) = self.queues[i].try_set_size(size) {
+                        self.needs_reset(&format!("queue {i}: size {v}: {e}"));
+                    }
+                }
+            }
+            reg::QUEUE_READY => match v {
+                0 => {
+                    if let Some(i) = self.selected() {
+                        self.queues[i].set_ready(false);
+                    }
+                }
+                1 => {
+                    if let Some(i) = self.configurable_queue("QueueReady") {
+                        self.set_queue_ready(i);
+                    }
+                }
+                _ => self.needs_reset(&format!("QueueReady {v}")),
+            },
+            reg::QUEUE_NOTIFY => {
+                // Normally an ioeventfd catches this in the kernel; this is the fallback.
+                match usize::try_from(v).ok().filter(|&i| i < self.queues.len()) {
+                    Some(i) => {
+                        self.process(i);
+                    }
+                    None => self.needs_reset(&format!("notify for queue {v} which does not exist")),
+                }
+            }
+            reg::INTERRUPT_ACK => self.interrupt_status &= !v,
+            reg::STATUS => self.write_status(v),
+            reg::QUEUE_DESC_LOW
+            | reg::QUEUE_DESC_HIGH
+            | reg::QUEUE_DRIVER_LOW
+            | reg::QUEUE_DRIVER_HIGH
+            | reg::QUEUE_DEVICE_LOW
+            | reg::QUEUE_DEVICE_HIGH => {
+                if let Some(i) = self.configurable_queue("queue address") {
+                    let a = &mut self.addrs[i];
+                    let field = match offset & !0xf {
+                        reg::QUEUE_DESC_LOW => &mut a.desc,
+                        reg::QUEUE_DRIVER_LOW => &mut a.driver,
+                        _ => &mut a.device,
+                    };
+                    *field = if offset & 4 == 0 {
+                        (*field & !0xffff_ffff) | u64::from(v)
+                    } else {
+                        (*field & 0xffff_ffff) | (u64::from(v) << 32)
+                    };
+                }
+            }
+            _ => return false,
+        }
+        true
+    }
+}
+
+fn config_width_ok(len: usize) -> bool {
+    matches!(len, 1 | 2 | 4 | 8)
+}
+
+impl<D: VirtioDevice> MmioHandler for MmioTransport<D> {
+    fn read(&mut self, offset: u64, data: &mut [u8]) -> bool {
+        if offset >= CONFIG_OFFSET {
+            if config_width_ok(data.len()) && self.device.read_config(offset - CONFIG_OFFSET, data) {
+                return true;
+            }
+            self.needs_reset(&format!("config read of {} bytes at {offset:#x}", data.len()));
+            return false;
+        }
+        if data.len() != 4 || !offset.is_multiple_of(4) {
+            self.needs_reset(&format!("register read of {} bytes at {offset:#x}", data.len()));
+            return false;
+        }
+        match self.read_register(offset) {
+            Some(v) => {
+                data.copy_from_slice(&v.to_le_bytes());
+                true
+            }
+            None => {
+                self.needs_reset(&format!("read of write-only or unknown register {offset:#x}"));
+                false
+            }
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) -> bool {
+        if offset >= CONFIG_OFFSET {
+            if config_width_ok(data.len()) && self.device.write_config(offset - CONFIG_OFFSET, data) {
+                return true;
+            }
+            self.needs_reset(&format!("config write of {} bytes at {offset:#x}", data.len()));
+            return false;
+        }
+        let Ok(bytes) = <[u8; 4]>::try_from(data) else {
+            self.needs_reset(&format!("register write of {} bytes at {offset:#x}", data.len()));
+            return false;
+        };
+        if !offset.is_multiple_of(4) || !self.write_register(offset, u32::from_le_bytes(bytes)) {
+            self.needs_reset(&format!("write to read-only or unknown register {offset:#x}"));
+            return false;
+        }
+        true
+    }
+
+    fn event_fds(&self) -> Vec<RawFd> {
+        self.notify.iter().map(|e| e.as_raw_fd()).collect()
+    }
+
+    fn on_event(&mut self, fd: RawFd) -> Result<(), RuntimeError> {
+        let Some(i) = self.notify.iter().position(|e| e.as_raw_fd() == fd) else { return Ok(()) };
+        // Drain the kick counter (readable, so this does not block).
+        let _ = self.notify[i].read();
+        self.process(i);
+        Ok(())
+    }
+
+    fn poll(&mut self) -> Result<bool, RuntimeError> {
+        if !self.running() {
+            return Ok(false);
+        }
+        let mut did = false;
+        for i in 0..self.queues.len() {
+            if !self.has_work(i) {
+                continue;
+            }
+            if self.notify_on[i] {
+                // The service is spinning: the guest need not kick while it does.
+                if let Err(e) = self.queues[i].disable_notification(&self.mem) {
+                    self.needs_reset(&format!("queue {i}: disabling notifications: {e}"));
+                    return Ok(false);
+                }
+                self.notify_on[i] = false;
+            }
+            did |= self.process(i);
+        }
+        Ok(did)
+    }
+
+    fn prepare_sleep(&mut self) -> Result<bool, RuntimeError> {
+        if !self.running() {
+            return Ok(false);
+        }
+        let mut pending = false;
+        for i in 0..self.queues.len() {
+            if self.notify_on[i] || !self.queues[i].ready() {
+                continue;
+            }
+            match self.queues[i].enable_notification(&self.mem) {
+                Ok(more) => {
+                    self.notify_on[i] = true;
+                    pending |= more;
+                }
+                Err(e) => self.needs_reset(&format!("queue {i}: enabling notifications: {e}")),
+            }
+        }
+        Ok(pending)
+    }
+}

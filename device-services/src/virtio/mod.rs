@@ -1,0 +1,62 @@
+//! Virtio devices: the device-side trait and the virtio-mmio transport that every virtio service
+//! (block now, net later) shares.
+//!
+//! A device implements [`VirtioDevice`]: identity, feature bits, config space, queue sizes, and
+//! how to process one queue. [`mmio::MmioTransport`] implements the virtio-mmio version 2 register
+//! file around it, owns the queues (`virtio_queue::Queue`), the interrupt status and the irqfd,
+//! and plugs into the service runtime as an [`crate::runtime::MmioHandler`].
+
+use virtio_queue::Queue;
+
+use crate::memory::GuestMem;
+
+pub mod block;
+pub mod mmio;
+pub mod request;
+
+/// `VIRTIO_F_VERSION_1`.
+pub const F_VERSION_1: u64 = 1 << virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+/// `VIRTIO_RING_F_EVENT_IDX`.
+pub const F_EVENT_IDX: u64 = 1 << virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
+
+/// Errors a device reports while processing a queue. Any of them makes the transport set
+/// `DEVICE_NEEDS_RESET` and stop using the device until the driver resets it.
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    /// The driver broke the virtqueue protocol (bad ring index, head out of range, ring memory
+    /// unusable).
+    #[error("virtqueue {queue}: {what}")]
+    Queue {
+        /// Queue index.
+        queue: u16,
+        /// What was wrong.
+        what: String,
+        /// The crate's error, if one.
+        #[source]
+        source: Option<virtio_queue::Error>,
+    },
+    /// The device cannot run with the negotiated features or set-up.
+    #[error("activation: {0}")]
+    Activate(String),
+}
+
+/// A virtio device behind a transport. Offsets into the config space are relative to its start.
+pub trait VirtioDevice {
+    /// Virtio device ID (2 = block, 1 = net).
+    fn device_id(&self) -> u32;
+    /// Feature bits the device offers (must include [`F_VERSION_1`]).
+    fn features(&self) -> u64;
+    /// Maximum size of each queue (each a power of two); the length is the number of queues.
+    fn queue_max_sizes(&self) -> Vec<u16>;
+    /// Reads `data.len()` bytes of config space at `offset`; false if out of range.
+    fn read_config(&self, offset: u64, data: &mut [u8]) -> bool;
+    /// Writes config space; false if out of range or read-only.
+    fn write_config(&mut self, offset: u64, data: &[u8]) -> bool;
+    /// The driver set `DRIVER_OK` with `features` acknowledged.
+    fn activate(&mut self, features: u64) -> Result<(), DeviceError>;
+    /// Processes available chains of queue `index` (all of them, or at most the queue size), adding
+    /// each to the used ring. Returns how many chains were completed.
+    fn process_queue(&mut self, index: u16, queue: &mut Queue, mem: &GuestMem) -> Result<usize, DeviceError>;
+    /// The driver reset the device: forget negotiated state.
+    fn reset(&mut self);
+}

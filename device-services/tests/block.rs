@@ -1,0 +1,619 @@
+//! Spawns the real `bulkhead-block` and drives it exactly as the core and a guest driver would:
+//! guest RAM in a memfd, virtio-mmio registers over the exit ring, descriptor chains written into
+//! the memfd, kicks on the queue's ioeventfd, completions awaited (bounded) on the irqfd.
+
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::unix::process::CommandExt;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use ipc::control::{BlockConfig, ControlMsg, DeviceConfig, FdRole, MemoryRegion, RingSetup, ServiceSetup};
+use ipc::ring::{ExitKind, ExitRequest, Status};
+use ipc::{wait, ControlChannel, CoreEndpoint, WaitConfig};
+use nix::sys::memfd::{memfd_create, MemFdCreateFlag};
+use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryMmap};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+const BASE: u64 = 0xd000_0000;
+const WIN: u64 = 0x1000;
+const RAM: u64 = 4 << 20;
+const RAM_USIZE: usize = 4 << 20;
+const DISK: u64 = 1 << 20;
+const DISK_USIZE: usize = 1 << 20;
+const QSIZE: u16 = 16;
+const DESC: u64 = 0x1000;
+const AVAIL: u64 = 0x2000;
+const USED: u64 = 0x3000;
+const HDR: u64 = 0x10000;
+const DATA: u64 = 0x20000;
+const STATUS: u64 = 0x30000;
+const T: Duration = Duration::from_secs(2);
+
+const F_NEXT: u16 = 1;
+const F_WRITE: u16 = 2;
+const T_IN: u32 = 0;
+const T_OUT: u32 = 1;
+const T_FLUSH: u32 = 4;
+const T_GET_ID: u32 = 8;
+const T_WRITE_ZEROES: u32 = 13;
+const S_OK: u8 = 0;
+const S_IOERR: u8 = 1;
+const S_UNSUPP: u8 = 2;
+const NEEDS_RESET: u32 = 0x40;
+
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+struct Blk {
+    _serial: MutexGuard<'static, ()>,
+    child: Child,
+    ctl: ControlChannel,
+    core: CoreEndpoint,
+    mem: GuestMemoryMmap<()>,
+    notify: EventFd,
+    irq: EventFd,
+    disk: tempfile::NamedTempFile,
+    avail: u16,
+    used_seen: u16,
+}
+
+fn lo32(v: u64) -> u32 {
+    u32::try_from(v & 0xffff_ffff).expect("masked")
+}
+
+fn borrow(fd: &impl AsRawFd) -> BorrowedFd<'_> {
+    // SAFETY: `fd` owns the descriptor and outlives the borrow.
+    unsafe { BorrowedFd::borrow_raw(fd.as_raw_fd()) }
+}
+
+fn spawn_child() -> (Child, ControlChannel) {
+    let (ctl, child_end) = ControlChannel::pair().expect("pair");
+    let child_fd: OwnedFd = child_end.into_fd();
+    let raw = child_fd.as_raw_fd();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_bulkhead-block"));
+    cmd.stdin(Stdio::null()).stdout(Stdio::null());
+    // SAFETY: the closure only calls async-signal-safe functions (dup2, fcntl) on fds that exist.
+    unsafe {
+        cmd.pre_exec(move || {
+            if raw == 3 {
+                if libc::fcntl(3, libc::F_SETFD, 0) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            } else if libc::dup2(raw, 3) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = cmd.spawn().expect("spawn bulkhead-block");
+    drop(child_fd);
+    (child, ctl)
+}
+
+fn pattern(seed: u8, len: usize) -> Vec<u8> {
+    (0..len).map(|i| i.wrapping_mul(31).wrapping_add(usize::from(seed) * 7).wrapping_add(i >> 9).to_le_bytes()[0]).collect()
+}
+
+fn spawn(read_only: bool) -> Blk {
+    let serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let mut disk = tempfile::NamedTempFile::new().expect("tempfile");
+    disk.write_all(&pattern(1, DISK_USIZE)).expect("fill disk");
+    disk.flush().expect("flush");
+    let disk_fd: OwnedFd = if read_only {
+        File::open(disk.path()).expect("open ro").into()
+    } else {
+        disk.reopen().expect("reopen").into()
+    };
+    let memfd = memfd_create(c"test-guest-ram", MemFdCreateFlag::MFD_CLOEXEC).expect("memfd");
+    nix::unistd::ftruncate(&memfd, RAM as i64).expect("truncate");
+    let mem = GuestMemoryMmap::from_ranges_with_files([(
+        GuestAddress(0),
+        RAM_USIZE,
+        Some(FileOffset::new(File::from(memfd.try_clone().expect("dup")), 0)),
+    )])
+    .expect("map");
+
+    let (child, ctl) = spawn_child();
+    let core = CoreEndpoint::create("block-test", 16, WaitConfig::default()).expect("ring");
+    let notify = EventFd::new(EFD_NONBLOCK).expect("eventfd");
+    let irq = EventFd::new(EFD_NONBLOCK).expect("eventfd");
+    let roles = vec![
+        FdRole::Ring,
+        FdRole::SubmitBell,
+        FdRole::CompleteBell,
+        FdRole::GuestMemory,
+        FdRole::Disk,
+        FdRole::Irq,
+        FdRole::QueueNotify(0),
+    ];
+    let fds = [core.region_fd(), core.submit_bell(), core.complete_bell(), memfd.as_fd(), disk_fd.as_fd(), borrow(&irq), borrow(&notify)];
+    let setup = ServiceSetup {
+        name: "block-test".into(),
+        ring: RingSetup { capacity: core.capacity(), region_len: core.region_len() as u64 },
+        fds: roles,
+        device: DeviceConfig::Block(BlockConfig {
+            mmio_base: BASE,
+            mmio_len: WIN,
+            gsi: 5,
+            memory: vec![MemoryRegion { guest_addr: 0, len: RAM, file_offset: 0 }],
+            disk_size: DISK,
+            read_only,
+            id: "test-disk-7".into(),
+            num_queues: 1,
+            queue_size: 256,
+        }),
+        idle_spin_us: 200,
+    };
+    ctl.send(&ControlMsg::Setup(setup), &fds).expect("send setup");
+    let (msg, _) = ctl.recv(Instant::now() + Duration::from_secs(10)).expect("ready");
+    assert_eq!(msg, ControlMsg::Ready { pid: child.id() });
+    Blk { _serial: serial, child, ctl, core, mem, notify, irq, disk, avail: 0, used_seen: 0 }
+}
+
+impl Blk {
+    fn rd(&self, off: u64) -> u32 {
+        let r = self.core.call(&ExitRequest::read(ExitKind::MmioRead, BASE + off, 4), T).expect("mmio read");
+        assert_eq!(r.status, Status::Ok, "read {off:#x}");
+        u32::from_le_bytes([r.data[0], r.data[1], r.data[2], r.data[3]])
+    }
+
+    fn wr(&self, off: u64, v: u32) {
+        let req = ExitRequest::write(ExitKind::MmioWrite, BASE + off, &v.to_le_bytes()).expect("req");
+        let r = self.core.call(&req, T).expect("mmio write");
+        assert_eq!(r.status, Status::Ok, "write {off:#x}");
+    }
+
+    fn features(&self) -> u64 {
+        self.wr(0x14, 0);
+        let lo = self.rd(0x10);
+        self.wr(0x14, 1);
+        let hi = self.rd(0x10);
+        u64::from(lo) | (u64::from(hi) << 32)
+    }
+
+    /// Feature negotiation and queue 0 set-up, as a driver does.
+    fn init(&mut self, desc: u64) {
+        assert_eq!(self.rd(0x000), 0x7472_6976, "magic");
+        assert_eq!(self.rd(0x004), 2, "version");
+        assert_eq!(self.rd(0x008), 2, "block device id");
+        self.wr(0x070, 0);
+        self.wr(0x070, 1 | 2);
+        let offered = self.features();
+        assert_ne!(offered & (1 << 32), 0, "VERSION_1 offered");
+        let want = offered & ((1 << 32) | (1 << 9) | (1 << 6) | (1 << 2) | (1 << 5));
+        self.wr(0x24, 0);
+        self.wr(0x20, lo32(want));
+        self.wr(0x24, 1);
+        self.wr(0x20, lo32(want >> 32));
+        self.wr(0x070, 1 | 2 | 8);
+        assert_ne!(self.rd(0x070) & 8, 0, "FEATURES_OK accepted");
+        self.wr(0x030, 0);
+        assert_eq!(self.rd(0x044), 0, "queue not ready yet");
+        assert!(self.rd(0x034) >= u32::from(QSIZE));
+        self.wr(0x038, u32::from(QSIZE));
+        self.wr(0x080, lo32(desc));
+        self.wr(0x084, lo32(desc >> 32));
+        self.wr(0x090, lo32(AVAIL));
+        self.wr(0x094, 0);
+        self.wr(0x0a0, lo32(USED));
+        self.wr(0x0a4, 0);
+        self.wr(0x044, 1);
+        self.wr(0x070, 1 | 2 | 8 | 4);
+        self.avail = 0;
+        self.used_seen = 0;
+    }
+
+    fn desc(&self, i: u16, addr: u64, len: u32, flags: u16, next: u16) {
+        let at = GuestAddress(DESC + 16 * u64::from(i));
+        self.mem.write_obj(addr, at).expect("addr");
+        self.mem.write_obj(len, GuestAddress(at.0 + 8)).expect("len");
+        self.mem.write_obj(flags, GuestAddress(at.0 + 12)).expect("flags");
+        self.mem.write_obj(next, GuestAddress(at.0 + 14)).expect("next");
+    }
+
+    fn header(&self, at: u64, t: u32, sector: u64) {
+        self.mem.write_obj(t, GuestAddress(at)).expect("type");
+        self.mem.write_obj(0u32, GuestAddress(at + 4)).expect("reserved");
+        self.mem.write_obj(sector, GuestAddress(at + 8)).expect("sector");
+    }
+
+    /// Makes `head` available (without kicking).
+    fn offer(&mut self, head: u16) {
+        let slot = AVAIL + 4 + 2 * u64::from(self.avail % QSIZE);
+        self.mem.write_obj(head, GuestAddress(slot)).expect("ring");
+        self.avail = self.avail.wrapping_add(1);
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        self.mem.write_obj(self.avail, GuestAddress(AVAIL + 2)).expect("idx");
+    }
+
+    fn kick(&self) {
+        self.notify.write(1).expect("kick");
+    }
+
+    fn used_idx(&self) -> u16 {
+        self.mem.read_obj(GuestAddress(USED + 2)).expect("used idx")
+    }
+
+    /// Waits (bounded) until the used index reaches the avail index, with an interrupt seen.
+    /// Returns the used elements (id, len) that appeared.
+    fn wait_used(&mut self) -> Vec<(u32, u32)> {
+        let deadline = Instant::now() + T;
+        let mut irq_seen = false;
+        while self.used_idx() != self.avail || !irq_seen {
+            let left = deadline.saturating_duration_since(Instant::now());
+            assert!(!left.is_zero(), "no completion: used {} avail {} irq {irq_seen}", self.used_idx(), self.avail);
+            if wait::wait_readable(borrow(&self.irq), left.min(Duration::from_millis(50))).expect("poll irq") {
+                let _ = self.irq.read();
+                irq_seen = true;
+                let isr = self.rd(0x060);
+                if isr != 0 {
+                    self.wr(0x064, isr);
+                }
+            }
+        }
+        let mut out = Vec::new();
+        while self.used_seen != self.used_idx() {
+            let at = USED + 4 + 8 * u64::from(self.used_seen % QSIZE);
+            let id: u32 = self.mem.read_obj(GuestAddress(at)).expect("id");
+            let len: u32 = self.mem.read_obj(GuestAddress(at + 4)).expect("len");
+            out.push((id, len));
+            self.used_seen = self.used_seen.wrapping_add(1);
+        }
+        out
+    }
+
+    fn status_at(&self, at: u64) -> u8 {
+        self.mem.read_obj(GuestAddress(at)).expect("status")
+    }
+
+    /// A three-descriptor request: header, data (`write` = device-writable), status.
+    fn request(&mut self, t: u32, sector: u64, data_len: u32, device_writes: bool) -> (u8, u32) {
+        self.mem.write_obj(0xeeu8, GuestAddress(STATUS)).expect("poison status");
+        self.header(HDR, t, sector);
+        if data_len > 0 {
+            self.desc(0, HDR, 16, F_NEXT, 1);
+            self.desc(1, DATA, data_len, F_NEXT | if device_writes { F_WRITE } else { 0 }, 2);
+            self.desc(2, STATUS, 1, F_WRITE, 0);
+        } else {
+            self.desc(0, HDR, 16, F_NEXT, 2);
+            self.desc(2, STATUS, 1, F_WRITE, 0);
+        }
+        self.offer(0);
+        self.kick();
+        let used = self.wait_used();
+        assert_eq!(used.len(), 1, "{used:?}");
+        assert_eq!(used[0].0, 0, "used id is the head");
+        (self.status_at(STATUS), used[0].1)
+    }
+
+    fn disk_bytes(&self) -> Vec<u8> {
+        let mut f = File::open(self.disk.path()).expect("open");
+        let mut v = Vec::new();
+        f.seek(SeekFrom::Start(0)).expect("seek");
+        f.read_to_end(&mut v).expect("read");
+        v
+    }
+
+    fn alive(&mut self) {
+        assert!(self.child.try_wait().expect("try_wait").is_none(), "service died");
+        assert_eq!(self.rd(0x000), 0x7472_6976, "still answers registers");
+    }
+
+    fn shutdown(mut self) {
+        self.ctl.send(&ControlMsg::Shutdown, &[]).expect("shutdown");
+        let deadline = Instant::now() + T;
+        loop {
+            if let Some(st) = self.child.try_wait().expect("try_wait") {
+                assert!(st.success(), "exit status {st:?}");
+                return;
+            }
+            assert!(Instant::now() < deadline, "service did not exit");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
+impl Drop for Blk {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+#[test]
+fn write_read_flush_get_id() {
+    let mut b = spawn(false);
+    b.init(DESC);
+    let cap: u64 = {
+        let lo = b.rd(0x100);
+        let hi = b.rd(0x104);
+        u64::from(lo) | (u64::from(hi) << 32)
+    };
+    assert_eq!(cap, DISK / 512, "capacity in sectors");
+    assert_eq!(b.rd(0x114), 512, "blk_size");
+
+    // Read sectors 8..16 and compare with the file.
+    let (st, len) = b.request(T_IN, 8, 4096, true);
+    assert_eq!((st, len), (S_OK, 4097));
+    let mut got = vec![0u8; 4096];
+    b.mem.read_slice(&mut got, GuestAddress(DATA)).expect("read data");
+    assert_eq!(got, pattern(1, DISK_USIZE)[8 * 512..16 * 512]);
+
+    // Write a new pattern at sector 100, read it back through the device and from the file.
+    let new = pattern(9, 8192);
+    b.mem.write_slice(&new, GuestAddress(DATA)).expect("data");
+    assert_eq!(b.request(T_OUT, 100, 8192, false), (S_OK, 1));
+    b.mem.write_slice(&[0u8; 8192], GuestAddress(DATA)).expect("clear");
+    assert_eq!(b.request(T_IN, 100, 8192, true), (S_OK, 8193));
+    let mut back = vec![0u8; 8192];
+    b.mem.read_slice(&mut back, GuestAddress(DATA)).expect("read back");
+    assert_eq!(back, new);
+    assert_eq!(b.disk_bytes()[100 * 512..100 * 512 + 8192], new[..]);
+
+    assert_eq!(b.request(T_FLUSH, 0, 0, false), (S_OK, 1));
+
+    let (st, len) = b.request(T_GET_ID, 0, 20, true);
+    assert_eq!((st, len), (S_OK, 21));
+    let mut id = [0u8; 20];
+    b.mem.read_slice(&mut id, GuestAddress(DATA)).expect("id");
+    assert_eq!(&id[..11], b"test-disk-7");
+    assert!(id[11..].iter().all(|&c| c == 0));
+
+    // Sectors past the end.
+    assert_eq!(b.request(T_IN, cap, 512, true).0, S_IOERR);
+    assert_eq!(b.request(T_IN, cap - 1, 1024, true).0, S_IOERR);
+    assert_eq!(b.request(T_OUT, u64::MAX, 512, false).0, S_IOERR);
+    b.alive();
+    b.shutdown();
+}
+
+#[test]
+fn write_zeroes_when_offered() {
+    let mut b = spawn(false);
+    b.init(DESC);
+    if b.features() & (1 << 14) == 0 {
+        eprintln!("SKIPPED: the temp file system supports neither hole punching nor range zeroing");
+        return;
+    }
+    // One segment: sector 16, 8 sectors, no flags.
+    b.mem.write_obj(16u64, GuestAddress(DATA)).expect("sector");
+    b.mem.write_obj(8u32, GuestAddress(DATA + 8)).expect("num");
+    b.mem.write_obj(0u32, GuestAddress(DATA + 12)).expect("flags");
+    assert_eq!(b.request(T_WRITE_ZEROES, 0, 16, false), (S_OK, 1));
+    let disk = b.disk_bytes();
+    assert!(disk[16 * 512..24 * 512].iter().all(|&c| c == 0), "range zeroed");
+    assert_eq!(disk[24 * 512..25 * 512], pattern(1, DISK_USIZE)[24 * 512..25 * 512], "next sector intact");
+    assert_eq!(disk.len() as u64, DISK, "size kept");
+    // Unknown flags are UNSUPP.
+    b.mem.write_obj(0x80u32, GuestAddress(DATA + 12)).expect("flags");
+    assert_eq!(b.request(T_WRITE_ZEROES, 0, 16, false).0, S_UNSUPP);
+    b.alive();
+    b.shutdown();
+}
+
+#[test]
+fn read_only_disk_rejects_writes_and_stays_unchanged() {
+    let mut b = spawn(true);
+    let before = b.disk_bytes();
+    assert_ne!(b.features() & (1 << 5), 0, "VIRTIO_BLK_F_RO offered");
+    assert_eq!(b.features() & ((1 << 13) | (1 << 14)), 0, "no discard / write-zeroes on a read-only disk");
+    b.init(DESC);
+    b.mem.write_slice(&pattern(5, 4096), GuestAddress(DATA)).expect("data");
+    assert_eq!(b.request(T_OUT, 0, 4096, false), (S_IOERR, 1));
+    assert_eq!(b.request(T_IN, 0, 512, true), (S_OK, 513), "reads still work");
+    assert_eq!(b.request(T_FLUSH, 0, 0, false).0, S_OK);
+    assert_eq!(b.disk_bytes(), before, "image unchanged");
+    b.alive();
+    b.shutdown();
+}
+
+#[test]
+fn hostile_chains_are_answered_and_the_service_survives() {
+    let mut b = spawn(false);
+    b.init(DESC);
+    let before = b.disk_bytes();
+    let run = |b: &mut Blk| -> Vec<(u32, u32)> {
+        b.offer(0);
+        b.kick();
+        b.wait_used()
+    };
+    // 1. A loop: header -> status -> header ... (bounded by the queue size): IOERR.
+    b.header(HDR, T_IN, 0);
+    b.mem.write_obj(0xeeu8, GuestAddress(STATUS)).expect("poison");
+    b.desc(0, HDR, 16, F_NEXT, 1);
+    b.desc(1, STATUS, 1, F_WRITE | F_NEXT, 0);
+    assert_eq!(run(&mut b), vec![(0, 1)]);
+    assert_eq!(b.status_at(STATUS), S_IOERR, "loop");
+    // 2. Data outside guest RAM.
+    b.mem.write_obj(0xeeu8, GuestAddress(STATUS)).expect("poison");
+    b.desc(0, HDR, 16, F_NEXT, 1);
+    b.desc(1, 0x1_0000_0000, 4096, F_WRITE | F_NEXT, 2);
+    b.desc(2, STATUS, 1, F_WRITE, 0);
+    assert_eq!(run(&mut b), vec![(0, 1)]);
+    assert_eq!(b.status_at(STATUS), S_IOERR, "outside RAM");
+    // 3. Wrong direction: a read whose data buffer is device-readable.
+    assert_eq!(b.request(T_IN, 0, 512, false).0, S_IOERR, "wrong direction");
+    // ... and a readable descriptor after a writable one.
+    b.mem.write_obj(0xeeu8, GuestAddress(STATUS)).expect("poison");
+    b.desc(0, DATA, 512, F_WRITE | F_NEXT, 1);
+    b.desc(1, HDR, 16, F_NEXT, 2);
+    b.desc(2, STATUS, 1, F_WRITE, 0);
+    assert_eq!(run(&mut b), vec![(0, 1)]);
+    assert_eq!(b.status_at(STATUS), S_IOERR, "readable after writable");
+    // 4. Too short: an 8-byte header.
+    b.mem.write_obj(0xeeu8, GuestAddress(STATUS)).expect("poison");
+    b.desc(0, HDR, 8, F_NEXT, 2);
+    b.desc(2, STATUS, 1, F_WRITE, 0);
+    assert_eq!(run(&mut b), vec![(0, 1)]);
+    assert_eq!(b.status_at(STATUS), S_IOERR, "short header");
+    // 5. Too long for the disk and not a whole number of sectors.
+    assert_eq!(b.request(T_OUT, 0, 100, false).0, S_IOERR, "partial sector");
+    assert_eq!(b.request(T_OUT, DISK / 512 - 1, 4096, false).0, S_IOERR, "past the end");
+    // 6. No status byte at all (everything device-readable): completed with length 0.
+    b.desc(0, HDR, 16, F_NEXT, 1);
+    b.desc(1, DATA, 512, 0, 0);
+    b.header(HDR, T_OUT, 0);
+    assert_eq!(run(&mut b), vec![(0, 0)], "no status: used length 0");
+    // 7. Unknown request type.
+    assert_eq!(b.request(77, 0, 0, false).0, S_UNSUPP);
+    // 8. Descriptor index out of the table in the chain: truncated chain, IOERR.
+    b.mem.write_obj(0xeeu8, GuestAddress(STATUS)).expect("poison");
+    b.header(HDR, T_IN, 0);
+    b.desc(0, HDR, 16, F_NEXT, 1);
+    b.desc(1, STATUS, 1, F_WRITE | F_NEXT, 999);
+    assert_eq!(run(&mut b), vec![(0, 1)]);
+    assert_eq!(b.status_at(STATUS), S_IOERR, "bad next index");
+    b.alive();
+    assert_eq!(b.disk_bytes(), before, "no hostile request wrote to the disk");
+    assert_eq!(b.rd(0x070) & NEEDS_RESET, 0, "answerable chains do not need a reset");
+
+    // 9. A head index outside the queue cannot be completed: the device needs a reset.
+    b.offer(200);
+    b.kick();
+    let deadline = Instant::now() + T;
+    while b.rd(0x070) & NEEDS_RESET == 0 {
+        assert!(Instant::now() < deadline, "DEVICE_NEEDS_RESET not set");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    assert!(wait::wait_readable(borrow(&b.irq), T).expect("poll"), "config interrupt raised");
+    assert_ne!(b.rd(0x060) & 2, 0, "config-change bit in InterruptStatus");
+    b.alive();
+    // A reset brings it back.
+    b.mem.write_slice(&[0u8; 0x3000], GuestAddress(DESC)).expect("clear rings");
+    b.init(DESC);
+    assert_eq!(b.rd(0x070) & NEEDS_RESET, 0);
+    assert_eq!(b.request(T_IN, 0, 512, true), (S_OK, 513), "works after reset");
+    b.shutdown();
+}
+
+#[test]
+fn queue_outside_ram_needs_reset() {
+    let mut b = spawn(false);
+    b.init(RAM + 0x1000);
+    assert_eq!(b.rd(0x044), 0, "queue refused");
+    assert_ne!(b.rd(0x070) & NEEDS_RESET, 0, "DEVICE_NEEDS_RESET");
+    b.alive();
+    // Misaligned descriptor table, after a reset.
+    b.wr(0x070, 0);
+    assert_eq!(b.rd(0x070), 0);
+    b.init(DESC + 8);
+    assert_eq!(b.rd(0x044), 0);
+    assert_ne!(b.rd(0x070) & NEEDS_RESET, 0);
+    // Wrong access widths are refused, not fatal.
+    let r = b.core.call(&ExitRequest::read(ExitKind::MmioRead, BASE, 2), T).expect("call");
+    assert_eq!(r.status, Status::Rejected);
+    let r = b.core.call(&ExitRequest::read(ExitKind::PioRead, BASE, 4), T).expect("call");
+    assert_eq!(r.status, Status::Rejected, "port I/O is not this device's");
+    let r = b.core.call(&ExitRequest::read(ExitKind::MmioRead, BASE + WIN, 4), T).expect("call");
+    assert_eq!(r.status, Status::Rejected, "outside the window");
+    b.alive();
+    b.shutdown();
+}
+
+/// Host-side "guest" throughput: 4 KiB random reads at queue depth 16, polled completions.
+#[test]
+fn random_read_throughput() {
+    let mut b = spawn(false);
+    b.init(DESC);
+    let depth = QSIZE;
+    let total: u32 = 20_000;
+    let mut rng = 0x1234_5678u64;
+    let sectors = DISK / 512 / 8;
+    // Per slot i: descriptors 3i, 3i+1, 3i+2 (header, 4 KiB buffer, status).
+    let prep = |b: &Blk, i: u16, sector: u64| {
+        let hdr = HDR + 16 * u64::from(i);
+        b.header(hdr, T_IN, sector);
+        b.desc(3 * i, hdr, 16, F_NEXT, 3 * i + 1);
+        b.desc(3 * i + 1, DATA + 4096 * u64::from(i), 4096, F_NEXT | F_WRITE, 3 * i + 2);
+        b.desc(3 * i + 2, STATUS + u64::from(i), 1, F_WRITE, 0);
+    };
+    // Descriptor table for 16 slots of 3 needs 48 entries: use a 64-entry queue.
+    b.wr(0x070, 0);
+    b.mem.write_slice(&[0u8; 0x3000], GuestAddress(DESC)).expect("clear");
+    let t0 = Instant::now();
+    let cpu0 = child_cpu(&b);
+    let mut submitted = 0u32;
+    let mut done = 0u32;
+    // Re-init with queue size 64 by hand.
+    b.wr(0x070, 3);
+    b.wr(0x24, 1);
+    b.wr(0x20, 1);
+    b.wr(0x24, 0);
+    b.wr(0x20, 0);
+    b.wr(0x070, 11);
+    b.wr(0x030, 0);
+    b.wr(0x038, 64);
+    b.wr(0x080, lo32(DESC));
+    b.wr(0x090, lo32(AVAIL));
+    b.wr(0x0a0, 0x4000);
+    b.wr(0x044, 1);
+    b.wr(0x070, 15);
+    let used_at = 0x4000u64;
+    let mut avail = 0u16;
+    let mut used_seen = 0u16;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while done < total {
+        while submitted < total && submitted - done < u32::from(depth) {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            let slot = u16::try_from(submitted % u32::from(depth)).expect("slot");
+            prep(&b, slot, (rng % sectors) * 8);
+            b.mem.write_obj(3 * slot, GuestAddress(AVAIL + 4 + 2 * u64::from(avail % 64))).expect("ring");
+            avail = avail.wrapping_add(1);
+            submitted += 1;
+        }
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        b.mem.write_obj(avail, GuestAddress(AVAIL + 2)).expect("idx");
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        let flags: u16 = b.mem.read_obj(GuestAddress(used_at)).expect("flags");
+        if flags & 1 == 0 {
+            b.kick();
+        }
+        loop {
+            let u: u16 = b.mem.read_obj(GuestAddress(used_at + 2)).expect("used");
+            if u != used_seen {
+                let n = u.wrapping_sub(used_seen);
+                for k in 0..n {
+                    let at = used_at + 4 + 8 * u64::from(used_seen.wrapping_add(k) % 64);
+                    let id: u32 = b.mem.read_obj(GuestAddress(at)).expect("id");
+                    let len: u32 = b.mem.read_obj(GuestAddress(at + 4)).expect("len");
+                    assert_eq!(len, 4097, "full read");
+                    assert_eq!(b.status_at(STATUS + u64::from(id / 3)), S_OK);
+                }
+                used_seen = u;
+                done += u32::from(n);
+                break;
+            }
+            assert!(Instant::now() < deadline, "throughput run stalled at {done}");
+            std::hint::spin_loop();
+        }
+        let _ = b.irq.read();
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    let cpu = child_cpu(&b) - cpu0;
+    eprintln!(
+        "random 4 KiB reads, QD {depth}: {total} in {secs:.3} s = {:.0} IOPS; service CPU {:.2} µs/request",
+        f64::from(total) / secs,
+        cpu * 1e6 / f64::from(total)
+    );
+    assert_eq!(done, total);
+    b.alive();
+    b.shutdown();
+}
+
+/// User+system CPU seconds of the service so far (from /proc).
+fn child_cpu(b: &Blk) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{}/stat", b.child.id())).unwrap_or_default();
+    let after = stat.rsplit(')').next().unwrap_or("");
+    let f: Vec<&str> = after.split_whitespace().collect();
+    // Fields after the comm: state is index 0; utime is field 14 overall = index 11 here.
+    let ticks: u64 = f.get(11).and_then(|s| s.parse().ok()).unwrap_or(0) + f.get(12).and_then(|s| s.parse().ok()).unwrap_or(0);
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1);
+    ticks as f64 / hz as f64
+}
