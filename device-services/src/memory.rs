@@ -109,6 +109,9 @@ mod tests {
             map_guest_memory(memfd(0x1000), &[r(u64::MAX - 10, 0x1000, 0)]),
             Err(MemoryError::BadRegion { .. })
         ));
-        assert!(matches!(map_guest_memory(memfd(0x2000), &[r(0, 0x1000, 0), r(0x800, 0x1000, 0x1000)]), Err(MemoryError::Map(_))));
+        assert!(matches!(
+            map_guest_memory(memfd(0x2000), &[r(0, 0x1000, 0), r(0x800, 0x1000, 0x1000)]),
+            Err(MemoryError::Map(_))
+        ));
     }
 }

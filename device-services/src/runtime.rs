@@ -272,14 +272,13 @@ impl Startup {
                 return Err(bad());
             }
         }
-        let (Some(region), Some(sub), Some(comp)) = (
-            by_role.remove(&FdRole::Ring),
-            by_role.remove(&FdRole::SubmitBell),
-            by_role.remove(&FdRole::CompleteBell),
-        ) else {
+        let (Some(region), Some(sub), Some(comp)) =
+            (by_role.remove(&FdRole::Ring), by_role.remove(&FdRole::SubmitBell), by_role.remove(&FdRole::CompleteBell))
+        else {
             return Err(bad());
         };
-        let ring = ServiceEndpoint::attach(region, setup.ring.region_len, setup.ring.capacity, eventfd(sub), eventfd(comp))?;
+        let ring =
+            ServiceEndpoint::attach(region, setup.ring.region_len, setup.ring.capacity, eventfd(sub), eventfd(comp))?;
         Ok(Self { setup, fds: by_role, control, ring })
     }
 

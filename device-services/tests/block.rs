@@ -93,7 +93,9 @@ fn spawn_child() -> (Child, ControlChannel) {
 }
 
 fn pattern(seed: u8, len: usize) -> Vec<u8> {
-    (0..len).map(|i| i.wrapping_mul(31).wrapping_add(usize::from(seed) * 7).wrapping_add(i >> 9).to_le_bytes()[0]).collect()
+    (0..len)
+        .map(|i| i.wrapping_mul(31).wrapping_add(usize::from(seed) * 7).wrapping_add(i >> 9).to_le_bytes()[0])
+        .collect()
 }
 
 fn spawn(read_only: bool) -> Blk {
@@ -128,7 +130,15 @@ fn spawn(read_only: bool) -> Blk {
         FdRole::Irq,
         FdRole::QueueNotify(0),
     ];
-    let fds = [core.region_fd(), core.submit_bell(), core.complete_bell(), memfd.as_fd(), disk_fd.as_fd(), borrow(&irq), borrow(&notify)];
+    let fds = [
+        core.region_fd(),
+        core.submit_bell(),
+        core.complete_bell(),
+        memfd.as_fd(),
+        disk_fd.as_fd(),
+        borrow(&irq),
+        borrow(&notify),
+    ];
     let setup = ServiceSetup {
         name: "block-test".into(),
         ring: RingSetup { capacity: core.capacity(), region_len: core.region_len() as u64 },
@@ -612,7 +622,8 @@ fn child_cpu(b: &Blk) -> f64 {
     let after = stat.rsplit(')').next().unwrap_or("");
     let f: Vec<&str> = after.split_whitespace().collect();
     // Fields after the comm: state is index 0; utime is field 14 overall = index 11 here.
-    let ticks: u64 = f.get(11).and_then(|s| s.parse().ok()).unwrap_or(0) + f.get(12).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let ticks: u64 =
+        f.get(11).and_then(|s| s.parse().ok()).unwrap_or(0) + f.get(12).and_then(|s| s.parse().ok()).unwrap_or(0);
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1);
     ticks as f64 / hz as f64

@@ -198,10 +198,7 @@ pub enum ControlMsg {
 }
 
 fn codec() -> impl Options {
-    bincode::DefaultOptions::new()
-        .with_fixint_encoding()
-        .with_limit(MAX_MSG_SIZE as u64)
-        .reject_trailing_bytes()
+    bincode::DefaultOptions::new().with_fixint_encoding().with_limit(MAX_MSG_SIZE as u64).reject_trailing_bytes()
 }
 
 /// Encodes a message as sent on the wire.
@@ -277,7 +274,13 @@ impl ControlChannel {
                 Some(&mut cmsg),
                 MsgFlags::MSG_CMSG_CLOEXEC | MsgFlags::MSG_DONTWAIT,
             )
-            .map_err(|e| if e == nix::Error::EAGAIN { ControlError::Timeout } else { ControlError::Recv(e) })?;
+            .map_err(|e| {
+                if e == nix::Error::EAGAIN {
+                    ControlError::Timeout
+                } else {
+                    ControlError::Recv(e)
+                }
+            })?;
             let mut fds = Vec::new();
             // With a buffer sized for SCM_MAX_FD the control data is never truncated; if it is
             // anyway, nix refuses to iterate and the fds cannot be recovered.
@@ -445,8 +448,14 @@ mod tests {
         // Bypass the sender's check with a raw sendmsg.
         let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
         let bytes = encode(&ControlMsg::Shutdown).expect("encode");
-        sendmsg::<()>(a.as_fd().as_raw_fd(), &[IoSlice::new(&bytes)], &[ControlMessage::ScmRights(&raw)], MsgFlags::empty(), None)
-            .expect("sendmsg");
+        sendmsg::<()>(
+            a.as_fd().as_raw_fd(),
+            &[IoSlice::new(&bytes)],
+            &[ControlMessage::ScmRights(&raw)],
+            MsgFlags::empty(),
+            None,
+        )
+        .expect("sendmsg");
         assert!(matches!(b.recv(soon()), Err(ControlError::TooManyFds(17))));
     }
 

@@ -71,10 +71,7 @@ unsafe impl Sync for SharedRegion {}
 const SEALS: libc::c_int = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
 
 fn check_size(len: u64) -> Result<usize, RegionError> {
-    usize::try_from(len)
-        .ok()
-        .filter(|&l| l > 0 && l <= MAX_REGION_SIZE)
-        .ok_or(RegionError::InvalidSize(len))
+    usize::try_from(len).ok().filter(|&l| l > 0 && l <= MAX_REGION_SIZE).ok_or(RegionError::InvalidSize(len))
 }
 
 impl SharedRegion {
@@ -135,7 +132,8 @@ impl SharedRegion {
         if p == libc::MAP_FAILED {
             return Err(RegionError::Map(std::io::Error::last_os_error()));
         }
-        let ptr = NonNull::new(p.cast::<u8>()).ok_or_else(|| RegionError::Map(std::io::Error::other("null mapping")))?;
+        let ptr =
+            NonNull::new(p.cast::<u8>()).ok_or_else(|| RegionError::Map(std::io::Error::other("null mapping")))?;
         Ok(Self { fd, ptr, len })
     }
 

@@ -627,7 +627,9 @@ impl ServiceEndpoint {
         self.sub_cons = self.sub_cons.wrapping_add(1);
         self.view.u64_at(OFF_SUB_CONS).store(self.sub_cons, Ordering::Release);
         let request = match ExitKind::from_raw(rec.kind) {
-            Some(kind) if valid_len(rec.len) => Some(ExitRequest { kind, addr: rec.addr, len: rec.len, data: rec.data }),
+            Some(kind) if valid_len(rec.len) => {
+                Some(ExitRequest { kind, addr: rec.addr, len: rec.len, data: rec.data })
+            }
             _ => None,
         };
         Ok(Some(Incoming { seq: rec.seq, len: rec.len, request }))
@@ -641,7 +643,10 @@ impl ServiceEndpoint {
         let cc = self.view.u64_at(OFF_COMP_CONS).load(Ordering::Acquire);
         let used = self.comp_prod.wrapping_sub(cc);
         if used >= self.view.cap {
-            return Err(protocol(format!("completion ring full or corrupt (producer {}, consumer {cc})", self.comp_prod)));
+            return Err(protocol(format!(
+                "completion ring full or corrupt (producer {}, consumer {cc})",
+                self.comp_prod
+            )));
         }
         let rec = CompletionRecord { seq: inc.seq, status: reply.status as u32, len: inc.len, data: reply.data };
         // SAFETY: slot inside the mapping; the core reads it only after the index is published.

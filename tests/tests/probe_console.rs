@@ -101,7 +101,10 @@ fn unsafe_kill(pid: u32) -> i32 {
 #[test]
 fn unknown_probe_test_is_bad_args() {
     let probe = probe();
-    let r = run_to_end(&["--kernel", probe.to_str().expect("utf8"), "--serial-input", "none", "--cmdline", "probe.test=nope"], LIMIT);
+    let r = run_to_end(
+        &["--kernel", probe.to_str().expect("utf8"), "--serial-input", "none", "--cmdline", "probe.test=nope"],
+        LIMIT,
+    );
     assert_eq!(r.status.code(), Some(2));
     assert!(r.stdout.contains("probe: unknown test nope"), "{}", r.stdout);
 }

@@ -125,7 +125,8 @@ pub fn load_initrd(ram: &GuestRam, path: &Path, kernel_end: u64) -> Result<Initr
 /// Builds the guest command line from the user's and the extra words the core adds.
 pub fn build_cmdline(user: &str, extra: &[String]) -> Result<Cmdline, BootError> {
     let mut cmdline = Cmdline::new(CMDLINE_MAX_SIZE).map_err(|e| BootError::Cmdline(e.to_string()))?;
-    let c = |e: linux_loader::cmdline::Error| BootError::Cmdline(format!("{e} (at most {} bytes)", CMDLINE_MAX_SIZE - 1));
+    let c =
+        |e: linux_loader::cmdline::Error| BootError::Cmdline(format!("{e} (at most {} bytes)", CMDLINE_MAX_SIZE - 1));
     if !user.trim().is_empty() {
         cmdline.insert_str(user.trim()).map_err(c)?;
     }
@@ -182,7 +183,8 @@ pub fn write_boot_params(
     LinuxBootConfigurator::write_bootparams(&BootParams::new(&params, GuestAddress(ZERO_PAGE_START)), ram.memory())
         .map_err(BootError::BootParams)?;
     // Read it back as a check that the zero page landed in RAM.
-    let _: u16 = ram.memory().read_obj(GuestAddress(ZERO_PAGE_START + 0x1fe)).map_err(|_| BootError::GuestWrite("zero page"))?;
+    let _: u16 =
+        ram.memory().read_obj(GuestAddress(ZERO_PAGE_START + 0x1fe)).map_err(|_| BootError::GuestWrite("zero page"))?;
     Ok(())
 }
 

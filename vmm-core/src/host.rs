@@ -42,11 +42,7 @@ impl HostKvm {
         }
         let key = |w: &str| w.split('=').next().unwrap_or(w).to_string();
         let present: Vec<String> = cmdline.split_whitespace().map(key).collect();
-        PVM_KERNEL_PARAMS
-            .iter()
-            .filter(|p| !present.contains(&key(p)))
-            .map(|p| (*p).to_string())
-            .collect()
+        PVM_KERNEL_PARAMS.iter().filter(|p| !present.contains(&key(p))).map(|p| (*p).to_string()).collect()
     }
 }
 

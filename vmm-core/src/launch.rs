@@ -20,11 +20,13 @@ use crate::arch::{cpu, mptable};
 use crate::boot;
 use crate::bus::{BusDevice, BusError};
 use crate::cli::{DiskSpec, RunArgs};
-use crate::mmio::{MmioAllocator, MmioSlot};
 use crate::control::{StopHandle, StopReason};
-use crate::devices::{DebugExit, I8042, PostCode, DEBUG_EXIT_PORT, I8042_COMMAND_PORT, I8042_DATA_PORT, POST_CODE_PORT};
+use crate::devices::{
+    DebugExit, PostCode, DEBUG_EXIT_PORT, I8042, I8042_COMMAND_PORT, I8042_DATA_PORT, POST_CODE_PORT,
+};
 use crate::host::HostKvm;
 use crate::memory::{ram_ranges, GuestRam};
+use crate::mmio::{MmioAllocator, MmioSlot};
 use crate::service;
 use crate::vcpu::{self, Buses};
 use crate::vm;
@@ -229,7 +231,10 @@ fn plan_disks(args: &RunArgs, mmio: &mut MmioAllocator) -> Result<Vec<PlannedDis
         if !meta.is_file() || meta.len() < 512 {
             return Err(LaunchError::Disk {
                 path: spec.path.clone(),
-                source: std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a regular file of at least one 512-byte sector"),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    "not a regular file of at least one 512-byte sector",
+                ),
             });
         }
         planned.push(PlannedDisk { spec: spec.clone(), file, slot: mmio.allocate()? });
@@ -358,7 +363,8 @@ pub fn run(args: &RunArgs) -> Result<StopReason, LaunchError> {
         vcpus.push(fd);
     }
 
-    vcpu::install_kick_handler().map_err(|e| LaunchError::Os { what: "installing the vCPU kick handler", source: e.into() })?;
+    vcpu::install_kick_handler()
+        .map_err(|e| LaunchError::Os { what: "installing the vCPU kick handler", source: e.into() })?;
     for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
         vmm_sys_util::signal::register_signal_handler(sig, on_terminate)
             .map_err(|e| LaunchError::Os { what: "installing signal handlers", source: e.into() })?;

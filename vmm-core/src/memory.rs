@@ -83,11 +83,8 @@ impl GuestRam {
             }
         }
         let size = mib << 20;
-        let fd = memfd_create(
-            c"bulkhead-guest-ram",
-            MemFdCreateFlag::MFD_CLOEXEC | MemFdCreateFlag::MFD_ALLOW_SEALING,
-        )
-        .map_err(MemoryError::Memfd)?;
+        let fd = memfd_create(c"bulkhead-guest-ram", MemFdCreateFlag::MFD_CLOEXEC | MemFdCreateFlag::MFD_ALLOW_SEALING)
+            .map_err(MemoryError::Memfd)?;
         let file = File::from(fd);
         file.set_len(size).map_err(|source| MemoryError::Truncate { size, source })?;
         fcntl(

@@ -27,7 +27,9 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use ipc::control::{BlockConfig, ControlMsg, DeviceConfig, FdRole, MemoryRegion, RingSetup, ServiceSetup, ServiceStats};
+use ipc::control::{
+    BlockConfig, ControlMsg, DeviceConfig, FdRole, MemoryRegion, RingSetup, ServiceSetup, ServiceStats,
+};
 use ipc::ring::{ExitKind, ExitRequest, Status};
 use ipc::{ControlChannel, ControlError, CoreEndpoint, IpcError, WaitConfig};
 use vmm_sys_util::eventfd::EventFd;
@@ -343,7 +345,10 @@ impl ServiceHandle {
         let deadline = Instant::now() + timeout;
         // Bounded: each iteration consumes one message or hits the deadline.
         loop {
-            let (msg, _) = self.control.recv(deadline).map_err(|source| ServiceError::Control { name: self.name.clone(), source })?;
+            let (msg, _) = self
+                .control
+                .recv(deadline)
+                .map_err(|source| ServiceError::Control { name: self.name.clone(), source })?;
             match msg {
                 ControlMsg::Pong { token: t, stats } if t == token => return Ok(stats),
                 ControlMsg::Pong { .. } => continue,
@@ -425,7 +430,13 @@ fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {
 fn pidfd_kill(pidfd: BorrowedFd<'_>) -> io::Result<()> {
     // SAFETY: pidfd_send_signal with a valid pidfd, a signal number, no siginfo and no flags.
     let rc = unsafe {
-        libc::syscall(libc::SYS_pidfd_send_signal, pidfd.as_raw_fd(), libc::SIGKILL, std::ptr::null::<libc::siginfo_t>(), 0)
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            pidfd.as_raw_fd(),
+            libc::SIGKILL,
+            std::ptr::null::<libc::siginfo_t>(),
+            0,
+        )
     };
     if rc < 0 {
         let e = io::Error::last_os_error();
@@ -515,7 +526,8 @@ pub fn spawn_service(spec: ServiceSpec) -> Result<(Arc<RemoteDevice>, ServiceHan
         options.ring_capacity,
         WaitConfig { spin: options.core_spin },
     )?;
-    let (control, child_ctl) = ControlChannel::pair().map_err(|source| ServiceError::Control { name: name.clone(), source })?;
+    let (control, child_ctl) =
+        ControlChannel::pair().map_err(|source| ServiceError::Control { name: name.clone(), source })?;
     let child_ctl = child_ctl.into_fd();
     let mut child = spawn_process(&binary, &child_ctl)?;
     drop(child_ctl);
@@ -680,11 +692,17 @@ fn dup_eventfd(e: &EventFd) -> Result<OwnedFd, ServiceError> {
 
 /// Starts a `bulkhead-block` service for `spec`. `deadline` bounds each forwarded access.
 /// Register the returned device on the MMIO bus at `spec.mmio_base` with length `spec.mmio_len`.
-pub fn spawn_block(binary: &Path, spec: BlockSpec, deadline: Duration) -> Result<(Arc<RemoteDevice>, ServiceHandle), ServiceError> {
-    let BlockSpec { id, disk, read_only, mmio_base, mmio_len, gsi, memfd, memory, queue_notify, irq, queue_size } = spec;
+pub fn spawn_block(
+    binary: &Path,
+    spec: BlockSpec,
+    deadline: Duration,
+) -> Result<(Arc<RemoteDevice>, ServiceHandle), ServiceError> {
+    let BlockSpec { id, disk, read_only, mmio_base, mmio_len, gsi, memfd, memory, queue_notify, irq, queue_size } =
+        spec;
     let disk_size = disk.metadata().map_err(os("stat of the disk image"))?.len();
     let num_queues = u16::try_from(queue_notify.len()).unwrap_or(u16::MAX);
-    let mut fds = vec![(FdRole::GuestMemory, memfd), (FdRole::Disk, OwnedFd::from(disk)), (FdRole::Irq, dup_eventfd(&irq)?)];
+    let mut fds =
+        vec![(FdRole::GuestMemory, memfd), (FdRole::Disk, OwnedFd::from(disk)), (FdRole::Irq, dup_eventfd(&irq)?)];
     for (i, e) in queue_notify.iter().enumerate() {
         let i = u16::try_from(i).unwrap_or(u16::MAX);
         fds.push((FdRole::QueueNotify(i), dup_eventfd(e)?));
@@ -697,7 +715,10 @@ pub fn spawn_block(binary: &Path, spec: BlockSpec, deadline: Duration) -> Result
             mmio_base,
             mmio_len,
             gsi,
-            memory: memory.iter().map(|&(guest_addr, len, file_offset)| MemoryRegion { guest_addr, len, file_offset }).collect(),
+            memory: memory
+                .iter()
+                .map(|&(guest_addr, len, file_offset)| MemoryRegion { guest_addr, len, file_offset })
+                .collect(),
             disk_size,
             read_only,
             id,

@@ -285,7 +285,10 @@ mod tests {
             handle_exit(&Exit::PioRead { port: 0x2f8, len: 1 }, &b),
             Outcome::ResumeWithRead(AccessData::from_slice(&[0xff]))
         );
-        assert_eq!(handle_exit(&Exit::PioWrite { port: 0x2f8, data: AccessData::from_slice(&[1]) }, &b), Outcome::Resume);
+        assert_eq!(
+            handle_exit(&Exit::PioWrite { port: 0x2f8, data: AccessData::from_slice(&[1]) }, &b),
+            Outcome::Resume
+        );
     }
 
     #[test]

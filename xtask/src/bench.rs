@@ -88,7 +88,9 @@ pub fn run(args: &[String]) -> Result<(), BoxError> {
     }
     let (c, f) = (median(&mut core), median(&mut fwd));
     let ratio = f as f64 / c as f64;
-    println!("# pio-loop: {exits} guest `in` instructions per run, {runs} runs each, medians (TSC {rate:.0} cycles/us)");
+    println!(
+        "# pio-loop: {exits} guest `in` instructions per run, {runs} runs each, medians (TSC {rate:.0} cycles/us)"
+    );
     println!("| port handled | cycles/exit (median) | us/exit | min..max cycles |");
     println!("|---|---|---|---|");
     println!(

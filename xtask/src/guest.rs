@@ -32,7 +32,7 @@ const SOURCE_TARBALL: &str = "./usr/src/linux-source-6.1.tar.xz";
 const SOURCE_TOPDIR: &str = "linux-source-6.1";
 /// Bumped whenever the build recipe in this file changes what it produces.
 const RECIPE: &str = "bulkhead-guest recipe 1: tinyconfig+fragment, ARCH=x86_64, vmlinux; \
-                      busybox tree; newc cpio; ext4 64M";
+                      busybox tree (applet links on ext4 only); newc cpio; ext4 64M";
 /// Size of the ext4 image.
 const EXT4_SIZE: &str = "64M";
 /// Busybox binary installed by `busybox-static`.
@@ -99,11 +99,9 @@ impl fmt::Display for GuestError {
                 Ok(())
             }
             GuestError::Usage(m) => write!(f, "{m}\n{USAGE}"),
-            GuestError::Config(list) => write!(
-                f,
-                "kernel .config does not match guests/linux/bulkhead.config:\n  {}",
-                list.join("\n  ")
-            ),
+            GuestError::Config(list) => {
+                write!(f, "kernel .config does not match guests/linux/bulkhead.config:\n  {}", list.join("\n  "))
+            }
             GuestError::Check(m) => write!(f, "{m}"),
         }
     }
@@ -127,10 +125,7 @@ trait IoContext<T> {
 
 impl<T> IoContext<T> for io::Result<T> {
     fn ctx(self, what: impl FnOnce() -> String) -> Result<T> {
-        self.map_err(|source| GuestError::Io {
-            what: what(),
-            source,
-        })
+        self.map_err(|source| GuestError::Io { what: what(), source })
     }
 }
 
@@ -158,9 +153,7 @@ fn parse_options(args: &[String]) -> Result<Options> {
         }
     }
     if o.print_paths && o.force {
-        return Err(GuestError::Usage(
-            "--print-paths and --force exclude each other".into(),
-        ));
+        return Err(GuestError::Usage("--print-paths and --force exclude each other".into()));
     }
     Ok(o)
 }
@@ -179,12 +172,10 @@ pub fn run(args: &[String]) -> std::result::Result<(), Box<dyn std::error::Error
     let cache = cache_dir()?;
 
     if opts.print_paths {
-        let kver = query_candidate_version(SOURCE_PKG)?.ok_or_else(|| {
-            GuestError::Check(format!("{SOURCE_PKG} is unknown to apt: not built"))
-        })?;
-        let bver = installed_version("busybox-static")?.ok_or_else(|| {
-            GuestError::Check("busybox-static is not installed: not built".into())
-        })?;
+        let kver = query_candidate_version(SOURCE_PKG)?
+            .ok_or_else(|| GuestError::Check(format!("{SOURCE_PKG} is unknown to apt: not built")))?;
+        let bver = installed_version("busybox-static")?
+            .ok_or_else(|| GuestError::Check("busybox-static is not installed: not built".into()))?;
         let key = inputs.key(&kver, &bver);
         let out = Outputs::in_dir(&cache.join("out").join(&key));
         if !out.complete() {
@@ -266,9 +257,7 @@ pub fn run(args: &[String]) -> std::result::Result<(), Box<dyn std::error::Error
 
     let t = Instant::now();
     step("assembling outputs");
-    let tmp = cache
-        .join("out")
-        .join(format!(".tmp-{key}-{}", std::process::id()));
+    let tmp = cache.join("out").join(format!(".tmp-{key}-{}", std::process::id()));
     fs::create_dir_all(&tmp).ctx(|| format!("creating {}", tmp.display()))?;
     let staged = Outputs::in_dir(&tmp);
     copy_file(&obj.join("vmlinux"), &staged.vmlinux)?;
@@ -280,8 +269,9 @@ pub fn run(args: &[String]) -> std::result::Result<(), Box<dyn std::error::Error
     build_rootfs_tree(&tree, &inputs)?;
     step("packing initramfs.cpio");
     let cpio = cpio_from_tree(&tree)?;
-    fs::write(&staged.initramfs, &cpio)
-        .ctx(|| format!("writing {}", staged.initramfs.display()))?;
+    fs::write(&staged.initramfs, &cpio).ctx(|| format!("writing {}", staged.initramfs.display()))?;
+    let links = add_applet_links(&tree)?;
+    eprintln!("[guest] rootfs.ext4 gets {links} busybox applet links");
     step("making rootfs.ext4");
     make_ext4(&tree, &staged.rootfs)?;
     fs::remove_dir_all(&tree).ctx(|| format!("removing {}", tree.display()))?;
@@ -296,15 +286,8 @@ pub fn run(args: &[String]) -> std::result::Result<(), Box<dyn std::error::Error
     fs::write(tmp.join("manifest.txt"), manifest).ctx(|| "writing manifest.txt".into())?;
     publish_dir(&tmp, &out_dir)?;
 
-    let summary: Vec<String> = timings
-        .iter()
-        .map(|(n, d)| format!("{n} {:.0}s", d.as_secs_f64()))
-        .collect();
-    eprintln!(
-        "[guest] done in {:.0}s ({})",
-        started.elapsed().as_secs_f64(),
-        summary.join(", ")
-    );
+    let summary: Vec<String> = timings.iter().map(|(n, d)| format!("{n} {:.0}s", d.as_secs_f64())).collect();
+    eprintln!("[guest] done in {:.0}s ({})", started.elapsed().as_secs_f64(), summary.join(", "));
     Outputs::in_dir(&out_dir).print()?;
     Ok(())
 }
@@ -359,8 +342,7 @@ struct Inputs {
 impl Inputs {
     fn load(dir: &Path) -> Result<Self> {
         let frag = dir.join("bulkhead.config");
-        let fragment_text =
-            fs::read_to_string(&frag).ctx(|| format!("reading {}", frag.display()))?;
+        let fragment_text = fs::read_to_string(&frag).ctx(|| format!("reading {}", frag.display()))?;
         parse_fragment(&fragment_text)?;
         let mut patches = Vec::new();
         for entry in fs::read_dir(dir).ctx(|| format!("listing {}", dir.display()))? {
@@ -383,16 +365,9 @@ impl Inputs {
         collect_overlay(&root, &root, &mut overlay, 0)?;
         overlay.sort_by(|a, b| a.rel.cmp(&b.rel));
         if !overlay.iter().any(|f| f.rel == "init") {
-            return Err(GuestError::Check(format!(
-                "{} has no `init`",
-                root.display()
-            )));
+            return Err(GuestError::Check(format!("{} has no `init`", root.display())));
         }
-        Ok(Inputs {
-            fragment_text,
-            patches,
-            overlay,
-        })
+        Ok(Inputs { fragment_text, patches, overlay })
     }
 
     /// The cache key: a sha256 over the recipe, the fragment, the patches, the rootfs
@@ -405,10 +380,7 @@ impl Inputs {
             h.update(data);
         };
         field("recipe", RECIPE.as_bytes());
-        field(
-            "kernel",
-            format!("{SOURCE_PKG} {kernel_version}").as_bytes(),
-        );
+        field("kernel", format!("{SOURCE_PKG} {kernel_version}").as_bytes());
         field("busybox", busybox_version.as_bytes());
         field("fragment", self.fragment_text.as_bytes());
         for (name, data) in &self.patches {
@@ -427,10 +399,7 @@ impl Inputs {
 
 fn collect_overlay(root: &Path, dir: &Path, out: &mut Vec<OverlayFile>, depth: u32) -> Result<()> {
     if depth > 16 {
-        return Err(GuestError::Check(format!(
-            "{} nests too deep",
-            dir.display()
-        )));
+        return Err(GuestError::Check(format!("{} nests too deep", dir.display())));
     }
     for entry in fs::read_dir(dir).ctx(|| format!("listing {}", dir.display()))? {
         let entry = entry.ctx(|| format!("listing {}", dir.display()))?;
@@ -445,11 +414,7 @@ fn collect_overlay(root: &Path, dir: &Path, out: &mut Vec<OverlayFile>, depth: u
                 .to_string_lossy()
                 .into_owned();
             let data = fs::read(&path).ctx(|| format!("reading {}", path.display()))?;
-            out.push(OverlayFile {
-                rel,
-                mode: meta.mode() & 0o7777,
-                data,
-            });
+            out.push(OverlayFile { rel, mode: meta.mode() & 0o7777, data });
         } else {
             return Err(GuestError::Check(format!(
                 "{}: only regular files and directories are supported in the rootfs overlay",
@@ -468,18 +433,11 @@ fn collect_overlay(root: &Path, dir: &Path, out: &mut Vec<OverlayFile>, depth: u
 fn run_visible(cmd: &mut Command) -> Result<()> {
     let desc = describe(cmd);
     let stdout = stderr_as_stdio().ctx(|| format!("redirecting output of `{desc}`"))?;
-    let status = cmd
-        .stdout(stdout)
-        .status()
-        .ctx(|| format!("starting `{desc}`"))?;
+    let status = cmd.stdout(stdout).status().ctx(|| format!("starting `{desc}`"))?;
     if status.success() {
         Ok(())
     } else {
-        Err(GuestError::Command {
-            cmd: desc,
-            detail: status.to_string(),
-            log: None,
-        })
+        Err(GuestError::Command { cmd: desc, detail: status.to_string(), log: None })
     }
 }
 
@@ -492,14 +450,8 @@ fn stderr_as_stdio() -> io::Result<Stdio> {
 /// Runs a command and returns its stdout; stderr is inherited.
 fn capture(cmd: &mut Command) -> Result<(bool, String)> {
     let desc = describe(cmd);
-    let out = cmd
-        .stderr(Stdio::inherit())
-        .output()
-        .ctx(|| format!("starting `{desc}`"))?;
-    Ok((
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-    ))
+    let out = cmd.stderr(Stdio::inherit()).output().ctx(|| format!("starting `{desc}`"))?;
+    Ok((out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned()))
 }
 
 fn describe(cmd: &Command) -> String {
@@ -532,8 +484,7 @@ fn installed_version(pkg: &str) -> Result<Option<String>> {
 
 fn apt_get() -> Command {
     let mut c = Command::new("apt-get");
-    c.env("DEBIAN_FRONTEND", "noninteractive")
-        .args(["-q", "-o", "DPkg::Lock::Timeout=900"]);
+    c.env("DEBIAN_FRONTEND", "noninteractive").args(["-q", "-o", "DPkg::Lock::Timeout=900"]);
     c
 }
 
@@ -550,16 +501,10 @@ fn ensure_packages() -> Result<bool> {
     }
     eprintln!("[guest] installing {}", missing.join(" "));
     run_visible(apt_get().arg("update"))?;
-    run_visible(
-        apt_get()
-            .args(["install", "-y", "--no-install-recommends"])
-            .args(&missing),
-    )?;
+    run_visible(apt_get().args(["install", "-y", "--no-install-recommends"]).args(&missing))?;
     for p in &missing {
         if installed_version(p)?.is_none() {
-            return Err(GuestError::Check(format!(
-                "package {p} is still not installed"
-            )));
+            return Err(GuestError::Check(format!("package {p} is still not installed")));
         }
     }
     Ok(true)
@@ -567,19 +512,11 @@ fn ensure_packages() -> Result<bool> {
 
 /// The version apt would download, if apt knows the package.
 fn query_candidate_version(pkg: &str) -> Result<Option<String>> {
-    let (ok, text) = capture(
-        Command::new("apt-cache")
-            .args(["show", "--no-all-versions", pkg])
-            .stderr(Stdio::null()),
-    )?;
+    let (ok, text) = capture(Command::new("apt-cache").args(["show", "--no-all-versions", pkg]).stderr(Stdio::null()))?;
     if !ok {
         return Ok(None);
     }
-    Ok(text
-        .lines()
-        .find_map(|l| l.strip_prefix("Version:"))
-        .map(|v| v.trim().to_string())
-        .filter(|v| !v.is_empty()))
+    Ok(text.lines().find_map(|l| l.strip_prefix("Version:")).map(|v| v.trim().to_string()).filter(|v| !v.is_empty()))
 }
 
 fn candidate_version(updated: bool) -> Result<String> {
@@ -592,9 +529,7 @@ fn candidate_version(updated: bool) -> Result<String> {
             return Ok(v);
         }
     }
-    Err(GuestError::Check(format!(
-        "apt has no {SOURCE_PKG} (is a bookworm source in /etc/apt/sources.list?)"
-    )))
+    Err(GuestError::Check(format!("apt has no {SOURCE_PKG} (is a bookworm source in /etc/apt/sources.list?)")))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -613,8 +548,7 @@ impl CacheLock {
         loop {
             match OpenOptions::new().write(true).create_new(true).open(&path) {
                 Ok(mut f) => {
-                    write!(f, "{}", std::process::id())
-                        .ctx(|| format!("writing {}", path.display()))?;
+                    write!(f, "{}", std::process::id()).ctx(|| format!("writing {}", path.display()))?;
                     return Ok(CacheLock { path });
                 }
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
@@ -625,10 +559,7 @@ impl CacheLock {
                         .ok()
                         .is_some_and(|pid| Path::new(&format!("/proc/{pid}")).exists());
                     if !alive {
-                        eprintln!(
-                            "[guest] removing stale lock {} ({holder:?})",
-                            path.display()
-                        );
+                        eprintln!("[guest] removing stale lock {} ({holder:?})", path.display());
                         match fs::remove_file(&path) {
                             Ok(()) => continue,
                             Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
@@ -648,21 +579,12 @@ impl CacheLock {
                         )));
                     }
                     if !told {
-                        eprintln!(
-                            "[guest] waiting for pid {} (lock {})",
-                            holder.trim(),
-                            path.display()
-                        );
+                        eprintln!("[guest] waiting for pid {} (lock {})", holder.trim(), path.display());
                         told = true;
                     }
                     std::thread::sleep(Duration::from_secs(2));
                 }
-                Err(e) => {
-                    return Err(GuestError::Io {
-                        what: format!("creating lock {}", path.display()),
-                        source: e,
-                    })
-                }
+                Err(e) => return Err(GuestError::Io { what: format!("creating lock {}", path.display()), source: e }),
             }
         }
     }
@@ -715,9 +637,7 @@ fn publish_dir(tmp: &Path, dest: &Path) -> Result<()> {
 }
 
 fn copy_file(from: &Path, to: &Path) -> Result<()> {
-    fs::copy(from, to)
-        .map(|_| ())
-        .ctx(|| format!("copying {} to {}", from.display(), to.display()))
+    fs::copy(from, to).map(|_| ()).ctx(|| format!("copying {} to {}", from.display(), to.display()))
 }
 
 /// The three published files.
@@ -739,9 +659,7 @@ impl Outputs {
     }
 
     fn complete(&self) -> bool {
-        [&self.vmlinux, &self.initramfs, &self.rootfs]
-            .iter()
-            .all(|p| p.is_file())
+        [&self.vmlinux, &self.initramfs, &self.rootfs].iter().all(|p| p.is_file())
     }
 
     fn print(&self) -> Result<()> {
@@ -753,9 +671,7 @@ impl Outputs {
             abs(&self.rootfs)?.display()
         );
         let mut out = io::stdout().lock();
-        out.write_all(text.as_bytes())
-            .and_then(|()| out.flush())
-            .ctx(|| "writing to stdout".into())
+        out.write_all(text.as_bytes()).and_then(|()| out.flush()).ctx(|| "writing to stdout".into())
     }
 }
 
@@ -763,15 +679,7 @@ impl Outputs {
 // Kernel source
 
 fn sanitize(v: &str) -> String {
-    v.chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '.' || c == '-' || c == '+' {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect()
+    v.chars().map(|c| if c.is_ascii_alphanumeric() || c == '.' || c == '-' || c == '+' { c } else { '_' }).collect()
 }
 
 /// Downloads `linux-source-6.1` (exact version) into the cache, once.
@@ -799,11 +707,7 @@ fn fetch_source_deb(cache: &Path, version: &str) -> Result<PathBuf> {
         }
     }
     let [got] = debs.as_slice() else {
-        return Err(GuestError::Check(format!(
-            "apt-get download left {} .deb files in {}",
-            debs.len(),
-            tmp.display()
-        )));
+        return Err(GuestError::Check(format!("apt-get download left {} .deb files in {}", debs.len(), tmp.display())));
     };
     fs::rename(got, &deb).ctx(|| format!("moving {} into place", got.display()))?;
     fs::remove_dir_all(&tmp).ctx(|| format!("removing {}", tmp.display()))?;
@@ -811,32 +715,18 @@ fn fetch_source_deb(cache: &Path, version: &str) -> Result<PathBuf> {
 }
 
 fn sha256_hex(data: &[u8]) -> String {
-    Sha256::digest(data)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    Sha256::digest(data).iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Extracts the kernel source from the .deb and applies the patches; the patched tree is
 /// published under `src/` only once everything succeeded. Returns its path.
-fn prepare_source(
-    cache: &Path,
-    deb: &Path,
-    version: &str,
-    inputs: &Inputs,
-    force: bool,
-) -> Result<PathBuf> {
+fn prepare_source(cache: &Path, deb: &Path, version: &str, inputs: &Inputs, force: bool) -> Result<PathBuf> {
     let mut patch_hash = Sha256::new();
     for (name, data) in &inputs.patches {
         patch_hash.update(name.as_bytes());
         patch_hash.update(sha256_hex(data).as_bytes());
     }
-    let ph: String = patch_hash
-        .finalize()
-        .iter()
-        .take(6)
-        .map(|b| format!("{b:02x}"))
-        .collect();
+    let ph: String = patch_hash.finalize().iter().take(6).map(|b| format!("{b:02x}")).collect();
     let srcroot = cache.join("src");
     fs::create_dir_all(&srcroot).ctx(|| format!("creating {}", srcroot.display()))?;
     let dest = srcroot.join(format!("linux-{}-p{ph}", sanitize(version)));
@@ -851,10 +741,7 @@ fn prepare_source(
     extract_tarball_from_deb(deb, &tmp)?;
     let tree = tmp.join(SOURCE_TOPDIR);
     if !tree.join("Makefile").is_file() {
-        return Err(GuestError::Check(format!(
-            "{} has no {SOURCE_TOPDIR}/Makefile",
-            deb.display()
-        )));
+        return Err(GuestError::Check(format!("{} has no {SOURCE_TOPDIR}/Makefile", deb.display())));
     }
     for (name, data) in &inputs.patches {
         apply_patch(&tree, name, data)?;
@@ -876,20 +763,14 @@ fn extract_tarball_from_deb(deb: &Path, dir: &Path) -> Result<()> {
         .stdout(Stdio::piped())
         .spawn()
         .ctx(|| "starting dpkg-deb".into())?;
-    let dpkg_out = dpkg
-        .stdout
-        .take()
-        .ok_or_else(|| GuestError::Check("dpkg-deb has no stdout".into()))?;
+    let dpkg_out = dpkg.stdout.take().ok_or_else(|| GuestError::Check("dpkg-deb has no stdout".into()))?;
     let mut tar1 = Command::new("tar")
         .args(["-xO", SOURCE_TARBALL])
         .stdin(Stdio::from(dpkg_out))
         .stdout(Stdio::piped())
         .spawn()
         .ctx(|| "starting tar".into())?;
-    let tar1_out = tar1
-        .stdout
-        .take()
-        .ok_or_else(|| GuestError::Check("tar has no stdout".into()))?;
+    let tar1_out = tar1.stdout.take().ok_or_else(|| GuestError::Check("tar has no stdout".into()))?;
     let mut tar2 = Command::new("tar")
         .arg("-xJ")
         .arg("-C")
@@ -897,11 +778,7 @@ fn extract_tarball_from_deb(deb: &Path, dir: &Path) -> Result<()> {
         .stdin(Stdio::from(tar1_out))
         .spawn()
         .ctx(|| "starting tar".into())?;
-    let results = [
-        ("dpkg-deb --fsys-tarfile", dpkg.wait()),
-        ("tar -xO", tar1.wait()),
-        ("tar -xJ", tar2.wait()),
-    ];
+    let results = [("dpkg-deb --fsys-tarfile", dpkg.wait()), ("tar -xO", tar1.wait()), ("tar -xJ", tar2.wait())];
     for (name, r) in results {
         let status = r.ctx(|| format!("waiting for {name}"))?;
         if !status.success() {
@@ -938,18 +815,13 @@ fn apply_patch(tree: &Path, name: &str, data: &[u8]) -> Result<()> {
             return Ok(());
         }
         if !patch_cmd(tree, &pfile, &["--forward", "--dry-run"])? {
-            return Err(GuestError::Check(format!(
-                "patch {name} does not apply to {}",
-                tree.display()
-            )));
+            return Err(GuestError::Check(format!("patch {name} does not apply to {}", tree.display())));
         }
         if !patch_cmd(tree, &pfile, &["--forward"])? {
             return Err(GuestError::Check(format!("applying patch {name} failed")));
         }
         if !patch_cmd(tree, &pfile, &["-R", "--dry-run"])? {
-            return Err(GuestError::Check(format!(
-                "patch {name} is not applied after applying it"
-            )));
+            return Err(GuestError::Check(format!("patch {name} is not applied after applying it")));
         }
         eprintln!("[guest] patch {name}: applied");
         Ok(())
@@ -993,34 +865,20 @@ fn parse_fragment(text: &str) -> Result<BTreeMap<String, Want>> {
     for (i, raw) in text.lines().enumerate() {
         let line = raw.trim();
         let parsed = if let Some(rest) = line.strip_prefix("# CONFIG_") {
-            rest.strip_suffix(" is not set")
-                .map(|sym| (sym.to_string(), Want::NotSet))
+            rest.strip_suffix(" is not set").map(|sym| (sym.to_string(), Want::NotSet))
         } else if let Some(rest) = line.strip_prefix("CONFIG_") {
             match rest.split_once('=') {
-                Some((sym, val)) if !val.is_empty() => {
-                    Some((sym.to_string(), Want::Value(val.to_string())))
-                }
-                _ => {
-                    return Err(GuestError::Check(format!(
-                        "bulkhead.config line {}: malformed `{line}`",
-                        i + 1
-                    )))
-                }
+                Some((sym, val)) if !val.is_empty() => Some((sym.to_string(), Want::Value(val.to_string()))),
+                _ => return Err(GuestError::Check(format!("bulkhead.config line {}: malformed `{line}`", i + 1))),
             }
         } else if line.is_empty() || line.starts_with('#') {
             None
         } else {
-            return Err(GuestError::Check(format!(
-                "bulkhead.config line {}: not a config line: `{line}`",
-                i + 1
-            )));
+            return Err(GuestError::Check(format!("bulkhead.config line {}: not a config line: `{line}`", i + 1)));
         };
         if let Some((sym, want)) = parsed {
             if sym.is_empty() || !sym.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
-                return Err(GuestError::Check(format!(
-                    "bulkhead.config line {}: bad symbol `{sym}`",
-                    i + 1
-                )));
+                return Err(GuestError::Check(format!("bulkhead.config line {}: bad symbol `{sym}`", i + 1)));
             }
             if let Some(prev) = map.insert(sym.clone(), want.clone()) {
                 if prev != want {
@@ -1103,10 +961,7 @@ fn configure_kernel(src: &Path, obj: &Path, fragment_text: &str, log: &Path) -> 
     if !bad.is_empty() {
         return Err(GuestError::Config(bad));
     }
-    eprintln!(
-        "[guest] .config honours all {} options of bulkhead.config",
-        fragment.len()
-    );
+    eprintln!("[guest] .config honours all {} options of bulkhead.config", fragment.len());
     Ok(())
 }
 
@@ -1122,12 +977,7 @@ fn last_log_line(log: &Path) -> String {
             }
         }
     }
-    text.lines()
-        .rev()
-        .find(|l| !l.trim().is_empty())
-        .unwrap_or("")
-        .trim()
-        .to_string()
+    text.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("").trim().to_string()
 }
 
 fn tail_lines(log: &Path, n: usize) -> String {
@@ -1141,21 +991,12 @@ fn tail_lines(log: &Path, n: usize) -> String {
 /// progress line on stderr every 15 s.
 fn kernel_make(src: &Path, obj: &Path, args: &[&str], log: &Path) -> Result<()> {
     let mut cmd = Command::new("make");
-    cmd.arg("-C")
-        .arg(src)
-        .arg(format!("O={}", obj.display()))
-        .arg("ARCH=x86_64")
-        .args(args);
+    cmd.arg("-C").arg(src).arg(format!("O={}", obj.display())).arg("ARCH=x86_64").args(args);
     let desc = describe(&cmd);
-    let mut logf = OpenOptions::new()
-        .append(true)
-        .create(true)
-        .open(log)
-        .ctx(|| format!("opening {}", log.display()))?;
+    let mut logf =
+        OpenOptions::new().append(true).create(true).open(log).ctx(|| format!("opening {}", log.display()))?;
     writeln!(logf, "\n### {desc}").ctx(|| format!("writing {}", log.display()))?;
-    let err = logf
-        .try_clone()
-        .ctx(|| format!("opening {}", log.display()))?;
+    let err = logf.try_clone().ctx(|| format!("opening {}", log.display()))?;
     let start = Instant::now();
     let mut child: Child = cmd
         .stdin(Stdio::null())
@@ -1179,11 +1020,7 @@ fn kernel_make(src: &Path, obj: &Path, args: &[&str], log: &Path) -> Result<()> 
                 }
                 if last_report.elapsed() >= Duration::from_secs(15) {
                     last_report = Instant::now();
-                    eprintln!(
-                        "[guest]   {:>4}s  {}",
-                        start.elapsed().as_secs(),
-                        last_log_line(log)
-                    );
+                    eprintln!("[guest]   {:>4}s  {}", start.elapsed().as_secs(), last_log_line(log));
                 }
                 std::thread::sleep(Duration::from_millis(200));
             }
@@ -1194,41 +1031,32 @@ fn kernel_make(src: &Path, obj: &Path, args: &[&str], log: &Path) -> Result<()> 
     }
     eprintln!("[guest] ---- last lines of {} ----", log.display());
     eprintln!("{}", tail_lines(log, 30));
-    Err(GuestError::Command {
-        cmd: desc,
-        detail: status.to_string(),
-        log: Some(log.to_path_buf()),
-    })
+    Err(GuestError::Command { cmd: desc, detail: status.to_string(), log: Some(log.to_path_buf()) })
 }
 
 // ---------------------------------------------------------------------------------------------
 // Root file system
 
 /// Directories every rootfs has.
-const ROOT_DIRS: &[&str] = &[
-    "bin", "sbin", "usr", "usr/bin", "usr/sbin", "dev", "proc", "sys", "etc", "tmp", "root", "run",
-    "mnt", "var",
-];
+const ROOT_DIRS: &[&str] =
+    &["bin", "sbin", "usr", "usr/bin", "usr/sbin", "dev", "proc", "sys", "etc", "tmp", "root", "run", "mnt", "var"];
 
-/// Builds the busybox tree: directories, `/bin/busybox` and its applet links, the overlay
-/// from `guests/linux/rootfs`, and `/sbin/init -> /init` (for a disk root).
+/// Builds the minimal busybox tree: directories, the overlay from `guests/linux/rootfs`,
+/// `/bin/busybox`, `/bin/sh` and `/sbin/init -> /init` (for a disk root).
 fn build_rootfs_tree(tree: &Path, inputs: &Inputs) -> Result<()> {
     for d in ROOT_DIRS {
         let p = tree.join(d);
         fs::create_dir_all(&p).ctx(|| format!("creating {}", p.display()))?;
     }
-    fs::set_permissions(tree.join("tmp"), fs::Permissions::from_mode(0o1777))
-        .ctx(|| "chmod tmp".into())?;
-    fs::set_permissions(tree.join("root"), fs::Permissions::from_mode(0o700))
-        .ctx(|| "chmod root".into())?;
+    fs::set_permissions(tree.join("tmp"), fs::Permissions::from_mode(0o1777)).ctx(|| "chmod tmp".into())?;
+    fs::set_permissions(tree.join("root"), fs::Permissions::from_mode(0o700)).ctx(|| "chmod root".into())?;
     for f in &inputs.overlay {
         let p = tree.join(&f.rel);
         if let Some(parent) = p.parent() {
             fs::create_dir_all(parent).ctx(|| format!("creating {}", parent.display()))?;
         }
         fs::write(&p, &f.data).ctx(|| format!("writing {}", p.display()))?;
-        fs::set_permissions(&p, fs::Permissions::from_mode(f.mode))
-            .ctx(|| format!("chmod {}", p.display()))?;
+        fs::set_permissions(&p, fs::Permissions::from_mode(f.mode)).ctx(|| format!("chmod {}", p.display()))?;
     }
     copy_file(Path::new(BUSYBOX), &tree.join("bin/busybox"))?;
     fs::set_permissions(tree.join("bin/busybox"), fs::Permissions::from_mode(0o755))
@@ -1237,6 +1065,17 @@ fn build_rootfs_tree(tree: &Path, inputs: &Inputs) -> Result<()> {
     if fs::symlink_metadata(&init_link).is_err() {
         symlink("/init", &init_link).ctx(|| "linking sbin/init".into())?;
     }
+    let sh = tree.join("bin/sh");
+    if fs::symlink_metadata(&sh).is_err() {
+        symlink("/bin/busybox", &sh).ctx(|| "linking bin/sh".into())?;
+    }
+    Ok(())
+}
+
+/// Adds a link to `/bin/busybox` for every applet (`busybox --list-full`) that the tree
+/// does not already have. Only for the ext4 image: in an initramfs every entry costs ~30 ms to
+/// unpack on PVM (266 links: +13 s), so there `/init` runs `busybox --install -s` instead.
+fn add_applet_links(tree: &Path) -> Result<usize> {
     let (ok, list) = capture(Command::new(BUSYBOX).arg("--list-full"))?;
     if !ok {
         return Err(GuestError::Check(format!("`{BUSYBOX} --list-full` failed")));
@@ -1244,18 +1083,12 @@ fn build_rootfs_tree(tree: &Path, inputs: &Inputs) -> Result<()> {
     let mut links = 0usize;
     for applet in list.lines().map(str::trim).filter(|l| !l.is_empty()) {
         let rel = Path::new(applet);
-        if rel.is_absolute()
-            || rel
-                .components()
-                .any(|c| !matches!(c, std::path::Component::Normal(_)))
-        {
-            return Err(GuestError::Check(format!(
-                "odd busybox applet path `{applet}`"
-            )));
+        if rel.is_absolute() || rel.components().any(|c| !matches!(c, std::path::Component::Normal(_))) {
+            return Err(GuestError::Check(format!("odd busybox applet path `{applet}`")));
         }
         let p = tree.join(rel);
         if fs::symlink_metadata(&p).is_ok() {
-            continue; // ours (overlay or sbin/init) wins
+            continue; // ours (overlay, sbin/init, bin/sh) wins
         }
         if let Some(parent) = p.parent() {
             fs::create_dir_all(parent).ctx(|| format!("creating {}", parent.display()))?;
@@ -1264,12 +1097,9 @@ fn build_rootfs_tree(tree: &Path, inputs: &Inputs) -> Result<()> {
         links += 1;
     }
     if links < 50 {
-        return Err(GuestError::Check(format!(
-            "only {links} busybox applets: is {BUSYBOX} the static busybox?"
-        )));
+        return Err(GuestError::Check(format!("only {links} busybox applets: is {BUSYBOX} the static busybox?")));
     }
-    eprintln!("[guest] rootfs: busybox with {links} applet links");
-    Ok(())
+    Ok(links)
 }
 
 /// One entry of a newc archive.
@@ -1294,22 +1124,14 @@ const S_IFCHR: u32 = 0o020000;
 fn cpio_from_tree(tree: &Path) -> Result<Vec<u8>> {
     let mut entries = Vec::new();
     collect_cpio(tree, tree, &mut entries, 0)?;
-    entries.push(CpioEntry {
-        name: "dev/console".into(),
-        mode: S_IFCHR | 0o600,
-        data: Vec::new(),
-        rdev: (5, 1),
-    });
+    entries.push(CpioEntry { name: "dev/console".into(), mode: S_IFCHR | 0o600, data: Vec::new(), rdev: (5, 1) });
     entries.sort_by(|a, b| a.name.cmp(&b.name));
     write_newc(&entries)
 }
 
 fn collect_cpio(root: &Path, dir: &Path, out: &mut Vec<CpioEntry>, depth: u32) -> Result<()> {
     if depth > 16 {
-        return Err(GuestError::Check(format!(
-            "{} nests too deep",
-            dir.display()
-        )));
+        return Err(GuestError::Check(format!("{} nests too deep", dir.display())));
     }
     let mut names: Vec<PathBuf> = fs::read_dir(dir)
         .ctx(|| format!("listing {}", dir.display()))?
@@ -1327,12 +1149,7 @@ fn collect_cpio(root: &Path, dir: &Path, out: &mut Vec<CpioEntry>, depth: u32) -
         let perm = meta.mode() & 0o7777;
         let ft = meta.file_type();
         if ft.is_dir() {
-            out.push(CpioEntry {
-                name,
-                mode: S_IFDIR | perm,
-                data: Vec::new(),
-                rdev: (0, 0),
-            });
+            out.push(CpioEntry { name, mode: S_IFDIR | perm, data: Vec::new(), rdev: (0, 0) });
             collect_cpio(root, &path, out, depth + 1)?;
         } else if ft.is_symlink() {
             let target = fs::read_link(&path).ctx(|| format!("readlink {}", path.display()))?;
@@ -1344,17 +1161,9 @@ fn collect_cpio(root: &Path, dir: &Path, out: &mut Vec<CpioEntry>, depth: u32) -
             });
         } else if ft.is_file() {
             let data = fs::read(&path).ctx(|| format!("reading {}", path.display()))?;
-            out.push(CpioEntry {
-                name,
-                mode: S_IFREG | perm,
-                data,
-                rdev: (0, 0),
-            });
+            out.push(CpioEntry { name, mode: S_IFREG | perm, data, rdev: (0, 0) });
         } else {
-            return Err(GuestError::Check(format!(
-                "{}: unsupported file type in rootfs tree",
-                path.display()
-            )));
+            return Err(GuestError::Check(format!("{}: unsupported file type in rootfs tree", path.display())));
         }
     }
     Ok(())
@@ -1369,31 +1178,19 @@ fn pad4(buf: &mut Vec<u8>) {
 /// Writes a cpio "newc" archive (owner root, mtime 0, one link each), with its trailer.
 fn write_newc(entries: &[CpioEntry]) -> Result<Vec<u8>> {
     let mut buf = Vec::new();
-    let trailer = CpioEntry {
-        name: "TRAILER!!!".into(),
-        mode: 0,
-        data: Vec::new(),
-        rdev: (0, 0),
-    };
+    let trailer = CpioEntry { name: "TRAILER!!!".into(), mode: 0, data: Vec::new(), rdev: (0, 0) };
     for (i, e) in entries.iter().chain(std::iter::once(&trailer)).enumerate() {
         let is_trailer = i == entries.len();
-        let size = u32::try_from(e.data.len())
-            .map_err(|_| GuestError::Check(format!("{}: too large for cpio", e.name)))?;
-        let namesize = u32::try_from(e.name.len() + 1)
-            .map_err(|_| GuestError::Check("cpio name too long".into()))?;
+        let size =
+            u32::try_from(e.data.len()).map_err(|_| GuestError::Check(format!("{}: too large for cpio", e.name)))?;
+        let namesize = u32::try_from(e.name.len() + 1).map_err(|_| GuestError::Check("cpio name too long".into()))?;
         let ino = if is_trailer {
             0
         } else {
             u32::try_from(i + 1).map_err(|_| GuestError::Check("too many cpio entries".into()))?
         };
-        let nlink = if e.mode & 0o170000 == S_IFDIR {
-            2
-        } else {
-            u32::from(!is_trailer)
-        };
-        let fields = [
-            ino, e.mode, 0, 0, nlink, 0, size, 0, 0, e.rdev.0, e.rdev.1, namesize, 0,
-        ];
+        let nlink = if e.mode & 0o170000 == S_IFDIR { 2 } else { u32::from(!is_trailer) };
+        let fields = [ino, e.mode, 0, 0, nlink, 0, size, 0, 0, e.rdev.0, e.rdev.1, namesize, 0];
         buf.extend_from_slice(b"070701");
         for f in fields {
             buf.extend_from_slice(format!("{f:08x}").as_bytes());
@@ -1412,27 +1209,11 @@ fn write_newc(entries: &[CpioEntry]) -> Result<Vec<u8>> {
 
 fn make_ext4(tree: &Path, image: &Path) -> Result<()> {
     let mut cmd = Command::new("mkfs.ext4");
-    cmd.args([
-        "-q",
-        "-F",
-        "-L",
-        "bulkhead-root",
-        "-E",
-        "root_owner=0:0",
-        "-d",
-    ])
-    .arg(tree)
-    .arg(image)
-    .arg(EXT4_SIZE);
+    cmd.args(["-q", "-F", "-L", "bulkhead-root", "-E", "root_owner=0:0", "-d"]).arg(tree).arg(image).arg(EXT4_SIZE);
     run_visible(&mut cmd)?;
-    let len = fs::metadata(image)
-        .ctx(|| format!("stat {}", image.display()))?
-        .len();
+    let len = fs::metadata(image).ctx(|| format!("stat {}", image.display()))?.len();
     if len < 16 << 20 {
-        return Err(GuestError::Check(format!(
-            "{} is only {len} bytes",
-            image.display()
-        )));
+        return Err(GuestError::Check(format!("{} is only {len} bytes", image.display())));
     }
     Ok(())
 }
@@ -1456,13 +1237,8 @@ mod tests {
                 let s = std::str::from_utf8(&b[6 + i * 8..14 + i * 8]).expect("hex");
                 u32::from_str_radix(s, 16).expect("hex")
             };
-            let (mode, size, rmaj, rmin, namesize) = (
-                field(1),
-                field(6) as usize,
-                field(9),
-                field(10),
-                field(11) as usize,
-            );
+            let (mode, size, rmaj, rmin, namesize) =
+                (field(1), field(6) as usize, field(9), field(10), field(11) as usize);
             let name = String::from_utf8(b[110..110 + namesize - 1].to_vec()).expect("utf8");
             assert_eq!(b[110 + namesize - 1], 0);
             let data_start = (110 + namesize).div_ceil(4) * 4;
@@ -1482,24 +1258,9 @@ mod tests {
     #[test]
     fn newc_round_trip() {
         let entries = vec![
-            CpioEntry {
-                name: "bin".into(),
-                mode: S_IFDIR | 0o755,
-                data: vec![],
-                rdev: (0, 0),
-            },
-            CpioEntry {
-                name: "bin/sh".into(),
-                mode: S_IFLNK | 0o777,
-                data: b"/bin/busybox".to_vec(),
-                rdev: (0, 0),
-            },
-            CpioEntry {
-                name: "dev/console".into(),
-                mode: S_IFCHR | 0o600,
-                data: vec![],
-                rdev: (5, 1),
-            },
+            CpioEntry { name: "bin".into(), mode: S_IFDIR | 0o755, data: vec![], rdev: (0, 0) },
+            CpioEntry { name: "bin/sh".into(), mode: S_IFLNK | 0o777, data: b"/bin/busybox".to_vec(), rdev: (0, 0) },
+            CpioEntry { name: "dev/console".into(), mode: S_IFCHR | 0o600, data: vec![], rdev: (5, 1) },
             CpioEntry {
                 name: "init".into(),
                 mode: S_IFREG | 0o755,
@@ -1539,12 +1300,10 @@ mod tests {
 
     #[test]
     fn fragment_parse_merge_and_verify() {
-        let frag = parse_fragment("# c\nCONFIG_A=y\n# CONFIG_B is not set\nCONFIG_C=\"x y\"\n\n")
-            .expect("parse");
+        let frag = parse_fragment("# c\nCONFIG_A=y\n# CONFIG_B is not set\nCONFIG_C=\"x y\"\n\n").expect("parse");
         assert_eq!(frag.len(), 3);
         assert_eq!(frag["B"], Want::NotSet);
-        let base =
-            "CONFIG_A=n\n# CONFIG_A is not set\nCONFIG_B=y\nCONFIG_D=y\n# CONFIG_C is not set\n";
+        let base = "CONFIG_A=n\n# CONFIG_A is not set\nCONFIG_B=y\nCONFIG_D=y\n# CONFIG_C is not set\n";
         let merged = merge_config(base, &frag);
         assert!(merged.contains("CONFIG_D=y\n"));
         assert!(!merged.contains("CONFIG_B=y"));
@@ -1586,26 +1345,11 @@ mod tests {
         ] {
             assert_eq!(frag.get(sym), Some(&Want::Value("y".into())), "{sym}");
         }
-        for sym in [
-            "PARAVIRT",
-            "KVM_GUEST",
-            "JUMP_LABEL",
-            "KPROBES",
-            "FTRACE",
-            "PCI",
-            "ACPI",
-        ] {
+        for sym in ["PARAVIRT", "KVM_GUEST", "JUMP_LABEL", "KPROBES", "FTRACE", "PCI", "ACPI"] {
             assert_eq!(frag.get(sym), Some(&Want::NotSet), "{sym}");
         }
-        assert!(inputs
-            .overlay
-            .iter()
-            .any(|f| f.rel == "init" && f.mode & 0o111 != 0));
-        let init = inputs
-            .overlay
-            .iter()
-            .find(|f| f.rel == "init")
-            .expect("init");
+        assert!(inputs.overlay.iter().any(|f| f.rel == "init" && f.mode & 0o111 != 0));
+        let init = inputs.overlay.iter().find(|f| f.rel == "init").expect("init");
         assert!(String::from_utf8_lossy(&init.data).contains("bulkhead-guest: init running"));
     }
 
@@ -1633,15 +1377,9 @@ mod tests {
         let inputs = Inputs::load(&repo_root().join("guests/linux")).expect("load inputs");
         let patch = String::from_utf8_lossy(&inputs.patches[0].1).into_owned();
         assert!(patch.contains(PATCH_MARKER), "patch must add the marker");
-        assert!(
-            patch.lines().any(|l| l == format!("-{SELFTEST_CALL}")),
-            "patch must drop the call"
-        );
+        assert!(patch.lines().any(|l| l == format!("-{SELFTEST_CALL}")), "patch must drop the call");
         assert!(check_selftest_disabled("x\n\tint3_selftest();\n").is_err());
-        assert!(
-            check_selftest_disabled(&format!("/* {PATCH_MARKER} */\n\tint3_selftest();\n"))
-                .is_err()
-        );
+        assert!(check_selftest_disabled(&format!("/* {PATCH_MARKER} */\n\tint3_selftest();\n")).is_err());
         assert!(check_selftest_disabled(&format!("/* {PATCH_MARKER} */\n")).is_ok());
     }
 

@@ -6,20 +6,29 @@ use crate::util::{build_binaries, guest_images, probe_elf, run, workspace_root, 
 
 /// The command line the default Linux guest boots with (the core adds the PVM parameters itself
 /// when the host needs them).
-pub const LINUX_CMDLINE: &str = "console=ttyS0 reboot=k panic=1 i8042.noaux i8042.nomux";
+pub const LINUX_CMDLINE: &str = "console=ttyS0 earlyprintk=ttyS0 reboot=k panic=1 root=/dev/vda rw";
 
 /// `cargo xtask run [bulkhead run options]`: builds the release binaries and the Linux guest if
-/// missing, then boots it with its console on this terminal.
+/// missing, then boots it with its console on this terminal and its root file system on
+/// `target/guest-run/rootfs.ext4` (a copy of the built image, made once and kept between runs, as
+/// a VM's disk would be), served by `bulkhead-block`.
 pub fn run_guest(extra: &[String]) -> Result<(), BoxError> {
     let bin = build_binaries(true)?;
     let images = guest_images()?;
+    let disk_dir = workspace_root().join("target").join("guest-run");
+    std::fs::create_dir_all(&disk_dir)?;
+    let disk = disk_dir.join("rootfs.ext4");
+    if !disk.exists() {
+        std::fs::copy(&images.rootfs, &disk).map_err(|e| format!("cannot copy the root image: {e}"))?;
+    }
+    eprintln!("xtask run: booting {} with root on {}", images.vmlinux.display(), disk.display());
     let mut cmd = Command::new(bin.join("bulkhead"));
     cmd.arg("run")
         .arg("--kernel")
         .arg(&images.vmlinux)
-        .arg("--initrd")
-        .arg(&images.initramfs)
-        .args(["--cmdline", LINUX_CMDLINE])
+        .arg("--disk")
+        .arg(format!("{},id=root", disk.display()))
+        .args(["--mem", "256", "--cmdline", LINUX_CMDLINE])
         .args(extra);
     let status = cmd.status().map_err(|e| format!("cannot start bulkhead: {e}"))?;
     eprintln!("xtask run: bulkhead exited with {status}");

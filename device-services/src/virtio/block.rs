@@ -120,7 +120,14 @@ impl Block {
     /// A block device over `disk`, whose size must be `disk_size` bytes (capacity is rounded
     /// down to whole sectors). Probes once whether the file supports hole punching and range
     /// zeroing (past the end of the file, with `KEEP_SIZE`, so no data changes).
-    pub fn new(disk: File, disk_size: u64, read_only: bool, id: &str, num_queues: u16, queue_size: u16) -> Result<Self, BlockError> {
+    pub fn new(
+        disk: File,
+        disk_size: u64,
+        read_only: bool,
+        id: &str,
+        num_queues: u16,
+        queue_size: u16,
+    ) -> Result<Self, BlockError> {
         let actual = disk.metadata().map_err(BlockError::Stat)?.len();
         if actual != disk_size {
             return Err(BlockError::SizeMismatch { expected: disk_size, actual });
@@ -134,8 +141,10 @@ impl Block {
             (false, false)
         } else {
             let fd = disk.as_raw_fd();
-            let punch = fallocate(fd, libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, end.max(actual), 4096).is_ok();
-            let zero = fallocate(fd, libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE, end.max(actual), 4096).is_ok();
+            let punch =
+                fallocate(fd, libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, end.max(actual), 4096).is_ok();
+            let zero =
+                fallocate(fd, libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE, end.max(actual), 4096).is_ok();
             (punch, zero)
         };
         let mut idb = [0u8; ID_BYTES];
@@ -172,7 +181,19 @@ impl Block {
         config[48..52].copy_from_slice(&MAX_DISCARD_SECTORS.to_le_bytes());
         config[52..56].copy_from_slice(&1u32.to_le_bytes());
         config[56] = u8::from(can_punch);
-        Ok(Self { disk, capacity, read_only, id: idb, features, config, queue_size, num_queues, can_punch, can_zero, stats: BlockStats::default() })
+        Ok(Self {
+            disk,
+            capacity,
+            read_only,
+            id: idb,
+            features,
+            config,
+            queue_size,
+            num_queues,
+            can_punch,
+            can_zero,
+            stats: BlockStats::default(),
+        })
     }
 
     /// Capacity in 512-byte sectors.
@@ -201,7 +222,11 @@ impl Block {
     }
 
     /// Parses and executes one chain; returns the used length (bytes written into the chain).
-    pub fn handle_chain<I: IntoIterator<Item = virtio_queue::desc::split::Descriptor>>(&mut self, mem: &GuestMem, descs: I) -> u32 {
+    pub fn handle_chain<I: IntoIterator<Item = virtio_queue::desc::split::Descriptor>>(
+        &mut self,
+        mem: &GuestMem,
+        descs: I,
+    ) -> u32 {
         let (status, st_addr, written) = match parse_request(mem, descs, self.capacity) {
             Ok(req) => {
                 let (st, written) = self.execute(mem, &req);
@@ -323,9 +348,8 @@ impl Block {
         let perm = if write { Permissions::Read } else { Permissions::Write };
         let mut slices: Vec<VolatileSlice<'_, ()>> = Vec::with_capacity(req.data.len());
         for s in &req.data {
-            let it = mem
-                .get_slices(s.addr, s.len as usize, perm)
-                .map_err(|_| io::Error::from_raw_os_error(libc::EFAULT))?;
+            let it =
+                mem.get_slices(s.addr, s.len as usize, perm).map_err(|_| io::Error::from_raw_os_error(libc::EFAULT))?;
             for sl in it {
                 slices.push(sl.map_err(|_| io::Error::from_raw_os_error(libc::EFAULT))?);
             }
@@ -412,7 +436,8 @@ impl VirtioDevice for Block {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) -> bool {
-        let Some(src) = usize::try_from(offset).ok().and_then(|o| self.config.get(o..o.checked_add(data.len())?)) else {
+        let Some(src) = usize::try_from(offset).ok().and_then(|o| self.config.get(o..o.checked_add(data.len())?))
+        else {
             return false;
         };
         data.copy_from_slice(src);

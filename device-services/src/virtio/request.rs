@@ -323,11 +323,27 @@ mod tests {
         let st = Some(GuestAddress(0x2000));
         let cases: Vec<(Vec<Descriptor>, ParseError, Option<GuestAddress>)> = vec![
             (vec![d(0x100, 16, false, false)], ParseError::NoStatus, None),
-            (vec![d(0x100, 16, false, true), d(0x1000, 512, true, true), d(0x2000, 1, true, true)], ParseError::Truncated, st),
-            (vec![d(0x1000, 512, true, true), d(0x100, 16, false, true), d(0x2000, 1, true, false)], ParseError::WrongDirection, st),
-            (vec![d(0x100, 16, false, true), d(0xfff_ff00, 512, true, true), d(0x2000, 1, true, false)], ParseError::OutsideMemory { addr: 0xfff_ff00, len: 512 }, st),
+            (
+                vec![d(0x100, 16, false, true), d(0x1000, 512, true, true), d(0x2000, 1, true, true)],
+                ParseError::Truncated,
+                st,
+            ),
+            (
+                vec![d(0x1000, 512, true, true), d(0x100, 16, false, true), d(0x2000, 1, true, false)],
+                ParseError::WrongDirection,
+                st,
+            ),
+            (
+                vec![d(0x100, 16, false, true), d(0xfff_ff00, 512, true, true), d(0x2000, 1, true, false)],
+                ParseError::OutsideMemory { addr: 0xfff_ff00, len: 512 },
+                st,
+            ),
             (vec![d(0x100, 8, false, true), d(0x2000, 1, true, false)], ParseError::TooShort, st),
-            (vec![d(0x100, 16, false, true), d(0x1000, 100, true, true), d(0x2000, 1, true, false)], ParseError::Unaligned(100), st),
+            (
+                vec![d(0x100, 16, false, true), d(0x1000, 100, true, true), d(0x2000, 1, true, false)],
+                ParseError::Unaligned(100),
+                st,
+            ),
             (vec![d(0x100, 16, false, true), d(0xffff, 2, true, false)], ParseError::NoStatus, None),
         ];
         for (descs, want, status) in cases {
@@ -335,12 +351,14 @@ mod tests {
             assert_eq!((e.error, e.status), (want, status), "{descs:?}");
         }
         header(&m, 0x100, virtio_blk::VIRTIO_BLK_T_IN, CAP - 1);
-        let e = parse_request(&m, [d(0x100, 16, false, true), d(0x1000, 1024, true, true), d(0x2000, 1, true, false)], CAP)
-            .expect_err("past the end");
+        let e =
+            parse_request(&m, [d(0x100, 16, false, true), d(0x1000, 1024, true, true), d(0x2000, 1, true, false)], CAP)
+                .expect_err("past the end");
         assert_eq!(e.error, ParseError::OutOfRange { sector: CAP - 1, sectors: 2, capacity: CAP });
         header(&m, 0x100, virtio_blk::VIRTIO_BLK_T_IN, u64::MAX);
-        let e = parse_request(&m, [d(0x100, 16, false, true), d(0x1000, 512, true, true), d(0x2000, 1, true, false)], CAP)
-            .expect_err("overflowing sector");
+        let e =
+            parse_request(&m, [d(0x100, 16, false, true), d(0x1000, 512, true, true), d(0x2000, 1, true, false)], CAP)
+                .expect_err("overflowing sector");
         assert!(matches!(e.error, ParseError::OutOfRange { .. }));
         let long: Vec<Descriptor> = (0..MAX_DESCRIPTORS + 1).map(|_| d(0x100, 16, false, true)).collect();
         assert_eq!(parse_request(&m, long, CAP).expect_err("long").error, ParseError::TooLong);
@@ -352,11 +370,13 @@ mod tests {
         header(&m, 0x100, virtio_blk::VIRTIO_BLK_T_OUT, 0);
         let e = parse_request(&m, [d(0x100, 16, false, true), d(0x1000, 513, true, false)], CAP).expect_err("dir");
         assert_eq!(e.error, ParseError::WrongDirection);
-        let ok = parse_request(&m, [d(0x100, 16, false, true), d(0x1000, 512, false, true), d(0x2000, 1, true, false)], CAP)
-            .expect("valid write");
+        let ok =
+            parse_request(&m, [d(0x100, 16, false, true), d(0x1000, 512, false, true), d(0x2000, 1, true, false)], CAP)
+                .expect("valid write");
         assert_eq!((ok.kind, ok.data_len), (RequestType::Out, 512));
         header(&m, 0x100, 99, 0);
-        let u = parse_request(&m, [d(0x100, 16, false, true), d(0x2000, 1, true, false)], CAP).expect("unsupported parses");
+        let u =
+            parse_request(&m, [d(0x100, 16, false, true), d(0x2000, 1, true, false)], CAP).expect("unsupported parses");
         assert_eq!(u.kind, RequestType::Unsupported(99));
     }
 }

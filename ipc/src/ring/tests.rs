@@ -107,7 +107,9 @@ fn concurrent_callers() {
             thread::spawn(move || {
                 for i in 0..500u64 {
                     let addr = t << 32 | i;
-                    let r = core.call(&ExitRequest::read(ExitKind::MmioRead, addr, 8), Duration::from_secs(5)).expect("call");
+                    let r = core
+                        .call(&ExitRequest::read(ExitKind::MmioRead, addr, 8), Duration::from_secs(5))
+                        .expect("call");
                     expect_echo(&r, addr, 8);
                 }
             })
@@ -129,7 +131,10 @@ fn silent_peer_times_out_then_broken() {
     let el = t.elapsed();
     assert!(el >= Duration::from_millis(50) && el < Duration::from_millis(500), "{el:?}");
     let t = Instant::now();
-    assert!(matches!(core.call(&ExitRequest::read(ExitKind::PioRead, 1, 1), Duration::from_secs(5)), Err(IpcError::Broken)));
+    assert!(matches!(
+        core.call(&ExitRequest::read(ExitKind::PioRead, 1, 1), Duration::from_secs(5)),
+        Err(IpcError::Broken)
+    ));
     assert!(t.elapsed() < Duration::from_millis(10));
 }
 
@@ -148,19 +153,27 @@ fn abort_wakes_blocked_caller() {
     let (r, el) = h.join().expect("join");
     assert!(matches!(r, Err(IpcError::Aborted)), "{r:?}");
     assert!(el < Duration::from_secs(1), "{el:?}");
-    assert!(matches!(core.call(&ExitRequest::read(ExitKind::PioRead, 1, 1), Duration::from_secs(10)), Err(IpcError::Aborted)));
+    assert!(matches!(
+        core.call(&ExitRequest::read(ExitKind::PioRead, 1, 1), Duration::from_secs(10)),
+        Err(IpcError::Aborted)
+    ));
 }
 
 #[test]
 fn invalid_request_size() {
     let (core, _svc) = pair(4, Duration::ZERO);
-    assert!(matches!(core.call(&ExitRequest::read(ExitKind::PioRead, 1, 3), Duration::from_millis(1)), Err(IpcError::InvalidRequest(3))));
+    assert!(matches!(
+        core.call(&ExitRequest::read(ExitKind::PioRead, 1, 3), Duration::from_millis(1)),
+        Err(IpcError::InvalidRequest(3))
+    ));
     assert!(ExitRequest::write(ExitKind::PioWrite, 0, &[0; 3]).is_none());
 }
 
 /// Drives one call with a hand-written "service" that answers with `rec` (and optionally a
 /// bogus producer index) and returns the core's result.
-fn answer_with(rec_for: impl FnOnce(&ExitRecord) -> (CompletionRecord, u64) + Send + 'static) -> Result<ExitReply, IpcError> {
+fn answer_with(
+    rec_for: impl FnOnce(&ExitRecord) -> (CompletionRecord, u64) + Send + 'static,
+) -> Result<ExitReply, IpcError> {
     let (core, _svc) = pair(4, Duration::from_micros(10));
     let raw = raw_view(&core);
     let bell = eventfd_of(core.complete_bell());
@@ -191,11 +204,23 @@ fn hostile_completions_are_protocol_errors() {
     let ok = answer_with(|r| (CompletionRecord { seq: r.seq, status: 0, len: r.len, data: [7; 8] }, 1));
     assert_eq!(ok.expect("honest answer").data[..2], [7, 7]);
     let cases: Vec<(&str, Answer)> = vec![
-        ("wrong seq", Box::new(|r: &ExitRecord| (CompletionRecord { seq: r.seq + 1, status: 0, len: r.len, data: [0; 8] }, 1))),
+        (
+            "wrong seq",
+            Box::new(|r: &ExitRecord| (CompletionRecord { seq: r.seq + 1, status: 0, len: r.len, data: [0; 8] }, 1)),
+        ),
         ("wrong len", Box::new(|r: &ExitRecord| (CompletionRecord { seq: r.seq, status: 0, len: 4, data: [0; 8] }, 1))),
-        ("bad status", Box::new(|r: &ExitRecord| (CompletionRecord { seq: r.seq, status: 9, len: r.len, data: [0; 8] }, 1))),
-        ("index too far", Box::new(|r: &ExitRecord| (CompletionRecord { seq: r.seq, status: 0, len: r.len, data: [0; 8] }, 2))),
-        ("index wrapped", Box::new(|r: &ExitRecord| (CompletionRecord { seq: r.seq, status: 0, len: r.len, data: [0; 8] }, u64::MAX))),
+        (
+            "bad status",
+            Box::new(|r: &ExitRecord| (CompletionRecord { seq: r.seq, status: 9, len: r.len, data: [0; 8] }, 1)),
+        ),
+        (
+            "index too far",
+            Box::new(|r: &ExitRecord| (CompletionRecord { seq: r.seq, status: 0, len: r.len, data: [0; 8] }, 2)),
+        ),
+        (
+            "index wrapped",
+            Box::new(|r: &ExitRecord| (CompletionRecord { seq: r.seq, status: 0, len: r.len, data: [0; 8] }, u64::MAX)),
+        ),
     ];
     for (name, f) in cases {
         let r = answer_with(f);

@@ -6,7 +6,9 @@ use kvm_bindings::{kvm_fpu, kvm_lapic_state, kvm_msr_entry, kvm_regs, kvm_segmen
 use kvm_ioctls::VcpuFd;
 use vm_memory::{Bytes, GuestAddress, GuestMemory};
 
-use super::layout::{BOOT_GDT_START, BOOT_IDT_START, BOOT_STACK_POINTER, PDE_START, PDPTE_START, PML4_START, ZERO_PAGE_START};
+use super::layout::{
+    BOOT_GDT_START, BOOT_IDT_START, BOOT_STACK_POINTER, PDE_START, PDPTE_START, PML4_START, ZERO_PAGE_START,
+};
 
 /// Errors while setting up a vCPU.
 #[derive(Debug, thiserror::Error)]
@@ -115,16 +117,13 @@ pub fn segment_from_gdt(entry: u64, index: u16) -> kvm_segment {
 }
 
 /// The boot GDT: null, 64-bit code, data, TSS.
-pub const BOOT_GDT: [u64; 4] = [
-    gdt_entry(0, 0, 0),
-    gdt_entry(0xa09b, 0, 0xfffff),
-    gdt_entry(0xc093, 0, 0xfffff),
-    gdt_entry(0x808b, 0, 0xfffff),
-];
+pub const BOOT_GDT: [u64; 4] =
+    [gdt_entry(0, 0, 0), gdt_entry(0xa09b, 0, 0xfffff), gdt_entry(0xc093, 0, 0xfffff), gdt_entry(0x808b, 0, 0xfffff)];
 
 /// Writes the boot GDT, an empty IDT and identity page tables for the first 1 GiB (2 MiB pages).
 pub fn write_boot_tables<M: GuestMemory>(mem: &M) -> Result<(), CpuError> {
-    let w = |what, r: Result<(), vm_memory::GuestMemoryError>| r.map_err(|source| CpuError::GuestWrite { what, source });
+    let w =
+        |what, r: Result<(), vm_memory::GuestMemoryError>| r.map_err(|source| CpuError::GuestWrite { what, source });
     for (i, e) in BOOT_GDT.iter().enumerate() {
         w("GDT", mem.write_obj(*e, GuestAddress(BOOT_GDT_START + 8 * i as u64)))?;
     }

@@ -33,7 +33,14 @@ fn logs() -> &'static Capture {
 
 fn lines_matching(pid: u32, level: &str) -> Vec<String> {
     let pat = format!("(pid {pid})");
-    logs().0.lock().unwrap_or_else(|e| e.into_inner()).iter().filter(|l| l.starts_with(level) && l.contains(&pat)).cloned().collect()
+    logs()
+        .0
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+        .filter(|l| l.starts_with(level) && l.contains(&pat))
+        .cloned()
+        .collect()
 }
 
 /// Services spin while serving; run them one at a time on these 2-core machines.
