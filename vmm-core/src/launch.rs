@@ -134,6 +134,11 @@ fn service_binary(dir: &Path, name: &str) -> Result<PathBuf, LaunchError> {
     }
 }
 
+/// CPU time a live process has used, in ns (`/proc/PID/schedstat`, first field).
+pub fn service_cpu_ns(pid: u32) -> Option<u64> {
+    std::fs::read_to_string(format!("/proc/{pid}/schedstat")).ok()?.split_whitespace().next()?.parse().ok()
+}
+
 static SIGNALLED: AtomicI32 = AtomicI32::new(0);
 
 extern "C" fn on_terminate(sig: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
@@ -402,6 +407,17 @@ pub fn run(args: &RunArgs) -> Result<StopReason, LaunchError> {
         log::error!("{stuck} vCPU thread(s) did not stop within 2 s");
     }
     for service in services {
+        let stats = service.device().stats();
+        let cpu =
+            service_cpu_ns(service.pid()).map_or_else(|| "n/a".to_string(), |ns| format!("{:.1} ms", ns as f64 / 1e6));
+        log::info!(
+            "service {} (pid {}): {} exits forwarded, {} rejected, {} failures, cpu {cpu}",
+            service.name(),
+            service.pid(),
+            stats.forwarded,
+            stats.rejected,
+            stats.failures
+        );
         service.shutdown(Duration::from_secs(2));
     }
     log::info!("guest stopped: {reason}");

@@ -2,7 +2,10 @@
 //! inside the core (0x80, the POST-code port) and forwarded to the console service (0x3fd, the
 //! UART's line-status register), interleaved, several runs each; medians and their ratio.
 //!
-//! Options: `--runs N` (default 7), `--exits N` per run (default 200000).
+//! Then the block benchmark (see `bench_blk`).
+//!
+//! Options: `--runs N` (default 7), `--exits N` per run (default 200000), `--blk-runs N` (default
+//! 5), `--only pio|blk`.
 
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -14,21 +17,40 @@ struct Sample {
     cycles_per_exit: u64,
 }
 
-fn parse_args(args: &[String]) -> Result<(usize, u64), BoxError> {
-    let (mut runs, mut exits) = (7usize, 200_000u64);
+struct Options {
+    runs: usize,
+    exits: u64,
+    blk_runs: usize,
+    only: Option<String>,
+}
+
+fn parse_args(args: &[String]) -> Result<Options, BoxError> {
+    let (mut runs, mut exits, mut blk_runs, mut only) = (7usize, 200_000u64, 5usize, None);
     let mut it = args.iter();
     while let Some(a) = it.next() {
         let val = || -> Result<&String, BoxError> { Err(format!("{a} needs a value").into()) };
         match a.as_str() {
             "--runs" => runs = it.next().map_or_else(val, Ok)?.parse()?,
             "--exits" => exits = it.next().map_or_else(val, Ok)?.parse()?,
-            other => return Err(format!("unknown bench option {other} (--runs N, --exits N)").into()),
+            "--blk-runs" => blk_runs = it.next().map_or_else(val, Ok)?.parse()?,
+            "--only" => {
+                let v = it.next().map_or_else(val, Ok)?;
+                if v != "pio" && v != "blk" {
+                    return Err(format!("--only takes pio or blk, not {v}").into());
+                }
+                only = Some(v.clone());
+            }
+            other => {
+                return Err(
+                    format!("unknown bench option {other} (--runs N, --exits N, --blk-runs N, --only pio|blk)").into()
+                )
+            }
         }
     }
-    if runs == 0 || exits == 0 {
-        return Err("--runs and --exits must be positive".into());
+    if runs == 0 || exits == 0 || blk_runs == 0 {
+        return Err("--runs, --exits and --blk-runs must be positive".into());
     }
-    Ok((runs, exits))
+    Ok(Options { runs, exits, blk_runs, only })
 }
 
 fn pio_loop(bin: &Path, probe: &Path, port: u16, exits: u64) -> Result<Sample, BoxError> {
@@ -76,15 +98,93 @@ fn tsc_per_us() -> f64 {
 
 /// Entry point of `cargo xtask bench`.
 pub fn run(args: &[String]) -> Result<(), BoxError> {
-    let (runs, exits) = parse_args(args)?;
+    let opts = parse_args(args)?;
     let bin = build_binaries(true)?;
     let probe = probe_elf()?;
     let rate = tsc_per_us();
+    if opts.only.as_deref() != Some("pio") {
+        blk(&bin, &probe, rate, opts.blk_runs)?;
+    }
+    if opts.only.as_deref() != Some("blk") {
+        pio(&bin, &probe, rate, opts.runs, opts.exits)?;
+    }
+    Ok(())
+}
+
+/// The block benchmark: probe `blk-bench` under Bulkhead, QEMU built-in virtio-blk and QEMU with
+/// qemu-storage-daemon's vhost-user-blk, interleaved, medians.
+fn blk(bin: &Path, probe: &Path, rate: f64, runs: usize) -> Result<(), BoxError> {
+    use crate::bench_blk::{make_image, median as med, run_peer, BlkRun, Peer};
+    use std::collections::BTreeMap;
+    crate::util::ensure_packages(&[("qemu-system-x86_64", "qemu-system-x86")])?;
+    let image = crate::bench_blk::image_path();
+    make_image(&image, 256)?;
+    // A measured rate in the millions: the float-to-int cast saturates and the fraction is noise.
+    #[allow(clippy::cast_possible_truncation)]
+    let tsc_khz = (rate * 1000.0).round() as u64;
+    let (qd, count) = (32, 8192);
+    let r = BlkRun {
+        bin,
+        probe,
+        image: &image,
+        cmdline: format!("probe.test=blk-bench probe.qd={qd} probe.count={count} probe.tsc_khz={tsc_khz}"),
+    };
+    let peers = [Peer::Bulkhead, Peer::QemuVhostUser, Peer::QemuBuiltin];
+    // (peer, workload) -> samples of the workload's headline figure (IOPS for 4k, MiB/s else).
+    let mut samples: BTreeMap<(Peer, String), Vec<u64>> = BTreeMap::new();
+    let mut cpu_per_req: Vec<u64> = Vec::new();
+    for i in 0..runs {
+        for peer in peers {
+            eprintln!("bench: blk run {}/{runs}: {}", i + 1, peer.label());
+            let (w, cpu) = run_peer(peer, &r)?;
+            if w.is_empty() {
+                return Err(format!("{} printed no blk-bench lines", peer.label()).into());
+            }
+            let reqs: u64 = w.values().map(|x| x.reqs).sum();
+            if let (Some(ns), true) = (cpu, reqs > 0) {
+                cpu_per_req.push(ns / reqs);
+            }
+            for (name, x) in w {
+                let v = if name.contains("4k") { x.iops } else { x.mibps };
+                samples.entry((peer, name)).or_default().push(v);
+            }
+        }
+    }
+    let _ = std::fs::remove_file(&image);
+    let names: Vec<String> = samples.keys().filter(|(p, _)| *p == Peer::Bulkhead).map(|(_, n)| n.clone()).collect();
+    println!("# blk-bench: probe guest, 256 MiB raw image (page cache), queue depth {qd}, {count} requests per workload, {runs} interleaved runs, medians");
+    println!("| workload | unit | bulkhead | QEMU vhost-user-blk | QEMU built-in | bulkhead / vhost-user | bulkhead / built-in |");
+    println!("|---|---|---|---|---|---|---|");
+    let mut randread_ratio = None;
+    for name in &names {
+        let mut get = |p: Peer| samples.get_mut(&(p, name.clone())).map_or(0, |v| med(v));
+        let (b, v, q) = (get(Peer::Bulkhead), get(Peer::QemuVhostUser), get(Peer::QemuBuiltin));
+        let unit = if name.contains("4k") { "IOPS" } else { "MiB/s" };
+        let ratio = |x: u64| if x == 0 { 0.0 } else { b as f64 / x as f64 };
+        println!("| {name} | {unit} | {b} | {v} | {q} | {:.2} | {:.2} |", ratio(v), ratio(q));
+        if name.contains("randread") {
+            randread_ratio = Some(ratio(v));
+        }
+    }
+    if !cpu_per_req.is_empty() {
+        println!(
+            "bulkhead-block CPU time per request: {:.2} us (median over runs)",
+            med(&mut cpu_per_req) as f64 / 1000.0
+        );
+    }
+    if let Some(r) = randread_ratio {
+        println!("blk randread-4k IOPS ratio vs vhost-user-blk: {r:.2}");
+    }
+    Ok(())
+}
+
+/// The exit-forwarding benchmark.
+fn pio(bin: &Path, probe: &Path, rate: f64, runs: usize, exits: u64) -> Result<(), BoxError> {
     let (mut core, mut fwd) = (Vec::new(), Vec::new());
     for i in 0..runs {
         eprintln!("bench: run {}/{runs}", i + 1);
-        core.push(pio_loop(&bin, &probe, 0x80, exits)?.cycles_per_exit);
-        fwd.push(pio_loop(&bin, &probe, 0x3fd, exits)?.cycles_per_exit);
+        core.push(pio_loop(bin, probe, 0x80, exits)?.cycles_per_exit);
+        fwd.push(pio_loop(bin, probe, 0x3fd, exits)?.cycles_per_exit);
     }
     let (c, f) = (median(&mut core), median(&mut fwd));
     let ratio = f as f64 / c as f64;

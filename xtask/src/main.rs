@@ -7,6 +7,7 @@
 //! - `cargo xtask bench`  runs the benchmarks and prints the report.
 
 mod bench;
+mod bench_blk;
 mod guest;
 mod probe;
 mod tasks;

@@ -83,10 +83,9 @@ impl fmt::Display for ProbeError {
             ProbeError::Failed { what, status } => write!(f, "{what} failed ({status})"),
             ProbeError::Io { path, .. } => write!(f, "{}", path.display()),
             ProbeError::Elf(m) => write!(f, "bad probe ELF: {m}"),
-            ProbeError::Forbidden { count, sample } => write!(
-                f,
-                "probe ELF has {count} instruction(s) PVM cannot emulate after an exit:\n{sample}"
-            ),
+            ProbeError::Forbidden { count, sample } => {
+                write!(f, "probe ELF has {count} instruction(s) PVM cannot emulate after an exit:\n{sample}")
+            }
         }
     }
 }
@@ -122,9 +121,7 @@ pub fn run(args: &[String]) -> Result<(), Box<dyn std::error::Error>> {
 
 fn workspace_root() -> PathBuf {
     let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
-    manifest
-        .parent()
-        .map_or_else(|| manifest.to_path_buf(), Path::to_path_buf)
+    manifest.parent().map_or_else(|| manifest.to_path_buf(), Path::to_path_buf)
 }
 
 /// Builds, checks and installs the probe; returns the absolute path of the installed ELF.
@@ -134,15 +131,7 @@ pub fn build(root: &Path) -> Result<PathBuf, ProbeError> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut cmd = Command::new(cargo);
     cmd.current_dir(&package)
-        .args([
-            "build",
-            "--release",
-            "--bin",
-            "probe",
-            "--target",
-            TRIPLE,
-            "--target-dir",
-        ])
+        .args(["build", "--release", "--bin", "probe", "--target", TRIPLE, "--target-dir"])
         .arg(&target_dir);
     for var in SCRUBBED_ENV {
         cmd.env_remove(var);
@@ -151,30 +140,17 @@ pub fn build(root: &Path) -> Result<PathBuf, ProbeError> {
     let stderr = std::io::stderr()
         .as_fd()
         .try_clone_to_owned()
-        .map_err(|source| ProbeError::Spawn {
-            what: "cargo (dup stderr)".into(),
-            source,
-        })?;
+        .map_err(|source| ProbeError::Spawn { what: "cargo (dup stderr)".into(), source })?;
     cmd.stdout(Stdio::from(stderr));
-    eprintln!(
-        "xtask probe: building {} -> {}",
-        package.display(),
-        target_dir.display()
-    );
+    eprintln!("xtask probe: building {} -> {}", package.display(), target_dir.display());
     let what = "cargo build (guests/probe)".to_string();
-    let status = cmd.status().map_err(|source| ProbeError::Spawn {
-        what: what.clone(),
-        source,
-    })?;
+    let status = cmd.status().map_err(|source| ProbeError::Spawn { what: what.clone(), source })?;
     if !status.success() {
         return Err(ProbeError::Failed { what, status });
     }
 
     let built = target_dir.join(TRIPLE).join("release/probe");
-    let bytes = fs::read(&built).map_err(|source| ProbeError::Io {
-        path: built.clone(),
-        source,
-    })?;
+    let bytes = fs::read(&built).map_err(|source| ProbeError::Io { path: built.clone(), source })?;
     let info = check_elf(&bytes)?;
     eprintln!(
         "xtask probe: ELF ok: entry {:#x}, PVH entry {:#x}, {} bytes loaded at {:#x}",
@@ -187,29 +163,14 @@ pub fn build(root: &Path) -> Result<PathBuf, ProbeError> {
     let digest = hex(&Sha256::digest(&bytes));
     let unchanged = fs::read(&dest).map(|old| old == bytes).unwrap_or(false);
     if unchanged {
-        eprintln!(
-            "xtask probe: {} up to date (sha256 {digest})",
-            dest.display()
-        );
+        eprintln!("xtask probe: {} up to date (sha256 {digest})", dest.display());
     } else {
-        fs::create_dir_all(&out_dir).map_err(|source| ProbeError::Io {
-            path: out_dir.clone(),
-            source,
-        })?;
+        fs::create_dir_all(&out_dir).map_err(|source| ProbeError::Io { path: out_dir.clone(), source })?;
         // Write then rename, so a concurrent reader never sees a half-written ELF.
         let tmp = out_dir.join(format!(".probe.elf.{}", std::process::id()));
-        fs::write(&tmp, &bytes).map_err(|source| ProbeError::Io {
-            path: tmp.clone(),
-            source,
-        })?;
-        fs::rename(&tmp, &dest).map_err(|source| ProbeError::Io {
-            path: dest.clone(),
-            source,
-        })?;
-        eprintln!(
-            "xtask probe: installed {} (sha256 {digest})",
-            dest.display()
-        );
+        fs::write(&tmp, &bytes).map_err(|source| ProbeError::Io { path: tmp.clone(), source })?;
+        fs::rename(&tmp, &dest).map_err(|source| ProbeError::Io { path: dest.clone(), source })?;
+        eprintln!("xtask probe: installed {} (sha256 {digest})", dest.display());
     }
     Ok(fs::canonicalize(&dest).unwrap_or(dest))
 }
@@ -256,15 +217,11 @@ pub fn check_elf(b: &[u8]) -> Result<ElfInfo, ProbeError> {
         return Err(ProbeError::Elf("not a little-endian ELF64 file".into()));
     }
     if u16_at(b, 16)? != 2 || u16_at(b, 18)? != 62 {
-        return Err(ProbeError::Elf(
-            "not an x86-64 executable (ET_EXEC, EM_X86_64)".into(),
-        ));
+        return Err(ProbeError::Elf("not an x86-64 executable (ET_EXEC, EM_X86_64)".into()));
     }
     let entry = u64_at(b, 24)?;
     if entry != PROBE_ENTRY {
-        return Err(ProbeError::Elf(format!(
-            "entry {entry:#x}, expected {PROBE_ENTRY:#x}"
-        )));
+        return Err(ProbeError::Elf(format!("entry {entry:#x}, expected {PROBE_ENTRY:#x}")));
     }
     let phoff = usize_of(u64_at(b, 32)?)?;
     let phentsize = usize::from(u16_at(b, 54)?);
@@ -286,9 +243,7 @@ pub fn check_elf(b: &[u8]) -> Result<ElfInfo, ProbeError> {
         match p_type {
             1 => {
                 if paddr != vaddr {
-                    return Err(ProbeError::Elf(format!(
-                        "PT_LOAD p_paddr {paddr:#x} != p_vaddr {vaddr:#x}"
-                    )));
+                    return Err(ProbeError::Elf(format!("PT_LOAD p_paddr {paddr:#x} != p_vaddr {vaddr:#x}")));
                 }
                 loads.push((paddr, memsz));
             }
@@ -305,34 +260,15 @@ pub fn check_elf(b: &[u8]) -> Result<ElfInfo, ProbeError> {
             _ => {}
         }
     }
-    let pvh_entry = pvh_entry
-        .ok_or_else(|| ProbeError::Elf("no PVH note (Xen, type 18) in a PT_NOTE".into()))?;
-    let load_start = loads
-        .iter()
-        .map(|&(a, _)| a)
-        .min()
-        .ok_or_else(|| ProbeError::Elf("no PT_LOAD".into()))?;
-    let load_end = loads
-        .iter()
-        .map(|&(a, s)| a.saturating_add(s))
-        .max()
-        .unwrap_or(load_start);
+    let pvh_entry = pvh_entry.ok_or_else(|| ProbeError::Elf("no PVH note (Xen, type 18) in a PT_NOTE".into()))?;
+    let load_start = loads.iter().map(|&(a, _)| a).min().ok_or_else(|| ProbeError::Elf("no PT_LOAD".into()))?;
+    let load_end = loads.iter().map(|&(a, s)| a.saturating_add(s)).max().unwrap_or(load_start);
     for (what, addr) in [("entry", entry), ("PVH entry", pvh_entry)] {
-        if !loads
-            .iter()
-            .any(|&(a, s)| addr >= a && addr < a.saturating_add(s))
-        {
-            return Err(ProbeError::Elf(format!(
-                "{what} {addr:#x} is outside every PT_LOAD"
-            )));
+        if !loads.iter().any(|&(a, s)| addr >= a && addr < a.saturating_add(s)) {
+            return Err(ProbeError::Elf(format!("{what} {addr:#x} is outside every PT_LOAD")));
         }
     }
-    Ok(ElfInfo {
-        entry,
-        pvh_entry,
-        load_start,
-        load_size: load_end - load_start,
-    })
+    Ok(ElfInfo { entry, pvh_entry, load_start, load_size: load_end - load_start })
 }
 
 /// Finds XEN_ELFNOTE_PHYS32_ENTRY in a note segment (`align` = its p_align, as QEMU reads it).
@@ -364,8 +300,8 @@ fn find_pvh_note(notes: &[u8], align: u64) -> Result<Option<u64>, ProbeError> {
 
 /// Mnemonics PVM's (KVM's) emulator cannot run; a guest hitting one right after an exit dies.
 const FORBIDDEN_MNEMONICS: &[&str] = &[
-    "popcnt", "xsave", "xsaveopt", "xsavec", "xsaves", "xrstor", "xrstors", "fxsave", "fxrstor",
-    "rdtscp", "clac", "stac",
+    "popcnt", "xsave", "xsaveopt", "xsavec", "xsaves", "xrstor", "xrstors", "fxsave", "fxrstor", "rdtscp", "clac",
+    "stac",
 ];
 /// Register name prefixes that mean SSE/AVX code.
 const FORBIDDEN_REGISTERS: &[&str] = &["xmm", "ymm", "zmm"];
@@ -386,9 +322,7 @@ pub fn forbidden_lines(listing: &str) -> Vec<String> {
             continue;
         }
         let insn = insn.trim().to_ascii_lowercase();
-        let mnemonic = insn
-            .split_whitespace()
-            .find(|w| !matches!(*w, "rep" | "repz" | "repnz" | "lock" | "notrack"));
+        let mnemonic = insn.split_whitespace().find(|w| !matches!(*w, "rep" | "repz" | "repnz" | "lock" | "notrack"));
         let Some(mnemonic) = mnemonic else { continue };
         let forbidden = FORBIDDEN_MNEMONICS.contains(&mnemonic)
             || FORBIDDEN_REGISTERS.iter().any(|r| insn.contains(r))
@@ -417,11 +351,7 @@ fn is_padding(rest: &[&str]) -> bool {
 /// Disassembles `elf` with `objdump -d` (if installed) and fails on [`forbidden_lines`].
 fn check_disassembly(elf: &Path) -> Result<(), ProbeError> {
     let what = format!("objdump -d -M intel {}", elf.display());
-    let out = match Command::new("objdump")
-        .args(["-d", "-M", "intel"])
-        .arg(elf)
-        .output()
-    {
+    let out = match Command::new("objdump").args(["-d", "-M", "intel"]).arg(elf).output() {
         Ok(out) => out,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             eprintln!("xtask probe: warning: objdump not installed; instruction check skipped");
@@ -430,20 +360,14 @@ fn check_disassembly(elf: &Path) -> Result<(), ProbeError> {
         Err(source) => return Err(ProbeError::Spawn { what, source }),
     };
     if !out.status.success() {
-        return Err(ProbeError::Failed {
-            what,
-            status: out.status,
-        });
+        return Err(ProbeError::Failed { what, status: out.status });
     }
     let listing = String::from_utf8_lossy(&out.stdout);
     let count = listing.lines().filter(|l| l.contains(":\t")).count();
     let bad = forbidden_lines(&listing);
     if !bad.is_empty() {
         let sample = bad.iter().take(10).cloned().collect::<Vec<_>>().join("\n");
-        return Err(ProbeError::Forbidden {
-            count: bad.len(),
-            sample,
-        });
+        return Err(ProbeError::Forbidden { count: bad.len(), sample });
     }
     eprintln!("xtask probe: objdump: {count} instructions, no SSE/AVX, popcnt, xsave, rdtscp or stray int3");
     Ok(())
@@ -515,15 +439,7 @@ mod tests {
     #[test]
     fn elf_check_accepts_the_expected_shape() {
         let info = check_elf(&elf_with(PROBE_ENTRY, 0x20_0000, 18)).expect("valid");
-        assert_eq!(
-            info,
-            ElfInfo {
-                entry: 0x20_0000,
-                pvh_entry: 0x20_0040,
-                load_start: 0x20_0000,
-                load_size: 0x1000
-            }
-        );
+        assert_eq!(info, ElfInfo { entry: 0x20_0000, pvh_entry: 0x20_0040, load_start: 0x20_0000, load_size: 0x1000 });
     }
 
     #[test]

@@ -41,6 +41,11 @@ pub fn test(extra: &[String]) -> Result<(), BoxError> {
     build_binaries(false)?;
     let probe = probe_elf()?;
     let images = guest_images()?;
+    // The probe guest is its own (freestanding) workspace: its logic is unit-tested on the host
+    // against a fake machine.
+    run(Command::new(env!("CARGO"))
+        .current_dir(workspace_root().join("guests").join("probe"))
+        .args(["test", "--lib"]))?;
     let mut cmd = Command::new(env!("CARGO"));
     cmd.current_dir(workspace_root())
         .args(["test", "--workspace"])

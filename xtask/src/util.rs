@@ -88,3 +88,24 @@ fn describe(cmd: &Command) -> String {
     }
     s
 }
+
+/// Installs the Debian packages providing `(command, package)` pairs whose command is missing.
+pub fn ensure_packages(wanted: &[(&str, &str)]) -> Result<(), BoxError> {
+    let missing: Vec<&str> = wanted
+        .iter()
+        .filter(|(cmd, _)| {
+            !Command::new("sh")
+                .args(["-c", &format!("command -v {cmd}")])
+                .stdout(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        })
+        .map(|(_, pkg)| *pkg)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    eprintln!("xtask: installing {}", missing.join(" "));
+    run(Command::new("apt-get").arg("update"))?;
+    run(Command::new("apt-get").args(["install", "-y", "--no-install-recommends"]).args(&missing))
+}

@@ -61,6 +61,7 @@ impl ParamError<'_> {
 /// The parsed `probe.*` parameters; slices borrow the command line.
 #[derive(Clone, Copy, Debug)]
 pub struct Params<'a> {
+    raw: &'a [u8],
     test: Option<&'a [u8]>,
     entries: [(&'a [u8], &'a [u8]); MAX_PARAMS],
     len: usize,
@@ -70,6 +71,7 @@ impl<'a> Params<'a> {
     /// Parses a command line. A later duplicate of a key wins.
     pub fn parse(cmdline: &'a [u8]) -> Result<Self, ParamError<'a>> {
         let mut p = Params {
+            raw: cmdline,
             test: None,
             entries: [(&[][..], &[][..]); MAX_PARAMS],
             len: 0,
@@ -91,6 +93,18 @@ impl<'a> Params<'a> {
             p.len += 1;
         }
         Ok(p)
+    }
+
+    /// The whole command line (for words that are not `probe.*`, e.g. `virtio_mmio.device=`).
+    pub fn raw(&self) -> &'a [u8] {
+        self.raw
+    }
+
+    /// Every whitespace-separated word of the command line.
+    pub fn words(&self) -> impl Iterator<Item = &'a [u8]> {
+        self.raw
+            .split(|b| b.is_ascii_whitespace() || *b == 0)
+            .filter(|w| !w.is_empty())
     }
 
     /// The `probe.test=` value, if given.

@@ -13,7 +13,9 @@ pub mod boot;
 pub mod cmdline;
 pub mod console;
 pub mod machine;
+pub mod pattern;
 pub mod suite;
+pub mod virtio;
 
 pub use cmdline::Params;
 pub use console::{Console, Uart};
@@ -46,6 +48,10 @@ impl Verdict {
         }
     }
 }
+
+/// Size of the DMA arena the guest binary reserves (section `.dma`): the virtio-blk queue and
+/// headers plus 8 MiB of data buffers (queue depth 64 at 128 KiB per request).
+pub const DMA_ARENA_BYTES: usize = virtio::blk::DATA_OFF + (8 << 20);
 
 /// QEMU isa-debug-exit port: `out 0xf4, al` with the verdict byte.
 pub const DEBUG_EXIT_PORT: u16 = 0xf4;

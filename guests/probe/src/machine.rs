@@ -1,7 +1,17 @@
-//! The guest's view of the machine: port I/O, the TSC and `pause`.
+//! The guest's view of the machine: port I/O, MMIO, DMA memory, the TSC and `pause`.
 //!
 //! The tests only talk to the machine through [`Machine`], so the probe never executes a
 //! privileged instruction in its work loops, and host unit tests run it against a fake.
+//! The only privileged instructions the probe may run are `lgdt`, `mov cr3` and `iretq`, once,
+//! in [`Machine::map_mmio`] the first time a test needs MMIO: it maps 4 GiB and continues in
+//! ring 3 (see `enter_ring3` for why).
+
+use core::cell::UnsafeCell;
+
+/// Highest address (exclusive) [`Machine::map_mmio`] can make accessible: 4 GiB.
+pub const MMIO_LIMIT: u64 = 1 << 32;
+/// The first GiB: identity-mapped by both boot paths, never handed out as MMIO.
+pub const LOW_MAPPED: u64 = 1 << 30;
 
 /// Port I/O, time stamp counter and spin hint: all the probe needs from the hardware.
 pub trait Machine {
@@ -19,24 +29,169 @@ pub trait Machine {
             self.inb(port);
         }
     }
+    /// One 32-bit MMIO read at `addr` (a single `mov`; one exit). `addr` must have been
+    /// accepted by [`Machine::map_mmio`].
+    fn mmio_read32(&mut self, addr: u64) -> u32;
+    /// One 32-bit MMIO write at `addr` (a single `mov`; one exit). Ordered after every
+    /// earlier memory write of the probe (a compiler barrier; x86 keeps stores in order).
+    fn mmio_write32(&mut self, addr: u64, value: u32);
+    /// Makes `[addr, addr + len)` accessible for [`Machine::mmio_read32`]/`mmio_write32`.
+    /// On the real machine the first call also switches the probe to ring 3 (IOPL 3) for good.
+    /// Returns false for a range the probe will not touch (inside the first GiB, at or above
+    /// 4 GiB, empty, or not 4-byte aligned).
+    fn map_mmio(&mut self, addr: u64, len: u64) -> bool;
+    /// The DMA arena: page-aligned memory whose addresses (as pointers) are the guest-physical
+    /// addresses devices use. Handed out once; `None` afterwards or if there is none.
+    fn take_dma(&mut self) -> Option<&'static mut [u8]>;
+}
+
+/// Whether `[addr, addr + len)` is a range [`Machine::map_mmio`] accepts.
+pub fn mmio_range_ok(addr: u64, len: u64) -> bool {
+    len != 0
+        && addr.is_multiple_of(4)
+        && addr >= LOW_MAPPED
+        && addr.checked_add(len).is_some_and(|end| end <= MMIO_LIMIT)
+}
+
+/// Page-table entry bits.
+const PTE_PRESENT: u64 = 1;
+const PTE_WRITE: u64 = 1 << 1;
+const PTE_USER: u64 = 1 << 2;
+const PTE_PWT: u64 = 1 << 3;
+const PTE_PCD: u64 = 1 << 4;
+const PTE_LARGE: u64 = 1 << 7;
+/// GiBs mapped by [`IdentityMap`].
+const MAPPED_GIB: usize = 4;
+
+/// Page tables identity-mapping the first 4 GiB with 2 MiB pages (the top GiB, where MMIO
+/// windows live, uncached): PML4, PDPT and one page directory per GiB.
+#[repr(C, align(4096))]
+struct IdentityMap {
+    pml4: [u64; 512],
+    pdpt: [u64; 512],
+    pd: [[u64; 512]; MAPPED_GIB],
+}
+
+/// The tables, in `.bss` (physical = virtual: the probe is linked and run identity-mapped).
+struct IdentityMapCell(UnsafeCell<IdentityMap>);
+
+// SAFETY: only `PortIo::map_mmio` touches the tables, once, on the probe's single vCPU.
+unsafe impl Sync for IdentityMapCell {}
+
+static IDENTITY_MAP: IdentityMapCell = IdentityMapCell(UnsafeCell::new(IdentityMap {
+    pml4: [0; 512],
+    pdpt: [0; 512],
+    pd: [[0; 512]; MAPPED_GIB],
+}));
+
+/// GDT for ring 3: null, kernel code64 (0x08), kernel data (0x10), user data (0x18, RPL 3:
+/// 0x1b), user code64 (0x20, RPL 3: 0x23).
+static RING3_GDT: [u64; 5] = [
+    0,
+    0x00af_9a00_0000_ffff,
+    0x00cf_9200_0000_ffff,
+    0x00cf_f200_0000_ffff,
+    0x00af_fa00_0000_ffff,
+];
+
+/// The operand of `lgdt`.
+#[repr(C, packed)]
+struct Gdtr {
+    limit: u16,
+    base: u64,
+}
+
+/// Loads `cr3` and [`RING3_GDT`] and continues in ring 3 with IOPL 3 (port I/O still
+/// allowed, interrupts off) on the same stack: `lgdt`, `mov cr3`, `iretq`, three privileged
+/// instructions, once.
+///
+/// Why: under PVM only guest user-mode code runs natively; guest kernel-mode code is emulated
+/// instruction by instruction (measured here: a `dec; jnz` loop costs ~1,700 cycles per
+/// iteration in ring 0 and ~1 in ring 3), which made filling and checking a disk's worth of
+/// data impossible. Port I/O from ring 3 costs more per exit than from ring 0 under PVM, so
+/// only tests that need MMIO (the virtio drivers) switch; `pio-loop` stays in ring 0.
+///
+/// # Safety
+/// `cr3` must identity-map, user-accessible, everything the probe touches; no exception or
+/// interrupt may be taken afterwards (there is no TSS or IDT for ring 3 → ring 0 transitions).
+unsafe fn enter_ring3(cr3: u64) {
+    let gdtr = Gdtr {
+        limit: u16::try_from(core::mem::size_of_val(&RING3_GDT) - 1).unwrap_or(0),
+        base: RING3_GDT.as_ptr() as u64,
+    };
+    // SAFETY: the caller's contract for CR3; the GDT is static and valid; `iretq` returns to
+    // label 2 with the stack pointer it had before the pushes, CS 0x23, SS 0x1b, RFLAGS IOPL 3
+    // and IF 0.
+    unsafe {
+        core::arch::asm!(
+            "lgdt [{gdtr}]",
+            "mov cr3, {cr3}",
+            "mov {tmp}, rsp",
+            "push 0x1b",
+            "push {tmp}",
+            "push 0x3002",
+            "push 0x23",
+            "lea {tmp}, [rip + 2f]",
+            "push {tmp}",
+            "iretq",
+            "2:",
+            gdtr = in(reg) &gdtr,
+            cr3 = in(reg) cr3,
+            tmp = out(reg) _,
+        );
+    }
+}
+
+/// Fills `t` with the 4 GiB identity map; `base` is `t`'s physical address.
+fn build_identity_map(t: &mut IdentityMap, base: u64) {
+    let pdpt = base + 4096;
+    t.pml4[0] = pdpt | PTE_PRESENT | PTE_WRITE | PTE_USER;
+    for (g, pd) in t.pd.iter_mut().enumerate() {
+        let pd_phys = base + 8192 + 4096 * g as u64;
+        t.pdpt[g] = pd_phys | PTE_PRESENT | PTE_WRITE | PTE_USER;
+        let uncached = if g == MAPPED_GIB - 1 { PTE_PCD | PTE_PWT } else { 0 };
+        for (i, e) in pd.iter_mut().enumerate() {
+            let phys = ((g as u64) << 30) | ((i as u64) << 21);
+            *e = phys | PTE_PRESENT | PTE_WRITE | PTE_USER | PTE_LARGE | uncached;
+        }
+    }
 }
 
 /// The real machine: x86 port I/O, `rdtsc` and `pause` (none of them privileged at IOPL 0 in
 /// ring 0, and all natively executed or emulated under PVM).
 #[derive(Debug)]
 pub struct PortIo {
-    _private: (),
+    dma: Option<&'static mut [u8]>,
+    high_mapped: bool,
 }
 
 impl PortIo {
-    /// Creates the handle used to drive the hardware.
+    /// Creates the handle used to drive the hardware, with no DMA arena.
     ///
     /// # Safety
     /// Only call this inside the probe guest, running in ring 0 (or with I/O permission for
-    /// every port it touches) with no device programmed to DMA into memory the caller does not
-    /// own: port writes through the returned handle reach real (virtual) devices.
+    /// every port it touches), identity-mapped, on its only vCPU, with no device programmed to
+    /// DMA into memory the caller does not own: port and MMIO writes through the returned
+    /// handle reach real (virtual) devices. At most one handle may call
+    /// [`Machine::map_mmio`].
     pub unsafe fn new() -> Self {
-        PortIo { _private: () }
+        PortIo {
+            dma: None,
+            high_mapped: false,
+        }
+    }
+
+    /// Like [`PortIo::new`], handing out `dma` through [`Machine::take_dma`].
+    ///
+    /// # Safety
+    /// As [`PortIo::new`]; in addition `dma` must be page-aligned, identity-mapped memory
+    /// (its addresses are the guest-physical addresses given to devices) that nothing else
+    /// uses.
+    pub unsafe fn with_dma(dma: &'static mut [u8]) -> Self {
+        PortIo {
+            dma: Some(dma),
+            high_mapped: false,
+        }
     }
 }
 
@@ -77,6 +232,50 @@ impl Machine for PortIo {
         core::hint::spin_loop();
     }
 
+    fn mmio_read32(&mut self, addr: u64) -> u32 {
+        let value: u32;
+        // SAFETY: `addr` was accepted by `map_mmio` (callers' contract), so it is mapped and
+        // not RAM the probe uses; the read is a single 32-bit `mov` the VMM traps. No
+        // `nomem`: the access must stay ordered with the probe's DMA memory accesses.
+        unsafe {
+            core::arch::asm!("mov {v:e}, dword ptr [{a}]", a = in(reg) addr, v = out(reg) value,
+                options(nostack, preserves_flags));
+        }
+        value
+    }
+
+    fn mmio_write32(&mut self, addr: u64, value: u32) {
+        // SAFETY: as in `mmio_read32`; the write goes to a device window, not to RAM.
+        unsafe {
+            core::arch::asm!("mov dword ptr [{a}], {v:e}", a = in(reg) addr, v = in(reg) value,
+                options(nostack, preserves_flags));
+        }
+    }
+
+    fn map_mmio(&mut self, addr: u64, len: u64) -> bool {
+        if !mmio_range_ok(addr, len) {
+            return false;
+        }
+        if !self.high_mapped {
+            let tables = IDENTITY_MAP.0.get();
+            // SAFETY: `PortIo::new`'s contract: this is the only handle mapping MMIO and the
+            // probe runs on one vCPU, so nothing else references the tables.
+            let t = unsafe { &mut *tables };
+            let base = tables as u64;
+            build_identity_map(t, base);
+            // SAFETY: the new tables map the first GiB as both boot paths do (identity,
+            // writable; now user-accessible too), so the code, stack and data the probe is
+            // using stay where they are; `base` is their physical address.
+            unsafe { enter_ring3(base) };
+            self.high_mapped = true;
+        }
+        true
+    }
+
+    fn take_dma(&mut self) -> Option<&'static mut [u8]> {
+        self.dma.take()
+    }
+
     fn in_loop(&mut self, port: u16, count: u64) {
         if count == 0 {
             return;
@@ -101,6 +300,28 @@ impl Machine for PortIo {
 #[cfg(test)]
 pub mod testing {
     use super::Machine;
+    use std::any::Any;
+
+    /// A simulated MMIO device: 32-bit register accesses at offsets inside its window.
+    pub trait FakeMmio: std::fmt::Debug {
+        /// A read at `offset`.
+        fn read(&mut self, offset: u64) -> u32;
+        /// A write at `offset`.
+        fn write(&mut self, offset: u64, value: u32);
+        /// For tests that inspect the device afterwards.
+        fn as_any(&self) -> &dyn Any;
+    }
+
+    /// Allocates a zeroed, page-aligned, leaked arena of `len` bytes (the fake's DMA memory:
+    /// host pointers stand in for guest-physical addresses).
+    pub fn leak_dma(len: usize) -> &'static mut [u8] {
+        let layout = std::alloc::Layout::from_size_align(len.max(4096), 4096).expect("layout");
+        // SAFETY: the layout has a non-zero size.
+        let p = unsafe { std::alloc::alloc_zeroed(layout) };
+        assert!(!p.is_null(), "out of memory");
+        // SAFETY: `p` points to `layout.size()` >= `len` zeroed bytes, never freed.
+        unsafe { std::slice::from_raw_parts_mut(p, len) }
+    }
 
     /// Records every port write; reads return `lsr` for COM1's LSR and `other` elsewhere.
     #[derive(Debug)]
@@ -121,6 +342,14 @@ pub mod testing {
         pub tsc_per_in: u64,
         /// Number of `pause` calls.
         pub pauses: u64,
+        /// MMIO devices as (base, length, device).
+        pub mmio: Vec<(u64, u64, Box<dyn FakeMmio>)>,
+        /// Every MMIO access as (address, value, is_write).
+        pub mmio_log: Vec<(u64, u32, bool)>,
+        /// Size of the DMA arena `take_dma` hands out (0: none).
+        pub dma_len: usize,
+        /// Whether the arena was handed out.
+        pub dma_taken: bool,
     }
 
     impl Default for FakeMachine {
@@ -134,6 +363,10 @@ pub mod testing {
                 tsc_step: 0,
                 tsc_per_in: 0,
                 pauses: 0,
+                mmio: Vec::new(),
+                mmio_log: Vec::new(),
+                dma_len: 1 << 20,
+                dma_taken: false,
             }
         }
     }
@@ -174,6 +407,50 @@ pub mod testing {
         }
         fn pause(&mut self) {
             self.pauses += 1;
+        }
+        fn mmio_read32(&mut self, addr: u64) -> u32 {
+            let v = match self.device(addr) {
+                Some((dev, off)) => dev.read(off),
+                None => u32::MAX,
+            };
+            self.mmio_log.push((addr, v, false));
+            v
+        }
+        fn mmio_write32(&mut self, addr: u64, value: u32) {
+            self.mmio_log.push((addr, value, true));
+            if let Some((dev, off)) = self.device(addr) {
+                dev.write(off, value);
+            }
+        }
+        fn map_mmio(&mut self, addr: u64, len: u64) -> bool {
+            super::mmio_range_ok(addr, len)
+        }
+        fn take_dma(&mut self) -> Option<&'static mut [u8]> {
+            if self.dma_taken || self.dma_len == 0 {
+                return None;
+            }
+            self.dma_taken = true;
+            Some(leak_dma(self.dma_len))
+        }
+    }
+
+    impl FakeMachine {
+        fn device(&mut self, addr: u64) -> Option<(&mut Box<dyn FakeMmio>, u64)> {
+            self.mmio
+                .iter_mut()
+                .find(|(base, len, _)| addr >= *base && addr < base + len)
+                .map(|(base, _, dev)| {
+                    let off = addr - *base;
+                    (dev, off)
+                })
+        }
+
+        /// The device at `base`, downcast to `T`.
+        pub fn device_at<T: 'static>(&self, base: u64) -> Option<&T> {
+            self.mmio
+                .iter()
+                .find(|(b, _, _)| *b == base)
+                .and_then(|(_, _, d)| d.as_any().downcast_ref::<T>())
         }
     }
 }

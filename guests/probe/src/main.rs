@@ -13,6 +13,19 @@ use probe::{Console, Uart, Verdict};
 
 core::arch::global_asm!(include_str!("entry.s"));
 core::arch::global_asm!(include_str!("mem.s"));
+core::arch::global_asm!(
+    ".section .dma, \"aw\", @nobits",
+    ".balign 4096",
+    ".global probe_dma_arena",
+    "probe_dma_arena:",
+    ".zero {size}",
+    size = const probe::DMA_ARENA_BYTES,
+);
+
+extern "C" {
+    /// The DMA arena (section `.dma`, page-aligned, identity-mapped like the whole image).
+    static mut probe_dma_arena: [u8; probe::DMA_ARENA_BYTES];
+}
 
 /// Called by `_start64` (Linux 64-bit boot protocol) with `rsi` = the zero page.
 #[no_mangle]
@@ -34,15 +47,18 @@ fn run(cmdline_addr: u64) -> ! {
     let mut buf = [0u8; CMDLINE_MAX];
     // SAFETY: the first 1 GiB is identity-mapped; the copy never reads at or beyond it.
     let cmdline = unsafe { boot::copy_cmdline(cmdline_addr, IDENTITY_MAPPED, &mut buf) };
-    // SAFETY: we are the guest kernel in ring 0 and program no DMA-capable device.
-    let mut hw = unsafe { PortIo::new() };
+    // SAFETY: `run` is called once, so this is the only reference to the arena.
+    let dma: &'static mut [u8] = unsafe { &mut *core::ptr::addr_of_mut!(probe_dma_arena) };
+    // SAFETY: we are the guest kernel in ring 0 on our only vCPU, identity-mapped; this is the
+    // only handle that maps MMIO, and devices only DMA into `dma`, which nothing else uses.
+    let mut hw = unsafe { PortIo::with_dma(dma) };
     let verdict = probe::probe_main(&mut hw, cmdline);
     probe::finish(&mut hw, verdict)
 }
 
 #[panic_handler]
 fn panic(_info: &PanicInfo<'_>) -> ! {
-    // SAFETY: as in `run`.
+    // SAFETY: as in `run`; this handle only does port I/O (no MMIO mapping, no DMA).
     let mut hw = unsafe { PortIo::new() };
     let mut con = Console::new(&mut hw, Uart::COM1);
     con.str(b"\nprobe: panic\nprobe: verdict fail (1)\n");

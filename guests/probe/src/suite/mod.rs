@@ -1,6 +1,12 @@
 //! The probe's tests and their registry. To add one: write a module with a
 //! `pub const TEST: Test` and list it in [`TESTS`].
 
+mod blk_bench;
+pub mod blk_common;
+mod blk_ro;
+#[cfg(test)]
+mod blk_tests;
+mod blk_verify;
 mod hello;
 mod pio_loop;
 mod ticker;
@@ -18,7 +24,14 @@ pub struct Test {
 }
 
 /// Every test, in the order listed by `probe: tests:`.
-pub static TESTS: &[Test] = &[hello::TEST, pio_loop::TEST, ticker::TEST];
+pub static TESTS: &[Test] = &[
+    hello::TEST,
+    pio_loop::TEST,
+    ticker::TEST,
+    blk_verify::TEST,
+    blk_ro::TEST,
+    blk_bench::TEST,
+];
 
 /// The test called `name`.
 pub fn find(name: &[u8]) -> Option<&'static Test> {

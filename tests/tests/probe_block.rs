@@ -1,0 +1,107 @@
+//! The probe guest's virtio-blk driver through `bulkhead run --disk`, served by `bulkhead-block`.
+
+use std::hash::{Hash, Hasher};
+use std::path::Path;
+use std::time::Duration;
+
+use bulkhead_tests::*;
+
+const LIMIT: Duration = Duration::from_secs(300);
+
+/// The probe's pattern (guests/probe/src/pattern.rs): word `w` of sector `s` is
+/// `splitmix64(seed ^ (s << 16) ^ w)`, little-endian.
+fn splitmix64(x: u64) -> u64 {
+    let mut z = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// Checks every word of `image` against the pattern for `seed`; returns the number of bad sectors.
+fn bad_sectors(image: &Path, seed: u64) -> u64 {
+    let data = std::fs::read(image).expect("read image");
+    let mut bad = 0;
+    for (s, sector) in data.chunks_exact(512).enumerate() {
+        let s = s as u64;
+        let ok = sector.chunks_exact(8).enumerate().all(|(w, b)| {
+            u64::from_le_bytes(b.try_into().expect("8 bytes")) == splitmix64(seed ^ (s << 16) ^ w as u64)
+        });
+        bad += u64::from(!ok);
+    }
+    bad
+}
+
+fn field(out: &str, prefix: &str, key: &str) -> Option<u64> {
+    out.lines()
+        .filter(|l| l.starts_with(prefix))
+        .flat_map(|l| l.split_whitespace())
+        .find_map(|w| w.strip_prefix(key).and_then(|v| v.strip_prefix('=')))
+        .and_then(|v| v.parse().ok())
+}
+
+#[test]
+fn blk_verify_pattern_is_on_the_image() {
+    let dir = scratch("blk-verify");
+    let image = dir.join("disk.img");
+    std::fs::File::create(&image).expect("create").set_len(64 << 20).expect("size");
+    let probe = probe();
+    let r = run_to_end(
+        &[
+            "--kernel",
+            probe.to_str().expect("utf8"),
+            "--serial-input",
+            "none",
+            "--disk",
+            image.to_str().expect("utf8"),
+            "--cmdline",
+            "probe.test=blk-verify probe.seed=41 probe.rounds=2",
+        ],
+        LIMIT,
+    );
+    let ctx = format!("--- console\n{}\n--- log\n{}", r.stdout, r.stderr);
+    assert_eq!(r.status.code(), Some(0), "{ctx}");
+    let summary = "blk-verify: sectors=";
+    assert_eq!(field(&r.stdout, summary, "sectors"), Some(131_072), "{ctx}");
+    assert_eq!(field(&r.stdout, summary, "mismatches"), Some(0), "{ctx}");
+    assert_eq!(field(&r.stdout, summary, "ioerrs"), Some(0), "{ctx}");
+    assert_eq!(field(&r.stdout, summary, "written"), Some(2 * 131_072), "{ctx}");
+    let seed = field(&r.stdout, summary, "final_seed").expect("final_seed");
+    assert_eq!(seed, 42);
+    assert_eq!(bad_sectors(&image, seed), 0, "the host sees a different pattern than the guest wrote");
+    assert_ne!(bad_sectors(&image, seed + 1), 0, "the checker must be able to fail");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn file_hash(p: &Path) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    std::fs::read(p).expect("read").hash(&mut h);
+    h.finish()
+}
+
+#[test]
+fn read_only_disk_rejects_writes() {
+    let dir = scratch("blk-ro");
+    let image = dir.join("ro.img");
+    let content: Vec<u8> = (0..(8u32 << 20)).map(|i| (i % 251) as u8).collect();
+    std::fs::write(&image, &content).expect("write");
+    let before = file_hash(&image);
+    let probe = probe();
+    let disk = format!("{},ro", image.display());
+    let r = run_to_end(
+        &[
+            "--kernel",
+            probe.to_str().expect("utf8"),
+            "--serial-input",
+            "none",
+            "--disk",
+            &disk,
+            "--cmdline",
+            "probe.test=blk-ro",
+        ],
+        LIMIT,
+    );
+    assert!(r.stdout.contains("blk-ro: ro=1 write_status=1 read_status=0"), "{}\n{}", r.stdout, r.stderr);
+    assert_eq!(r.status.code(), Some(0), "{}\n{}", r.stdout, r.stderr);
+    assert_eq!(file_hash(&image), before, "a read-only image changed");
+    let _ = std::fs::remove_dir_all(&dir);
+}
