@@ -219,6 +219,36 @@ mod tests {
         assert_eq!(c.as_cstring().expect("cstr").to_str().expect("utf8"), "console=ttyS0 noxsave");
     }
 
+    /// A minimal bzImage: a setup header that the loader accepts, then a payload.
+    fn synthetic_bzimage() -> Vec<u8> {
+        let mut img = vec![0u8; 64 << 10];
+        img[0x1f1] = 4; // setup_sects: (4 + 1) * 512 bytes of real-mode setup
+        img[0x1fe..0x200].copy_from_slice(&0xaa55u16.to_le_bytes());
+        img[0x202..0x206].copy_from_slice(b"HdrS");
+        img[0x206..0x208].copy_from_slice(&0x020fu16.to_le_bytes()); // protocol 2.15
+        img[0x211] = 0x01; // LOADED_HIGH
+        img[0x214..0x218].copy_from_slice(&0x0010_0000u32.to_le_bytes()); // code32_start
+        for b in &mut img[5 * 512..] {
+            *b = 0x90;
+        }
+        img
+    }
+
+    #[test]
+    fn bzimage_loads_at_code32_start() {
+        let ram = GuestRam::new(16).expect("ram");
+        let path = std::env::temp_dir().join(format!("bulkhead-bzimage-test-{}", std::process::id()));
+        std::fs::write(&path, synthetic_bzimage()).expect("write");
+        let k = load_kernel(ram.memory(), &path).expect("bzImage accepted");
+        let _ = std::fs::remove_file(&path);
+        assert_eq!(k.entry, HIMEM_START + 0x200, "64-bit entry is 0x200 into the protected-mode kernel");
+        let hdr = k.setup_header.expect("setup header kept for the zero page");
+        let version = hdr.version;
+        assert_eq!(version, 0x020f);
+        let first: u8 = ram.memory().read_obj(GuestAddress(HIMEM_START)).expect("read");
+        assert_eq!(first, 0x90);
+    }
+
     #[test]
     fn missing_and_garbage_kernels() {
         let ram = GuestRam::new(16).expect("ram");
