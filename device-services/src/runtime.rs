@@ -4,7 +4,8 @@ use std::collections::HashMap;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
 use std::time::{Duration, Instant};
 
-use ipc::control::{ControlMsg, FdRole, ServiceSetup, ServiceStats};
+use bulkhead_policies::{Policy, PolicyError, Report};
+use ipc::control::{seccomp_report, ControlMsg, DeviceConfig, FdRole, ForbiddenAction, ServiceSetup, ServiceStats};
 use ipc::ring::{ExitKind, ExitReply, ExitRequest, Incoming, ServiceEndpoint};
 use ipc::{ControlChannel, ControlError, IpcError};
 use vmm_sys_util::eventfd::EventFd;
@@ -19,6 +20,8 @@ const SLEEP_SLICE: Duration = Duration::from_secs(1);
 const SIDE_POLL_INTERVAL: Duration = Duration::from_millis(1);
 /// Upper bound on the configurable idle spin.
 const MAX_IDLE_SPIN: Duration = Duration::from_millis(10);
+/// `RLIMIT_FSIZE` of services that write no disk image: bounds a console log file (1 GiB).
+pub const CONSOLE_FILE_LIMIT: u64 = 1 << 30;
 
 /// Errors of the service runtime.
 #[derive(Debug, thiserror::Error)]
@@ -64,6 +67,9 @@ pub enum RuntimeError {
     /// The core closed the control channel (it exited).
     #[error("core closed the control channel")]
     CoreGone,
+    /// Loading the seccomp filter or its SIGSYS reporter failed.
+    #[error("seccomp")]
+    Seccomp(#[from] PolicyError),
 }
 
 /// A port-I/O device served by the runtime. Offsets are relative to the device's base port and
@@ -297,14 +303,33 @@ impl Startup {
         let _ = self.control.send(&ControlMsg::Failed { reason: reason.to_string() }, &[]);
     }
 
-    /// Enters the jail: closes every fd except stdio, the runtime's own and `device_fds`.
-    /// Fds not taken with [`take_fd`](Self::take_fd) are closed too.
+    /// Enters the jail ([`jail::enter`]): closes every fd except stdio, the runtime's own and
+    /// `device_fds` (fds not taken with [`take_fd`](Self::take_fd) are closed too), checks the
+    /// namespaces the core created (or unshares them when started without the core's plan),
+    /// pivots into an empty read-only root, drops every capability, sets `no_new_privs`, switches
+    /// to the unprivileged ids the core mapped and sets the rlimits. The file size bound is the
+    /// disk size for a block device and [`CONSOLE_FILE_LIMIT`] otherwise. The caller installs the
+    /// seccomp filter right after, as the last step.
     pub fn jail(&mut self, device_fds: &[RawFd]) -> Result<(), RuntimeError> {
         self.fds.clear();
         let mut keep = device_fds.to_vec();
         keep.push(self.control.as_fd().as_raw_fd());
         keep.extend(self.ring.raw_fds());
-        jail::close_other_fds(&keep)?;
+        let file_size = match &self.setup.device {
+            DeviceConfig::Block(b) => b.disk_size,
+            _ => CONSOLE_FILE_LIMIT,
+        };
+        jail::enter(&jail::Plan::from_env()?, &keep, &jail::Limits::new(file_size))?;
+        Ok(())
+    }
+
+    /// Loads the service's seccomp filter: the last step of confinement, right after
+    /// [`jail`](Self::jail) and before any guest data is read. First installs the SIGSYS
+    /// reporter, which writes a `SeccompViolation` report on the control socket and lets the
+    /// process die by SIGSYS when the filter traps a syscall.
+    pub fn seccomp(&self, policy: Policy) -> Result<(), RuntimeError> {
+        bulkhead_policies::install_sigsys_reporter(self.control.as_fd().as_raw_fd(), encode_report)?;
+        bulkhead_policies::install(policy)?;
         Ok(())
     }
 
@@ -440,6 +465,12 @@ impl<H: Dispatch> Server<H> {
                 self.control.send(&ControlMsg::Pong { token, stats: self.stats }, &[])?;
                 Ok(Flow::Continue)
             }
+            ControlMsg::AttemptForbidden(action) => {
+                // Under the filter this does not return: the service dies by SIGSYS.
+                let result = attempt_forbidden(action);
+                eprintln!("{}: forbidden action {action:?} was not stopped: {result:?}", self.name());
+                Ok(Flow::Continue)
+            }
             other => {
                 eprintln!("{}: ignoring unexpected control message {other:?}", self.name());
                 Ok(Flow::Continue)
@@ -464,9 +495,78 @@ impl<H: Dispatch> Server<H> {
     }
 }
 
+/// The SIGSYS reporter's encoder: a `ControlMsg::SeccompViolation` in its wire form.
+fn encode_report(syscall: u32, arch: u32) -> Report {
+    let mut bytes = [0u8; 32];
+    let r = seccomp_report(syscall, arch);
+    bytes[..r.len()].copy_from_slice(&r);
+    Report { bytes, len: r.len() }
+}
+
+/// Performs a forbidden action (fault injection for the sandbox). Returns what the last system
+/// call returned, which only happens when no filter stopped it.
+pub fn attempt_forbidden(action: ForbiddenAction) -> std::io::Result<libc::c_long> {
+    let check = |rc: libc::c_long| if rc < 0 { Err(std::io::Error::last_os_error()) } else { Ok(rc) };
+    match action {
+        ForbiddenAction::OpenHostFile => {
+            // SAFETY: openat with a NUL-terminated static path and integer flags.
+            check(unsafe { libc::syscall(libc::SYS_openat, libc::AT_FDCWD, c"/etc/passwd".as_ptr(), libc::O_RDONLY) })
+        }
+        ForbiddenAction::Execve => {
+            let argv = [c"/bin/sh".as_ptr(), std::ptr::null()];
+            let envp = [std::ptr::null::<libc::c_char>()];
+            // SAFETY: execve with a NUL-terminated path and NULL-terminated argv/envp arrays that
+            // outlive the call.
+            check(unsafe { libc::syscall(libc::SYS_execve, c"/bin/sh".as_ptr(), argv.as_ptr(), envp.as_ptr()) })
+        }
+        ForbiddenAction::InetSocket => {
+            // SAFETY: socket takes integers only.
+            check(unsafe { libc::syscall(libc::SYS_socket, libc::AF_INET, libc::SOCK_STREAM, 0) })
+        }
+        ForbiddenAction::Ptrace => {
+            // Pid 1: the service itself inside its PID namespace, init outside one. (No getppid
+            // first: the filter would stop that call instead.)
+            // SAFETY: ptrace(PTRACE_ATTACH) takes integers (addr and data are unused).
+            check(unsafe { libc::syscall(libc::SYS_ptrace, libc::PTRACE_ATTACH, 1, 0, 0) })
+        }
+        ForbiddenAction::Mount => {
+            // SAFETY: mount with NUL-terminated static strings and no data.
+            check(unsafe {
+                libc::syscall(
+                    libc::SYS_mount,
+                    c"none".as_ptr(),
+                    c"/tmp".as_ptr(),
+                    c"tmpfs".as_ptr(),
+                    0,
+                    std::ptr::null::<libc::c_void>(),
+                )
+            })
+        }
+        ForbiddenAction::WriteOutsideRoot => {
+            let flags = libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC | libc::O_CLOEXEC;
+            // SAFETY: openat with a NUL-terminated static path, integer flags and mode.
+            let fd = check(unsafe {
+                libc::syscall(libc::SYS_openat, libc::AT_FDCWD, c"/tmp/bulkhead-escape".as_ptr(), flags, 0o600)
+            })?;
+            let fd = RawFd::try_from(fd).map_err(|_| std::io::Error::from_raw_os_error(libc::EBADF))?;
+            // SAFETY: the kernel just returned this fd; we own it and close it here.
+            let file = unsafe { OwnedFd::from_raw_fd(fd) };
+            // SAFETY: writes 7 bytes of a static buffer to an fd we own.
+            check(unsafe { libc::syscall(libc::SYS_write, file.as_raw_fd(), c"escaped".as_ptr(), 7) })
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn report_encoder_matches_the_wire_format() {
+        let r = encode_report(59, bulkhead_policies::AUDIT_ARCH_X86_64);
+        let msg = ipc::control::decode(&r.bytes[..r.len]).expect("decode");
+        assert_eq!(msg, ControlMsg::SeccompViolation { syscall: 59, arch: bulkhead_policies::AUDIT_ARCH_X86_64 });
+    }
 
     fn args(v: &[&str]) -> Vec<String> {
         v.iter().map(|s| s.to_string()).collect()

@@ -195,6 +195,61 @@ pub enum ControlMsg {
         /// Why.
         reason: String,
     },
+    /// Core → service (fault injection, tests only): attempt a forbidden action. Under its
+    /// seccomp filter the service dies by SIGSYS instead.
+    AttemptForbidden(ForbiddenAction),
+    /// Service → core: written by the service's SIGSYS handler (see [`seccomp_report`]) just
+    /// before it dies: its filter trapped syscall `syscall` of calling convention `arch`.
+    SeccompViolation {
+        /// Syscall number (`siginfo.si_syscall`).
+        syscall: u32,
+        /// `AUDIT_ARCH_*` value (`siginfo.si_arch`).
+        arch: u32,
+    },
+}
+
+/// A sandbox escape attempt a service performs when told to ([`ControlMsg::AttemptForbidden`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum ForbiddenAction {
+    /// `open("/etc/passwd")`.
+    OpenHostFile,
+    /// `execve("/bin/sh")`.
+    Execve,
+    /// `socket(AF_INET, SOCK_STREAM)`.
+    InetSocket,
+    /// `ptrace(PTRACE_ATTACH)` on pid 1.
+    Ptrace,
+    /// `mount` of a tmpfs.
+    Mount,
+    /// Create and write `/tmp/bulkhead-escape` (outside the service's root).
+    WriteOutsideRoot,
+}
+
+impl ForbiddenAction {
+    /// Every action.
+    pub const ALL: [ForbiddenAction; 6] = [
+        ForbiddenAction::OpenHostFile,
+        ForbiddenAction::Execve,
+        ForbiddenAction::InetSocket,
+        ForbiddenAction::Ptrace,
+        ForbiddenAction::Mount,
+        ForbiddenAction::WriteOutsideRoot,
+    ];
+}
+
+/// Bincode tag of [`ControlMsg::SeccompViolation`] (its variant index; checked by a test).
+const SECCOMP_VIOLATION_TAG: u32 = 7;
+/// Length of an encoded [`ControlMsg::SeccompViolation`].
+pub const SECCOMP_REPORT_LEN: usize = 12;
+
+/// The wire encoding of `ControlMsg::SeccompViolation { syscall, arch }`, built without
+/// allocating so a signal handler can write it with one `write(2)` on the control socket.
+pub fn seccomp_report(syscall: u32, arch: u32) -> [u8; SECCOMP_REPORT_LEN] {
+    let mut b = [0u8; SECCOMP_REPORT_LEN];
+    b[0..4].copy_from_slice(&SECCOMP_VIOLATION_TAG.to_le_bytes());
+    b[4..8].copy_from_slice(&syscall.to_le_bytes());
+    b[8..12].copy_from_slice(&arch.to_le_bytes());
+    b
 }
 
 fn codec() -> impl Options {
@@ -404,6 +459,20 @@ mod tests {
         assert_eq!(decode(&bytes).expect("decode"), msg);
         // Distinct queue roles are distinct keys.
         assert_ne!(FdRole::QueueNotify(0), FdRole::QueueNotify(1));
+    }
+
+    #[test]
+    fn seccomp_report_is_the_wire_encoding() {
+        let msg = ControlMsg::SeccompViolation { syscall: 59, arch: 0xc000_003e };
+        assert_eq!(encode(&msg).expect("encode"), seccomp_report(59, 0xc000_003e).to_vec());
+        assert_eq!(
+            decode(&seccomp_report(257, 7)).expect("decode"),
+            ControlMsg::SeccompViolation { syscall: 257, arch: 7 }
+        );
+        for a in ForbiddenAction::ALL {
+            let m = ControlMsg::AttemptForbidden(a);
+            assert_eq!(decode(&encode(&m).expect("encode")).expect("decode"), m);
+        }
     }
 
     #[test]

@@ -140,3 +140,51 @@ pub fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
     }
     cond()
 }
+
+/// A field of `/proc/<pid>/status` (e.g. `Seccomp`), trimmed; `None` if the process or the field
+/// is gone.
+pub fn proc_status_field(pid: u32, field: &str) -> Option<String> {
+    status_field(&format!("/proc/{pid}/status"), field)
+}
+
+/// A field of a thread's status: the thread of process `pid` whose name (`comm`) is `thread`.
+pub fn thread_status_field(pid: u32, thread: &str, field: &str) -> Option<String> {
+    let rd = std::fs::read_dir(format!("/proc/{pid}/task")).ok()?;
+    for e in rd.flatten() {
+        let dir = e.path();
+        let comm = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
+        if comm.trim() == thread {
+            return status_field(&dir.join("status").to_string_lossy(), field);
+        }
+    }
+    None
+}
+
+fn status_field(path: &str, field: &str) -> Option<String> {
+    let status = std::fs::read_to_string(path).ok()?;
+    status.lines().find_map(|l| l.strip_prefix(field)?.strip_prefix(':').map(|v| v.trim().to_string()))
+}
+
+/// The probe's disk pattern (guests/probe/src/pattern.rs): word `w` of sector `s` is
+/// `splitmix64(seed ^ (s << 16) ^ w)`, little-endian.
+pub fn splitmix64(x: u64) -> u64 {
+    let mut z = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// Sectors of `image` that do not hold the probe's pattern for `seed`.
+pub fn bad_pattern_sectors(image: &std::path::Path, seed: u64) -> u64 {
+    let data = std::fs::read(image).expect("read image");
+    let mut bad = 0;
+    for (s, sector) in data.chunks_exact(512).enumerate() {
+        let s = s as u64;
+        let ok = sector.chunks_exact(8).enumerate().all(|(w, b)| {
+            let word: [u8; 8] = b.try_into().expect("8 bytes");
+            u64::from_le_bytes(word) == splitmix64(seed ^ (s << 16) ^ w as u64)
+        });
+        bad += u64::from(!ok);
+    }
+    bad
+}

@@ -2,7 +2,10 @@
 
 use std::path::PathBuf;
 
+use std::time::Duration;
+
 use clap::{Args, Parser, Subcommand};
+use ipc::control::ForbiddenAction;
 
 /// Bulkhead: a microkernel-style VMM whose devices run as separate sandboxed processes.
 #[derive(Debug, Parser)]
@@ -54,6 +57,19 @@ pub struct RunArgs {
     /// How long the core waits for a service to answer a forwarded exit before declaring it failed.
     #[arg(long, value_name = "MS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=600_000))]
     pub service_deadline_ms: u64,
+    /// Fault injection for tests: `SERVICE:ACTION@MS` tells a service, MS milliseconds after the
+    /// guest starts, to attempt a forbidden action (its seccomp filter should kill it). SERVICE is
+    /// `console`, `block` (the first disk) or `blockN`; ACTION is one of `open-host-file`,
+    /// `execve`, `inet-socket`, `ptrace`, `mount`, `write-outside-root`. Repeatable.
+    #[arg(long = "inject-forbidden", value_name = "SERVICE:ACTION@MS", value_parser = InjectSpec::parse)]
+    pub inject_forbidden: Vec<InjectSpec>,
+    /// Start the device services even when this host cannot create some of their namespaces
+    /// (user, mount, PID, IPC, UTS, network), without those namespaces. INSECURE: without it the
+    /// core refuses to start and names the namespace that failed. The rest of the jail (empty
+    /// root where a mount namespace exists, no capabilities, no_new_privs, rlimits, seccomp)
+    /// still applies.
+    #[arg(long)]
+    pub insecure_no_sandbox: bool,
     /// Log level: error, warn, info, debug, trace.
     #[arg(long, value_name = "LEVEL", default_value = "info", value_parser = parse_level)]
     pub log_level: log::LevelFilter,
@@ -94,6 +110,60 @@ impl DiskSpec {
     }
 }
 
+/// Which service an injected fault goes to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InjectTarget {
+    /// The console service.
+    Console,
+    /// The block service of the N-th `--disk`.
+    Disk(usize),
+}
+
+/// One `--inject-forbidden` argument.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InjectSpec {
+    /// The service.
+    pub target: InjectTarget,
+    /// What it is told to attempt.
+    pub action: ForbiddenAction,
+    /// How long after the vCPUs start.
+    pub delay: Duration,
+}
+
+impl InjectSpec {
+    /// Parses `SERVICE:ACTION@MS`.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let (service, rest) = s.split_once(':').ok_or("expected SERVICE:ACTION@MS")?;
+        let (action, ms) = rest.split_once('@').ok_or("expected SERVICE:ACTION@MS")?;
+        let target = match service {
+            "console" => InjectTarget::Console,
+            "block" => InjectTarget::Disk(0),
+            other => match other.strip_prefix("block").and_then(|n| n.parse::<usize>().ok()) {
+                Some(n) => InjectTarget::Disk(n),
+                None => return Err(format!("unknown service `{other}` (console, block or blockN)")),
+            },
+        };
+        let action = match action {
+            "open-host-file" => ForbiddenAction::OpenHostFile,
+            "execve" => ForbiddenAction::Execve,
+            "inet-socket" => ForbiddenAction::InetSocket,
+            "ptrace" => ForbiddenAction::Ptrace,
+            "mount" => ForbiddenAction::Mount,
+            "write-outside-root" => ForbiddenAction::WriteOutsideRoot,
+            other => {
+                return Err(format!(
+                    "unknown action `{other}` (open-host-file, execve, inet-socket, ptrace, mount, write-outside-root)"
+                ))
+            }
+        };
+        let ms: u64 = ms.parse().map_err(|_| format!("bad delay `{ms}` (milliseconds)"))?;
+        if ms > 3_600_000 {
+            return Err("delay above one hour".into());
+        }
+        Ok(Self { target, action, delay: Duration::from_millis(ms) })
+    }
+}
+
 fn parse_level(s: &str) -> Result<log::LevelFilter, String> {
     s.parse().map_err(|_| format!("unknown log level `{s}` (error, warn, info, debug, trace, off)"))
 }
@@ -113,6 +183,9 @@ mod tests {
         assert_eq!(r.vcpus, 1);
         assert_eq!(r.serial_output, "stdout");
         assert_eq!(r.serial_input, "stdin");
+        assert!(!r.insecure_no_sandbox, "the sandbox is on by default");
+        let Command::Run(r) = parse(&["run", "--kernel", "/k", "--insecure-no-sandbox"]).expect("parse").command;
+        assert!(r.insecure_no_sandbox);
     }
 
     #[test]
@@ -125,6 +198,47 @@ mod tests {
         assert!(parse(&["run", "--kernel", "/k", "--disk", "/d,rx"]).is_err());
         assert!(parse(&["run", "--kernel", "/k", "--disk", ",ro"]).is_err());
         assert!(parse(&["run", "--kernel", "/k", "--disk", "/d,id=123456789012345678901"]).is_err());
+    }
+
+    #[test]
+    fn inject_forbidden_parses_into_enums() {
+        let Command::Run(r) = parse(&[
+            "run",
+            "--kernel",
+            "/k",
+            "--inject-forbidden",
+            "console:execve@300",
+            "--inject-forbidden",
+            "block1:write-outside-root@0",
+        ])
+        .expect("parse")
+        .command;
+        assert_eq!(
+            r.inject_forbidden,
+            vec![
+                InjectSpec {
+                    target: InjectTarget::Console,
+                    action: ForbiddenAction::Execve,
+                    delay: Duration::from_millis(300)
+                },
+                InjectSpec {
+                    target: InjectTarget::Disk(1),
+                    action: ForbiddenAction::WriteOutsideRoot,
+                    delay: Duration::ZERO
+                },
+            ]
+        );
+        assert_eq!(InjectSpec::parse("block:mount@5").map(|s| s.target), Ok(InjectTarget::Disk(0)));
+        for bad in [
+            "console:execve",
+            "console@3",
+            "net:execve@1",
+            "console:fork@1",
+            "console:execve@-1",
+            "console:execve@9999999",
+        ] {
+            assert!(InjectSpec::parse(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

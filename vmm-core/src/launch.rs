@@ -19,7 +19,7 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::arch::{cpu, mptable};
 use crate::boot;
 use crate::bus::{BusDevice, BusError};
-use crate::cli::{DiskSpec, RunArgs};
+use crate::cli::{DiskSpec, InjectSpec, InjectTarget, RunArgs};
 use crate::control::{StopHandle, StopReason};
 use crate::devices::{
     DebugExit, PostCode, DEBUG_EXIT_PORT, I8042, I8042_COMMAND_PORT, I8042_DATA_PORT, POST_CODE_PORT,
@@ -306,6 +306,41 @@ fn start_console(args: &RunArgs, vm: &VmFd, buses: &mut Buses) -> Result<service
     Ok(handle)
 }
 
+/// Time until the earliest pending injection is due (zero if one is overdue).
+fn next_injection(pending: &[InjectSpec], started: std::time::Instant) -> Option<Duration> {
+    pending.iter().map(|i| i.delay.saturating_sub(started.elapsed())).min()
+}
+
+/// Sends every `--inject-forbidden` that is due to its service, and forgets it.
+fn inject_due(pending: &mut Vec<InjectSpec>, started: std::time::Instant, services: &[service::ServiceHandle]) {
+    let elapsed = started.elapsed();
+    pending.retain(|inj| {
+        if inj.delay > elapsed {
+            return true;
+        }
+        // services[0] is the console, then one block service per --disk in order.
+        let index = match inj.target {
+            InjectTarget::Console => Some(0),
+            InjectTarget::Disk(n) => n.checked_add(1),
+        };
+        match index.and_then(|i| services.get(i)) {
+            Some(svc) => {
+                log::warn!(
+                    "fault injection: telling service {} (pid {}) to attempt {:?}",
+                    svc.name(),
+                    svc.pid(),
+                    inj.action
+                );
+                if let Err(e) = svc.attempt_forbidden(inj.action) {
+                    log::warn!("fault injection to service {} failed: {e}", svc.name());
+                }
+            }
+            None => log::warn!("fault injection: no service {:?} to send {:?} to", inj.target, inj.action),
+        }
+        false
+    });
+}
+
 /// Runs a VM per `args` until it stops. Returns why it stopped.
 pub fn run(args: &RunArgs) -> Result<StopReason, LaunchError> {
     // Cheap checks on user input first, so nothing is created when they fail.
@@ -315,6 +350,9 @@ pub fn run(args: &RunArgs) -> Result<StopReason, LaunchError> {
     if !args.disks.is_empty() {
         service_binary(&service_dir(args), "bulkhead-block")?;
     }
+    // Which namespaces services get: refuses to go on if one is unavailable, unless the user
+    // passed --insecure-no-sandbox (then warns loudly). Probed before guest RAM exists.
+    service::init_sandbox(args.insecure_no_sandbox).map_err(service::ServiceError::Sandbox)?;
     let mut mmio = MmioAllocator::default();
     let disks = plan_disks(args, &mut mmio)?;
 
@@ -387,10 +425,15 @@ pub fn run(args: &RunArgs) -> Result<StopReason, LaunchError> {
         threads.push(t);
     }
 
+    let started = std::time::Instant::now();
+    let mut injections = args.inject_forbidden.clone();
     let reason = loop {
-        match stopped.recv_timeout(Duration::from_millis(50)) {
+        let tick = next_injection(&injections, started)
+            .map_or(Duration::from_millis(50), |d| d.min(Duration::from_millis(50)));
+        match stopped.recv_timeout(tick) {
             Ok(r) => break r,
             Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
+                inject_due(&mut injections, started, &services);
                 let sig = SIGNALLED.load(Ordering::SeqCst);
                 if sig != 0 {
                     stop.stop(StopReason::Signal(sig));

@@ -1,12 +1,14 @@
 //! The core's side of the service boundary: spawning device services, forwarding exits to them
 //! ([`RemoteDevice`]) and watching them ([`ServiceHandle`]).
 //!
-//! A service is a separate process started from its binary with only four fds: `/dev/null` as
-//! stdin/stdout, the core's stderr (for its log) and its end of the control socket as fd 3. Every
-//! other fd is marked close-on-exec in `pre_exec` (so std's exec-error pipe still works) and the
-//! child gets `PR_SET_PDEATHSIG(SIGKILL)`. Note: Linux delivers the parent-death signal when the
-//! *thread* that spawned the child exits, so spawn services from a thread that lives as long as the
-//! VM (the main thread).
+//! A service is a separate process created by [`spawn`] with `clone3` in new user, mount, PID,
+//! IPC, UTS and network namespaces (pid 1 of its own PID namespace, still the core's direct child,
+//! supervised through a pidfd), with only four fds: `/dev/null` as stdin/stdout, the core's stderr
+//! (for its log) and its end of the control socket as fd 3, and `PR_SET_PDEATHSIG(SIGKILL)`.
+//! Note: Linux delivers the parent-death signal when the *thread* that spawned the child exits, so
+//! spawn services from a thread that lives as long as the VM (the main thread). The service then
+//! jails itself (empty read-only root, no capabilities, unprivileged ids, rlimits) before it
+//! touches guest data; see `device_services::jail`.
 //!
 //! The core then sends the set-up message with the ring memfd, the two doorbells and the device's
 //! fds, and waits (bounded) for `Ready`. From then on [`RemoteDevice`] forwards every access in its
@@ -16,11 +18,11 @@
 
 use std::fs;
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;
-use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitStatus, Stdio};
+use std::process::ExitStatus;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
@@ -28,13 +30,17 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use ipc::control::{
-    BlockConfig, ControlMsg, DeviceConfig, FdRole, MemoryRegion, RingSetup, ServiceSetup, ServiceStats,
+    BlockConfig, ControlMsg, DeviceConfig, FdRole, ForbiddenAction, MemoryRegion, RingSetup, ServiceSetup, ServiceStats,
 };
 use ipc::ring::{ExitKind, ExitRequest, Status};
 use ipc::{ControlChannel, ControlError, CoreEndpoint, IpcError, WaitConfig};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::bus::BusDevice;
+
+pub mod spawn;
+
+pub use spawn::{init_sandbox, Namespace, Namespaces, Sandbox, ServiceChild, SpawnError};
 
 /// Errors starting or managing a service.
 #[derive(Debug, thiserror::Error)]
@@ -48,15 +54,18 @@ pub enum ServiceError {
         #[source]
         source: io::Error,
     },
-    /// Starting the process failed.
+    /// Starting the process (in its namespaces) failed.
     #[error("spawning service {}", path.display())]
     Spawn {
         /// Path of the binary.
         path: PathBuf,
         /// Why.
         #[source]
-        source: io::Error,
+        source: SpawnError,
     },
+    /// The service sandbox cannot be set up on this host (a namespace is unavailable).
+    #[error("service sandbox")]
+    Sandbox(#[source] SpawnError),
     /// Creating the ring failed.
     #[error("creating the exit ring")]
     Ring(#[from] IpcError),
@@ -225,9 +234,20 @@ impl RemoteDevice {
     /// Marks the device failed (first caller wins), logs it once and wakes any access waiting
     /// on the ring. `error` selects `log::error!` (a fault) or `log::info!` (an orderly stop).
     pub fn mark_failed(&self, why: &str, error: bool) {
+        self.mark_failed_as(why, if error { Failure::Error } else { Failure::Orderly });
+    }
+
+    fn mark_failed_as(&self, why: &str, kind: Failure) {
         if self.failed.compare_exchange(false, true, Ordering::SeqCst, Ordering::SeqCst).is_ok() {
             *self.reason.lock().unwrap_or_else(|e| e.into_inner()) = Some(why.to_string());
-            if error {
+            if kind == Failure::Seccomp {
+                // `why` reads "killed by seccomp: syscall NAME (NR)" (or the signal fallback).
+                log::error!(
+                    "service {} (pid {}) {why}; its reads now return all-ones and writes are dropped",
+                    self.name,
+                    self.pid
+                );
+            } else if kind == Failure::Error {
                 log::error!(
                     "service {} (pid {}) failed: {why}; its reads now return all-ones and writes are dropped",
                     self.name,
@@ -297,6 +317,72 @@ impl BusDevice for RemoteDevice {
     }
 }
 
+/// How a device failure is logged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Failure {
+    /// A fault (`log::error!`).
+    Error,
+    /// An orderly stop (`log::info!`).
+    Orderly,
+    /// Killed by its seccomp filter (`log::error!`, worded for it).
+    Seccomp,
+}
+
+/// How the core words a service's death by SIGSYS, from the report its SIGSYS handler sent
+/// (`(syscall, arch)`) if one arrived.
+pub fn describe_seccomp_death(report: Option<(u32, u32)>) -> String {
+    match report {
+        Some((nr, bulkhead_policies::AUDIT_ARCH_X86_64)) => match bulkhead_policies::syscall_name(i64::from(nr)) {
+            Some(name) => format!("killed by seccomp: syscall {name} ({nr})"),
+            None => format!("killed by seccomp: syscall {nr} (no such x86_64 syscall)"),
+        },
+        Some((nr, arch)) => format!("killed by seccomp: syscall {nr} of arch {arch:#x}"),
+        None => format!("killed by signal {} (SIGSYS)", libc::SIGSYS),
+    }
+}
+
+/// Reads the `SeccompViolation` report a service killed by SIGSYS left on its control socket
+/// (its handler writes it before dying, so it is queued by the time the child is reaped).
+/// Bounded: looks at most at 16 queued messages.
+fn read_seccomp_report(control: &ControlChannel) -> Option<(u32, u32)> {
+    for _ in 0..16 {
+        match control.recv_now() {
+            Ok((ControlMsg::SeccompViolation { syscall, arch }, _)) => return Some((syscall, arch)),
+            Ok(_) | Err(ControlError::Decode(_) | ControlError::TooManyFds(_)) => continue,
+            Err(_) => return None,
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod seccomp_report_tests {
+    use super::*;
+
+    #[test]
+    fn seccomp_deaths_are_named() {
+        let x86 = bulkhead_policies::AUDIT_ARCH_X86_64;
+        assert_eq!(describe_seccomp_death(Some((59, x86))), "killed by seccomp: syscall execve (59)");
+        assert_eq!(describe_seccomp_death(Some((257, x86))), "killed by seccomp: syscall openat (257)");
+        assert_eq!(
+            describe_seccomp_death(Some((9999, x86))),
+            "killed by seccomp: syscall 9999 (no such x86_64 syscall)"
+        );
+        assert_eq!(describe_seccomp_death(Some((11, 0x4000_0003))), "killed by seccomp: syscall 11 of arch 0x40000003");
+        assert_eq!(describe_seccomp_death(None), "killed by signal 31 (SIGSYS)");
+    }
+
+    #[test]
+    fn report_is_read_from_the_control_socket() {
+        let (core, svc) = ControlChannel::pair().expect("pair");
+        svc.send(&ControlMsg::Ping { token: 1 }, &[]).expect("send");
+        svc.send_raw(&ipc::control::seccomp_report(41, 0xc000_003e)).expect("send report");
+        drop(svc);
+        assert_eq!(read_seccomp_report(&core), Some((41, 0xc000_003e)));
+        assert_eq!(read_seccomp_report(&core), None, "nothing more queued");
+    }
+}
+
 /// A running service: its pid, a watcher that reaps it, and its control channel.
 #[derive(Debug)]
 pub struct ServiceHandle {
@@ -357,6 +443,14 @@ impl ServiceHandle {
         }
     }
 
+    /// Fault injection: tells the service to attempt a forbidden action (its filter then kills
+    /// it by SIGSYS, which the watcher logs).
+    pub fn attempt_forbidden(&self, action: ForbiddenAction) -> Result<(), ServiceError> {
+        self.control
+            .send(&ControlMsg::AttemptForbidden(action), &[])
+            .map_err(|source| ServiceError::Control { name: self.name.clone(), source })
+    }
+
     /// Sends `SIGKILL` to the service (through its pidfd, so never to a recycled pid).
     pub fn kill(&self) -> Result<(), ServiceError> {
         pidfd_kill(self.pidfd.as_fd()).map_err(os("pidfd_send_signal"))
@@ -415,18 +509,6 @@ impl Drop for ServiceHandle {
     }
 }
 
-fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {
-    let pid = libc::pid_t::try_from(pid).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
-    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1; no memory is passed.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let fd = RawFd::try_from(fd).map_err(|_| io::Error::from_raw_os_error(libc::EBADF))?;
-    // SAFETY: the kernel just returned this new fd (O_CLOEXEC by default for pidfds); we own it.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
 fn pidfd_kill(pidfd: BorrowedFd<'_>) -> io::Result<()> {
     // SAFETY: pidfd_send_signal with a valid pidfd, a signal number, no siginfo and no flags.
     let rc = unsafe {
@@ -458,65 +540,6 @@ fn check_binary(path: &Path) -> Result<(), ServiceError> {
     Ok(())
 }
 
-/// Upper bound of the fd sweep when `close_range` is unavailable.
-fn fd_limit() -> libc::c_int {
-    let mut rl = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-    // SAFETY: getrlimit writes into the rlimit we pass.
-    let ok = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut rl) } == 0;
-    let n = if ok { rl.rlim_cur } else { 1024 };
-    libc::c_int::try_from(n.min(65536)).unwrap_or(65536)
-}
-
-fn spawn_process(binary: &Path, child_ctl: &OwnedFd) -> Result<std::process::Child, ServiceError> {
-    // The child's end must not sit on 0..=2, which Stdio set-up overwrites before pre_exec.
-    let moved;
-    let mut raw = child_ctl.as_raw_fd();
-    if raw < 3 {
-        moved = child_ctl.as_fd().try_clone_to_owned().map_err(os("dup control fd"))?;
-        // try_clone_to_owned uses F_DUPFD_CLOEXEC with a minimum of 3.
-        raw = moved.as_raw_fd();
-    }
-    let max_fd = fd_limit();
-    // SAFETY: getpid has no preconditions.
-    let parent = unsafe { libc::getpid() };
-    let mut cmd = Command::new(binary);
-    cmd.arg("--control-fd").arg("3").stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::inherit());
-    // SAFETY: the closure runs between fork and exec and only makes async-signal-safe system
-    // calls (dup2, fcntl, close_range, prctl, getppid) on integers captured before the fork.
-    unsafe {
-        cmd.pre_exec(move || {
-            if raw == 3 {
-                if libc::fcntl(3, libc::F_SETFD, 0) < 0 {
-                    return Err(io::Error::last_os_error());
-                }
-            } else if libc::dup2(raw, 3) < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            // Every fd above 3 goes at exec. CLOEXEC rather than closing now keeps std's
-            // exec-error pipe working (it is CLOEXEC itself), so a failed exec is still reported.
-            if libc::syscall(libc::SYS_close_range, 4u32, u32::MAX, libc::CLOSE_RANGE_CLOEXEC) != 0 {
-                for fd in 4..max_fd {
-                    libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC);
-                }
-            }
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) != 0 {
-                return Err(io::Error::last_os_error());
-            }
-            // The core may have died before prctl took effect.
-            if libc::getppid() != parent {
-                return Err(io::Error::from_raw_os_error(libc::ESRCH));
-            }
-            Ok(())
-        });
-    }
-    cmd.spawn().map_err(|source| match source.kind() {
-        io::ErrorKind::NotFound | io::ErrorKind::PermissionDenied => {
-            ServiceError::BinaryMissing { path: binary.to_path_buf(), source }
-        }
-        _ => ServiceError::Spawn { path: binary.to_path_buf(), source },
-    })
-}
-
 /// Spawns a service, hands it its ring and fds, waits for `Ready` and starts its watcher.
 pub fn spawn_service(spec: ServiceSpec) -> Result<(Arc<RemoteDevice>, ServiceHandle), ServiceError> {
     let ServiceSpec { name, binary, device, fds, space, options } = spec;
@@ -529,19 +552,28 @@ pub fn spawn_service(spec: ServiceSpec) -> Result<(Arc<RemoteDevice>, ServiceHan
     let (control, child_ctl) =
         ControlChannel::pair().map_err(|source| ServiceError::Control { name: name.clone(), source })?;
     let child_ctl = child_ctl.into_fd();
-    let mut child = spawn_process(&binary, &child_ctl)?;
+    let mut child = spawn::spawn(&binary, child_ctl.as_fd()).map_err(|source| match source {
+        SpawnError::NamespacesUnavailable(_) => ServiceError::Sandbox(source),
+        SpawnError::Child { step: "execve", source: ref e, .. }
+            if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::EACCES)) =>
+        {
+            let source = io::Error::from_raw_os_error(e.raw_os_error().unwrap_or(libc::ENOENT));
+            ServiceError::BinaryMissing { path: binary.clone(), source }
+        }
+        source => ServiceError::Spawn { path: binary.clone(), source },
+    })?;
     drop(child_ctl);
     let pid = child.id();
 
     // From here on, any failure must kill and reap the child.
-    let abort = |child: &mut std::process::Child, e: ServiceError| {
+    let abort = |child: &mut ServiceChild, e: ServiceError| {
         let _ = child.kill();
         let _ = child.wait();
         e
     };
-    let pidfd = match pidfd_open(pid) {
+    let pidfd = match child.pidfd().try_clone_to_owned() {
         Ok(p) => p,
-        Err(e) => return Err(abort(&mut child, ServiceError::Os { what: "pidfd_open", source: e })),
+        Err(e) => return Err(abort(&mut child, ServiceError::Os { what: "dup of the pidfd", source: e })),
     };
 
     let mut roles = vec![FdRole::Ring, FdRole::SubmitBell, FdRole::CompleteBell];
@@ -595,9 +627,16 @@ pub fn spawn_service(spec: ServiceSpec) -> Result<(Arc<RemoteDevice>, ServiceHan
     let stopping = Arc::new(AtomicBool::new(false));
     let (tx, exit_rx) = sync_channel(1);
     let (wdev, wstop) = (dev.clone(), stopping.clone());
+    // The watcher's own handle on the control socket, to collect a SIGSYS report.
+    let report_ctl = control.as_fd().try_clone_to_owned().ok().map(ControlChannel::from_fd);
     let watcher = std::thread::Builder::new().name(format!("watch-{name}")).spawn(move || {
         // Blocks until the child exits, and reaps it.
         match child.wait() {
+            Ok(status) if status.signal() == Some(libc::SIGSYS) => {
+                let report = report_ctl.as_ref().and_then(read_seccomp_report);
+                wdev.mark_failed_as(&describe_seccomp_death(report), Failure::Seccomp);
+                let _ = tx.send(status);
+            }
             Ok(status) => {
                 let orderly = wstop.load(Ordering::SeqCst) && status.success();
                 wdev.mark_failed(&describe(status), !orderly);

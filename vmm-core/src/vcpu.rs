@@ -181,6 +181,12 @@ enum State {
 
 /// Runs vCPU `index` until the VM stops. Reports why through `stop` when it is the one that stops it.
 pub fn run(index: usize, mut vcpu: VcpuFd, buses: Arc<Buses>, stop: StopHandle) {
+    // The thread's seccomp filter, before its first KVM_RUN: KVM_RUN, the rings' doorbells and
+    // little else (policies/json/vcpu.json; a mismatch kills the process). Never run without it.
+    if let Err(e) = bulkhead_policies::install(bulkhead_policies::Policy::CoreVcpu) {
+        stop.stop(StopReason::InternalError(format!("vcpu{index}: loading its seccomp filter failed: {e}")));
+        return;
+    }
     let mut state = State::Running;
     let mut exits: u64 = 0;
     while state == State::Running {

@@ -10,6 +10,7 @@ use std::error::Error;
 use std::fs::File;
 use std::process::ExitCode;
 
+use bulkhead_policies::Policy;
 use device_services::memory::{map_guest_memory, memory_fds};
 use device_services::virtio::block::Block;
 use device_services::virtio::mmio::{MmioTransport, MIN_WINDOW};
@@ -79,6 +80,8 @@ fn run() -> Result<(), RuntimeError> {
     keep.push(transport.device().disk_fd());
     keep.extend(memory_fds(transport.memory()));
     st.jail(&keep)?;
+    // Last step of confinement, before any guest data is read.
+    st.seccomp(Policy::Block)?;
     st.serve_mmio(transport, base, len)?;
     Ok(())
 }

@@ -7,6 +7,7 @@
 use std::error::Error;
 use std::process::ExitCode;
 
+use bulkhead_policies::Policy;
 use device_services::console::{Console, UART_PORTS};
 use device_services::{RuntimeError, Startup};
 use ipc::control::{DeviceConfig, FdRole};
@@ -31,6 +32,8 @@ fn run() -> Result<(), RuntimeError> {
     let input = st.take_fd(FdRole::Input);
     let console = Console::new(output, input, irq);
     st.jail(&console.raw_fds())?;
+    // Last step of confinement, before any guest data is read.
+    st.seccomp(Policy::Console)?;
     st.serve(console, base, len)?;
     Ok(())
 }

@@ -1,0 +1,220 @@
+//! Policy tests in the style of Firecracker's: (a) every syscall a service or vCPU thread was
+//! seen making (the lists in `tests/used/`, recorded with strace) is allowed by its compiled
+//! filter with the argument values seen; (b) dangerous syscalls are rejected by every policy.
+//! Both run the embedded BPF through the crate's interpreter.
+
+use bulkhead_policies::bpf::SeccompData;
+use bulkhead_policies::{syscall_number, Action, Policy};
+
+fn parse_value(v: &str) -> u64 {
+    match v.strip_prefix("0x") {
+        Some(hex) => u64::from_str_radix(hex, 16).expect("hex value"),
+        None => v.parse().expect("decimal value"),
+    }
+}
+
+/// `(syscall name, args)` from a used-list.
+fn used(list: &str) -> Vec<(String, [u64; 6])> {
+    list.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(|l| {
+            let mut words = l.split_whitespace();
+            let name = words.next().expect("name").to_string();
+            let mut args = [0u64; 6];
+            for w in words {
+                let (i, v) = w.split_once('=').expect("ARG=VALUE");
+                args[i.parse::<usize>().expect("arg index")] = parse_value(v);
+            }
+            (name, args)
+        })
+        .collect()
+}
+
+fn verdict(policy: Policy, name: &str, args: [u64; 6]) -> Action {
+    let nr = syscall_number(name).unwrap_or_else(|| panic!("unknown syscall {name}"));
+    let nr = i32::try_from(nr).expect("nr fits");
+    policy.evaluate(&SeccompData::x86_64(nr, args)).expect("evaluate")
+}
+
+fn assert_all_allowed(policy: Policy, list: &str) {
+    let calls = used(list);
+    assert!(calls.len() >= 10, "{policy:?}: list too short");
+    for (name, args) in calls {
+        assert_eq!(verdict(policy, &name, args), Action::Allow, "{policy:?} denies {name} {args:?}, which it uses");
+    }
+}
+
+#[test]
+fn console_allows_what_it_uses() {
+    assert_all_allowed(Policy::Console, include_str!("used/console.txt"));
+}
+
+#[test]
+fn block_allows_what_it_uses() {
+    assert_all_allowed(Policy::Block, include_str!("used/block.txt"));
+}
+
+#[test]
+fn vcpu_allows_what_it_uses() {
+    assert_all_allowed(Policy::CoreVcpu, include_str!("used/vcpu.txt"));
+}
+
+const CLONE_THREAD_FLAGS: u64 = 0x3d0f00; // VM|FS|FILES|SIGHAND|THREAD|SYSVSEM|SETTLS|PARENT_SETTID|CHILD_CLEARTID
+const PROT_EXEC: u64 = 4;
+
+/// Dangerous calls, with arguments where only some values are dangerous.
+fn dangerous() -> Vec<(&'static str, [u64; 6])> {
+    let plain = [
+        "execve",
+        "execveat",
+        "ptrace",
+        "mount",
+        "umount2",
+        "pivot_root",
+        "open",
+        "openat",
+        "openat2",
+        "creat",
+        "socket",
+        "socketpair",
+        "connect",
+        "bind",
+        "listen",
+        "accept",
+        "accept4",
+        "kexec_load",
+        "kexec_file_load",
+        "init_module",
+        "finit_module",
+        "delete_module",
+        "bpf",
+        "perf_event_open",
+        "process_vm_writev",
+        "process_vm_readv",
+        "unshare",
+        "setns",
+        "keyctl",
+        "add_key",
+        "request_key",
+        "chroot",
+        "mknod",
+        "mknodat",
+        "reboot",
+        "swapon",
+        "swapoff",
+        "setuid",
+        "setgid",
+        "setreuid",
+        "setregid",
+        "setresuid",
+        "setresgid",
+        "setfsuid",
+        "setfsgid",
+        "setgroups",
+        "capset",
+        "userfaultfd",
+        "io_uring_setup",
+        "io_uring_enter",
+        "io_uring_register",
+        "fork",
+        "vfork",
+        "clone3",
+        "prctl",
+        "seccomp",
+        "kill",
+        "memfd_create",
+        "name_to_handle_at",
+        "open_by_handle_at",
+        "acct",
+        "quotactl",
+        "settimeofday",
+        "clock_settime",
+        "syslog",
+        "uselib",
+        "personality",
+        "vmsplice",
+        "move_pages",
+        "migrate_pages",
+        "iopl",
+        "ioperm",
+        "modify_ldt",
+        "fanotify_init",
+        "rename",
+        "renameat2",
+        "unlink",
+        "unlinkat",
+        "mkdir",
+        "symlink",
+        "link",
+        "chmod",
+        "chown",
+        "truncate",
+        "fsopen",
+        "fsmount",
+        "move_mount",
+        "open_tree",
+        "pidfd_open",
+        "pidfd_getfd",
+        "pidfd_send_signal",
+        "sendto",
+        "sendmmsg",
+        "shmget",
+        "msgget",
+        "semget",
+        "mq_open",
+    ];
+    let mut v: Vec<(&'static str, [u64; 6])> = plain.iter().map(|&n| (n, [0; 6])).collect();
+    // clone with namespace flags (and a plain fork-like clone: services and vCPUs need none).
+    v.push(("clone", [0x1000_0000 /* CLONE_NEWUSER */, 0, 0, 0, 0, 0]));
+    v.push(("clone", [0x0002_0000 /* CLONE_NEWNS */ | CLONE_THREAD_FLAGS, 0, 0, 0, 0, 0]));
+    v.push(("clone", [0x11 /* SIGCHLD */, 0, 0, 0, 0, 0]));
+    v.push(("clone", [CLONE_THREAD_FLAGS, 0, 0, 0, 0, 0]));
+    // Executable memory.
+    v.push(("mmap", [0, 4096, PROT_EXEC | 1, 0x22, u64::MAX, 0]));
+    v.push(("mprotect", [0, 4096, PROT_EXEC | 1, 0, 0, 0]));
+    // fcntl commands beyond F_GETFD/F_GETFL: F_SETFL, F_SETOWN, F_DUPFD.
+    v.push(("fcntl", [3, 4, 0, 0, 0, 0]));
+    v.push(("fcntl", [3, 8, 0, 0, 0, 0]));
+    v.push(("fcntl", [3, 0, 0, 0, 0, 0]));
+    // Signals other than abort's SIGABRT to itself.
+    v.push(("tgkill", [1, 1, 9, 0, 0, 0]));
+    // ioctls: TIOCSTI (terminal injection), a KVM VM ioctl, FIONREAD.
+    v.push(("ioctl", [0, 0x5412, 0, 0, 0, 0]));
+    v.push(("ioctl", [3, 0x4020_ae46 /* KVM_SET_USER_MEMORY_REGION */, 0, 0, 0, 0]));
+    v.push(("ioctl", [3, 0xae41 /* KVM_CREATE_VCPU */, 0, 0, 0, 0]));
+    v.push(("madvise", [0, 4096, 100 /* MADV_HWPOISON */, 0, 0, 0]));
+    v
+}
+
+#[test]
+fn dangerous_syscalls_are_rejected_by_every_policy() {
+    for policy in Policy::ALL {
+        for (name, args) in dangerous() {
+            let a = verdict(policy, name, args);
+            let expected = if policy == Policy::CoreVcpu { Action::KillProcess } else { Action::Trap };
+            assert_eq!(a, expected, "{policy:?} lets {name} {args:?} through");
+        }
+    }
+}
+
+#[test]
+fn other_architectures_are_killed() {
+    for policy in Policy::ALL {
+        // i386 `int 0x80`: syscall 11 is execve there.
+        let data = SeccompData { nr: 11, arch: 0x4000_0003, instruction_pointer: 0, args: [0; 6] };
+        assert_eq!(policy.evaluate(&data).expect("evaluate"), Action::KillProcess, "{policy:?}");
+    }
+}
+
+#[test]
+fn services_need_no_ioctl_socket_or_clone() {
+    for policy in [Policy::Console, Policy::Block, Policy::Net] {
+        let names = policy.syscalls();
+        for forbidden in ["ioctl", "socket", "clone", "clone3", "execve", "open", "openat"] {
+            assert!(!names.iter().any(|n| n == forbidden), "{policy:?} mentions {forbidden}");
+        }
+        eprintln!("{policy:?}: {} syscalls: {}", names.len(), names.join(" "));
+    }
+    eprintln!("CoreVcpu: {} syscalls", Policy::CoreVcpu.syscalls().len());
+}
