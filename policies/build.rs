@@ -19,6 +19,7 @@ const POLICIES: &[(&str, &[&str])] = &[
     ("block", &["common.json", "block.json"]),
     ("net", &["common.json", "net.json"]),
     ("vcpu", &["vcpu.json"]),
+    ("core-main", &["core-main.json"]),
 ];
 
 const UNISTD: &str = "/usr/include/x86_64-linux-gnu/asm/unistd_64.h";

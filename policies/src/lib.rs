@@ -60,6 +60,11 @@ pub enum Policy {
     Net,
     /// A vCPU thread of the core, from its first `KVM_RUN` on.
     CoreVcpu,
+    /// The core's main thread once the VM runs: it waits for a stop, sends control messages,
+    /// kicks vCPUs and reads metrics; it creates no thread or process any more (services are
+    /// started and restarted by supervisor threads created during set-up, which stay unfiltered
+    /// because a filter is inherited by the processes a thread creates).
+    CoreMain,
 }
 
 macro_rules! embedded {
@@ -73,7 +78,7 @@ macro_rules! embedded {
 
 impl Policy {
     /// Every policy.
-    pub const ALL: [Policy; 4] = [Policy::Console, Policy::Block, Policy::Net, Policy::CoreVcpu];
+    pub const ALL: [Policy; 5] = [Policy::Console, Policy::Block, Policy::Net, Policy::CoreVcpu, Policy::CoreMain];
 
     /// The policy's name (its JSON key).
     pub fn name(self) -> &'static str {
@@ -82,6 +87,7 @@ impl Policy {
             Policy::Block => "block",
             Policy::Net => "net",
             Policy::CoreVcpu => "vcpu",
+            Policy::CoreMain => "core-main",
         }
     }
 
@@ -91,6 +97,7 @@ impl Policy {
             Policy::Block => embedded!("block"),
             Policy::Net => embedded!("net"),
             Policy::CoreVcpu => embedded!("vcpu"),
+            Policy::CoreMain => embedded!("core-main"),
         }
     }
 

@@ -56,6 +56,25 @@ fn block_allows_what_it_uses() {
 }
 
 #[test]
+fn core_main_allows_what_it_uses() {
+    assert_all_allowed(Policy::CoreMain, include_str!("used/core-main.txt"));
+}
+
+#[test]
+fn core_main_cannot_create_threads_processes_or_vcpus() {
+    for (name, args) in [
+        ("clone", [CLONE_THREAD_FLAGS, 0, 0, 0, 0, 0]),
+        ("clone3", [0; 6]),
+        ("ioctl", [3, 0xae80 /* KVM_RUN */, 0, 0, 0, 0]),
+        ("openat", [0, 0, 0o2 /* O_RDWR */, 0, 0, 0]),
+        ("sendmsg", [0, 0, 0, 0, 0, 0]),
+        ("tgkill", [1, 1, 9 /* SIGKILL */, 0, 0, 0]),
+    ] {
+        assert_eq!(verdict(Policy::CoreMain, name, args), Action::KillProcess, "core-main lets {name} {args:?} through");
+    }
+}
+
+#[test]
 fn vcpu_allows_what_it_uses() {
     assert_all_allowed(Policy::CoreVcpu, include_str!("used/vcpu.txt"));
 }
@@ -192,7 +211,8 @@ fn dangerous_syscalls_are_rejected_by_every_policy() {
     for policy in Policy::ALL {
         for (name, args) in dangerous() {
             let a = verdict(policy, name, args);
-            let expected = if policy == Policy::CoreVcpu { Action::KillProcess } else { Action::Trap };
+            let core = matches!(policy, Policy::CoreVcpu | Policy::CoreMain);
+            let expected = if core { Action::KillProcess } else { Action::Trap };
             assert_eq!(a, expected, "{policy:?} lets {name} {args:?} through");
         }
     }

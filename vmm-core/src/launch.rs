@@ -425,6 +425,14 @@ pub fn run(args: &RunArgs) -> Result<StopReason, LaunchError> {
         threads.push(t);
     }
 
+    // From here on the main thread only waits for a stop, sends control messages, kicks vCPUs and
+    // reads metrics, so it gets the narrow `core-main` filter. It is installed after the vCPU
+    // threads exist (a thread inherits its creator's filter, and theirs need KVM_RUN); the
+    // services' supervisor threads were created during set-up and stay unfiltered, because
+    // processes they start would inherit a filter too (docs/SECURITY.md).
+    if let Err(e) = bulkhead_policies::install(bulkhead_policies::Policy::CoreMain) {
+        stop.stop(StopReason::InternalError(format!("cannot install the main thread's seccomp filter: {e}")));
+    }
     let started = std::time::Instant::now();
     let mut injections = args.inject_forbidden.clone();
     let reason = loop {

@@ -53,6 +53,9 @@ impl Verdict {
 /// headers plus 8 MiB of data buffers (queue depth 64 at 128 KiB per request).
 pub const DMA_ARENA_BYTES: usize = virtio::blk::DATA_OFF + (8 << 20);
 
+// The net driver's queues and buffers fit too (the rest is the tests' scratch memory).
+const _: () = assert!(virtio::net::NET_DMA_BYTES < DMA_ARENA_BYTES);
+
 /// QEMU isa-debug-exit port: `out 0xf4, al` with the verdict byte.
 pub const DEBUG_EXIT_PORT: u16 = 0xf4;
 /// i8042 command port; writing [`I8042_RESET`] pulses the CPU reset line.

@@ -32,6 +32,10 @@ pub trait Machine {
     /// One 32-bit MMIO read at `addr` (a single `mov`; one exit). `addr` must have been
     /// accepted by [`Machine::map_mmio`].
     fn mmio_read32(&mut self, addr: u64) -> u32;
+    /// One 8-bit MMIO read at `addr` (virtio config fields of one byte must be read so).
+    fn mmio_read8(&mut self, addr: u64) -> u8;
+    /// One 16-bit MMIO read at `addr` (2-byte aligned; virtio config fields of two bytes).
+    fn mmio_read16(&mut self, addr: u64) -> u16;
     /// One 32-bit MMIO write at `addr` (a single `mov`; one exit). Ordered after every
     /// earlier memory write of the probe (a compiler barrier; x86 keeps stores in order).
     fn mmio_write32(&mut self, addr: u64, value: u32);
@@ -244,6 +248,26 @@ impl Machine for PortIo {
         value
     }
 
+    fn mmio_read8(&mut self, addr: u64) -> u8 {
+        let value: u8;
+        // SAFETY: as in `mmio_read32`: a single byte `mov` from a window `map_mmio` accepted.
+        unsafe {
+            core::arch::asm!("mov {v}, byte ptr [{a}]", a = in(reg) addr, v = out(reg_byte) value,
+                options(nostack, preserves_flags));
+        }
+        value
+    }
+
+    fn mmio_read16(&mut self, addr: u64) -> u16 {
+        let value: u16;
+        // SAFETY: as in `mmio_read32`: a single 16-bit `mov` from a window `map_mmio` accepted.
+        unsafe {
+            core::arch::asm!("mov {v:x}, word ptr [{a}]", a = in(reg) addr, v = out(reg) value,
+                options(nostack, preserves_flags));
+        }
+        value
+    }
+
     fn mmio_write32(&mut self, addr: u64, value: u32) {
         // SAFETY: as in `mmio_read32`; the write goes to a device window, not to RAM.
         unsafe {
@@ -415,6 +439,14 @@ pub mod testing {
             };
             self.mmio_log.push((addr, v, false));
             v
+        }
+        fn mmio_read8(&mut self, addr: u64) -> u8 {
+            let word = self.mmio_read32(addr & !3);
+            u8::try_from((word >> (8 * (addr & 3))) & 0xff).unwrap_or(0)
+        }
+        fn mmio_read16(&mut self, addr: u64) -> u16 {
+            let word = self.mmio_read32(addr & !3);
+            u16::try_from((word >> (8 * (addr & 2))) & 0xffff).unwrap_or(0)
         }
         fn mmio_write32(&mut self, addr: u64, value: u32) {
             self.mmio_log.push((addr, value, true));

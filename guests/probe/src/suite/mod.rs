@@ -8,6 +8,13 @@ mod blk_ro;
 mod blk_tests;
 mod blk_verify;
 mod hello;
+mod net_bench;
+pub mod net_common;
+mod net_echo;
+mod net_info;
+mod net_reflect;
+#[cfg(test)]
+mod net_tests;
 mod pio_loop;
 mod ticker;
 
@@ -31,6 +38,10 @@ pub static TESTS: &[Test] = &[
     blk_verify::TEST,
     blk_ro::TEST,
     blk_bench::TEST,
+    net_info::TEST,
+    net_echo::TEST,
+    net_reflect::TEST,
+    net_bench::TEST,
 ];
 
 /// The test called `name`.

@@ -249,33 +249,8 @@ impl Blk {
         t: &Transport,
         dma: &mut Dma,
     ) -> Result<(SplitQueue, BlkInfo), BlkError> {
-        t.reset(m)?;
-        t.add_status(m, status::ACKNOWLEDGE);
-        t.add_status(m, status::DRIVER);
-        let offered = t.device_features(m);
-        if offered & F_VERSION_1 == 0 {
-            return Err(VirtioError::NoVersion1.into());
-        }
-        let features = offered & ACCEPTED;
-        t.set_features(m, features)?;
-
-        t.write(m, reg::QUEUE_SEL, 0);
-        let max = t.read(m, reg::QUEUE_NUM_MAX);
-        if max == 0 || t.read(m, reg::QUEUE_READY) != 0 {
-            return Err(VirtioError::QueueUnavailable(max).into());
-        }
-        let mut size = MAX_QUEUE_SIZE;
-        while u32::from(size) > max {
-            size /= 2;
-        }
-        let q = SplitQueue::new(dma, 0, size).ok_or(BlkError::DmaTooSmall)?;
-        let (desc, avail, used) = q.addresses(dma);
-        t.write(m, reg::QUEUE_NUM, u32::from(size));
-        t.write64(m, reg::QUEUE_DESC_LOW, desc);
-        t.write64(m, reg::QUEUE_DRIVER_LOW, avail);
-        t.write64(m, reg::QUEUE_DEVICE_LOW, used);
-        t.write(m, reg::QUEUE_READY, 1);
-
+        let (offered, features) = t.negotiate(m, ACCEPTED)?;
+        let q = t.setup_queue(m, dma, 0, 0)?;
         // capacity (le64), size_max, seg_max, geometry, blk_size.
         let cfg = t.config_words::<6>(m, 0)?;
         let info = BlkInfo {
@@ -284,13 +259,9 @@ impl Blk {
             features,
             blk_size: if features & F_BLK_SIZE != 0 { cfg[5] } else { 0 },
             seg_max: if features & F_SEG_MAX != 0 { cfg[3] } else { 0 },
-            queue_size: size,
+            queue_size: q.size(),
         };
-        t.add_status(m, status::DRIVER_OK);
-        let s = t.read(m, reg::STATUS);
-        if s & status::DEVICE_NEEDS_RESET != 0 {
-            return Err(VirtioError::NeedsReset(s).into());
-        }
+        t.driver_ok(m)?;
         Ok((q, info))
     }
 
@@ -399,7 +370,7 @@ impl Blk {
     /// Publishes everything submitted and notifies the device (one MMIO write).
     pub fn kick(&mut self, m: &mut dyn Machine) {
         self.q.publish(&mut self.dma);
-        self.t.write(m, reg::QUEUE_NOTIFY, 0);
+        self.t.notify(m, 0);
     }
 
     /// Requests in flight.

@@ -221,7 +221,7 @@ impl FakeBlk {
 ///
 /// # Safety
 /// `a` must point to readable memory holding a `T`.
-unsafe fn rd<T: Copy>(a: u64) -> T {
+pub(crate) unsafe fn rd<T: Copy>(a: u64) -> T {
     // SAFETY: the caller's contract.
     unsafe { (a as *const T).read_unaligned() }
 }
@@ -230,7 +230,7 @@ unsafe fn rd<T: Copy>(a: u64) -> T {
 ///
 /// # Safety
 /// `a` must point to writable memory for a `T`.
-unsafe fn wr<T: Copy>(a: u64, v: T) {
+pub(crate) unsafe fn wr<T: Copy>(a: u64, v: T) {
     // SAFETY: the caller's contract.
     unsafe { (a as *mut T).write_unaligned(v) }
 }

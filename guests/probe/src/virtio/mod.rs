@@ -8,8 +8,12 @@
 pub mod blk;
 #[cfg(test)]
 pub mod fake;
+#[cfg(test)]
+pub mod fake_net;
+pub mod net;
 pub mod queue;
 
+use self::queue::{Dma, SplitQueue, MAX_QUEUE_SIZE};
 use crate::cmdline::Params;
 use crate::console::Console;
 use crate::machine::Machine;
@@ -24,6 +28,8 @@ pub const MAGIC: u32 = 0x7472_6976;
 pub const MIN_WINDOW: u64 = 0x200;
 /// DeviceID of a block device.
 pub const DEVICE_ID_BLOCK: u32 = 2;
+/// DeviceID of a network device.
+pub const DEVICE_ID_NET: u32 = 1;
 
 /// virtio-mmio register offsets (version 2).
 pub mod reg {
@@ -118,8 +124,15 @@ pub enum VirtioError {
     NoVersion1,
     /// The device did not keep FEATURES_OK.
     FeaturesRejected(u32),
-    /// Queue 0 does not exist (QueueNumMax 0) or is already live.
-    QueueUnavailable(u32),
+    /// A queue does not exist (QueueNumMax 0) or is already live.
+    QueueUnavailable {
+        /// The queue index.
+        queue: u16,
+        /// Its QueueNumMax.
+        max: u32,
+    },
+    /// The DMA arena has no room for a queue at the offset the driver chose.
+    QueueMemory,
     /// The device reports DEVICE_NEEDS_RESET (status attached).
     NeedsReset(u32),
     /// A reset did not read back 0 status within the poll bound.
@@ -154,10 +167,15 @@ impl VirtioError {
                     .hex(u64::from(s))
                     .str(b")");
             }
-            VirtioError::QueueUnavailable(max) => {
-                con.str(b"queue 0 unavailable (QueueNumMax ")
+            VirtioError::QueueUnavailable { queue, max } => {
+                con.str(b"queue ")
+                    .dec(u64::from(queue))
+                    .str(b" unavailable (QueueNumMax ")
                     .dec(u64::from(max))
                     .str(b" or already ready)");
+            }
+            VirtioError::QueueMemory => {
+                con.str(b"no DMA memory for a virtqueue");
             }
             VirtioError::NeedsReset(s) => {
                 con.str(b"device needs reset (status ").hex(u64::from(s)).str(b")");
@@ -380,6 +398,89 @@ impl Transport {
             return Err(VirtioError::FeaturesRejected(s));
         }
         Ok(())
+    }
+
+    /// The start of every driver: reset, ACKNOWLEDGE, DRIVER, then feature negotiation
+    /// (VIRTIO_F_VERSION_1 required; only the bits of `accepted` the device offers are taken;
+    /// FEATURES_OK checked). Returns (offered, negotiated).
+    pub fn negotiate(&self, m: &mut dyn Machine, accepted: u64) -> Result<(u64, u64), VirtioError> {
+        self.reset(m)?;
+        self.add_status(m, status::ACKNOWLEDGE);
+        self.add_status(m, status::DRIVER);
+        let offered = self.device_features(m);
+        if offered & F_VERSION_1 == 0 {
+            return Err(VirtioError::NoVersion1);
+        }
+        let features = offered & (accepted | F_VERSION_1);
+        self.set_features(m, features)?;
+        Ok((offered, features))
+    }
+
+    /// Sets up queue `index` in `dma` at offset `off` (page-aligned, [`queue::QUEUE_BYTES`]
+    /// long) with the largest power-of-two size ≤ min(QueueNumMax, [`MAX_QUEUE_SIZE`]) and
+    /// marks it ready.
+    pub fn setup_queue(
+        &self,
+        m: &mut dyn Machine,
+        dma: &mut Dma,
+        index: u16,
+        off: usize,
+    ) -> Result<SplitQueue, VirtioError> {
+        self.write(m, reg::QUEUE_SEL, u32::from(index));
+        let max = self.read(m, reg::QUEUE_NUM_MAX);
+        if max == 0 || self.read(m, reg::QUEUE_READY) != 0 {
+            return Err(VirtioError::QueueUnavailable { queue: index, max });
+        }
+        let mut size = MAX_QUEUE_SIZE;
+        while u32::from(size) > max {
+            size /= 2;
+        }
+        let q = SplitQueue::new(dma, off, size).ok_or(VirtioError::QueueMemory)?;
+        let (desc, avail, used) = q.addresses(dma);
+        self.write(m, reg::QUEUE_NUM, u32::from(size));
+        self.write64(m, reg::QUEUE_DESC_LOW, desc);
+        self.write64(m, reg::QUEUE_DRIVER_LOW, avail);
+        self.write64(m, reg::QUEUE_DEVICE_LOW, used);
+        self.write(m, reg::QUEUE_READY, 1);
+        Ok(q)
+    }
+
+    /// Sets DRIVER_OK and checks the device does not already ask for a reset.
+    pub fn driver_ok(&self, m: &mut dyn Machine) -> Result<(), VirtioError> {
+        self.add_status(m, status::DRIVER_OK);
+        let s = self.read(m, reg::STATUS);
+        if s & status::DEVICE_NEEDS_RESET != 0 {
+            return Err(VirtioError::NeedsReset(s));
+        }
+        Ok(())
+    }
+
+    /// Notifies the device that queue `index` has new buffers (one MMIO write).
+    pub fn notify(&self, m: &mut dyn Machine, index: u16) {
+        self.write(m, reg::QUEUE_NOTIFY, u32::from(index));
+    }
+
+    /// Reads `N` config-space bytes from config offset `offset` with single-byte accesses
+    /// (the width the virtio spec requires for byte fields), retrying while
+    /// ConfigGeneration changes under the reads.
+    pub fn config_bytes<const N: usize>(&self, m: &mut dyn Machine, offset: u64) -> Result<[u8; N], VirtioError> {
+        for _ in 0..CONFIG_RETRIES {
+            let before = self.read(m, reg::CONFIG_GENERATION);
+            let mut out = [0u8; N];
+            for (i, b) in out.iter_mut().enumerate() {
+                *b = m.mmio_read8(self.win.base + reg::CONFIG + offset + i as u64);
+            }
+            if self.read(m, reg::CONFIG_GENERATION) == before {
+                return Ok(out);
+            }
+        }
+        Err(VirtioError::ConfigUnstable)
+    }
+
+    /// Reads the 16-bit config field at config offset `offset` (2-byte aligned) with one
+    /// 16-bit access.
+    pub fn config_u16(&self, m: &mut dyn Machine, offset: u64) -> u16 {
+        m.mmio_read16(self.win.base + reg::CONFIG + offset)
     }
 
     /// Reads `N` config-space words starting at config offset `offset` (a multiple of 4),

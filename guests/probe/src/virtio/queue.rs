@@ -3,7 +3,7 @@
 //! is published after a release fence and the used index read before an acquire fence (both
 //! plain compiler barriers on x86, whose stores and loads are each kept in order).
 
-use core::sync::atomic::{fence, Ordering};
+use core::sync::atomic::{fence, AtomicU16, Ordering};
 
 /// Descriptor flag: the chain continues at `next`.
 pub const DESC_F_NEXT: u16 = 1;
@@ -11,6 +11,8 @@ pub const DESC_F_NEXT: u16 = 1;
 pub const DESC_F_WRITE: u16 = 2;
 /// Available-ring flag: the driver does not want interrupts.
 pub const AVAIL_F_NO_INTERRUPT: u16 = 1;
+/// Used-ring flag: the device does not need notifications now (VIRTQ_USED_F_NO_NOTIFY).
+pub const USED_F_NO_NOTIFY: u16 = 1;
 /// Largest queue the probe sets up.
 pub const MAX_QUEUE_SIZE: u16 = 256;
 /// Bytes of DMA memory a queue of [`MAX_QUEUE_SIZE`] uses: descriptors, available and used
@@ -74,6 +76,18 @@ impl Dma {
             // SAFETY: `at` checked bounds and alignment; any bit pattern is a valid integer.
             Some(p) => unsafe { p.read_volatile() },
             None => T::default(),
+        }
+    }
+
+    /// Stores `v` at `off` with an atomic exchange (`xchg`: a full barrier on x86, so later
+    /// loads cannot pass it; a plain instruction KVM's emulator runs). Dropped if out of
+    /// bounds or misaligned.
+    pub fn store_u16_full_barrier(&mut self, off: usize, v: u16) {
+        if let Some(p) = self.at::<u16>(off) {
+            // SAFETY: `at` checked bounds and alignment (2, as `AtomicU16` needs); the arena is
+            // ours and the device only accesses it as plain memory.
+            let a = unsafe { AtomicU16::from_ptr(p) };
+            a.swap(v, Ordering::SeqCst);
         }
     }
 
@@ -182,6 +196,15 @@ impl SplitQueue {
         dma.store::<u16>(self.avail + 2, self.next_avail);
     }
 
+    /// Publishes every pushed head with a full barrier, then reports whether the device asks
+    /// to be notified (VIRTQ_USED_F_NO_NOTIFY clear). The barrier orders the index store
+    /// before the flags load, so a device that re-enables notifications and then re-checks
+    /// the available index cannot be missed.
+    pub fn publish_and_check(&self, dma: &mut Dma) -> bool {
+        dma.store_u16_full_barrier(self.avail + 2, self.next_avail);
+        dma.load::<u16>(self.used) & USED_F_NO_NOTIFY == 0
+    }
+
     /// Entries the device has used that we have not consumed (used.idx − last seen), read
     /// once, followed by an acquire fence so later ring and buffer reads see the device's data.
     pub fn used_pending(&self, dma: &Dma) -> u16 {
@@ -253,5 +276,18 @@ mod tests {
         assert_eq!(q.pop_used(&d), UsedElem { id: 7, len: 513 });
         assert_eq!(q.pop_used(&d).id, 9);
         assert_eq!(q.used_pending(&d), 0);
+    }
+
+    #[test]
+    fn publish_and_check_honours_no_notify() {
+        let mut d = Dma::new(leak_dma(QUEUE_BYTES));
+        let mut q = SplitQueue::new(&mut d, 0, 4).expect("queue");
+        q.push(&mut d, 1);
+        assert!(q.publish_and_check(&mut d), "flags clear: notify");
+        assert_eq!(d.load::<u16>(4096 + 2), 1);
+        d.store::<u16>(8192, USED_F_NO_NOTIFY);
+        q.push(&mut d, 2);
+        assert!(!q.publish_and_check(&mut d), "NO_NOTIFY: no notify");
+        assert_eq!(d.load::<u16>(4096 + 2), 2, "published anyway");
     }
 }
