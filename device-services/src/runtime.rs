@@ -5,7 +5,10 @@ use std::os::fd::{AsFd, AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
 use std::time::{Duration, Instant};
 
 use bulkhead_policies::{Policy, PolicyError, Report};
-use ipc::control::{seccomp_report, ControlMsg, DeviceConfig, FdRole, ForbiddenAction, ServiceSetup, ServiceStats};
+use ipc::control::{
+    seccomp_report, ControlMsg, DeviceConfig, FdRole, ForbiddenAction, ServiceFault, ServiceSetup, ServiceStats,
+    FAULT_CRASH_STATUS, FAULT_SLOW_MAX_MS,
+};
 use ipc::ring::{ExitKind, ExitReply, ExitRequest, Incoming, ServiceEndpoint};
 use ipc::{ControlChannel, ControlError, IpcError};
 use vmm_sys_util::eventfd::EventFd;
@@ -116,6 +119,11 @@ pub trait MmioHandler {
     fn prepare_sleep(&mut self) -> Result<bool, RuntimeError> {
         Ok(false)
     }
+    /// Requests this instance found in flight in the state region and redone
+    /// ([`ServiceStats::redone`]).
+    fn redone(&self) -> u64 {
+        0
+    }
 }
 
 /// What the serve loop needs from a device, whatever its bus.
@@ -125,6 +133,9 @@ trait Dispatch {
     fn on_event(&mut self, fd: RawFd) -> Result<(), RuntimeError>;
     fn poll(&mut self) -> Result<bool, RuntimeError>;
     fn prepare_sleep(&mut self) -> Result<bool, RuntimeError>;
+    fn redone(&self) -> u64 {
+        0
+    }
 }
 
 struct PioDispatch<H> {
@@ -199,6 +210,9 @@ impl<H: MmioHandler> Dispatch for MmioDispatch<H> {
     }
     fn prepare_sleep(&mut self) -> Result<bool, RuntimeError> {
         self.handler.prepare_sleep()
+    }
+    fn redone(&self) -> u64 {
+        self.handler.redone()
     }
 }
 
@@ -352,7 +366,13 @@ impl Startup {
 
     fn serve_dispatch<D: Dispatch>(self, handler: D) -> Result<ServiceStats, RuntimeError> {
         let idle_spin = Duration::from_micros(u64::from(self.setup.idle_spin_us)).min(MAX_IDLE_SPIN);
-        let mut server = Server { ring: self.ring, control: self.control, handler, stats: ServiceStats::default() };
+        let mut server = Server {
+            ring: self.ring,
+            control: self.control,
+            handler,
+            stats: ServiceStats::default(),
+            faults: Faults::default(),
+        };
         server.control.send(&ControlMsg::Ready { pid: std::process::id() }, &[])?;
         server.run(idle_spin)
     }
@@ -363,11 +383,21 @@ enum Flow {
     Stop,
 }
 
+/// Faults injected into this instance that change how it answers the ring.
+#[derive(Debug, Default)]
+struct Faults {
+    /// Delay before every answer.
+    slow: Duration,
+    /// Answer the next request with a wrong sequence number.
+    corrupt_next: bool,
+}
+
 struct Server<H> {
     ring: ServiceEndpoint,
     control: ControlChannel,
     handler: H,
     stats: ServiceStats,
+    faults: Faults,
 }
 
 impl<H: Dispatch> Server<H> {
@@ -378,7 +408,7 @@ impl<H: Dispatch> Server<H> {
             let mut did = false;
             while let Some(inc) = self.ring.next_request()? {
                 let reply = self.dispatch(&inc);
-                self.ring.complete(&inc, &reply)?;
+                self.answer(&inc, &reply)?;
                 did = true;
             }
             if self.handler.poll()? {
@@ -462,7 +492,12 @@ impl<H: Dispatch> Server<H> {
         match msg {
             ControlMsg::Shutdown => Ok(Flow::Stop),
             ControlMsg::Ping { token } => {
+                self.stats.redone = self.handler.redone();
                 self.control.send(&ControlMsg::Pong { token, stats: self.stats }, &[])?;
+                Ok(Flow::Continue)
+            }
+            ControlMsg::InjectFault(fault) => {
+                self.inject(fault);
                 Ok(Flow::Continue)
             }
             ControlMsg::AttemptForbidden(action) => {
@@ -482,6 +517,39 @@ impl<H: Dispatch> Server<H> {
         format!("service[{}]", std::process::id())
     }
 
+    /// Completes `inc` with `reply`, applying the injected `slow` and `corrupt-reply` faults.
+    fn answer(&mut self, inc: &Incoming, reply: &ExitReply) -> Result<(), RuntimeError> {
+        if !self.faults.slow.is_zero() {
+            // A bounded sleep: poll with no fds for the configured delay (at most a minute).
+            ipc::wait::poll(&mut [], self.faults.slow).map_err(RuntimeError::Poll)?;
+        }
+        if std::mem::take(&mut self.faults.corrupt_next) {
+            let wrong = Incoming { seq: inc.seq ^ (1 << 63), ..*inc };
+            return Ok(self.ring.complete(&wrong, reply)?);
+        }
+        Ok(self.ring.complete(inc, reply)?)
+    }
+
+    /// Executes an injected fault (see [`ServiceFault`]). Crash, abort, segv and hang do not
+    /// return.
+    fn inject(&mut self, fault: ServiceFault) {
+        eprintln!("{}: injecting fault {fault:?}", self.name());
+        match fault {
+            ServiceFault::Crash => {
+                // SAFETY: _exit ends the process at once; nothing in this process needs cleanup
+                // (the core owns every resource the service uses).
+                unsafe { libc::_exit(FAULT_CRASH_STATUS) }
+            }
+            ServiceFault::Abort => std::process::abort(),
+            ServiceFault::Segv => segv(),
+            ServiceFault::Hang => hang(),
+            ServiceFault::Slow { ms } => {
+                self.faults.slow = Duration::from_millis(u64::from(ms.min(FAULT_SLOW_MAX_MS)));
+            }
+            ServiceFault::CorruptReply => self.faults.corrupt_next = true,
+        }
+    }
+
     fn dispatch(&mut self, inc: &Incoming) -> ExitReply {
         self.stats.requests += 1;
         let reply = match inc.request {
@@ -492,6 +560,26 @@ impl<H: Dispatch> Server<H> {
             self.stats.rejected += 1;
             ExitReply::rejected()
         })
+    }
+}
+
+/// Dies by SIGSEGV, from a store to address 0 (a forced, synchronous fault that
+/// kills even pid 1 of a PID namespace).
+fn segv() -> ! {
+    // SAFETY: the store targets address 0, which is never mapped (mmap_min_addr); the CPU faults
+    // and the kernel kills the process with SIGSEGV before the asm block completes. The asm is
+    // opaque to the compiler, so no Rust-level null dereference exists.
+    unsafe { std::arch::asm!("mov byte ptr [{0}], 1", in(reg) 0usize, options(nostack)) };
+    // Unreachable in practice; if address 0 were mapped, exit the way a crash would.
+    // SAFETY: _exit ends the process at once.
+    unsafe { libc::_exit(FAULT_CRASH_STATUS) }
+}
+
+/// Stops answering anything, forever: blocks in `poll` with no fds, one second at a time (the
+/// core's supervisor kills the process when a forwarded exit misses its deadline).
+fn hang() -> ! {
+    loop {
+        let _ = ipc::wait::poll(&mut [], Duration::from_secs(1));
     }
 }
 

@@ -81,6 +81,9 @@ pub enum FdRole {
     /// EventFd registered as an ioeventfd on the virtio-mmio QueueNotify register with
     /// datamatch = this queue index: readable when the guest kicks that queue.
     QueueNotify(u16),
+    /// The device's state region (`crate::state::StateRegion`, [`crate::state::STATE_REGION_LEN`]
+    /// bytes, created and kept by the core): the device's state survives the service in it.
+    StateRegion,
 }
 
 /// Geometry of the exit ring.
@@ -164,6 +167,8 @@ pub struct ServiceStats {
     pub rejected: u64,
     /// Times the service went to sleep on its doorbell.
     pub sleeps: u64,
+    /// Requests found in flight in the state region at start and redone by this instance.
+    pub redone: u64,
 }
 
 /// A control message.
@@ -206,6 +211,190 @@ pub enum ControlMsg {
         /// `AUDIT_ARCH_*` value (`siginfo.si_arch`).
         arch: u32,
     },
+    /// Core → service (fault injection, a user-facing feature): misbehave as told. The
+    /// supervisor in the core then detects the death, missed deadline or protocol violation and
+    /// starts a fresh instance.
+    InjectFault(ServiceFault),
+}
+
+/// A fault a service injects into itself when told to ([`ControlMsg::InjectFault`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum ServiceFault {
+    /// Exit at once with `_exit(FAULT_CRASH_STATUS)`.
+    Crash,
+    /// `abort()`. (As pid 1 of its PID namespace the service ignores SIGABRT's default action,
+    /// so glibc's fallback ends it with SIGSEGV there; outside a PID namespace it dies by SIGABRT.)
+    Abort,
+    /// A store through a null pointer: dies by SIGSEGV.
+    Segv,
+    /// Stop answering the ring and the control socket forever (blocks in `poll` with no fds).
+    Hang,
+    /// Delay every later answer on the ring by this many milliseconds (0 turns it off).
+    Slow {
+        /// Delay per answer, in ms.
+        ms: u32,
+    },
+    /// Answer the next request with a wrong sequence number (a protocol violation).
+    CorruptReply,
+}
+
+/// Exit status of a service told to [`ServiceFault::Crash`].
+pub const FAULT_CRASH_STATUS: i32 = 86;
+/// Longest delay [`ServiceFault::Slow`] accepts, in ms (longer requests are clamped).
+pub const FAULT_SLOW_MAX_MS: u32 = 60_000;
+
+/// A fault the user injects into a running VM's device (`bulkhead fault`, `--fault`): either
+/// done by the core (`kill`, `corrupt-state`), or sent to the service ([`ServiceFault`], or an
+/// [`ForbiddenAction`] for `seccomp`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum FaultAction {
+    /// The core sends SIGKILL through the pidfd.
+    Kill,
+    /// The service `_exit`s.
+    Crash,
+    /// The service calls `abort()`.
+    Abort,
+    /// The service stores through a null pointer.
+    Segv,
+    /// The service stops answering forever.
+    Hang,
+    /// The service delays every answer by this many ms.
+    Slow {
+        /// Delay per answer, in ms.
+        ms: u32,
+    },
+    /// The service answers the next request with a wrong sequence number.
+    CorruptReply,
+    /// The core flips bytes in the device's state region, then kills the service: the next
+    /// instance must refuse the state and signal DEVICE_NEEDS_RESET.
+    CorruptState,
+    /// The service attempts a forbidden system call (`execve`); its filter kills it by SIGSYS.
+    Seccomp,
+}
+
+impl FaultAction {
+    /// The names [`parse`](Self::parse) accepts.
+    pub const NAMES: &'static str = "kill, crash, abort, segv, hang, slow=MS, corrupt-reply, corrupt-state, seccomp";
+
+    /// Parses `kill|crash|abort|segv|hang|slow=MS|corrupt-reply|corrupt-state|seccomp`.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        Ok(match s {
+            "kill" => Self::Kill,
+            "crash" => Self::Crash,
+            "abort" => Self::Abort,
+            "segv" => Self::Segv,
+            "hang" => Self::Hang,
+            "corrupt-reply" => Self::CorruptReply,
+            "corrupt-state" => Self::CorruptState,
+            "seccomp" => Self::Seccomp,
+            other => match other.strip_prefix("slow=").map(str::parse::<u32>) {
+                Some(Ok(ms)) if ms <= FAULT_SLOW_MAX_MS => Self::Slow { ms },
+                Some(_) => return Err(format!("slow=MS takes 0 to {FAULT_SLOW_MAX_MS} ms")),
+                None => return Err(format!("unknown fault `{other}` (expected {})", Self::NAMES)),
+            },
+        })
+    }
+}
+
+impl std::fmt::Display for FaultAction {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Kill => f.write_str("kill"),
+            Self::Crash => f.write_str("crash"),
+            Self::Abort => f.write_str("abort"),
+            Self::Segv => f.write_str("segv"),
+            Self::Hang => f.write_str("hang"),
+            Self::Slow { ms } => write!(f, "slow={ms}"),
+            Self::CorruptReply => f.write_str("corrupt-reply"),
+            Self::CorruptState => f.write_str("corrupt-state"),
+            Self::Seccomp => f.write_str("seccomp"),
+        }
+    }
+}
+
+/// Supervision metrics of one service, as `bulkhead stats` shows them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceMetrics {
+    /// Service name (`console`, `block-disk0`, ...).
+    pub name: String,
+    /// Pid of the current instance.
+    pub pid: u32,
+    /// Instances started after the first.
+    pub restarts: u32,
+    /// Death → serving again of the last restart, in µs.
+    pub last_restart_us: Option<u64>,
+    /// Median of the same, in µs.
+    pub median_restart_us: Option<u64>,
+    /// Maximum of the same, in µs.
+    pub max_restart_us: Option<u64>,
+    /// Exits forwarded and answered.
+    pub exits_forwarded: u64,
+    /// Exits in flight at a failure, completed against the next instance.
+    pub exits_redone: u64,
+    /// Exits completed with the failure value (all-ones reads, dropped writes).
+    pub exits_failed: u64,
+    /// Why the device was marked failed, if it was.
+    pub failed: Option<String>,
+}
+
+/// A request on a running VM's API socket (`bulkhead run --name`/`--api-sock`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ApiRequest {
+    /// Inject `action` into `device` (`console`, `block`, `blockN` or a service name).
+    Fault {
+        /// Which device.
+        device: String,
+        /// What to do.
+        action: FaultAction,
+    },
+    /// Supervision metrics of every service.
+    Stats,
+}
+
+/// The answer to an [`ApiRequest`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ApiResponse {
+    /// Done; what happened.
+    Done(String),
+    /// Metrics, one entry per service.
+    Stats(Vec<ServiceMetrics>),
+    /// Refused or failed; why.
+    Error(String),
+}
+
+/// Largest API message (request or response) accepted.
+pub const MAX_API_MSG: usize = 64 * 1024;
+
+/// Writes `msg` as one frame (u32 LE length, then bincode) to `w`.
+pub fn write_api_frame<T: Serialize, W: std::io::Write>(w: &mut W, msg: &T) -> Result<(), ControlError> {
+    let bytes = codec().serialize(msg).map_err(ControlError::Encode)?;
+    if bytes.len() > MAX_API_MSG {
+        return Err(ControlError::TooLarge);
+    }
+    let len = u32::try_from(bytes.len()).map_err(|_| ControlError::TooLarge)?;
+    let mut frame = len.to_le_bytes().to_vec();
+    frame.extend_from_slice(&bytes);
+    w.write_all(&frame).map_err(|e| ControlError::Send(nix::Error::from_raw(e.raw_os_error().unwrap_or(libc::EIO))))
+}
+
+/// Reads one frame written by [`write_api_frame`] (length checked before anything is allocated).
+pub fn read_api_frame<T: serde::de::DeserializeOwned, R: std::io::Read>(r: &mut R) -> Result<T, ControlError> {
+    let io = |e: std::io::Error| {
+        if e.kind() == std::io::ErrorKind::UnexpectedEof {
+            ControlError::Closed
+        } else {
+            ControlError::Recv(nix::Error::from_raw(e.raw_os_error().unwrap_or(libc::EIO)))
+        }
+    };
+    let mut len = [0u8; 4];
+    r.read_exact(&mut len).map_err(io)?;
+    let len = usize::try_from(u32::from_le_bytes(len)).map_err(|_| ControlError::TooLarge)?;
+    if len > MAX_API_MSG {
+        return Err(ControlError::TooLarge);
+    }
+    let mut buf = vec![0u8; len];
+    r.read_exact(&mut buf).map_err(io)?;
+    codec().deserialize(&buf).map_err(ControlError::Decode)
 }
 
 /// A sandbox escape attempt a service performs when told to ([`ControlMsg::AttemptForbidden`]).
@@ -427,11 +616,17 @@ mod tests {
         e2b.write(5).expect("write");
         assert_eq!(e2.read().expect("read"), 5);
 
-        b.send(&ControlMsg::Pong { token: 7, stats: ServiceStats { requests: 3, rejected: 1, sleeps: 2 } }, &[])
-            .expect("send");
+        b.send(
+            &ControlMsg::Pong { token: 7, stats: ServiceStats { requests: 3, rejected: 1, sleeps: 2, redone: 4 } },
+            &[],
+        )
+        .expect("send");
         let (msg, got) = a.recv(soon()).expect("recv");
         assert!(got.is_empty());
-        assert_eq!(msg, ControlMsg::Pong { token: 7, stats: ServiceStats { requests: 3, rejected: 1, sleeps: 2 } });
+        assert_eq!(
+            msg,
+            ControlMsg::Pong { token: 7, stats: ServiceStats { requests: 3, rejected: 1, sleeps: 2, redone: 4 } }
+        );
     }
 
     use std::os::fd::IntoRawFd;
@@ -471,6 +666,17 @@ mod tests {
         );
         for a in ForbiddenAction::ALL {
             let m = ControlMsg::AttemptForbidden(a);
+            assert_eq!(decode(&encode(&m).expect("encode")).expect("decode"), m);
+        }
+        for f in [
+            ServiceFault::Crash,
+            ServiceFault::Abort,
+            ServiceFault::Segv,
+            ServiceFault::Hang,
+            ServiceFault::Slow { ms: 25 },
+            ServiceFault::CorruptReply,
+        ] {
+            let m = ControlMsg::InjectFault(f);
             assert_eq!(decode(&encode(&m).expect("encode")).expect("decode"), m);
         }
     }
@@ -526,6 +732,35 @@ mod tests {
         )
         .expect("sendmsg");
         assert!(matches!(b.recv(soon()), Err(ControlError::TooManyFds(17))));
+    }
+
+    #[test]
+    fn fault_actions_parse_and_print() {
+        for name in ["kill", "crash", "abort", "segv", "hang", "slow=250", "corrupt-reply", "corrupt-state", "seccomp"]
+        {
+            let a = FaultAction::parse(name).expect(name);
+            assert_eq!(a.to_string(), name);
+        }
+        assert_eq!(FaultAction::parse("slow=7"), Ok(FaultAction::Slow { ms: 7 }));
+        for bad in ["", "explode", "slow=", "slow=-1", "slow=60001"] {
+            assert!(FaultAction::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn api_frames_round_trip_and_are_bounded() {
+        let req = ApiRequest::Fault { device: "console".into(), action: FaultAction::Slow { ms: 3 } };
+        let mut buf = Vec::new();
+        write_api_frame(&mut buf, &req).expect("write");
+        let got: ApiRequest = read_api_frame(&mut buf.as_slice()).expect("read");
+        assert_eq!(got, req);
+        // A frame claiming 4 GiB is refused before allocating.
+        let huge = [0xffu8, 0xff, 0xff, 0xff];
+        assert!(matches!(read_api_frame::<ApiRequest, _>(&mut huge.as_slice()), Err(ControlError::TooLarge)));
+        // A truncated frame is a close, garbage a decode error.
+        assert!(matches!(read_api_frame::<ApiRequest, _>(&mut [1u8, 0].as_slice()), Err(ControlError::Closed)));
+        let junk = [2u8, 0, 0, 0, 0xee, 0xee];
+        assert!(matches!(read_api_frame::<ApiRequest, _>(&mut junk.as_slice()), Err(ControlError::Decode(_))));
     }
 
     proptest::proptest! {

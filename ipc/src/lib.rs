@@ -14,6 +14,7 @@
 pub mod control;
 pub mod region;
 pub mod ring;
+pub mod state;
 pub mod wait;
 
 pub use control::{ControlChannel, ControlError, ControlMsg};

@@ -70,7 +70,11 @@ fn core_main_cannot_create_threads_processes_or_vcpus() {
         ("sendmsg", [0, 0, 0, 0, 0, 0]),
         ("tgkill", [1, 1, 9 /* SIGKILL */, 0, 0, 0]),
     ] {
-        assert_eq!(verdict(Policy::CoreMain, name, args), Action::KillProcess, "core-main lets {name} {args:?} through");
+        assert_eq!(
+            verdict(Policy::CoreMain, name, args),
+            Action::KillProcess,
+            "core-main lets {name} {args:?} through"
+        );
     }
 }
 

@@ -70,6 +70,9 @@ fn killing_the_console_leaves_the_guest_running() {
         out.to_str().expect("utf8"),
         "--cmdline",
         "probe.test=ticker probe.n=200 probe.delay=5000",
+        // Restarts off: this is the fail-closed path (supervisor.rs tests the restart).
+        "--restart-max",
+        "0/10",
     ])
     .spawn()
     .expect("spawn");

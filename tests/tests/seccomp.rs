@@ -69,6 +69,10 @@ fn console_attempts(name: &str) {
             &cmdline,
             "--inject-forbidden",
             &inject,
+            // The sandbox's own behaviour: a service killed by seccomp stays dead (restarts are
+            // tested in supervisor.rs).
+            "--restart-max",
+            "0/10",
         ],
         LIMIT,
     );
@@ -109,6 +113,10 @@ fn block_attempts(name: &str) {
             "probe.test=ticker probe.n=25 probe.delay=5000",
             "--inject-forbidden",
             &inject,
+            // The sandbox's own behaviour: a service killed by seccomp stays dead (restarts are
+            // tested in supervisor.rs).
+            "--restart-max",
+            "0/10",
         ],
         LIMIT,
     );

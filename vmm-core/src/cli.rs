@@ -5,7 +5,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-use ipc::control::ForbiddenAction;
+use ipc::control::{FaultAction, ForbiddenAction};
+
+use crate::faults::FaultSchedule;
 
 /// Bulkhead: a microkernel-style VMM whose devices run as separate sandboxed processes.
 #[derive(Debug, Parser)]
@@ -20,7 +22,52 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Boot a guest with its device services.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
+    /// Inject a fault into a device of a running VM (started with `--name` or `--api-sock`).
+    Fault(FaultArgs),
+    /// Print the supervision metrics of a running VM's services.
+    Stats(StatsArgs),
+}
+
+/// `bulkhead fault`.
+#[derive(Debug, Args, Clone)]
+pub struct FaultArgs {
+    /// The VM: its `--name` (socket `/run/bulkhead/NAME.sock`) or a socket path.
+    pub vm: String,
+    /// The device: `console`, `block` (first disk), `blockN`, or `stats` to print metrics.
+    pub device: String,
+    /// kill, crash, abort, segv, hang, slow=MS, corrupt-reply, corrupt-state or seccomp.
+    #[arg(value_parser = FaultAction::parse)]
+    pub action: Option<FaultAction>,
+}
+
+/// `bulkhead stats`.
+#[derive(Debug, Args, Clone)]
+pub struct StatsArgs {
+    /// The VM: its `--name` or a socket path.
+    pub vm: String,
+}
+
+/// `--restart-max N/SECS`: at most N restarts of one service per SECS seconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RestartCap {
+    /// Most restarts in the window (0: never restart, the device fails closed at once).
+    pub max: u32,
+    /// The window.
+    pub window: Duration,
+}
+
+impl RestartCap {
+    /// Parses `N/SECS` (or `N`, with a 10 s window).
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let (n, secs) = s.split_once('/').unwrap_or((s, "10"));
+        let max: u32 = n.parse().map_err(|_| format!("bad restart count `{n}` (expected N/SECS, e.g. 20/10)"))?;
+        let secs: u64 = secs.parse().map_err(|_| format!("bad window `{secs}` (seconds)"))?;
+        if !(1..=86_400).contains(&secs) || max > 1_000_000 {
+            return Err("expected N ≤ 1000000 restarts per 1 to 86400 s".into());
+        }
+        Ok(Self { max, window: Duration::from_secs(secs) })
+    }
 }
 
 /// `bulkhead run`.
@@ -70,6 +117,21 @@ pub struct RunArgs {
     /// still applies.
     #[arg(long)]
     pub insecure_no_sandbox: bool,
+    /// Name of the VM: its API socket is `/run/bulkhead/NAME.sock` (for `bulkhead fault`/`stats`).
+    #[arg(long, value_name = "NAME", value_parser = parse_vm_name)]
+    pub name: Option<String>,
+    /// API socket path (instead of the one `--name` implies).
+    #[arg(long, value_name = "PATH")]
+    pub api_sock: Option<PathBuf>,
+    /// Restart cap per service: at most N restarts per SECS seconds; one more failure marks the
+    /// device failed (the VM keeps running). 0 disables restarts (fail closed).
+    #[arg(long, value_name = "N/SECS", default_value = "20/10", value_parser = RestartCap::parse)]
+    pub restart_max: RestartCap,
+    /// Fault schedule: `DEVICE:ACTION[,after=DUR][,every=DUR][,count=N]`,
+    /// `DEVICE:random,seed=S,every=DUR[,count=N]` (kill/crash/abort/segv/hang at seeded random
+    /// times), or `DEVICE:ACTION-after=MS`. Times count from the start of the vCPUs. Repeatable.
+    #[arg(long = "fault", value_name = "SPEC", value_parser = FaultSchedule::parse)]
+    pub faults: Vec<FaultSchedule>,
     /// Log level: error, warn, info, debug, trace.
     #[arg(long, value_name = "LEVEL", default_value = "info", value_parser = parse_level)]
     pub log_level: log::LevelFilter,
@@ -164,6 +226,13 @@ impl InjectSpec {
     }
 }
 
+fn parse_vm_name(s: &str) -> Result<String, String> {
+    if s.is_empty() || s.len() > 64 || !s.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+        return Err("a VM name is 1 to 64 of [A-Za-z0-9_-]".into());
+    }
+    Ok(s.to_string())
+}
+
 fn parse_level(s: &str) -> Result<log::LevelFilter, String> {
     s.parse().map_err(|_| format!("unknown log level `{s}` (error, warn, info, debug, trace, off)"))
 }
@@ -178,13 +247,15 @@ mod tests {
 
     #[test]
     fn defaults() {
-        let Command::Run(r) = parse(&["run", "--kernel", "/k"]).expect("parse").command;
+        let Command::Run(r) = parse(&["run", "--kernel", "/k"]).expect("parse").command else { panic!("not run") };
         assert_eq!(r.mem, 128);
         assert_eq!(r.vcpus, 1);
         assert_eq!(r.serial_output, "stdout");
         assert_eq!(r.serial_input, "stdin");
         assert!(!r.insecure_no_sandbox, "the sandbox is on by default");
-        let Command::Run(r) = parse(&["run", "--kernel", "/k", "--insecure-no-sandbox"]).expect("parse").command;
+        let Command::Run(r) = parse(&["run", "--kernel", "/k", "--insecure-no-sandbox"]).expect("parse").command else {
+            panic!("not run")
+        };
         assert!(r.insecure_no_sandbox);
     }
 
@@ -212,7 +283,10 @@ mod tests {
             "block1:write-outside-root@0",
         ])
         .expect("parse")
-        .command;
+        .command
+        else {
+            panic!("not run")
+        };
         assert_eq!(
             r.inject_forbidden,
             vec![
@@ -242,10 +316,48 @@ mod tests {
     }
 
     #[test]
+    fn supervision_flags() {
+        let Command::Run(r) = parse(&["run", "--kernel", "/k"]).expect("parse").command else { panic!("not run") };
+        assert_eq!(r.restart_max, RestartCap { max: 20, window: Duration::from_secs(10) });
+        assert!(r.faults.is_empty() && r.name.is_none());
+        let Command::Run(r) = parse(&[
+            "run",
+            "--kernel",
+            "/k",
+            "--restart-max",
+            "0/1",
+            "--name",
+            "vm-1",
+            "--fault",
+            "console:kill,every=1s",
+        ])
+        .expect("parse")
+        .command
+        else {
+            panic!("not run")
+        };
+        assert_eq!(r.restart_max.max, 0);
+        assert_eq!(r.name.as_deref(), Some("vm-1"));
+        assert_eq!(r.faults.len(), 1);
+        assert!(parse(&["run", "--kernel", "/k", "--restart-max", "x/1"]).is_err());
+        assert!(parse(&["run", "--kernel", "/k", "--restart-max", "5/0"]).is_err());
+        assert!(parse(&["run", "--kernel", "/k", "--name", "../x"]).is_err());
+        let Command::Fault(f) = parse(&["fault", "vm1", "console", "slow=5"]).expect("parse").command else {
+            panic!("not fault")
+        };
+        assert_eq!((f.vm.as_str(), f.device.as_str(), f.action), ("vm1", "console", Some(FaultAction::Slow { ms: 5 })));
+        assert!(parse(&["fault", "vm1", "console", "explode"]).is_err());
+        assert!(matches!(parse(&["stats", "vm1"]).expect("parse").command, Command::Stats(_)));
+    }
+
+    #[test]
     fn disks_repeat() {
         let Command::Run(r) = parse(&["run", "--kernel", "/k", "--disk", "/a.img", "--disk", "/b.img,ro,id=data"])
             .expect("parse")
-            .command;
+            .command
+        else {
+            panic!("not run")
+        };
         assert_eq!(r.disks.len(), 2);
         assert_eq!(r.disks[0], DiskSpec { path: "/a.img".into(), read_only: false, id: None });
         assert_eq!(r.disks[1], DiskSpec { path: "/b.img".into(), read_only: true, id: Some("data".into()) });

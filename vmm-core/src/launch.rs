@@ -91,6 +91,9 @@ pub enum LaunchError {
         #[source]
         source: std::io::Error,
     },
+    /// The API socket or the fault schedule could not start.
+    #[error("fault injection")]
+    Api(#[source] Box<crate::faults::FaultError>),
     /// Some OS call failed.
     #[error("{what} failed")]
     Os {
@@ -281,8 +284,7 @@ fn start_disk(
         irq,
         queue_size: BLOCK_QUEUE_SIZE,
     };
-    let deadline = Duration::from_millis(args.service_deadline_ms);
-    let (device, handle) = service::spawn_block(&binary, spec, deadline)?;
+    let (device, handle) = service::spawn_block(&binary, spec, service_options(args))?;
     buses.mmio.insert(slot.base, slot.len, device)?;
     log::info!(
         "disk{index}: {}{} at {:#x} (GSI {}) served by pid {}",
@@ -300,10 +302,18 @@ fn start_console(args: &RunArgs, vm: &VmFd, buses: &mut Buses) -> Result<service
     let (output, input) = serial_fds(args)?;
     let irq = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(os("eventfd"))?;
     vm.register_irqfd(&irq, COM1_GSI).map_err(|source| LaunchError::Kvm { what: "KVM_IRQFD", source })?;
-    let deadline = Duration::from_millis(args.service_deadline_ms);
-    let (device, handle) = service::spawn_console(&binary, output, input, irq, COM1_BASE, deadline)?;
+    let (device, handle) = service::spawn_console(&binary, output, input, irq, COM1_BASE, service_options(args))?;
     buses.pio.insert(u64::from(COM1_BASE), COM1_LEN, device)?;
     Ok(handle)
+}
+
+/// Service tuning from the command line: the per-exit deadline and the restart policy.
+fn service_options(args: &RunArgs) -> service::ServiceOptions {
+    service::ServiceOptions {
+        call_timeout: Duration::from_millis(args.service_deadline_ms),
+        restart: service::RestartPolicy::with_cap(args.restart_max.max, args.restart_max.window),
+        ..service::ServiceOptions::default()
+    }
 }
 
 /// Time until the earliest pending injection is due (zero if one is overdue).
@@ -396,6 +406,18 @@ pub fn run(args: &RunArgs) -> Result<StopReason, LaunchError> {
         services.push(start_disk(args, &vm, &ram, &mut buses, i, disk)?);
     }
 
+    // Fault schedules and the API socket run on their own threads, created before the main
+    // thread's seccomp filter (they kill, signal and accept connections).
+    let refs: Vec<service::ServiceRef> = services.iter().map(service::ServiceHandle::remote).collect();
+    let api_path = args.api_sock.clone().or_else(|| args.name.as_deref().map(crate::faults::socket_for));
+    let api = match &api_path {
+        Some(p) => Some(crate::faults::ApiServer::start(p, refs.clone()).map_err(|e| LaunchError::Api(Box::new(e)))?),
+        None => None,
+    };
+    let faults_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let fault_thread = crate::faults::start_schedules(args.faults.clone(), refs.clone(), faults_stop.clone())
+        .map_err(|e| LaunchError::Api(Box::new(e)))?;
+
     let cpuid = kvm
         .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
         .map_err(|source| LaunchError::Kvm { what: "KVM_GET_SUPPORTED_CPUID", source })?;
@@ -453,6 +475,10 @@ pub fn run(args: &RunArgs) -> Result<StopReason, LaunchError> {
         }
     };
     drop(terminal);
+    faults_stop.store(true, Ordering::SeqCst);
+    if let Some(t) = fault_thread {
+        let _ = t.join();
+    }
     let stuck = vcpu::kick_and_join(threads, 200);
     if stuck > 0 {
         log::error!("{stuck} vCPU thread(s) did not stop within 2 s");
@@ -469,8 +495,10 @@ pub fn run(args: &RunArgs) -> Result<StopReason, LaunchError> {
             stats.rejected,
             stats.failures
         );
+        log::info!("{}", crate::faults::format_metrics(&service.metrics()));
         service.shutdown(Duration::from_secs(2));
     }
+    drop(api);
     log::info!("guest stopped: {reason}");
     log::info!("port 0x80 accesses: {}", post.accesses());
     drop(vm);

@@ -8,6 +8,7 @@ pub mod bus;
 pub mod cli;
 pub mod control;
 pub mod devices;
+pub mod faults;
 pub mod host;
 pub mod launch;
 pub mod logger;

@@ -16,31 +16,37 @@
 //! fails closed: reads return all-ones, writes are dropped, the failure is logged once and later
 //! accesses fail at once without waiting for the deadline.
 
+use std::collections::VecDeque;
 use std::fs;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::unix::fs::FileExt;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError};
-use std::sync::{Arc, Mutex};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use ipc::control::{
-    BlockConfig, ControlMsg, DeviceConfig, FdRole, ForbiddenAction, MemoryRegion, RingSetup, ServiceSetup, ServiceStats,
+    BlockConfig, ControlMsg, DeviceConfig, FaultAction, FdRole, ForbiddenAction, MemoryRegion, RingSetup, ServiceFault,
+    ServiceMetrics, ServiceSetup, ServiceStats,
 };
 use ipc::ring::{ExitKind, ExitRequest, Status};
+use ipc::state::{StateRegion, HOT_OFFSET, SLOT_HEADER_LEN, SLOT_LEN};
 use ipc::{ControlChannel, ControlError, CoreEndpoint, IpcError, WaitConfig};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::bus::BusDevice;
 
 pub mod spawn;
+pub mod supervisor;
 
 pub use spawn::{init_sandbox, Namespace, Namespaces, Sandbox, ServiceChild, SpawnError};
+pub use supervisor::{Decision, Metrics, RestartPolicy, RestartTracker};
 
 /// Errors starting or managing a service.
 #[derive(Debug, thiserror::Error)]
@@ -107,6 +113,12 @@ pub enum ServiceError {
         /// The message.
         msg: String,
     },
+    /// `corrupt-state` on a device without a state region.
+    #[error("service {name} has no state region")]
+    NoStateRegion {
+        /// Service name.
+        name: String,
+    },
     /// An OS call failed.
     #[error("{what}")]
     Os {
@@ -144,6 +156,15 @@ pub struct ServiceOptions {
     pub core_spin: Duration,
     /// How long the service keeps spinning after its last request before sleeping.
     pub service_idle_spin: Duration,
+    /// When a failed instance is replaced (default: never).
+    pub restart: RestartPolicy,
+}
+
+impl From<Duration> for ServiceOptions {
+    /// The defaults with `call_timeout` set to the given deadline.
+    fn from(call_timeout: Duration) -> Self {
+        Self { call_timeout, ..Self::default() }
+    }
 }
 
 impl Default for ServiceOptions {
@@ -154,6 +175,7 @@ impl Default for ServiceOptions {
             ready_timeout: Duration::from_secs(5),
             core_spin: Duration::from_micros(100),
             service_idle_spin: Duration::from_micros(200),
+            restart: RestartPolicy::DISABLED,
         }
     }
 }
@@ -184,21 +206,88 @@ pub struct RemoteStats {
     pub rejected: u64,
     /// Accesses completed with the failure value because the service had failed.
     pub failures: u64,
+    /// Accesses that were in flight when an instance failed and were completed against the
+    /// next instance.
+    pub redone: u64,
+}
+
+/// The instance a [`RemoteDevice`] currently forwards to.
+#[derive(Debug)]
+struct Current {
+    ring: Arc<CoreEndpoint>,
+    pid: u32,
+    generation: u64,
+}
+
+/// How the supervisor learns of failures a vCPU saw on the ring (missed deadline, protocol
+/// violation): a queue and an eventfd it polls with the instance's pidfd.
+#[derive(Debug)]
+struct Inbox {
+    faults: Mutex<VecDeque<(u64, String)>>,
+    wake: EventFd,
+}
+
+/// Most failure reports queued; more are dropped (one per generation is enough).
+const INBOX_MAX: usize = 64;
+/// Times one access is retried against fresh instances before it completes with the failure value.
+const MAX_REDO: u32 = 3;
+
+impl Inbox {
+    fn new() -> Result<Self, ServiceError> {
+        Ok(Self {
+            faults: Mutex::new(VecDeque::new()),
+            wake: EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(os("eventfd"))?,
+        })
+    }
+
+    fn push(&self, generation: u64, why: String) {
+        let mut q = self.faults.lock().unwrap_or_else(|e| e.into_inner());
+        if q.len() < INBOX_MAX {
+            q.push_back((generation, why));
+        }
+        drop(q);
+        let _ = self.wake.write(1);
+    }
+
+    fn wake(&self) {
+        let _ = self.wake.write(1);
+    }
+
+    fn wake_fd(&self) -> BorrowedFd<'_> {
+        // SAFETY: the EventFd owns this fd and outlives the borrow (tied to `&self`).
+        unsafe { BorrowedFd::borrow_raw(self.wake.as_raw_fd()) }
+    }
+
+    /// The first report about `generation`, discarding the rest (stale ones included).
+    fn take_for(&self, generation: u64) -> Option<String> {
+        let mut q = self.faults.lock().unwrap_or_else(|e| e.into_inner());
+        let found = q.iter().find(|(g, _)| *g == generation).map(|(_, w)| w.clone());
+        q.clear();
+        found
+    }
 }
 
 /// A device whose accesses are forwarded to a service process over the exit ring.
+///
+/// The instance behind it may change: when the supervisor restarts the service it swaps in the
+/// new instance's ring, and an access that was in flight on the old one waits (bounded by the
+/// restart policy's `restart_wait`) and is then completed against the new instance.
 #[derive(Debug)]
 pub struct RemoteDevice {
     name: String,
-    pid: u32,
     space: AddressSpace,
-    ring: CoreEndpoint,
+    current: Mutex<Current>,
+    changed: Condvar,
+    inbox: Arc<Inbox>,
+    restartable: bool,
+    restart_wait: Duration,
     timeout: Duration,
     failed: AtomicBool,
     reason: Mutex<Option<String>>,
     forwarded: AtomicU64,
     rejected: AtomicU64,
     failures: AtomicU64,
+    redone: AtomicU64,
 }
 
 impl RemoteDevice {
@@ -207,9 +296,18 @@ impl RemoteDevice {
         &self.name
     }
 
-    /// Pid of the service process.
+    /// Pid of the current service instance.
     pub fn pid(&self) -> u32 {
-        self.pid
+        self.lock_current().pid
+    }
+
+    /// Instance number: 0 for the first, incremented by every restart.
+    pub fn generation(&self) -> u64 {
+        self.lock_current().generation
+    }
+
+    fn lock_current(&self) -> std::sync::MutexGuard<'_, Current> {
+        self.current.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Counters.
@@ -218,10 +316,11 @@ impl RemoteDevice {
             forwarded: self.forwarded.load(Ordering::Relaxed),
             rejected: self.rejected.load(Ordering::Relaxed),
             failures: self.failures.load(Ordering::Relaxed),
+            redone: self.redone.load(Ordering::Relaxed),
         }
     }
 
-    /// Whether the device has failed (all later accesses fail fast).
+    /// Whether the device has failed for good (all later accesses fail fast).
     pub fn is_failed(&self) -> bool {
         self.failed.load(Ordering::SeqCst)
     }
@@ -238,57 +337,103 @@ impl RemoteDevice {
     }
 
     fn mark_failed_as(&self, why: &str, kind: Failure) {
+        let pid = self.pid();
         if self.failed.compare_exchange(false, true, Ordering::SeqCst, Ordering::SeqCst).is_ok() {
             *self.reason.lock().unwrap_or_else(|e| e.into_inner()) = Some(why.to_string());
-            if kind == Failure::Seccomp {
+            match kind {
                 // `why` reads "killed by seccomp: syscall NAME (NR)" (or the signal fallback).
-                log::error!(
-                    "service {} (pid {}) {why}; its reads now return all-ones and writes are dropped",
-                    self.name,
-                    self.pid
-                );
-            } else if kind == Failure::Error {
-                log::error!(
-                    "service {} (pid {}) failed: {why}; its reads now return all-ones and writes are dropped",
-                    self.name,
-                    self.pid
-                );
-            } else {
-                log::info!("service {} (pid {}) stopped: {why}", self.name, self.pid);
+                Failure::Seccomp => log::error!(
+                    "service {} (pid {pid}) {why}; its reads now return all-ones and writes are dropped",
+                    self.name
+                ),
+                Failure::Error => log::error!(
+                    "service {} (pid {pid}) failed: {why}; its reads now return all-ones and writes are dropped",
+                    self.name
+                ),
+                Failure::GaveUp => log::error!(
+                    "service {} (pid {pid}) marked FAILED: {why}; the VM keeps running, the device's reads now \
+                     return all-ones and writes are dropped",
+                    self.name
+                ),
+                Failure::Orderly => log::info!("service {} (pid {pid}) stopped: {why}", self.name),
             }
         }
-        self.ring.abort();
+        let cur = self.lock_current();
+        cur.ring.abort();
+        drop(cur);
+        self.changed.notify_all();
+    }
+
+    /// Swaps in a fresh instance and wakes accesses waiting for it.
+    fn install(&self, ring: Arc<CoreEndpoint>, pid: u32) {
+        let mut cur = self.lock_current();
+        cur.ring.abort();
+        *cur = Current { ring, pid, generation: cur.generation + 1 };
+        drop(cur);
+        self.changed.notify_all();
+    }
+
+    /// Waits (at most `limit`) until an instance newer than `generation` serves, or the device
+    /// failed. Returns whether a newer instance is there.
+    fn wait_for_newer(&self, generation: u64, limit: Duration) -> bool {
+        let cur = self.lock_current();
+        let (cur, _) = self
+            .changed
+            .wait_timeout_while(cur, limit, |c| c.generation == generation && !self.is_failed())
+            .unwrap_or_else(|e| e.into_inner());
+        cur.generation != generation && !self.is_failed()
     }
 
     fn forward(&self, kind: ExitKind, addr: u64, req: Option<ExitRequest>, len: usize) -> Option<[u8; 8]> {
-        if self.is_failed() {
-            self.failures.fetch_add(1, Ordering::Relaxed);
-            return None;
-        }
         let Some(req) = req else {
             // An access size the ring cannot carry: not the service's fault, complete it locally.
             log::warn!("service {}: {len}-byte {kind:?} at {addr:#x} not forwarded", self.name);
             return None;
         };
-        match self.ring.call(&req, self.timeout) {
-            Ok(reply) => {
-                self.forwarded.fetch_add(1, Ordering::Relaxed);
-                if reply.status == Status::Rejected {
-                    self.rejected.fetch_add(1, Ordering::Relaxed);
-                    return None;
-                }
-                Some(reply.data)
+        // Bounded: at most MAX_REDO + 1 attempts, each bounded by the call deadline plus the
+        // restart wait.
+        for attempt in 0..=MAX_REDO {
+            if self.is_failed() {
+                break;
             }
-            Err(e) => {
-                self.failures.fetch_add(1, Ordering::Relaxed);
-                let why = match &e {
-                    IpcError::Timeout(t) => format!("no reply to a {kind:?} at {addr:#x} within {t:?}"),
-                    other => format!("{other} (on a {kind:?} at {addr:#x})"),
-                };
-                self.mark_failed(&why, true);
-                None
+            let (ring, generation) = {
+                let cur = self.lock_current();
+                (cur.ring.clone(), cur.generation)
+            };
+            match ring.call(&req, self.timeout) {
+                Ok(reply) => {
+                    self.forwarded.fetch_add(1, Ordering::Relaxed);
+                    if attempt > 0 {
+                        self.redone.fetch_add(1, Ordering::Relaxed);
+                    }
+                    if reply.status == Status::Rejected {
+                        self.rejected.fetch_add(1, Ordering::Relaxed);
+                        return None;
+                    }
+                    return Some(reply.data);
+                }
+                Err(e) => {
+                    let why = match &e {
+                        IpcError::Timeout(t) => format!("no reply to a {kind:?} at {addr:#x} within {t:?}"),
+                        other => format!("{other} (on a {kind:?} at {addr:#x})"),
+                    };
+                    if !self.restartable {
+                        self.mark_failed(&why, true);
+                        break;
+                    }
+                    // The supervisor kills what is left of this instance and starts a new one;
+                    // this access is then completed against it.
+                    if !matches!(e, IpcError::Aborted) {
+                        self.inbox.push(generation, why);
+                    }
+                    if !self.wait_for_newer(generation, self.restart_wait) {
+                        break;
+                    }
+                }
             }
         }
+        self.failures.fetch_add(1, Ordering::Relaxed);
+        None
     }
 }
 
@@ -326,6 +471,8 @@ enum Failure {
     Orderly,
     /// Killed by its seccomp filter (`log::error!`, worded for it).
     Seccomp,
+    /// The restart policy gave up (`log::error!`).
+    GaveUp,
 }
 
 /// How the core words a service's death by SIGSYS, from the report its SIGSYS handler sent
@@ -383,19 +530,155 @@ mod seccomp_report_tests {
     }
 }
 
-/// A running service: its pid, a watcher that reaps it, and its control channel.
+/// The current instance's management side, shared by the handle, [`ServiceRef`]s and the
+/// supervisor thread.
+#[derive(Debug)]
+struct Ctl {
+    control: ControlChannel,
+    pid: u32,
+    pidfd: OwnedFd,
+    next_token: u64,
+}
+
+/// What a [`ServiceHandle`] and its [`ServiceRef`]s share with the supervisor thread.
+#[derive(Debug)]
+struct Shared {
+    name: String,
+    device: Arc<RemoteDevice>,
+    ctl: Mutex<Ctl>,
+    stopping: AtomicBool,
+    stop_timeout_ms: AtomicU64,
+    metrics: Mutex<Metrics>,
+    /// The device's state region (for `corrupt-state`), if it has one.
+    state: Option<OwnedFd>,
+}
+
+impl Shared {
+    fn lock_ctl(&self) -> std::sync::MutexGuard<'_, Ctl> {
+        self.ctl.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn control_error(&self, source: ControlError) -> ServiceError {
+        ServiceError::Control { name: self.name.clone(), source }
+    }
+}
+
+/// A cloneable reference to a supervised service, for the API socket and fault schedules.
+#[derive(Debug, Clone)]
+pub struct ServiceRef(Arc<Shared>);
+
+impl ServiceRef {
+    /// Service name.
+    pub fn name(&self) -> &str {
+        &self.0.name
+    }
+
+    /// Pid of the current instance.
+    pub fn pid(&self) -> u32 {
+        self.0.lock_ctl().pid
+    }
+
+    /// The device this service backs.
+    pub fn device(&self) -> &Arc<RemoteDevice> {
+        &self.0.device
+    }
+
+    /// Sends `SIGKILL` to the current instance (through its pidfd).
+    pub fn kill(&self) -> Result<(), ServiceError> {
+        pidfd_kill(self.0.lock_ctl().pidfd.as_fd()).map_err(os("pidfd_send_signal"))
+    }
+
+    /// Injects `action` (see [`FaultAction`]) into the current instance; returns what was done.
+    /// Logged with a timestamp by the core's logger.
+    pub fn inject(&self, action: FaultAction) -> Result<String, ServiceError> {
+        let ctl = self.0.lock_ctl();
+        let pid = ctl.pid;
+        log::warn!("fault injection: {action} into service {} (pid {pid})", self.0.name);
+        let send = |msg: ControlMsg| ctl.control.send(&msg, &[]).map_err(|e| self.0.control_error(e));
+        match action {
+            FaultAction::Kill => pidfd_kill(ctl.pidfd.as_fd()).map_err(os("pidfd_send_signal"))?,
+            FaultAction::Crash => send(ControlMsg::InjectFault(ServiceFault::Crash))?,
+            FaultAction::Abort => send(ControlMsg::InjectFault(ServiceFault::Abort))?,
+            FaultAction::Segv => send(ControlMsg::InjectFault(ServiceFault::Segv))?,
+            FaultAction::Hang => send(ControlMsg::InjectFault(ServiceFault::Hang))?,
+            FaultAction::Slow { ms } => send(ControlMsg::InjectFault(ServiceFault::Slow { ms }))?,
+            FaultAction::CorruptReply => send(ControlMsg::InjectFault(ServiceFault::CorruptReply))?,
+            FaultAction::Seccomp => send(ControlMsg::AttemptForbidden(ForbiddenAction::Execve))?,
+            FaultAction::CorruptState => {
+                let Some(state) = &self.0.state else {
+                    return Err(ServiceError::NoStateRegion { name: self.0.name.clone() });
+                };
+                corrupt_state(state.as_fd()).map_err(os("corrupting the state region"))?;
+                pidfd_kill(ctl.pidfd.as_fd()).map_err(os("pidfd_send_signal"))?;
+            }
+        }
+        Ok(format!("{action} injected into service {} (pid {pid})", self.0.name))
+    }
+
+    /// Supervision metrics.
+    pub fn metrics(&self) -> ServiceMetrics {
+        let m = self.0.metrics.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let stats = self.0.device.stats();
+        let us = |d: Duration| u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+        let summary = m.summary();
+        ServiceMetrics {
+            name: self.0.name.clone(),
+            pid: self.pid(),
+            restarts: m.restarts,
+            last_restart_us: summary.map(|s| us(s.0)),
+            median_restart_us: summary.map(|s| us(s.1)),
+            max_restart_us: summary.map(|s| us(s.2)),
+            exits_forwarded: stats.forwarded,
+            exits_redone: stats.redone,
+            exits_failed: stats.failures,
+            failed: m.failed.or_else(|| self.0.device.failure()),
+        }
+    }
+
+    /// Asks the current instance for its counters (`Ping`/`Pong`), waiting at most `timeout`.
+    pub fn stats(&self, timeout: Duration) -> Result<ServiceStats, ServiceError> {
+        let mut ctl = self.0.lock_ctl();
+        let token = ctl.next_token;
+        ctl.next_token += 1;
+        ctl.control.send(&ControlMsg::Ping { token }, &[]).map_err(|e| self.0.control_error(e))?;
+        let deadline = Instant::now() + timeout;
+        // Bounded: each iteration consumes one message or hits the deadline.
+        loop {
+            let (msg, _) = ctl.control.recv(deadline).map_err(|e| self.0.control_error(e))?;
+            match msg {
+                ControlMsg::Pong { token: t, stats } if t == token => return Ok(stats),
+                ControlMsg::Pong { .. } => continue,
+                other => return Err(ServiceError::Unexpected { name: self.0.name.clone(), msg: format!("{other:?}") }),
+            }
+        }
+    }
+}
+
+/// Corrupts the state region: flips the checksum field of both cold-state slots (so a committed
+/// slot no longer validates) and the first hot word. Only `corrupt-state` does this; the core
+/// never reads the region otherwise.
+fn corrupt_state(fd: BorrowedFd<'_>) -> io::Result<()> {
+    let file = fs::File::from(fd.try_clone_to_owned()?);
+    let checksum = SLOT_HEADER_LEN as u64 - 8;
+    for offset in [checksum, SLOT_LEN as u64 + checksum, HOT_OFFSET as u64] {
+        let mut buf = [0u8; 8];
+        file.read_exact_at(&mut buf, offset)?;
+        for b in &mut buf {
+            *b ^= 0xa5;
+        }
+        file.write_all_at(&buf, offset)?;
+    }
+    Ok(())
+}
+
+/// A supervised service: its current instance, the supervisor thread that restarts it per its
+/// [`RestartPolicy`], and its control channel.
 #[derive(Debug)]
 pub struct ServiceHandle {
-    name: String,
-    pid: u32,
-    control: ControlChannel,
-    pidfd: OwnedFd,
-    device: Arc<RemoteDevice>,
-    stopping: Arc<AtomicBool>,
+    shared: Arc<Shared>,
     exit_rx: Receiver<ExitStatus>,
     status: Option<ExitStatus>,
-    watcher: Option<JoinHandle<()>>,
-    next_token: u64,
+    supervisor: Option<JoinHandle<()>>,
 }
 
 fn describe(status: ExitStatus) -> String {
@@ -407,56 +690,52 @@ fn describe(status: ExitStatus) -> String {
 }
 
 impl ServiceHandle {
-    /// Pid of the service.
+    /// Pid of the current instance.
     pub fn pid(&self) -> u32 {
-        self.pid
+        self.shared.lock_ctl().pid
     }
 
     /// Service name.
     pub fn name(&self) -> &str {
-        &self.name
+        &self.shared.name
     }
 
     /// The device this service backs.
     pub fn device(&self) -> &Arc<RemoteDevice> {
-        &self.device
+        &self.shared.device
+    }
+
+    /// A cloneable reference for other threads (API socket, fault schedules).
+    pub fn remote(&self) -> ServiceRef {
+        ServiceRef(self.shared.clone())
+    }
+
+    /// Supervision metrics.
+    pub fn metrics(&self) -> ServiceMetrics {
+        self.remote().metrics()
     }
 
     /// Asks the service for its counters (`Ping`/`Pong`), waiting at most `timeout`.
     pub fn stats(&mut self, timeout: Duration) -> Result<ServiceStats, ServiceError> {
-        let ctl = |source| ServiceError::Control { name: self.name.clone(), source };
-        let token = self.next_token;
-        self.next_token += 1;
-        self.control.send(&ControlMsg::Ping { token }, &[]).map_err(ctl)?;
-        let deadline = Instant::now() + timeout;
-        // Bounded: each iteration consumes one message or hits the deadline.
-        loop {
-            let (msg, _) = self
-                .control
-                .recv(deadline)
-                .map_err(|source| ServiceError::Control { name: self.name.clone(), source })?;
-            match msg {
-                ControlMsg::Pong { token: t, stats } if t == token => return Ok(stats),
-                ControlMsg::Pong { .. } => continue,
-                other => return Err(ServiceError::Unexpected { name: self.name.clone(), msg: format!("{other:?}") }),
-            }
-        }
+        self.remote().stats(timeout)
     }
 
     /// Fault injection: tells the service to attempt a forbidden action (its filter then kills
-    /// it by SIGSYS, which the watcher logs).
+    /// it by SIGSYS, which the supervisor logs).
     pub fn attempt_forbidden(&self, action: ForbiddenAction) -> Result<(), ServiceError> {
-        self.control
+        self.shared
+            .lock_ctl()
+            .control
             .send(&ControlMsg::AttemptForbidden(action), &[])
-            .map_err(|source| ServiceError::Control { name: self.name.clone(), source })
+            .map_err(|e| self.shared.control_error(e))
     }
 
-    /// Sends `SIGKILL` to the service (through its pidfd, so never to a recycled pid).
+    /// Sends `SIGKILL` to the current instance (through its pidfd, so never to a recycled pid).
     pub fn kill(&self) -> Result<(), ServiceError> {
-        pidfd_kill(self.pidfd.as_fd()).map_err(os("pidfd_send_signal"))
+        self.remote().kill()
     }
 
-    /// The exit status, once the watcher has reaped the service.
+    /// The exit status, once the service ended for good (stopped, or failed with no restart left).
     pub fn try_exit_status(&mut self) -> Option<ExitStatus> {
         if self.status.is_none() {
             self.status = self.exit_rx.try_recv().ok();
@@ -465,7 +744,7 @@ impl ServiceHandle {
     }
 
     /// Stops the service: `Shutdown`, up to `timeout` for it to exit, then `SIGKILL`. Always
-    /// reaps it (the watcher does) unless the kernel fails to deliver `SIGKILL` within 5 s.
+    /// reaps it (the supervisor does) unless the kernel fails to deliver `SIGKILL` within 5 s.
     /// Returns the exit status, `None` only in that last case (which is logged).
     pub fn shutdown(mut self, timeout: Duration) -> Option<ExitStatus> {
         self.stop(timeout)
@@ -473,31 +752,29 @@ impl ServiceHandle {
 
     fn stop(&mut self, timeout: Duration) -> Option<ExitStatus> {
         if let Some(s) = self.try_exit_status() {
+            self.join();
             return Some(s);
         }
-        self.stopping.store(true, Ordering::SeqCst);
-        // A dead or wedged service may not read this; the timeout covers it.
-        let _ = self.control.send(&ControlMsg::Shutdown, &[]);
-        let status = match self.exit_rx.recv_timeout(timeout) {
-            Ok(s) => Some(s),
-            Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => {
-                log::warn!("service {} (pid {}) did not exit within {timeout:?}; killing it", self.name, self.pid);
-                if let Err(e) = self.kill() {
-                    log::warn!("service {} (pid {}): SIGKILL failed: {e}", self.name, self.pid);
-                }
-                self.exit_rx.recv_timeout(Duration::from_secs(5)).ok()
-            }
-        };
+        self.shared.stop_timeout_ms.store(u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX), Ordering::SeqCst);
+        self.shared.stopping.store(true, Ordering::SeqCst);
+        // A dead or wedged service may not read this; the supervisor's timeout covers it.
+        let _ = self.shared.lock_ctl().control.send(&ControlMsg::Shutdown, &[]);
+        self.shared.device.inbox.wake();
+        let status = self.exit_rx.recv_timeout(timeout + Duration::from_secs(5)).ok();
         match status {
             Some(s) => {
                 self.status = Some(s);
-                if let Some(w) = self.watcher.take() {
-                    let _ = w.join();
-                }
+                self.join();
             }
-            None => log::error!("service {} (pid {}) could not be reaped", self.name, self.pid),
+            None => log::error!("service {} (pid {}) could not be reaped", self.shared.name, self.pid()),
         }
         status
+    }
+
+    fn join(&mut self) {
+        if let Some(w) = self.supervisor.take() {
+            let _ = w.join();
+        }
     }
 }
 
@@ -540,10 +817,29 @@ fn check_binary(path: &Path) -> Result<(), ServiceError> {
     Ok(())
 }
 
-/// Spawns a service, hands it its ring and fds, waits for `Ready` and starts its watcher.
-pub fn spawn_service(spec: ServiceSpec) -> Result<(Arc<RemoteDevice>, ServiceHandle), ServiceError> {
-    let ServiceSpec { name, binary, device, fds, space, options } = spec;
-    check_binary(&binary)?;
+/// Everything needed to start (again) an instance of a service. The device fds stay here for
+/// the service's lifetime; each instance gets its own copies with its set-up message.
+#[derive(Debug)]
+struct Recipe {
+    name: String,
+    binary: PathBuf,
+    device: DeviceConfig,
+    fds: Vec<(FdRole, OwnedFd)>,
+    options: ServiceOptions,
+}
+
+/// A started, ready instance.
+struct Instance {
+    child: ServiceChild,
+    control: ControlChannel,
+    ring: Arc<CoreEndpoint>,
+    pidfd: OwnedFd,
+}
+
+/// Starts one instance of `recipe` with a fresh ring: spawn, set-up, wait for `Ready`. Kills and
+/// reaps the child on any failure.
+fn start_instance(recipe: &Recipe) -> Result<Instance, ServiceError> {
+    let Recipe { name, binary, device, fds, options } = recipe;
     let ring = CoreEndpoint::create(
         &format!("bulkhead-{name}-ring"),
         options.ring_capacity,
@@ -552,7 +848,7 @@ pub fn spawn_service(spec: ServiceSpec) -> Result<(Arc<RemoteDevice>, ServiceHan
     let (control, child_ctl) =
         ControlChannel::pair().map_err(|source| ServiceError::Control { name: name.clone(), source })?;
     let child_ctl = child_ctl.into_fd();
-    let mut child = spawn::spawn(&binary, child_ctl.as_fd()).map_err(|source| match source {
+    let mut child = spawn::spawn(binary, child_ctl.as_fd()).map_err(|source| match source {
         SpawnError::NamespacesUnavailable(_) => ServiceError::Sandbox(source),
         SpawnError::Child { step: "execve", source: ref e, .. }
             if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::EACCES)) =>
@@ -578,7 +874,7 @@ pub fn spawn_service(spec: ServiceSpec) -> Result<(Arc<RemoteDevice>, ServiceHan
 
     let mut roles = vec![FdRole::Ring, FdRole::SubmitBell, FdRole::CompleteBell];
     let mut borrowed = vec![ring.region_fd(), ring.submit_bell(), ring.complete_bell()];
-    for (role, fd) in &fds {
+    for (role, fd) in fds {
         roles.push(*role);
         borrowed.push(fd.as_fd());
     }
@@ -586,21 +882,20 @@ pub fn spawn_service(spec: ServiceSpec) -> Result<(Arc<RemoteDevice>, ServiceHan
         name: name.clone(),
         ring: RingSetup { capacity: ring.capacity(), region_len: ring.region_len() as u64 },
         fds: roles,
-        device,
+        device: device.clone(),
         idle_spin_us: u32::try_from(options.service_idle_spin.as_micros()).unwrap_or(u32::MAX),
     };
+    // SCM_RIGHTS gives the child its own copies of the core's originals.
     if let Err(source) = control.send(&ControlMsg::Setup(setup), &borrowed) {
         // EPIPE: the child exited before reading its set-up; it never became ready.
         let e = if matches!(source, ControlError::Send(nix::Error::EPIPE)) {
-            ServiceError::NotReady { name, pid, source }
+            ServiceError::NotReady { name: name.clone(), pid, source }
         } else {
-            ServiceError::Control { name, source }
+            ServiceError::Control { name: name.clone(), source }
         };
         return Err(abort(&mut child, e));
     }
     drop(borrowed);
-    // The service holds its own copies now.
-    drop(fds);
 
     let ready = match control.recv(Instant::now() + options.ready_timeout) {
         Ok((ControlMsg::Ready { .. }, _)) => Ok(()),
@@ -611,88 +906,258 @@ pub fn spawn_service(spec: ServiceSpec) -> Result<(Arc<RemoteDevice>, ServiceHan
     if let Err(e) = ready {
         return Err(abort(&mut child, e));
     }
+    Ok(Instance { child, control, ring: Arc::new(ring), pidfd })
+}
 
+/// Spawns a service, hands it its ring and fds, waits for `Ready` and starts its supervisor
+/// thread, which restarts it per `spec.options.restart` (by default: never; the device then
+/// fails closed on the first failure).
+pub fn spawn_service(spec: ServiceSpec) -> Result<(Arc<RemoteDevice>, ServiceHandle), ServiceError> {
+    spawn_service_with_state(spec, None)
+}
+
+/// [`spawn_service`] for a device with a state region: `state` is a dup the core keeps for the
+/// `corrupt-state` fault (the region itself travels in `spec.fds`).
+fn spawn_service_with_state(
+    spec: ServiceSpec,
+    state: Option<OwnedFd>,
+) -> Result<(Arc<RemoteDevice>, ServiceHandle), ServiceError> {
+    let ServiceSpec { name, binary, device, fds, space, options } = spec;
+    check_binary(&binary)?;
+    let recipe = Recipe { name: name.clone(), binary, device, fds, options };
+    // The first instance starts on the caller's thread (set-up errors reach the caller); later
+    // ones on the supervisor thread (their parent-death signal is tied to it, and it lives as
+    // long as the service).
+    let Instance { mut child, control, ring, pidfd } = start_instance(&recipe)?;
+    let pid = child.id();
+    let inbox = match Inbox::new() {
+        Ok(i) => Arc::new(i),
+        Err(e) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(e);
+        }
+    };
     let dev = Arc::new(RemoteDevice {
         name: name.clone(),
-        pid,
         space,
-        ring,
-        timeout: options.call_timeout,
+        current: Mutex::new(Current { ring, pid, generation: 0 }),
+        changed: Condvar::new(),
+        inbox,
+        restartable: recipe.options.restart.enabled(),
+        restart_wait: recipe.options.restart.restart_wait,
+        timeout: recipe.options.call_timeout,
         failed: AtomicBool::new(false),
         reason: Mutex::new(None),
         forwarded: AtomicU64::new(0),
         rejected: AtomicU64::new(0),
         failures: AtomicU64::new(0),
+        redone: AtomicU64::new(0),
     });
-    let stopping = Arc::new(AtomicBool::new(false));
+    let shared = Arc::new(Shared {
+        name: name.clone(),
+        device: dev.clone(),
+        ctl: Mutex::new(Ctl { control, pid, pidfd, next_token: 1 }),
+        stopping: AtomicBool::new(false),
+        stop_timeout_ms: AtomicU64::new(500),
+        metrics: Mutex::new(Metrics::default()),
+        state,
+    });
     let (tx, exit_rx) = sync_channel(1);
-    let (wdev, wstop) = (dev.clone(), stopping.clone());
-    // The watcher's own handle on the control socket, to collect a SIGSYS report.
-    let report_ctl = control.as_fd().try_clone_to_owned().ok().map(ControlChannel::from_fd);
-    let watcher = std::thread::Builder::new().name(format!("watch-{name}")).spawn(move || {
-        // Blocks until the child exits, and reaps it.
-        match child.wait() {
-            Ok(status) if status.signal() == Some(libc::SIGSYS) => {
-                let report = report_ctl.as_ref().and_then(read_seccomp_report);
-                wdev.mark_failed_as(&describe_seccomp_death(report), Failure::Seccomp);
-                let _ = tx.send(status);
-            }
-            Ok(status) => {
-                let orderly = wstop.load(Ordering::SeqCst) && status.success();
-                wdev.mark_failed(&describe(status), !orderly);
-                let _ = tx.send(status);
-            }
-            Err(e) => wdev.mark_failed(&format!("waitpid failed: {e}"), true),
-        }
-    });
-    let watcher = match watcher {
+    let binary = recipe.binary.clone();
+    let (sh, kill_fd) = (shared.clone(), shared.lock_ctl().pidfd.try_clone().ok());
+    let supervisor =
+        std::thread::Builder::new().name(format!("sup-{name}")).spawn(move || supervise(&sh, recipe, child, &tx));
+    let supervisor = match supervisor {
         Ok(w) => w,
         Err(e) => {
             // The closure (and the child) were dropped with the failed spawn: kill by pidfd.
-            let _ = pidfd_kill(pidfd.as_fd());
-            return Err(ServiceError::Os { what: "spawning the watcher thread", source: e });
+            if let Some(fd) = kill_fd {
+                let _ = pidfd_kill(fd.as_fd());
+            }
+            return Err(ServiceError::Os { what: "spawning the supervisor thread", source: e });
         }
     };
     log::info!("service {name} started as pid {pid} ({})", binary.display());
-    let handle = ServiceHandle {
-        name,
-        pid,
-        control,
-        pidfd,
-        device: dev.clone(),
-        stopping,
-        exit_rx,
-        status: None,
-        watcher: Some(watcher),
-        next_token: 1,
-    };
+    let handle = ServiceHandle { shared, exit_rx, status: None, supervisor: Some(supervisor) };
     Ok((dev, handle))
+}
+
+/// How the wait for an instance ended.
+enum Ended {
+    /// It died on its own (or was killed by someone else).
+    Died(ExitStatus),
+    /// A vCPU reported a missed deadline or protocol violation; the supervisor killed it.
+    Faulted(ExitStatus, String),
+    /// The handle asked for a stop.
+    Stopped(ExitStatus),
+}
+
+/// Waits until the current instance dies, is reported faulty (then kills it) or a stop is asked
+/// (then gives it the stop timeout and kills it). Always reaps.
+fn wait_instance(shared: &Shared, child: &mut ServiceChild, restartable: bool) -> io::Result<Ended> {
+    let inbox = &shared.device.inbox;
+    let generation = shared.device.generation();
+    loop {
+        if shared.stopping.load(Ordering::SeqCst) {
+            let limit = Duration::from_millis(shared.stop_timeout_ms.load(Ordering::SeqCst));
+            if !ipc::wait::wait_readable(child.pidfd(), limit)? {
+                log::warn!("service {} (pid {}) did not exit within {limit:?}; killing it", shared.name, child.id());
+                child.kill()?;
+            }
+            return Ok(Ended::Stopped(child.wait()?));
+        }
+        let mut fds = [ipc::wait::readable(child.pidfd()), ipc::wait::readable(inbox.wake_fd())];
+        ipc::wait::poll(&mut fds, Duration::from_secs(1))?;
+        if fds[1].revents != 0 {
+            let _ = inbox.wake.read();
+        }
+        if fds[0].revents != 0 {
+            return Ok(Ended::Died(child.wait()?));
+        }
+        let fault = inbox.take_for(generation);
+        if let (Some(why), true) = (fault, restartable) {
+            child.kill()?;
+            return Ok(Ended::Faulted(child.wait()?, why));
+        }
+    }
+}
+
+/// The supervisor thread: waits for the instance to fail, then restarts it per the policy.
+fn supervise(shared: &Shared, recipe: Recipe, mut child: ServiceChild, exit_tx: &SyncSender<ExitStatus>) {
+    let policy = recipe.options.restart;
+    let mut tracker = RestartTracker::new(policy);
+    let dev = &shared.device;
+    let name = &shared.name;
+    // Bounded by the restart policy: every iteration is one failure, and the tracker gives up
+    // past the cap.
+    loop {
+        let pid = child.id();
+        let ended = match wait_instance(shared, &mut child, policy.enabled()) {
+            Ok(e) => e,
+            Err(e) => {
+                dev.mark_failed(&format!("supervising it failed: {e}"), true);
+                let _ = child.kill();
+                if let Ok(s) = child.wait() {
+                    let _ = exit_tx.send(s);
+                }
+                return;
+            }
+        };
+        let died = Instant::now();
+        let (status, why, kind) = match ended {
+            Ended::Stopped(status) => {
+                let kind = if status.success() { Failure::Orderly } else { Failure::Error };
+                dev.mark_failed_as(&describe(status), kind);
+                let _ = exit_tx.send(status);
+                return;
+            }
+            Ended::Died(status) if status.signal() == Some(libc::SIGSYS) => {
+                let report = read_seccomp_report(&shared.lock_ctl().control);
+                (status, describe_seccomp_death(report), Failure::Seccomp)
+            }
+            Ended::Died(status) => (status, describe(status), Failure::Error),
+            Ended::Faulted(status, why) => (status, format!("{why}; killed it"), Failure::Error),
+        };
+        if !policy.enabled() {
+            dev.mark_failed_as(&why, kind);
+            let _ = exit_tx.send(status);
+            return;
+        }
+        // Wake accesses blocked on the dead instance's ring: they wait for the next one.
+        dev.lock_current().ring.abort();
+        let sep = if kind == Failure::Seccomp { "" } else { "failed: " };
+        log::error!("service {name} (pid {pid}) {sep}{why}; restarting it");
+        // Bounded: each round is one more failure for the tracker, which gives up past the cap.
+        loop {
+            let delay = match tracker.on_failure(Instant::now()) {
+                Decision::GiveUp(cap) => {
+                    let why = format!("restart cap reached: {cap}; last failure: {why}");
+                    shared.metrics.lock().unwrap_or_else(|e| e.into_inner()).failed = Some(why.clone());
+                    dev.mark_failed_as(&why, Failure::GaveUp);
+                    let _ = exit_tx.send(status);
+                    return;
+                }
+                Decision::Restart(d) => d,
+            };
+            if !delay.is_zero() {
+                log::warn!("service {name}: repeated failures, backing off {delay:?} before restarting");
+                let _ = ipc::wait::wait_readable(dev.inbox.wake_fd(), delay);
+            }
+            if shared.stopping.load(Ordering::SeqCst) {
+                dev.mark_failed_as("stopped while restarting", Failure::Orderly);
+                let _ = exit_tx.send(status);
+                return;
+            }
+            let generation = dev.generation() + 1;
+            match start_instance(&recipe) {
+                Ok(inst) => {
+                    let new_pid = inst.child.id();
+                    {
+                        let mut ctl = shared.lock_ctl();
+                        *ctl = Ctl { control: inst.control, pid: new_pid, pidfd: inst.pidfd, next_token: 1 };
+                    }
+                    // Metrics and the log line first: an access waiting for the new instance
+                    // may look at them as soon as it is installed.
+                    let latency = died.elapsed();
+                    let n = {
+                        let mut m = shared.metrics.lock().unwrap_or_else(|e| e.into_inner());
+                        m.record(latency);
+                        m.restarts
+                    };
+                    log::info!(
+                        "service {name} restarted as pid {new_pid} (instance {generation}, restart #{n}) {:.2} ms \
+                         after the failure of pid {pid}",
+                        latency.as_secs_f64() * 1e3
+                    );
+                    dev.install(inst.ring, new_pid);
+                    child = inst.child;
+                    break;
+                }
+                Err(e) => {
+                    let mut msg = format!("service {name}: restart failed: {e}");
+                    let mut src = std::error::Error::source(&e);
+                    while let Some(s) = src {
+                        msg.push_str(&format!(": {s}"));
+                        src = s.source();
+                    }
+                    log::error!("{msg}");
+                }
+            }
+        }
+    }
 }
 
 /// Starts the console service: a 16550 at ports `base..base + 8` writing to `output`, reading from
 /// `input` (if any) and raising its interrupt through `irq` (already registered with KVM as an
-/// irqfd). `deadline` bounds each forwarded access. Register the returned device on the PIO bus at
-/// `base` with length 8.
+/// irqfd). `options` (or just a deadline for each forwarded access) tunes it. Every instance
+/// also gets the console's state region (created here, kept for the service's lifetime).
+/// Register the returned device on the PIO bus at `base` with length 8.
 pub fn spawn_console(
     binary: &Path,
     output: OwnedFd,
     input: Option<OwnedFd>,
     irq: EventFd,
     base: u16,
-    deadline: Duration,
+    options: impl Into<ServiceOptions>,
 ) -> Result<(Arc<RemoteDevice>, ServiceHandle), ServiceError> {
     // SAFETY: the EventFd owns this fd for the duration of the dup.
     let irq_fd = unsafe { BorrowedFd::borrow_raw(irq.as_raw_fd()) }.try_clone_to_owned().map_err(os("dup irqfd"))?;
     let mut fds = vec![(FdRole::Output, output), (FdRole::Irq, irq_fd)];
     fds.extend(input.map(|i| (FdRole::Input, i)));
-    spawn_service(ServiceSpec {
-        name: "console".into(),
-        binary: binary.to_path_buf(),
-        device: DeviceConfig::Console { base, len: 8 },
-        fds,
-        space: AddressSpace::Pio,
-        options: ServiceOptions { call_timeout: deadline, ..ServiceOptions::default() },
-    })
+    let (state, keep) = state_region("console")?;
+    fds.push((FdRole::StateRegion, state));
+    spawn_service_with_state(
+        ServiceSpec {
+            name: "console".into(),
+            binary: binary.to_path_buf(),
+            device: DeviceConfig::Console { base, len: 8 },
+            fds,
+            space: AddressSpace::Pio,
+            options: options.into(),
+        },
+        Some(keep),
+    )
 }
 
 /// What the core passes to start a `bulkhead-block` service. The lead creates the eventfds and
@@ -729,12 +1194,13 @@ fn dup_eventfd(e: &EventFd) -> Result<OwnedFd, ServiceError> {
     unsafe { BorrowedFd::borrow_raw(e.as_raw_fd()) }.try_clone_to_owned().map_err(os("dup eventfd"))
 }
 
-/// Starts a `bulkhead-block` service for `spec`. `deadline` bounds each forwarded access.
+/// Starts a `bulkhead-block` service for `spec`. `options` (or just a deadline for each
+/// forwarded access) tunes it.
 /// Register the returned device on the MMIO bus at `spec.mmio_base` with length `spec.mmio_len`.
 pub fn spawn_block(
     binary: &Path,
     spec: BlockSpec,
-    deadline: Duration,
+    options: impl Into<ServiceOptions>,
 ) -> Result<(Arc<RemoteDevice>, ServiceHandle), ServiceError> {
     let BlockSpec { id, disk, read_only, mmio_base, mmio_len, gsi, memfd, memory, queue_notify, irq, queue_size } =
         spec;
@@ -747,27 +1213,43 @@ pub fn spawn_block(
         fds.push((FdRole::QueueNotify(i), dup_eventfd(e)?));
     }
     let name = if id.is_empty() { "block".to_string() } else { format!("block-{id}") };
-    spawn_service(ServiceSpec {
-        name,
-        binary: binary.to_path_buf(),
-        device: DeviceConfig::Block(BlockConfig {
-            mmio_base,
-            mmio_len,
-            gsi,
-            memory: memory
-                .iter()
-                .map(|&(guest_addr, len, file_offset)| MemoryRegion { guest_addr, len, file_offset })
-                .collect(),
-            disk_size,
-            read_only,
-            id,
-            num_queues,
-            queue_size,
-        }),
-        fds,
-        space: AddressSpace::Mmio,
-        options: ServiceOptions { call_timeout: deadline, ..ServiceOptions::default() },
-    })
+    let (state, keep) = state_region(&name)?;
+    fds.push((FdRole::StateRegion, state));
+    spawn_service_with_state(
+        ServiceSpec {
+            name,
+            binary: binary.to_path_buf(),
+            device: DeviceConfig::Block(BlockConfig {
+                mmio_base,
+                mmio_len,
+                gsi,
+                memory: memory
+                    .iter()
+                    .map(|&(guest_addr, len, file_offset)| MemoryRegion { guest_addr, len, file_offset })
+                    .collect(),
+                disk_size,
+                read_only,
+                id,
+                num_queues,
+                queue_size,
+            }),
+            fds,
+            space: AddressSpace::Mmio,
+            options: options.into(),
+        },
+        Some(keep),
+    )
+}
+
+/// Creates a device's state region: a zero-filled memfd of [`ipc::state::STATE_REGION_LEN`] bytes sealed
+/// against resizing. Returns the fd passed to every instance and a dup the core keeps for
+/// `corrupt-state`. The core never interprets it otherwise.
+fn state_region(name: &str) -> Result<(OwnedFd, OwnedFd), ServiceError> {
+    let region = StateRegion::create(&format!("bulkhead-{name}-state"))
+        .map_err(|e| ServiceError::Os { what: "creating the state region", source: io::Error::other(e.to_string()) })?;
+    let pass = region.fd().try_clone_to_owned().map_err(os("dup of the state region"))?;
+    let keep = region.fd().try_clone_to_owned().map_err(os("dup of the state region"))?;
+    Ok((pass, keep))
 }
 
 #[cfg(test)]

@@ -3,7 +3,9 @@
 //! Started by the core with its end of the control socket as fd 3 (or `--control-fd N`).
 //! Expects a `DeviceConfig::Block` set-up with fds `Ring`, `SubmitBell`, `CompleteBell`,
 //! `GuestMemory` (the guest RAM memfd), `Disk` (the image, opened by the core), `Irq` (irqfd) and
-//! `QueueNotify(i)` for each queue (ioeventfds; optional: kicks then arrive as forwarded writes).
+//! `QueueNotify(i)` for each queue (ioeventfds; optional: kicks then arrive as forwarded writes),
+//! and optionally `StateRegion` (the device's state then survives the process: a new instance
+//! resumes from it and redoes the requests that were in flight).
 //! Opens nothing itself. Exits 0 on `Shutdown`.
 
 use std::error::Error;
@@ -13,9 +15,10 @@ use std::process::ExitCode;
 use bulkhead_policies::Policy;
 use device_services::memory::{map_guest_memory, memory_fds};
 use device_services::virtio::block::Block;
-use device_services::virtio::mmio::{MmioTransport, MIN_WINDOW};
+use device_services::virtio::mmio::{MmioTransport, Restored, MIN_WINDOW};
 use device_services::{RuntimeError, Startup};
 use ipc::control::{DeviceConfig, FdRole};
+use ipc::state::StateRegion;
 
 fn setup(st: &mut Startup) -> Result<(MmioTransport<Block>, u64, u64), RuntimeError> {
     let DeviceConfig::Block(cfg) = st.setup.device.clone() else {
@@ -39,7 +42,11 @@ fn setup(st: &mut Startup) -> Result<(MmioTransport<Block>, u64, u64), RuntimeEr
     let block = Block::new(File::from(disk), cfg.disk_size, cfg.read_only, &cfg.id, cfg.num_queues, cfg.queue_size)
         .map_err(|e| RuntimeError::Device(chain(&e)))?;
     let (discard, zeroes) = (block.supports_discard(), block.supports_write_zeroes());
-    let transport = MmioTransport::new(block, mem, notify, irq).map_err(|e| RuntimeError::Device(chain(&e)))?;
+    let mut transport = MmioTransport::new(block, mem, notify, irq).map_err(|e| RuntimeError::Device(chain(&e)))?;
+    if let Some(fd) = st.take_fd(FdRole::StateRegion) {
+        let region = StateRegion::from_fd(fd).map_err(|e| RuntimeError::Device(chain(&e)))?;
+        transport.attach_state(region).map_err(|e| RuntimeError::Device(chain(&e)))?;
+    }
     eprintln!(
         "bulkhead-block[{}]: {} at {:#x}+{:#x} gsi {}: {} sectors{}{}{}, {} queue(s) of {}",
         std::process::id(),
@@ -82,6 +89,16 @@ fn run() -> Result<(), RuntimeError> {
     st.jail(&keep)?;
     // Last step of confinement, before any guest data is read.
     st.seccomp(Policy::Block)?;
+    let mut transport = transport;
+    match transport.restore() {
+        Restored::NoRegion | Restored::Fresh => {}
+        Restored::Resumed { redone } => {
+            eprintln!("bulkhead-block[{}]: resumed from saved state, {redone} request(s) redone", std::process::id())
+        }
+        Restored::NeedsReset(why) => {
+            eprintln!("bulkhead-block[{}]: saved state refused ({why}): device needs reset", std::process::id())
+        }
+    }
     st.serve_mmio(transport, base, len)?;
     Ok(())
 }

@@ -11,11 +11,10 @@ use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 
 use virtio_bindings::virtio_blk;
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestMemory, Permissions, VolatileSlice};
 
 use super::request::{parse_request, Request, RequestType, MAX_DESCRIPTORS, SECTOR};
-use super::{DeviceError, VirtioDevice, F_EVENT_IDX, F_VERSION_1};
+use super::{DeviceError, QueueCtx, VirtioDevice, F_EVENT_IDX, F_VERSION_1};
 use crate::memory::GuestMem;
 
 /// Virtio device ID of a block device.
@@ -456,21 +455,15 @@ impl VirtioDevice for Block {
         Ok(())
     }
 
-    fn process_queue(&mut self, index: u16, queue: &mut Queue, mem: &GuestMem) -> Result<usize, DeviceError> {
-        let qerr = |what: &str, source| DeviceError::Queue { queue: index, what: what.to_string(), source };
+    fn process_queue(&mut self, queue: &mut QueueCtx<'_>) -> Result<usize, DeviceError> {
         let max = usize::from(queue.size());
+        let mem = queue.mem();
         let mut done = 0;
         while done < max {
-            let chain = {
-                let mut it = queue.iter(mem).map_err(|e| qerr("reading the available ring", Some(e)))?;
-                match it.next() {
-                    Some(c) => c,
-                    None => break,
-                }
-            };
+            let Some(chain) = queue.pop()? else { break };
             let head = chain.head_index();
             let used = self.handle_chain(mem, chain);
-            queue.add_used(mem, head, used).map_err(|e| qerr("adding to the used ring", Some(e)))?;
+            queue.add_used(head, used)?;
             done += 1;
         }
         Ok(done)
@@ -486,6 +479,7 @@ mod tests {
     use proptest::prelude::*;
     use std::io::Write;
     use virtio_queue::desc::split::Descriptor;
+    use virtio_queue::{Queue, QueueT};
     use vm_memory::{GuestAddress, GuestMemoryMmap};
 
     const MEM: usize = 0x4000;
@@ -581,7 +575,7 @@ mod tests {
             // The driver zeroes the used ring before handing it over.
             m.write_obj(0u32, GuestAddress(0x2000)).expect("used header");
             let before = b.stats();
-            match b.process_queue(0, &mut q, &m) {
+            match b.process_queue(&mut QueueCtx::untracked(0, &mut q, &m)) {
                 Ok(n) => {
                     prop_assert!(n <= usize::from(size.min(avail_idx)));
                     let used: u16 = m.read_obj(GuestAddress(0x2002)).expect("used");

@@ -14,13 +14,19 @@
 //! available rings directly and disables kicks (`VRING_USED_F_NO_NOTIFY`, or the `EVENT_IDX`
 //! equivalent); they are re-enabled, with a final check, before it sleeps.
 
+use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::Ordering;
 
+use ipc::state::{
+    decode_payload, encode_payload, DeviceKind, Loaded, QueueRegs, QueueWord, StateRegion, VirtioState,
+    HOT_QUEUE_WORDS, MAX_ENTRIES,
+};
 use virtio_queue::{Queue, QueueT};
-use vm_memory::GuestAddress;
+use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
+use super::tracked::{QueueCtx, Tracker};
 use super::{VirtioDevice, F_EVENT_IDX, F_VERSION_1};
 use crate::memory::GuestMem;
 use crate::runtime::{MmioHandler, RuntimeError};
@@ -132,6 +138,30 @@ pub enum TransportError {
     /// The device does not offer VERSION_1.
     #[error("device does not offer VIRTIO_F_VERSION_1")]
     NoVersion1,
+    /// The queue geometry does not fit the state region's in-flight table.
+    #[error("{queues} queues of up to {size} entries do not fit the state region")]
+    StateGeometry {
+        /// Queues.
+        queues: usize,
+        /// Largest queue size.
+        size: u16,
+    },
+}
+
+/// What [`MmioTransport::restore`] found in the state region.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Restored {
+    /// No state region attached: a fresh device.
+    NoRegion,
+    /// The region was zero: a fresh device.
+    Fresh,
+    /// The saved state was restored.
+    Resumed {
+        /// Requests that were in flight and were redone.
+        redone: u64,
+    },
+    /// The region failed validation: the device signals DEVICE_NEEDS_RESET.
+    NeedsReset(String),
 }
 
 /// Queue addresses as the driver wrote them, applied when it sets QueueReady.
@@ -174,6 +204,18 @@ pub struct MmioTransport<D> {
     irq_failed: bool,
     complaints: u32,
     stats: TransportStats,
+    /// The state region, if the core passed one.
+    state: Option<StateRegion>,
+    /// Cold state as last committed.
+    saved: Option<VirtioState>,
+    /// Hot word of each queue as last stored.
+    words: Vec<QueueWord>,
+    /// Next in-flight order counter per queue.
+    orders: Vec<u32>,
+    /// In-flight entries per queue (the largest queue size).
+    stride: u16,
+    /// Requests redone after a restart.
+    redone: u64,
 }
 
 /// Most complaints about driver errors logged (then silence).
@@ -197,6 +239,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
             .map(|(index, &size)| Queue::new(size).map_err(|source| TransportError::QueueSize { index, size, source }))
             .collect::<Result<Vec<_>, _>>()?;
         let n = queues.len();
+        let stride = sizes.iter().copied().max().unwrap_or(0);
         Ok(Self {
             device,
             mem,
@@ -215,7 +258,272 @@ impl<D: VirtioDevice> MmioTransport<D> {
             irq_failed: false,
             complaints: 0,
             stats: TransportStats::default(),
+            state: None,
+            saved: None,
+            words: vec![QueueWord::default(); n],
+            orders: vec![0; n],
+            stride,
+            redone: 0,
         })
+    }
+
+    /// Attaches the state region the device's state is kept in (call [`restore`](Self::restore)
+    /// next, once confined, before serving).
+    pub fn attach_state(&mut self, region: StateRegion) -> Result<(), TransportError> {
+        let n = self.queues.len();
+        if n > HOT_QUEUE_WORDS || n * usize::from(self.stride) > MAX_ENTRIES {
+            return Err(TransportError::StateGeometry { queues: n, size: self.stride });
+        }
+        self.state = Some(region);
+        Ok(())
+    }
+
+    /// Requests redone after a restart.
+    pub fn redone(&self) -> u64 {
+        self.redone
+    }
+
+    fn kind(&self) -> DeviceKind {
+        DeviceKind::Virtio(u8::try_from(self.device.device_id()).unwrap_or(u8::MAX))
+    }
+
+    fn snapshot(&self) -> VirtioState {
+        VirtioState {
+            status: self.status,
+            device_features_sel: self.device_features_sel,
+            driver_features_sel: self.driver_features_sel,
+            driver_features: self.driver_features,
+            queue_sel: self.queue_sel,
+            interrupt_status: self.interrupt_status,
+            config_generation: self.config_generation,
+            entry_stride: self.stride,
+            queues: self
+                .queues
+                .iter()
+                .zip(&self.addrs)
+                .map(|(q, a)| QueueRegs {
+                    size: q.size(),
+                    ready: q.ready(),
+                    desc: a.desc,
+                    driver: a.driver,
+                    device: a.device,
+                })
+                .collect(),
+        }
+    }
+
+    /// Commits the cold state if it changed since the last commit.
+    fn persist(&mut self) {
+        if self.state.is_none() {
+            return;
+        }
+        let snap = self.snapshot();
+        if self.saved.as_ref() == Some(&snap) {
+            return;
+        }
+        let kind = self.kind();
+        let r = encode_payload(&snap).and_then(|p| match self.state.as_mut() {
+            Some(st) => st.store(kind, &p),
+            None => Ok(0),
+        });
+        match r {
+            Ok(_) => self.saved = Some(snap),
+            Err(e) => {
+                if self.complaints < MAX_COMPLAINTS {
+                    self.complaints += 1;
+                    eprintln!("virtio-mmio: saving device state failed: {e}");
+                }
+            }
+        }
+    }
+
+    /// Restores the device from the state region (after a restart of the service): registers,
+    /// negotiated features, queues, then redoes the requests that were in flight, in order, and
+    /// raises the interrupt once. A region that fails validation leaves the device in
+    /// DEVICE_NEEDS_RESET with a configuration-change interrupt. Reads guest memory (the rings):
+    /// call it once confined.
+    pub fn restore(&mut self) -> Restored {
+        let Some(st) = self.state.as_mut() else { return Restored::NoRegion };
+        let kind = DeviceKind::Virtio(u8::try_from(self.device.device_id()).unwrap_or(u8::MAX));
+        let loaded = st.load(kind);
+        let saved = match loaded {
+            Ok(Loaded::Fresh) => {
+                st.clear_hot();
+                return Restored::Fresh;
+            }
+            Ok(Loaded::Saved { payload, .. }) => decode_payload::<VirtioState>(&payload),
+            Err(e) => Err(e),
+        };
+        let result = match saved {
+            Ok(s) => self.apply(&s).and_then(|()| self.recover_queues()),
+            Err(e) => Err(format!("{e}")),
+        };
+        match result {
+            Ok(redo) => {
+                self.saved = Some(self.snapshot());
+                let mut redone = 0;
+                for (i, list, resume) in redo {
+                    redone += list.len() as u64;
+                    self.run_queue(i, Some((list, resume)));
+                }
+                self.redone += redone;
+                if self.status & status::DRIVER_OK != 0 {
+                    // Interrupts the dead instance may not have raised: one (maybe spurious) now.
+                    self.signal(INT_VRING);
+                }
+                Restored::Resumed { redone }
+            }
+            Err(why) => {
+                eprintln!("virtio-mmio: saved device state refused, device needs reset: {why}");
+                self.reset();
+                self.status = status::NEEDS_RESET;
+                self.stats.needs_reset += 1;
+                if let Some(st) = self.state.as_mut() {
+                    st.clear();
+                }
+                self.saved = None;
+                self.signal(INT_CONFIG);
+                self.persist();
+                Restored::NeedsReset(why)
+            }
+        }
+    }
+
+    /// Applies and validates the cold state.
+    fn apply(&mut self, s: &VirtioState) -> Result<(), String> {
+        const KNOWN: u32 = status::ACKNOWLEDGE
+            | status::DRIVER
+            | status::DRIVER_OK
+            | status::FEATURES_OK
+            | status::NEEDS_RESET
+            | status::FAILED;
+        if s.status & !KNOWN != 0 {
+            return Err(format!("status {:#x}", s.status));
+        }
+        if s.status & status::DRIVER_OK != 0 && s.status & status::FEATURES_OK == 0 {
+            return Err("DRIVER_OK without FEATURES_OK".into());
+        }
+        let offered = self.device.features();
+        if s.status & status::FEATURES_OK != 0
+            && (s.driver_features & !offered != 0 || s.driver_features & F_VERSION_1 == 0)
+        {
+            return Err(format!("negotiated features {:#x} not offered", s.driver_features));
+        }
+        if s.interrupt_status & !(INT_VRING | INT_CONFIG) != 0 {
+            return Err(format!("interrupt status {:#x}", s.interrupt_status));
+        }
+        if s.entry_stride != self.stride || s.queues.len() != self.queues.len() {
+            return Err("queue geometry differs".into());
+        }
+        let event_idx = s.driver_features & F_EVENT_IDX != 0;
+        for (i, r) in s.queues.iter().enumerate() {
+            let q = &mut self.queues[i];
+            q.reset();
+            q.try_set_size(r.size).map_err(|e| format!("queue {i}: size {}: {e}", r.size))?;
+            self.addrs[i] = QueueAddrs { desc: r.desc, driver: r.driver, device: r.device };
+            if r.ready {
+                q.try_set_desc_table_address(GuestAddress(r.desc))
+                    .and_then(|()| q.try_set_avail_ring_address(GuestAddress(r.driver)))
+                    .and_then(|()| q.try_set_used_ring_address(GuestAddress(r.device)))
+                    .map_err(|e| format!("queue {i}: {e}"))?;
+                q.set_ready(true);
+                if !q.is_valid(&self.mem) {
+                    return Err(format!("queue {i}: rings not inside guest RAM"));
+                }
+            }
+            if s.status & status::DRIVER_OK != 0 {
+                q.set_event_idx(event_idx);
+            }
+        }
+        self.status = s.status;
+        self.device_features_sel = s.device_features_sel;
+        self.driver_features_sel = s.driver_features_sel;
+        self.driver_features = s.driver_features;
+        self.queue_sel = s.queue_sel;
+        self.interrupt_status = s.interrupt_status;
+        self.config_generation = s.config_generation;
+        if s.status & status::DRIVER_OK != 0 {
+            self.device.activate(s.driver_features).map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
+
+    /// Validates the hot words and in-flight entries against the guest's used rings; returns
+    /// per queue the requests to redo (avail position, head; oldest first) and where to resume.
+    #[allow(clippy::type_complexity)]
+    fn recover_queues(&mut self) -> Result<Vec<(usize, VecDeque<(u16, u16)>, u16)>, String> {
+        let Some(st) = self.state.as_ref() else { return Ok(Vec::new()) };
+        let mut redo = Vec::new();
+        for i in 0..self.queues.len() {
+            let q = &mut self.queues[i];
+            let base = i * usize::from(self.stride);
+            let mut w = st.queue_word(i).ok_or_else(|| format!("queue {i}: hot word corrupt"))?;
+            if !q.ready() {
+                // Never tracked (or made ready after the last commit): start clean.
+                st.set_queue_word(i, QueueWord::default());
+                for h in 0..usize::from(self.stride) {
+                    st.set_entry(base + h, None);
+                }
+                self.words[i] = QueueWord::default();
+                continue;
+            }
+            if !w.active {
+                return Err(format!("queue {i}: ready but not tracked"));
+            }
+            let size = q.size();
+            let used_at = q.used_ring().checked_add(2).ok_or("used ring address")?;
+            let g: u16 = self.mem.read_obj(GuestAddress(used_at)).map_err(|e| format!("queue {i}: used idx: {e}"))?;
+            if g == w.used_idx.wrapping_add(1) && w.publishing {
+                if w.last_head >= size {
+                    return Err(format!("queue {i}: published head {} out of range", w.last_head));
+                }
+                st.set_entry(base + usize::from(w.last_head), None);
+                w.used_idx = g;
+            } else if g != w.used_idx {
+                return Err(format!("queue {i}: used index {g} in guest memory, {} saved", w.used_idx));
+            }
+            w.publishing = false;
+            let mut found: Vec<(u16, u16, u32)> = Vec::new();
+            for h in 0..self.stride {
+                let e = st.entry(base + usize::from(h)).map_err(|e| format!("queue {i}: {e}"))?;
+                let Some(e) = e else { continue };
+                if h >= size {
+                    return Err(format!("queue {i}: entry for head {h} beyond size {size}"));
+                }
+                found.push((e.pos, h, e.order));
+            }
+            // A take interrupted before `next_avail` was stored.
+            if let Some(&(pos, _, _)) = found.iter().find(|(pos, _, _)| *pos == w.next_avail) {
+                w.next_avail = pos.wrapping_add(1);
+            }
+            let outstanding = w.next_avail.wrapping_sub(w.used_idx);
+            if usize::from(outstanding) != found.len() || outstanding > size {
+                return Err(format!(
+                    "queue {i}: {} in flight but next avail {} and used {}",
+                    found.len(),
+                    w.next_avail,
+                    w.used_idx
+                ));
+            }
+            // Oldest first: largest distance behind next_avail.
+            found.sort_by_key(|&(pos, _, _)| std::cmp::Reverse(w.next_avail.wrapping_sub(pos)));
+            if found.windows(2).any(|p| p[0].0 == p[1].0)
+                || found.iter().any(|&(pos, _, _)| w.next_avail.wrapping_sub(pos) > outstanding)
+            {
+                return Err(format!("queue {i}: in-flight positions inconsistent"));
+            }
+            self.orders[i] = found.iter().map(|f| f.2.wrapping_add(1)).max().unwrap_or(0);
+            q.set_next_avail(w.next_avail);
+            q.set_next_used(w.used_idx);
+            st.set_queue_word(i, w);
+            self.words[i] = w;
+            // Kicks may have been off when the old instance died: re-arm them before sleeping.
+            self.notify_on[i] = false;
+            if !found.is_empty() {
+                redo.push((i, found.iter().map(|&(pos, h, _)| (pos, h)).collect(), w.next_avail));
+            }
+        }
+        Ok(redo)
     }
 
     /// The device.
@@ -238,10 +546,11 @@ impl<D: VirtioDevice> MmioTransport<D> {
         self.stats
     }
 
-    /// Fds to keep open in a jail (ioeventfds and the irqfd).
+    /// Fds to keep open in a jail (ioeventfds, the irqfd and the state region).
     pub fn raw_fds(&self) -> Vec<RawFd> {
         let mut v: Vec<RawFd> = self.notify.iter().map(|e| e.as_raw_fd()).collect();
         v.push(self.irq.as_raw_fd());
+        v.extend(self.state.as_ref().map(|s| s.fd().as_raw_fd()));
         v
     }
 
@@ -274,6 +583,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
         if self.status & status::DRIVER_OK != 0 {
             self.signal(INT_CONFIG);
         }
+        self.persist();
     }
 
     fn reset(&mut self) {
@@ -289,6 +599,11 @@ impl<D: VirtioDevice> MmioTransport<D> {
         self.addrs.iter_mut().for_each(|a| *a = QueueAddrs::default());
         self.notify_on.iter_mut().for_each(|n| *n = true);
         self.device.reset();
+        self.words.iter_mut().for_each(|w| *w = QueueWord::default());
+        self.orders.iter_mut().for_each(|o| *o = 0);
+        if let Some(st) = self.state.as_ref() {
+            st.clear_hot();
+        }
     }
 
     fn selected(&self) -> Option<usize> {
@@ -328,6 +643,24 @@ impl<D: VirtioDevice> MmioTransport<D> {
                 "queue {i}: rings (desc {:#x}, avail {:#x}, used {:#x}, size {size}) not inside guest RAM",
                 a.desc, a.driver, a.device
             ));
+            return;
+        }
+        // Start tracking before the ready queue is committed to the cold state.
+        let w = QueueWord {
+            active: true,
+            publishing: false,
+            next_avail: q.next_avail(),
+            used_idx: q.next_used(),
+            last_head: 0,
+        };
+        self.words[i] = w;
+        self.orders[i] = 0;
+        if let Some(st) = self.state.as_ref() {
+            let base = i * usize::from(self.stride);
+            for h in 0..usize::from(self.stride) {
+                st.set_entry(base + h, None);
+            }
+            st.set_queue_word(i, w);
         }
     }
 
@@ -376,8 +709,25 @@ impl<D: VirtioDevice> MmioTransport<D> {
         if !self.running() || !self.queues[i].ready() {
             return false;
         }
+        self.run_queue(i, None)
+    }
+
+    /// Runs the device on queue `i` (or replays `redo` on it) and notifies the driver.
+    fn run_queue(&mut self, i: usize, redo: Option<(VecDeque<(u16, u16)>, u16)>) -> bool {
         let Ok(index) = u16::try_from(i) else { return false };
-        match self.device.process_queue(index, &mut self.queues[i], &self.mem) {
+        let tracker = self.state.as_ref().map(|region| Tracker {
+            region,
+            queue: i,
+            entry_base: i * usize::from(self.stride),
+            word: &mut self.words[i],
+            order: &mut self.orders[i],
+        });
+        let mut ctx = match redo {
+            Some((list, resume)) => QueueCtx::replay(index, &mut self.queues[i], &self.mem, tracker, list, resume),
+            None => QueueCtx::tracked(index, &mut self.queues[i], &self.mem, tracker),
+        };
+        let r = self.device.process_queue(&mut ctx);
+        match r {
             Ok(0) => false,
             Ok(n) => {
                 self.stats.completed += n as u64;
@@ -542,11 +892,16 @@ impl<D: VirtioDevice> MmioHandler for MmioTransport<D> {
             self.needs_reset(&format!("write to read-only or unknown register {offset:#x}"));
             return false;
         }
+        self.persist();
         true
     }
 
     fn event_fds(&self) -> Vec<RawFd> {
         self.notify.iter().map(|e| e.as_raw_fd()).collect()
+    }
+
+    fn redone(&self) -> u64 {
+        self.redone
     }
 
     fn on_event(&mut self, fd: RawFd) -> Result<(), RuntimeError> {

@@ -6,13 +6,12 @@
 //! file around it, owns the queues (`virtio_queue::Queue`), the interrupt status and the irqfd,
 //! and plugs into the service runtime as an [`crate::runtime::MmioHandler`].
 
-use virtio_queue::Queue;
-
-use crate::memory::GuestMem;
-
 pub mod block;
 pub mod mmio;
 pub mod request;
+pub mod tracked;
+
+pub use tracked::QueueCtx;
 
 /// `VIRTIO_F_VERSION_1`.
 pub const F_VERSION_1: u64 = 1 << virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
@@ -54,9 +53,10 @@ pub trait VirtioDevice {
     fn write_config(&mut self, offset: u64, data: &[u8]) -> bool;
     /// The driver set `DRIVER_OK` with `features` acknowledged.
     fn activate(&mut self, features: u64) -> Result<(), DeviceError>;
-    /// Processes available chains of queue `index` (all of them, or at most the queue size), adding
-    /// each to the used ring. Returns how many chains were completed.
-    fn process_queue(&mut self, index: u16, queue: &mut Queue, mem: &GuestMem) -> Result<usize, DeviceError>;
+    /// Processes available chains of the queue (all of them, or at most the queue size), taking
+    /// each with [`QueueCtx::pop`] and completing it with [`QueueCtx::add_used`] (which track it
+    /// in the state region). Returns how many chains were completed.
+    fn process_queue(&mut self, queue: &mut QueueCtx<'_>) -> Result<usize, DeviceError>;
     /// The driver reset the device: forget negotiated state.
     fn reset(&mut self);
 }

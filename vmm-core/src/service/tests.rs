@@ -69,11 +69,15 @@ struct Console {
 }
 
 fn start(deadline: Duration) -> Option<Console> {
+    start_with(ServiceOptions::from(deadline))
+}
+
+fn start_with(options: ServiceOptions) -> Option<Console> {
     let bin = console_binary()?;
     logs();
     let (r, w) = nix::unistd::pipe().expect("pipe");
     let irq = EventFd::new(libc::EFD_NONBLOCK).expect("eventfd");
-    let (dev, handle) = spawn_console(&bin, w, None, irq, 0x3f8, deadline).expect("spawn console");
+    let (dev, handle) = spawn_console(&bin, w, None, irq, 0x3f8, options).expect("spawn console");
     Some(Console { dev, handle, out: File::from(r) })
 }
 
@@ -233,8 +237,10 @@ fn child_gets_only_its_fds() {
             Some((e.file_name().to_str()?.parse().ok()?, target))
         })
         .collect();
-    // stdin, stdout, stderr, control, ring memfd, two doorbells, output, irq.
-    assert_eq!(fds.len(), 9, "{fds:?}");
+    // stdin, stdout, stderr, control, ring memfd, two doorbells, output, irq, and the state
+    // region once the console keeps it (a service closes passed fds it does not use).
+    assert!(matches!(fds.len(), 9 | 10), "{fds:?}");
+    assert!(fds.len() == 9 || fds.iter().any(|(_, t)| t.contains("bulkhead-console-state")), "{fds:?}");
     assert!(fds.iter().all(|(n, t)| *n < 3 || t != "/dev/null"), "leaked fd: {fds:?}");
     assert!(fds.iter().any(|(n, t)| *n == 3 && t.starts_with("socket:")), "{fds:?}");
     drop(leak);
@@ -322,4 +328,104 @@ fn block_service_refuses_memory_its_memfd_does_not_back() {
     };
     let e = spawn_block(&bin, spec, Duration::from_secs(1)).expect_err("must fail");
     assert!(matches!(&e, ServiceError::SetupFailed { reason, .. } if reason.contains("memfd")), "{e:?}");
+}
+
+fn restarting(deadline: Duration, max: u32) -> ServiceOptions {
+    ServiceOptions {
+        call_timeout: deadline,
+        restart: RestartPolicy::with_cap(max, Duration::from_secs(10)),
+        ..ServiceOptions::default()
+    }
+}
+
+fn lines_containing(needle: &str) -> Vec<String> {
+    logs().0.lock().unwrap_or_else(|e| e.into_inner()).iter().filter(|l| l.contains(needle)).cloned().collect()
+}
+
+#[test]
+fn killed_service_is_restarted_and_the_next_access_is_served() {
+    let _g = serial();
+    let Some(mut c) = start_with(restarting(Duration::from_secs(1), 5)) else { return };
+    c.dev.write(0x3f8, 0, b"a");
+    assert_eq!(read_out(&mut c.out, 1), b"a");
+    let first = c.handle.pid();
+    c.handle.kill().expect("kill");
+    // The access races the death: it waits for the new instance and is completed by it.
+    assert_eq!(inb(&c.dev, 5), 0x60, "LSR read after the kill must be served by the new instance");
+    let second = c.handle.pid();
+    assert_ne!(first, second);
+    assert_eq!(c.dev.generation(), 1);
+    c.dev.write(0x3f8, 0, b"b");
+    assert_eq!(read_out(&mut c.out, 1), b"b", "the new instance writes to the same output fd");
+    assert!(!c.dev.is_failed());
+    let m = c.handle.metrics();
+    assert_eq!(m.restarts, 1);
+    assert!(m.last_restart_us.is_some_and(|us| us < 2_000_000), "{m:?}");
+    assert_eq!(lines_matching(first, "ERROR").len(), 1, "one line per death");
+    assert!(lines_containing(&format!("restarted as pid {second}")).len() == 1);
+    assert!(c.handle.shutdown(Duration::from_secs(2)).is_some_and(|s| s.success()));
+}
+
+#[test]
+fn hung_service_misses_its_deadline_and_the_exit_completes_on_the_next_instance() {
+    let _g = serial();
+    let Some(c) = start_with(restarting(Duration::from_millis(200), 5)) else { return };
+    let first = c.handle.pid();
+    c.handle.remote().inject(FaultAction::Hang).expect("inject");
+    std::thread::sleep(Duration::from_millis(50));
+    let t = Instant::now();
+    assert_eq!(inb(&c.dev, 5), 0x60, "served by the next instance, not all-ones");
+    let el = t.elapsed();
+    assert!(el >= Duration::from_millis(150) && el < Duration::from_secs(3), "{el:?}");
+    assert_ne!(c.handle.pid(), first);
+    assert_eq!(c.dev.stats().redone, 1);
+    let errs = lines_matching(first, "ERROR");
+    assert_eq!(errs.len(), 1, "{errs:?}");
+    assert!(errs[0].contains("no reply") && errs[0].contains("restarting"), "{errs:?}");
+    assert!(c.handle.shutdown(Duration::from_secs(2)).is_some_and(|s| s.success()));
+}
+
+#[test]
+fn corrupt_reply_is_a_protocol_violation_and_is_recovered() {
+    let _g = serial();
+    let Some(c) = start_with(restarting(Duration::from_secs(1), 5)) else { return };
+    let first = c.handle.pid();
+    c.handle.remote().inject(FaultAction::CorruptReply).expect("inject");
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(inb(&c.dev, 5), 0x60);
+    assert_ne!(c.handle.pid(), first);
+    let errs = lines_matching(first, "ERROR");
+    assert!(errs.len() == 1 && errs[0].contains("protocol violation"), "{errs:?}");
+    drop(c);
+}
+
+#[test]
+fn restart_cap_marks_the_device_failed_once() {
+    let _g = serial();
+    let Some(c) = start_with(restarting(Duration::from_secs(1), 2)) else { return };
+    for _ in 0..3 {
+        let pid = c.handle.pid();
+        c.handle.kill().expect("kill");
+        let _ = inb(&c.dev, 5);
+        assert!(wait_for(|| c.handle.pid() != pid || c.dev.is_failed()), "no restart or failure after kill");
+    }
+    assert!(wait_for(|| c.dev.is_failed()), "the third failure within 10 s exceeds a cap of 2");
+    let t = Instant::now();
+    assert_eq!(inb(&c.dev, 5), 0xff);
+    assert!(t.elapsed() < Duration::from_millis(10), "fails fast once failed");
+    let why = c.dev.failure().expect("reason");
+    assert!(why.contains("restart cap reached"), "{why}");
+    assert_eq!(lines_containing("marked FAILED").iter().filter(|l| l.contains(&why)).count(), 1);
+    assert_eq!(c.handle.metrics().restarts, 2);
+}
+
+fn wait_for(mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        if cond() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    false
 }

@@ -1,0 +1,163 @@
+//! In-flight tracking of virtqueue requests in the state region, in the spirit of vhost-user's
+//! inflight I/O tracking (split rings).
+//!
+//! Every request a device takes from a queue goes through [`QueueCtx::pop`] and is completed with
+//! [`QueueCtx::add_used`]. With a state region attached these keep, per queue, a hot
+//! [`QueueWord`] (next avail position, published used index, the head being published) and one
+//! [`InflightEntry`] per descriptor head, each a single self-checking atomic word. The order of
+//! stores makes a crash at any instruction recoverable:
+//!
+//! * take: `entry[head] = {pos, order}` then `word.next_avail = pos + 1`. A crash between the
+//!   two leaves an entry whose `pos == next_avail`: recovery advances `next_avail` past it.
+//! * publish: `word.{publishing, last_head = head}`, then the used element and the used index in
+//!   guest memory (the virtio-queue crate, release order), then `entry[head] = empty`, then
+//!   `word.{used_idx += 1, !publishing}`. Recovery compares the guest's used index `g` with
+//!   `word.used_idx` `u`: `g == u` means the publication did not happen (the request is still in
+//!   flight and is redone: it is written to the same used slot again); `g == u + 1` with
+//!   `publishing` means it did (the entry of `last_head` is cleared, never redone); anything else
+//!   is an inconsistency (`DEVICE_NEEDS_RESET`). Hence a request is never lost (its entry exists
+//!   from before it is executed until after its used index is visible) and never completed twice
+//!   (it is redone only if the used index does not yet cover it).
+//! * Invariant checked on recovery: `next_avail - used_idx` (wrapping) equals the number of
+//!   entries in flight, each at a distinct position in `[used .. next_avail)`.
+//!
+//! Redo order is the take order (oldest avail position first). Block requests are redone as is:
+//! reads read again, writes write the same data again (idempotent). For net (later): a TX chain
+//! in flight is sent again (the peer may see a frame twice, as on a lossy link), and an RX buffer
+//! in flight holds no completed frame, so it is simply reused for the next received frame.
+
+use std::collections::VecDeque;
+
+use ipc::state::{InflightEntry, QueueWord, StateRegion};
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
+
+use super::DeviceError;
+use crate::memory::GuestMem;
+
+/// The tracking side of one queue: the state region and the queue's slot in it.
+#[derive(Debug)]
+pub struct Tracker<'a> {
+    /// The region.
+    pub region: &'a StateRegion,
+    /// Queue index (selects the hot word).
+    pub queue: usize,
+    /// First entry index of this queue.
+    pub entry_base: usize,
+    /// The queue's hot word as last stored.
+    pub word: &'a mut QueueWord,
+    /// Next order counter.
+    pub order: &'a mut u32,
+}
+
+/// A queue as a device sees it while processing: pops chains and publishes used entries, with
+/// in-flight tracking when a state region is attached, or replays recorded requests (redo).
+#[derive(Debug)]
+pub struct QueueCtx<'a> {
+    index: u16,
+    queue: &'a mut Queue,
+    mem: &'a GuestMem,
+    tracker: Option<Tracker<'a>>,
+    /// Redo mode: (avail position, head) still to replay, and where to resume afterwards.
+    redo: Option<(VecDeque<(u16, u16)>, u16)>,
+}
+
+impl<'a> QueueCtx<'a> {
+    /// A queue without tracking (tests, or a service without a state region).
+    pub fn untracked(index: u16, queue: &'a mut Queue, mem: &'a GuestMem) -> Self {
+        Self { index, queue, mem, tracker: None, redo: None }
+    }
+
+    /// A tracked queue.
+    pub fn tracked(index: u16, queue: &'a mut Queue, mem: &'a GuestMem, tracker: Option<Tracker<'a>>) -> Self {
+        Self { index, queue, mem, tracker, redo: None }
+    }
+
+    /// A queue that replays `redo` (avail position, head) in order and then reports no more work;
+    /// afterwards the queue's next avail index is `resume`.
+    pub fn replay(
+        index: u16,
+        queue: &'a mut Queue,
+        mem: &'a GuestMem,
+        tracker: Option<Tracker<'a>>,
+        redo: VecDeque<(u16, u16)>,
+        resume: u16,
+    ) -> Self {
+        Self { index, queue, mem, tracker, redo: Some((redo, resume)) }
+    }
+
+    /// Queue index.
+    pub fn index(&self) -> u16 {
+        self.index
+    }
+
+    /// Guest memory.
+    pub fn mem(&self) -> &'a GuestMem {
+        self.mem
+    }
+
+    /// Queue size.
+    pub fn size(&self) -> u16 {
+        self.queue.size()
+    }
+
+    /// Takes the next chain (recording it in flight before returning it), or `None`.
+    pub fn pop(&mut self) -> Result<Option<DescriptorChain<&'a GuestMem>>, DeviceError> {
+        let mem = self.mem;
+        let index = self.index;
+        let qerr = |what: &str, source| DeviceError::Queue { queue: index, what: what.to_string(), source };
+        if let Some((list, resume)) = self.redo.as_mut() {
+            let resume = *resume;
+            let Some((pos, head)) = list.pop_front() else { return Ok(None) };
+            self.queue.set_next_avail(pos);
+            let chain = {
+                let mut it = self.queue.iter(mem).map_err(|e| qerr("re-reading the available ring", Some(e)))?;
+                it.next()
+            };
+            self.queue.set_next_avail(resume);
+            return match chain {
+                Some(c) if c.head_index() == head => Ok(Some(c)),
+                _ => Err(qerr(&format!("request in flight at avail {pos} (head {head}) changed"), None)),
+            };
+        }
+        let chain = {
+            let mut it = self.queue.iter(mem).map_err(|e| qerr("reading the available ring", Some(e)))?;
+            match it.next() {
+                Some(c) => c,
+                None => return Ok(None),
+            }
+        };
+        if let Some(t) = self.tracker.as_mut() {
+            let next = self.queue.next_avail();
+            let pos = next.wrapping_sub(1);
+            let order = *t.order;
+            *t.order = order.wrapping_add(1);
+            t.region.set_entry(t.entry_base + usize::from(chain.head_index()), Some(InflightEntry { pos, order }));
+            t.word.next_avail = next;
+            t.region.set_queue_word(t.queue, *t.word);
+        }
+        Ok(Some(chain))
+    }
+
+    /// Publishes the used entry of `head` (and clears its in-flight record, crash-consistently).
+    pub fn add_used(&mut self, head: u16, len: u32) -> Result<(), DeviceError> {
+        if let Some(t) = self.tracker.as_mut() {
+            t.word.publishing = true;
+            t.word.last_head = head;
+            t.region.set_queue_word(t.queue, *t.word);
+        }
+        let index = self.index;
+        self.queue.add_used(self.mem, head, len).map_err(|e| DeviceError::Queue {
+            queue: index,
+            what: "adding to the used ring".into(),
+            source: Some(e),
+        })?;
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        if let Some(t) = self.tracker.as_mut() {
+            t.region.set_entry(t.entry_base + usize::from(head), None);
+            t.word.publishing = false;
+            t.word.used_idx = self.queue.next_used();
+            t.region.set_queue_word(t.queue, *t.word);
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,413 @@
+//! Fault injection as a user-facing feature: deterministic schedules (`--fault`), the running
+//! VM's API socket (`bulkhead run --name`/`--api-sock`) and its client (`bulkhead fault`,
+//! `bulkhead stats`).
+//!
+//! Schedules are time-based: `after=` and `every=` count from the moment the vCPUs start. Every
+//! injection is logged (with the logger's timestamp) by [`ServiceRef::inject`], every recovery by
+//! the supervisor.
+
+use std::io;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ipc::control::{read_api_frame, write_api_frame, ApiRequest, ApiResponse, FaultAction, ServiceMetrics};
+
+use crate::service::ServiceRef;
+
+/// Errors of the API socket and its client.
+#[derive(Debug, thiserror::Error)]
+pub enum FaultError {
+    /// Binding or connecting the socket failed.
+    #[error("API socket {}", path.display())]
+    Socket {
+        /// The socket path.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// Exchanging the request failed.
+    #[error("API request")]
+    Exchange(#[source] ipc::ControlError),
+    /// The VM refused or failed the request.
+    #[error("{0}")]
+    Refused(String),
+    /// Spawning a thread failed.
+    #[error("spawning the {0} thread")]
+    Thread(&'static str, #[source] io::Error),
+}
+
+/// Longest an API client or server waits on the other side.
+const API_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Which schedule kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ScheduleKind {
+    /// Always the same fault.
+    Fixed(FaultAction),
+    /// A fault chosen among kill/crash/abort/segv/hang by a PRNG seeded with this value; the
+    /// interval is also randomised, uniformly within ±50 % of `every`.
+    Random(u64),
+}
+
+/// One `--fault` argument: `DEVICE:ACTION[,after=DUR][,every=DUR][,count=N]`,
+/// `DEVICE:random,seed=S,every=DUR[,after=DUR][,count=N]` or `DEVICE:ACTION-after=MS`.
+/// DUR is `Nms`, `Ns` or a bare number of ms.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FaultSchedule {
+    /// Device (`console`, `block`, `blockN` or a service name).
+    pub device: String,
+    /// What to inject.
+    pub kind: ScheduleKind,
+    /// First injection, after the vCPUs start.
+    pub after: Duration,
+    /// Interval of repeated injections (`None`: once).
+    pub every: Option<Duration>,
+    /// Most injections (`None`: unlimited while `every` is set).
+    pub count: Option<u64>,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let (num, mult) = if let Some(n) = s.strip_suffix("ms") {
+        (n, 1)
+    } else if let Some(n) = s.strip_suffix('s') {
+        (n, 1000)
+    } else {
+        (s, 1)
+    };
+    let n: u64 = num.parse().map_err(|_| format!("bad duration `{s}` (e.g. 500ms, 2s)"))?;
+    let ms = n.checked_mul(mult).filter(|&ms| ms <= 86_400_000).ok_or("duration above a day")?;
+    Ok(Duration::from_millis(ms))
+}
+
+impl FaultSchedule {
+    /// Parses one `--fault` argument (see the type's docs).
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let (device, rest) = s.split_once(':').ok_or("expected DEVICE:ACTION[,after=DUR][,every=DUR][,count=N]")?;
+        if device.is_empty() {
+            return Err("empty device name".into());
+        }
+        let mut parts = rest.split(',');
+        let head = parts.next().unwrap_or_default();
+        let mut after = Duration::ZERO;
+        let (mut kind, mut random) = (None, false);
+        if head == "random" {
+            random = true;
+        } else if let Some((action, ms)) = head.rsplit_once("-after=") {
+            kind = Some(ScheduleKind::Fixed(FaultAction::parse(action)?));
+            after = parse_duration(ms)?;
+        } else {
+            kind = Some(ScheduleKind::Fixed(FaultAction::parse(head)?));
+        }
+        let (mut every, mut count, mut seed) = (None, None, None);
+        for opt in parts {
+            match opt.split_once('=') {
+                Some(("after", v)) => after = parse_duration(v)?,
+                Some(("every", v)) => {
+                    let d = parse_duration(v)?;
+                    if d < Duration::from_millis(1) {
+                        return Err("every= must be at least 1 ms".into());
+                    }
+                    every = Some(d);
+                }
+                Some(("count", v)) => count = Some(v.parse().map_err(|_| format!("bad count `{v}`"))?),
+                Some(("seed", v)) if random => seed = Some(v.parse().map_err(|_| format!("bad seed `{v}`"))?),
+                _ => return Err(format!("unknown fault option `{opt}` (after=, every=, count=, seed= for random)")),
+            }
+        }
+        if random {
+            let seed = seed.ok_or("random needs seed=S")?;
+            if every.is_none() {
+                return Err("random needs every=DUR".into());
+            }
+            kind = Some(ScheduleKind::Random(seed));
+        }
+        let kind = kind.ok_or("no fault action")?;
+        Ok(Self { device: device.to_string(), kind, after, every, count })
+    }
+}
+
+/// A deterministic 64-bit PRNG step (splitmix64).
+pub fn splitmix64(state: &mut u64) -> u64 {
+    *state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    let mut z = *state;
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// The faults a random schedule chooses among.
+pub const RANDOM_FAULTS: [FaultAction; 5] =
+    [FaultAction::Kill, FaultAction::Crash, FaultAction::Abort, FaultAction::Segv, FaultAction::Hang];
+
+/// The `(delay since the previous injection, fault)` sequence of a schedule, bounded by `limit`
+/// entries.
+pub fn plan(s: &FaultSchedule, limit: usize) -> Vec<(Duration, FaultAction)> {
+    let mut out = Vec::new();
+    let mut rng = match s.kind {
+        ScheduleKind::Random(seed) => seed,
+        ScheduleKind::Fixed(_) => 0,
+    };
+    let n = match (s.every, s.count) {
+        (None, _) => 1,
+        (Some(_), Some(c)) => usize::try_from(c).unwrap_or(usize::MAX).min(limit),
+        (Some(_), None) => limit,
+    };
+    for i in 0..n {
+        let (gap, action) = match s.kind {
+            ScheduleKind::Fixed(a) => (if i == 0 { s.after } else { s.every.unwrap_or_default() }, a),
+            ScheduleKind::Random(_) => {
+                let every = s.every.unwrap_or(Duration::from_secs(1));
+                let r = splitmix64(&mut rng);
+                let action = RANDOM_FAULTS[usize::try_from(r % 5).unwrap_or(0)];
+                let ms = u64::try_from(every.as_millis()).unwrap_or(u64::MAX).max(1);
+                let jitter = Duration::from_millis(ms / 2 + (r >> 32) % ms.max(1));
+                (if i == 0 { s.after + jitter } else { jitter }, action)
+            }
+        };
+        out.push((gap, action));
+    }
+    out
+}
+
+/// Finds the service `name` designates: `console`, `block` (first disk), `blockN`, `diskN` or
+/// a service's own name.
+pub fn find<'a>(services: &'a [ServiceRef], name: &str) -> Option<&'a ServiceRef> {
+    if let Some(s) = services.iter().find(|s| s.name() == name) {
+        return Some(s);
+    }
+    let disks: Vec<&ServiceRef> = services.iter().filter(|s| s.name().starts_with("block")).collect();
+    let index = match name {
+        "block" => Some(0),
+        n => n.strip_prefix("block").or_else(|| n.strip_prefix("disk")).and_then(|i| i.parse::<usize>().ok()),
+    }?;
+    disks.get(index).copied().or_else(|| services.iter().find(|s| s.name() == format!("block-disk{index}")))
+}
+
+/// Runs the `--fault` schedules on their own thread (started before the main thread's seccomp
+/// filter; it injects through the supervisor's handles). Stops when `stop` is set.
+pub fn start_schedules(
+    schedules: Vec<FaultSchedule>,
+    services: Vec<ServiceRef>,
+    stop: Arc<AtomicBool>,
+) -> Result<Option<std::thread::JoinHandle<()>>, FaultError> {
+    if schedules.is_empty() {
+        return Ok(None);
+    }
+    let t = std::thread::Builder::new()
+        .name("faults".into())
+        .spawn(move || {
+            let start = Instant::now();
+            // (due, schedule index, action), bounded: 100 000 injections per schedule at most.
+            let mut due: Vec<(Duration, usize, FaultAction)> = Vec::new();
+            for (i, s) in schedules.iter().enumerate() {
+                let mut at = Duration::ZERO;
+                for (gap, action) in plan(s, 100_000) {
+                    at += gap;
+                    due.push((at, i, action));
+                }
+            }
+            due.sort_by_key(|d| d.0);
+            for (at, i, action) in due {
+                // Bounded sleep in 50 ms slices so a stop is seen.
+                while start.elapsed() < at {
+                    if stop.load(Ordering::SeqCst) {
+                        return;
+                    }
+                    std::thread::sleep(at.saturating_sub(start.elapsed()).min(Duration::from_millis(50)));
+                }
+                if stop.load(Ordering::SeqCst) {
+                    return;
+                }
+                let name = &schedules[i].device;
+                match find(&services, name) {
+                    Some(svc) if svc.device().is_failed() => {}
+                    Some(svc) => {
+                        if let Err(e) = svc.inject(action) {
+                            log::warn!("fault injection ({action}) into {name} failed: {e}");
+                        }
+                    }
+                    None => log::warn!("fault injection: no device {name}"),
+                }
+            }
+        })
+        .map_err(|e| FaultError::Thread("fault schedule", e))?;
+    Ok(Some(t))
+}
+
+/// Where `bulkhead run --name NAME` puts its socket: `/run/bulkhead/NAME.sock`.
+pub fn socket_for(vm: &str) -> PathBuf {
+    if vm.contains('/') {
+        PathBuf::from(vm)
+    } else {
+        Path::new("/run/bulkhead").join(format!("{vm}.sock"))
+    }
+}
+
+/// Answers one request.
+fn handle(req: ApiRequest, services: &[ServiceRef]) -> ApiResponse {
+    match req {
+        ApiRequest::Stats => ApiResponse::Stats(services.iter().map(ServiceRef::metrics).collect()),
+        ApiRequest::Fault { device, action } => match find(services, &device) {
+            None => ApiResponse::Error(format!(
+                "no device `{device}` (have: {})",
+                services.iter().map(|s| s.name().to_string()).collect::<Vec<_>>().join(", ")
+            )),
+            Some(s) if s.device().is_failed() => ApiResponse::Error(format!(
+                "device {} has failed: {}",
+                s.name(),
+                s.device().failure().unwrap_or_default()
+            )),
+            Some(s) => match s.inject(action) {
+                Ok(done) => ApiResponse::Done(done),
+                Err(e) => ApiResponse::Error(e.to_string()),
+            },
+        },
+    }
+}
+
+/// The API socket of a running VM: accepts one request per connection (serde + bincode,
+/// length-bounded frames) on its own thread. On drop the thread stops and removes the socket
+/// file itself (the main thread's seccomp filter does not allow `unlink`).
+#[derive(Debug)]
+pub struct ApiServer {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl ApiServer {
+    /// Binds `path` (a stale socket file there is replaced) and serves `services`.
+    pub fn start(path: &Path, services: Vec<ServiceRef>) -> Result<Self, FaultError> {
+        let err = |source| FaultError::Socket { path: path.to_path_buf(), source };
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(err)?;
+        }
+        if UnixStream::connect(path).is_ok() {
+            return Err(err(io::Error::new(io::ErrorKind::AddrInUse, "another VM is listening there")));
+        }
+        let _ = std::fs::remove_file(path);
+        let listener = UnixListener::bind(path).map_err(err)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let (stop2, path2) = (stop.clone(), path.to_path_buf());
+        let thread = std::thread::Builder::new()
+            .name("api".into())
+            .spawn(move || {
+                use std::os::fd::AsFd;
+                // Bounded waits: the stop flag is checked every 100 ms.
+                while !stop2.load(Ordering::SeqCst) {
+                    if !ipc::wait::wait_readable(listener.as_fd(), Duration::from_millis(100)).unwrap_or(false) {
+                        continue;
+                    }
+                    let Ok((mut conn, _)) = listener.accept() else { continue };
+                    let _ = conn.set_read_timeout(Some(API_TIMEOUT));
+                    let _ = conn.set_write_timeout(Some(API_TIMEOUT));
+                    let resp = match read_api_frame::<ApiRequest, _>(&mut conn) {
+                        Ok(req) => handle(req, &services),
+                        Err(e) => ApiResponse::Error(format!("bad request: {e}")),
+                    };
+                    let _ = write_api_frame(&mut conn, &resp);
+                }
+                let _ = std::fs::remove_file(&path2);
+            })
+            .map_err(|e| FaultError::Thread("API socket", e))?;
+        log::info!("API socket listening at {}", path.display());
+        Ok(Self { stop, thread: Some(thread) })
+    }
+}
+
+impl Drop for ApiServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Sends `req` to the VM `vm` (a name or a socket path) and returns its answer.
+pub fn request(vm: &str, req: &ApiRequest) -> Result<ApiResponse, FaultError> {
+    let path = socket_for(vm);
+    let mut conn = UnixStream::connect(&path).map_err(|source| FaultError::Socket { path: path.clone(), source })?;
+    let _ = conn.set_read_timeout(Some(API_TIMEOUT));
+    let _ = conn.set_write_timeout(Some(API_TIMEOUT));
+    write_api_frame(&mut conn, req).map_err(FaultError::Exchange)?;
+    read_api_frame(&mut conn).map_err(FaultError::Exchange)
+}
+
+/// Formats metrics as `bulkhead stats` prints them (one line per service).
+pub fn format_metrics(m: &ServiceMetrics) -> String {
+    let ms = |us: Option<u64>| us.map_or_else(|| "-".to_string(), |u| format!("{:.2} ms", u as f64 / 1000.0));
+    format!(
+        "service {} (pid {}): {} restarts (death to serving: last {}, median {}, max {}), {} exits forwarded, \
+         {} redone, {} failed{}",
+        m.name,
+        m.pid,
+        m.restarts,
+        ms(m.last_restart_us),
+        ms(m.median_restart_us),
+        ms(m.max_restart_us),
+        m.exits_forwarded,
+        m.exits_redone,
+        m.exits_failed,
+        m.failed.as_ref().map_or_else(String::new, |f| format!("; FAILED: {f}"))
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schedules_parse() {
+        let s = FaultSchedule::parse("block:crash-after=1000").expect("parse");
+        assert_eq!(s.kind, ScheduleKind::Fixed(FaultAction::Crash));
+        assert_eq!((s.after, s.every), (Duration::from_secs(1), None));
+        let s = FaultSchedule::parse("console:kill,every=500ms,count=3,after=2s").expect("parse");
+        assert_eq!(s.every, Some(Duration::from_millis(500)));
+        assert_eq!((s.after, s.count), (Duration::from_secs(2), Some(3)));
+        let s = FaultSchedule::parse("block1:random,seed=42,every=200").expect("parse");
+        assert_eq!(s.kind, ScheduleKind::Random(42));
+        assert_eq!(
+            FaultSchedule::parse("block:slow=20").expect("parse").kind,
+            ScheduleKind::Fixed(FaultAction::Slow { ms: 20 })
+        );
+        for bad in [
+            "crash",
+            ":crash",
+            "block:boom",
+            "block:random,every=1s",
+            "block:random,seed=1",
+            "block:crash,every=0",
+            "block:crash,seed=3",
+            "block:crash,every=99999999s",
+        ] {
+            assert!(FaultSchedule::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn plans_are_deterministic_and_bounded() {
+        let s = FaultSchedule::parse("block:crash,after=100,every=50,count=3").expect("parse");
+        let p = plan(&s, 10);
+        let gaps: Vec<u64> = p.iter().map(|(d, _)| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)).collect();
+        assert_eq!(gaps, [100, 50, 50]);
+        assert_eq!(plan(&FaultSchedule::parse("block:crash,every=5").expect("parse"), 7).len(), 7);
+        let r = FaultSchedule::parse("block:random,seed=7,every=100").expect("parse");
+        let (a, b) = (plan(&r, 50), plan(&r, 50));
+        assert_eq!(a, b, "same seed, same plan");
+        assert!(a.iter().all(|(d, _)| *d >= Duration::from_millis(50) && *d < Duration::from_millis(150)));
+        let kinds: std::collections::HashSet<_> = a.iter().map(|(_, k)| *k).collect();
+        assert!(kinds.len() >= 4, "a seeded random schedule mixes faults: {kinds:?}");
+        let other = plan(&FaultSchedule::parse("block:random,seed=8,every=100").expect("parse"), 50);
+        assert_ne!(a, other);
+    }
+
+    #[test]
+    fn socket_paths() {
+        assert_eq!(socket_for("vm1"), PathBuf::from("/run/bulkhead/vm1.sock"));
+        assert_eq!(socket_for("/tmp/x.sock"), PathBuf::from("/tmp/x.sock"));
+    }
+}

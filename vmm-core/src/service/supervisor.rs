@@ -1,0 +1,220 @@
+//! Restart policy and metrics of supervised services.
+//!
+//! The supervisor thread itself lives in the parent module (it needs the private parts of
+//! [`RemoteDevice`](super::RemoteDevice)); this module holds the pure decisions: when to restart,
+//! after how long, and when to give up, plus the death → serving latency bookkeeping.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+/// When and how often a dead, hung or misbehaving service is restarted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RestartPolicy {
+    /// Most restarts within [`window`](Self::window); one more failure marks the device failed.
+    /// 0 disables supervision: the first failure marks the device failed (fail closed).
+    pub max_restarts: u32,
+    /// The sliding window of the cap.
+    pub window: Duration,
+    /// Failures within [`burst_window`](Self::burst_window) tolerated before backing off.
+    pub burst: u32,
+    /// The window of the burst count.
+    pub burst_window: Duration,
+    /// First backoff delay; doubles with every further failure in the burst window.
+    pub backoff_min: Duration,
+    /// Longest backoff delay.
+    pub backoff_max: Duration,
+    /// How long a vCPU whose exit was in flight waits for the next instance before giving up
+    /// (the access then completes with all-ones / is dropped).
+    pub restart_wait: Duration,
+}
+
+impl RestartPolicy {
+    /// No restarts: the first failure marks the device failed.
+    pub const DISABLED: Self = Self {
+        max_restarts: 0,
+        window: Duration::from_secs(10),
+        burst: 3,
+        burst_window: Duration::from_secs(1),
+        backoff_min: Duration::from_millis(10),
+        backoff_max: Duration::from_secs(1),
+        restart_wait: Duration::from_secs(5),
+    };
+
+    /// The default of `bulkhead run`: at most 20 restarts per 10 s, immediate restarts for up to
+    /// 3 failures per second, then 10 ms, 20 ms, ... up to 1 s of backoff.
+    pub fn standard() -> Self {
+        Self { max_restarts: 20, ..Self::DISABLED }
+    }
+
+    /// A cap of `max` restarts per `window`, the rest as [`standard`](Self::standard).
+    pub fn with_cap(max: u32, window: Duration) -> Self {
+        Self { max_restarts: max, window, ..Self::standard() }
+    }
+
+    /// Whether failures lead to restarts at all.
+    pub fn enabled(&self) -> bool {
+        self.max_restarts > 0
+    }
+}
+
+impl Default for RestartPolicy {
+    fn default() -> Self {
+        Self::DISABLED
+    }
+}
+
+/// What to do after a failure.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    /// Start a fresh instance after this delay (zero: at once).
+    Restart(Duration),
+    /// Give up: the device is marked failed, for the reason given.
+    GiveUp(String),
+}
+
+/// Sliding-window failure count behind [`RestartPolicy`].
+#[derive(Debug, Clone)]
+pub struct RestartTracker {
+    policy: RestartPolicy,
+    failures: VecDeque<Instant>,
+}
+
+impl RestartTracker {
+    /// A tracker for `policy` with no failures yet.
+    pub fn new(policy: RestartPolicy) -> Self {
+        Self { policy, failures: VecDeque::new() }
+    }
+
+    /// Records a failure at `now` and decides.
+    pub fn on_failure(&mut self, now: Instant) -> Decision {
+        let p = self.policy;
+        if !p.enabled() {
+            return Decision::GiveUp("restarts are disabled".into());
+        }
+        self.failures.push_back(now);
+        // Bounded: the deque holds at most max_restarts + 1 entries (older ones are dropped).
+        while self.failures.front().is_some_and(|&t| now.duration_since(t) > p.window) {
+            self.failures.pop_front();
+        }
+        let max = usize::try_from(p.max_restarts).unwrap_or(usize::MAX);
+        if self.failures.len() > max {
+            return Decision::GiveUp(format!(
+                "{} failures within {:?} (the cap is {} restarts per {:?})",
+                self.failures.len(),
+                p.window,
+                p.max_restarts,
+                p.window
+            ));
+        }
+        let recent = self.failures.iter().filter(|&&t| now.duration_since(t) <= p.burst_window).count();
+        let burst = usize::try_from(p.burst).unwrap_or(usize::MAX);
+        if recent <= burst {
+            return Decision::Restart(Duration::ZERO);
+        }
+        let doublings = u32::try_from(recent - burst - 1).unwrap_or(u32::MAX).min(16);
+        Decision::Restart(p.backoff_min.saturating_mul(1 << doublings).min(p.backoff_max))
+    }
+}
+
+/// Restart metrics of one service.
+#[derive(Debug, Clone, Default)]
+pub struct Metrics {
+    /// Instances started after the first.
+    pub restarts: u32,
+    /// Death (or detection of a hang/violation) → new instance ready, per restart (the last
+    /// [`LATENCY_SAMPLES`] kept).
+    pub latencies: VecDeque<Duration>,
+    /// Why the device was marked failed, once it is.
+    pub failed: Option<String>,
+}
+
+/// Latency samples kept per service.
+pub const LATENCY_SAMPLES: usize = 4096;
+
+impl Metrics {
+    /// Records one restart that took `latency`.
+    pub fn record(&mut self, latency: Duration) {
+        self.restarts = self.restarts.saturating_add(1);
+        if self.latencies.len() == LATENCY_SAMPLES {
+            self.latencies.pop_front();
+        }
+        self.latencies.push_back(latency);
+    }
+
+    /// `(last, median, max)` of the recorded latencies.
+    pub fn summary(&self) -> Option<(Duration, Duration, Duration)> {
+        let last = *self.latencies.back()?;
+        let mut sorted: Vec<Duration> = self.latencies.iter().copied().collect();
+        sorted.sort_unstable();
+        let median = sorted[sorted.len() / 2];
+        let max = sorted[sorted.len() - 1];
+        Some((last, median, max))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(base: Instant, ms: u64) -> Instant {
+        base + Duration::from_millis(ms)
+    }
+
+    #[test]
+    fn immediate_then_backoff_then_cap() {
+        let mut t = RestartTracker::new(RestartPolicy::with_cap(6, Duration::from_secs(10)));
+        let b = Instant::now();
+        // Three failures in a second: immediate.
+        for i in 0..3 {
+            assert_eq!(t.on_failure(at(b, i * 10)), Decision::Restart(Duration::ZERO), "failure {i}");
+        }
+        // Then backoff doubling from 10 ms.
+        assert_eq!(t.on_failure(at(b, 40)), Decision::Restart(Duration::from_millis(10)));
+        assert_eq!(t.on_failure(at(b, 50)), Decision::Restart(Duration::from_millis(20)));
+        // Spaced out again: no backoff (only this failure in the last second).
+        assert_eq!(t.on_failure(at(b, 2000)), Decision::Restart(Duration::ZERO));
+        // The 7th failure within 10 s exceeds the cap of 6.
+        match t.on_failure(at(b, 2100)) {
+            Decision::GiveUp(why) => assert!(why.contains("7 failures") && why.contains("cap is 6"), "{why}"),
+            d => panic!("expected give-up, got {d:?}"),
+        }
+    }
+
+    #[test]
+    fn window_slides() {
+        let mut t = RestartTracker::new(RestartPolicy::with_cap(2, Duration::from_secs(1)));
+        let b = Instant::now();
+        assert!(matches!(t.on_failure(at(b, 0)), Decision::Restart(_)));
+        assert!(matches!(t.on_failure(at(b, 500)), Decision::Restart(_)));
+        // The first one left the window.
+        assert!(matches!(t.on_failure(at(b, 1200)), Decision::Restart(_)));
+        assert!(matches!(t.on_failure(at(b, 1300)), Decision::GiveUp(_)));
+    }
+
+    #[test]
+    fn backoff_is_capped_and_disabled_gives_up() {
+        let p = RestartPolicy { burst: 0, ..RestartPolicy::with_cap(100, Duration::from_secs(10)) };
+        let mut t = RestartTracker::new(p);
+        let b = Instant::now();
+        let mut last = Duration::ZERO;
+        for i in 0..20 {
+            if let Decision::Restart(d) = t.on_failure(at(b, i)) {
+                last = d;
+            }
+        }
+        assert_eq!(last, Duration::from_secs(1));
+        let mut off = RestartTracker::new(RestartPolicy::DISABLED);
+        assert!(matches!(off.on_failure(b), Decision::GiveUp(_)));
+    }
+
+    #[test]
+    fn metrics_summary() {
+        let mut m = Metrics::default();
+        assert!(m.summary().is_none());
+        for ms in [5, 1, 9, 3] {
+            m.record(Duration::from_millis(ms));
+        }
+        assert_eq!(m.restarts, 4);
+        assert_eq!(m.summary(), Some((Duration::from_millis(3), Duration::from_millis(5), Duration::from_millis(9))));
+    }
+}
