@@ -48,7 +48,8 @@ pub struct StatsArgs {
     pub vm: String,
 }
 
-/// `--restart-max N/SECS`: at most N restarts of one service per SECS seconds.
+/// `--restart-max N/SECS` (at most N restarts of one service per SECS seconds) and
+/// `--restart-burst N/SECS` (restarts per SECS seconds before backing off).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RestartCap {
     /// Most restarts in the window (0: never restart, the device fails closed at once).
@@ -127,6 +128,10 @@ pub struct RunArgs {
     /// device failed (the VM keeps running). 0 disables restarts (fail closed).
     #[arg(long, value_name = "N/SECS", default_value = "20/10", value_parser = RestartCap::parse)]
     pub restart_max: RestartCap,
+    /// Restarts tolerated per SECS seconds before the supervisor backs off (10 ms, doubling up to
+    /// 1 s) between a failure and the next restart.
+    #[arg(long, value_name = "N/SECS", default_value = "3/1", value_parser = RestartCap::parse)]
+    pub restart_burst: RestartCap,
     /// Fault schedule: `DEVICE:ACTION[,after=DUR][,every=DUR][,count=N]`,
     /// `DEVICE:random,seed=S,every=DUR[,count=N]` (kill/crash/abort/segv/hang at seeded random
     /// times), or `DEVICE:ACTION-after=MS`. Times count from the start of the vCPUs. Repeatable.
@@ -319,6 +324,7 @@ mod tests {
     fn supervision_flags() {
         let Command::Run(r) = parse(&["run", "--kernel", "/k"]).expect("parse").command else { panic!("not run") };
         assert_eq!(r.restart_max, RestartCap { max: 20, window: Duration::from_secs(10) });
+        assert_eq!(r.restart_burst, RestartCap { max: 3, window: Duration::from_secs(1) });
         assert!(r.faults.is_empty() && r.name.is_none());
         let Command::Run(r) = parse(&[
             "run",

@@ -311,7 +311,11 @@ fn start_console(args: &RunArgs, vm: &VmFd, buses: &mut Buses) -> Result<service
 fn service_options(args: &RunArgs) -> service::ServiceOptions {
     service::ServiceOptions {
         call_timeout: Duration::from_millis(args.service_deadline_ms),
-        restart: service::RestartPolicy::with_cap(args.restart_max.max, args.restart_max.window),
+        restart: service::RestartPolicy {
+            burst: args.restart_burst.max,
+            burst_window: args.restart_burst.window,
+            ..service::RestartPolicy::with_cap(args.restart_max.max, args.restart_max.window)
+        },
         ..service::ServiceOptions::default()
     }
 }
