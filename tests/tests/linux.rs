@@ -4,6 +4,10 @@
 //! Under PVM it takes about two minutes and ends at "Run /sbin/init" (guest user space cannot make
 //! system calls there, so init dies, the kernel panics and `panic=1` reboots, which ends the VMM);
 //! on hardware-assisted KVM init runs and reboots the machine itself.
+//!
+//! The block service is killed every 2 s from 3 s on, through the kernel's probe of the disk and
+//! the mount of its root: the supervisor restarts it each time and the kernel never sees an I/O
+//! error.
 
 use std::time::Duration;
 
@@ -40,6 +44,12 @@ fn linux_boots_from_bulkhead_block_with_console_service() {
             "256",
             "--cmdline",
             "console=ttyS0 earlyprintk=ttyS0 reboot=k panic=1 root=/dev/vda rw",
+            "--restart-max",
+            "1000/10",
+            "--restart-burst",
+            "1000/1",
+            "--fault",
+            "block:kill,after=3s,every=2s",
         ],
         Duration::from_secs(900),
     );
@@ -51,6 +61,9 @@ fn linux_boots_from_bulkhead_block_with_console_service() {
     assert!(out.contains("virtio_blk virtio0: [vda]"), "the kernel did not find the disk\n{}", ctx());
     assert!(out.contains("VFS: Mounted root (ext4 filesystem)"), "root not mounted\n{}", ctx());
     assert!(out.contains("Run /sbin/init as init process"), "kernel did not reach init\n{}", ctx());
+    assert!(!out.contains("I/O error") && !out.contains("EXT4-fs error"), "the guest saw the kills\n{}", ctx());
+    let restarts = r.stderr.lines().filter(|l| l.contains("service block-root restarted as pid")).count();
+    assert!(restarts >= 5, "only {restarts} block restarts during the boot\n{}", ctx());
     if r.stderr.contains("host KVM is PVM") {
         // Under PVM, user space faults on its first instruction that needs the kernel; the kernel
         // panics and reboots.

@@ -2,7 +2,7 @@
 //! inside the core (0x80, the POST-code port) and forwarded to the console service (0x3fd, the
 //! UART's line-status register), interleaved, several runs each; medians and their ratio.
 //!
-//! Then the block benchmark (see `bench_blk`).
+//! Then the block benchmark (see `bench_blk`) and the restart latency of a killed block service.
 //!
 //! Options: `--runs N` (default 7), `--exits N` per run (default 200000), `--blk-runs N` (default
 //! 5), `--only pio|blk`.
@@ -35,15 +35,16 @@ fn parse_args(args: &[String]) -> Result<Options, BoxError> {
             "--blk-runs" => blk_runs = it.next().map_or_else(val, Ok)?.parse()?,
             "--only" => {
                 let v = it.next().map_or_else(val, Ok)?;
-                if v != "pio" && v != "blk" {
-                    return Err(format!("--only takes pio or blk, not {v}").into());
+                if !["pio", "blk", "restart"].contains(&v.as_str()) {
+                    return Err(format!("--only takes pio, blk or restart, not {v}").into());
                 }
                 only = Some(v.clone());
             }
             other => {
-                return Err(
-                    format!("unknown bench option {other} (--runs N, --exits N, --blk-runs N, --only pio|blk)").into()
+                return Err(format!(
+                    "unknown bench option {other} (--runs N, --exits N, --blk-runs N, --only pio|blk|restart)"
                 )
+                .into())
             }
         }
     }
@@ -102,13 +103,71 @@ pub fn run(args: &[String]) -> Result<(), BoxError> {
     let bin = build_binaries(true)?;
     let probe = probe_elf()?;
     let rate = tsc_per_us();
-    if opts.only.as_deref() != Some("pio") {
+    let part = |name: &str| opts.only.as_deref().is_none_or(|o| o == name);
+    if part("blk") {
         blk(&bin, &probe, rate, opts.blk_runs)?;
     }
-    if opts.only.as_deref() != Some("blk") {
+    if part("restart") {
+        restart(&bin, &probe, rate)?;
+    }
+    if part("pio") {
         pio(&bin, &probe, rate, opts.runs, opts.exits)?;
     }
     Ok(())
+}
+
+/// Restart latency: the block service is killed 135 times (SIGKILL from the core, `_exit`,
+/// `abort()`, a segfault) while the probe verifies its disk; the core's supervision metrics give
+/// the time from each death to the new instance serving (ring and state restored, kicks re-armed).
+fn restart(bin: &Path, probe: &Path, rate: f64) -> Result<(), BoxError> {
+    let image = workspace_root_target("bench-restart.img");
+    std::fs::File::create(&image)?.set_len(8 << 20)?;
+    let (seed, rounds) = (5u64, 600u64);
+    let started = Instant::now();
+    let out = Command::new(bin.join("bulkhead"))
+        .args(["run", "--serial-input", "none", "--kernel"])
+        .arg(probe)
+        .arg("--disk")
+        .arg(&image)
+        .args(["--restart-max", "1000/10", "--restart-burst", "1000/1"])
+        .args(["--fault", "block:kill,after=200ms,every=100ms,count=60"])
+        .args(["--fault", "block:crash,after=230ms,every=240ms,count=25"])
+        .args(["--fault", "block:abort,after=260ms,every=240ms,count=25"])
+        .args(["--fault", "block:segv,after=290ms,every=240ms,count=25"])
+        .arg("--cmdline")
+        .arg(format!("probe.test=blk-verify probe.seed={seed} probe.rounds={rounds} probe.timeout_ms=20000"))
+        .stdin(Stdio::null())
+        .output()?;
+    let wall = started.elapsed();
+    let _ = std::fs::remove_file(&image);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if out.status.code() != Some(0) || !stdout.contains(" mismatches=0 ioerrs=0 ") {
+        return Err(format!("restart bench: the guest failed ({}):\n{stdout}\n{stderr}", out.status).into());
+    }
+    let line = stderr
+        .lines()
+        .find(|l| l.contains("service block-disk0 (pid") && l.contains(" restarts ("))
+        .ok_or("no supervision metrics for block-disk0")?;
+    println!(
+        "# restart latency: block service killed during blk-verify ({rounds} rounds of 8 MiB), release build, {:.1} s",
+        wall.as_secs_f64()
+    );
+    println!("{}", line.split_once("service ").map_or(line, |(_, r)| r));
+    let stall = stdout
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("max_wait_cycles="))
+        .and_then(|v| v.parse::<u64>().ok())
+        .ok_or("no max_wait_cycles in the guest's summary")?;
+    println!(
+        "longest guest-visible stall (longest wait for one completion in the guest): {:.2} ms",
+        stall as f64 / rate / 1000.0
+    );
+    Ok(())
+}
+
+fn workspace_root_target(name: &str) -> std::path::PathBuf {
+    crate::util::workspace_root().join("target").join(name)
 }
 
 /// The block benchmark: probe `blk-bench` under Bulkhead, QEMU built-in virtio-blk and QEMU with

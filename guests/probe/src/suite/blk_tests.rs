@@ -39,7 +39,7 @@ fn verify_writes_the_documented_pattern_and_passes() {
     assert!(out.contains("virtio: 0xd0000000 size=0x1000 irq=5 version=2 device=2"), "{out}");
     assert!(out.contains("blk: capacity=2048 sectors (1 MiB) blk_size=4096 seg_max=128 ro=0 flush=1"), "{out}");
     assert!(
-        out.contains("blk-verify: sectors=2048 rounds=2 written=4096 read=4096 mismatches=0 ioerrs=0 final_seed=10\n"),
+        out.contains("blk-verify: sectors=2048 rounds=2 written=4096 read=4096 mismatches=0 ioerrs=0 final_seed=10 max_wait_cycles="),
         "{out}"
     );
     let d = dev(&m);
@@ -63,7 +63,7 @@ fn verify_counts_a_corrupted_sector() {
     d.corrupt_read_at = Some(700 * 512 + 17);
     let (v, out, _) = run(d, "probe.test=blk-verify");
     assert_eq!(v, Verdict::Fail);
-    assert!(out.contains("mismatches=1 ioerrs=0 final_seed=1\n"), "{out}");
+    assert!(out.contains("mismatches=1 ioerrs=0 final_seed=1 max_wait_cycles="), "{out}");
     assert!(out.contains("blk-verify: mismatch sector=700 offset=16 "), "{out}");
 }
 

@@ -39,6 +39,8 @@ struct Totals {
     read: u64,
     mismatches: u64,
     ioerrs: u64,
+    /// Longest wait for one completion over every phase of every round (TSC cycles).
+    max_wait: u64,
     reported: [Option<Mismatch>; MAX_REPORTED],
     n_reported: usize,
 }
@@ -148,6 +150,8 @@ fn verify(con: &mut Console<'_>, blk: &mut Blk, seed: u64, rounds: u64, qd: u64)
         .dec(t.ioerrs)
         .str(b" final_seed=")
         .dec(last_seed)
+        .str(b" max_wait_cycles=")
+        .dec(t.max_wait)
         .nl();
     let ok = failure.is_none()
         && t.mismatches == 0
@@ -193,7 +197,7 @@ fn one_round(
         },
     )?;
     errs += w.errors;
-    let mut flush_cycles = 0;
+    let (mut flush_cycles, mut flush_wait) = (0, 0);
     if blk.info().flush() {
         let f = blk.run(
             m,
@@ -207,6 +211,7 @@ fn one_round(
         )?;
         errs += f.errors;
         flush_cycles = f.cycles;
+        flush_wait = f.max_wait;
     }
     let r = blk.run(
         m,
@@ -242,5 +247,6 @@ fn one_round(
     t.read += read;
     t.mismatches += bad;
     t.ioerrs += errs;
+    t.max_wait = t.max_wait.max(w.max_wait).max(flush_wait).max(r.max_wait);
     Ok((written, read, bad, errs, [w.cycles, flush_cycles, r.cycles]))
 }

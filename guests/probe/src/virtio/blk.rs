@@ -195,6 +195,9 @@ pub struct RunStats {
     pub kicks: u64,
     /// TSC cycles from before the first submission to after the last completion.
     pub cycles: u64,
+    /// Longest single wait for a completion, in TSC cycles: the longest stall the driver saw
+    /// (e.g. while a device service was being restarted).
+    pub max_wait: u64,
 }
 
 /// The driver.
@@ -465,7 +468,9 @@ impl Blk {
                 self.kick(m);
                 stats.kicks += 1;
             }
+            let waiting = m.tsc();
             let mut c = Some(self.wait(m)?);
+            stats.max_wait = stats.max_wait.max(m.tsc().wrapping_sub(waiting));
             while let Some(done_now) = c {
                 let i = req_of.get(done_now.slot).copied().unwrap_or(0);
                 done(i, self.buffer(done_now.slot), done_now.status);
