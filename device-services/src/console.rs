@@ -2,16 +2,39 @@
 //!
 //! Output goes to an fd the core passes (a dup of its stdout or a file); input read from another
 //! fd (optional) is fed to the guest with `enqueue_raw_bytes`, never more than the UART's FIFO has
-//! room for: the rest stays buffered here and is retried whenever the guest drains the FIFO. The
-//! interrupt is raised by writing an irqfd EventFd. End of input is not an error: the console keeps
-//! serving output.
+//! room for: the rest stays buffered here (at most [`MAX_PENDING_INPUT`] bytes; the console stops
+//! reading its input fd while that buffer is full, nothing is dropped) and is retried whenever the
+//! guest drains the FIFO. The interrupt is raised by writing an irqfd EventFd. End of input is not
+//! an error: the console keeps serving output.
+//!
+//! # State that survives the service
+//!
+//! Given the console's state region ([`Console::with_state`]), the console commits its whole state
+//! there ([`UartState`]: every register of `vm_superio`'s `SerialState`, the receive FIFO and the
+//! pending input) after every access that changed it, and only then: register writes, RBR and
+//! IIR reads, input moved into the FIFO or read from the input fd. A new instance restores it, so
+//! the guest sees the same registers and receives every unread input byte, in order, once.
+//!
+//! Bounds of what a kill can cost (the core redoes the exit that was in flight against the new
+//! instance):
+//! - input: bytes taken from the input fd by a `read` whose commit had not happened yet are lost
+//!   (one read: ≤ 4 KiB and ≤ the free room of the pending buffer); an RBR read whose commit
+//!   happened but whose reply did not reach the core loses that one byte (the redone read returns
+//!   the next one). Input is never delivered twice.
+//! - output: a THR byte is written to the output fd before the reply, so a redone THR write may
+//!   emit that one byte a second time; nothing acknowledged to the guest is lost.
 
+use std::cell::Cell;
 use std::collections::VecDeque;
 use std::fs::File;
 use std::io::{self, Read};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 
-use vm_superio::serial::NoEvents;
+use ipc::state::{
+    decode_payload, encode_payload, DeviceKind, Loaded, StateError, StateRegion, UartState, MAX_UART_FIFO,
+    MAX_UART_PENDING,
+};
+use vm_superio::serial::{NoEvents, SerialState};
 use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -20,45 +43,256 @@ use crate::runtime::{PioHandler, RuntimeError};
 /// Number of ports a 16550 decodes.
 pub const UART_PORTS: u16 = 8;
 /// Most input bytes buffered in the service before it stops reading its input fd (back-pressure).
-pub const MAX_PENDING_INPUT: usize = 64 * 1024;
+/// Equal to [`MAX_UART_PENDING`], so the whole buffer always fits in the state region.
+pub const MAX_PENDING_INPUT: usize = MAX_UART_PENDING;
 const READ_CHUNK: usize = 4096;
 
-/// Raises the UART's interrupt by writing an irqfd.
+const OFF_RBR: u16 = 0;
+const OFF_IIR: u16 = 2;
+const IER_RDA: u8 = 0x01;
+const IER_THRE: u8 = 0x02;
+const IER_VALID: u8 = 0x0f;
+const IIR_NONE: u8 = 0x01;
+const IIR_THRE: u8 = 0x02;
+const IIR_RDA: u8 = 0x04;
+const LSR_DR: u8 = 0x01;
+/// LSR bits the model keeps set: THR empty and transmitter idle.
+const LSR_FIXED: u8 = 0x60;
+
+/// Errors of the console's state handling.
+#[derive(Debug, thiserror::Error)]
+pub enum ConsoleError {
+    /// The state region could not be read (corrupt slot, wrong kind, undecodable payload).
+    #[error("console state region")]
+    State(#[source] StateError),
+    /// The saved state is well-formed but not a state this UART model can be in.
+    #[error("invalid saved UART state: {0}")]
+    Invalid(&'static str),
+    /// The region holds per-request words a UART never writes.
+    #[error("console state region has virtio request words set")]
+    HotWords,
+    /// `vm_superio` refused a validated state (cannot happen: validation checks its one
+    /// condition, and the interrupt is muted while restoring).
+    #[error("restoring the UART: {0}")]
+    Restore(String),
+}
+
+/// Raises the UART's interrupt by writing an irqfd. Muted while a saved state is restored, so the
+/// console raises a pending interrupt exactly once afterwards.
 #[derive(Debug)]
-pub struct IrqTrigger(pub EventFd);
+pub struct IrqTrigger {
+    evt: EventFd,
+    muted: Cell<bool>,
+}
+
+impl IrqTrigger {
+    /// A trigger writing `evt`.
+    pub fn new(evt: EventFd) -> Self {
+        Self { evt, muted: Cell::new(false) }
+    }
+
+    /// The irqfd.
+    pub fn eventfd(&self) -> &EventFd {
+        &self.evt
+    }
+}
 
 impl Trigger for IrqTrigger {
     type E = io::Error;
 
     fn trigger(&self) -> io::Result<()> {
-        self.0.write(1)
+        if self.muted.get() {
+            return Ok(());
+        }
+        self.evt.write(1)
     }
 }
+
+/// What [`Console::with_state`] found in the state region.
+#[derive(Debug)]
+pub enum Restore {
+    /// The region was zero: a freshly reset UART.
+    Fresh,
+    /// The saved state was restored.
+    Restored {
+        /// Generation of the state restored.
+        generation: u64,
+        /// Unread bytes in the receive FIFO.
+        fifo: usize,
+        /// Input bytes waiting for room in the FIFO.
+        pending: usize,
+        /// An enabled interrupt was pending, so the irqfd was raised once.
+        irq_raised: bool,
+    },
+    /// The region failed validation: it was cleared and the UART starts freshly reset. A 16550 has
+    /// no equivalent of virtio's DEVICE_NEEDS_RESET, so a fresh UART is the only safe choice; the
+    /// guest's driver sees reset registers (and re-programs them when it next opens the port).
+    Invalid(ConsoleError),
+}
+
+type Uart = Serial<IrqTrigger, NoEvents, File>;
 
 /// The console device.
 #[derive(Debug)]
 pub struct Console {
-    serial: Serial<IrqTrigger, NoEvents, File>,
+    serial: Uart,
     input: Option<File>,
     pending: VecDeque<u8>,
     output_failed: bool,
+    state: Option<StateRegion>,
+    /// The state last committed to `state` (or found there).
+    saved: UartState,
+    store_failed: bool,
+}
+
+fn snapshot(serial: &Uart, pending: &VecDeque<u8>) -> UartState {
+    let s = serial.state();
+    UartState {
+        dll: s.baud_divisor_low,
+        dlm: s.baud_divisor_high,
+        ier: s.interrupt_enable,
+        iir: s.interrupt_identification,
+        lcr: s.line_control,
+        lsr: s.line_status,
+        mcr: s.modem_control,
+        msr: s.modem_status,
+        scr: s.scratch,
+        fifo: s.in_buffer,
+        pending: pending.iter().copied().collect(),
+    }
+}
+
+/// Checks a saved state against the UART model and converts it. LCR, MCR, the divisor latch and
+/// the scratch register accept every 8-bit value (the model stores guest writes unmasked); IER
+/// must use only the 16550's four enable bits; IIR must be "none" or THRE and/or RDA; LSR must be
+/// THRE|TEMT plus DR exactly when the FIFO holds data; MSR never changes in this model; RDA can
+/// only be pending with data in the FIFO; both buffers are bounded.
+pub fn validate(s: &UartState) -> Result<SerialState, ConsoleError> {
+    let bad = |what| Err(ConsoleError::Invalid(what));
+    if s.ier & !IER_VALID != 0 {
+        return bad("IER has bits outside the 16550's enable bits");
+    }
+    if ![IIR_NONE, IIR_THRE, IIR_RDA, IIR_THRE | IIR_RDA].contains(&s.iir) {
+        return bad("IIR is not an identification the UART produces");
+    }
+    if s.fifo.len() > MAX_UART_FIFO {
+        return bad("receive FIFO longer than 64 bytes");
+    }
+    if s.pending.len() > MAX_UART_PENDING {
+        return bad("pending input longer than its bound");
+    }
+    if s.lsr & !LSR_DR != LSR_FIXED || (s.lsr & LSR_DR != 0) == s.fifo.is_empty() {
+        return bad("LSR inconsistent with the receive FIFO");
+    }
+    if s.msr != SerialState::default().modem_status {
+        return bad("MSR differs from the model's fixed modem status");
+    }
+    if s.iir & IIR_RDA != 0 && s.fifo.is_empty() {
+        return bad("received-data interrupt pending with an empty FIFO");
+    }
+    Ok(SerialState {
+        baud_divisor_low: s.dll,
+        baud_divisor_high: s.dlm,
+        interrupt_enable: s.ier,
+        interrupt_identification: s.iir,
+        line_control: s.lcr,
+        line_status: s.lsr,
+        modem_control: s.mcr,
+        modem_status: s.msr,
+        scratch: s.scr,
+        in_buffer: s.fifo.clone(),
+    })
+}
+
+/// Loads and validates the saved state: `Ok(None)` for a fresh region.
+fn load_saved(region: &mut StateRegion) -> Result<Option<(u64, UartState, SerialState)>, ConsoleError> {
+    let Loaded::Saved { generation, payload } = region.load(DeviceKind::Uart).map_err(ConsoleError::State)? else {
+        return Ok(None);
+    };
+    if !region.hot_is_zero() {
+        return Err(ConsoleError::HotWords);
+    }
+    let saved: UartState = decode_payload(&payload).map_err(ConsoleError::State)?;
+    let serial = validate(&saved)?;
+    Ok(Some((generation, saved, serial)))
 }
 
 impl Console {
     /// A UART writing to `output`, reading from `input` (if any), interrupting through `irq`.
+    /// Its state lives only in this process.
     pub fn new(output: OwnedFd, input: Option<OwnedFd>, irq: EventFd) -> Self {
+        let serial = Serial::new(IrqTrigger::new(irq), File::from(output));
+        let saved = snapshot(&serial, &VecDeque::new());
         Self {
-            serial: Serial::new(IrqTrigger(irq), File::from(output)),
+            serial,
             input: input.map(File::from),
             pending: VecDeque::new(),
             output_failed: false,
+            state: None,
+            saved,
+            store_failed: false,
         }
     }
 
-    /// Fds the console needs to keep open (output, input, irq).
+    /// Like [`new`](Self::new), but keeping the UART's state in `region` (the console's state
+    /// region) and starting from what it holds: a zero region gives a fresh UART; a valid one is
+    /// restored (registers, FIFO, pending input) and, if it says an enabled interrupt is pending,
+    /// the irqfd is raised once; an invalid one is cleared and the UART starts fresh (see
+    /// [`Restore::Invalid`]). Errors only if `vm_superio` refuses a validated state.
+    pub fn with_state(
+        output: OwnedFd,
+        input: Option<OwnedFd>,
+        irq: EventFd,
+        mut region: StateRegion,
+    ) -> Result<(Self, Restore), ConsoleError> {
+        let (mut console, restore) = match load_saved(&mut region) {
+            Ok(None) => (Self::new(output, input, irq), Restore::Fresh),
+            Err(e) => {
+                region.clear();
+                (Self::new(output, input, irq), Restore::Invalid(e))
+            }
+            Ok(Some((generation, saved, ss))) => {
+                let trigger = IrqTrigger::new(irq);
+                trigger.muted.set(true);
+                let serial = Serial::from_state(&ss, trigger, NoEvents, File::from(output))
+                    .map_err(|e| ConsoleError::Restore(format!("{e:?}")))?;
+                serial.interrupt_evt().muted.set(false);
+                let irq_pending = (ss.interrupt_enable & IER_RDA != 0 && ss.interrupt_identification & IIR_RDA != 0)
+                    || (ss.interrupt_enable & IER_THRE != 0 && ss.interrupt_identification & IIR_THRE != 0);
+                let mut irq_raised = false;
+                if irq_pending {
+                    match serial.interrupt_evt().trigger() {
+                        Ok(()) => irq_raised = true,
+                        Err(e) => eprintln!("bulkhead-console: raising the restored interrupt failed: {e}"),
+                    }
+                }
+                let restore =
+                    Restore::Restored { generation, fifo: saved.fifo.len(), pending: saved.pending.len(), irq_raised };
+                let console = Self {
+                    serial,
+                    input: input.map(File::from),
+                    pending: saved.pending.iter().copied().collect(),
+                    output_failed: false,
+                    state: None,
+                    saved,
+                    store_failed: false,
+                };
+                (console, restore)
+            }
+        };
+        console.state = Some(region);
+        // A restored FIFO with room left takes pending input now (and commits that change).
+        if console.feed() > 0 {
+            console.persist();
+        }
+        Ok((console, restore))
+    }
+
+    /// Fds the console needs to keep open (output, input, irq, state region).
     pub fn raw_fds(&self) -> Vec<RawFd> {
-        let mut v = vec![self.serial.writer().as_raw_fd(), self.serial.interrupt_evt().0.as_raw_fd()];
+        let mut v = vec![self.serial.writer().as_raw_fd(), self.serial.interrupt_evt().eventfd().as_raw_fd()];
         v.extend(self.input.as_ref().map(|f| f.as_raw_fd()));
+        v.extend(self.state.as_ref().map(|r| r.fd().as_raw_fd()));
         v
     }
 
@@ -67,14 +301,20 @@ impl Console {
         self.pending.len()
     }
 
-    /// Queues `bytes` for the guest and moves as many as fit into the FIFO.
-    pub fn push_input(&mut self, bytes: &[u8]) {
-        self.pending.extend(bytes);
+    /// Queues as much of `bytes` for the guest as the pending buffer has room for (at most
+    /// [`MAX_PENDING_INPUT`] buffered), moves as many as fit into the FIFO and commits the state.
+    /// Returns how many bytes were accepted.
+    pub fn push_input(&mut self, bytes: &[u8]) -> usize {
+        let n = bytes.len().min(MAX_PENDING_INPUT.saturating_sub(self.pending.len()));
+        self.pending.extend(&bytes[..n]);
         self.feed();
+        self.persist();
+        n
     }
 
-    /// Moves buffered input into the FIFO as far as it has room.
-    fn feed(&mut self) {
+    /// Moves buffered input into the FIFO as far as it has room. Returns the bytes moved.
+    fn feed(&mut self) -> usize {
+        let mut moved = 0;
         // Each round moves at least one byte or stops, so at most `pending.len()` rounds.
         while !self.pending.is_empty() && self.serial.fifo_capacity() > 0 {
             let room = self.serial.fifo_capacity();
@@ -84,25 +324,53 @@ impl Console {
                 Ok(0) | Err(vm_superio::serial::Error::FullFifo) => break,
                 Ok(n) => {
                     self.pending.drain(..n);
+                    moved += n;
                 }
                 Err(e) => {
                     // The bytes were queued; only the interrupt failed. Keep going.
                     eprintln!("bulkhead-console: raising the interrupt failed: {e:?}");
-                    self.pending.drain(..chunk.len());
+                    let n = chunk.len();
+                    self.pending.drain(..n);
+                    moved += n;
+                }
+            }
+        }
+        moved
+    }
+
+    /// Commits the state to the region if it changed since the last commit.
+    fn persist(&mut self) {
+        let Some(region) = self.state.as_mut() else { return };
+        let now = snapshot(&self.serial, &self.pending);
+        if now == self.saved {
+            return;
+        }
+        match encode_payload(&now).and_then(|b| region.store(DeviceKind::Uart, &b)) {
+            Ok(_) => self.saved = now,
+            Err(e) => {
+                if !self.store_failed {
+                    self.store_failed = true;
+                    eprintln!("bulkhead-console: committing the UART state failed (will retry): {e}");
                 }
             }
         }
     }
 
     fn read_input(&mut self) {
+        let room = MAX_PENDING_INPUT.saturating_sub(self.pending.len()).min(READ_CHUNK);
+        if room == 0 {
+            return;
+        }
         let Some(input) = self.input.as_mut() else { return };
         let mut buf = [0u8; READ_CHUNK];
-        match input.read(&mut buf) {
+        match input.read(&mut buf[..room]) {
             Ok(0) => {
                 // End of input: stop watching it, keep serving.
                 self.input = None;
             }
-            Ok(n) => self.push_input(&buf[..n]),
+            Ok(n) => {
+                self.push_input(&buf[..n]);
+            }
             Err(e) if matches!(e.kind(), io::ErrorKind::Interrupted | io::ErrorKind::WouldBlock) => {}
             Err(e) => {
                 eprintln!("bulkhead-console: input failed, ignoring it from now on: {e}");
@@ -116,8 +384,12 @@ impl PioHandler for Console {
     fn read(&mut self, offset: u16, data: &mut [u8]) -> bool {
         let (Ok(off), [byte]) = (u8::try_from(offset), data) else { return false };
         *byte = self.serial.read(off);
-        // The guest may just have drained the FIFO: refill it.
-        self.feed();
+        // The guest may just have drained the FIFO: refill it. Only RBR and IIR reads (and input
+        // moved into the FIFO) change state; LSR polling stays cheap.
+        let moved = self.feed();
+        if moved > 0 || offset == OFF_RBR || offset == OFF_IIR {
+            self.persist();
+        }
         true
     }
 
@@ -130,6 +402,8 @@ impl PioHandler for Console {
             }
         }
         self.feed();
+        // A THR write changes nothing unless it sets the THRE interrupt: the comparison skips it.
+        self.persist();
         true
     }
 
@@ -151,6 +425,7 @@ impl PioHandler for Console {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use ipc::state::SLOT_HEADER_LEN;
     use std::io::Write;
 
     const LSR: u16 = 5;
@@ -187,7 +462,7 @@ mod tests {
         let (mut c, _out, irq) = console();
         assert!(c.write(IER, &[1]));
         let input: Vec<u8> = (0..300u32).map(|i| (i % 251) as u8).collect();
-        c.push_input(&input);
+        assert_eq!(c.push_input(&input), 300);
         assert_eq!(c.pending_input(), 300 - 64);
         assert!(irq.read().expect("irq fired") >= 1);
         let mut got = Vec::new();
@@ -225,5 +500,117 @@ mod tests {
         c.on_event(fd).expect("eof");
         assert!(c.event_fds().is_empty());
         assert_eq!(rd(&mut c, 0), b'x');
+    }
+
+    fn with_region(region: &StateRegion) -> (Console, Restore, File, EventFd) {
+        let (r, w) = nix::unistd::pipe().expect("pipe");
+        let irq = EventFd::new(libc::EFD_NONBLOCK).expect("eventfd");
+        let dup = StateRegion::from_fd(region.fd().try_clone_to_owned().expect("dup")).expect("map");
+        let (c, restore) = Console::with_state(w, None, irq.try_clone().expect("clone"), dup).expect("console");
+        (c, restore, File::from(r), irq)
+    }
+
+    #[test]
+    fn pending_input_is_bounded_not_dropped() {
+        let (mut c, _out, _irq) = console();
+        let big = vec![7u8; MAX_PENDING_INPUT + 64 + 100];
+        // The FIFO takes 64, the buffer MAX_PENDING_INPUT; the rest is refused, not dropped later.
+        assert_eq!(c.push_input(&big), MAX_PENDING_INPUT);
+        assert_eq!(c.pending_input(), MAX_PENDING_INPUT - 64);
+        assert_eq!(c.push_input(&big), 64);
+        assert_eq!(c.pending_input(), MAX_PENDING_INPUT);
+        assert_eq!(c.push_input(b"x"), 0);
+    }
+
+    #[test]
+    fn state_survives_a_new_instance_in_process() {
+        let region = StateRegion::create("console-unit").expect("region");
+        let (mut c, restore, _out, _irq) = with_region(&region);
+        assert!(matches!(restore, Restore::Fresh));
+        assert!(c.write(3, &[0x80]));
+        assert!(c.write(0, &[0x01]));
+        assert!(c.write(1, &[0x00]));
+        assert!(c.write(3, &[0x03]));
+        assert!(c.write(IER, &[0x01]));
+        assert!(c.write(7, &[0x5a]));
+        let input: Vec<u8> = (0..100u8).collect();
+        assert_eq!(c.push_input(&input), 100);
+        assert_eq!(rd(&mut c, 0), 0);
+        drop(c);
+        let (mut c2, restore, _out2, irq2) = with_region(&region);
+        let Restore::Restored { fifo, pending, irq_raised, .. } = restore else { panic!("{restore:?}") };
+        assert_eq!((fifo, pending), (64, 35));
+        assert!(irq_raised);
+        assert_eq!(irq2.read().expect("raised once"), 1);
+        assert_eq!(rd(&mut c2, 3), 0x03);
+        assert_eq!(rd(&mut c2, IER), 0x01);
+        assert_eq!(rd(&mut c2, 7), 0x5a);
+        let mut got = Vec::new();
+        for _ in 0..200 {
+            if rd(&mut c2, LSR) & LSR_DR == 0 {
+                break;
+            }
+            got.push(rd(&mut c2, 0));
+        }
+        assert_eq!(got, input[1..]);
+    }
+
+    #[test]
+    fn lsr_polling_does_not_commit() {
+        let region = StateRegion::create("console-unit").expect("region");
+        let (mut c, _, _out, _irq) = with_region(&region);
+        assert!(c.write(7, &[1]));
+        let g = c.state.as_mut().map(|r| r.load(DeviceKind::Uart));
+        let Some(Ok(Loaded::Saved { generation, .. })) = g else { panic!("{g:?}") };
+        for _ in 0..10 {
+            rd(&mut c, LSR);
+            assert!(c.write(7, &[1]));
+        }
+        let g2 = c.state.as_mut().map(|r| r.load(DeviceKind::Uart));
+        assert!(matches!(g2, Some(Ok(Loaded::Saved { generation: g, .. })) if g == generation), "{g2:?}");
+    }
+
+    #[test]
+    fn validation_rejects_impossible_states() {
+        let ok = snapshot(&Serial::new(IrqTrigger::new(EventFd::new(0).expect("efd")), tempfile()), &VecDeque::new());
+        assert!(validate(&ok).is_ok());
+        let cases: Vec<(&str, UartState)> = vec![
+            ("ier", UartState { ier: 0x10, ..ok.clone() }),
+            ("iir", UartState { iir: 0x00, ..ok.clone() }),
+            ("iir", UartState { iir: 0x08, ..ok.clone() }),
+            ("lsr dr", UartState { lsr: 0x61, ..ok.clone() }),
+            ("lsr", UartState { lsr: 0xe0, ..ok.clone() }),
+            ("fifo", UartState { fifo: vec![1; 65], lsr: 0x61, ..ok.clone() }),
+            ("pending", UartState { pending: vec![1; MAX_UART_PENDING + 1], ..ok.clone() }),
+            ("msr", UartState { msr: 0, ..ok.clone() }),
+            ("rda", UartState { iir: IIR_RDA, ..ok.clone() }),
+        ];
+        for (what, s) in cases {
+            assert!(matches!(validate(&s), Err(ConsoleError::Invalid(_))), "{what} accepted");
+        }
+        // Any LCR/MCR/divisor/scratch value is one a guest may write.
+        assert!(validate(&UartState { lcr: 0xff, mcr: 0xff, dll: 0, dlm: 0xff, scr: 0xff, ..ok }).is_ok());
+    }
+
+    #[test]
+    fn corrupt_region_starts_fresh_and_is_cleared() {
+        let region = StateRegion::create("console-unit").expect("region");
+        let (mut c, _, _out, _irq) = with_region(&region);
+        assert!(c.write(7, &[0x5a]));
+        drop(c);
+        region.corrupt_byte(SLOT_HEADER_LEN + 3, 0x40);
+        let (mut c2, restore, _out2, _irq2) = with_region(&region);
+        assert!(matches!(restore, Restore::Invalid(ConsoleError::State(_))), "{restore:?}");
+        assert_eq!(rd(&mut c2, 7), 0);
+        assert!(c2.write(7, &[0x11]));
+        drop(c2);
+        let (mut c3, restore, _out3, _irq3) = with_region(&region);
+        assert!(matches!(restore, Restore::Restored { .. }), "{restore:?}");
+        assert_eq!(rd(&mut c3, 7), 0x11);
+    }
+
+    fn tempfile() -> File {
+        let (_r, w) = nix::unistd::pipe().expect("pipe");
+        File::from(w)
     }
 }

@@ -66,10 +66,15 @@ pub const HOT_QUEUE_WORDS: usize = 8;
 pub const ENTRIES_OFFSET: usize = HOT_OFFSET + 8 * HOT_QUEUE_WORDS;
 /// Number of in-flight entries the region holds (over all queues).
 pub const MAX_ENTRIES: usize = (STATE_REGION_LEN - ENTRIES_OFFSET) / 8;
-/// Most pending console input bytes kept in a [`UartState`].
+/// Most pending console input bytes kept in a [`UartState`] (the console stops reading its input
+/// while this many are buffered).
 pub const MAX_UART_PENDING: usize = 2048;
+/// Size of the 16550's receive FIFO (`vm_superio::Serial`'s).
+pub const MAX_UART_FIFO: usize = 64;
 
 const _: () = assert!(ENTRIES_OFFSET.is_multiple_of(8) && MAX_ENTRIES >= 4096);
+// A full UartState (9 registers, two length prefixes, both buffers full) fits in one slot.
+const _: () = assert!(9 + 16 + MAX_UART_FIFO + MAX_UART_PENDING <= MAX_PAYLOAD);
 
 /// Errors of the state region.
 #[derive(Debug, thiserror::Error)]
@@ -170,22 +175,33 @@ pub struct VirtioState {
     pub queues: Vec<QueueRegs>,
 }
 
-/// Cold state of the 16550 console.
+/// Cold state of the 16550 console: the registers of `vm_superio::Serial` (its `SerialState`),
+/// its receive FIFO and the service's own input bytes not yet in the FIFO. The service validates
+/// every field against the UART model before restoring it.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UartState {
-    /// Line control register.
-    pub lcr: u8,
-    /// Interrupt enable register.
-    pub ier: u8,
-    /// Modem control register.
-    pub mcr: u8,
     /// Divisor latch, low byte.
     pub dll: u8,
     /// Divisor latch, high byte.
     pub dlm: u8,
+    /// Interrupt enable register.
+    pub ier: u8,
+    /// Interrupt identification register (without the FIFO bits added on read).
+    pub iir: u8,
+    /// Line control register.
+    pub lcr: u8,
+    /// Line status register.
+    pub lsr: u8,
+    /// Modem control register.
+    pub mcr: u8,
+    /// Modem status register.
+    pub msr: u8,
     /// Scratch register.
     pub scr: u8,
-    /// Input bytes not yet read by the guest (at most [`MAX_UART_PENDING`]).
+    /// Receive FIFO, oldest byte first (at most [`MAX_UART_FIFO`]).
+    pub fifo: Vec<u8>,
+    /// Input bytes read by the service but not yet in the FIFO, oldest first (at most
+    /// [`MAX_UART_PENDING`]).
     pub pending: Vec<u8>,
 }
 
@@ -616,6 +632,15 @@ mod tests {
         assert_eq!(decode_payload::<VirtioState>(&b).expect("decode"), s);
         let big = UartState { pending: vec![0; MAX_PAYLOAD], ..Default::default() };
         assert!(encode_payload(&big).is_err());
+        let full = UartState {
+            lcr: 3,
+            fifo: vec![1; MAX_UART_FIFO],
+            pending: vec![2; MAX_UART_PENDING],
+            ..Default::default()
+        };
+        let b = encode_payload(&full).expect("a full UART state fits");
+        assert!(b.len() <= MAX_PAYLOAD);
+        assert_eq!(decode_payload::<UartState>(&b).expect("decode"), full);
         let mut evil = vec![0u8; 40];
         evil.extend_from_slice(&(1u64 << 60).to_le_bytes());
         assert!(decode_payload::<VirtioState>(&evil).is_err());

@@ -2,15 +2,18 @@
 //!
 //! Started by the core with its end of the control socket as fd 3 (or `--control-fd N`). Expects
 //! a `DeviceConfig::Console` set-up with fds `Ring`, `SubmitBell`, `CompleteBell`, `Output`, `Irq`
-//! and optionally `Input`. Exits 0 on `Shutdown`.
+//! and optionally `Input` and `StateRegion`. With a state region the UART's registers, receive
+//! FIFO and pending input survive the process: a new instance restores them (an invalid region is
+//! logged and cleared, and the UART starts fresh). Exits 0 on `Shutdown`.
 
 use std::error::Error;
 use std::process::ExitCode;
 
 use bulkhead_policies::Policy;
-use device_services::console::{Console, UART_PORTS};
+use device_services::console::{Console, Restore, UART_PORTS};
 use device_services::{RuntimeError, Startup};
 use ipc::control::{DeviceConfig, FdRole};
+use ipc::state::StateRegion;
 
 fn run() -> Result<(), RuntimeError> {
     let mut st = Startup::from_args(std::env::args().skip(1))?;
@@ -30,12 +33,52 @@ fn run() -> Result<(), RuntimeError> {
         return Err(e);
     };
     let input = st.take_fd(FdRole::Input);
-    let console = Console::new(output, input, irq);
+    let pid = std::process::id();
+    let region = match st.take_fd(FdRole::StateRegion).map(StateRegion::from_fd) {
+        None => None,
+        Some(Ok(r)) => Some(r),
+        Some(Err(e)) => {
+            // Serving output matters more than surviving the next restart.
+            eprintln!("bulkhead-console[{pid}]: state region unusable, state will not survive: {}", chain(&e));
+            None
+        }
+    };
+    let console = match region {
+        None => Console::new(output, input, irq),
+        Some(region) => {
+            let (console, restore) = Console::with_state(output, input, irq, region).map_err(|e| {
+                st.report_failure(&chain(&e));
+                RuntimeError::Device(chain(&e))
+            })?;
+            match restore {
+                Restore::Fresh => {}
+                Restore::Restored { generation, fifo, pending, irq_raised } => eprintln!(
+                    "bulkhead-console[{pid}]: restored UART state generation {generation}: {fifo} byte(s) in the \
+                     FIFO, {pending} pending{}",
+                    if irq_raised { ", interrupt re-raised" } else { "" }
+                ),
+                Restore::Invalid(e) => {
+                    eprintln!("bulkhead-console[{pid}]: saved state rejected, starting a fresh UART: {}", chain(&e))
+                }
+            }
+            console
+        }
+    };
     st.jail(&console.raw_fds())?;
     // Last step of confinement, before any guest data is read.
     st.seccomp(Policy::Console)?;
     st.serve(console, base, len)?;
     Ok(())
+}
+
+fn chain(e: &dyn Error) -> String {
+    let mut msg = e.to_string();
+    let mut src = e.source();
+    while let Some(s) = src {
+        msg.push_str(&format!(": {s}"));
+        src = s.source();
+    }
+    msg
 }
 
 fn main() -> ExitCode {
