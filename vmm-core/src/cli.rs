@@ -105,6 +105,12 @@ pub struct RunArgs {
     /// How long the core waits for a service to answer a forwarded exit before declaring it failed.
     #[arg(long, value_name = "MS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=600_000))]
     pub service_deadline_ms: u64,
+    /// Liveness check: every MS milliseconds the core pings each service over its control
+    /// channel; no answer within --service-deadline-ms marks it hung ("missed liveness
+    /// deadline"): it is killed and restarted like a crashed one. Catches a hung service with no
+    /// exit in flight (a guest driver that only polls memory). 0 disables the check.
+    #[arg(long, value_name = "MS", default_value_t = 250, value_parser = clap::value_parser!(u64).range(0..=600_000))]
+    pub service_liveness_ms: u64,
     /// Fault injection for tests: `SERVICE:ACTION@MS` tells a service, MS milliseconds after the
     /// guest starts, to attempt a forbidden action (its seccomp filter should kill it). SERVICE is
     /// `console`, `block` (the first disk) or `blockN`; ACTION is one of `open-host-file`,
@@ -325,7 +331,15 @@ mod tests {
         let Command::Run(r) = parse(&["run", "--kernel", "/k"]).expect("parse").command else { panic!("not run") };
         assert_eq!(r.restart_max, RestartCap { max: 20, window: Duration::from_secs(10) });
         assert_eq!(r.restart_burst, RestartCap { max: 3, window: Duration::from_secs(1) });
+        assert_eq!(r.service_liveness_ms, 250);
         assert!(r.faults.is_empty() && r.name.is_none());
+        let Command::Run(r) = parse(&["run", "--kernel", "/k", "--service-liveness-ms", "0"]).expect("parse").command
+        else {
+            panic!("not run")
+        };
+        assert_eq!(r.service_liveness_ms, 0, "0 disables the check");
+        assert!(parse(&["run", "--kernel", "/k", "--service-liveness-ms", "-5"]).is_err());
+        assert!(parse(&["run", "--kernel", "/k", "--service-liveness-ms", "700000"]).is_err());
         let Command::Run(r) = parse(&[
             "run",
             "--kernel",

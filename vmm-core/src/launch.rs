@@ -307,10 +307,12 @@ fn start_console(args: &RunArgs, vm: &VmFd, buses: &mut Buses) -> Result<service
     Ok(handle)
 }
 
-/// Service tuning from the command line: the per-exit deadline and the restart policy.
+/// Service tuning from the command line: the per-exit deadline, the liveness check and the
+/// restart policy.
 fn service_options(args: &RunArgs) -> service::ServiceOptions {
     service::ServiceOptions {
         call_timeout: Duration::from_millis(args.service_deadline_ms),
+        liveness_interval: Duration::from_millis(args.service_liveness_ms),
         restart: service::RestartPolicy {
             burst: args.restart_burst.max,
             burst_window: args.restart_burst.window,

@@ -46,7 +46,7 @@ pub mod spawn;
 pub mod supervisor;
 
 pub use spawn::{init_sandbox, Namespace, Namespaces, Sandbox, ServiceChild, SpawnError};
-pub use supervisor::{Decision, Metrics, RestartPolicy, RestartTracker};
+pub use supervisor::{Decision, Liveness, LivenessStep, Metrics, RestartPolicy, RestartTracker};
 
 /// Errors starting or managing a service.
 #[derive(Debug, thiserror::Error)]
@@ -158,6 +158,11 @@ pub struct ServiceOptions {
     pub service_idle_spin: Duration,
     /// When a failed instance is replaced (default: never).
     pub restart: RestartPolicy,
+    /// Liveness check: the supervisor pings the instance over its control channel this often
+    /// and declares it failed ("missed liveness deadline") if the answer takes longer than
+    /// [`call_timeout`](Self::call_timeout). Catches a hung service with no exit in flight.
+    /// Zero (the library default) disables it; `bulkhead run` uses 250 ms.
+    pub liveness_interval: Duration,
 }
 
 impl From<Duration> for ServiceOptions {
@@ -176,6 +181,7 @@ impl Default for ServiceOptions {
             core_spin: Duration::from_micros(100),
             service_idle_spin: Duration::from_micros(200),
             restart: RestartPolicy::DISABLED,
+            liveness_interval: Duration::ZERO,
         }
     }
 }
@@ -538,6 +544,64 @@ struct Ctl {
     pid: u32,
     pidfd: OwnedFd,
     next_token: u64,
+    /// Highest `Pong` token received from this instance (by a stats request or the liveness
+    /// check, whoever read it).
+    pong_seen: u64,
+    /// A `SeccompViolation` report read off the channel before the death was noticed.
+    seccomp: Option<(u32, u32)>,
+}
+
+impl Ctl {
+    fn new(control: ControlChannel, pid: u32, pidfd: OwnedFd) -> Self {
+        Self { control, pid, pidfd, next_token: 1, pong_seen: 0, seccomp: None }
+    }
+
+    /// Notes what a message read for someone else says about the instance: a `Pong` (any
+    /// token) proves it alive; a seccomp report is kept for the death that follows. Returns
+    /// whether the message was one of those.
+    fn note(&mut self, msg: &ControlMsg) -> bool {
+        match *msg {
+            ControlMsg::Pong { token, .. } => {
+                self.pong_seen = self.pong_seen.max(token);
+                true
+            }
+            ControlMsg::SeccompViolation { syscall, arch } => {
+                self.seccomp = Some((syscall, arch));
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Reads whatever is queued on the control channel without waiting (at most 16 messages),
+    /// noting pongs and seccomp reports; anything else is logged and dropped.
+    fn drain(&mut self, name: &str) {
+        for _ in 0..16 {
+            match self.control.recv_now() {
+                Ok((msg, _)) => {
+                    if !self.note(&msg) {
+                        log::warn!("service {name} (pid {}): ignoring unexpected control message {msg:?}", self.pid);
+                    }
+                }
+                Err(ControlError::Decode(_) | ControlError::TooManyFds(_)) => continue,
+                Err(_) => return,
+            }
+        }
+    }
+
+    /// Sends a `Ping` and returns its token.
+    fn ping(&mut self) -> Result<u64, ControlError> {
+        let token = self.next_token;
+        self.next_token += 1;
+        self.control.send(&ControlMsg::Ping { token }, &[])?;
+        Ok(token)
+    }
+
+    /// The seccomp report of an instance killed by SIGSYS: kept from an earlier read, or still
+    /// queued.
+    fn seccomp_report(&mut self) -> Option<(u32, u32)> {
+        self.seccomp.take().or_else(|| read_seccomp_report(&self.control))
+    }
 }
 
 /// What a [`ServiceHandle`] and its [`ServiceRef`]s share with the supervisor thread.
@@ -638,16 +702,16 @@ impl ServiceRef {
     /// Asks the current instance for its counters (`Ping`/`Pong`), waiting at most `timeout`.
     pub fn stats(&self, timeout: Duration) -> Result<ServiceStats, ServiceError> {
         let mut ctl = self.0.lock_ctl();
-        let token = ctl.next_token;
-        ctl.next_token += 1;
-        ctl.control.send(&ControlMsg::Ping { token }, &[]).map_err(|e| self.0.control_error(e))?;
+        let token = ctl.ping().map_err(|e| self.0.control_error(e))?;
         let deadline = Instant::now() + timeout;
         // Bounded: each iteration consumes one message or hits the deadline.
         loop {
             let (msg, _) = ctl.control.recv(deadline).map_err(|e| self.0.control_error(e))?;
+            // Pongs to the liveness check's pings and seccomp reports are noted for it.
+            let noted = ctl.note(&msg);
             match msg {
                 ControlMsg::Pong { token: t, stats } if t == token => return Ok(stats),
-                ControlMsg::Pong { .. } => continue,
+                _ if noted => continue,
                 other => return Err(ServiceError::Unexpected { name: self.0.name.clone(), msg: format!("{other:?}") }),
             }
         }
@@ -957,7 +1021,7 @@ fn spawn_service_with_state(
     let shared = Arc::new(Shared {
         name: name.clone(),
         device: dev.clone(),
-        ctl: Mutex::new(Ctl { control, pid, pidfd, next_token: 1 }),
+        ctl: Mutex::new(Ctl::new(control, pid, pidfd)),
         stopping: AtomicBool::new(false),
         stop_timeout_ms: AtomicU64::new(500),
         metrics: Mutex::new(Metrics::default()),
@@ -987,15 +1051,27 @@ fn spawn_service_with_state(
 enum Ended {
     /// It died on its own (or was killed by someone else).
     Died(ExitStatus),
-    /// A vCPU reported a missed deadline or protocol violation; the supervisor killed it.
+    /// A vCPU reported a missed deadline or protocol violation, or the instance missed its
+    /// liveness deadline; the supervisor killed it.
     Faulted(ExitStatus, String),
     /// The handle asked for a stop.
     Stopped(ExitStatus),
 }
 
-/// Waits until the current instance dies, is reported faulty (then kills it) or a stop is asked
-/// (then gives it the stop timeout and kills it). Always reaps.
-fn wait_instance(shared: &Shared, child: &mut ServiceChild, restartable: bool) -> io::Result<Ended> {
+/// Longest single sleep of the supervisor (it re-checks the stop flag after each).
+const SUPERVISOR_SLICE: Duration = Duration::from_secs(1);
+
+/// Waits until the current instance dies, is reported faulty or misses its liveness deadline
+/// (then kills it) or a stop is asked (then gives it the stop timeout and kills it). Always
+/// reaps. `liveness` is this instance's check (created when it became ready): its pings go over
+/// the control channel only, so they cost nothing on the exit path, and none is sent outside
+/// this wait (so never while a restart is in progress).
+fn wait_instance(
+    shared: &Shared,
+    child: &mut ServiceChild,
+    restartable: bool,
+    liveness: &mut Liveness,
+) -> io::Result<Ended> {
     let inbox = &shared.device.inbox;
     let generation = shared.device.generation();
     loop {
@@ -1007,13 +1083,27 @@ fn wait_instance(shared: &Shared, child: &mut ServiceChild, restartable: bool) -
             }
             return Ok(Ended::Stopped(child.wait()?));
         }
+        let sleep = match check_liveness(shared, liveness) {
+            Ok(until) => {
+                until.map_or(SUPERVISOR_SLICE, |t| t.saturating_duration_since(Instant::now())).min(SUPERVISOR_SLICE)
+            }
+            Err(why) => {
+                child.kill()?;
+                return Ok(Ended::Faulted(child.wait()?, why));
+            }
+        };
         let mut fds = [ipc::wait::readable(child.pidfd()), ipc::wait::readable(inbox.wake_fd())];
-        ipc::wait::poll(&mut fds, Duration::from_secs(1))?;
+        ipc::wait::poll(&mut fds, sleep)?;
         if fds[1].revents != 0 {
             let _ = inbox.wake.read();
         }
         if fds[0].revents != 0 {
-            return Ok(Ended::Died(child.wait()?));
+            let status = child.wait()?;
+            // Exited on the `Shutdown` of a stop that raced this wait: an orderly end.
+            if shared.stopping.load(Ordering::SeqCst) {
+                return Ok(Ended::Stopped(status));
+            }
+            return Ok(Ended::Died(status));
         }
         let fault = inbox.take_for(generation);
         if let (Some(why), true) = (fault, restartable) {
@@ -1023,17 +1113,61 @@ fn wait_instance(shared: &Shared, child: &mut ServiceChild, restartable: bool) -
     }
 }
 
+/// One round of the liveness check: sends a ping when one is due, looks for the answer to the
+/// outstanding one. Returns when to look again (`None`: disabled), or why the instance is
+/// declared hung. Never blocks on the control channel's lock: while a stats request holds it,
+/// that request reads (and notes) the pongs.
+fn check_liveness(shared: &Shared, liveness: &mut Liveness) -> Result<Option<Instant>, String> {
+    if !liveness.enabled() {
+        return Ok(None);
+    }
+    let mut ctl = match shared.ctl.try_lock() {
+        Ok(c) => Some(c),
+        Err(std::sync::TryLockError::Poisoned(e)) => Some(e.into_inner()),
+        Err(std::sync::TryLockError::WouldBlock) => None,
+    };
+    let Some(c) = ctl.as_mut() else {
+        // A stats request holds the channel (bounded by its timeout) and notes the pongs it
+        // reads: decide once it is done.
+        return Ok(Some(Instant::now() + supervisor::PONG_CHECK));
+    };
+    c.drain(&shared.name);
+    let pong_seen = c.pong_seen;
+    // Bounded: at most two steps (a pong seen, then a ping due at once).
+    for _ in 0..2 {
+        let now = Instant::now();
+        match liveness.step(now, pong_seen) {
+            None => return Ok(None),
+            Some(LivenessStep::WaitUntil(t)) => return Ok(Some(t)),
+            Some(LivenessStep::Missed(why)) => return Err(why),
+            Some(LivenessStep::SendPing) => {
+                match c.ping() {
+                    Ok(token) => liveness.sent(token, now),
+                    // Dead already (EPIPE) or failing: the pidfd tells; look again shortly.
+                    Err(e) => {
+                        log::debug!("service {}: liveness ping not sent: {e}", shared.name);
+                        return Ok(Some(now + supervisor::PONG_CHECK));
+                    }
+                }
+            }
+        }
+    }
+    Ok(Some(Instant::now() + supervisor::PONG_CHECK))
+}
+
 /// The supervisor thread: waits for the instance to fail, then restarts it per the policy.
 fn supervise(shared: &Shared, recipe: Recipe, mut child: ServiceChild, exit_tx: &SyncSender<ExitStatus>) {
     let policy = recipe.options.restart;
     let mut tracker = RestartTracker::new(policy);
+    let (interval, deadline) = (recipe.options.liveness_interval, recipe.options.call_timeout);
+    let mut liveness = Liveness::new(interval, deadline, Instant::now());
     let dev = &shared.device;
     let name = &shared.name;
     // Bounded by the restart policy: every iteration is one failure, and the tracker gives up
     // past the cap.
     loop {
         let pid = child.id();
-        let ended = match wait_instance(shared, &mut child, policy.enabled()) {
+        let ended = match wait_instance(shared, &mut child, policy.enabled(), &mut liveness) {
             Ok(e) => e,
             Err(e) => {
                 dev.mark_failed(&format!("supervising it failed: {e}"), true);
@@ -1053,7 +1187,7 @@ fn supervise(shared: &Shared, recipe: Recipe, mut child: ServiceChild, exit_tx: 
                 return;
             }
             Ended::Died(status) if status.signal() == Some(libc::SIGSYS) => {
-                let report = read_seccomp_report(&shared.lock_ctl().control);
+                let report = shared.lock_ctl().seccomp_report();
                 (status, describe_seccomp_death(report), Failure::Seccomp)
             }
             Ended::Died(status) => (status, describe(status), Failure::Error),
@@ -1095,7 +1229,7 @@ fn supervise(shared: &Shared, recipe: Recipe, mut child: ServiceChild, exit_tx: 
                     let new_pid = inst.child.id();
                     {
                         let mut ctl = shared.lock_ctl();
-                        *ctl = Ctl { control: inst.control, pid: new_pid, pidfd: inst.pidfd, next_token: 1 };
+                        *ctl = Ctl::new(inst.control, new_pid, inst.pidfd);
                     }
                     // Metrics and the log line first: an access waiting for the new instance
                     // may look at them as soon as it is installed.
@@ -1112,6 +1246,7 @@ fn supervise(shared: &Shared, recipe: Recipe, mut child: ServiceChild, exit_tx: 
                     );
                     dev.install(inst.ring, new_pid);
                     child = inst.child;
+                    liveness = Liveness::new(interval, deadline, Instant::now());
                     break;
                 }
                 Err(e) => {

@@ -152,6 +152,85 @@ impl Metrics {
     }
 }
 
+/// The liveness check of one instance: a `Ping` every [`interval`](Self::new) on the control
+/// channel, which must be answered (`Pong`) within the deadline. It catches a hung service that
+/// has no exit in flight (a guest that only polls shared memory never forwards one). Pure
+/// bookkeeping: the supervisor thread sends the pings and reports the pongs it saw.
+#[derive(Debug, Clone)]
+pub struct Liveness {
+    interval: Duration,
+    deadline: Duration,
+    state: Probe,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Probe {
+    /// No ping outstanding; the next one is due at this time.
+    Idle { next: Instant },
+    /// Ping `token` was sent at `sent`.
+    Waiting { token: u64, sent: Instant },
+}
+
+/// What the supervisor should do about liveness now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LivenessStep {
+    /// Nothing before this time (sleep at most until then).
+    WaitUntil(Instant),
+    /// Send a ping now and report it with [`Liveness::sent`].
+    SendPing,
+    /// The outstanding ping was not answered in time: the instance is hung.
+    Missed(String),
+}
+
+impl Liveness {
+    /// A check every `interval` (zero: disabled) with `deadline` for each answer, for an instance
+    /// that became ready at `now` (the first ping is due one interval later).
+    pub fn new(interval: Duration, deadline: Duration, now: Instant) -> Self {
+        Self { interval, deadline, state: Probe::Idle { next: now + interval } }
+    }
+
+    /// Whether pings are sent at all.
+    pub fn enabled(&self) -> bool {
+        !self.interval.is_zero()
+    }
+
+    /// The ping `token` was sent at `now`.
+    pub fn sent(&mut self, token: u64, now: Instant) {
+        self.state = Probe::Waiting { token, sent: now };
+    }
+
+    /// Decides at `now`, given the highest `Pong` token seen from this instance so far (tokens
+    /// grow, and a service answers its control messages in order, so a pong with a token at least
+    /// the outstanding one proves the ping was handled). `None` if disabled.
+    pub fn step(&mut self, now: Instant, pong_seen: u64) -> Option<LivenessStep> {
+        if !self.enabled() {
+            return None;
+        }
+        Some(match self.state {
+            Probe::Idle { next } if now >= next => LivenessStep::SendPing,
+            Probe::Idle { next } => LivenessStep::WaitUntil(next),
+            Probe::Waiting { token, sent } if pong_seen >= token => {
+                let next = sent + self.interval;
+                self.state = Probe::Idle { next };
+                if now >= next {
+                    LivenessStep::SendPing
+                } else {
+                    LivenessStep::WaitUntil(next)
+                }
+            }
+            Probe::Waiting { sent, .. } if now.duration_since(sent) >= self.deadline => LivenessStep::Missed(format!(
+                "missed liveness deadline: no answer to a ping within {} ms",
+                self.deadline.as_millis()
+            )),
+            // Re-check soon: a pong usually comes back within a millisecond or two.
+            Probe::Waiting { sent, .. } => LivenessStep::WaitUntil((now + PONG_CHECK).min(sent + self.deadline)),
+        })
+    }
+}
+
+/// How often the supervisor looks for the answer to an outstanding ping.
+pub const PONG_CHECK: Duration = Duration::from_millis(5);
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -216,5 +295,43 @@ mod tests {
         }
         assert_eq!(m.restarts, 4);
         assert_eq!(m.summary(), Some((Duration::from_millis(3), Duration::from_millis(5), Duration::from_millis(9))));
+    }
+
+    #[test]
+    fn liveness_pings_on_schedule_and_detects_a_missed_pong() {
+        let b = Instant::now();
+        let (interval, deadline) = (Duration::from_millis(250), Duration::from_millis(1000));
+        let mut l = Liveness::new(interval, deadline, b);
+        assert!(l.enabled());
+        assert_eq!(l.step(at(b, 0), 0), Some(LivenessStep::WaitUntil(at(b, 250))));
+        assert_eq!(l.step(at(b, 250), 0), Some(LivenessStep::SendPing));
+        l.sent(1, at(b, 251));
+        // Not answered yet: re-check soon, never later than the deadline.
+        assert_eq!(l.step(at(b, 252), 0), Some(LivenessStep::WaitUntil(at(b, 252) + PONG_CHECK)));
+        assert_eq!(l.step(at(b, 1249), 0), Some(LivenessStep::WaitUntil(at(b, 1251))));
+        // Answered: the next ping is one interval after the last one was sent.
+        assert_eq!(l.step(at(b, 260), 1), Some(LivenessStep::WaitUntil(at(b, 501))));
+        assert_eq!(l.step(at(b, 501), 1), Some(LivenessStep::SendPing));
+        l.sent(2, at(b, 501));
+        // A stale pong (an older token) proves nothing.
+        assert!(matches!(l.step(at(b, 1000), 1), Some(LivenessStep::WaitUntil(_))));
+        match l.step(at(b, 1501), 1) {
+            Some(LivenessStep::Missed(why)) => {
+                assert!(why.contains("missed liveness deadline") && why.contains("1000 ms"), "{why}")
+            }
+            s => panic!("expected a miss, got {s:?}"),
+        }
+    }
+
+    #[test]
+    fn liveness_late_answer_pings_at_once_and_newer_pongs_count() {
+        let b = Instant::now();
+        let mut l = Liveness::new(Duration::from_millis(100), Duration::from_millis(500), b);
+        l.sent(3, at(b, 100));
+        // A pong to a later request (e.g. a stats request answered after the ping) also proves it.
+        assert_eq!(l.step(at(b, 350), 7), Some(LivenessStep::SendPing), "answered after the interval: ping again");
+        let mut off = Liveness::new(Duration::ZERO, Duration::from_millis(500), b);
+        assert!(!off.enabled());
+        assert_eq!(off.step(at(b, 10_000), 0), None);
     }
 }

@@ -429,3 +429,30 @@ fn wait_for(mut cond: impl FnMut() -> bool) -> bool {
     }
     false
 }
+
+#[test]
+fn hung_service_with_no_exit_in_flight_misses_its_liveness_deadline() {
+    let _g = serial();
+    let options =
+        ServiceOptions { liveness_interval: Duration::from_millis(50), ..restarting(Duration::from_millis(200), 5) };
+    let Some(c) = start_with(options) else { return };
+    let first = c.handle.pid();
+    // Healthy: pings are answered, nothing happens for several deadlines.
+    std::thread::sleep(Duration::from_millis(700));
+    assert_eq!(c.handle.pid(), first, "a healthy idle service must not be restarted");
+    // A stats request shares the channel with the pings and still gets its own answer.
+    assert!(c.handle.remote().stats(Duration::from_secs(1)).is_ok());
+    let t = Instant::now();
+    c.handle.remote().inject(FaultAction::Hang).expect("inject");
+    // No access at all: only the liveness check can notice.
+    assert!(wait_for(|| c.handle.pid() != first), "hung service never replaced");
+    let el = t.elapsed();
+    assert!(el >= Duration::from_millis(150) && el < Duration::from_millis(1500), "detected after {el:?}");
+    let errs = lines_matching(first, "ERROR");
+    assert_eq!(errs.len(), 1, "logged once: {errs:?}");
+    assert!(errs[0].contains("missed liveness deadline") && errs[0].contains("restarting"), "{errs:?}");
+    assert_eq!(c.handle.metrics().restarts, 1);
+    assert_eq!(inb(&c.dev, 5), 0x60, "the new instance serves");
+    assert_eq!(c.dev.stats().redone, 0, "nothing was in flight");
+    assert!(c.handle.shutdown(Duration::from_secs(2)).is_some_and(|s| s.success()));
+}
