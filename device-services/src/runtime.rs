@@ -645,6 +645,18 @@ pub fn attempt_forbidden(action: ForbiddenAction) -> std::io::Result<libc::c_lon
     }
 }
 
+/// `e` and its `source()` chain on one line, `: `-separated (what a service reports to the core
+/// when its set-up fails).
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut msg = e.to_string();
+    let mut src = e.source();
+    while let Some(s) = src {
+        msg.push_str(&format!(": {s}"));
+        src = s.source();
+    }
+    msg
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

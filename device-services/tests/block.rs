@@ -2,11 +2,13 @@
 //! guest RAM in a memfd, virtio-mmio registers over the exit ring, descriptor chains written into
 //! the memfd, kicks on the queue's ioeventfd, completions awaited (bounded) on the irqfd.
 
+mod support;
+use support::*;
+
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom, Write};
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
-use std::os::unix::process::CommandExt;
-use std::process::{Child, Command, Stdio};
+use std::os::fd::{AsFd, OwnedFd};
+use std::process::Child;
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -59,39 +61,6 @@ struct Blk {
     used_seen: u16,
 }
 
-fn lo32(v: u64) -> u32 {
-    u32::try_from(v & 0xffff_ffff).expect("masked")
-}
-
-fn borrow(fd: &impl AsRawFd) -> BorrowedFd<'_> {
-    // SAFETY: `fd` owns the descriptor and outlives the borrow.
-    unsafe { BorrowedFd::borrow_raw(fd.as_raw_fd()) }
-}
-
-fn spawn_child() -> (Child, ControlChannel) {
-    let (ctl, child_end) = ControlChannel::pair().expect("pair");
-    let child_fd: OwnedFd = child_end.into_fd();
-    let raw = child_fd.as_raw_fd();
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_bulkhead-block"));
-    cmd.stdin(Stdio::null()).stdout(Stdio::null());
-    // SAFETY: the closure only calls async-signal-safe functions (dup2, fcntl) on fds that exist.
-    unsafe {
-        cmd.pre_exec(move || {
-            if raw == 3 {
-                if libc::fcntl(3, libc::F_SETFD, 0) < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-            } else if libc::dup2(raw, 3) < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    let child = cmd.spawn().expect("spawn bulkhead-block");
-    drop(child_fd);
-    (child, ctl)
-}
-
 fn pattern(seed: u8, len: usize) -> Vec<u8> {
     (0..len)
         .map(|i| i.wrapping_mul(31).wrapping_add(usize::from(seed) * 7).wrapping_add(i >> 9).to_le_bytes()[0])
@@ -117,7 +86,7 @@ fn spawn(read_only: bool) -> Blk {
     )])
     .expect("map");
 
-    let (child, ctl) = spawn_child();
+    let (child, ctl) = spawn_service(env!("CARGO_BIN_EXE_bulkhead-block"), &[], false);
     let core = CoreEndpoint::create("block-test", 16, WaitConfig::default()).expect("ring");
     let notify = EventFd::new(EFD_NONBLOCK).expect("eventfd");
     let irq = EventFd::new(EFD_NONBLOCK).expect("eventfd");

@@ -1,10 +1,12 @@
 //! Spawns the real `bulkhead-console` and drives it through the ring exactly as the core does.
 
+mod support;
+use support::*;
+
 use std::fs::File;
 use std::io::{Read, Write};
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
-use std::os::unix::process::CommandExt;
-use std::process::{Child, Command, Stdio};
+use std::os::fd::{AsFd, BorrowedFd};
+use std::process::Child;
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -30,33 +32,9 @@ struct Svc {
     irq: EventFd,
 }
 
-fn borrow(fd: &impl AsRawFd) -> BorrowedFd<'_> {
-    // SAFETY: `fd` owns the descriptor and outlives the borrow.
-    unsafe { BorrowedFd::borrow_raw(fd.as_raw_fd()) }
-}
-
 fn spawn(with_input: bool) -> Svc {
     let serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    let (ctl, child_end) = ControlChannel::pair().expect("pair");
-    let child_fd: OwnedFd = child_end.into_fd();
-    let raw = child_fd.as_raw_fd();
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_bulkhead-console"));
-    cmd.stdin(Stdio::null()).stdout(Stdio::null());
-    // SAFETY: the closure only calls async-signal-safe functions (dup2, fcntl) on fds that exist.
-    unsafe {
-        cmd.pre_exec(move || {
-            if raw == 3 {
-                if libc::fcntl(3, libc::F_SETFD, 0) < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-            } else if libc::dup2(raw, 3) < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    let child = cmd.spawn().expect("spawn bulkhead-console");
-    drop(child_fd);
+    let (child, ctl) = spawn_service(env!("CARGO_BIN_EXE_bulkhead-console"), &[], false);
 
     let core = CoreEndpoint::create("console-test", 16, WaitConfig::default()).expect("ring");
     let (out_r, out_w) = nix::unistd::pipe().expect("pipe");
@@ -260,24 +238,7 @@ fn serves_back_to_back_without_sleeping() {
 
 #[test]
 fn garbage_setup_makes_service_exit_nonzero() {
-    let (ctl, child_end) = ControlChannel::pair().expect("pair");
-    let child_fd: OwnedFd = child_end.into_fd();
-    let raw = child_fd.as_raw_fd();
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_bulkhead-console"));
-    cmd.arg("--control-fd").arg("3").stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
-    // SAFETY: only async-signal-safe calls on an fd that exists.
-    unsafe {
-        cmd.pre_exec(move || {
-            if raw == 3 {
-                libc::fcntl(3, libc::F_SETFD, 0);
-            } else if libc::dup2(raw, 3) < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    let mut child = cmd.spawn().expect("spawn");
-    drop(child_fd);
+    let (mut child, ctl) = spawn_service(env!("CARGO_BIN_EXE_bulkhead-console"), &["--control-fd", "3"], true);
     ctl.send_raw(&[9, 9, 9, 9, 9]).expect("garbage");
     let deadline = Instant::now() + Duration::from_secs(5);
     let st = loop {

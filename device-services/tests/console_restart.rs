@@ -4,11 +4,13 @@
 //! unread FIFO bytes and pending input must carry over exactly; a corrupted region must give a
 //! fresh UART and a live service.
 
+mod support;
+use support::*;
+
 use std::fs::File;
 use std::io::{Read, Write};
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
-use std::os::unix::process::CommandExt;
-use std::process::{Child, Command, Stdio};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::process::Child;
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -33,11 +35,6 @@ const T: Duration = Duration::from_secs(5);
 
 /// The services spin while serving: one at a time on these 2-core machines.
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
-
-fn borrow(fd: &impl AsRawFd) -> BorrowedFd<'_> {
-    // SAFETY: `fd` owns the descriptor and outlives the borrow.
-    unsafe { BorrowedFd::borrow_raw(fd.as_raw_fd()) }
-}
 
 /// What the core keeps across instances, plus the current instance.
 struct Rig {
@@ -74,26 +71,7 @@ impl Rig {
 
     /// Starts an instance exactly as the core does, with a fresh ring and the kept fds.
     fn start(&mut self) {
-        let (ctl, child_end) = ControlChannel::pair().expect("pair");
-        let child_fd: OwnedFd = child_end.into_fd();
-        let raw = child_fd.as_raw_fd();
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_bulkhead-console"));
-        cmd.stdin(Stdio::null()).stdout(Stdio::null());
-        // SAFETY: the closure only calls async-signal-safe functions (dup2, fcntl).
-        unsafe {
-            cmd.pre_exec(move || {
-                if raw == 3 {
-                    if libc::fcntl(3, libc::F_SETFD, 0) < 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                } else if libc::dup2(raw, 3) < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        let child = cmd.spawn().expect("spawn bulkhead-console");
-        drop(child_fd);
+        let (child, ctl) = spawn_service(env!("CARGO_BIN_EXE_bulkhead-console"), &[], false);
         let core = CoreEndpoint::create("console-restart", 16, WaitConfig::default()).expect("ring");
         let roles = vec![
             FdRole::Ring,

@@ -4,11 +4,13 @@
 //! fds. The new instance must resume without re-negotiation and complete every request exactly
 //! once; a corrupted state region must end in DEVICE_NEEDS_RESET.
 
+mod support;
+use support::*;
+
 use std::fs::File;
 use std::io::{Read, Write};
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
-use std::os::unix::process::CommandExt;
-use std::process::{Child, Command, Stdio};
+use std::os::fd::{AsFd, OwnedFd};
+use std::process::Child;
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -41,15 +43,6 @@ const DRIVER_OK_ALL: u32 = 1 | 2 | 4 | 8;
 const NEEDS_RESET: u32 = 0x40;
 
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
-
-fn borrow(fd: &impl AsRawFd) -> BorrowedFd<'_> {
-    // SAFETY: `fd` owns the descriptor and outlives the borrow.
-    unsafe { BorrowedFd::borrow_raw(fd.as_raw_fd()) }
-}
-
-fn lo32(v: u64) -> u32 {
-    u32::try_from(v & 0xffff_ffff).expect("masked")
-}
 
 /// What the core keeps across instances, plus the current instance.
 struct Rig {
@@ -100,26 +93,7 @@ impl Rig {
 
     /// Starts an instance exactly as the core would, with a fresh ring.
     fn start(&mut self) {
-        let (ctl, child_end) = ControlChannel::pair().expect("pair");
-        let child_fd: OwnedFd = child_end.into_fd();
-        let raw = child_fd.as_raw_fd();
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_bulkhead-block"));
-        cmd.stdin(Stdio::null()).stdout(Stdio::null());
-        // SAFETY: the closure only calls async-signal-safe functions (dup2, fcntl).
-        unsafe {
-            cmd.pre_exec(move || {
-                if raw == 3 {
-                    if libc::fcntl(3, libc::F_SETFD, 0) < 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                } else if libc::dup2(raw, 3) < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        let child = cmd.spawn().expect("spawn bulkhead-block");
-        drop(child_fd);
+        let (child, ctl) = spawn_service(env!("CARGO_BIN_EXE_bulkhead-block"), &[], false);
         let core = CoreEndpoint::create("restart-test", 16, WaitConfig::default()).expect("ring");
         let disk_fd: OwnedFd = self.disk.reopen().expect("reopen").into();
         let roles = vec![

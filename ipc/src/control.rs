@@ -84,6 +84,9 @@ pub enum FdRole {
     /// The device's state region (`crate::state::StateRegion`, [`crate::state::STATE_REGION_LEN`]
     /// bytes, created and kept by the core): the device's state survives the service in it.
     StateRegion,
+    /// The TAP device the core opened for a net service (`IFF_TAP | IFF_NO_PI | IFF_VNET_HDR`,
+    /// vnet header size 12, non-blocking).
+    Tap,
 }
 
 /// Geometry of the exit ring.
@@ -107,6 +110,8 @@ pub enum DeviceConfig {
     },
     /// A virtio-blk device behind a virtio-mmio window.
     Block(BlockConfig),
+    /// A virtio-net device behind a virtio-mmio window.
+    Net(NetConfig),
 }
 
 /// One range of guest RAM inside the guest-memory memfd.
@@ -141,6 +146,25 @@ pub struct BlockConfig {
     pub num_queues: u16,
     /// Largest size of each queue (power of two, at most 32768).
     pub queue_size: u16,
+}
+
+/// Configuration of a virtio-net service.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetConfig {
+    /// Guest physical address of the device's virtio-mmio window (absolute).
+    pub mmio_base: u64,
+    /// Length of the window in bytes (0x200 at least; normally 0x1000).
+    pub mmio_len: u64,
+    /// GSI the irqfd is registered on (for logs; the service only writes the irqfd).
+    pub gsi: u32,
+    /// Guest RAM: the ranges of the [`FdRole::GuestMemory`] memfd to map.
+    pub memory: Vec<MemoryRegion>,
+    /// The MAC address the device reports in its config space.
+    pub mac: [u8; 6],
+    /// Largest size of the RX and TX queues (power of two, at most 32768).
+    pub queue_size: u16,
+    /// Name of the TAP interface (for logs; the service uses only the [`FdRole::Tap`] fd).
+    pub tap_name: String,
 }
 
 /// Everything a service needs to start; sent once by the core with the fds.

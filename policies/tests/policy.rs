@@ -56,6 +56,11 @@ fn block_allows_what_it_uses() {
 }
 
 #[test]
+fn net_allows_what_it_uses() {
+    assert_all_allowed(Policy::Net, include_str!("used/net.txt"));
+}
+
+#[test]
 fn core_main_allows_what_it_uses() {
     assert_all_allowed(Policy::CoreMain, include_str!("used/core-main.txt"));
 }

@@ -15,5 +15,6 @@ pub mod logger;
 pub mod memory;
 pub mod mmio;
 pub mod service;
+pub mod tap;
 pub mod vcpu;
 pub mod vm;

@@ -8,14 +8,14 @@
 //! resumes from it and redoes the requests that were in flight).
 //! Opens nothing itself. Exits 0 on `Shutdown`.
 
-use std::error::Error;
 use std::fs::File;
 use std::process::ExitCode;
 
 use bulkhead_policies::Policy;
 use device_services::memory::{map_guest_memory, memory_fds};
+use device_services::runtime::error_chain;
 use device_services::virtio::block::Block;
-use device_services::virtio::mmio::{MmioTransport, Restored, MIN_WINDOW};
+use device_services::virtio::mmio::{MmioTransport, MIN_WINDOW};
 use device_services::{RuntimeError, Startup};
 use ipc::control::{DeviceConfig, FdRole};
 use ipc::state::StateRegion;
@@ -38,14 +38,15 @@ fn setup(st: &mut Startup) -> Result<(MmioTransport<Block>, u64, u64), RuntimeEr
             None => return Err(RuntimeError::MissingFd(FdRole::QueueNotify(i))),
         }
     }
-    let mem = map_guest_memory(memfd, &cfg.memory).map_err(|e| RuntimeError::Device(chain(&e)))?;
+    let mem = map_guest_memory(memfd, &cfg.memory).map_err(|e| RuntimeError::Device(error_chain(&e)))?;
     let block = Block::new(File::from(disk), cfg.disk_size, cfg.read_only, &cfg.id, cfg.num_queues, cfg.queue_size)
-        .map_err(|e| RuntimeError::Device(chain(&e)))?;
+        .map_err(|e| RuntimeError::Device(error_chain(&e)))?;
     let (discard, zeroes) = (block.supports_discard(), block.supports_write_zeroes());
-    let mut transport = MmioTransport::new(block, mem, notify, irq).map_err(|e| RuntimeError::Device(chain(&e)))?;
+    let mut transport =
+        MmioTransport::new(block, mem, notify, irq).map_err(|e| RuntimeError::Device(error_chain(&e)))?;
     if let Some(fd) = st.take_fd(FdRole::StateRegion) {
-        let region = StateRegion::from_fd(fd).map_err(|e| RuntimeError::Device(chain(&e)))?;
-        transport.attach_state(region).map_err(|e| RuntimeError::Device(chain(&e)))?;
+        let region = StateRegion::from_fd(fd).map_err(|e| RuntimeError::Device(error_chain(&e)))?;
+        transport.attach_state(region).map_err(|e| RuntimeError::Device(error_chain(&e)))?;
     }
     eprintln!(
         "bulkhead-block[{}]: {} at {:#x}+{:#x} gsi {}: {} sectors{}{}{}, {} queue(s) of {}",
@@ -64,22 +65,12 @@ fn setup(st: &mut Startup) -> Result<(MmioTransport<Block>, u64, u64), RuntimeEr
     Ok((transport, cfg.mmio_base, cfg.mmio_len))
 }
 
-fn chain(e: &dyn Error) -> String {
-    let mut msg = e.to_string();
-    let mut src = e.source();
-    while let Some(s) = src {
-        msg.push_str(&format!(": {s}"));
-        src = s.source();
-    }
-    msg
-}
-
 fn run() -> Result<(), RuntimeError> {
     let mut st = Startup::from_args(std::env::args().skip(1))?;
     let (transport, base, len) = match setup(&mut st) {
         Ok(t) => t,
         Err(e) => {
-            st.report_failure(&chain(&e));
+            st.report_failure(&error_chain(&e));
             return Err(e);
         }
     };
@@ -90,15 +81,7 @@ fn run() -> Result<(), RuntimeError> {
     // Last step of confinement, before any guest data is read.
     st.seccomp(Policy::Block)?;
     let mut transport = transport;
-    match transport.restore() {
-        Restored::NoRegion | Restored::Fresh => {}
-        Restored::Resumed { redone } => {
-            eprintln!("bulkhead-block[{}]: resumed from saved state, {redone} request(s) redone", std::process::id())
-        }
-        Restored::NeedsReset(why) => {
-            eprintln!("bulkhead-block[{}]: saved state refused ({why}): device needs reset", std::process::id())
-        }
-    }
+    transport.restore().log("bulkhead-block", "request(s)");
     st.serve_mmio(transport, base, len)?;
     Ok(())
 }
@@ -107,7 +90,7 @@ fn main() -> ExitCode {
     match run() {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("bulkhead-block[{}]: {}", std::process::id(), chain(&e));
+            eprintln!("bulkhead-block[{}]: {}", std::process::id(), error_chain(&e));
             ExitCode::FAILURE
         }
     }

@@ -11,6 +11,7 @@ use std::process::ExitCode;
 
 use bulkhead_policies::Policy;
 use device_services::console::{Console, Restore, UART_PORTS};
+use device_services::runtime::error_chain;
 use device_services::{RuntimeError, Startup};
 use ipc::control::{DeviceConfig, FdRole};
 use ipc::state::StateRegion;
@@ -39,7 +40,7 @@ fn run() -> Result<(), RuntimeError> {
         Some(Ok(r)) => Some(r),
         Some(Err(e)) => {
             // Serving output matters more than surviving the next restart.
-            eprintln!("bulkhead-console[{pid}]: state region unusable, state will not survive: {}", chain(&e));
+            eprintln!("bulkhead-console[{pid}]: state region unusable, state will not survive: {}", error_chain(&e));
             None
         }
     };
@@ -47,8 +48,8 @@ fn run() -> Result<(), RuntimeError> {
         None => Console::new(output, input, irq),
         Some(region) => {
             let (console, restore) = Console::with_state(output, input, irq, region).map_err(|e| {
-                st.report_failure(&chain(&e));
-                RuntimeError::Device(chain(&e))
+                st.report_failure(&error_chain(&e));
+                RuntimeError::Device(error_chain(&e))
             })?;
             match restore {
                 Restore::Fresh => {}
@@ -58,7 +59,10 @@ fn run() -> Result<(), RuntimeError> {
                     if irq_raised { ", interrupt re-raised" } else { "" }
                 ),
                 Restore::Invalid(e) => {
-                    eprintln!("bulkhead-console[{pid}]: saved state rejected, starting a fresh UART: {}", chain(&e))
+                    eprintln!(
+                        "bulkhead-console[{pid}]: saved state rejected, starting a fresh UART: {}",
+                        error_chain(&e)
+                    )
                 }
             }
             console
@@ -69,16 +73,6 @@ fn run() -> Result<(), RuntimeError> {
     st.seccomp(Policy::Console)?;
     st.serve(console, base, len)?;
     Ok(())
-}
-
-fn chain(e: &dyn Error) -> String {
-    let mut msg = e.to_string();
-    let mut src = e.source();
-    while let Some(s) = src {
-        msg.push_str(&format!(": {s}"));
-        src = s.source();
-    }
-    msg
 }
 
 fn main() -> ExitCode {

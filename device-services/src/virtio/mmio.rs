@@ -164,6 +164,19 @@ pub enum Restored {
     NeedsReset(String),
 }
 
+impl Restored {
+    /// Says on stderr what a restore found, when it is worth saying (`what` names the unit that
+    /// was redone: requests, chains).
+    pub fn log(&self, service: &str, what: &str) {
+        let pid = std::process::id();
+        match self {
+            Self::NoRegion | Self::Fresh => {}
+            Self::Resumed { redone } => eprintln!("{service}[{pid}]: resumed from saved state, {redone} {what} redone"),
+            Self::NeedsReset(why) => eprintln!("{service}[{pid}]: saved state refused ({why}): device needs reset"),
+        }
+    }
+}
+
 /// Queue addresses as the driver wrote them, applied when it sets QueueReady.
 #[derive(Debug, Clone, Copy, Default)]
 struct QueueAddrs {

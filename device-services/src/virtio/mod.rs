@@ -8,6 +8,7 @@
 
 pub mod block;
 pub mod mmio;
+pub mod net;
 pub mod request;
 pub mod tracked;
 

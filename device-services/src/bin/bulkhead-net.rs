@@ -1,0 +1,100 @@
+//! `bulkhead-net`: the virtio-net service (virtio-mmio transport, TAP back end).
+//!
+//! Started by the core with its end of the control socket as fd 3 (or `--control-fd N`).
+//! Expects a `DeviceConfig::Net` set-up with fds `Ring`, `SubmitBell`, `CompleteBell`,
+//! `GuestMemory` (the guest RAM memfd), `Tap` (opened by the core: `IFF_TAP | IFF_NO_PI |
+//! IFF_VNET_HDR`, vnet header size 12, non-blocking), `Irq` (irqfd) and `QueueNotify(0)` /
+//! `QueueNotify(1)` (RX / TX ioeventfds; optional: kicks then arrive as forwarded writes), and
+//! optionally `StateRegion` (a new instance then resumes: TX chains in flight are sent again, RX
+//! buffers in flight are reused). Opens nothing itself. On `Shutdown` logs its counters
+//! (`bulkhead-net[PID]: stats tx_frames=...`) and exits 0.
+
+use std::process::ExitCode;
+
+use bulkhead_policies::Policy;
+use device_services::memory::{map_guest_memory, memory_fds};
+use device_services::runtime::error_chain;
+use device_services::virtio::mmio::{MmioTransport, MIN_WINDOW};
+use device_services::virtio::net::{Net, NetHandler};
+use device_services::{RuntimeError, Startup};
+use ipc::control::{DeviceConfig, FdRole};
+use ipc::state::StateRegion;
+
+fn setup(st: &mut Startup) -> Result<(MmioTransport<Net>, u64, u64), RuntimeError> {
+    let DeviceConfig::Net(cfg) = st.setup.device.clone() else {
+        return Err(RuntimeError::WrongDevice(format!("{:?} is not a net device", st.setup.device)));
+    };
+    if cfg.mmio_len < MIN_WINDOW || cfg.mmio_base.checked_add(cfg.mmio_len).is_none() {
+        return Err(RuntimeError::WrongDevice(format!("MMIO window {:#x}+{:#x}", cfg.mmio_base, cfg.mmio_len)));
+    }
+    let memfd = st.take_fd(FdRole::GuestMemory).ok_or(RuntimeError::MissingFd(FdRole::GuestMemory))?;
+    let tap = st.take_fd(FdRole::Tap).ok_or(RuntimeError::MissingFd(FdRole::Tap))?;
+    let irq = st.take_eventfd(FdRole::Irq).ok_or(RuntimeError::MissingFd(FdRole::Irq))?;
+    let mut notify = Vec::new();
+    for i in 0..2 {
+        match st.take_eventfd(FdRole::QueueNotify(i)) {
+            Some(e) => notify.push(e),
+            None if notify.is_empty() => break,
+            None => return Err(RuntimeError::MissingFd(FdRole::QueueNotify(i))),
+        }
+    }
+    let mem = map_guest_memory(memfd, &cfg.memory).map_err(|e| RuntimeError::Device(error_chain(&e)))?;
+    let net = Net::new(tap, cfg.mac, cfg.queue_size).map_err(|e| RuntimeError::Device(error_chain(&e)))?;
+    let mut transport = MmioTransport::new(net, mem, notify, irq).map_err(|e| RuntimeError::Device(error_chain(&e)))?;
+    if let Some(fd) = st.take_fd(FdRole::StateRegion) {
+        let region = StateRegion::from_fd(fd).map_err(|e| RuntimeError::Device(error_chain(&e)))?;
+        transport.attach_state(region).map_err(|e| RuntimeError::Device(error_chain(&e)))?;
+    }
+    let m = cfg.mac;
+    eprintln!(
+        "bulkhead-net[{}]: {} at {:#x}+{:#x} gsi {}: tap {:?}, mac {:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}, queues of {}",
+        std::process::id(),
+        st.setup.name,
+        cfg.mmio_base,
+        cfg.mmio_len,
+        cfg.gsi,
+        cfg.tap_name,
+        m[0],
+        m[1],
+        m[2],
+        m[3],
+        m[4],
+        m[5],
+        cfg.queue_size
+    );
+    Ok((transport, cfg.mmio_base, cfg.mmio_len))
+}
+
+fn run() -> Result<(), RuntimeError> {
+    let mut st = Startup::from_args(std::env::args().skip(1))?;
+    let (transport, base, len) = match setup(&mut st) {
+        Ok(t) => t,
+        Err(e) => {
+            st.report_failure(&error_chain(&e));
+            return Err(e);
+        }
+    };
+    let mut keep = transport.raw_fds();
+    keep.push(transport.device().tap_fd());
+    keep.extend(memory_fds(transport.memory()));
+    st.jail(&keep)?;
+    // Last step of confinement, before any guest data is read.
+    st.seccomp(Policy::Net)?;
+    let mut transport = transport;
+    transport.restore().log("bulkhead-net", "chain(s)");
+    let stats = transport.device().stats_handle();
+    let served = st.serve_mmio(NetHandler::new(transport), base, len);
+    eprintln!("bulkhead-net[{}]: stats {}", std::process::id(), stats.get());
+    served?;
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("bulkhead-net[{}]: {}", std::process::id(), error_chain(&e));
+            ExitCode::FAILURE
+        }
+    }
+}
