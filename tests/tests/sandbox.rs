@@ -144,9 +144,11 @@ fn every_running_service_is_jailed() {
     let console = kids.iter().find(|p| p.exe.ends_with("bulkhead-console")).expect("console child");
     let block = kids.iter().find(|p| p.exe.ends_with("bulkhead-block")).expect("block child");
     let eventfd = || "anon_inode:[eventfd]".to_string();
-    // Ring memfd, submit and complete doorbells, output file, irqfd (no input: --serial-input none).
+    // Ring memfd, submit and complete doorbells, output file, irqfd (no input: --serial-input none),
+    // the state region that carries the UART across restarts.
     let console_fds = vec![
         "memfd:bulkhead-console-ring".to_string(),
+        "memfd:bulkhead-console-state".to_string(),
         eventfd(),
         eventfd(),
         eventfd(),
