@@ -24,6 +24,35 @@ pub fn bin_dir() -> PathBuf {
     dir
 }
 
+/// `bulkhead run` arguments for the probe guest running `cmdline`, its console written to
+/// `serial`, no console input, an optional disk, then `extra`.
+pub fn probe_vm_args(
+    serial: &std::path::Path,
+    disk: Option<&std::path::Path>,
+    cmdline: &str,
+    extra: &[&str],
+) -> Vec<std::ffi::OsString> {
+    let mut v: Vec<std::ffi::OsString> =
+        vec!["--kernel".into(), probe().into(), "--serial-input".into(), "none".into()];
+    v.extend(["--serial-output".into(), serial.as_os_str().to_owned()]);
+    if let Some(d) = disk {
+        v.extend(["--disk".into(), d.as_os_str().to_owned()]);
+    }
+    v.extend(["--cmdline".into(), cmdline.into()]);
+    v.extend(extra.iter().map(Into::into));
+    v
+}
+
+/// Waits (at most `limit`) until the serial log at `path` contains `needle`.
+pub fn wait_for_serial(path: &std::path::Path, needle: &str, limit: Duration) -> bool {
+    wait_until(limit, || std::fs::read_to_string(path).is_ok_and(|s| s.contains(needle)))
+}
+
+/// The child of `core` running the service binary `binary` (e.g. `bulkhead-console`).
+pub fn service_child(core: u32, binary: &str) -> Option<ProcInfo> {
+    children_of(core).into_iter().find(|p| p.exe.ends_with(binary))
+}
+
 /// A path from the environment, with a message saying how to get it when it is missing.
 pub fn artefact(var: &str) -> PathBuf {
     let p = std::env::var_os(var)
@@ -47,7 +76,7 @@ pub fn scratch(name: &str) -> PathBuf {
 }
 
 /// `bulkhead run` with `args`, stdin closed, stdout and stderr piped.
-pub fn bulkhead(args: &[&str]) -> Command {
+pub fn bulkhead<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Command {
     let mut cmd = Command::new(bin_dir().join("bulkhead"));
     cmd.arg("run").args(args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
     cmd
@@ -96,7 +125,7 @@ pub fn wait_bounded(mut child: Child, limit: Duration) -> Finished {
 }
 
 /// Runs `bulkhead run args` to completion within `limit`.
-pub fn run_to_end(args: &[&str], limit: Duration) -> Finished {
+pub fn run_to_end<S: AsRef<std::ffi::OsStr>>(args: &[S], limit: Duration) -> Finished {
     wait_bounded(bulkhead(args).spawn().expect("spawn bulkhead"), limit)
 }
 

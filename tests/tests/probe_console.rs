@@ -24,24 +24,13 @@ fn hello_prints_through_the_console_service() {
 fn console_is_a_separate_child_process() {
     let dir = scratch("separate");
     let out = dir.join("serial.log");
-    let probe = probe();
-    let child = bulkhead(&[
-        "--kernel",
-        probe.to_str().expect("utf8"),
-        "--serial-input",
-        "none",
-        "--serial-output",
-        out.to_str().expect("utf8"),
-        "--cmdline",
-        "probe.test=ticker probe.n=30 probe.delay=20000",
-    ])
-    .spawn()
-    .expect("spawn");
+    let cmdline = "probe.test=ticker probe.n=30 probe.delay=20000";
+    let child = bulkhead(&probe_vm_args(&out, None, cmdline, &[])).spawn().expect("spawn");
     let core = child.id();
     let mut console = None;
     assert!(
         wait_until(Duration::from_secs(20), || {
-            console = children_of(core).into_iter().find(|p| p.exe.ends_with("bulkhead-console"));
+            console = service_child(core, "bulkhead-console");
             console.is_some()
         }),
         "no bulkhead-console child of {core}"
@@ -60,28 +49,12 @@ fn console_is_a_separate_child_process() {
 fn killing_the_console_leaves_the_guest_running() {
     let dir = scratch("kill-console");
     let out = dir.join("serial.log");
-    let probe = probe();
-    let child = bulkhead(&[
-        "--kernel",
-        probe.to_str().expect("utf8"),
-        "--serial-input",
-        "none",
-        "--serial-output",
-        out.to_str().expect("utf8"),
-        "--cmdline",
-        "probe.test=ticker probe.n=200 probe.delay=5000",
-        // Restarts off: this is the fail-closed path (supervisor.rs tests the restart).
-        "--restart-max",
-        "0/10",
-    ])
-    .spawn()
-    .expect("spawn");
+    let cmdline = "probe.test=ticker probe.n=200 probe.delay=5000";
+    // Restarts off: this is the fail-closed path (supervisor.rs tests the restart).
+    let child = bulkhead(&probe_vm_args(&out, None, cmdline, &["--restart-max", "0/10"])).spawn().expect("spawn");
     let core = child.id();
-    assert!(
-        wait_until(Duration::from_secs(30), || std::fs::read_to_string(&out).is_ok_and(|s| s.contains("tick 3\n"))),
-        "guest never printed tick 3"
-    );
-    let console = children_of(core).into_iter().find(|p| p.exe.ends_with("bulkhead-console")).expect("console child");
+    assert!(wait_for_serial(&out, "tick 3\n", Duration::from_secs(30)), "guest never printed tick 3");
+    let console = service_child(core, "bulkhead-console").expect("console child");
     // SAFETY-free: kill(2) through the libc crate on a pid we just read from /proc.
     let rc = unsafe_kill(console.pid);
     assert_eq!(rc, 0, "kill failed");

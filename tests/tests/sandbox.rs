@@ -120,26 +120,10 @@ fn every_running_service_is_jailed() {
     let out = dir.join("serial.log");
     let image = dir.join("disk.img");
     std::fs::File::create(&image).expect("create").set_len(8 << 20).expect("size");
-    let probe = probe();
-    let child = bulkhead(&[
-        "--kernel",
-        probe.to_str().expect("utf8"),
-        "--serial-input",
-        "none",
-        "--serial-output",
-        out.to_str().expect("utf8"),
-        "--disk",
-        image.to_str().expect("utf8"),
-        "--cmdline",
-        "probe.test=ticker probe.n=40 probe.delay=20000",
-    ])
-    .spawn()
-    .expect("spawn");
+    let cmdline = "probe.test=ticker probe.n=40 probe.delay=20000";
+    let child = bulkhead(&probe_vm_args(&out, Some(&image), cmdline, &[])).spawn().expect("spawn");
     let core = child.id();
-    assert!(
-        wait_until(Duration::from_secs(30), || std::fs::read_to_string(&out).is_ok_and(|s| s.contains("tick 2\n"))),
-        "guest never printed tick 2"
-    );
+    assert!(wait_for_serial(&out, "tick 2\n", Duration::from_secs(30)), "guest never printed tick 2");
     let kids = children_of(core);
     let console = kids.iter().find(|p| p.exe.ends_with("bulkhead-console")).expect("console child");
     let block = kids.iter().find(|p| p.exe.ends_with("bulkhead-block")).expect("block child");

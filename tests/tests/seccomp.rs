@@ -50,32 +50,14 @@ fn console_attempts(name: &str) {
     let image = dir.join("disk.img");
     std::fs::File::create(&image).expect("create").set_len(64 << 20).expect("size");
     let serial = dir.join("serial.log");
-    let probe = probe();
     let inject = format!("console:{flag}@150");
     // Enough rounds that the guest is still busy when the injection lands (~150 ms after boot).
     let (seed, rounds) = (7u64, 16u64);
     let cmdline = format!("probe.test=blk-verify probe.seed={seed} probe.rounds={rounds}");
-    let r = run_to_end(
-        &[
-            "--kernel",
-            probe.to_str().expect("utf8"),
-            "--serial-input",
-            "none",
-            "--serial-output",
-            serial.to_str().expect("utf8"),
-            "--disk",
-            image.to_str().expect("utf8"),
-            "--cmdline",
-            &cmdline,
-            "--inject-forbidden",
-            &inject,
-            // The sandbox's own behaviour: a service killed by seccomp stays dead (restarts are
-            // tested in supervisor.rs).
-            "--restart-max",
-            "0/10",
-        ],
-        LIMIT,
-    );
+    // The sandbox's own behaviour: a service killed by seccomp stays dead (restarts are tested in
+    // supervisor.rs).
+    let extra = ["--inject-forbidden", &inject, "--restart-max", "0/10"];
+    let r = run_to_end(&probe_vm_args(&serial, Some(&image), &cmdline, &extra), LIMIT);
     let out = std::fs::read_to_string(&serial).unwrap_or_default();
     let ctx = format!("--- serial\n{out}\n--- log\n{}", r.stderr);
     assert_seccomp_line(&r.stderr, "console", syscall, nr);
@@ -97,29 +79,10 @@ fn block_attempts(name: &str) {
     let image = dir.join("disk.img");
     std::fs::File::create(&image).expect("create").set_len(1 << 20).expect("size");
     let serial = dir.join("serial.log");
-    let probe = probe();
     let inject = format!("block:{flag}@200");
-    let r = run_to_end(
-        &[
-            "--kernel",
-            probe.to_str().expect("utf8"),
-            "--serial-input",
-            "none",
-            "--serial-output",
-            serial.to_str().expect("utf8"),
-            "--disk",
-            image.to_str().expect("utf8"),
-            "--cmdline",
-            "probe.test=ticker probe.n=25 probe.delay=5000",
-            "--inject-forbidden",
-            &inject,
-            // The sandbox's own behaviour: a service killed by seccomp stays dead (restarts are
-            // tested in supervisor.rs).
-            "--restart-max",
-            "0/10",
-        ],
-        LIMIT,
-    );
+    let extra = ["--inject-forbidden", &inject, "--restart-max", "0/10"];
+    let cmdline = "probe.test=ticker probe.n=25 probe.delay=5000";
+    let r = run_to_end(&probe_vm_args(&serial, Some(&image), cmdline, &extra), LIMIT);
     let out = std::fs::read_to_string(&serial).unwrap_or_default();
     let ctx = format!("--- serial\n{out}\n--- log\n{}", r.stderr);
     assert_seccomp_line(&r.stderr, "block-disk0", syscall, nr);
@@ -161,26 +124,10 @@ fn running_services_and_vcpu_threads_are_filtered() {
     let image = dir.join("disk.img");
     std::fs::File::create(&image).expect("create").set_len(1 << 20).expect("size");
     let serial = dir.join("serial.log");
-    let probe = probe();
-    let child = bulkhead(&[
-        "--kernel",
-        probe.to_str().expect("utf8"),
-        "--serial-input",
-        "none",
-        "--serial-output",
-        serial.to_str().expect("utf8"),
-        "--disk",
-        image.to_str().expect("utf8"),
-        "--cmdline",
-        "probe.test=ticker probe.n=200 probe.delay=5000",
-    ])
-    .spawn()
-    .expect("spawn");
+    let cmdline = "probe.test=ticker probe.n=200 probe.delay=5000";
+    let child = bulkhead(&probe_vm_args(&serial, Some(&image), cmdline, &[])).spawn().expect("spawn");
     let core = child.id();
-    assert!(
-        wait_until(Duration::from_secs(30), || std::fs::read_to_string(&serial).is_ok_and(|s| s.contains("tick 2\n"))),
-        "guest never printed tick 2"
-    );
+    assert!(wait_for_serial(&serial, "tick 2\n", Duration::from_secs(30)), "guest never printed tick 2");
     let kids = children_of(core);
     let mut seen = Vec::new();
     for name in ["bulkhead-console", "bulkhead-block"] {
