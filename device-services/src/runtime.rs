@@ -6,8 +6,8 @@ use std::time::{Duration, Instant};
 
 use bulkhead_policies::{Policy, PolicyError, Report};
 use ipc::control::{
-    seccomp_report, ControlMsg, DeviceConfig, FdRole, ForbiddenAction, ServiceFault, ServiceSetup, ServiceStats,
-    FAULT_CRASH_STATUS, FAULT_SLOW_MAX_MS,
+    bounded_reason, seccomp_report, ControlMsg, DeviceConfig, FdRole, ForbiddenAction, ServiceFault, ServiceSetup,
+    ServiceStats, FAULT_CRASH_STATUS, FAULT_SLOW_MAX_MS,
 };
 use ipc::ring::{ExitKind, ExitReply, ExitRequest, Incoming, ServiceEndpoint};
 use ipc::{ControlChannel, ControlError, IpcError};
@@ -124,6 +124,12 @@ pub trait MmioHandler {
     fn redone(&self) -> u64 {
         0
     }
+    /// The core gave up on this device ([`ControlMsg::EnterFailed`]): go to a permanent failed
+    /// state the guest can see. Returns false if the device has no such state (the message is
+    /// then ignored).
+    fn enter_failed(&mut self, _reason: &str) -> bool {
+        false
+    }
 }
 
 /// What the serve loop needs from a device, whatever its bus.
@@ -135,6 +141,9 @@ trait Dispatch {
     fn prepare_sleep(&mut self) -> Result<bool, RuntimeError>;
     fn redone(&self) -> u64 {
         0
+    }
+    fn enter_failed(&mut self, _reason: &str) -> bool {
+        false
     }
 }
 
@@ -213,6 +222,9 @@ impl<H: MmioHandler> Dispatch for MmioDispatch<H> {
     }
     fn redone(&self) -> u64 {
         self.handler.redone()
+    }
+    fn enter_failed(&mut self, reason: &str) -> bool {
+        self.handler.enter_failed(reason)
     }
 }
 
@@ -498,6 +510,15 @@ impl<H: Dispatch> Server<H> {
             }
             ControlMsg::InjectFault(fault) => {
                 self.inject(fault);
+                Ok(Flow::Continue)
+            }
+            ControlMsg::EnterFailed { reason } => {
+                let reason = bounded_reason(&reason);
+                if self.handler.enter_failed(reason) {
+                    eprintln!("{}: device marked failed by the core ({reason}): DEVICE_NEEDS_RESET", self.name());
+                } else {
+                    eprintln!("{}: ignoring EnterFailed: this device has no failed state", self.name());
+                }
                 Ok(Flow::Continue)
             }
             ControlMsg::AttemptForbidden(action) => {

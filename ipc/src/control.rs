@@ -239,6 +239,30 @@ pub enum ControlMsg {
     /// supervisor in the core then detects the death, missed deadline or protocol violation and
     /// starts a fresh instance.
     InjectFault(ServiceFault),
+    /// Core → service (a virtio service, once its restart cap is reached): go to a permanent
+    /// failed state. The transport sets DEVICE_NEEDS_RESET, raises a configuration-change
+    /// interrupt, stops using its queues and never touches guest memory again; a reset is
+    /// accepted but FEATURES_OK is refused from then on. `reason` (at most
+    /// [`MAX_FAILED_REASON`] bytes are used) is for the service's log.
+    EnterFailed {
+        /// Why the device failed.
+        reason: String,
+    },
+}
+
+/// Longest [`ControlMsg::EnterFailed`] reason a service uses (longer ones are cut).
+pub const MAX_FAILED_REASON: usize = 512;
+
+/// `reason` cut to at most [`MAX_FAILED_REASON`] bytes, at a character boundary.
+pub fn bounded_reason(reason: &str) -> &str {
+    if reason.len() <= MAX_FAILED_REASON {
+        return reason;
+    }
+    let mut end = MAX_FAILED_REASON;
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    &reason[..end]
 }
 
 /// A fault a service injects into itself when told to ([`ControlMsg::InjectFault`]).
@@ -703,6 +727,17 @@ mod tests {
             let m = ControlMsg::InjectFault(f);
             assert_eq!(decode(&encode(&m).expect("encode")).expect("decode"), m);
         }
+        let m = ControlMsg::EnterFailed { reason: "restart cap reached".into() };
+        assert_eq!(decode(&encode(&m).expect("encode")).expect("decode"), m);
+    }
+
+    #[test]
+    fn failed_reasons_are_bounded_at_a_char_boundary() {
+        assert_eq!(bounded_reason("short"), "short");
+        let long = "é".repeat(MAX_FAILED_REASON);
+        let cut = bounded_reason(&long);
+        assert!(cut.len() <= MAX_FAILED_REASON && cut.len() >= MAX_FAILED_REASON - 1);
+        assert!(cut.chars().all(|c| c == 'é'));
     }
 
     #[test]

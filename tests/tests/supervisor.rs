@@ -270,3 +270,39 @@ fn random_block_faults_including_hangs_are_recovered() {
     let restarts = log.lines().filter(|l| l.contains("service block-disk0 restarted as pid")).count();
     assert!(restarts >= 10, "{restarts} restarts:\n{log}");
 }
+
+/// Past the block service's restart cap the device is marked FAILED once, a last instance shows
+/// DEVICE_NEEDS_RESET to the guest, whose driver stops at once with a clear line and the fail
+/// verdict (long before its own timeout); the console keeps serving and the VM exits cleanly.
+#[test]
+fn block_past_its_cap_presents_needs_reset_and_the_guest_stops_promptly() {
+    let dir = scratch("sup-blk-cap");
+    let image = dir.join("disk.img");
+    std::fs::File::create(&image).expect("create").set_len(8 << 20).expect("size");
+    let serial = dir.join("serial.log");
+    let probe = probe();
+    // A 60 s guest timeout: the test asserts it stops well before it.
+    let cmdline = "probe.test=blk-verify probe.seed=3 probe.rounds=100000 probe.timeout_ms=60000";
+    let mut args = probe_args(probe.to_str().expect("utf8"), serial.to_str().expect("utf8"), cmdline);
+    args.extend(["--disk", image.to_str().expect("utf8"), "--restart-max", "3/60", "--restart-burst", "1000/1"]);
+    args.extend(["--fault", "block:kill,after=200ms,every=100ms"]);
+    let started = std::time::Instant::now();
+    let r = run_to_end(&args, LIMIT);
+    let elapsed = started.elapsed();
+    let out = std::fs::read_to_string(&serial).unwrap_or_default();
+    let ctx = format!("--- serial (tail)\n{}\n--- log (tail)\n{}", tail(&out, 20), tail(&r.stderr, 40));
+    assert_eq!(r.status.code(), Some(1), "the guest's fail verdict, a clean VM exit\n{ctx}");
+    assert!(elapsed < Duration::from_secs(45), "stopped after {elapsed:?}, not before the guest timeout\n{ctx}");
+    let failed: Vec<&str> = r.stderr.lines().filter(|l| l.contains("marked FAILED")).collect();
+    assert_eq!(failed.len(), 1, "the failure is said once:\n{ctx}");
+    assert!(failed[0].contains("service block-disk0") && failed[0].contains("restart cap reached"), "{ctx}");
+    assert!(failed[0].contains("DEVICE_NEEDS_RESET"), "{ctx}");
+    assert!(!r.stderr.contains("falling back"), "the last instance kept serving:\n{ctx}");
+    let lines: Vec<&str> = out.lines().collect();
+    let at = lines.iter().position(|l| *l == "blk: device needs reset").unwrap_or_else(|| panic!("no line\n{ctx}"));
+    // The console kept serving: the guest's lines after the failure reached the serial log.
+    assert!(lines[at..].iter().any(|l| l.starts_with("blk-verify: sectors=")), "{ctx}");
+    assert!(lines[at..].iter().any(|l| l.contains("probe: verdict fail")), "{ctx}");
+    assert!(r.stderr.contains("guest stopped"), "{ctx}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -15,6 +15,13 @@
 //! range over the ring without interpreting it. When the service misbehaves or dies, the device
 //! fails closed: reads return all-ones, writes are dropped, the failure is logged once and later
 //! accesses fail at once without waiting for the deadline.
+//!
+//! Past the restart cap a virtio (MMIO) device is marked FAILED in a way the guest can see: the
+//! supervisor starts one last instance from the same recipe (state region included) and tells it
+//! `ControlMsg::EnterFailed`; that instance presents DEVICE_NEEDS_RESET, refuses FEATURES_OK and
+//! never touches its queues again, while its registers keep answering. If that last instance
+//! cannot start or dies, the device falls back to failing closed (all-ones). The console (port
+//! I/O: a 16550 has no NEEDS_RESET) always fails closed past the cap.
 
 use std::collections::VecDeque;
 use std::fs;
@@ -32,8 +39,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use ipc::control::{
-    BlockConfig, ControlMsg, DeviceConfig, FaultAction, FdRole, ForbiddenAction, MemoryRegion, RingSetup, ServiceFault,
-    ServiceMetrics, ServiceSetup, ServiceStats,
+    bounded_reason, BlockConfig, ControlMsg, DeviceConfig, FaultAction, FdRole, ForbiddenAction, MemoryRegion,
+    RingSetup, ServiceFault, ServiceMetrics, ServiceSetup, ServiceStats,
 };
 use ipc::ring::{ExitKind, ExitRequest, Status};
 use ipc::state::{StateRegion, HOT_OFFSET, SLOT_HEADER_LEN, SLOT_LEN};
@@ -289,6 +296,9 @@ pub struct RemoteDevice {
     restart_wait: Duration,
     timeout: Duration,
     failed: AtomicBool,
+    /// The restart cap was reached and a last instance presents the failed device to the guest
+    /// (accesses are still forwarded to it).
+    given_up: AtomicBool,
     reason: Mutex<Option<String>>,
     forwarded: AtomicU64,
     rejected: AtomicU64,
@@ -326,9 +336,29 @@ impl RemoteDevice {
         }
     }
 
-    /// Whether the device has failed for good (all later accesses fail fast).
+    /// Whether the device has failed for good: either all later accesses fail fast, or (a
+    /// virtio device past its restart cap) a last instance answers them as a failed device
+    /// showing DEVICE_NEEDS_RESET.
     pub fn is_failed(&self) -> bool {
+        self.closed() || self.given_up.load(Ordering::SeqCst)
+    }
+
+    /// Whether accesses fail fast (all-ones reads, dropped writes) instead of being forwarded.
+    fn closed(&self) -> bool {
         self.failed.load(Ordering::SeqCst)
+    }
+
+    /// Marks a device a last instance now presents as failed (DEVICE_NEEDS_RESET): logged once;
+    /// accesses keep being forwarded.
+    fn mark_given_up(&self, why: &str) {
+        if self.given_up.compare_exchange(false, true, Ordering::SeqCst, Ordering::SeqCst).is_ok() {
+            *self.reason.lock().unwrap_or_else(|e| e.into_inner()) = Some(why.to_string());
+            log::error!(
+                "service {} (pid {}) marked FAILED: {why}; the VM keeps running, the guest sees DEVICE_NEEDS_RESET",
+                self.name,
+                self.pid()
+            );
+        }
     }
 
     /// Why the device failed, if it did.
@@ -345,7 +375,12 @@ impl RemoteDevice {
     fn mark_failed_as(&self, why: &str, kind: Failure) {
         let pid = self.pid();
         if self.failed.compare_exchange(false, true, Ordering::SeqCst, Ordering::SeqCst).is_ok() {
-            *self.reason.lock().unwrap_or_else(|e| e.into_inner()) = Some(why.to_string());
+            let mut reason = self.reason.lock().unwrap_or_else(|e| e.into_inner());
+            // The reason the device was given up on stays the one reported.
+            if reason.is_none() {
+                *reason = Some(why.to_string());
+            }
+            drop(reason);
             match kind {
                 // `why` reads "killed by seccomp: syscall NAME (NR)" (or the signal fallback).
                 Failure::Seccomp => log::error!(
@@ -362,6 +397,11 @@ impl RemoteDevice {
                     self.name
                 ),
                 Failure::Orderly => log::info!("service {} (pid {pid}) stopped: {why}", self.name),
+                Failure::LastInstance => log::error!(
+                    "service {} (pid {pid}), which presented the failed device, ended: {why}; falling back: its \
+                     reads now return all-ones and writes are dropped",
+                    self.name
+                ),
             }
         }
         let cur = self.lock_current();
@@ -385,9 +425,9 @@ impl RemoteDevice {
         let cur = self.lock_current();
         let (cur, _) = self
             .changed
-            .wait_timeout_while(cur, limit, |c| c.generation == generation && !self.is_failed())
+            .wait_timeout_while(cur, limit, |c| c.generation == generation && !self.closed())
             .unwrap_or_else(|e| e.into_inner());
-        cur.generation != generation && !self.is_failed()
+        cur.generation != generation && !self.closed()
     }
 
     fn forward(&self, kind: ExitKind, addr: u64, req: Option<ExitRequest>, len: usize) -> Option<[u8; 8]> {
@@ -399,7 +439,7 @@ impl RemoteDevice {
         // Bounded: at most MAX_REDO + 1 attempts, each bounded by the call deadline plus the
         // restart wait.
         for attempt in 0..=MAX_REDO {
-            if self.is_failed() {
+            if self.closed() {
                 break;
             }
             let (ring, generation) = {
@@ -479,6 +519,8 @@ enum Failure {
     Seccomp,
     /// The restart policy gave up (`log::error!`).
     GaveUp,
+    /// The last instance, which presented the failed device, ended (`log::error!`).
+    LastInstance,
 }
 
 /// How the core words a service's death by SIGSYS, from the report its SIGSYS handler sent
@@ -1012,6 +1054,7 @@ fn spawn_service_with_state(
         restart_wait: recipe.options.restart.restart_wait,
         timeout: recipe.options.call_timeout,
         failed: AtomicBool::new(false),
+        given_up: AtomicBool::new(false),
         reason: Mutex::new(None),
         forwarded: AtomicU64::new(0),
         rejected: AtomicU64::new(0),
@@ -1208,6 +1251,18 @@ fn supervise(shared: &Shared, recipe: Recipe, mut child: ServiceChild, exit_tx: 
                 Decision::GiveUp(cap) => {
                     let why = format!("restart cap reached: {cap}; last failure: {why}");
                     shared.metrics.lock().unwrap_or_else(|e| e.into_inner()).failed = Some(why.clone());
+                    if !matches!(recipe.device, DeviceConfig::Console { .. }) && !shared.stopping.load(Ordering::SeqCst)
+                    {
+                        match present_failed(shared, &recipe, &why) {
+                            Ok(last) => {
+                                let _ = exit_tx.send(serve_failed(shared, last, interval, deadline).unwrap_or(status));
+                                return;
+                            }
+                            Err(e) => log::error!(
+                                "service {name}: could not present the failed device to the guest: {e}; failing closed"
+                            ),
+                        }
+                    }
                     dev.mark_failed_as(&why, Failure::GaveUp);
                     let _ = exit_tx.send(status);
                     return;
@@ -1259,6 +1314,66 @@ fn supervise(shared: &Shared, recipe: Recipe, mut child: ServiceChild, exit_tx: 
                     log::error!("{msg}");
                 }
             }
+        }
+    }
+}
+
+/// Past the restart cap, for a virtio device: starts one last instance from `recipe` (state
+/// region included), tells it to present the failed device (`EnterFailed`), swaps it in and logs
+/// the failure once. Returns the instance, or why it could not be done (the child is then reaped).
+fn present_failed(shared: &Shared, recipe: &Recipe, why: &str) -> Result<ServiceChild, String> {
+    let inst = start_instance(recipe).map_err(|e| {
+        let mut msg = format!("starting a last instance failed: {e}");
+        let mut src = std::error::Error::source(&e);
+        while let Some(s) = src {
+            msg.push_str(&format!(": {s}"));
+            src = s.source();
+        }
+        msg
+    })?;
+    let Instance { mut child, control, ring, pidfd } = inst;
+    let pid = child.id();
+    let reason = bounded_reason(why).to_string();
+    if let Err(e) = control.send(&ControlMsg::EnterFailed { reason }, &[]) {
+        let _ = child.kill();
+        let _ = child.wait();
+        return Err(format!("telling pid {pid} to enter the failed state: {e}"));
+    }
+    *shared.lock_ctl() = Ctl::new(control, pid, pidfd);
+    shared.device.install(ring, pid);
+    shared.device.mark_given_up(why);
+    Ok(child)
+}
+
+/// Supervises the last instance [`present_failed`] started until it ends: stopped with the VM,
+/// or dead (or hung, or misbehaving on the ring), after which the device fails closed. Never
+/// restarts it. Returns its exit status (`None` if it could not be reaped).
+fn serve_failed(
+    shared: &Shared,
+    mut child: ServiceChild,
+    interval: Duration,
+    deadline: Duration,
+) -> Option<ExitStatus> {
+    let dev = &shared.device;
+    let mut liveness = Liveness::new(interval, deadline, Instant::now());
+    match wait_instance(shared, &mut child, true, &mut liveness) {
+        Ok(Ended::Stopped(status)) => {
+            let kind = if status.success() { Failure::Orderly } else { Failure::Error };
+            dev.mark_failed_as(&describe(status), kind);
+            Some(status)
+        }
+        Ok(Ended::Died(status)) => {
+            dev.mark_failed_as(&describe(status), Failure::LastInstance);
+            Some(status)
+        }
+        Ok(Ended::Faulted(status, why)) => {
+            dev.mark_failed_as(&format!("{why}; killed it"), Failure::LastInstance);
+            Some(status)
+        }
+        Err(e) => {
+            dev.mark_failed_as(&format!("supervising it failed: {e}"), Failure::LastInstance);
+            let _ = child.kill();
+            child.wait().ok()
         }
     }
 }

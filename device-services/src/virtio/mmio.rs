@@ -229,6 +229,8 @@ pub struct MmioTransport<D> {
     stride: u16,
     /// Requests redone after a restart.
     redone: u64,
+    /// Failed for good ([`enter_failed`](Self::enter_failed)): queues are never used again.
+    failed: bool,
 }
 
 /// Most complaints about driver errors logged (then silence).
@@ -277,6 +279,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
             orders: vec![0; n],
             stride,
             redone: 0,
+            failed: false,
         })
     }
 
@@ -568,7 +571,36 @@ impl<D: VirtioDevice> MmioTransport<D> {
     }
 
     fn running(&self) -> bool {
-        self.status & status::DRIVER_OK != 0 && self.status & (status::NEEDS_RESET | status::FAILED) == 0
+        !self.failed
+            && self.status & status::DRIVER_OK != 0
+            && self.status & (status::NEEDS_RESET | status::FAILED) == 0
+    }
+
+    /// Whether the device failed for good ([`enter_failed`](Self::enter_failed)).
+    pub fn is_failed(&self) -> bool {
+        self.failed
+    }
+
+    /// Puts the device in a permanent failed state (the core gave up on it): DEVICE_NEEDS_RESET
+    /// is set and a configuration-change interrupt raised; from now on no queue is processed,
+    /// guest memory is never touched, a reset (status 0) is accepted but FEATURES_OK is refused,
+    /// so a driver gives up cleanly. Register and config-space reads keep working.
+    pub fn enter_failed(&mut self, reason: &str) {
+        if self.failed {
+            return;
+        }
+        self.failed = true;
+        eprintln!("virtio-mmio: device failed for good ({reason}): DEVICE_NEEDS_RESET, queues stopped");
+        for q in &mut self.queues {
+            q.set_ready(false);
+        }
+        if self.status & status::NEEDS_RESET == 0 {
+            self.stats.needs_reset += 1;
+            self.status |= status::NEEDS_RESET;
+        }
+        // Always: a polling driver reads the status anyway, an interrupt-driven one learns of it.
+        self.signal(INT_CONFIG);
+        self.persist();
     }
 
     fn signal(&mut self, bits: u32) {
@@ -638,6 +670,10 @@ impl<D: VirtioDevice> MmioTransport<D> {
     }
 
     fn set_queue_ready(&mut self, i: usize) {
+        if self.failed {
+            self.needs_reset(&format!("queue {i} made ready on a failed device"));
+            return;
+        }
         let a = self.addrs[i];
         let q = &mut self.queues[i];
         let r = q
@@ -690,7 +726,10 @@ impl<D: VirtioDevice> MmioTransport<D> {
         }
         let added = new & !old;
         let mut keep = new;
-        if added & status::FEATURES_OK != 0 {
+        if self.failed && added & status::FEATURES_OK != 0 {
+            // A failed device accepts no driver: FEATURES_OK does not stick.
+            keep &= !status::FEATURES_OK;
+        } else if added & status::FEATURES_OK != 0 {
             let offered = self.device.features();
             if self.driver_features & !offered != 0 || self.driver_features & F_VERSION_1 == 0 {
                 // Not accepted: the driver sees FEATURES_OK did not stick.
@@ -917,6 +956,11 @@ impl<D: VirtioDevice> MmioHandler for MmioTransport<D> {
         self.redone
     }
 
+    fn enter_failed(&mut self, reason: &str) -> bool {
+        MmioTransport::enter_failed(self, reason);
+        true
+    }
+
     fn on_event(&mut self, fd: RawFd) -> Result<(), RuntimeError> {
         let Some(i) = self.notify.iter().position(|e| e.as_raw_fd() == fd) else { return Ok(()) };
         // Drain the kick counter (readable, so this does not block).
@@ -965,5 +1009,130 @@ impl<D: VirtioDevice> MmioHandler for MmioTransport<D> {
             }
         }
         Ok(pending)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::virtio::tracked::QueueCtx;
+    use crate::virtio::DeviceError;
+    use vm_memory::GuestMemoryMmap;
+    use vmm_sys_util::eventfd::EFD_NONBLOCK;
+
+    /// Counts how often the transport asks it to process a queue; completes nothing.
+    #[derive(Debug, Default)]
+    struct Counting {
+        processed: u32,
+    }
+
+    impl VirtioDevice for Counting {
+        fn device_id(&self) -> u32 {
+            2
+        }
+        fn features(&self) -> u64 {
+            F_VERSION_1
+        }
+        fn queue_max_sizes(&self) -> Vec<u16> {
+            vec![16]
+        }
+        fn read_config(&self, offset: u64, data: &mut [u8]) -> bool {
+            data.fill(0x5a);
+            offset < 8
+        }
+        fn write_config(&mut self, _offset: u64, _data: &[u8]) -> bool {
+            false
+        }
+        fn activate(&mut self, _features: u64) -> Result<(), DeviceError> {
+            Ok(())
+        }
+        fn process_queue(&mut self, _queue: &mut QueueCtx<'_>) -> Result<usize, DeviceError> {
+            self.processed += 1;
+            Ok(0)
+        }
+        fn reset(&mut self) {}
+    }
+
+    fn rd(t: &mut MmioTransport<Counting>, offset: u64) -> u32 {
+        let mut b = [0u8; 4];
+        assert!(MmioHandler::read(t, offset, &mut b), "read {offset:#x}");
+        u32::from_le_bytes(b)
+    }
+
+    fn wr(t: &mut MmioTransport<Counting>, offset: u64, v: u32) {
+        assert!(MmioHandler::write(t, offset, &v.to_le_bytes()), "write {offset:#x}");
+    }
+
+    /// Negotiates VERSION_1 and sets FEATURES_OK; returns the status read back.
+    fn negotiate(t: &mut MmioTransport<Counting>) -> u32 {
+        wr(t, reg::STATUS, status::ACKNOWLEDGE | status::DRIVER);
+        wr(t, reg::DRIVER_FEATURES_SEL, 1);
+        wr(t, reg::DRIVER_FEATURES, 1); // VERSION_1 is bit 32
+        wr(t, reg::STATUS, status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK);
+        rd(t, reg::STATUS)
+    }
+
+    fn make_ready(t: &mut MmioTransport<Counting>) {
+        wr(t, reg::QUEUE_SEL, 0);
+        wr(t, reg::QUEUE_NUM, 16);
+        wr(t, reg::QUEUE_DESC_LOW, 0x1000);
+        wr(t, reg::QUEUE_DRIVER_LOW, 0x2000);
+        wr(t, reg::QUEUE_DEVICE_LOW, 0x3000);
+        wr(t, reg::QUEUE_READY, 1);
+    }
+
+    #[test]
+    fn failed_device_needs_reset_refuses_features_and_never_processes() {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10000)]).expect("memory");
+        let notify = EventFd::new(EFD_NONBLOCK).expect("eventfd");
+        let kick = notify.try_clone().expect("dup");
+        let irq = EventFd::new(EFD_NONBLOCK).expect("eventfd");
+        let irq_seen = irq.try_clone().expect("dup");
+        let mut t = MmioTransport::new(Counting::default(), mem.clone(), vec![notify], irq).expect("transport");
+
+        // A driver brings the device up; one available buffer is processed.
+        let st = negotiate(&mut t);
+        assert_ne!(st & status::FEATURES_OK, 0);
+        make_ready(&mut t);
+        wr(&mut t, reg::STATUS, st | status::DRIVER_OK);
+        mem.write_obj(1u16, GuestAddress(0x2002)).expect("avail idx");
+        assert!(MmioHandler::poll(&mut t).is_ok());
+        assert_eq!(t.device().processed, 1);
+
+        // The core gives up on the device.
+        MmioHandler::enter_failed(&mut t, "restart cap reached");
+        assert!(t.is_failed());
+        let st = rd(&mut t, reg::STATUS);
+        assert_ne!(st & status::NEEDS_RESET, 0, "status {st:#x}");
+        assert_ne!(rd(&mut t, reg::INTERRUPT_STATUS) & INT_CONFIG, 0);
+        assert!(irq_seen.read().expect("interrupt raised") >= 1);
+
+        // More work appears and is kicked three ways: nothing is processed.
+        mem.write_obj(2u16, GuestAddress(0x2002)).expect("avail idx");
+        kick.write(1).expect("kick");
+        let fd = MmioHandler::event_fds(&t)[0];
+        MmioHandler::on_event(&mut t, fd).expect("event");
+        wr(&mut t, reg::QUEUE_NOTIFY, 0);
+        assert!(!MmioHandler::poll(&mut t).expect("poll"));
+        assert!(!MmioHandler::prepare_sleep(&mut t).expect("prepare"));
+        assert_eq!(t.device().processed, 1, "a failed device must not process its queues");
+
+        // Identification and config space still read normally.
+        assert_eq!(rd(&mut t, reg::MAGIC), MAGIC_VALUE);
+        assert_eq!(rd(&mut t, reg::VERSION), MMIO_VERSION);
+        assert_eq!(rd(&mut t, reg::DEVICE_ID), 2);
+        assert_eq!(rd(&mut t, CONFIG_OFFSET), 0x5a5a_5a5a);
+
+        // A reset is accepted; FEATURES_OK then does not stick, and DRIVER_OK needs reset again.
+        wr(&mut t, reg::STATUS, 0);
+        assert_eq!(rd(&mut t, reg::STATUS), 0);
+        let st = negotiate(&mut t);
+        assert_eq!(st & status::FEATURES_OK, 0, "FEATURES_OK refused: {st:#x}");
+        make_ready(&mut t);
+        assert_eq!(rd(&mut t, reg::QUEUE_READY), 0, "no queue becomes ready on a failed device");
+        wr(&mut t, reg::STATUS, st | status::DRIVER_OK);
+        assert_ne!(rd(&mut t, reg::STATUS) & status::NEEDS_RESET, 0);
+        assert!(!MmioHandler::poll(&mut t).expect("poll"));
+        assert_eq!(t.device().processed, 1);
     }
 }

@@ -68,6 +68,20 @@ fn verify_counts_a_corrupted_sector() {
 }
 
 #[test]
+fn device_needing_reset_stops_the_test_long_before_its_timeout() {
+    let mut d = FakeBlk::new(DISK);
+    d.needs_reset_after = Some(1);
+    let (v, out, m) = run(d, "probe.test=blk-verify probe.rounds=50 probe.timeout_ms=60000 probe.tsc_khz=1000");
+    assert_eq!(v, Verdict::Fail, "{out}");
+    assert!(out.contains("blk: device needs reset\n"), "{out}");
+    assert!(out.contains("blk-verify: aborted: device needs reset: "), "{out}");
+    assert!(!out.contains("device timeout"), "{out}");
+    // Stopped at the first status check (1/4 of the timeout), not at the timeout: the wait's
+    // poll bound is 60 000 000 / 8 polls.
+    assert!(m.pauses <= 60_000_000 / 8 / 3, "{}", m.pauses);
+}
+
+#[test]
 fn silent_device_times_out_with_a_clear_line() {
     let mut d = FakeBlk::new(DISK);
     d.silent = true;

@@ -133,6 +133,9 @@ fn verify(con: &mut Console<'_>, blk: &mut Blk, seed: u64, rounds: u64, qd: u64)
             .nl();
     }
     if let Some(e) = failure {
+        if matches!(e, BlkError::NeedsReset { .. }) {
+            con.str(b"blk: device needs reset").nl();
+        }
         blk_common::fail(con, b"blk-verify: aborted", e);
     }
     let expected = cap.saturating_mul(rounds);

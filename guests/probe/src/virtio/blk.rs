@@ -30,6 +30,11 @@ pub const S_UNSUPP: u8 = 2;
 /// What a status byte holds until the device writes it.
 pub const S_UNWRITTEN: u8 = 0xff;
 
+/// How many times per timeout a long [`Blk::wait`] reads the device status (rarely: a wait
+/// shorter than timeout / STATUS_CHECKS, e.g. a service restart or hang caught by the host's
+/// liveness check, costs no exit).
+pub const STATUS_CHECKS: u64 = 4;
+
 /// Most slots: three descriptors each in the largest queue.
 pub const MAX_SLOTS: usize = MAX_QUEUE_SIZE as usize / 3;
 /// Arena offset of the header/status page.
@@ -132,6 +137,13 @@ pub enum BlkError {
     BadUsedId(u32),
     /// The used index moved by more than the requests in flight.
     BadUsedCount(u16),
+    /// The device set DEVICE_NEEDS_RESET (e.g. the host gave up on it): it will not answer.
+    NeedsReset {
+        /// The device status register.
+        status: u32,
+        /// Requests still in flight.
+        in_flight: usize,
+    },
 }
 
 impl BlkError {
@@ -168,6 +180,12 @@ impl BlkError {
             BlkError::BadUsedId(id) => {
                 con.str(b"device returned unknown descriptor id ")
                     .dec(u64::from(id));
+            }
+            BlkError::NeedsReset { status, in_flight } => {
+                con.str(b"device needs reset: ")
+                    .dec(in_flight as u64)
+                    .str(b" request(s) unanswered, device status ")
+                    .hex(u64::from(status));
             }
             BlkError::BadUsedCount(n) => {
                 con.str(b"device used index jumped by ")
@@ -410,18 +428,30 @@ impl Blk {
         // A second bound in case the TSC does not advance: every poll costs more than 8 cycles.
         let max_polls = self.timeout_cycles / 8 + 64;
         let mut polls = 0u64;
+        // A long wait looks at the status register a few times per timeout (one MMIO exit
+        // each), so a device that gave up is noticed long before the timeout, while a short
+        // stall (a service restart) costs no exit at all.
+        let (every_cycles, every_polls) = (self.timeout_cycles / STATUS_CHECKS, max_polls / STATUS_CHECKS);
+        let (mut last_tsc, mut last_polls) = (start, 0u64);
         loop {
             if let Some(c) = self.poll()? {
                 return Ok(c);
             }
             polls += 1;
-            if polls.is_multiple_of(64)
-                && (m.tsc().wrapping_sub(start) > self.timeout_cycles || polls > max_polls)
-            {
-                return Err(BlkError::Timeout {
-                    status: self.t.read(m, reg::STATUS),
-                    in_flight: self.in_flight,
-                });
+            if polls.is_multiple_of(64) {
+                let now = m.tsc();
+                let timed_out = now.wrapping_sub(start) > self.timeout_cycles || polls > max_polls;
+                let due = now.wrapping_sub(last_tsc) > every_cycles || polls - last_polls > every_polls;
+                if timed_out || due {
+                    (last_tsc, last_polls) = (now, polls);
+                    let st = self.t.read(m, reg::STATUS);
+                    if st & status::DEVICE_NEEDS_RESET != 0 {
+                        return Err(BlkError::NeedsReset { status: st, in_flight: self.in_flight });
+                    }
+                    if timed_out {
+                        return Err(BlkError::Timeout { status: st, in_flight: self.in_flight });
+                    }
+                }
             }
             m.pause();
         }

@@ -32,6 +32,8 @@ pub struct FakeBlk {
     pub queue_max: u32,
     /// Never complete anything.
     pub silent: bool,
+    /// After this many notifies the device sets DEVICE_NEEDS_RESET and answers nothing more.
+    pub needs_reset_after: Option<u64>,
     /// Flip bit 0 of this disk byte in the data of every read covering it.
     pub corrupt_read_at: Option<usize>,
     /// Report used id + 1 (a descriptor that is not a chain head).
@@ -64,6 +66,7 @@ impl FakeBlk {
             version: 2,
             queue_max: 256,
             silent: false,
+            needs_reset_after: None,
             corrupt_read_at: None,
             bad_used_id: false,
             counts: (0, 0, 0, 0),
@@ -273,6 +276,10 @@ impl FakeMmio for FakeBlk {
             reg::QUEUE_READY => self.ready = value,
             reg::QUEUE_NOTIFY => {
                 self.notifies += 1;
+                if self.needs_reset_after.is_some_and(|n| self.notifies > n) {
+                    self.status |= 0x40;
+                    self.silent = true;
+                }
                 self.process();
             }
             reg::STATUS => {
@@ -283,7 +290,9 @@ impl FakeMmio for FakeBlk {
                         (self.counts, self.notifies, self.max_batch, self.bad_used_id);
                     // Kept for inspection; the driver rewrites it before FEATURES_OK.
                     let negotiated = self.driver_features;
+                    let needs_reset_after = self.needs_reset_after;
                     *self = FakeBlk::new(0);
+                    self.needs_reset_after = needs_reset_after;
                     self.disk = disk;
                     (self.offered, self.version, self.silent, self.corrupt_read_at) = keep;
                     (self.counts, self.notifies, self.max_batch, self.bad_used_id) =
