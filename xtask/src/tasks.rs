@@ -38,6 +38,9 @@ pub fn run_guest(extra: &[String]) -> Result<(), BoxError> {
 /// `cargo xtask test`: builds the binaries, the probe guest and the Linux guest, then runs the
 /// whole test suite with their paths in the environment.
 pub fn test(extra: &[String]) -> Result<(), BoxError> {
+    // The net tests make their own network namespaces (`ip netns`); the sandbox test runs the core
+    // in a user namespace (`unshare`). Both are on a stock Debian, but a slim image may lack them.
+    crate::util::ensure_packages(&[("ip", "iproute2"), ("unshare", "util-linux")])?;
     build_binaries(false)?;
     let probe = probe_elf()?;
     let images = guest_images()?;
