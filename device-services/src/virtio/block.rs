@@ -435,24 +435,12 @@ impl VirtioDevice for Block {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) -> bool {
-        let Some(src) = usize::try_from(offset).ok().and_then(|o| self.config.get(o..o.checked_add(data.len())?))
-        else {
-            return false;
-        };
-        data.copy_from_slice(src);
-        true
+        super::read_config_bytes(&self.config, offset, data)
     }
 
     fn write_config(&mut self, _offset: u64, _data: &[u8]) -> bool {
         // Every field is read-only without VIRTIO_BLK_F_CONFIG_WCE, which is not offered.
         false
-    }
-
-    fn activate(&mut self, features: u64) -> Result<(), DeviceError> {
-        if features & !self.features != 0 {
-            return Err(DeviceError::Activate(format!("features {features:#x} not offered")));
-        }
-        Ok(())
     }
 
     fn process_queue(&mut self, queue: &mut QueueCtx<'_>) -> Result<usize, DeviceError> {

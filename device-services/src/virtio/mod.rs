@@ -10,6 +10,7 @@ pub mod block;
 pub mod mmio;
 pub mod net;
 pub mod request;
+pub mod setup;
 pub mod tracked;
 
 pub use tracked::QueueCtx;
@@ -40,6 +41,16 @@ pub enum DeviceError {
     Activate(String),
 }
 
+/// Reads `data.len()` bytes at `offset` of a device's config space kept as bytes; false when any
+/// of them is out of range (the usual [`VirtioDevice::read_config`]).
+pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) -> bool {
+    let Some(src) = usize::try_from(offset).ok().and_then(|o| config.get(o..o.checked_add(data.len())?)) else {
+        return false;
+    };
+    data.copy_from_slice(src);
+    true
+}
+
 /// A virtio device behind a transport. Offsets into the config space are relative to its start.
 pub trait VirtioDevice {
     /// Virtio device ID (2 = block, 1 = net).
@@ -52,8 +63,14 @@ pub trait VirtioDevice {
     fn read_config(&self, offset: u64, data: &mut [u8]) -> bool;
     /// Writes config space; false if out of range or read-only.
     fn write_config(&mut self, offset: u64, data: &[u8]) -> bool;
-    /// The driver set `DRIVER_OK` with `features` acknowledged.
-    fn activate(&mut self, features: u64) -> Result<(), DeviceError>;
+    /// The driver set `DRIVER_OK` with `features` acknowledged. By default: refuse any feature the
+    /// device did not offer.
+    fn activate(&mut self, features: u64) -> Result<(), DeviceError> {
+        if features & !self.features() != 0 {
+            return Err(DeviceError::Activate(format!("features {features:#x} not offered")));
+        }
+        Ok(())
+    }
     /// Processes available chains of the queue (all of them, or at most the queue size), taking
     /// each with [`QueueCtx::pop`] and completing it with [`QueueCtx::add_used`] (which track it
     /// in the state region). Returns how many chains were completed.

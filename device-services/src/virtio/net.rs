@@ -29,10 +29,10 @@ use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::rc::Rc;
 
 use virtio_queue::desc::split::Descriptor;
-use vm_memory::{Address, Bytes, GuestMemory, Permissions, VolatileSlice};
+use vm_memory::{Bytes, GuestMemory, Permissions, VolatileSlice};
 
 use super::mmio::{reg, status, MmioTransport};
-use super::request::Segment;
+use super::request::{take_front, Segment};
 use super::{DeviceError, QueueCtx, VirtioDevice, F_EVENT_IDX, F_VERSION_1};
 use crate::memory::GuestMem;
 use crate::runtime::{MmioHandler, RuntimeError};
@@ -202,26 +202,6 @@ where
         return Err(NetError::Truncated);
     }
     Ok((segs, sum))
-}
-
-/// Splits off the first `n` bytes of `segs` (returned) and leaves the rest in `segs`.
-fn take_front(segs: &mut Vec<Segment>, mut n: u64) -> Vec<Segment> {
-    let mut front = Vec::new();
-    let mut i = 0;
-    while n > 0 && i < segs.len() {
-        let s = segs[i];
-        let take = u64::from(s.len).min(n);
-        let take32 = u32::try_from(take).unwrap_or(s.len);
-        front.push(Segment { addr: s.addr, len: take32 });
-        if take32 == s.len {
-            i += 1;
-        } else {
-            segs[i] = Segment { addr: s.addr.unchecked_add(take), len: s.len - take32 };
-        }
-        n -= take;
-    }
-    segs.drain(..i);
-    front
 }
 
 /// Parses a TX chain: only device-readable descriptors, each inside guest RAM, at most
@@ -538,24 +518,12 @@ impl VirtioDevice for Net {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) -> bool {
-        let Some(src) = usize::try_from(offset).ok().and_then(|o| self.config.get(o..o.checked_add(data.len())?))
-        else {
-            return false;
-        };
-        data.copy_from_slice(src);
-        true
+        super::read_config_bytes(&self.config, offset, data)
     }
 
     fn write_config(&mut self, _offset: u64, _data: &[u8]) -> bool {
         // The MAC is read-only without VIRTIO_NET_F_CTRL_MAC_ADDR (not offered).
         false
-    }
-
-    fn activate(&mut self, features: u64) -> Result<(), DeviceError> {
-        if features & !self.features != 0 {
-            return Err(DeviceError::Activate(format!("features {features:#x} not offered")));
-        }
-        Ok(())
     }
 
     fn process_queue(&mut self, queue: &mut QueueCtx<'_>) -> Result<usize, DeviceError> {

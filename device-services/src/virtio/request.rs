@@ -130,7 +130,7 @@ pub struct RequestError {
 }
 
 /// Splits off the first `n` bytes of `segs` (returned) and leaves the rest in `segs`.
-fn take_front(segs: &mut Vec<Segment>, mut n: u64) -> Vec<Segment> {
+pub(crate) fn take_front(segs: &mut Vec<Segment>, mut n: u64) -> Vec<Segment> {
     let mut front = Vec::new();
     let mut i = 0;
     while n > 0 && i < segs.len() {
