@@ -12,42 +12,25 @@ use std::fs::File;
 use std::process::ExitCode;
 
 use bulkhead_policies::Policy;
-use device_services::memory::{map_guest_memory, memory_fds};
+use device_services::memory::memory_fds;
 use device_services::runtime::error_chain;
 use device_services::virtio::block::Block;
-use device_services::virtio::mmio::{MmioTransport, MIN_WINDOW};
+use device_services::virtio::mmio::MmioTransport;
+use device_services::virtio::setup::{check_window, take_transport_fds, transport};
 use device_services::{RuntimeError, Startup};
 use ipc::control::{DeviceConfig, FdRole};
-use ipc::state::StateRegion;
 
 fn setup(st: &mut Startup) -> Result<(MmioTransport<Block>, u64, u64), RuntimeError> {
     let DeviceConfig::Block(cfg) = st.setup.device.clone() else {
         return Err(RuntimeError::WrongDevice(format!("{:?} is not a block device", st.setup.device)));
     };
-    if cfg.mmio_len < MIN_WINDOW || cfg.mmio_base.checked_add(cfg.mmio_len).is_none() {
-        return Err(RuntimeError::WrongDevice(format!("MMIO window {:#x}+{:#x}", cfg.mmio_base, cfg.mmio_len)));
-    }
-    let memfd = st.take_fd(FdRole::GuestMemory).ok_or(RuntimeError::MissingFd(FdRole::GuestMemory))?;
+    check_window(cfg.mmio_base, cfg.mmio_len)?;
     let disk = st.take_fd(FdRole::Disk).ok_or(RuntimeError::MissingFd(FdRole::Disk))?;
-    let irq = st.take_eventfd(FdRole::Irq).ok_or(RuntimeError::MissingFd(FdRole::Irq))?;
-    let mut notify = Vec::new();
-    for i in 0..cfg.num_queues {
-        match st.take_eventfd(FdRole::QueueNotify(i)) {
-            Some(e) => notify.push(e),
-            None if notify.is_empty() => break,
-            None => return Err(RuntimeError::MissingFd(FdRole::QueueNotify(i))),
-        }
-    }
-    let mem = map_guest_memory(memfd, &cfg.memory).map_err(|e| RuntimeError::Device(error_chain(&e)))?;
+    let fds = take_transport_fds(st, &cfg.memory, cfg.num_queues)?;
     let block = Block::new(File::from(disk), cfg.disk_size, cfg.read_only, &cfg.id, cfg.num_queues, cfg.queue_size)
         .map_err(|e| RuntimeError::Device(error_chain(&e)))?;
     let (discard, zeroes) = (block.supports_discard(), block.supports_write_zeroes());
-    let mut transport =
-        MmioTransport::new(block, mem, notify, irq).map_err(|e| RuntimeError::Device(error_chain(&e)))?;
-    if let Some(fd) = st.take_fd(FdRole::StateRegion) {
-        let region = StateRegion::from_fd(fd).map_err(|e| RuntimeError::Device(error_chain(&e)))?;
-        transport.attach_state(region).map_err(|e| RuntimeError::Device(error_chain(&e)))?;
-    }
+    let transport = transport(st, block, fds)?;
     eprintln!(
         "bulkhead-block[{}]: {} at {:#x}+{:#x} gsi {}: {} sectors{}{}{}, {} queue(s) of {}",
         std::process::id(),

@@ -12,39 +12,23 @@
 use std::process::ExitCode;
 
 use bulkhead_policies::Policy;
-use device_services::memory::{map_guest_memory, memory_fds};
+use device_services::memory::memory_fds;
 use device_services::runtime::error_chain;
-use device_services::virtio::mmio::{MmioTransport, MIN_WINDOW};
+use device_services::virtio::mmio::MmioTransport;
 use device_services::virtio::net::{Net, NetHandler};
+use device_services::virtio::setup::{check_window, take_transport_fds, transport};
 use device_services::{RuntimeError, Startup};
 use ipc::control::{DeviceConfig, FdRole};
-use ipc::state::StateRegion;
 
 fn setup(st: &mut Startup) -> Result<(MmioTransport<Net>, u64, u64), RuntimeError> {
     let DeviceConfig::Net(cfg) = st.setup.device.clone() else {
         return Err(RuntimeError::WrongDevice(format!("{:?} is not a net device", st.setup.device)));
     };
-    if cfg.mmio_len < MIN_WINDOW || cfg.mmio_base.checked_add(cfg.mmio_len).is_none() {
-        return Err(RuntimeError::WrongDevice(format!("MMIO window {:#x}+{:#x}", cfg.mmio_base, cfg.mmio_len)));
-    }
-    let memfd = st.take_fd(FdRole::GuestMemory).ok_or(RuntimeError::MissingFd(FdRole::GuestMemory))?;
+    check_window(cfg.mmio_base, cfg.mmio_len)?;
     let tap = st.take_fd(FdRole::Tap).ok_or(RuntimeError::MissingFd(FdRole::Tap))?;
-    let irq = st.take_eventfd(FdRole::Irq).ok_or(RuntimeError::MissingFd(FdRole::Irq))?;
-    let mut notify = Vec::new();
-    for i in 0..2 {
-        match st.take_eventfd(FdRole::QueueNotify(i)) {
-            Some(e) => notify.push(e),
-            None if notify.is_empty() => break,
-            None => return Err(RuntimeError::MissingFd(FdRole::QueueNotify(i))),
-        }
-    }
-    let mem = map_guest_memory(memfd, &cfg.memory).map_err(|e| RuntimeError::Device(error_chain(&e)))?;
+    let fds = take_transport_fds(st, &cfg.memory, 2)?;
     let net = Net::new(tap, cfg.mac, cfg.queue_size).map_err(|e| RuntimeError::Device(error_chain(&e)))?;
-    let mut transport = MmioTransport::new(net, mem, notify, irq).map_err(|e| RuntimeError::Device(error_chain(&e)))?;
-    if let Some(fd) = st.take_fd(FdRole::StateRegion) {
-        let region = StateRegion::from_fd(fd).map_err(|e| RuntimeError::Device(error_chain(&e)))?;
-        transport.attach_state(region).map_err(|e| RuntimeError::Device(error_chain(&e)))?;
-    }
+    let transport = transport(st, net, fds)?;
     let m = cfg.mac;
     eprintln!(
         "bulkhead-net[{}]: {} at {:#x}+{:#x} gsi {}: tap {:?}, mac {:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}, queues of {}",
