@@ -122,6 +122,7 @@ fn spawn(read_only: bool) -> Blk {
             id: "test-disk-7".into(),
             num_queues: 1,
             queue_size: 256,
+            rate_limit: Default::default(),
         }),
         idle_spin_us: 200,
     };

@@ -312,6 +312,7 @@ impl Rig {
                 mac: MAC,
                 queue_size: 256,
                 tap_name: "test".into(),
+                rate_limit: Default::default(),
             }),
             idle_spin_us: 200,
         };

@@ -130,6 +130,7 @@ impl Rig {
                 id: "restart".into(),
                 num_queues: 1,
                 queue_size: 256,
+                rate_limit: Default::default(),
             }),
             idle_spin_us: 200,
         };

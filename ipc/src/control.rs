@@ -125,6 +125,33 @@ pub struct MemoryRegion {
     pub file_offset: u64,
 }
 
+/// A token-bucket limit on a device's traffic: the service spends one token per byte from the
+/// byte bucket and one per operation (a block request, a network frame) from the ops bucket, and
+/// holds work back while either bucket is empty. A rate of 0 means unlimited. A bucket holds at
+/// most its burst (0 = the default of [`RateLimit::DEFAULT_BURST_MS`] worth of its rate) and starts
+/// full.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RateLimit {
+    /// Bytes per second (0 = unlimited).
+    pub bytes_per_sec: u64,
+    /// Size of the byte bucket (0 = the default burst).
+    pub bytes_burst: u64,
+    /// Operations per second: requests for block, frames for net (0 = unlimited).
+    pub ops_per_sec: u64,
+    /// Size of the ops bucket (0 = the default burst).
+    pub ops_burst: u64,
+}
+
+impl RateLimit {
+    /// The burst a bucket gets when none is given, in milliseconds of its rate.
+    pub const DEFAULT_BURST_MS: u64 = 10;
+
+    /// Whether neither bucket limits anything.
+    pub fn is_unlimited(&self) -> bool {
+        self.bytes_per_sec == 0 && self.ops_per_sec == 0
+    }
+}
+
 /// Configuration of a virtio-blk service.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BlockConfig {
@@ -146,6 +173,8 @@ pub struct BlockConfig {
     pub num_queues: u16,
     /// Largest size of each queue (power of two, at most 32768).
     pub queue_size: u16,
+    /// Limit on the disk's bytes and requests per second.
+    pub rate_limit: RateLimit,
 }
 
 /// Configuration of a virtio-net service.
@@ -165,6 +194,8 @@ pub struct NetConfig {
     pub queue_size: u16,
     /// Name of the TAP interface (for logs; the service uses only the [`FdRole::Tap`] fd).
     pub tap_name: String,
+    /// Limit on the bytes and frames per second, each way (TX and RX have a bucket pair each).
+    pub rate_limit: RateLimit,
 }
 
 /// Everything a service needs to start; sent once by the core with the fds.
@@ -695,6 +726,7 @@ mod tests {
                 id: "disk0".into(),
                 num_queues: 2,
                 queue_size: 256,
+                rate_limit: RateLimit { bytes_per_sec: 10 << 20, bytes_burst: 0, ops_per_sec: 1000, ops_burst: 64 },
             }),
             idle_spin_us: 200,
         });

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-use ipc::control::{FaultAction, ForbiddenAction};
+use ipc::control::{FaultAction, ForbiddenAction, RateLimit};
 
 use crate::faults::FaultSchedule;
 
@@ -34,7 +34,8 @@ pub enum Command {
 pub struct FaultArgs {
     /// The VM: its `--name` (socket `/run/bulkhead/NAME.sock`) or a socket path.
     pub vm: String,
-    /// The device: `console`, `block` (first disk), `blockN`, or `stats` to print metrics.
+    /// The device: `console`, `block` (first disk), `blockN`, `net` (first NIC), `netN`, a
+    /// service's name, or `stats` to print metrics.
     pub device: String,
     /// kill, crash, abort, segv, hang, slow=MS, corrupt-reply, corrupt-state or seccomp.
     #[arg(value_parser = FaultAction::parse)]
@@ -96,9 +97,17 @@ pub struct RunArgs {
     /// Where the guest's serial console input comes from: `stdin` or `none`.
     #[arg(long, value_name = "stdin|none", default_value = "stdin", value_parser = ["stdin", "none"])]
     pub serial_input: String,
-    /// A virtio-blk disk served by `bulkhead-block`: `PATH[,ro][,id=NAME]`. Repeatable.
-    #[arg(long = "disk", value_name = "PATH[,ro][,id=NAME]", value_parser = DiskSpec::parse)]
+    /// A virtio-blk disk served by `bulkhead-block`: `PATH[,ro][,id=NAME][,bw=RATE][,ops=N]`
+    /// (`bw` in bytes/s with an optional K/M/G suffix, binary; `ops` in requests/s;
+    /// `bw-burst=SIZE`, `ops-burst=N` size the buckets). Repeatable.
+    #[arg(long = "disk", value_name = "PATH[,ro][,id=NAME][,bw=RATE][,ops=N]", value_parser = DiskSpec::parse)]
     pub disks: Vec<DiskSpec>,
+    /// A virtio-net device served by `bulkhead-net` on an existing or new TAP interface:
+    /// `tap=NAME[,mac=MAC][,id=NAME][,bw=RATE][,pps=N]` (`bw` in bytes/s each way with an
+    /// optional K/M/G suffix, binary; `pps` in frames/s each way; `bw-burst=SIZE`, `pps-burst=N`
+    /// size the buckets). Repeatable.
+    #[arg(long = "net", value_name = "tap=NAME[,mac=MAC][,id=NAME][,bw=RATE][,pps=N]", value_parser = NetSpec::parse)]
+    pub nets: Vec<NetSpec>,
     /// Directory holding the service binaries (`bulkhead-console`, ...). Default: next to `bulkhead`.
     #[arg(long, value_name = "DIR")]
     pub service_dir: Option<PathBuf>,
@@ -113,7 +122,7 @@ pub struct RunArgs {
     pub service_liveness_ms: u64,
     /// Fault injection for tests: `SERVICE:ACTION@MS` tells a service, MS milliseconds after the
     /// guest starts, to attempt a forbidden action (its seccomp filter should kill it). SERVICE is
-    /// `console`, `block` (the first disk) or `blockN`; ACTION is one of `open-host-file`,
+    /// `console`, `block` (the first disk), `blockN`, `net` or `netN`; ACTION is one of `open-host-file`,
     /// `execve`, `inet-socket`, `ptrace`, `mount`, `write-outside-root`. Repeatable.
     #[arg(long = "inject-forbidden", value_name = "SERVICE:ACTION@MS", value_parser = InjectSpec::parse)]
     pub inject_forbidden: Vec<InjectSpec>,
@@ -157,6 +166,8 @@ pub struct DiskSpec {
     pub read_only: bool,
     /// The id the guest reads with GET_ID (at most 20 bytes); default: `diskN`.
     pub id: Option<String>,
+    /// Bytes and requests per second.
+    pub rate_limit: RateLimit,
 }
 
 /// Longest id virtio-blk's GET_ID can return.
@@ -167,7 +178,7 @@ impl DiskSpec {
     pub fn parse(s: &str) -> Result<Self, String> {
         let mut parts = s.split(',');
         let path = parts.next().filter(|p| !p.is_empty()).ok_or("--disk needs a path")?;
-        let mut spec = Self { path: PathBuf::from(path), read_only: false, id: None };
+        let mut spec = Self { path: PathBuf::from(path), read_only: false, id: None, rate_limit: RateLimit::default() };
         for opt in parts {
             match opt.split_once('=') {
                 None if opt == "ro" => spec.read_only = true,
@@ -176,11 +187,134 @@ impl DiskSpec {
                     spec.id = Some(id.to_string())
                 }
                 Some(("id", _)) => return Err(format!("disk id must be 1 to {DISK_ID_MAX} ASCII bytes")),
-                _ => return Err(format!("unknown disk option `{opt}` (expected ro, rw or id=NAME)")),
+                Some((key, value)) if rate_option(&mut spec.rate_limit, key, value, "ops")? => {}
+                _ => {
+                    return Err(format!(
+                        "unknown disk option `{opt}` (expected ro, rw, id=NAME, bw=RATE, bw-burst=SIZE, ops=N or ops-burst=N)"
+                    ))
+                }
             }
         }
         Ok(spec)
     }
+}
+
+/// Parses a byte count with an optional binary suffix: `1048576`, `512K`, `10M`, `1G` (also
+/// `KiB`/`MiB`/`GiB`).
+pub fn parse_bytes(s: &str) -> Result<u64, String> {
+    let t = s.trim_end_matches("iB").trim_end_matches('B');
+    let (digits, shift) = match t.as_bytes().last() {
+        Some(b'K' | b'k') => (&t[..t.len() - 1], 10),
+        Some(b'M' | b'm') => (&t[..t.len() - 1], 20),
+        Some(b'G' | b'g') => (&t[..t.len() - 1], 30),
+        _ => (t, 0),
+    };
+    let n: u64 = digits.parse().map_err(|_| format!("bad size `{s}` (expected N, NK, NM or NG)"))?;
+    n.checked_mul(1u64 << shift).ok_or_else(|| format!("size `{s}` too large"))
+}
+
+/// Largest rate or burst accepted (bytes or operations): 1 TiB.
+const RATE_MAX: u64 = 1 << 40;
+
+/// Applies a rate-limit option (`bw`, `bw-burst`, `<ops>`, `<ops>-burst`) to `limit`. Returns
+/// `Ok(false)` if `key` is not one.
+fn rate_option(limit: &mut RateLimit, key: &str, value: &str, ops: &str) -> Result<bool, String> {
+    let slot = match key {
+        "bw" => &mut limit.bytes_per_sec,
+        "bw-burst" => &mut limit.bytes_burst,
+        k if k == ops => &mut limit.ops_per_sec,
+        k if k.strip_suffix("-burst") == Some(ops) => &mut limit.ops_burst,
+        _ => return Ok(false),
+    };
+    let n = if key.starts_with("bw") {
+        parse_bytes(value)?
+    } else {
+        value.parse().map_err(|_| format!("bad {key} `{value}` (a whole number)"))?
+    };
+    if n > RATE_MAX {
+        return Err(format!("{key}={value} is above the largest accepted value ({RATE_MAX})"));
+    }
+    *slot = n;
+    Ok(true)
+}
+
+/// One `--net` argument.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetSpec {
+    /// The TAP interface (created if it does not exist and the core may create it).
+    pub tap: String,
+    /// The guest's MAC address; default: a locally administered one made from the core's pid
+    /// and the device's index.
+    pub mac: Option<[u8; 6]>,
+    /// Instance name; default: `netN`.
+    pub id: Option<String>,
+    /// Bytes and frames per second, each way.
+    pub rate_limit: RateLimit,
+}
+
+/// Longest `--net` id.
+pub const NET_ID_MAX: usize = 32;
+
+impl NetSpec {
+    /// Parses `tap=NAME[,mac=MAC][,id=NAME][,bw=RATE][,pps=N]`.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let mut tap = None;
+        let mut spec = Self { tap: String::new(), mac: None, id: None, rate_limit: RateLimit::default() };
+        for opt in s.split(',') {
+            match opt.split_once('=') {
+                Some(("tap", name)) => {
+                    if name.is_empty()
+                        || name.len() > crate::tap::MAX_NAME
+                        || name.contains('/')
+                        || name.contains(char::is_whitespace)
+                        || name == "."
+                        || name == ".."
+                    {
+                        return Err(format!("bad TAP name `{name}` (1 to {} bytes, no '/')", crate::tap::MAX_NAME));
+                    }
+                    tap = Some(name.to_string());
+                }
+                Some(("mac", mac)) => spec.mac = Some(parse_mac(mac)?),
+                Some(("id", id))
+                    if !id.is_empty()
+                        && id.len() <= NET_ID_MAX
+                        && id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') =>
+                {
+                    spec.id = Some(id.to_string())
+                }
+                Some(("id", _)) => return Err(format!("net id must be 1 to {NET_ID_MAX} of [A-Za-z0-9_-]")),
+                Some((key, value)) if rate_option(&mut spec.rate_limit, key, value, "pps")? => {}
+                _ => {
+                    return Err(format!(
+                        "unknown net option `{opt}` (expected tap=NAME, mac=MAC, id=NAME, bw=RATE, bw-burst=SIZE, pps=N or pps-burst=N)"
+                    ))
+                }
+            }
+        }
+        spec.tap = tap.ok_or("--net needs tap=NAME")?;
+        Ok(spec)
+    }
+}
+
+/// Parses `aa:bb:cc:dd:ee:ff`; refuses multicast (and broadcast) addresses.
+pub fn parse_mac(s: &str) -> Result<[u8; 6], String> {
+    let bad = || format!("bad MAC address `{s}` (expected six hex bytes like 02:00:00:00:00:01)");
+    let mut mac = [0u8; 6];
+    let mut parts = s.split(':');
+    for byte in &mut mac {
+        let p = parts.next().filter(|p| p.len() == 2).ok_or_else(bad)?;
+        *byte = u8::from_str_radix(p, 16).map_err(|_| bad())?;
+    }
+    if parts.next().is_some() {
+        return Err(bad());
+    }
+    if mac[0] & 1 != 0 {
+        return Err(format!("MAC address `{s}` is a multicast address"));
+    }
+    if mac == [0; 6] {
+        return Err(format!("MAC address `{s}` is all zeros"));
+    }
+    Ok(mac)
 }
 
 /// Which service an injected fault goes to.
@@ -190,6 +324,8 @@ pub enum InjectTarget {
     Console,
     /// The block service of the N-th `--disk`.
     Disk(usize),
+    /// The net service of the N-th `--net`.
+    Net(usize),
 }
 
 /// One `--inject-forbidden` argument.
@@ -211,9 +347,14 @@ impl InjectSpec {
         let target = match service {
             "console" => InjectTarget::Console,
             "block" => InjectTarget::Disk(0),
-            other => match other.strip_prefix("block").and_then(|n| n.parse::<usize>().ok()) {
-                Some(n) => InjectTarget::Disk(n),
-                None => return Err(format!("unknown service `{other}` (console, block or blockN)")),
+            "net" => InjectTarget::Net(0),
+            other => match (
+                other.strip_prefix("block").and_then(|n| n.parse::<usize>().ok()),
+                other.strip_prefix("net").and_then(|n| n.parse::<usize>().ok()),
+            ) {
+                (Some(n), _) => InjectTarget::Disk(n),
+                (_, Some(n)) => InjectTarget::Net(n),
+                _ => return Err(format!("unknown service `{other}` (console, block, blockN, net or netN)")),
             },
         };
         let action = match action {
@@ -317,7 +458,7 @@ mod tests {
         for bad in [
             "console:execve",
             "console@3",
-            "net:execve@1",
+            "nic:execve@1",
             "console:fork@1",
             "console:execve@-1",
             "console:execve@9999999",
@@ -379,7 +520,72 @@ mod tests {
             panic!("not run")
         };
         assert_eq!(r.disks.len(), 2);
-        assert_eq!(r.disks[0], DiskSpec { path: "/a.img".into(), read_only: false, id: None });
-        assert_eq!(r.disks[1], DiskSpec { path: "/b.img".into(), read_only: true, id: Some("data".into()) });
+        assert_eq!(
+            r.disks[0],
+            DiskSpec { path: "/a.img".into(), read_only: false, id: None, rate_limit: RateLimit::default() }
+        );
+        assert_eq!(
+            r.disks[1],
+            DiskSpec {
+                path: "/b.img".into(),
+                read_only: true,
+                id: Some("data".into()),
+                rate_limit: RateLimit::default()
+            }
+        );
+    }
+
+    #[test]
+    fn rate_limits_parse_with_suffixes_and_refuse_garbage() {
+        let d = DiskSpec::parse("/d.img,bw=10M,ops=500,bw-burst=64K,ops-burst=8").expect("disk");
+        assert_eq!(
+            d.rate_limit,
+            RateLimit { bytes_per_sec: 10 << 20, bytes_burst: 64 << 10, ops_per_sec: 500, ops_burst: 8 }
+        );
+        assert_eq!(parse_bytes("3MiB"), Ok(3 << 20));
+        assert_eq!(parse_bytes("7"), Ok(7));
+        assert!(parse_bytes("M").is_err());
+        assert!(parse_bytes("99999999999G").is_err());
+        assert!(DiskSpec::parse("/d.img,bw=fast").is_err());
+        assert!(DiskSpec::parse("/d.img,pps=5").is_err(), "pps is the net option");
+        assert!(DiskSpec::parse("/d.img,bw=2T").is_err());
+        let n = NetSpec::parse("tap=bh0,bw=1M,pps=1000").expect("net");
+        assert_eq!(n.rate_limit.bytes_per_sec, 1 << 20);
+        assert_eq!(n.rate_limit.ops_per_sec, 1000);
+        assert!(NetSpec::parse("tap=bh0,ops=5").is_err(), "ops is the disk option");
+    }
+
+    #[test]
+    fn net_specs_parse_and_refuse_bad_input() {
+        let Command::Run(r) =
+            parse(&["run", "--kernel", "/k", "--net", "tap=bh0", "--net", "id=lan,tap=bh1,mac=02:aa:bb:cc:dd:0e"])
+                .expect("parse")
+                .command
+        else {
+            panic!("not run")
+        };
+        assert_eq!(r.nets.len(), 2);
+        assert_eq!(r.nets[0], NetSpec { tap: "bh0".into(), mac: None, id: None, rate_limit: RateLimit::default() });
+        assert_eq!(r.nets[1].mac, Some([0x02, 0xaa, 0xbb, 0xcc, 0xdd, 0x0e]));
+        assert_eq!(r.nets[1].id.as_deref(), Some("lan"));
+        for bad in [
+            "",
+            "mac=02:00:00:00:00:01",
+            "tap=",
+            "tap=a/b",
+            "tap=0123456789abcdef",
+            "tap=t,mac=01:00:00:00:00:01",
+            "tap=t,mac=00:00:00:00:00:00",
+            "tap=t,mac=02:00:00:00:00",
+            "tap=t,mac=02:00:00:00:00:01:02",
+            "tap=t,mac=zz:00:00:00:00:01",
+            "tap=t,id=",
+            "tap=t,id=a b",
+            "tap=t,speed=1",
+        ] {
+            assert!(NetSpec::parse(bad).is_err(), "{bad:?} must be refused");
+        }
+        assert_eq!(InjectSpec::parse("net1:mount@5").map(|s| s.target), Ok(InjectTarget::Net(1)));
+        assert_eq!(InjectSpec::parse("net:mount@5").map(|s| s.target), Ok(InjectTarget::Net(0)));
     }
 }

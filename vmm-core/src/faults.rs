@@ -173,11 +173,15 @@ pub fn plan(s: &FaultSchedule, limit: usize) -> Vec<(Duration, FaultAction)> {
     out
 }
 
-/// Finds the service `name` designates: `console`, `block` (first disk), `blockN`, `diskN` or
-/// a service's own name.
+/// Finds the service `name` designates: `console`, `block` (first disk), `blockN`, `diskN`,
+/// `net` (first NIC), `netN` or a service's own name.
 pub fn find<'a>(services: &'a [ServiceRef], name: &str) -> Option<&'a ServiceRef> {
     if let Some(s) = services.iter().find(|s| s.name() == name) {
         return Some(s);
+    }
+    if let Some(index) = name.strip_prefix("net").and_then(|n| if n.is_empty() { Some(0) } else { n.parse().ok() }) {
+        let nets: Vec<&ServiceRef> = services.iter().filter(|s| s.name().starts_with("net")).collect();
+        return nets.get(index).copied();
     }
     let disks: Vec<&ServiceRef> = services.iter().filter(|s| s.name().starts_with("block")).collect();
     let index = match name {

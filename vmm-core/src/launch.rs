@@ -19,7 +19,7 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::arch::{cpu, mptable};
 use crate::boot;
 use crate::bus::{BusDevice, BusError};
-use crate::cli::{DiskSpec, InjectSpec, InjectTarget, RunArgs};
+use crate::cli::{DiskSpec, InjectSpec, InjectTarget, NetSpec, RunArgs};
 use crate::control::{StopHandle, StopReason};
 use crate::devices::{
     DebugExit, PostCode, DEBUG_EXIT_PORT, I8042, I8042_COMMAND_PORT, I8042_DATA_PORT, POST_CODE_PORT,
@@ -42,6 +42,8 @@ pub const COM1_GSI: u32 = 4;
 pub const BLOCK_QUEUES: u16 = 1;
 /// Largest queue size a virtio-blk device offers.
 pub const BLOCK_QUEUE_SIZE: u16 = 256;
+/// Largest queue size a virtio-net device offers (RX and TX).
+pub const NET_QUEUE_SIZE: u16 = 256;
 
 /// Errors from `bulkhead run`.
 #[derive(Debug, thiserror::Error)]
@@ -79,6 +81,18 @@ pub enum LaunchError {
         #[source]
         source: std::io::Error,
     },
+    /// A TAP device cannot be opened.
+    #[error("cannot open TAP device for --net tap={name}")]
+    Tap {
+        /// The interface name given.
+        name: String,
+        /// Cause.
+        #[source]
+        source: crate::tap::TapError,
+    },
+    /// Two `--net` name the same TAP.
+    #[error("TAP {0} is given to two --net devices")]
+    DuplicateTap(String),
     /// The virtio-mmio address map.
     #[error(transparent)]
     Mmio(#[from] crate::mmio::MmioError),
@@ -283,6 +297,7 @@ fn start_disk(
         queue_notify,
         irq,
         queue_size: BLOCK_QUEUE_SIZE,
+        rate_limit: spec.rate_limit,
     };
     let (device, handle) = service::spawn_block(&binary, spec, service_options(args))?;
     buses.mmio.insert(slot.base, slot.len, device)?;
@@ -290,6 +305,92 @@ fn start_disk(
         "disk{index}: {}{} at {:#x} (GSI {}) served by pid {}",
         args.disks[index].path.display(),
         if args.disks[index].read_only { " (read-only)" } else { "" },
+        slot.base,
+        slot.gsi,
+        handle.pid()
+    );
+    Ok(handle)
+}
+
+/// One `--net`, its TAP opened and placed in the guest's address map, before its service starts.
+struct PlannedNet {
+    spec: NetSpec,
+    tap: crate::tap::Tap,
+    slot: MmioSlot,
+}
+
+/// Opens (or creates) every `--net` TAP and gives each a virtio-mmio slot.
+fn plan_nets(args: &RunArgs, mmio: &mut MmioAllocator) -> Result<Vec<PlannedNet>, LaunchError> {
+    let mut planned = Vec::new();
+    for spec in &args.nets {
+        if planned.iter().any(|p: &PlannedNet| p.spec.tap == spec.tap) {
+            return Err(LaunchError::DuplicateTap(spec.tap.clone()));
+        }
+        let tap =
+            crate::tap::open_tap(&spec.tap, 0).map_err(|source| LaunchError::Tap { name: spec.tap.clone(), source })?;
+        planned.push(PlannedNet { spec: spec.clone(), tap, slot: mmio.allocate()? });
+    }
+    Ok(planned)
+}
+
+/// The MAC a `--net` without `mac=` gets: locally administered, unicast, made from the core's
+/// pid and the device's index, so two VMs on one bridge differ.
+fn default_mac(index: usize) -> [u8; 6] {
+    let pid = std::process::id().to_be_bytes();
+    [0x02, 0xb4, pid[1], pid[2], pid[3], u8::try_from(index & 0xff).unwrap_or(0)]
+}
+
+fn format_mac(mac: &[u8; 6]) -> String {
+    mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+}
+
+fn start_net(
+    args: &RunArgs,
+    vm: &VmFd,
+    ram: &GuestRam,
+    buses: &mut Buses,
+    index: usize,
+    net: PlannedNet,
+) -> Result<service::ServiceHandle, LaunchError> {
+    let binary = service_binary(&service_dir(args), "bulkhead-net")?;
+    let PlannedNet { spec, tap, slot } = net;
+    let irq = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(os("eventfd"))?;
+    vm.register_irqfd(&irq, slot.gsi).map_err(|source| LaunchError::Kvm { what: "KVM_IRQFD", source })?;
+    let mut kicks = Vec::new();
+    for queue in 0..2u32 {
+        let kick = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(os("eventfd"))?;
+        // RX (0) and TX (1) kicks go from KVM straight to the service.
+        vm.register_ioevent(&kick, &IoEventAddress::Mmio(slot.queue_notify_addr()), queue)
+            .map_err(|source| LaunchError::Kvm { what: "KVM_IOEVENTFD", source })?;
+        kicks.push(kick);
+    }
+    let (tx_notify, rx_notify) = match (kicks.pop(), kicks.pop()) {
+        (Some(tx), Some(rx)) => (tx, rx),
+        _ => unreachable!("two eventfds were pushed"),
+    };
+    let mac = spec.mac.unwrap_or_else(|| default_mac(index));
+    let crate::tap::Tap { fd, name: tap_name } = tap;
+    let net_spec = service::NetSpec {
+        id: spec.id.clone().unwrap_or_else(|| format!("net{index}")),
+        tap: fd,
+        tap_name: tap_name.clone(),
+        mac,
+        mmio_base: slot.base,
+        mmio_len: slot.len,
+        gsi: slot.gsi,
+        memfd: ram.memfd().try_clone_to_owned().map_err(os("dup of the guest memory memfd"))?,
+        memory: ram_ranges(ram.size()),
+        rx_notify,
+        tx_notify,
+        irq,
+        queue_size: NET_QUEUE_SIZE,
+        rate_limit: spec.rate_limit,
+    };
+    let (device, handle) = service::spawn_net(&binary, net_spec, service_options(args))?;
+    buses.mmio.insert(slot.base, slot.len, device)?;
+    log::info!(
+        "net{index}: TAP {tap_name}, MAC {} at {:#x} (GSI {}) served by pid {}",
+        format_mac(&mac),
         slot.base,
         slot.gsi,
         handle.pid()
@@ -328,16 +429,24 @@ fn next_injection(pending: &[InjectSpec], started: std::time::Instant) -> Option
 }
 
 /// Sends every `--inject-forbidden` that is due to its service, and forgets it.
-fn inject_due(pending: &mut Vec<InjectSpec>, started: std::time::Instant, services: &[service::ServiceHandle]) {
+fn inject_due(
+    pending: &mut Vec<InjectSpec>,
+    started: std::time::Instant,
+    services: &[service::ServiceHandle],
+    disks: usize,
+) {
     let elapsed = started.elapsed();
     pending.retain(|inj| {
         if inj.delay > elapsed {
             return true;
         }
-        // services[0] is the console, then one block service per --disk in order.
+        // services[0] is the console, then one block service per --disk in order, then one net
+        // service per --net.
         let index = match inj.target {
             InjectTarget::Console => Some(0),
-            InjectTarget::Disk(n) => n.checked_add(1),
+            InjectTarget::Disk(n) if n < disks => n.checked_add(1),
+            InjectTarget::Net(n) => n.checked_add(1).and_then(|i| i.checked_add(disks)),
+            InjectTarget::Disk(_) => None,
         };
         match index.and_then(|i| services.get(i)) {
             Some(svc) => {
@@ -366,15 +475,20 @@ pub fn run(args: &RunArgs) -> Result<StopReason, LaunchError> {
     if !args.disks.is_empty() {
         service_binary(&service_dir(args), "bulkhead-block")?;
     }
+    if !args.nets.is_empty() {
+        service_binary(&service_dir(args), "bulkhead-net")?;
+    }
     // Which namespaces services get: refuses to go on if one is unavailable, unless the user
     // passed --insecure-no-sandbox (then warns loudly). Probed before guest RAM exists.
     service::init_sandbox(args.insecure_no_sandbox).map_err(service::ServiceError::Sandbox)?;
     let mut mmio = MmioAllocator::default();
     let disks = plan_disks(args, &mut mmio)?;
+    let nets = plan_nets(args, &mut mmio)?;
 
     let host = HostKvm::detect();
     let mut extra = host.extra_kernel_params(&args.cmdline);
     extra.extend(disks.iter().map(|d| d.slot.cmdline_word()));
+    extra.extend(nets.iter().map(|n| n.slot.cmdline_word()));
     let cmdline = boot::build_cmdline(&args.cmdline, &extra)?;
     if host == HostKvm::Pvm {
         log::info!(
@@ -410,6 +524,9 @@ pub fn run(args: &RunArgs) -> Result<StopReason, LaunchError> {
     let mut services = vec![console];
     for (i, disk) in disks.into_iter().enumerate() {
         services.push(start_disk(args, &vm, &ram, &mut buses, i, disk)?);
+    }
+    for (i, net) in nets.into_iter().enumerate() {
+        services.push(start_net(args, &vm, &ram, &mut buses, i, net)?);
     }
 
     // Fault schedules and the API socket run on their own threads, created before the main
@@ -469,7 +586,7 @@ pub fn run(args: &RunArgs) -> Result<StopReason, LaunchError> {
         match stopped.recv_timeout(tick) {
             Ok(r) => break r,
             Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
-                inject_due(&mut injections, started, &services);
+                inject_due(&mut injections, started, &services, args.disks.len());
                 let sig = SIGNALLED.load(Ordering::SeqCst);
                 if sig != 0 {
                     stop.stop(StopReason::Signal(sig));

@@ -40,7 +40,7 @@ use std::time::{Duration, Instant};
 
 use ipc::control::{
     bounded_reason, BlockConfig, ControlMsg, DeviceConfig, FaultAction, FdRole, ForbiddenAction, MemoryRegion,
-    RingSetup, ServiceFault, ServiceMetrics, ServiceSetup, ServiceStats,
+    NetConfig, RateLimit, RingSetup, ServiceFault, ServiceMetrics, ServiceSetup, ServiceStats,
 };
 use ipc::ring::{ExitKind, ExitRequest, Status};
 use ipc::state::{StateRegion, HOT_OFFSET, SLOT_HEADER_LEN, SLOT_LEN};
@@ -1437,6 +1437,8 @@ pub struct BlockSpec {
     pub irq: EventFd,
     /// Largest queue size offered (power of two, e.g. 256).
     pub queue_size: u16,
+    /// Limit on bytes and requests per second.
+    pub rate_limit: RateLimit,
 }
 
 fn dup_eventfd(e: &EventFd) -> Result<OwnedFd, ServiceError> {
@@ -1452,8 +1454,20 @@ pub fn spawn_block(
     spec: BlockSpec,
     options: impl Into<ServiceOptions>,
 ) -> Result<(Arc<RemoteDevice>, ServiceHandle), ServiceError> {
-    let BlockSpec { id, disk, read_only, mmio_base, mmio_len, gsi, memfd, memory, queue_notify, irq, queue_size } =
-        spec;
+    let BlockSpec {
+        id,
+        disk,
+        read_only,
+        mmio_base,
+        mmio_len,
+        gsi,
+        memfd,
+        memory,
+        queue_notify,
+        irq,
+        queue_size,
+        rate_limit,
+    } = spec;
     let disk_size = disk.metadata().map_err(os("stat of the disk image"))?.len();
     let num_queues = u16::try_from(queue_notify.len()).unwrap_or(u16::MAX);
     let mut fds =
@@ -1482,6 +1496,102 @@ pub fn spawn_block(
                 id,
                 num_queues,
                 queue_size,
+                rate_limit,
+            }),
+            fds,
+            space: AddressSpace::Mmio,
+            options: options.into(),
+        },
+        Some(keep),
+    )
+}
+
+/// What the core passes to start a `bulkhead-net` service. The lead creates the eventfds and
+/// registers them with KVM first: `rx_notify` as an ioeventfd on `mmio_base + 0x50` (4 bytes,
+/// datamatch 0), `tx_notify` likewise with datamatch 1, `irq` as an irqfd on `gsi`.
+#[derive(Debug)]
+pub struct NetSpec {
+    /// Instance name (`net-<id>` in logs and metrics).
+    pub id: String,
+    /// The TAP device, opened by the core (`IFF_TAP | IFF_NO_PI | IFF_VNET_HDR`).
+    pub tap: OwnedFd,
+    /// The TAP's interface name, for logs.
+    pub tap_name: String,
+    /// The MAC address the guest reads from config space.
+    pub mac: [u8; 6],
+    /// Guest physical address of the device's virtio-mmio window.
+    pub mmio_base: u64,
+    /// Length of the window (0x1000 normally; at least 0x200).
+    pub mmio_len: u64,
+    /// GSI the irqfd is registered on.
+    pub gsi: u32,
+    /// The guest RAM memfd.
+    pub memfd: OwnedFd,
+    /// Guest RAM as `(guest address, length, memfd offset)`, e.g. `memory::ram_ranges(size)`.
+    pub memory: Vec<(u64, u64, u64)>,
+    /// The RX queue's ioeventfd (datamatch 0).
+    pub rx_notify: EventFd,
+    /// The TX queue's ioeventfd (datamatch 1).
+    pub tx_notify: EventFd,
+    /// The irqfd.
+    pub irq: EventFd,
+    /// Largest queue size offered (power of two, e.g. 256).
+    pub queue_size: u16,
+    /// Limit on bytes and frames per second, each way.
+    pub rate_limit: RateLimit,
+}
+
+/// Starts a `bulkhead-net` service for `spec`. `options` (or just a deadline for each
+/// forwarded access) tunes it. Every instance gets the same TAP fd, so frames the TAP queued
+/// while an instance was being replaced are delivered by the next one.
+/// Register the returned device on the MMIO bus at `spec.mmio_base` with length `spec.mmio_len`.
+pub fn spawn_net(
+    binary: &Path,
+    spec: NetSpec,
+    options: impl Into<ServiceOptions>,
+) -> Result<(Arc<RemoteDevice>, ServiceHandle), ServiceError> {
+    let NetSpec {
+        id,
+        tap,
+        tap_name,
+        mac,
+        mmio_base,
+        mmio_len,
+        gsi,
+        memfd,
+        memory,
+        rx_notify,
+        tx_notify,
+        irq,
+        queue_size,
+        rate_limit,
+    } = spec;
+    let mut fds = vec![
+        (FdRole::GuestMemory, memfd),
+        (FdRole::Tap, tap),
+        (FdRole::Irq, dup_eventfd(&irq)?),
+        (FdRole::QueueNotify(0), dup_eventfd(&rx_notify)?),
+        (FdRole::QueueNotify(1), dup_eventfd(&tx_notify)?),
+    ];
+    let name = if id.is_empty() { "net".to_string() } else { format!("net-{id}") };
+    let (state, keep) = state_region(&name)?;
+    fds.push((FdRole::StateRegion, state));
+    spawn_service_with_state(
+        ServiceSpec {
+            name,
+            binary: binary.to_path_buf(),
+            device: DeviceConfig::Net(NetConfig {
+                mmio_base,
+                mmio_len,
+                gsi,
+                memory: memory
+                    .iter()
+                    .map(|&(guest_addr, len, file_offset)| MemoryRegion { guest_addr, len, file_offset })
+                    .collect(),
+                mac,
+                queue_size,
+                tap_name,
+                rate_limit,
             }),
             fds,
             space: AddressSpace::Mmio,

@@ -286,6 +286,7 @@ fn block_service_serves_its_mmio_window() {
         queue_notify: vec![EventFd::new(libc::EFD_NONBLOCK).expect("eventfd")],
         irq: EventFd::new(libc::EFD_NONBLOCK).expect("eventfd"),
         queue_size: 256,
+        rate_limit: Default::default(),
     };
     let (dev, handle) = spawn_block(&bin, spec, Duration::from_secs(1)).expect("spawn block");
     let _ = std::fs::remove_file(&disk_path);
@@ -325,6 +326,7 @@ fn block_service_refuses_memory_its_memfd_does_not_back() {
         queue_notify: vec![EventFd::new(libc::EFD_NONBLOCK).expect("eventfd")],
         irq: EventFd::new(libc::EFD_NONBLOCK).expect("eventfd"),
         queue_size: 256,
+        rate_limit: Default::default(),
     };
     let e = spawn_block(&bin, spec, Duration::from_secs(1)).expect_err("must fail");
     assert!(matches!(&e, ServiceError::SetupFailed { reason, .. } if reason.contains("memfd")), "{e:?}");
