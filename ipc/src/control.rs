@@ -352,6 +352,13 @@ pub enum FaultAction {
 }
 
 impl FaultAction {
+    /// Whether the action ends the instance by itself (at once, or for `hang` when the core's
+    /// liveness check notices). `slow` does not; `corrupt-reply` does only once the guest
+    /// accesses the device.
+    pub fn is_fatal(&self) -> bool {
+        !matches!(self, Self::Slow { .. } | Self::CorruptReply)
+    }
+
     /// The names [`parse`](Self::parse) accepts.
     pub const NAMES: &'static str = "kill, crash, abort, segv, hang, slow=MS, corrupt-reply, corrupt-state, seccomp";
 
@@ -410,6 +417,9 @@ pub struct ServiceMetrics {
     pub exits_forwarded: u64,
     /// Exits in flight at a failure, completed against the next instance.
     pub exits_redone: u64,
+    /// Device requests (block requests, net chains) an instance found in flight in the state
+    /// region at its start and redid, summed over all instances.
+    pub requests_redone: u64,
     /// Exits completed with the failure value (all-ones reads, dropped writes).
     pub exits_failed: u64,
     /// Why the device was marked failed, if it was.

@@ -217,3 +217,101 @@ pub fn bad_pattern_sectors(image: &std::path::Path, seed: u64) -> u64 {
     }
     bad
 }
+
+/// A network namespace of its own for one test, so TAPs, bridges and packet sockets never touch
+/// the host's (or another test's) network. Created by [`NetNs::new`] with IPv6 off (no router
+/// solicitations or MLD reports on the test's links); deleted on drop, also when the test fails.
+/// Needs root (CAP_SYS_ADMIN) and `ip` from iproute2.
+#[derive(Debug)]
+pub struct NetNs {
+    name: String,
+}
+
+static NETNS_COUNTER: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
+impl NetNs {
+    /// Creates the namespace `bh-<tag>-<pid>-<n>` (unique per test process and call).
+    pub fn new(tag: &str) -> Self {
+        let n = NETNS_COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let name = format!("bh-{tag}-{}-{n}", std::process::id());
+        let st = Command::new("ip").args(["netns", "add", &name]).status().expect("run ip netns add");
+        assert!(st.success(), "ip netns add {name} failed (needs root / CAP_SYS_ADMIN)");
+        let ns = Self { name };
+        ns.run(|| {
+            // /proc/sys/net is the namespace of the thread that opens it: this thread's.
+            for conf in ["all", "default"] {
+                let p = format!("/proc/sys/net/ipv6/conf/{conf}/disable_ipv6");
+                // A kernel without IPv6 has no such file, and nothing to silence.
+                if std::path::Path::new(&p).exists() {
+                    std::fs::write(&p, "1").unwrap_or_else(|e| panic!("write {p}: {e}"));
+                }
+            }
+        });
+        ns
+    }
+
+    /// The namespace's name (as `ip netns` shows it).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Runs `ip -n <name> args...` and returns what it printed; fails the test if it fails.
+    pub fn ip(&self, args: &[&str]) -> String {
+        let out = Command::new("ip").arg("-n").arg(&self.name).args(args).output().expect("run ip");
+        assert!(
+            out.status.success(),
+            "ip -n {} {}: {}",
+            self.name,
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Whether a link called `dev` exists in the namespace.
+    pub fn has_link(&self, dev: &str) -> bool {
+        Command::new("ip")
+            .args(["-n", &self.name, "link", "show", "dev", dev])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    }
+
+    /// Creates a persistent TAP `dev` (with a virtio-net header, as `bulkhead run --net` opens
+    /// it) and sets it up.
+    pub fn add_tap(&self, dev: &str) {
+        self.ip(&["tuntap", "add", "dev", dev, "mode", "tap", "vnet_hdr"]);
+        self.ip(&["link", "set", dev, "up"]);
+    }
+
+    /// Runs `f` on a thread that entered the namespace, and returns its result. Sockets `f`
+    /// opens stay in the namespace when used from other threads; processes `f` spawns start in it.
+    pub fn run<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
+        let path = format!("/var/run/netns/{}", self.name);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let ns = std::fs::File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}"));
+                // SAFETY: setns(2) only reads the descriptor, which `ns` keeps open for the call;
+                // it changes this (scoped, private) thread's network namespace only.
+                let rc = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&ns), libc::CLONE_NEWNET) };
+                assert_eq!(rc, 0, "setns {path}: {}", std::io::Error::last_os_error());
+                f()
+            })
+            .join()
+            .expect("netns thread")
+        })
+    }
+
+    /// Spawns `cmd` inside the namespace.
+    pub fn spawn(&self, cmd: &mut Command) -> Child {
+        self.run(|| cmd.spawn().expect("spawn in netns"))
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        // Links in it (TAPs, bridges) go with it.
+        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
+    }
+}

@@ -191,6 +191,9 @@ pub fn find<'a>(services: &'a [ServiceRef], name: &str) -> Option<&'a ServiceRef
     disks.get(index).copied().or_else(|| services.iter().find(|s| s.name() == format!("block-disk{index}")))
 }
 
+/// Longest a scheduled or requested injection waits for a live instance of its service.
+const HOLD_LIMIT: Duration = Duration::from_secs(5);
+
 /// Runs the `--fault` schedules on their own thread (started before the main thread's seccomp
 /// filter; it injects through the supervisor's handles). Stops when `stop` is set.
 pub fn start_schedules(
@@ -215,6 +218,8 @@ pub fn start_schedules(
                 }
             }
             due.sort_by_key(|d| d.0);
+            // Per device: the instance the last fatal injection went to.
+            let mut doomed: std::collections::HashMap<String, u32> = std::collections::HashMap::new();
             for (at, i, action) in due {
                 // Bounded sleep in 50 ms slices so a stop is seen.
                 while start.elapsed() < at {
@@ -230,8 +235,23 @@ pub fn start_schedules(
                 match find(&services, name) {
                     Some(svc) if svc.device().is_failed() => {}
                     Some(svc) => {
-                        if let Err(e) = svc.inject(action) {
-                            log::warn!("fault injection ({action}) into {name} failed: {e}");
+                        // An injection due while the previous one's restart is under way waits
+                        // for the new instance (bounded), so every scheduled fault that ends an
+                        // instance ends a different one.
+                        let not_pid = doomed.get(name).copied();
+                        if !svc.wait_alive(not_pid, HOLD_LIMIT) {
+                            log::warn!(
+                                "fault injection ({action}) into {name} skipped: no live instance within {HOLD_LIMIT:?}"
+                            );
+                            continue;
+                        }
+                        let pid = svc.pid();
+                        match svc.inject(action) {
+                            Ok(_) if action.is_fatal() => {
+                                doomed.insert(name.clone(), pid);
+                            }
+                            Ok(_) => {}
+                            Err(e) => log::warn!("fault injection ({action}) into {name} failed: {e}"),
                         }
                     }
                     None => log::warn!("fault injection: no device {name}"),
@@ -264,6 +284,10 @@ fn handle(req: ApiRequest, services: &[ServiceRef]) -> ApiResponse {
                 "device {} has failed: {}",
                 s.name(),
                 s.device().failure().unwrap_or_default()
+            )),
+            Some(s) if !s.wait_alive(None, HOLD_LIMIT) => ApiResponse::Error(format!(
+                "device {} has no live instance (restarting for over {HOLD_LIMIT:?})",
+                s.name()
             )),
             Some(s) => match s.inject(action) {
                 Ok(done) => ApiResponse::Done(done),
@@ -346,7 +370,7 @@ pub fn format_metrics(m: &ServiceMetrics) -> String {
     let ms = |us: Option<u64>| us.map_or_else(|| "-".to_string(), |u| format!("{:.2} ms", u as f64 / 1000.0));
     format!(
         "service {} (pid {}): {} restarts (death to serving: last {}, median {}, max {}), {} exits forwarded, \
-         {} redone, {} failed{}",
+         {} redone, {} failed, {} device requests redone{}",
         m.name,
         m.pid,
         m.restarts,
@@ -356,6 +380,7 @@ pub fn format_metrics(m: &ServiceMetrics) -> String {
         m.exits_forwarded,
         m.exits_redone,
         m.exits_failed,
+        m.requests_redone,
         m.failed.as_ref().map_or_else(String::new, |f| format!("; FAILED: {f}"))
     )
 }

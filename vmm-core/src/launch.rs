@@ -606,7 +606,10 @@ pub fn run(args: &RunArgs) -> Result<StopReason, LaunchError> {
     if stuck > 0 {
         log::error!("{stuck} vCPU thread(s) did not stop within 2 s");
     }
-    for service in services {
+    for mut service in services {
+        // Refreshes the current instance's counters (its redone requests) for the metrics line;
+        // a dead or hung instance just leaves the last known ones.
+        let _ = service.stats(Duration::from_millis(200));
         let stats = service.device().stats();
         let cpu =
             service_cpu_ns(service.pid()).map_or_else(|| "n/a".to_string(), |ns| format!("{:.1} ms", ns as f64 / 1e6));

@@ -591,11 +591,13 @@ struct Ctl {
     pong_seen: u64,
     /// A `SeccompViolation` report read off the channel before the death was noticed.
     seccomp: Option<(u32, u32)>,
+    /// Requests this instance redid from the state region, as its latest `Pong` said.
+    redone_seen: u64,
 }
 
 impl Ctl {
     fn new(control: ControlChannel, pid: u32, pidfd: OwnedFd) -> Self {
-        Self { control, pid, pidfd, next_token: 1, pong_seen: 0, seccomp: None }
+        Self { control, pid, pidfd, next_token: 1, pong_seen: 0, seccomp: None, redone_seen: 0 }
     }
 
     /// Notes what a message read for someone else says about the instance: a `Pong` (any
@@ -603,8 +605,9 @@ impl Ctl {
     /// whether the message was one of those.
     fn note(&mut self, msg: &ControlMsg) -> bool {
         match *msg {
-            ControlMsg::Pong { token, .. } => {
+            ControlMsg::Pong { token, stats } => {
                 self.pong_seen = self.pong_seen.max(token);
+                self.redone_seen = self.redone_seen.max(stats.redone);
                 true
             }
             ControlMsg::SeccompViolation { syscall, arch } => {
@@ -721,6 +724,32 @@ impl ServiceRef {
         Ok(format!("{action} injected into service {} (pid {pid})", self.0.name))
     }
 
+    /// Waits (at most `limit`, in 2 ms steps) until the current instance is alive and is not
+    /// `not_pid` (an instance a fatal fault was already sent to): while one that has died is
+    /// being replaced, a fault injected into it would be lost. Returns whether such a live
+    /// instance is there (false if the device failed for good or the wait ran out).
+    pub fn wait_alive(&self, not_pid: Option<u32>, limit: Duration) -> bool {
+        let start = Instant::now();
+        // Bounded: each iteration sleeps 2 ms until `limit`.
+        loop {
+            if self.0.device.is_failed() {
+                return false;
+            }
+            let exited = {
+                let ctl = self.0.lock_ctl();
+                // A pidfd turns readable when its process exits.
+                Some(ctl.pid) == not_pid || ipc::wait::wait_readable(ctl.pidfd.as_fd(), Duration::ZERO).unwrap_or(true)
+            };
+            if !exited {
+                return true;
+            }
+            if start.elapsed() >= limit {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
     /// Supervision metrics.
     pub fn metrics(&self) -> ServiceMetrics {
         let m = self.0.metrics.lock().unwrap_or_else(|e| e.into_inner()).clone();
@@ -736,6 +765,7 @@ impl ServiceRef {
             max_restart_us: summary.map(|s| us(s.2)),
             exits_forwarded: stats.forwarded,
             exits_redone: stats.redone,
+            requests_redone: m.redone_by_earlier + self.0.lock_ctl().redone_seen,
             exits_failed: stats.failures,
             failed: m.failed.or_else(|| self.0.device.failure()),
         }
@@ -1284,7 +1314,15 @@ fn supervise(shared: &Shared, recipe: Recipe, mut child: ServiceChild, exit_tx: 
                     let new_pid = inst.child.id();
                     {
                         let mut ctl = shared.lock_ctl();
+                        // The old instance's last answers tell how many requests it redid.
+                        ctl.drain(&name);
+                        shared.metrics.lock().unwrap_or_else(|e| e.into_inner()).redone_by_earlier += ctl.redone_seen;
                         *ctl = Ctl::new(inst.control, new_pid, inst.pidfd);
+                        // Ask the new instance at once: it redoes in-flight requests before it
+                        // answers, so the count is known even if it dies soon after.
+                        if let Err(e) = ctl.ping() {
+                            log::debug!("service {name}: first ping of pid {new_pid}: {e}");
+                        }
                     }
                     // Metrics and the log line first: an access waiting for the new instance
                     // may look at them as soon as it is installed.
@@ -1339,7 +1377,12 @@ fn present_failed(shared: &Shared, recipe: &Recipe, why: &str) -> Result<Service
         let _ = child.wait();
         return Err(format!("telling pid {pid} to enter the failed state: {e}"));
     }
-    *shared.lock_ctl() = Ctl::new(control, pid, pidfd);
+    {
+        let mut ctl = shared.lock_ctl();
+        ctl.drain(&shared.device.name);
+        shared.metrics.lock().unwrap_or_else(|e| e.into_inner()).redone_by_earlier += ctl.redone_seen;
+        *ctl = Ctl::new(control, pid, pidfd);
+    }
     shared.device.install(ring, pid);
     shared.device.mark_given_up(why);
     Ok(child)

@@ -126,6 +126,9 @@ pub struct Metrics {
     pub latencies: VecDeque<Duration>,
     /// Why the device was marked failed, once it is.
     pub failed: Option<String>,
+    /// Requests found in flight in the state region and redone, summed over the instances
+    /// that have been replaced (the current one's count is on its control channel).
+    pub redone_by_earlier: u64,
 }
 
 /// Latency samples kept per service.
