@@ -10,6 +10,7 @@
 pub mod console;
 pub mod jail;
 pub mod memory;
+pub mod ratelimit;
 pub mod runtime;
 pub mod virtio;
 

@@ -130,6 +130,12 @@ pub trait MmioHandler {
     fn enter_failed(&mut self, _reason: &str) -> bool {
         false
     }
+    /// Work deferred until a deadline (e.g. a request waiting for rate-limit tokens): how long
+    /// the service may sleep at most before [`poll`](Self::poll) can make progress. Asked
+    /// right before [`prepare_sleep`](Self::prepare_sleep); `None` = no deadline.
+    fn wake_after(&self) -> Option<Duration> {
+        None
+    }
 }
 
 /// What the serve loop needs from a device, whatever its bus.
@@ -139,6 +145,9 @@ trait Dispatch {
     fn on_event(&mut self, fd: RawFd) -> Result<(), RuntimeError>;
     fn poll(&mut self) -> Result<bool, RuntimeError>;
     fn prepare_sleep(&mut self) -> Result<bool, RuntimeError>;
+    fn wake_after(&self) -> Option<Duration> {
+        None
+    }
     fn redone(&self) -> u64 {
         0
     }
@@ -219,6 +228,9 @@ impl<H: MmioHandler> Dispatch for MmioDispatch<H> {
     }
     fn prepare_sleep(&mut self) -> Result<bool, RuntimeError> {
         self.handler.prepare_sleep()
+    }
+    fn wake_after(&self) -> Option<Duration> {
+        self.handler.wake_after()
     }
     fn redone(&self) -> u64 {
         self.handler.redone()
@@ -442,6 +454,9 @@ impl<H: Dispatch> Server<H> {
                 std::hint::spin_loop();
                 continue;
             }
+            // Asked first: tokens only accrue with time, so a deadline seen now is still valid
+            // after prepare_sleep, and none seen means the handler's work is not deferred.
+            let slice = self.handler.wake_after().map_or(SLEEP_SLICE, |w| w.min(SLEEP_SLICE));
             if self.handler.prepare_sleep()? {
                 last_active = Instant::now();
                 continue;
@@ -451,7 +466,7 @@ impl<H: Dispatch> Server<H> {
             }
             self.stats.sleeps += 1;
             let bell = self.ring.bell_fd().as_raw_fd();
-            let flow = self.poll_side(SLEEP_SLICE, Some(bell));
+            let flow = self.poll_side(slice, Some(bell));
             self.ring.end_sleep();
             last_side_poll = Instant::now();
             match flow? {

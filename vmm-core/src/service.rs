@@ -1315,7 +1315,7 @@ fn supervise(shared: &Shared, recipe: Recipe, mut child: ServiceChild, exit_tx: 
                     {
                         let mut ctl = shared.lock_ctl();
                         // The old instance's last answers tell how many requests it redid.
-                        ctl.drain(&name);
+                        ctl.drain(name);
                         shared.metrics.lock().unwrap_or_else(|e| e.into_inner()).redone_by_earlier += ctl.redone_seen;
                         *ctl = Ctl::new(inst.control, new_pid, inst.pidfd);
                         // Ask the new instance at once: it redoes in-flight requests before it

@@ -6,7 +6,9 @@
 //! `QueueNotify(i)` for each queue (ioeventfds; optional: kicks then arrive as forwarded writes),
 //! and optionally `StateRegion` (the device's state then survives the process: a new instance
 //! resumes from it and redoes the requests that were in flight).
-//! Opens nothing itself. Exits 0 on `Shutdown`.
+//! The set-up's `rate_limit` caps the disk's bytes and requests per second (all queues together).
+//! Opens nothing itself. On `Shutdown` logs its counters (`bulkhead-block[PID]: stats ok=...`)
+//! and exits 0.
 
 use std::fs::File;
 use std::process::ExitCode;
@@ -14,7 +16,7 @@ use std::process::ExitCode;
 use bulkhead_policies::Policy;
 use device_services::memory::memory_fds;
 use device_services::runtime::error_chain;
-use device_services::virtio::block::Block;
+use device_services::virtio::block::{Block, BlockHandler};
 use device_services::virtio::mmio::MmioTransport;
 use device_services::virtio::setup::{check_window, take_transport_fds, transport};
 use device_services::{RuntimeError, Startup};
@@ -27,12 +29,13 @@ fn setup(st: &mut Startup) -> Result<(MmioTransport<Block>, u64, u64), RuntimeEr
     check_window(cfg.mmio_base, cfg.mmio_len)?;
     let disk = st.take_fd(FdRole::Disk).ok_or(RuntimeError::MissingFd(FdRole::Disk))?;
     let fds = take_transport_fds(st, &cfg.memory, cfg.num_queues)?;
-    let block = Block::new(File::from(disk), cfg.disk_size, cfg.read_only, &cfg.id, cfg.num_queues, cfg.queue_size)
+    let mut block = Block::new(File::from(disk), cfg.disk_size, cfg.read_only, &cfg.id, cfg.num_queues, cfg.queue_size)
         .map_err(|e| RuntimeError::Device(error_chain(&e)))?;
+    block.set_rate_limit(&cfg.rate_limit);
     let (discard, zeroes) = (block.supports_discard(), block.supports_write_zeroes());
     let transport = transport(st, block, fds)?;
     eprintln!(
-        "bulkhead-block[{}]: {} at {:#x}+{:#x} gsi {}: {} sectors{}{}{}, {} queue(s) of {}",
+        "bulkhead-block[{}]: {} at {:#x}+{:#x} gsi {}: {} sectors{}{}{}, {} queue(s) of {}{}",
         std::process::id(),
         st.setup.name,
         cfg.mmio_base,
@@ -43,7 +46,8 @@ fn setup(st: &mut Startup) -> Result<(MmioTransport<Block>, u64, u64), RuntimeEr
         if discard { ", discard" } else { "" },
         if zeroes { ", write-zeroes" } else { "" },
         cfg.num_queues,
-        cfg.queue_size
+        cfg.queue_size,
+        if cfg.rate_limit.is_unlimited() { String::new() } else { format!(", {:?}", cfg.rate_limit) }
     );
     Ok((transport, cfg.mmio_base, cfg.mmio_len))
 }
@@ -65,7 +69,10 @@ fn run() -> Result<(), RuntimeError> {
     st.seccomp(Policy::Block)?;
     let mut transport = transport;
     transport.restore().log("bulkhead-block", "request(s)");
-    st.serve_mmio(transport, base, len)?;
+    let stats = transport.device().stats_handle();
+    let served = st.serve_mmio(BlockHandler::new(transport), base, len);
+    eprintln!("bulkhead-block[{}]: stats {}", std::process::id(), stats.get());
+    served?;
     Ok(())
 }
 

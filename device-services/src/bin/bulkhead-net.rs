@@ -6,7 +6,8 @@
 //! IFF_VNET_HDR`, vnet header size 12, non-blocking), `Irq` (irqfd) and `QueueNotify(0)` /
 //! `QueueNotify(1)` (RX / TX ioeventfds; optional: kicks then arrive as forwarded writes), and
 //! optionally `StateRegion` (a new instance then resumes: TX chains in flight are sent again, RX
-//! buffers in flight are reused). Opens nothing itself. On `Shutdown` logs its counters
+//! buffers in flight are reused). The set-up's `rate_limit` caps each direction's bytes and frames
+//! per second. Opens nothing itself. On `Shutdown` logs its counters
 //! (`bulkhead-net[PID]: stats tx_frames=...`) and exits 0.
 
 use std::process::ExitCode;
@@ -27,11 +28,12 @@ fn setup(st: &mut Startup) -> Result<(MmioTransport<Net>, u64, u64), RuntimeErro
     check_window(cfg.mmio_base, cfg.mmio_len)?;
     let tap = st.take_fd(FdRole::Tap).ok_or(RuntimeError::MissingFd(FdRole::Tap))?;
     let fds = take_transport_fds(st, &cfg.memory, 2)?;
-    let net = Net::new(tap, cfg.mac, cfg.queue_size).map_err(|e| RuntimeError::Device(error_chain(&e)))?;
+    let mut net = Net::new(tap, cfg.mac, cfg.queue_size).map_err(|e| RuntimeError::Device(error_chain(&e)))?;
+    net.set_rate_limit(&cfg.rate_limit);
     let transport = transport(st, net, fds)?;
     let m = cfg.mac;
     eprintln!(
-        "bulkhead-net[{}]: {} at {:#x}+{:#x} gsi {}: tap {:?}, mac {:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}, queues of {}",
+        "bulkhead-net[{}]: {} at {:#x}+{:#x} gsi {}: tap {:?}, mac {:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}, queues of {}{}",
         std::process::id(),
         st.setup.name,
         cfg.mmio_base,
@@ -44,7 +46,8 @@ fn setup(st: &mut Startup) -> Result<(MmioTransport<Net>, u64, u64), RuntimeErro
         m[3],
         m[4],
         m[5],
-        cfg.queue_size
+        cfg.queue_size,
+        if cfg.rate_limit.is_unlimited() { String::new() } else { format!(", {:?} each way", cfg.rate_limit) }
     );
     Ok((transport, cfg.mmio_base, cfg.mmio_len))
 }

@@ -5,17 +5,30 @@
 //! (`PUNCH_HOLE|KEEP_SIZE` / `ZERO_RANGE|KEEP_SIZE`), the latter two offered only when a probe at
 //! start-up shows the file supports them. A read-only disk offers `VIRTIO_BLK_F_RO` and answers
 //! every write with IOERR. Chains are parsed by [`super::request::parse_request`].
+//!
+//! Rate limiting ([`Block::set_rate_limit`]): a request is taken from its queue only once the
+//! limiter admits it ([`Throttle`]), then charged its data length and one operation. While
+//! throttled the chains stay in the queue (nothing held, nothing to lose across a restart) and
+//! [`BlockHandler`] sleeps until the tokens are due instead of spinning.
 
+use std::cell::Cell;
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
+use std::rc::Rc;
+use std::time::Duration;
+
+use ipc::control::RateLimit;
 
 use virtio_bindings::virtio_blk;
 use vm_memory::{Bytes, GuestMemory, Permissions, VolatileSlice};
 
+use super::mmio::MmioTransport;
 use super::request::{parse_request, Request, RequestType, MAX_DESCRIPTORS, SECTOR};
 use super::{DeviceError, QueueCtx, VirtioDevice, F_EVENT_IDX, F_VERSION_1};
 use crate::memory::GuestMem;
+use crate::ratelimit::Throttle;
+use crate::runtime::{MmioHandler, RuntimeError};
 
 /// Virtio device ID of a block device.
 pub const DEVICE_ID_BLOCK: u32 = 2;
@@ -86,6 +99,18 @@ pub struct BlockStats {
     pub bytes_read: u64,
     /// Bytes written to the disk.
     pub bytes_written: u64,
+    /// Times requests had to wait for rate-limit tokens.
+    pub throttled: u64,
+}
+
+impl std::fmt::Display for BlockStats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "ok={} ioerr={} unsupp={} unanswerable={} bytes_read={} bytes_written={} throttled={}",
+            self.ok, self.ioerr, self.unsupp, self.unanswerable, self.bytes_read, self.bytes_written, self.throttled
+        )
+    }
 }
 
 /// A virtio-blk device over a raw image.
@@ -102,6 +127,8 @@ pub struct Block {
     can_punch: bool,
     can_zero: bool,
     stats: BlockStats,
+    shared: Rc<Cell<BlockStats>>,
+    throttle: Throttle,
 }
 
 fn fallocate(fd: RawFd, mode: libc::c_int, offset: u64, len: u64) -> io::Result<()> {
@@ -192,6 +219,8 @@ impl Block {
             can_punch,
             can_zero,
             stats: BlockStats::default(),
+            shared: Rc::new(Cell::new(BlockStats::default())),
+            throttle: Throttle::unlimited(),
         })
     }
 
@@ -215,6 +244,29 @@ impl Block {
         self.stats
     }
 
+    /// A handle that always shows the latest counters (e.g. to log them after serving ends).
+    pub fn stats_handle(&self) -> Rc<Cell<BlockStats>> {
+        Rc::clone(&self.shared)
+    }
+
+    /// Limits the disk's bytes and requests per second (all queues together). Enforced once
+    /// [`arm_rate_limit`](Self::arm_rate_limit) is called; requests are charged from the start.
+    pub fn set_rate_limit(&mut self, limit: &RateLimit) {
+        self.throttle = Throttle::new(limit);
+    }
+
+    /// Starts enforcing the rate limit: call it after the requests in flight at a restart were
+    /// redone ([`BlockHandler::new`] does).
+    pub fn arm_rate_limit(&self) {
+        self.throttle.arm();
+    }
+
+    /// How long until a request waiting for rate-limit tokens can go (`None`: none waits, or
+    /// it can go now).
+    pub fn throttle_wait(&self) -> Option<Duration> {
+        self.throttle.wake_after(self.throttle.now())
+    }
+
     /// The disk's fd (to keep open in a jail).
     pub fn disk_fd(&self) -> RawFd {
         self.disk.as_raw_fd()
@@ -226,7 +278,10 @@ impl Block {
         mem: &GuestMem,
         descs: I,
     ) -> u32 {
-        let (status, st_addr, written) = match parse_request(mem, descs, self.capacity) {
+        let parsed = parse_request(mem, descs, self.capacity);
+        let bytes = parsed.as_ref().map_or(0, |r| r.data_len);
+        self.throttle.charge(bytes, 1, self.throttle.now());
+        let (status, st_addr, written) = match parsed {
             Ok(req) => {
                 let (st, written) = self.execute(mem, &req);
                 (st, req.status, written)
@@ -447,17 +502,98 @@ impl VirtioDevice for Block {
         let max = usize::from(queue.size());
         let mem = queue.mem();
         let mut done = 0;
+        let mut result = Ok(());
         while done < max {
-            let Some(chain) = queue.pop()? else { break };
+            // Not taken from the queue until the limiter admits it.
+            if !self.throttle.admit(self.throttle.now()) {
+                break;
+            }
+            let chain = match queue.pop() {
+                Ok(Some(c)) => c,
+                Ok(None) => break,
+                Err(e) => {
+                    result = Err(e);
+                    break;
+                }
+            };
             let head = chain.head_index();
             let used = self.handle_chain(mem, chain);
-            queue.add_used(head, used)?;
+            if let Err(e) = queue.add_used(head, used) {
+                result = Err(e);
+                break;
+            }
             done += 1;
         }
-        Ok(done)
+        self.stats.throttled = self.throttle.refusals();
+        self.shared.set(self.stats);
+        result.map(|()| done)
     }
 
-    fn reset(&mut self) {}
+    fn reset(&mut self) {
+        self.throttle.clear_wait();
+    }
+}
+
+/// The block device as the service runtime serves it: the transport, plus sleeping (instead of
+/// spinning) while requests wait for rate-limit tokens, and waking when they are due.
+#[derive(Debug)]
+pub struct BlockHandler {
+    transport: MmioTransport<Block>,
+}
+
+impl BlockHandler {
+    /// Wraps a transport (restored, if it had saved state) and arms the device's rate limit.
+    pub fn new(transport: MmioTransport<Block>) -> Self {
+        transport.device().arm_rate_limit();
+        Self { transport }
+    }
+
+    /// The transport.
+    pub fn transport(&self) -> &MmioTransport<Block> {
+        &self.transport
+    }
+}
+
+impl MmioHandler for BlockHandler {
+    fn read(&mut self, offset: u64, data: &mut [u8]) -> bool {
+        self.transport.read(offset, data)
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) -> bool {
+        self.transport.write(offset, data)
+    }
+
+    fn event_fds(&self) -> Vec<RawFd> {
+        self.transport.event_fds()
+    }
+
+    fn on_event(&mut self, fd: RawFd) -> Result<(), RuntimeError> {
+        self.transport.on_event(fd)
+    }
+
+    fn poll(&mut self) -> Result<bool, RuntimeError> {
+        self.transport.poll()
+    }
+
+    fn prepare_sleep(&mut self) -> Result<bool, RuntimeError> {
+        let pending = self.transport.prepare_sleep()?;
+        // Queued requests that wait for tokens are no reason to stay awake: `wake_after` ends
+        // the sleep when they are due (one limiter covers every queue).
+        Ok(pending && self.transport.device().throttle_wait().is_none())
+    }
+
+    fn wake_after(&self) -> Option<Duration> {
+        self.transport.device().throttle_wait()
+    }
+
+    fn redone(&self) -> u64 {
+        self.transport.redone()
+    }
+
+    fn enter_failed(&mut self, reason: &str) -> bool {
+        self.transport.enter_failed(reason);
+        true
+    }
 }
 
 #[cfg(test)]
@@ -499,6 +635,50 @@ mod tests {
         assert!(matches!(Block::new(f2, 65 * SECTOR, false, "x", 1, 128), Err(BlockError::SizeMismatch { .. })));
         let (_t3, f3) = disk(1);
         assert!(matches!(Block::new(f3, SECTOR, false, "x", 1, 100), Err(BlockError::Queues { .. })));
+    }
+
+    #[test]
+    fn throttled_requests_stay_in_the_queue() {
+        let m = guest(&[0u8; MEM]);
+        let (_t, f) = disk(16);
+        let mut b = Block::new(f, 16 * SECTOR, false, "t", 1, 16).expect("block");
+        b.set_rate_limit(&RateLimit { ops_per_sec: 10, ops_burst: 1, ..RateLimit::default() });
+        let mut q = Queue::new(16).expect("queue");
+        q.try_set_size(8).expect("size");
+        q.try_set_desc_table_address(GuestAddress(0)).expect("desc");
+        q.try_set_avail_ring_address(GuestAddress(0x1000)).expect("avail");
+        q.try_set_used_ring_address(GuestAddress(0x2000)).expect("used");
+        q.set_ready(true);
+        // Three FLUSH requests: header (descriptor 2i), status (2i + 1).
+        for i in 0..3u16 {
+            let (d, hdr, st) = (u64::from(i) * 32, 0x3000 + u64::from(i) * 16, 0x3100 + u64::from(i));
+            m.write_obj(4u32, GuestAddress(hdr)).expect("type");
+            for (at, addr, len, flags, next) in [(d, hdr, 16u32, 1u16, 2 * i + 1), (d + 16, st, 1, 2, 0)] {
+                m.write_obj(addr, GuestAddress(at)).expect("addr");
+                m.write_obj(len, GuestAddress(at + 8)).expect("len");
+                m.write_obj(flags, GuestAddress(at + 12)).expect("flags");
+                m.write_obj(next, GuestAddress(at + 14)).expect("next");
+            }
+            m.write_obj(2 * i, GuestAddress(0x1004 + 2 * u64::from(i))).expect("ring");
+        }
+        m.write_obj(3u16, GuestAddress(0x1002)).expect("idx");
+        // Disarmed (redo after a restart): everything goes, and is charged.
+        assert_eq!(b.process_queue(&mut QueueCtx::untracked(0, &mut q, &m)).expect("run"), 3);
+        assert_eq!(b.stats().throttled, 0);
+        // Armed and in debt: nothing is taken from the queue.
+        b.arm_rate_limit();
+        m.write_obj(4u16, GuestAddress(0x1002)).expect("idx");
+        m.write_obj(0u16, GuestAddress(0x1004 + 6)).expect("ring");
+        assert_eq!(b.process_queue(&mut QueueCtx::untracked(0, &mut q, &m)).expect("run"), 0);
+        assert_eq!(q.next_avail(), 3, "the throttled chain stays available");
+        assert_eq!(b.process_queue(&mut QueueCtx::untracked(0, &mut q, &m)).expect("run"), 0);
+        assert_eq!(b.stats().throttled, 1, "one wait");
+        assert_eq!(b.stats_handle().get().throttled, 1);
+        let wait = b.throttle_wait().expect("waiting");
+        assert!(wait > Duration::from_millis(200) && wait <= Duration::from_millis(300), "{wait:?}");
+        // A reset forgets the wait.
+        b.reset();
+        assert_eq!(b.throttle_wait(), None);
     }
 
     fn descriptor() -> impl Strategy<Value = Descriptor> {

@@ -21,12 +21,20 @@
 //! Hostile chains (zero length, shorter than a header plus an Ethernet header, longer than
 //! [`MAX_PACKET`], outside guest RAM, in the wrong direction, looping) are completed with used
 //! length 0 and counted in [`NetStats`]; nothing the guest writes makes the service panic.
+//!
+//! Rate limiting ([`Net::set_rate_limit`]): one [`Throttle`] per direction, each charged the
+//! frame bytes (without the header) and one operation per frame. A throttled TX leaves chains
+//! in the TX queue; a throttled RX stops reading the TAP (the kernel queues or drops, as for any
+//! slow receiver). [`NetHandler`] then sleeps until the tokens are due.
 
 use std::cell::Cell;
 use std::collections::VecDeque;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::rc::Rc;
+use std::time::Duration;
+
+use ipc::control::RateLimit;
 
 use virtio_queue::desc::split::Descriptor;
 use vm_memory::{Bytes, GuestMemory, Permissions, VolatileSlice};
@@ -35,6 +43,7 @@ use super::mmio::{reg, status, MmioTransport};
 use super::request::{take_front, Segment};
 use super::{DeviceError, QueueCtx, VirtioDevice, F_EVENT_IDX, F_VERSION_1};
 use crate::memory::GuestMem;
+use crate::ratelimit::Throttle;
 use crate::runtime::{MmioHandler, RuntimeError};
 
 /// Virtio device ID of a network device.
@@ -139,6 +148,10 @@ pub struct NetStats {
     pub rx_bad_chains: u64,
     /// `readv` failures other than "no frame".
     pub rx_errors: u64,
+    /// Times TX had to wait for rate-limit tokens.
+    pub tx_throttled: u64,
+    /// Times RX had to wait for rate-limit tokens (the TAP left unread).
+    pub rx_throttled: u64,
 }
 
 impl std::fmt::Display for NetStats {
@@ -146,7 +159,7 @@ impl std::fmt::Display for NetStats {
         write!(
             f,
             "tx_frames={} tx_bytes={} tx_dropped={} tx_errors={} rx_frames={} rx_bytes={} rx_dropped={} \
-             rx_bad_chains={} rx_errors={}",
+             rx_bad_chains={} rx_errors={} tx_throttled={} rx_throttled={}",
             self.tx_frames,
             self.tx_bytes,
             self.tx_dropped,
@@ -155,7 +168,9 @@ impl std::fmt::Display for NetStats {
             self.rx_bytes,
             self.rx_dropped,
             self.rx_bad_chains,
-            self.rx_errors
+            self.rx_errors,
+            self.tx_throttled,
+            self.rx_throttled
         )
     }
 }
@@ -295,6 +310,8 @@ pub struct Net {
     stats: NetStats,
     shared: Rc<Cell<NetStats>>,
     complaints: u32,
+    tx_throttle: Throttle,
+    rx_throttle: Throttle,
 }
 
 impl Net {
@@ -317,6 +334,8 @@ impl Net {
             stats: NetStats::default(),
             shared: Rc::new(Cell::new(NetStats::default())),
             complaints: 0,
+            tx_throttle: Throttle::unlimited(),
+            rx_throttle: Throttle::unlimited(),
         })
     }
 
@@ -338,6 +357,38 @@ impl Net {
     /// RX buffers held, waiting for frames.
     pub fn rx_buffers_held(&self) -> usize {
         self.rx_held.len()
+    }
+
+    /// Limits each direction to `limit` (TX and RX have a bucket pair each). Enforced once
+    /// [`arm_rate_limit`](Self::arm_rate_limit) is called; frames are charged from the start.
+    pub fn set_rate_limit(&mut self, limit: &RateLimit) {
+        self.tx_throttle = Throttle::new(limit);
+        self.rx_throttle = Throttle::new(limit);
+    }
+
+    /// Starts enforcing the rate limit: after the chains in flight at a restart were redone
+    /// ([`NetHandler::new`] does).
+    pub fn arm_rate_limit(&self) {
+        self.tx_throttle.arm();
+        self.rx_throttle.arm();
+    }
+
+    /// Whether RX may read a frame from the TAP now (rate limit).
+    pub fn rx_admissible(&self) -> bool {
+        self.rx_throttle.admissible(self.rx_throttle.now())
+    }
+
+    /// How long until throttled work can go: TX chains waiting, or held RX buffers while the
+    /// TAP is left unread. `None`: nothing waits, or it can go now.
+    pub fn throttle_wait(&self) -> Option<Duration> {
+        let tx = self.tx_throttle.wake_after(self.tx_throttle.now());
+        let rx = if self.rx_held.is_empty() { None } else { self.rx_throttle.wait(self.rx_throttle.now()) };
+        tx.into_iter().chain(rx).min()
+    }
+
+    /// Whether TX chains wait for tokens.
+    pub fn tx_throttled(&self) -> bool {
+        self.tx_throttle.wake_after(self.tx_throttle.now()).is_some()
     }
 
     fn complain(&mut self, what: &str) {
@@ -408,9 +459,15 @@ impl Net {
         let mem = queue.mem();
         let mut done = 0;
         for _ in 0..queue.size() {
+            if !self.tx_throttle.admit(self.tx_throttle.now()) {
+                self.stats.tx_throttled = self.tx_throttle.refusals();
+                break;
+            }
             let Some(chain) = queue.pop()? else { break };
             let head = chain.head_index();
-            match parse_tx(mem, chain) {
+            let parsed = parse_tx(mem, chain);
+            self.tx_throttle.charge(parsed.as_ref().map_or(0, |f| f.len), 1, self.tx_throttle.now());
+            match parsed {
                 Ok(frame) => match self.send(mem, &frame) {
                     Ok(()) => {
                         self.stats.tx_frames += 1;
@@ -456,7 +513,15 @@ impl Net {
         // Fill them with whatever the TAP has, one frame per buffer.
         for _ in 0..size {
             let Some(buf) = self.rx_held.front() else { break };
-            match self.receive(mem, buf) {
+            if !self.rx_throttle.admit(self.rx_throttle.now()) {
+                self.stats.rx_throttled = self.rx_throttle.refusals();
+                break;
+            }
+            let got = self.receive(mem, buf);
+            if let Ok(n) = got {
+                self.rx_throttle.charge(n.saturating_sub(HDR_LEN as u64), 1, self.rx_throttle.now());
+            }
+            match got {
                 Ok(n) if n > buf.cap || n < (HDR_LEN + ETH_HLEN) as u64 => {
                     // Did not fit (it reached the spill byte, or the TAP reported its full length).
                     self.stats.rx_dropped += 1;
@@ -538,6 +603,7 @@ impl VirtioDevice for Net {
 
     fn reset(&mut self) {
         self.rx_held.clear();
+        self.tx_throttle.clear_wait();
     }
 }
 
@@ -549,8 +615,9 @@ pub struct NetHandler {
 }
 
 impl NetHandler {
-    /// Wraps a transport.
+    /// Wraps a transport (restored, if it had saved state) and arms the device's rate limit.
     pub fn new(transport: MmioTransport<Net>) -> Self {
+        transport.device().arm_rate_limit();
         Self { transport }
     }
 
@@ -559,11 +626,12 @@ impl NetHandler {
         &self.transport
     }
 
-    /// Whether frames can be delivered now (device running, buffers held).
+    /// Whether frames can be delivered now (device running, buffers held, RX tokens).
     fn rx_ready(&self) -> bool {
         let st = self.transport.status();
         st & (status::DRIVER_OK | status::NEEDS_RESET | status::FAILED) == status::DRIVER_OK
             && self.transport.device().rx_buffers_held() > 0
+            && self.transport.device().rx_admissible()
     }
 
     /// Runs the RX queue (through the transport's QueueNotify path, which batches the
@@ -611,7 +679,17 @@ impl MmioHandler for NetHandler {
     }
 
     fn prepare_sleep(&mut self) -> Result<bool, RuntimeError> {
-        self.transport.prepare_sleep()
+        let pending = self.transport.prepare_sleep()?;
+        if pending && self.transport.device().tx_throttled() {
+            // TX chains waiting for tokens are no reason to stay awake (`wake_after` ends the
+            // sleep when they are due); take whatever else arrived (RX buffers) first.
+            return self.poll();
+        }
+        Ok(pending)
+    }
+
+    fn wake_after(&self) -> Option<Duration> {
+        self.transport.device().throttle_wait()
     }
 
     fn redone(&self) -> u64 {
