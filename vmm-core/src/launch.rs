@@ -264,6 +264,22 @@ fn plan_disks(args: &RunArgs, mmio: &mut MmioAllocator) -> Result<Vec<PlannedDis
     Ok(planned)
 }
 
+/// Creates a virtio-mmio slot's irqfd (registered on its GSI) and one ioeventfd per queue
+/// (registered on its QueueNotify register with the queue index as datamatch): a guest kick
+/// signals the eventfd inside KVM and never reaches the core.
+fn wire_slot(vm: &VmFd, slot: &MmioSlot, queues: u16) -> Result<(EventFd, Vec<EventFd>), LaunchError> {
+    let irq = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(os("eventfd"))?;
+    vm.register_irqfd(&irq, slot.gsi).map_err(|source| LaunchError::Kvm { what: "KVM_IRQFD", source })?;
+    let mut kicks = Vec::new();
+    for queue in 0..queues {
+        let kick = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(os("eventfd"))?;
+        vm.register_ioevent(&kick, &IoEventAddress::Mmio(slot.queue_notify_addr()), u32::from(queue))
+            .map_err(|source| LaunchError::Kvm { what: "KVM_IOEVENTFD", source })?;
+        kicks.push(kick);
+    }
+    Ok((irq, kicks))
+}
+
 fn start_disk(
     args: &RunArgs,
     vm: &VmFd,
@@ -274,17 +290,7 @@ fn start_disk(
 ) -> Result<service::ServiceHandle, LaunchError> {
     let binary = service_binary(&service_dir(args), "bulkhead-block")?;
     let PlannedDisk { spec, file, slot } = disk;
-    let irq = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(os("eventfd"))?;
-    vm.register_irqfd(&irq, slot.gsi).map_err(|source| LaunchError::Kvm { what: "KVM_IRQFD", source })?;
-    let mut queue_notify = Vec::new();
-    for queue in 0..BLOCK_QUEUES {
-        let kick = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(os("eventfd"))?;
-        // A guest write of the queue index to QueueNotify signals this eventfd inside KVM: the
-        // kick never reaches the core.
-        vm.register_ioevent(&kick, &IoEventAddress::Mmio(slot.queue_notify_addr()), u32::from(queue))
-            .map_err(|source| LaunchError::Kvm { what: "KVM_IOEVENTFD", source })?;
-        queue_notify.push(kick);
-    }
+    let (irq, queue_notify) = wire_slot(vm, &slot, BLOCK_QUEUES)?;
     let spec = service::BlockSpec {
         id: spec.id.clone().unwrap_or_else(|| format!("disk{index}")),
         disk: file,
@@ -354,20 +360,10 @@ fn start_net(
 ) -> Result<service::ServiceHandle, LaunchError> {
     let binary = service_binary(&service_dir(args), "bulkhead-net")?;
     let PlannedNet { spec, tap, slot } = net;
-    let irq = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(os("eventfd"))?;
-    vm.register_irqfd(&irq, slot.gsi).map_err(|source| LaunchError::Kvm { what: "KVM_IRQFD", source })?;
-    let mut kicks = Vec::new();
-    for queue in 0..2u32 {
-        let kick = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(os("eventfd"))?;
-        // RX (0) and TX (1) kicks go from KVM straight to the service.
-        vm.register_ioevent(&kick, &IoEventAddress::Mmio(slot.queue_notify_addr()), queue)
-            .map_err(|source| LaunchError::Kvm { what: "KVM_IOEVENTFD", source })?;
-        kicks.push(kick);
-    }
-    let (tx_notify, rx_notify) = match (kicks.pop(), kicks.pop()) {
-        (Some(tx), Some(rx)) => (tx, rx),
-        _ => unreachable!("two eventfds were pushed"),
-    };
+    // RX (0) and TX (1).
+    let (irq, kicks) = wire_slot(vm, &slot, 2)?;
+    let [rx_notify, tx_notify]: [EventFd; 2] =
+        kicks.try_into().map_err(|_| LaunchError::Os { what: "eventfd", source: std::io::ErrorKind::Other.into() })?;
     let mac = spec.mac.unwrap_or_else(|| default_mac(index));
     let crate::tap::Tap { fd, name: tap_name } = tap;
     let net_spec = service::NetSpec {

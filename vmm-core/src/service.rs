@@ -1520,33 +1520,20 @@ pub fn spawn_block(
         fds.push((FdRole::QueueNotify(i), dup_eventfd(e)?));
     }
     let name = if id.is_empty() { "block".to_string() } else { format!("block-{id}") };
-    let (state, keep) = state_region(&name)?;
-    fds.push((FdRole::StateRegion, state));
-    spawn_service_with_state(
-        ServiceSpec {
-            name,
-            binary: binary.to_path_buf(),
-            device: DeviceConfig::Block(BlockConfig {
-                mmio_base,
-                mmio_len,
-                gsi,
-                memory: memory
-                    .iter()
-                    .map(|&(guest_addr, len, file_offset)| MemoryRegion { guest_addr, len, file_offset })
-                    .collect(),
-                disk_size,
-                read_only,
-                id,
-                num_queues,
-                queue_size,
-                rate_limit,
-            }),
-            fds,
-            space: AddressSpace::Mmio,
-            options: options.into(),
-        },
-        Some(keep),
-    )
+    let memory = memory_regions(&memory);
+    let device = DeviceConfig::Block(BlockConfig {
+        mmio_base,
+        mmio_len,
+        gsi,
+        memory,
+        disk_size,
+        read_only,
+        id,
+        num_queues,
+        queue_size,
+        rate_limit,
+    });
+    spawn_virtio(binary, name, device, fds, options.into())
 }
 
 /// What the core passes to start a `bulkhead-net` service. The lead creates the eventfds and
@@ -1609,7 +1596,7 @@ pub fn spawn_net(
         queue_size,
         rate_limit,
     } = spec;
-    let mut fds = vec![
+    let fds = vec![
         (FdRole::GuestMemory, memfd),
         (FdRole::Tap, tap),
         (FdRole::Irq, dup_eventfd(&irq)?),
@@ -1617,29 +1604,29 @@ pub fn spawn_net(
         (FdRole::QueueNotify(1), dup_eventfd(&tx_notify)?),
     ];
     let name = if id.is_empty() { "net".to_string() } else { format!("net-{id}") };
+    let memory = memory_regions(&memory);
+    let device =
+        DeviceConfig::Net(NetConfig { mmio_base, mmio_len, gsi, memory, mac, queue_size, tap_name, rate_limit });
+    spawn_virtio(binary, name, device, fds, options.into())
+}
+
+/// Guest RAM ranges `(guest address, length, memfd offset)` as the set-up message carries them.
+fn memory_regions(memory: &[(u64, u64, u64)]) -> Vec<MemoryRegion> {
+    memory.iter().map(|&(guest_addr, len, file_offset)| MemoryRegion { guest_addr, len, file_offset }).collect()
+}
+
+/// Starts a virtio-mmio service `name` for `device` with `fds` and a state region of its own.
+fn spawn_virtio(
+    binary: &Path,
+    name: String,
+    device: DeviceConfig,
+    mut fds: Vec<(FdRole, OwnedFd)>,
+    options: ServiceOptions,
+) -> Result<(Arc<RemoteDevice>, ServiceHandle), ServiceError> {
     let (state, keep) = state_region(&name)?;
     fds.push((FdRole::StateRegion, state));
     spawn_service_with_state(
-        ServiceSpec {
-            name,
-            binary: binary.to_path_buf(),
-            device: DeviceConfig::Net(NetConfig {
-                mmio_base,
-                mmio_len,
-                gsi,
-                memory: memory
-                    .iter()
-                    .map(|&(guest_addr, len, file_offset)| MemoryRegion { guest_addr, len, file_offset })
-                    .collect(),
-                mac,
-                queue_size,
-                tap_name,
-                rate_limit,
-            }),
-            fds,
-            space: AddressSpace::Mmio,
-            options: options.into(),
-        },
+        ServiceSpec { name, binary: binary.to_path_buf(), device, fds, space: AddressSpace::Mmio, options },
         Some(keep),
     )
 }

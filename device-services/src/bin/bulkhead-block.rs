@@ -14,11 +14,10 @@ use std::fs::File;
 use std::process::ExitCode;
 
 use bulkhead_policies::Policy;
-use device_services::memory::memory_fds;
 use device_services::runtime::error_chain;
 use device_services::virtio::block::{Block, BlockHandler};
 use device_services::virtio::mmio::MmioTransport;
-use device_services::virtio::setup::{check_window, take_transport_fds, transport};
+use device_services::virtio::setup::{check_window, run_service, take_transport_fds, transport, ServiceParts};
 use device_services::{RuntimeError, Startup};
 use ipc::control::{DeviceConfig, FdRole};
 
@@ -52,36 +51,14 @@ fn setup(st: &mut Startup) -> Result<(MmioTransport<Block>, u64, u64), RuntimeEr
     Ok((transport, cfg.mmio_base, cfg.mmio_len))
 }
 
-fn run() -> Result<(), RuntimeError> {
-    let mut st = Startup::from_args(std::env::args().skip(1))?;
-    let (transport, base, len) = match setup(&mut st) {
-        Ok(t) => t,
-        Err(e) => {
-            st.report_failure(&error_chain(&e));
-            return Err(e);
-        }
-    };
-    let mut keep = transport.raw_fds();
-    keep.push(transport.device().disk_fd());
-    keep.extend(memory_fds(transport.memory()));
-    st.jail(&keep)?;
-    // Last step of confinement, before any guest data is read.
-    st.seccomp(Policy::Block)?;
-    let mut transport = transport;
-    transport.restore().log("bulkhead-block", "request(s)");
-    let stats = transport.device().stats_handle();
-    let served = st.serve_mmio(BlockHandler::new(transport), base, len);
-    eprintln!("bulkhead-block[{}]: stats {}", std::process::id(), stats.get());
-    served?;
-    Ok(())
-}
-
 fn main() -> ExitCode {
-    match run() {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("bulkhead-block[{}]: {}", std::process::id(), error_chain(&e));
-            ExitCode::FAILURE
-        }
-    }
+    run_service(&ServiceParts {
+        name: "bulkhead-block",
+        policy: Policy::Block,
+        redone_what: "request(s)",
+        setup,
+        backend_fd: Block::disk_fd,
+        stats: Block::stats_handle,
+        handler: BlockHandler::new,
+    })
 }

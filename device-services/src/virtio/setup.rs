@@ -3,14 +3,20 @@
 //! region when the core passed one. The device-specific part (its own fd, its config) stays in the
 //! binary.
 
+use std::cell::Cell;
+use std::os::fd::RawFd;
+use std::process::ExitCode;
+use std::rc::Rc;
+
+use bulkhead_policies::Policy;
 use ipc::control::{FdRole, MemoryRegion};
 use ipc::state::StateRegion;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::mmio::{MmioTransport, MIN_WINDOW};
 use super::VirtioDevice;
-use crate::memory::{map_guest_memory, GuestMem};
-use crate::runtime::{error_chain, RuntimeError, Startup};
+use crate::memory::{map_guest_memory, memory_fds, GuestMem};
+use crate::runtime::{error_chain, MmioHandler, RuntimeError, Startup};
 
 /// Guest RAM and the eventfds a virtio transport is built from.
 pub struct TransportFds {
@@ -64,4 +70,63 @@ pub fn transport<D: VirtioDevice>(
         transport.attach_state(region).map_err(|e| device_error(&e))?;
     }
     Ok(transport)
+}
+
+/// A transport with the window it serves: `(transport, base, length)`.
+pub type Placed<D> = (MmioTransport<D>, u64, u64);
+
+/// What a virtio service binary supplies to [`run_service`]: its name, its seccomp policy, its
+/// device-specific set-up, and how to reach the device's back-end fd, counters and handler.
+pub struct ServiceParts<D, S, H> {
+    /// Binary name, for log lines (`bulkhead-net`).
+    pub name: &'static str,
+    /// The seccomp policy installed before any guest data is read.
+    pub policy: Policy,
+    /// What the device redoes after a restart, for the log (`request(s)`, `chain(s)`).
+    pub redone_what: &'static str,
+    /// Builds the transport from the set-up message: `(transport, window base, window length)`.
+    pub setup: fn(&mut Startup) -> Result<Placed<D>, RuntimeError>,
+    /// The device's back-end fd (disk, TAP), kept through the jail.
+    pub backend_fd: fn(&D) -> RawFd,
+    /// The device's counters, printed at exit.
+    pub stats: fn(&D) -> Rc<Cell<S>>,
+    /// The handler serving the transport.
+    pub handler: fn(MmioTransport<D>) -> H,
+}
+
+/// The life of a virtio service process after its arguments: set up (reporting a failure to the
+/// core), jail keeping only the transport's, guest RAM's and the back end's fds, seccomp, resume
+/// from the state region, serve until `Shutdown`, print the counters. Returns the exit code.
+pub fn run_service<D: VirtioDevice, S: Copy + std::fmt::Display, H: MmioHandler>(
+    parts: &ServiceParts<D, S, H>,
+) -> ExitCode {
+    let name = parts.name;
+    let run = || -> Result<(), RuntimeError> {
+        let mut st = Startup::from_args(std::env::args().skip(1))?;
+        let (mut transport, base, len) = match (parts.setup)(&mut st) {
+            Ok(t) => t,
+            Err(e) => {
+                st.report_failure(&error_chain(&e));
+                return Err(e);
+            }
+        };
+        let mut keep = transport.raw_fds();
+        keep.push((parts.backend_fd)(transport.device()));
+        keep.extend(memory_fds(transport.memory()));
+        st.jail(&keep)?;
+        // Last step of confinement, before any guest data is read.
+        st.seccomp(parts.policy)?;
+        transport.restore().log(name, parts.redone_what);
+        let stats = (parts.stats)(transport.device());
+        let served = st.serve_mmio((parts.handler)(transport), base, len);
+        eprintln!("{name}[{}]: stats {}", std::process::id(), stats.get());
+        served.map(|_| ())
+    };
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{name}[{}]: {}", std::process::id(), error_chain(&e));
+            ExitCode::FAILURE
+        }
+    }
 }
