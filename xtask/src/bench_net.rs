@@ -31,6 +31,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
+use crate::netns::NetNs;
 use crate::util::BoxError;
 
 /// EtherType of the probe's test frames (IEEE local experimental).
@@ -143,107 +144,31 @@ pub fn build_frame(dst: [u8; 6], src: [u8; 6], seq: u32, size: usize) -> Vec<u8>
     f
 }
 
-/// A network namespace of our own, deleted on drop (TAPs in it go with it).
-struct NetNs {
-    name: String,
+/// The benchmark's namespace: `bhnb-<pid>` with IPv6 off and a persistent TAP.
+fn bench_netns() -> Result<NetNs, BoxError> {
+    let ns = NetNs::new(NS_PREFIX)?;
+    ns.ip(&["tuntap", "add", "dev", TAP, "mode", "tap", "vnet_hdr"])?;
+    ns.ip(&["link", "set", TAP, "txqueuelen", TAP_QUEUE, "up"])?;
+    Ok(ns)
 }
 
-impl NetNs {
-    /// Deletes namespaces a killed earlier benchmark left behind, then creates `bhnb-<pid>`
-    /// with IPv6 off (no router solicitations or MLD reports on the TAP) and a persistent TAP.
-    fn new() -> Result<Self, BoxError> {
-        if let Ok(out) = Command::new("ip").args(["netns", "list"]).output() {
-            for line in String::from_utf8_lossy(&out.stdout).lines() {
-                let name = line.split_whitespace().next().unwrap_or("");
-                let Some(pid) = name.strip_prefix(NS_PREFIX) else { continue };
-                if !Path::new(&format!("/proc/{pid}")).exists() {
-                    let _ = Command::new("ip").args(["netns", "del", name]).status();
-                }
-            }
-        }
-        let name = format!("{NS_PREFIX}{}", std::process::id());
-        let _ = Command::new("ip").args(["netns", "del", &name]).stderr(Stdio::null()).status();
-        ip(&["netns", "add", &name])?;
-        let ns = Self { name };
-        ns.exec(&["sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1", "net.ipv6.conf.default.disable_ipv6=1"])?;
-        ip(&["-n", &ns.name, "tuntap", "add", "dev", TAP, "mode", "tap", "vnet_hdr"])?;
-        ip(&["-n", &ns.name, "link", "set", TAP, "txqueuelen", TAP_QUEUE, "up"])?;
-        Ok(ns)
+/// The TAP's counters; fails if the TAP is not up (it would not accept the guest's frames).
+fn counters(ns: &NetNs) -> Result<TapCounters, BoxError> {
+    let d = format!("/sys/class/net/{TAP}");
+    let files = ["flags", "statistics/rx_packets", "statistics/tx_packets", "statistics/tx_dropped"]
+        .map(|f| format!("{d}/{f}"));
+    let mut args = vec!["cat"];
+    args.extend(files.iter().map(String::as_str));
+    let out = ns.exec(&args)?;
+    let v: Vec<&str> = out.split_whitespace().collect();
+    let [flags, rx, tx, drop] = v.as_slice() else {
+        return Err(format!("unexpected TAP counters: {out:?}").into());
+    };
+    let flags = u64::from_str_radix(flags.trim_start_matches("0x"), 16)?;
+    if flags & 1 == 0 {
+        return Err(format!("{TAP} is not up (flags {flags:#x})").into());
     }
-
-    /// Runs `args` inside the namespace and returns its stdout.
-    fn exec(&self, args: &[&str]) -> Result<String, BoxError> {
-        let out = Command::new("ip").args(["netns", "exec", &self.name]).args(args).output()?;
-        if !out.status.success() {
-            return Err(format!(
-                "ip netns exec {} {}: {}",
-                self.name,
-                args.join(" "),
-                String::from_utf8_lossy(&out.stderr).trim()
-            )
-            .into());
-        }
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    }
-
-    /// The TAP's counters; fails if the TAP is not up (it would not accept the guest's frames).
-    fn counters(&self) -> Result<TapCounters, BoxError> {
-        let d = format!("/sys/class/net/{TAP}");
-        let files = ["flags", "statistics/rx_packets", "statistics/tx_packets", "statistics/tx_dropped"]
-            .map(|f| format!("{d}/{f}"));
-        let mut args = vec!["cat"];
-        args.extend(files.iter().map(String::as_str));
-        let out = self.exec(&args)?;
-        let v: Vec<&str> = out.split_whitespace().collect();
-        let [flags, rx, tx, drop] = v.as_slice() else {
-            return Err(format!("unexpected TAP counters: {out:?}").into());
-        };
-        let flags = u64::from_str_radix(flags.trim_start_matches("0x"), 16)?;
-        if flags & 1 == 0 {
-            return Err(format!("{TAP} is not up (flags {flags:#x})").into());
-        }
-        Ok(TapCounters { rx_packets: rx.parse()?, tx_packets: tx.parse()?, tx_dropped: drop.parse()? })
-    }
-
-    /// Runs `f` on a thread that entered the namespace.
-    fn run<R: Send>(&self, f: impl FnOnce() -> Result<R, BoxError> + Send) -> Result<R, BoxError> {
-        let path = format!("/var/run/netns/{}", self.name);
-        std::thread::scope(|s| {
-            s.spawn(|| -> Result<R, String> {
-                enter_netns(&path).map_err(|e| e.to_string())?;
-                f().map_err(|e| e.to_string())
-            })
-            .join()
-            .map_err(|_| "netns thread panicked".to_string())?
-            .map_err(Into::into)
-        })
-    }
-}
-
-impl Drop for NetNs {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
-    }
-}
-
-/// Moves the calling thread into the network namespace at `path` (`/var/run/netns/NAME`).
-fn enter_netns(path: &str) -> Result<(), BoxError> {
-    let ns = std::fs::File::open(path).map_err(|e| format!("open {path}: {e}"))?;
-    // SAFETY: setns(2) only reads the descriptor, which `ns` keeps open for the call; it changes
-    // the calling thread's network namespace and nothing else.
-    let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
-    if rc != 0 {
-        return Err(format!("setns {path}: {}", std::io::Error::last_os_error()).into());
-    }
-    Ok(())
-}
-
-fn ip(args: &[&str]) -> Result<(), BoxError> {
-    let out = Command::new("ip").args(args).output().map_err(|e| format!("cannot run ip: {e}"))?;
-    if !out.status.success() {
-        return Err(format!("ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim()).into());
-    }
-    Ok(())
+    Ok(TapCounters { rx_packets: rx.parse()?, tx_packets: tx.parse()?, tx_dropped: drop.parse()? })
 }
 
 /// Counters of the TAP's host side: `rx` = frames the VMM wrote (the guest's TX), `tx` = frames
@@ -396,7 +321,7 @@ fn command_for(peer: Peer, r: &NetRun<'_>, ns: &NetNs, size: usize) -> Command {
     );
     let guest_mac = GUEST_MAC.map(|b| format!("{b:02x}")).join(":");
     let mut c = Command::new("ip");
-    c.args(["netns", "exec", &ns.name]);
+    c.args(["netns", "exec", ns.name()]);
     match peer {
         Peer::Bulkhead => {
             c.arg(r.bin.join("bulkhead"))
@@ -520,7 +445,7 @@ fn spawn_reader<R: Read + Send + 'static>(
 
 /// Boots the probe's net-bench under `peer` with `size`-byte frames both ways.
 fn run_peer(peer: Peer, r: &NetRun<'_>, ns: &NetNs, size: usize) -> Result<RunResult, BoxError> {
-    let before = ns.counters()?;
+    let before = counters(ns)?;
     let mut child: Child = command_for(peer, r, ns, size)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -539,9 +464,9 @@ fn run_peer(peer: Peer, r: &NetRun<'_>, ns: &NetNs, size: usize) -> Result<RunRe
     let (status, process_cpu_ns) = loop {
         match line_rx.recv_timeout(Duration::from_millis(10)) {
             Ok(line) if line.starts_with("net-bench: tx") && generator.is_none() => {
-                let (stop, path) = (Arc::clone(&stop), format!("/var/run/netns/{}", ns.name));
+                let (stop, path) = (Arc::clone(&stop), ns.path());
                 generator = Some(std::thread::spawn(move || {
-                    enter_netns(&path).map_err(|e| e.to_string())?;
+                    crate::netns::enter(&path).map_err(|e| e.to_string())?;
                     generate(size, &stop, RUN_LIMIT).map_err(|e| e.to_string())
                 }));
             }
@@ -570,7 +495,7 @@ fn run_peer(peer: Peer, r: &NetRun<'_>, ns: &NetNs, size: usize) -> Result<RunRe
     };
     let stdout = out_reader.join().map_err(|_| "stdout reader panicked")?;
     let stderr = err_reader.join().map_err(|_| "stderr reader panicked")?;
-    let after = ns.counters()?;
+    let after = counters(ns)?;
     let code = if libc::WIFEXITED(status) { Some(libc::WEXITSTATUS(status)) } else { None };
     // Bulkhead exits with the probe's verdict (0 = pass); QEMU's isa-debug-exit with (v << 1) | 1.
     let want = if peer == Peer::Bulkhead { 0 } else { 1 };
@@ -635,7 +560,7 @@ pub fn bench(r: &NetRun<'_>, runs: usize) -> Result<(), BoxError> {
     } else {
         eprintln!("bench: net: /dev/vhost-net does not exist: skipping QEMU with vhost=on");
     }
-    let ns = NetNs::new()?;
+    let ns = bench_netns()?;
     // Fails early if the namespace cannot hold a packet socket on the TAP.
     ns.run(|| packet_socket(TAP).map(drop))?;
     // (peer, size) -> results of every run.

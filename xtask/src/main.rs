@@ -8,7 +8,9 @@
 
 mod bench;
 mod bench_blk;
+mod bench_net;
 mod guest;
+mod netns;
 mod probe;
 mod tasks;
 mod util;

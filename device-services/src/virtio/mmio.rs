@@ -489,11 +489,25 @@ impl<D: VirtioDevice> MmioTransport<D> {
             let size = q.size();
             let used_at = q.used_ring().checked_add(2).ok_or("used ring address")?;
             let g: u16 = self.mem.read_obj(GuestAddress(used_at)).map_err(|e| format!("queue {i}: used idx: {e}"))?;
-            if g == w.used_idx.wrapping_add(1) && w.publishing {
+            let published = g.wrapping_sub(w.used_idx);
+            if w.publishing && published == 1 {
                 if w.last_head >= size {
                     return Err(format!("queue {i}: published head {} out of range", w.last_head));
                 }
                 st.set_entry(base + usize::from(w.last_head), None);
+                w.used_idx = g;
+            } else if w.publishing && published > 1 && published <= size {
+                // A batch (QueueCtx::add_used_batch) was published whole: clear the heads its
+                // used elements name.
+                for k in 0..published {
+                    let slot = u64::from(w.used_idx.wrapping_add(k) % size);
+                    let at = q.used_ring().checked_add(4 + slot * 8).ok_or("used ring address")?;
+                    let id: u32 =
+                        self.mem.read_obj(GuestAddress(at)).map_err(|e| format!("queue {i}: used element: {e}"))?;
+                    let head = u16::try_from(id).ok().filter(|&h| h < size);
+                    let head = head.ok_or_else(|| format!("queue {i}: published head {id} out of range"))?;
+                    st.set_entry(base + usize::from(head), None);
+                }
                 w.used_idx = g;
             } else if g != w.used_idx {
                 return Err(format!("queue {i}: used index {g} in guest memory, {} saved", w.used_idx));
@@ -779,13 +793,18 @@ impl<D: VirtioDevice> MmioTransport<D> {
             None => QueueCtx::tracked(index, &mut self.queues[i], &self.mem, tracker),
         };
         let r = self.device.process_queue(&mut ctx);
+        let forced = ctx.force_notify();
         match r {
             Ok(0) => false,
             Ok(n) => {
                 self.stats.completed += n as u64;
+                // Always called: it also resets the queue's EVENT_IDX bookkeeping.
                 match self.queues[i].needs_notification(&self.mem) {
-                    Ok(true) => self.signal(INT_VRING),
-                    Ok(false) => {}
+                    Ok(needed) => {
+                        if needed || forced {
+                            self.signal(INT_VRING);
+                        }
+                    }
                     Err(e) => self.needs_reset(&format!("queue {i}: reading used_event: {e}")),
                 }
                 true

@@ -18,6 +18,9 @@
 //!   is an inconsistency (`DEVICE_NEEDS_RESET`). Hence a request is never lost (its entry exists
 //!   from before it is executed until after its used index is visible) and never completed twice
 //!   (it is redone only if the used index does not yet cover it).
+//! * batch publish ([`QueueCtx::add_used_batch`], a merged RX frame): the same with `k` used
+//!   elements and one used-index update by `k`; recovery then sees `g == u + k` and clears the
+//!   entries of the heads those `k` used elements name.
 //! * Invariant checked on recovery: `next_avail - used_idx` (wrapping) equals the number of
 //!   entries in flight, each at a distinct position in `[used .. next_avail)`.
 //!
@@ -59,17 +62,20 @@ pub struct QueueCtx<'a> {
     tracker: Option<Tracker<'a>>,
     /// Redo mode: (avail position, head) still to replay, and where to resume afterwards.
     redo: Option<(VecDeque<(u16, u16)>, u16)>,
+    /// A batch was published behind the virtio-queue crate's back (its EVENT_IDX bookkeeping
+    /// counts one entry per `add_used`): the driver must be notified regardless.
+    force_notify: bool,
 }
 
 impl<'a> QueueCtx<'a> {
     /// A queue without tracking (tests, or a service without a state region).
     pub fn untracked(index: u16, queue: &'a mut Queue, mem: &'a GuestMem) -> Self {
-        Self { index, queue, mem, tracker: None, redo: None }
+        Self { index, queue, mem, tracker: None, redo: None, force_notify: false }
     }
 
     /// A tracked queue.
     pub fn tracked(index: u16, queue: &'a mut Queue, mem: &'a GuestMem, tracker: Option<Tracker<'a>>) -> Self {
-        Self { index, queue, mem, tracker, redo: None }
+        Self { index, queue, mem, tracker, redo: None, force_notify: false }
     }
 
     /// A queue that replays `redo` (avail position, head) in order and then reports no more work;
@@ -82,7 +88,7 @@ impl<'a> QueueCtx<'a> {
         redo: VecDeque<(u16, u16)>,
         resume: u16,
     ) -> Self {
-        Self { index, queue, mem, tracker, redo: Some((redo, resume)) }
+        Self { index, queue, mem, tracker, redo: Some((redo, resume)), force_notify: false }
     }
 
     /// Queue index.
@@ -159,5 +165,69 @@ impl<'a> QueueCtx<'a> {
             t.region.set_queue_word(t.queue, *t.word);
         }
         Ok(())
+    }
+
+    /// Publishes the used entries of `elems` (head, length) in order with **one** used-index
+    /// update, so a driver never sees part of them: a merged RX frame spread over several
+    /// buffers becomes visible whole. Crash-consistent like [`add_used`](Self::add_used): the
+    /// hot word is marked `publishing` first, the elements are written, the used index is raised
+    /// by `elems.len()` at once (release order), then the entries are cleared; recovery finds
+    /// the guest's used index either unchanged (all redone) or raised by the whole batch (the
+    /// heads it names are cleared). Always makes the driver be notified (see
+    /// [`force_notify`](Self::force_notify)).
+    pub fn add_used_batch(&mut self, elems: &[(u16, u32)]) -> Result<(), DeviceError> {
+        use std::sync::atomic::Ordering;
+        use vm_memory::{Bytes, GuestAddress};
+        let index = self.index;
+        let qerr = |what: &str| DeviceError::Queue { queue: index, what: what.to_string(), source: None };
+        let size = self.queue.size();
+        match elems {
+            [] => return Ok(()),
+            [(head, len)] => return self.add_used(*head, *len),
+            _ => {}
+        }
+        let count =
+            u16::try_from(elems.len()).ok().filter(|&c| c <= size).ok_or_else(|| qerr("batch above the queue size"))?;
+        if elems.iter().any(|&(h, _)| h >= size) {
+            return Err(qerr("used head out of range"));
+        }
+        if let Some(t) = self.tracker.as_mut() {
+            t.word.publishing = true;
+            t.word.last_head = elems[0].0;
+            t.region.set_queue_word(t.queue, *t.word);
+        }
+        let ring = self.queue.used_ring();
+        let next = self.queue.next_used();
+        for (i, &(head, len)) in (0u16..).zip(elems) {
+            let slot = u64::from(next.wrapping_add(i) % size);
+            let addr = ring.checked_add(4 + slot * 8).ok_or_else(|| qerr("used ring address"))?;
+            // struct virtq_used_elem { le32 id; le32 len; }
+            let mut elem = [0u8; 8];
+            elem[..4].copy_from_slice(&u32::from(head).to_le_bytes());
+            elem[4..].copy_from_slice(&len.to_le_bytes());
+            self.mem.write_slice(&elem, GuestAddress(addr)).map_err(|_| qerr("writing a used element"))?;
+        }
+        let new = next.wrapping_add(count);
+        let idx_at = ring.checked_add(2).ok_or_else(|| qerr("used ring address"))?;
+        self.mem
+            .store(new.to_le(), GuestAddress(idx_at), Ordering::Release)
+            .map_err(|_| qerr("writing the used index"))?;
+        self.queue.set_next_used(new);
+        self.force_notify = true;
+        std::sync::atomic::fence(Ordering::SeqCst);
+        if let Some(t) = self.tracker.as_mut() {
+            for &(head, _) in elems {
+                t.region.set_entry(t.entry_base + usize::from(head), None);
+            }
+            t.word.publishing = false;
+            t.word.used_idx = new;
+            t.region.set_queue_word(t.queue, *t.word);
+        }
+        Ok(())
+    }
+
+    /// Whether the driver must be notified whatever EVENT_IDX says (a batch was published).
+    pub fn force_notify(&self) -> bool {
+        self.force_notify
     }
 }
