@@ -8,21 +8,18 @@ use support::*;
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::fd::{AsFd, OwnedFd};
-use std::process::Child;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::MutexGuard;
 use std::time::{Duration, Instant};
 
-use ipc::control::{BlockConfig, ControlMsg, DeviceConfig, FdRole, MemoryRegion, RingSetup, ServiceSetup};
+use ipc::control::FdRole;
 use ipc::ring::{ExitKind, ExitRequest, Status};
-use ipc::{wait, ControlChannel, CoreEndpoint, WaitConfig};
-use nix::sys::memfd::{memfd_create, MemFdCreateFlag};
-use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryMmap};
+use ipc::wait;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-const BASE: u64 = 0xd000_0000;
+const BASE: u64 = MMIO_BASE;
 const WIN: u64 = 0x1000;
 const RAM: u64 = 4 << 20;
-const RAM_USIZE: usize = 4 << 20;
 const DISK: u64 = 1 << 20;
 const DISK_USIZE: usize = 1 << 20;
 const QSIZE: u16 = 16;
@@ -34,8 +31,6 @@ const DATA: u64 = 0x20000;
 const STATUS: u64 = 0x30000;
 const T: Duration = Duration::from_secs(2);
 
-const F_NEXT: u16 = 1;
-const F_WRITE: u16 = 2;
 const T_IN: u32 = 0;
 const T_OUT: u32 = 1;
 const T_FLUSH: u32 = 4;
@@ -46,19 +41,14 @@ const S_IOERR: u8 = 1;
 const S_UNSUPP: u8 = 2;
 const NEEDS_RESET: u32 = 0x40;
 
-static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
-
 struct Blk {
     _serial: MutexGuard<'static, ()>,
-    child: Child,
-    ctl: ControlChannel,
-    core: CoreEndpoint,
+    svc: Instance,
     mem: GuestMemoryMmap<()>,
     notify: EventFd,
     irq: EventFd,
     disk: tempfile::NamedTempFile,
-    avail: u16,
-    used_seen: u16,
+    q: GuestQueue,
 }
 
 fn pattern(seed: u8, len: usize) -> Vec<u8> {
@@ -68,7 +58,7 @@ fn pattern(seed: u8, len: usize) -> Vec<u8> {
 }
 
 fn spawn(read_only: bool) -> Blk {
-    let serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let serial = one_at_a_time();
     let mut disk = tempfile::NamedTempFile::new().expect("tempfile");
     disk.write_all(&pattern(1, DISK_USIZE)).expect("fill disk");
     disk.flush().expect("flush");
@@ -77,153 +67,76 @@ fn spawn(read_only: bool) -> Blk {
     } else {
         disk.reopen().expect("reopen").into()
     };
-    let memfd = memfd_create(c"test-guest-ram", MemFdCreateFlag::MFD_CLOEXEC).expect("memfd");
-    nix::unistd::ftruncate(&memfd, RAM as i64).expect("truncate");
-    let mem = GuestMemoryMmap::from_ranges_with_files([(
-        GuestAddress(0),
-        RAM_USIZE,
-        Some(FileOffset::new(File::from(memfd.try_clone().expect("dup")), 0)),
-    )])
-    .expect("map");
-
-    let (child, ctl) = spawn_service(env!("CARGO_BIN_EXE_bulkhead-block"), &[], false);
-    let core = CoreEndpoint::create("block-test", 16, WaitConfig::default()).expect("ring");
+    let (memfd, mem) = guest_ram(usize::try_from(RAM).expect("ram"));
     let notify = EventFd::new(EFD_NONBLOCK).expect("eventfd");
     let irq = EventFd::new(EFD_NONBLOCK).expect("eventfd");
-    let roles = vec![
-        FdRole::Ring,
-        FdRole::SubmitBell,
-        FdRole::CompleteBell,
-        FdRole::GuestMemory,
-        FdRole::Disk,
-        FdRole::Irq,
-        FdRole::QueueNotify(0),
-    ];
-    let fds = [
-        core.region_fd(),
-        core.submit_bell(),
-        core.complete_bell(),
-        memfd.as_fd(),
-        disk_fd.as_fd(),
-        borrow(&irq),
-        borrow(&notify),
-    ];
-    let setup = ServiceSetup {
-        name: "block-test".into(),
-        ring: RingSetup { capacity: core.capacity(), region_len: core.region_len() as u64 },
-        fds: roles,
-        device: DeviceConfig::Block(BlockConfig {
-            mmio_base: BASE,
-            mmio_len: WIN,
-            gsi: 5,
-            memory: vec![MemoryRegion { guest_addr: 0, len: RAM, file_offset: 0 }],
-            disk_size: DISK,
-            read_only,
-            id: "test-disk-7".into(),
-            num_queues: 1,
-            queue_size: 256,
-            rate_limit: Default::default(),
-        }),
-        idle_spin_us: 200,
-    };
-    ctl.send(&ControlMsg::Setup(setup), &fds).expect("send setup");
-    let (msg, _) = ctl.recv(Instant::now() + Duration::from_secs(10)).expect("ready");
-    assert_eq!(msg, ControlMsg::Ready { pid: child.id() });
-    Blk { _serial: serial, child, ctl, core, mem, notify, irq, disk, avail: 0, used_seen: 0 }
+    let svc = Instance::start(
+        env!("CARGO_BIN_EXE_bulkhead-block"),
+        "block-test",
+        StderrTo::Inherit,
+        &[
+            (FdRole::GuestMemory, memfd.as_fd()),
+            (FdRole::Disk, disk_fd.as_fd()),
+            (FdRole::Irq, borrow(&irq)),
+            (FdRole::QueueNotify(0), borrow(&notify)),
+        ],
+        block_device(RAM, DISK, read_only, "test-disk-7", Default::default()),
+    );
+    Blk { _serial: serial, svc, mem, notify, irq, disk, q: GuestQueue::at(DESC, AVAIL, USED, QSIZE) }
 }
 
 impl Blk {
+    fn regs(&self) -> MmioRegs<'_> {
+        self.svc.mmio(BASE)
+    }
+
     fn rd(&self, off: u64) -> u32 {
-        let r = self.core.call(&ExitRequest::read(ExitKind::MmioRead, BASE + off, 4), T).expect("mmio read");
-        assert_eq!(r.status, Status::Ok, "read {off:#x}");
-        u32::from_le_bytes([r.data[0], r.data[1], r.data[2], r.data[3]])
+        self.regs().rd(off)
     }
 
     fn wr(&self, off: u64, v: u32) {
-        let req = ExitRequest::write(ExitKind::MmioWrite, BASE + off, &v.to_le_bytes()).expect("req");
-        let r = self.core.call(&req, T).expect("mmio write");
-        assert_eq!(r.status, Status::Ok, "write {off:#x}");
+        self.regs().wr(off, v);
     }
 
     fn features(&self) -> u64 {
-        self.wr(0x14, 0);
-        let lo = self.rd(0x10);
-        self.wr(0x14, 1);
-        let hi = self.rd(0x10);
-        u64::from(lo) | (u64::from(hi) << 32)
+        self.regs().features()
     }
 
-    /// Feature negotiation and queue 0 set-up, as a driver does.
+    /// Feature negotiation and queue 0 (descriptor table at `desc`) set-up, as a driver does.
     fn init(&mut self, desc: u64) {
-        assert_eq!(self.rd(0x000), 0x7472_6976, "magic");
         assert_eq!(self.rd(0x004), 2, "version");
-        assert_eq!(self.rd(0x008), 2, "block device id");
-        self.wr(0x070, 0);
-        self.wr(0x070, 1 | 2);
-        let offered = self.features();
+        let regs = self.svc.mmio(BASE);
+        let offered = regs.begin(2);
         assert_ne!(offered & (1 << 32), 0, "VERSION_1 offered");
-        let want = offered & ((1 << 32) | (1 << 9) | (1 << 6) | (1 << 2) | (1 << 5));
-        self.wr(0x24, 0);
-        self.wr(0x20, lo32(want));
-        self.wr(0x24, 1);
-        self.wr(0x20, lo32(want >> 32));
-        self.wr(0x070, 1 | 2 | 8);
-        assert_ne!(self.rd(0x070) & 8, 0, "FEATURES_OK accepted");
-        self.wr(0x030, 0);
-        assert_eq!(self.rd(0x044), 0, "queue not ready yet");
-        assert!(self.rd(0x034) >= u32::from(QSIZE));
-        self.wr(0x038, u32::from(QSIZE));
-        self.wr(0x080, lo32(desc));
-        self.wr(0x084, lo32(desc >> 32));
-        self.wr(0x090, lo32(AVAIL));
-        self.wr(0x094, 0);
-        self.wr(0x0a0, lo32(USED));
-        self.wr(0x0a4, 0);
-        self.wr(0x044, 1);
-        self.wr(0x070, 1 | 2 | 8 | 4);
-        self.avail = 0;
-        self.used_seen = 0;
+        regs.accept(offered & ((1 << 32) | (1 << 9) | (1 << 6) | (1 << 2) | (1 << 5)));
+        self.q = GuestQueue::at(desc, AVAIL, USED, QSIZE);
+        regs.setup_queue(0, &mut self.q);
+        regs.driver_ok();
     }
 
     fn desc(&self, i: u16, addr: u64, len: u32, flags: u16, next: u16) {
-        let at = GuestAddress(DESC + 16 * u64::from(i));
-        self.mem.write_obj(addr, at).expect("addr");
-        self.mem.write_obj(len, GuestAddress(at.0 + 8)).expect("len");
-        self.mem.write_obj(flags, GuestAddress(at.0 + 12)).expect("flags");
-        self.mem.write_obj(next, GuestAddress(at.0 + 14)).expect("next");
+        self.q.set_desc(&self.mem, i, addr, len, flags, next);
     }
 
     fn header(&self, at: u64, t: u32, sector: u64) {
-        self.mem.write_obj(t, GuestAddress(at)).expect("type");
-        self.mem.write_obj(0u32, GuestAddress(at + 4)).expect("reserved");
-        self.mem.write_obj(sector, GuestAddress(at + 8)).expect("sector");
+        blk_header(&self.mem, at, t, sector);
     }
 
-    /// Makes `head` available (without kicking).
-    fn offer(&mut self, head: u16) {
-        let slot = AVAIL + 4 + 2 * u64::from(self.avail % QSIZE);
-        self.mem.write_obj(head, GuestAddress(slot)).expect("ring");
-        self.avail = self.avail.wrapping_add(1);
-        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
-        self.mem.write_obj(self.avail, GuestAddress(AVAIL + 2)).expect("idx");
-    }
-
-    fn kick(&self) {
+    /// Makes `head` available and kicks.
+    fn offer_and_kick(&mut self, head: u16) {
+        self.q.offer(&self.mem, head);
         self.notify.write(1).expect("kick");
-    }
-
-    fn used_idx(&self) -> u16 {
-        self.mem.read_obj(GuestAddress(USED + 2)).expect("used idx")
     }
 
     /// Waits (bounded) until the used index reaches the avail index, with an interrupt seen.
     /// Returns the used elements (id, len) that appeared.
-    fn wait_used(&mut self) -> Vec<(u32, u32)> {
+    fn wait_used(&mut self) -> Vec<(u16, u32)> {
         let deadline = Instant::now() + T;
         let mut irq_seen = false;
-        while self.used_idx() != self.avail || !irq_seen {
+        while self.q.used_idx(&self.mem) != self.q.next_avail || !irq_seen {
             let left = deadline.saturating_duration_since(Instant::now());
-            assert!(!left.is_zero(), "no completion: used {} avail {} irq {irq_seen}", self.used_idx(), self.avail);
+            let used = self.q.used_idx(&self.mem);
+            assert!(!left.is_zero(), "no completion: used {used} avail {} irq {irq_seen}", self.q.next_avail);
             if wait::wait_readable(borrow(&self.irq), left.min(Duration::from_millis(50))).expect("poll irq") {
                 let _ = self.irq.read();
                 irq_seen = true;
@@ -233,15 +146,7 @@ impl Blk {
                 }
             }
         }
-        let mut out = Vec::new();
-        while self.used_seen != self.used_idx() {
-            let at = USED + 4 + 8 * u64::from(self.used_seen % QSIZE);
-            let id: u32 = self.mem.read_obj(GuestAddress(at)).expect("id");
-            let len: u32 = self.mem.read_obj(GuestAddress(at + 4)).expect("len");
-            out.push((id, len));
-            self.used_seen = self.used_seen.wrapping_add(1);
-        }
-        out
+        self.q.take_used(&self.mem)
     }
 
     fn status_at(&self, at: u64) -> u8 {
@@ -253,15 +158,14 @@ impl Blk {
         self.mem.write_obj(0xeeu8, GuestAddress(STATUS)).expect("poison status");
         self.header(HDR, t, sector);
         if data_len > 0 {
-            self.desc(0, HDR, 16, F_NEXT, 1);
-            self.desc(1, DATA, data_len, F_NEXT | if device_writes { F_WRITE } else { 0 }, 2);
-            self.desc(2, STATUS, 1, F_WRITE, 0);
+            self.desc(0, HDR, 16, DESC_NEXT, 1);
+            self.desc(1, DATA, data_len, DESC_NEXT | if device_writes { DESC_WRITE } else { 0 }, 2);
+            self.desc(2, STATUS, 1, DESC_WRITE, 0);
         } else {
-            self.desc(0, HDR, 16, F_NEXT, 2);
-            self.desc(2, STATUS, 1, F_WRITE, 0);
+            self.desc(0, HDR, 16, DESC_NEXT, 2);
+            self.desc(2, STATUS, 1, DESC_WRITE, 0);
         }
-        self.offer(0);
-        self.kick();
+        self.offer_and_kick(0);
         let used = self.wait_used();
         assert_eq!(used.len(), 1, "{used:?}");
         assert_eq!(used[0].0, 0, "used id is the head");
@@ -277,30 +181,12 @@ impl Blk {
     }
 
     fn alive(&mut self) {
-        assert!(self.child.try_wait().expect("try_wait").is_none(), "service died");
+        assert!(self.svc.is_running(), "service died");
         assert_eq!(self.rd(0x000), 0x7472_6976, "still answers registers");
     }
 
     fn shutdown(mut self) {
-        self.ctl.send(&ControlMsg::Shutdown, &[]).expect("shutdown");
-        let deadline = Instant::now() + T;
-        loop {
-            if let Some(st) = self.child.try_wait().expect("try_wait") {
-                assert!(st.success(), "exit status {st:?}");
-                return;
-            }
-            assert!(Instant::now() < deadline, "service did not exit");
-            std::thread::sleep(Duration::from_millis(5));
-        }
-    }
-}
-
-impl Drop for Blk {
-    fn drop(&mut self) {
-        if matches!(self.child.try_wait(), Ok(None)) {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
+        self.svc.shutdown(T);
     }
 }
 
@@ -396,45 +282,44 @@ fn hostile_chains_are_answered_and_the_service_survives() {
     let mut b = spawn(false);
     b.init(DESC);
     let before = b.disk_bytes();
-    let run = |b: &mut Blk| -> Vec<(u32, u32)> {
-        b.offer(0);
-        b.kick();
+    let run = |b: &mut Blk| -> Vec<(u16, u32)> {
+        b.offer_and_kick(0);
         b.wait_used()
     };
     // 1. A loop: header -> status -> header ... (bounded by the queue size): IOERR.
     b.header(HDR, T_IN, 0);
     b.mem.write_obj(0xeeu8, GuestAddress(STATUS)).expect("poison");
-    b.desc(0, HDR, 16, F_NEXT, 1);
-    b.desc(1, STATUS, 1, F_WRITE | F_NEXT, 0);
+    b.desc(0, HDR, 16, DESC_NEXT, 1);
+    b.desc(1, STATUS, 1, DESC_WRITE | DESC_NEXT, 0);
     assert_eq!(run(&mut b), vec![(0, 1)]);
     assert_eq!(b.status_at(STATUS), S_IOERR, "loop");
     // 2. Data outside guest RAM.
     b.mem.write_obj(0xeeu8, GuestAddress(STATUS)).expect("poison");
-    b.desc(0, HDR, 16, F_NEXT, 1);
-    b.desc(1, 0x1_0000_0000, 4096, F_WRITE | F_NEXT, 2);
-    b.desc(2, STATUS, 1, F_WRITE, 0);
+    b.desc(0, HDR, 16, DESC_NEXT, 1);
+    b.desc(1, 0x1_0000_0000, 4096, DESC_WRITE | DESC_NEXT, 2);
+    b.desc(2, STATUS, 1, DESC_WRITE, 0);
     assert_eq!(run(&mut b), vec![(0, 1)]);
     assert_eq!(b.status_at(STATUS), S_IOERR, "outside RAM");
     // 3. Wrong direction: a read whose data buffer is device-readable.
     assert_eq!(b.request(T_IN, 0, 512, false).0, S_IOERR, "wrong direction");
     // ... and a readable descriptor after a writable one.
     b.mem.write_obj(0xeeu8, GuestAddress(STATUS)).expect("poison");
-    b.desc(0, DATA, 512, F_WRITE | F_NEXT, 1);
-    b.desc(1, HDR, 16, F_NEXT, 2);
-    b.desc(2, STATUS, 1, F_WRITE, 0);
+    b.desc(0, DATA, 512, DESC_WRITE | DESC_NEXT, 1);
+    b.desc(1, HDR, 16, DESC_NEXT, 2);
+    b.desc(2, STATUS, 1, DESC_WRITE, 0);
     assert_eq!(run(&mut b), vec![(0, 1)]);
     assert_eq!(b.status_at(STATUS), S_IOERR, "readable after writable");
     // 4. Too short: an 8-byte header.
     b.mem.write_obj(0xeeu8, GuestAddress(STATUS)).expect("poison");
-    b.desc(0, HDR, 8, F_NEXT, 2);
-    b.desc(2, STATUS, 1, F_WRITE, 0);
+    b.desc(0, HDR, 8, DESC_NEXT, 2);
+    b.desc(2, STATUS, 1, DESC_WRITE, 0);
     assert_eq!(run(&mut b), vec![(0, 1)]);
     assert_eq!(b.status_at(STATUS), S_IOERR, "short header");
     // 5. Too long for the disk and not a whole number of sectors.
     assert_eq!(b.request(T_OUT, 0, 100, false).0, S_IOERR, "partial sector");
     assert_eq!(b.request(T_OUT, DISK / 512 - 1, 4096, false).0, S_IOERR, "past the end");
     // 6. No status byte at all (everything device-readable): completed with length 0.
-    b.desc(0, HDR, 16, F_NEXT, 1);
+    b.desc(0, HDR, 16, DESC_NEXT, 1);
     b.desc(1, DATA, 512, 0, 0);
     b.header(HDR, T_OUT, 0);
     assert_eq!(run(&mut b), vec![(0, 0)], "no status: used length 0");
@@ -443,8 +328,8 @@ fn hostile_chains_are_answered_and_the_service_survives() {
     // 8. Descriptor index out of the table in the chain: truncated chain, IOERR.
     b.mem.write_obj(0xeeu8, GuestAddress(STATUS)).expect("poison");
     b.header(HDR, T_IN, 0);
-    b.desc(0, HDR, 16, F_NEXT, 1);
-    b.desc(1, STATUS, 1, F_WRITE | F_NEXT, 999);
+    b.desc(0, HDR, 16, DESC_NEXT, 1);
+    b.desc(1, STATUS, 1, DESC_WRITE | DESC_NEXT, 999);
     assert_eq!(run(&mut b), vec![(0, 1)]);
     assert_eq!(b.status_at(STATUS), S_IOERR, "bad next index");
     b.alive();
@@ -452,8 +337,7 @@ fn hostile_chains_are_answered_and_the_service_survives() {
     assert_eq!(b.rd(0x070) & NEEDS_RESET, 0, "answerable chains do not need a reset");
 
     // 9. A head index outside the queue cannot be completed: the device needs a reset.
-    b.offer(200);
-    b.kick();
+    b.offer_and_kick(200);
     let deadline = Instant::now() + T;
     while b.rd(0x070) & NEEDS_RESET == 0 {
         assert!(Instant::now() < deadline, "DEVICE_NEEDS_RESET not set");
@@ -484,11 +368,11 @@ fn queue_outside_ram_needs_reset() {
     assert_eq!(b.rd(0x044), 0);
     assert_ne!(b.rd(0x070) & NEEDS_RESET, 0);
     // Wrong access widths are refused, not fatal.
-    let r = b.core.call(&ExitRequest::read(ExitKind::MmioRead, BASE, 2), T).expect("call");
+    let r = b.svc.core.call(&ExitRequest::read(ExitKind::MmioRead, BASE, 2), T).expect("call");
     assert_eq!(r.status, Status::Rejected);
-    let r = b.core.call(&ExitRequest::read(ExitKind::PioRead, BASE, 4), T).expect("call");
+    let r = b.svc.core.call(&ExitRequest::read(ExitKind::PioRead, BASE, 4), T).expect("call");
     assert_eq!(r.status, Status::Rejected, "port I/O is not this device's");
-    let r = b.core.call(&ExitRequest::read(ExitKind::MmioRead, BASE + WIN, 4), T).expect("call");
+    let r = b.svc.core.call(&ExitRequest::read(ExitKind::MmioRead, BASE + WIN, 4), T).expect("call");
     assert_eq!(r.status, Status::Rejected, "outside the window");
     b.alive();
     b.shutdown();
@@ -507,9 +391,9 @@ fn random_read_throughput() {
     let prep = |b: &Blk, i: u16, sector: u64| {
         let hdr = HDR + 16 * u64::from(i);
         b.header(hdr, T_IN, sector);
-        b.desc(3 * i, hdr, 16, F_NEXT, 3 * i + 1);
-        b.desc(3 * i + 1, DATA + 4096 * u64::from(i), 4096, F_NEXT | F_WRITE, 3 * i + 2);
-        b.desc(3 * i + 2, STATUS + u64::from(i), 1, F_WRITE, 0);
+        b.desc(3 * i, hdr, 16, DESC_NEXT, 3 * i + 1);
+        b.desc(3 * i + 1, DATA + 4096 * u64::from(i), 4096, DESC_NEXT | DESC_WRITE, 3 * i + 2);
+        b.desc(3 * i + 2, STATUS + u64::from(i), 1, DESC_WRITE, 0);
     };
     // Descriptor table for 16 slots of 3 needs 48 entries: use a 64-entry queue.
     b.wr(0x070, 0);
@@ -518,23 +402,10 @@ fn random_read_throughput() {
     let cpu0 = child_cpu(&b);
     let mut submitted = 0u32;
     let mut done = 0u32;
-    // Re-init with queue size 64 by hand.
-    b.wr(0x070, 3);
-    b.wr(0x24, 1);
-    b.wr(0x20, 1);
-    b.wr(0x24, 0);
-    b.wr(0x20, 0);
-    b.wr(0x070, 11);
-    b.wr(0x030, 0);
-    b.wr(0x038, 64);
-    b.wr(0x080, lo32(DESC));
-    b.wr(0x090, lo32(AVAIL));
-    b.wr(0x0a0, 0x4000);
-    b.wr(0x044, 1);
-    b.wr(0x070, 15);
+    // Re-init with queue size 64 (used ring at 0x4000), VERSION_1 only.
     let used_at = 0x4000u64;
-    let mut avail = 0u16;
-    let mut used_seen = 0u16;
+    b.q = GuestQueue::at(DESC, AVAIL, used_at, 64);
+    b.svc.mmio(BASE).init(2, 1 << 32, std::slice::from_mut(&mut b.q));
     let deadline = Instant::now() + Duration::from_secs(60);
     while done < total {
         while submitted < total && submitted - done < u32::from(depth) {
@@ -543,30 +414,22 @@ fn random_read_throughput() {
             rng ^= rng << 17;
             let slot = u16::try_from(submitted % u32::from(depth)).expect("slot");
             prep(&b, slot, (rng % sectors) * 8);
-            b.mem.write_obj(3 * slot, GuestAddress(AVAIL + 4 + 2 * u64::from(avail % 64))).expect("ring");
-            avail = avail.wrapping_add(1);
+            b.q.push(&b.mem, 3 * slot);
             submitted += 1;
         }
-        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
-        b.mem.write_obj(avail, GuestAddress(AVAIL + 2)).expect("idx");
-        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        b.q.publish(&b.mem);
         let flags: u16 = b.mem.read_obj(GuestAddress(used_at)).expect("flags");
         if flags & 1 == 0 {
-            b.kick();
+            b.notify.write(1).expect("kick");
         }
         loop {
-            let u: u16 = b.mem.read_obj(GuestAddress(used_at + 2)).expect("used");
-            if u != used_seen {
-                let n = u.wrapping_sub(used_seen);
-                for k in 0..n {
-                    let at = used_at + 4 + 8 * u64::from(used_seen.wrapping_add(k) % 64);
-                    let id: u32 = b.mem.read_obj(GuestAddress(at)).expect("id");
-                    let len: u32 = b.mem.read_obj(GuestAddress(at + 4)).expect("len");
-                    assert_eq!(len, 4097, "full read");
+            let used = b.q.take_used(&b.mem);
+            if !used.is_empty() {
+                for (id, len) in &used {
+                    assert_eq!(*len, 4097, "full read");
                     assert_eq!(b.status_at(STATUS + u64::from(id / 3)), S_OK);
                 }
-                used_seen = u;
-                done += u32::from(n);
+                done += u32::try_from(used.len()).expect("n");
                 break;
             }
             assert!(Instant::now() < deadline, "throughput run stalled at {done}");
@@ -588,13 +451,5 @@ fn random_read_throughput() {
 
 /// User+system CPU seconds of the service so far (from /proc).
 fn child_cpu(b: &Blk) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{}/stat", b.child.id())).unwrap_or_default();
-    let after = stat.rsplit(')').next().unwrap_or("");
-    let f: Vec<&str> = after.split_whitespace().collect();
-    // Fields after the comm: state is index 0; utime is field 14 overall = index 11 here.
-    let ticks: u64 =
-        f.get(11).and_then(|s| s.parse().ok()).unwrap_or(0) + f.get(12).and_then(|s| s.parse().ok()).unwrap_or(0);
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1);
-    ticks as f64 / hz as f64
+    cpu_time(b.svc.child.id()).as_secs_f64()
 }

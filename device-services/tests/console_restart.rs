@@ -8,16 +8,14 @@ mod support;
 use support::*;
 
 use std::fs::File;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
-use std::process::Child;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::MutexGuard;
 use std::time::{Duration, Instant};
 
-use ipc::control::{ControlMsg, DeviceConfig, FdRole, RingSetup, ServiceSetup};
-use ipc::ring::{ExitKind, ExitRequest, Status};
+use ipc::control::{DeviceConfig, FdRole};
 use ipc::state::{DeviceKind, Loaded, StateRegion, MAX_UART_FIFO, MAX_UART_PENDING, SLOT_HEADER_LEN, SLOT_LEN};
-use ipc::{wait, ControlChannel, CoreEndpoint, WaitConfig};
+use ipc::wait;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 const COM1: u64 = 0x3f8;
@@ -33,9 +31,6 @@ const MSR: u64 = COM1 + 6;
 const SCR: u64 = COM1 + 7;
 const T: Duration = Duration::from_secs(5);
 
-/// The services spin while serving: one at a time on these 2-core machines.
-static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
-
 /// What the core keeps across instances, plus the current instance.
 struct Rig {
     _serial: MutexGuard<'static, ()>,
@@ -45,14 +40,12 @@ struct Rig {
     in_w: File,
     irq: EventFd,
     state: StateRegion,
-    child: Option<Child>,
-    ctl: Option<ControlChannel>,
-    core: Option<CoreEndpoint>,
+    svc: Option<Instance>,
 }
 
 impl Rig {
     fn new() -> Self {
-        let serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+        let serial = one_at_a_time();
         let (out_r, out_w) = nix::unistd::pipe().expect("pipe");
         let (in_r, in_w) = nix::unistd::pipe().expect("pipe");
         Self {
@@ -63,73 +56,41 @@ impl Rig {
             in_w: File::from(in_w),
             irq: EventFd::new(EFD_NONBLOCK).expect("eventfd"),
             state: StateRegion::create("console-restart-test").expect("state region"),
-            child: None,
-            ctl: None,
-            core: None,
+            svc: None,
         }
     }
 
     /// Starts an instance exactly as the core does, with a fresh ring and the kept fds.
     fn start(&mut self) {
-        let (child, ctl) = spawn_service(env!("CARGO_BIN_EXE_bulkhead-console"), &[], false);
-        let core = CoreEndpoint::create("console-restart", 16, WaitConfig::default()).expect("ring");
-        let roles = vec![
-            FdRole::Ring,
-            FdRole::SubmitBell,
-            FdRole::CompleteBell,
-            FdRole::Output,
-            FdRole::Irq,
-            FdRole::Input,
-            FdRole::StateRegion,
-        ];
-        let fds = [
-            core.region_fd(),
-            core.submit_bell(),
-            core.complete_bell(),
-            self.out_w.as_fd(),
-            borrow(&self.irq),
-            self.in_r.as_fd(),
-            self.state.fd(),
-        ];
-        let setup = ServiceSetup {
-            name: "console-restart".into(),
-            ring: RingSetup { capacity: core.capacity(), region_len: core.region_len() as u64 },
-            fds: roles,
-            device: DeviceConfig::Console { base: 0x3f8, len: 8 },
-            idle_spin_us: 200,
-        };
-        ctl.send(&ControlMsg::Setup(setup), &fds).expect("send setup");
-        let (msg, _) = ctl.recv(Instant::now() + Duration::from_secs(10)).expect("ready");
-        assert_eq!(msg, ControlMsg::Ready { pid: child.id() });
-        self.child = Some(child);
-        self.ctl = Some(ctl);
-        self.core = Some(core);
+        self.svc = Some(Instance::start(
+            env!("CARGO_BIN_EXE_bulkhead-console"),
+            "console-restart",
+            StderrTo::Inherit,
+            &[
+                (FdRole::Output, self.out_w.as_fd()),
+                (FdRole::Irq, borrow(&self.irq)),
+                (FdRole::Input, self.in_r.as_fd()),
+                (FdRole::StateRegion, self.state.fd()),
+            ],
+            DeviceConfig::Console { base: 0x3f8, len: 8 },
+        ));
     }
 
     fn sigkill(&mut self) {
-        let mut c = self.child.take().expect("instance");
-        c.kill().expect("SIGKILL");
-        let st = c.wait().expect("wait");
+        let st = self.svc.take().expect("instance").kill();
         assert!(!st.success(), "killed service exited cleanly: {st:?}");
-        self.ctl = None;
-        self.core = None;
     }
 
     fn alive(&mut self) -> bool {
-        self.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+        self.svc.as_mut().is_some_and(Instance::is_running)
     }
 
     fn inb(&self, port: u64) -> u8 {
-        let core = self.core.as_ref().expect("instance");
-        let r = core.call(&ExitRequest::read(ExitKind::PioRead, port, 1), T).expect("inb");
-        assert_eq!(r.status, Status::Ok, "inb {port:#x}");
-        r.data[0]
+        self.svc.as_ref().expect("instance").inb(port)
     }
 
     fn outb(&self, port: u64, v: u8) {
-        let core = self.core.as_ref().expect("instance");
-        let req = ExitRequest::write(ExitKind::PioWrite, port, &[v]).expect("req");
-        assert_eq!(core.call(&req, T).expect("outb").status, Status::Ok, "outb {port:#x}");
+        self.svc.as_ref().expect("instance").outb(port, v);
     }
 
     /// Bytes still in the input pipe (not yet read by the service).
@@ -183,16 +144,7 @@ impl Rig {
     }
 
     fn read_output(&mut self, n: usize) -> Vec<u8> {
-        let mut got = Vec::new();
-        let deadline = Instant::now() + T;
-        while got.len() < n {
-            let left = deadline.saturating_duration_since(Instant::now());
-            assert!(wait::wait_readable(self.out_r.as_fd(), left).expect("poll"), "output timed out: {got:?}");
-            let mut buf = [0u8; 256];
-            let k = self.out_r.read(&mut buf).expect("read output");
-            got.extend_from_slice(&buf[..k]);
-        }
-        got
+        read_pipe(&mut self.out_r, n, T)
     }
 
     fn program(&self) {
@@ -214,27 +166,7 @@ impl Rig {
     }
 
     fn shutdown(mut self) {
-        let ctl = self.ctl.take().expect("instance");
-        ctl.send(&ControlMsg::Shutdown, &[]).expect("shutdown");
-        let mut child = self.child.take().expect("instance");
-        let deadline = Instant::now() + T;
-        let st = loop {
-            if let Some(st) = child.try_wait().expect("try_wait") {
-                break st;
-            }
-            assert!(Instant::now() < deadline, "service did not exit");
-            std::thread::sleep(Duration::from_millis(5));
-        };
-        assert!(st.success(), "exit status {st:?}");
-    }
-}
-
-impl Drop for Rig {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        self.svc.as_mut().expect("instance").shutdown(T);
     }
 }
 

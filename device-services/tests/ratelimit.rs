@@ -9,17 +9,13 @@
 mod support;
 use support::*;
 
-use std::fs::File;
 use std::io::Write;
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
-use std::process::{Child, Command};
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Mutex, MutexGuard};
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::MutexGuard;
 use std::time::{Duration, Instant};
 
-use ipc::control::{BlockConfig, DeviceConfig, FdRole, MemoryRegion, NetConfig, RateLimit, RingSetup, ServiceSetup};
+use ipc::control::{FdRole, RateLimit};
 use ipc::state::StateRegion;
-use ipc::{ControlChannel, CoreEndpoint};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -27,32 +23,15 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 #[path = "../../vmm-core/src/tap.rs"]
 mod tap;
 
-static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
-static COUNTER: AtomicU32 = AtomicU32::new(0);
-
-const BASE: u64 = 0xd000_0000;
+const BASE: u64 = MMIO_BASE;
 const F_VERSION_1: u64 = 1 << 32;
 /// Bound on every run (the limits below make each take 2–4 s).
 const RUN_LIMIT: Duration = Duration::from_secs(9);
 const MIB: u64 = 1 << 20;
 
-fn serial() -> MutexGuard<'static, ()> {
-    ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 /// Rate of `units` over `from..to`, per second.
 fn rate(units: u64, from: Instant, to: Instant) -> f64 {
     units as f64 / to.duration_since(from).as_secs_f64().max(1e-9)
-}
-
-fn setup_msg(name: &str, core: &CoreEndpoint, fds: Vec<FdRole>, device: DeviceConfig) -> ServiceSetup {
-    ServiceSetup {
-        name: name.into(),
-        ring: RingSetup { capacity: core.capacity(), region_len: core.region_len() as u64 },
-        fds,
-        device,
-        idle_spin_us: 200,
-    }
 }
 
 // ---------------------------------------------------------------- block
@@ -73,9 +52,7 @@ fn disk_pattern(len: usize) -> Vec<u8> {
 
 struct Blk {
     _serial: MutexGuard<'static, ()>,
-    child: Option<Child>,
-    ctl: ControlChannel,
-    _core: CoreEndpoint,
+    svc: Instance,
     memfd: OwnedFd,
     mem: GuestMemoryMmap<()>,
     notify: EventFd,
@@ -90,7 +67,7 @@ struct Blk {
 
 impl Blk {
     fn spawn(limit: RateLimit) -> Self {
-        let guard = serial();
+        let guard = one_at_a_time();
         let disk = disk_pattern(usize::try_from(DISK).expect("disk"));
         let mut file = tempfile::NamedTempFile::new().expect("tempfile");
         file.write_all(&disk).expect("fill disk");
@@ -100,39 +77,17 @@ impl Blk {
         let notify = EventFd::new(EFD_NONBLOCK).expect("eventfd");
         let irq = EventFd::new(EFD_NONBLOCK).expect("eventfd");
         let state = StateRegion::create("ratelimit-blk-state").expect("state region");
-        let (child, ctl, core) = Self::start_with(&memfd, &disk_fd, &irq, &notify, &state, limit);
-        let mut b = Self {
-            _serial: guard,
-            child: Some(child),
-            ctl,
-            _core: core,
-            memfd,
-            mem,
-            notify,
-            irq,
-            disk,
-            disk_fd,
-            _file: file,
-            state,
-            limit,
-            q,
-        };
-        MmioRegs { core: &b._core, base: BASE }.init(2, F_VERSION_1, std::slice::from_mut(&mut b.q));
+        let svc = Self::start_with(&memfd, &disk_fd, &irq, &notify, &state, limit);
+        let mut b = Self { _serial: guard, svc, memfd, mem, notify, irq, disk, disk_fd, _file: file, state, limit, q };
+        b.svc.mmio(BASE).init(2, F_VERSION_1, std::slice::from_mut(&mut b.q));
         b
     }
 
     /// Kills the current instance and starts a new one with the same guest RAM, disk, eventfds
     /// and state region (it resumes the device from the region).
     fn restart(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        let (child, ctl, core) =
-            Self::start_with(&self.memfd, &self.disk_fd, &self.irq, &self.notify, &self.state, self.limit);
-        self.child = Some(child);
-        self.ctl = ctl;
-        self._core = core;
+        self.svc.kill();
+        self.svc = Self::start_with(&self.memfd, &self.disk_fd, &self.irq, &self.notify, &self.state, self.limit);
     }
 
     fn start_with(
@@ -142,51 +97,26 @@ impl Blk {
         notify: &EventFd,
         state: &StateRegion,
         limit: RateLimit,
-    ) -> (Child, ControlChannel, CoreEndpoint) {
-        let (child, ctl) = spawn_service_piped(env!("CARGO_BIN_EXE_bulkhead-block"));
-        let core = exit_ring("ratelimit-blk");
-        let roles = vec![
-            FdRole::Ring,
-            FdRole::SubmitBell,
-            FdRole::CompleteBell,
-            FdRole::GuestMemory,
-            FdRole::Disk,
-            FdRole::Irq,
-            FdRole::QueueNotify(0),
-            FdRole::StateRegion,
-        ];
-        let fds = [
-            core.region_fd(),
-            core.submit_bell(),
-            core.complete_bell(),
-            memfd.as_fd(),
-            disk_fd.as_fd(),
-            borrow(irq),
-            borrow(notify),
-            state.fd(),
-        ];
-        let device = DeviceConfig::Block(BlockConfig {
-            mmio_base: BASE,
-            mmio_len: 0x1000,
-            gsi: 5,
-            memory: vec![MemoryRegion { guest_addr: 0, len: BLK_RAM as u64, file_offset: 0 }],
-            disk_size: DISK,
-            read_only: true,
-            id: "ratelimit".into(),
-            num_queues: 1,
-            queue_size: 256,
-            rate_limit: limit,
-        });
-        send_setup(&ctl, setup_msg("ratelimit-blk", &core, roles, device), &fds, child.id());
-        (child, ctl, core)
+    ) -> Instance {
+        Instance::start(
+            env!("CARGO_BIN_EXE_bulkhead-block"),
+            "ratelimit-blk",
+            StderrTo::Pipe,
+            &[
+                (FdRole::GuestMemory, memfd.as_fd()),
+                (FdRole::Disk, disk_fd.as_fd()),
+                (FdRole::Irq, borrow(irq)),
+                (FdRole::QueueNotify(0), borrow(notify)),
+                (FdRole::StateRegion, state.fd()),
+            ],
+            block_device(BLK_RAM as u64, DISK, true, "ratelimit", limit),
+        )
     }
 
     /// Makes slot `s` a read of `len` bytes at `sector` and offers it (head = 3s).
     fn submit_read(&mut self, s: u16, sector: u64, len: u32) {
         let hdr = BLK_HDRS + 16 * u64::from(s);
-        self.mem.write_obj(T_IN, GuestAddress(hdr)).expect("type");
-        self.mem.write_obj(0u32, GuestAddress(hdr + 4)).expect("reserved");
-        self.mem.write_obj(sector, GuestAddress(hdr + 8)).expect("sector");
+        blk_header(&self.mem, hdr, T_IN, sector);
         self.mem.write_obj(0xeeu8, GuestAddress(BLK_STATUS + u64::from(s))).expect("poison status");
         let data = BLK_DATA + SLOT_BYTES * u64::from(s);
         self.mem.write_slice(&vec![0u8; usize::try_from(len).expect("len")], GuestAddress(data)).expect("clear");
@@ -241,17 +171,7 @@ impl Blk {
     }
 
     fn shutdown(mut self) -> Vec<(String, u64)> {
-        let child = self.child.take().expect("child");
-        shutdown_with_stats(child, &self.ctl)
-    }
-}
-
-impl Drop for Blk {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        self.svc.shutdown_with_stats(Duration::from_secs(5))
     }
 }
 
@@ -284,7 +204,7 @@ fn block_bandwidth_limit_is_the_measured_rate() {
 fn block_ops_limit_is_the_measured_rate_without_spinning() {
     let limit = 200u64;
     let mut b = Blk::spawn(RateLimit { ops_per_sec: limit, ..RateLimit::default() });
-    let pid = b.child.as_ref().expect("child").id();
+    let pid = b.svc.child.id();
     let cpu0 = cpu_time(pid);
     let t0 = Instant::now();
     let done = b.read_all(400, 512, 8);
@@ -317,7 +237,6 @@ const TXBUF: u64 = 0x20_0000;
 const BUF: u64 = 2048;
 const VNET_HDR: usize = 12;
 const ETHERTYPE: [u8; 2] = [0x88, 0xb5];
-const PACKET_OUTGOING: u8 = 4;
 const RX: usize = 0;
 const TX: usize = 1;
 
@@ -335,99 +254,13 @@ fn seq_of(f: &[u8]) -> u32 {
     u32::from_le_bytes([f[14], f[15], f[16], f[17]])
 }
 
-fn ip(args: &[&str]) {
-    let st = Command::new("ip").args(args).status().expect("run ip");
-    assert!(st.success(), "ip {args:?} (needs root / CAP_SYS_ADMIN)");
-}
-
-/// A network namespace holding the TAP; deleted on drop.
-struct Netns(String);
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-    }
-}
-
-/// Creates a namespace with a TAP (up, IPv6 off) and an AF_PACKET socket bound to it.
-fn tap_in_netns() -> (Netns, OwnedFd, OwnedFd) {
-    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    let ns = Netns(format!("bh-rl-{}-{n}", std::process::id()));
-    ip(&["netns", "add", &ns.0]);
-    for key in ["all", "default"] {
-        ip(&["netns", "exec", &ns.0, "sysctl", "-qw", &format!("net.ipv6.conf.{key}.disable_ipv6=1")]);
-    }
-    let path = format!("/var/run/netns/{}", ns.0);
-    let tap_name = format!("bhrl{n}");
-    let (tap, sock) = std::thread::scope(|s| {
-        s.spawn(|| {
-            let f = File::open(&path).expect("open netns");
-            nix::sched::setns(f.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
-            let t = tap::open_tap(&tap_name, 0).expect("open TAP");
-            ip(&["link", "set", &t.name, "up"]);
-            let cname = std::ffi::CString::new(t.name.clone()).expect("name");
-            // SAFETY: a NUL-terminated name.
-            let ifindex = unsafe { libc::if_nametoindex(cname.as_ptr()) };
-            assert_ne!(ifindex, 0);
-            let proto = u16::try_from(libc::ETH_P_ALL).expect("proto").to_be();
-            // SAFETY: socket takes integers.
-            let raw =
-                unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, libc::c_int::from(proto)) };
-            assert!(raw >= 0, "AF_PACKET socket: {}", std::io::Error::last_os_error());
-            // SAFETY: the kernel just returned this fd; we own it.
-            let sock = unsafe { OwnedFd::from_raw_fd(raw) };
-            // SAFETY: sockaddr_ll is plain old data.
-            let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-            sll.sll_family = u16::try_from(libc::AF_PACKET).expect("family");
-            sll.sll_protocol = proto;
-            sll.sll_ifindex = i32::try_from(ifindex).expect("ifindex");
-            let len = libc::socklen_t::try_from(std::mem::size_of::<libc::sockaddr_ll>()).expect("len");
-            // SAFETY: bind reads `len` bytes of `sll`, alive for the call.
-            let rc = unsafe { libc::bind(sock.as_raw_fd(), std::ptr::addr_of!(sll).cast(), len) };
-            assert_eq!(rc, 0, "bind: {}", std::io::Error::last_os_error());
-            (t.fd, sock)
-        })
-        .join()
-        .expect("netns thread")
-    });
-    (ns, tap, sock)
-}
-
 /// One of our frames that came out of the TAP (the service's TX), if one is queued.
 fn wire_recv(sock: &OwnedFd) -> Option<Vec<u8>> {
-    let mut buf = vec![0u8; 4096];
-    loop {
-        // SAFETY: sockaddr_ll is plain old data.
-        let mut from: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-        let mut flen = libc::socklen_t::try_from(std::mem::size_of::<libc::sockaddr_ll>()).expect("len");
-        // SAFETY: recvfrom writes at most buf.len() bytes into buf and flen bytes into `from`.
-        let n = unsafe {
-            libc::recvfrom(
-                sock.as_raw_fd(),
-                buf.as_mut_ptr().cast(),
-                buf.len(),
-                libc::MSG_DONTWAIT,
-                std::ptr::addr_of_mut!(from).cast(),
-                &mut flen,
-            )
-        };
-        let n = usize::try_from(n).ok()?;
-        if from.sll_pkttype != PACKET_OUTGOING && n >= 18 && buf[12..14] == ETHERTYPE {
-            return Some(buf[..n].to_vec());
-        }
-    }
-}
-
-fn wire_send(sock: &OwnedFd, f: &[u8]) {
-    // SAFETY: send reads `f.len()` bytes from a live slice.
-    let n = unsafe { libc::send(sock.as_raw_fd(), f.as_ptr().cast(), f.len(), 0) };
-    assert_eq!(usize::try_from(n).ok(), Some(f.len()), "AF_PACKET send: {}", std::io::Error::last_os_error());
+    packet_recv(sock, ETHERTYPE)
 }
 
 struct NetRig {
-    child: Option<Child>,
-    ctl: ControlChannel,
-    _core: CoreEndpoint,
+    svc: Instance,
     mem: GuestMemoryMmap<()>,
     notify: [EventFd; 2],
     irq: EventFd,
@@ -441,51 +274,35 @@ struct NetRig {
 
 impl NetRig {
     fn spawn(limit: RateLimit) -> Self {
-        let guard = serial();
-        let (ns, tap, sock) = tap_in_netns();
+        let guard = one_at_a_time();
+        let (ns, n) = Netns::new("bh-rl");
+        let (tap, sock) = ns.tap_and_packet_socket(&format!("bhrl{n}"), |name| {
+            let t = tap::open_tap(name, 0).expect("open TAP");
+            (t.name, t.fd)
+        });
         while wire_recv(&sock).is_some() {}
         let (memfd, mem) = guest_ram(NET_RAM);
-        let (child, ctl) = spawn_service_piped(env!("CARGO_BIN_EXE_bulkhead-net"));
-        let core = exit_ring("ratelimit-net");
         let notify = [EventFd::new(EFD_NONBLOCK).expect("eventfd"), EventFd::new(EFD_NONBLOCK).expect("eventfd")];
         let irq = EventFd::new(EFD_NONBLOCK).expect("eventfd");
-        let roles = vec![
-            FdRole::Ring,
-            FdRole::SubmitBell,
-            FdRole::CompleteBell,
-            FdRole::GuestMemory,
-            FdRole::Tap,
-            FdRole::Irq,
-            FdRole::QueueNotify(0),
-            FdRole::QueueNotify(1),
-        ];
-        let fds = [
-            core.region_fd(),
-            core.submit_bell(),
-            core.complete_bell(),
-            memfd.as_fd(),
-            tap.as_fd(),
-            borrow(&irq),
-            borrow(&notify[0]),
-            borrow(&notify[1]),
-        ];
-        let device = DeviceConfig::Net(NetConfig {
-            mmio_base: BASE,
-            mmio_len: 0x1000,
-            gsi: 6,
-            memory: vec![MemoryRegion { guest_addr: 0, len: NET_RAM as u64, file_offset: 0 }],
-            mac: [0x02, 0xb1, 0x6b, 0, 0, 9],
-            queue_size: 256,
-            tap_name: "ratelimit".into(),
-            rate_limit: limit,
-        });
-        send_setup(&ctl, setup_msg("ratelimit-net", &core, roles, device), &fds, child.id());
+        let svc = Instance::start(
+            env!("CARGO_BIN_EXE_bulkhead-net"),
+            "ratelimit-net",
+            StderrTo::Pipe,
+            &[
+                (FdRole::GuestMemory, memfd.as_fd()),
+                (FdRole::Tap, tap.as_fd()),
+                (FdRole::Irq, borrow(&irq)),
+                (FdRole::QueueNotify(0), borrow(&notify[0])),
+                (FdRole::QueueNotify(1), borrow(&notify[1])),
+            ],
+            net_device(NET_RAM as u64, [0x02, 0xb1, 0x6b, 0, 0, 9], "ratelimit", limit),
+        );
         let mut q = [
             GuestQueue::new(&mem, 0x1000, 0x2000, 0x3000, NET_QSIZE),
             GuestQueue::new(&mem, 0x4000, 0x5000, 0x6000, NET_QSIZE),
         ];
-        MmioRegs { core: &core, base: BASE }.init(1, F_VERSION_1, &mut q);
-        Self { child: Some(child), ctl, _core: core, mem, notify, irq, sock, q, _tap: tap, _ns: ns, _serial: guard }
+        svc.mmio(BASE).init(1, F_VERSION_1, &mut q);
+        Self { svc, mem, notify, irq, sock, q, _tap: tap, _ns: ns, _serial: guard }
     }
 
     /// Queues `f` in TX slot `i` (header and frame in one descriptor).
@@ -509,17 +326,7 @@ impl NetRig {
     }
 
     fn shutdown(mut self) -> Vec<(String, u64)> {
-        let child = self.child.take().expect("child");
-        shutdown_with_stats(child, &self.ctl)
-    }
-}
-
-impl Drop for NetRig {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        self.svc.shutdown_with_stats(Duration::from_secs(5))
     }
 }
 
@@ -581,7 +388,7 @@ fn net_rx_frame_rate_limit_into_the_guest() {
     r.kick(RX);
     let (count, len) = (400u32, 200usize);
     for seq in 0..count {
-        wire_send(&r.sock, &frame(seq, len));
+        packet_send(&r.sock, &frame(seq, len));
     }
     let mut got: Vec<(u32, Instant)> = Vec::new();
     let deadline = Instant::now() + Duration::from_millis(3000);

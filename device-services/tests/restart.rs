@@ -10,19 +10,16 @@ use support::*;
 use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::{AsFd, OwnedFd};
-use std::process::Child;
-use std::sync::{Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::sync::MutexGuard;
+use std::time::Duration;
 
-use ipc::control::{BlockConfig, ControlMsg, DeviceConfig, FdRole, MemoryRegion, RingSetup, ServiceSetup};
-use ipc::ring::{ExitKind, ExitRequest, Status};
+use ipc::control::FdRole;
 use ipc::state::{StateRegion, SLOT_HEADER_LEN, SLOT_LEN};
-use ipc::{wait, ControlChannel, CoreEndpoint, WaitConfig};
-use nix::sys::memfd::{memfd_create, MemFdCreateFlag};
-use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryMmap};
+use ipc::wait;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-const BASE: u64 = 0xd000_0000;
+const BASE: u64 = MMIO_BASE;
 const RAM: u64 = 8 << 20;
 const DISK: u64 = 4 << 20;
 const QSIZE: u16 = 32;
@@ -35,14 +32,10 @@ const DATA: u64 = 0x100000;
 /// Bytes per request slot (large requests widen the in-flight window).
 const SLOT: u64 = 128 * 1024;
 const T: Duration = Duration::from_secs(5);
-const F_NEXT: u16 = 1;
-const F_WRITE: u16 = 2;
 const T_IN: u32 = 0;
 const T_OUT: u32 = 1;
 const DRIVER_OK_ALL: u32 = 1 | 2 | 4 | 8;
 const NEEDS_RESET: u32 = 0x40;
-
-static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
 /// What the core keeps across instances, plus the current instance.
 struct Rig {
@@ -53,28 +46,18 @@ struct Rig {
     state: StateRegion,
     notify: EventFd,
     irq: EventFd,
-    child: Option<Child>,
-    ctl: Option<ControlChannel>,
-    core: Option<CoreEndpoint>,
+    svc: Option<Instance>,
     /// Driver side.
-    avail: u16,
-    used_seen: u16,
+    q: GuestQueue,
 }
 
 impl Rig {
     fn new() -> Self {
-        let serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+        let serial = one_at_a_time();
         let mut disk = tempfile::NamedTempFile::new().expect("tempfile");
         disk.write_all(&vec![0u8; usize::try_from(DISK).expect("size")]).expect("fill");
         disk.flush().expect("flush");
-        let memfd = memfd_create(c"test-guest-ram", MemFdCreateFlag::MFD_CLOEXEC).expect("memfd");
-        nix::unistd::ftruncate(&memfd, i64::try_from(RAM).expect("ram")).expect("truncate");
-        let mem = GuestMemoryMmap::from_ranges_with_files([(
-            GuestAddress(0),
-            usize::try_from(RAM).expect("ram"),
-            Some(FileOffset::new(File::from(memfd.try_clone().expect("dup")), 0)),
-        )])
-        .expect("map");
+        let (memfd, mem) = guest_ram(usize::try_from(RAM).expect("ram"));
         Self {
             _serial: serial,
             memfd,
@@ -83,161 +66,79 @@ impl Rig {
             state: StateRegion::create("test-state").expect("state region"),
             notify: EventFd::new(EFD_NONBLOCK).expect("eventfd"),
             irq: EventFd::new(EFD_NONBLOCK).expect("eventfd"),
-            child: None,
-            ctl: None,
-            core: None,
-            avail: 0,
-            used_seen: 0,
+            svc: None,
+            q: GuestQueue::at(DESC, AVAIL, USED, QSIZE),
         }
     }
 
     /// Starts an instance exactly as the core would, with a fresh ring.
     fn start(&mut self) {
-        let (child, ctl) = spawn_service(env!("CARGO_BIN_EXE_bulkhead-block"), &[], false);
-        let core = CoreEndpoint::create("restart-test", 16, WaitConfig::default()).expect("ring");
         let disk_fd: OwnedFd = self.disk.reopen().expect("reopen").into();
-        let roles = vec![
-            FdRole::Ring,
-            FdRole::SubmitBell,
-            FdRole::CompleteBell,
-            FdRole::GuestMemory,
-            FdRole::Disk,
-            FdRole::Irq,
-            FdRole::QueueNotify(0),
-            FdRole::StateRegion,
-        ];
-        let fds = [
-            core.region_fd(),
-            core.submit_bell(),
-            core.complete_bell(),
-            self.memfd.as_fd(),
-            disk_fd.as_fd(),
-            borrow(&self.irq),
-            borrow(&self.notify),
-            self.state.fd(),
-        ];
-        let setup = ServiceSetup {
-            name: "restart-test".into(),
-            ring: RingSetup { capacity: core.capacity(), region_len: core.region_len() as u64 },
-            fds: roles,
-            device: DeviceConfig::Block(BlockConfig {
-                mmio_base: BASE,
-                mmio_len: 0x1000,
-                gsi: 5,
-                memory: vec![MemoryRegion { guest_addr: 0, len: RAM, file_offset: 0 }],
-                disk_size: DISK,
-                read_only: false,
-                id: "restart".into(),
-                num_queues: 1,
-                queue_size: 256,
-                rate_limit: Default::default(),
-            }),
-            idle_spin_us: 200,
-        };
-        ctl.send(&ControlMsg::Setup(setup), &fds).expect("send setup");
-        let (msg, _) = ctl.recv(Instant::now() + Duration::from_secs(10)).expect("ready");
-        assert_eq!(msg, ControlMsg::Ready { pid: child.id() });
-        self.child = Some(child);
-        self.ctl = Some(ctl);
-        self.core = Some(core);
+        self.svc = Some(Instance::start(
+            env!("CARGO_BIN_EXE_bulkhead-block"),
+            "restart-test",
+            StderrTo::Inherit,
+            &[
+                (FdRole::GuestMemory, self.memfd.as_fd()),
+                (FdRole::Disk, disk_fd.as_fd()),
+                (FdRole::Irq, borrow(&self.irq)),
+                (FdRole::QueueNotify(0), borrow(&self.notify)),
+                (FdRole::StateRegion, self.state.fd()),
+            ],
+            block_device(RAM, DISK, false, "restart", Default::default()),
+        ));
     }
 
+    /// SIGKILLs the current instance (dropping it does).
     fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        self.ctl = None;
-        self.core = None;
+        self.svc = None;
+    }
+
+    fn svc(&self) -> &Instance {
+        self.svc.as_ref().expect("instance")
     }
 
     fn rd(&self, off: u64) -> u32 {
-        let core = self.core.as_ref().expect("instance");
-        let r = core.call(&ExitRequest::read(ExitKind::MmioRead, BASE + off, 4), T).expect("mmio read");
-        assert_eq!(r.status, Status::Ok, "read {off:#x}");
-        u32::from_le_bytes([r.data[0], r.data[1], r.data[2], r.data[3]])
+        self.svc().mmio(BASE).rd(off)
     }
 
     fn wr(&self, off: u64, v: u32) {
-        let core = self.core.as_ref().expect("instance");
-        let req = ExitRequest::write(ExitKind::MmioWrite, BASE + off, &v.to_le_bytes()).expect("req");
-        assert_eq!(core.call(&req, T).expect("mmio write").status, Status::Ok, "write {off:#x}");
+        self.svc().mmio(BASE).wr(off, v);
     }
 
+    /// Zeroed rings, VERSION_1 only, queue 0, DRIVER_OK.
     fn init(&mut self) {
         self.mem.write_slice(&[0u8; 0x3000], GuestAddress(DESC)).expect("clear rings");
-        self.wr(0x070, 0);
-        self.wr(0x070, 1 | 2);
-        self.wr(0x014, 1);
-        let hi = self.rd(0x010);
-        self.wr(0x024, 0);
-        self.wr(0x020, 0);
-        self.wr(0x024, 1);
-        self.wr(0x020, hi & 1);
-        self.wr(0x070, 1 | 2 | 8);
-        assert_ne!(self.rd(0x070) & 8, 0, "FEATURES_OK");
-        self.wr(0x030, 0);
-        self.wr(0x038, u32::from(QSIZE));
-        self.wr(0x080, lo32(DESC));
-        self.wr(0x084, 0);
-        self.wr(0x090, lo32(AVAIL));
-        self.wr(0x094, 0);
-        self.wr(0x0a0, lo32(USED));
-        self.wr(0x0a4, 0);
-        self.wr(0x044, 1);
-        self.wr(0x070, DRIVER_OK_ALL);
-        self.avail = 0;
-        self.used_seen = 0;
+        let svc = self.svc.as_ref().expect("instance");
+        svc.mmio(BASE).init(2, 1 << 32, std::slice::from_mut(&mut self.q));
     }
 
     /// Puts request `slot` (descriptors 3*slot..) in the avail ring: `t` at `sector`, `len` bytes.
     fn submit(&mut self, slot: u16, t: u32, sector: u64, len: u32) {
         let hdr = HDR + 16 * u64::from(slot);
-        self.mem.write_obj(t, GuestAddress(hdr)).expect("type");
-        self.mem.write_obj(0u32, GuestAddress(hdr + 4)).expect("reserved");
-        self.mem.write_obj(sector, GuestAddress(hdr + 8)).expect("sector");
+        blk_header(&self.mem, hdr, t, sector);
         self.mem.write_obj(0xeeu8, GuestAddress(STATUS + u64::from(slot))).expect("status");
-        let d = |i: u16, addr: u64, len: u32, flags: u16, next: u16| {
-            let at = GuestAddress(DESC + 16 * u64::from(i));
-            self.mem.write_obj(addr, at).expect("addr");
-            self.mem.write_obj(len, GuestAddress(at.0 + 8)).expect("len");
-            self.mem.write_obj(flags, GuestAddress(at.0 + 12)).expect("flags");
-            self.mem.write_obj(next, GuestAddress(at.0 + 14)).expect("next");
-        };
-        let w = if t == T_IN { F_WRITE } else { 0 };
-        d(3 * slot, hdr, 16, F_NEXT, 3 * slot + 1);
-        d(3 * slot + 1, DATA + SLOT * u64::from(slot), len, F_NEXT | w, 3 * slot + 2);
-        d(3 * slot + 2, STATUS + u64::from(slot), 1, F_WRITE, 0);
-        let at = AVAIL + 4 + 2 * u64::from(self.avail % QSIZE);
-        self.mem.write_obj(3 * slot, GuestAddress(at)).expect("ring");
-        self.avail = self.avail.wrapping_add(1);
-        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
-        self.mem.write_obj(self.avail, GuestAddress(AVAIL + 2)).expect("idx");
+        let w = if t == T_IN { DESC_WRITE } else { 0 };
+        self.q.set_desc(&self.mem, 3 * slot, hdr, 16, DESC_NEXT, 3 * slot + 1);
+        self.q.set_desc(&self.mem, 3 * slot + 1, DATA + SLOT * u64::from(slot), len, DESC_NEXT | w, 3 * slot + 2);
+        self.q.set_desc(&self.mem, 3 * slot + 2, STATUS + u64::from(slot), 1, DESC_WRITE, 0);
+        self.q.offer(&self.mem, 3 * slot);
     }
 
     fn kick(&self) {
         self.notify.write(1).expect("kick");
     }
 
-    fn used_idx(&self) -> u16 {
-        self.mem.read_obj(GuestAddress(USED + 2)).expect("used idx")
-    }
-
     /// Waits (bounded) for the used index to reach the avail index; returns new used heads.
-    fn wait_all(&mut self) -> Vec<u32> {
-        let deadline = Instant::now() + T;
-        while self.used_idx() != self.avail {
-            assert!(Instant::now() < deadline, "stalled: used {} avail {}", self.used_idx(), self.avail);
+    fn wait_all(&mut self) -> Vec<u16> {
+        let deadline = std::time::Instant::now() + T;
+        while self.q.used_idx(&self.mem) != self.q.next_avail {
+            let used = self.q.used_idx(&self.mem);
+            assert!(std::time::Instant::now() < deadline, "stalled: used {used} avail {}", self.q.next_avail);
             let _ = wait::wait_readable(borrow(&self.irq), Duration::from_millis(5));
             let _ = self.irq.read();
         }
-        let mut heads = Vec::new();
-        while self.used_seen != self.used_idx() {
-            let at = USED + 4 + 8 * u64::from(self.used_seen % QSIZE);
-            heads.push(self.mem.read_obj::<u32>(GuestAddress(at)).expect("id"));
-            self.used_seen = self.used_seen.wrapping_add(1);
-        }
-        heads
+        self.q.take_used(&self.mem).into_iter().map(|(head, _)| head).collect()
     }
 
     fn disk_bytes(&self) -> Vec<u8> {
@@ -247,18 +148,7 @@ impl Rig {
     }
 
     fn redone(&self) -> u64 {
-        let ctl = self.ctl.as_ref().expect("instance");
-        ctl.send(&ControlMsg::Ping { token: 1 }, &[]).expect("ping");
-        match ctl.recv(Instant::now() + T).expect("pong").0 {
-            ControlMsg::Pong { stats, .. } => stats.redone,
-            other => panic!("unexpected {other:?}"),
-        }
-    }
-}
-
-impl Drop for Rig {
-    fn drop(&mut self) {
-        self.kill();
+        self.svc().ping(1, T).redone
     }
 }
 
@@ -291,7 +181,7 @@ fn batch(rig: &mut Rig, model: &mut [u8], n: u16, seed: u32, kill_after_us: Opti
     }
     let mut heads = rig.wait_all();
     heads.sort_unstable();
-    let want: Vec<u32> = (0..u32::from(n)).map(|i| 3 * i).collect();
+    let want: Vec<u16> = (0..n).map(|i| 3 * i).collect();
     assert_eq!(heads, want, "every request completed exactly once");
     for i in 0..n {
         let st: u8 = rig.mem.read_obj(GuestAddress(STATUS + u64::from(i))).expect("status");
@@ -347,7 +237,7 @@ fn corrupted_state_region_means_needs_reset() {
     assert!(wait::wait_readable(borrow(&rig.irq), T).expect("poll"), "config interrupt raised");
     assert_eq!(rig.rd(0x070), NEEDS_RESET, "DEVICE_NEEDS_RESET, nothing else");
     assert_ne!(rig.rd(0x060) & 2, 0, "config-change bit");
-    assert!(rig.child.as_mut().expect("child").try_wait().expect("try_wait").is_none(), "alive");
+    assert!(rig.svc.as_mut().expect("instance").is_running(), "alive");
     // The guest resets the device: it works again, and its new state survives the next kill.
     rig.init();
     assert_eq!(rig.rd(0x070), DRIVER_OK_ALL);
@@ -409,7 +299,7 @@ fn crash_points_of_take_and_publish() {
     rig.mem.write_slice(&data, GuestAddress(DATA)).expect("data");
     rig.submit(0, T_OUT, 64, len);
     model[64 * 512..64 * 512 + data.len()].copy_from_slice(&data);
-    let pos = rig.avail.wrapping_sub(1);
+    let pos = rig.q.next_avail.wrapping_sub(1);
     let mut w = rig.state.queue_word(0).expect("word");
     assert_eq!(w.next_avail, pos, "the dead instance had taken everything before");
     rig.state.set_entry(0, Some(InflightEntry { pos, order: 7 }));
@@ -422,7 +312,7 @@ fn crash_points_of_take_and_publish() {
     // 2. Entry written, next_avail not yet advanced: redone once, not taken twice.
     rig.kill();
     rig.submit(0, T_OUT, 64, len);
-    let pos = rig.avail.wrapping_sub(1);
+    let pos = rig.q.next_avail.wrapping_sub(1);
     rig.state.set_entry(0, Some(InflightEntry { pos, order: 8 }));
     rig.start();
     assert_eq!(rig.wait_all(), vec![0], "completed once");
@@ -431,7 +321,7 @@ fn crash_points_of_take_and_publish() {
     // 3. Published in the used ring (idx advanced) but the entry not cleared: not redone.
     rig.kill();
     rig.submit(0, T_OUT, 64, len);
-    let pos = rig.avail.wrapping_sub(1);
+    let pos = rig.q.next_avail.wrapping_sub(1);
     let mut w = rig.state.queue_word(0).expect("word");
     rig.state.set_entry(0, Some(InflightEntry { pos, order: 9 }));
     w.next_avail = pos.wrapping_add(1);
@@ -456,13 +346,13 @@ fn crash_points_of_take_and_publish() {
     rig.start();
     assert_eq!(rig.redone(), 0, "a published request is not redone");
     assert_eq!(rig.wait_all(), vec![0], "and appears once in the used ring");
-    assert_eq!(rig.state.queue_word(0).expect("word").used_idx, rig.avail, "used index caught up");
+    assert_eq!(rig.state.queue_word(0).expect("word").used_idx, rig.q.next_avail, "used index caught up");
     assert_eq!(rig.state.entry(0).expect("entry"), None, "entry cleared");
 
     // 4. Publishing started, used index not written: redone.
     rig.kill();
     rig.submit(0, T_OUT, 64, len);
-    let pos = rig.avail.wrapping_sub(1);
+    let pos = rig.q.next_avail.wrapping_sub(1);
     let mut w = rig.state.queue_word(0).expect("word");
     rig.state.set_entry(0, Some(InflightEntry { pos, order: 10 }));
     w.next_avail = pos.wrapping_add(1);

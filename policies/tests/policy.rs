@@ -257,7 +257,11 @@ const TUNSETOFFLOAD: u64 = 0x4004_54d0;
 #[test]
 fn net_ioctl_is_only_tunsetoffload_with_known_flags() {
     for flags in [0, 1, 3, 7, 0xf] {
-        assert_eq!(verdict(Policy::Net, "ioctl", [3, TUNSETOFFLOAD, flags, 0, 0, 0]), Action::Allow, "flags {flags:#x}");
+        assert_eq!(
+            verdict(Policy::Net, "ioctl", [3, TUNSETOFFLOAD, flags, 0, 0, 0]),
+            Action::Allow,
+            "flags {flags:#x}"
+        );
     }
     for (request, arg) in [
         (TUNSETOFFLOAD, 0x10 /* TUN_F_UFO */),

@@ -315,3 +315,49 @@ impl Drop for NetNs {
         let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
     }
 }
+
+/// The host's TSC rate in kHz (what the probe's `probe.tsc_khz=` wants), measured once per test
+/// process over 200 ms against the monotonic clock and cached. The guest reads the same TSC.
+pub fn tsc_khz() -> u64 {
+    static KHZ: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *KHZ.get_or_init(|| {
+        let t0 = tsc_and_clock();
+        std::thread::sleep(Duration::from_millis(200));
+        let t1 = tsc_and_clock();
+        let ns = t1.1.duration_since(t0.1).as_nanos().max(1);
+        // cycles × 10⁶ / ns = cycles per millisecond = kHz.
+        let khz = u128::from(t1.0.wrapping_sub(t0.0)) * 1_000_000 / ns;
+        let khz = u64::try_from(khz).expect("TSC rate fits in u64");
+        assert!(khz > 0, "the TSC did not advance over 200 ms");
+        khz
+    })
+}
+
+/// A TSC reading and the monotonic clock taken together: of 32 tries, the one whose clock read
+/// took the fewest cycles (so a preemption between the two reads cannot skew the rate).
+fn tsc_and_clock() -> (u64, Instant) {
+    let mut best: Option<(u64, u64, Instant)> = None;
+    for _ in 0..32 {
+        // SAFETY: RDTSC only reads the time-stamp counter; it has no memory effects and exists
+        // on every x86-64 CPU.
+        let a = unsafe { std::arch::x86_64::_rdtsc() };
+        let now = Instant::now();
+        // SAFETY: as above.
+        let b = unsafe { std::arch::x86_64::_rdtsc() };
+        let gap = b.wrapping_sub(a);
+        if best.is_none_or(|(g, _, _)| gap < g) {
+            best = Some((gap, a / 2 + b / 2, now));
+        }
+    }
+    let (_, tsc, now) = best.expect("at least one try");
+    (tsc, now)
+}
+
+/// The number in `key=value` on the first line of `text` starting with `prefix`.
+pub fn field(text: &str, prefix: &str, key: &str) -> u64 {
+    let line = text.lines().find(|l| l.starts_with(prefix)).unwrap_or_else(|| panic!("no line `{prefix}` in:\n{text}"));
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {key}= in `{line}`"))
+}

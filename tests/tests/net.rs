@@ -227,15 +227,6 @@ impl Reflector {
     }
 }
 
-/// `key=value` of the first line of `text` starting with `prefix`.
-fn field(text: &str, prefix: &str, key: &str) -> u64 {
-    let line = text.lines().find(|l| l.starts_with(prefix)).unwrap_or_else(|| panic!("no line `{prefix}` in:\n{text}"));
-    line.split_whitespace()
-        .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no {key}= in `{line}`"))
-}
-
 /// A counter of the net service's exit line (`bulkhead-net[1]: stats tx_frames=...`).
 fn stat(stderr: &str, key: &str) -> u64 {
     let line = stderr

@@ -8,6 +8,14 @@ use bulkhead_tests::*;
 
 const LIMIT: Duration = Duration::from_secs(300);
 
+/// Runs the probe with `disk` (a `--disk` value) and `cmdline` to its end.
+fn run_with_disk(disk: &str, cmdline: &str) -> Finished {
+    let probe = probe();
+    let args =
+        ["--kernel", probe.to_str().expect("utf8"), "--serial-input", "none", "--disk", disk, "--cmdline", cmdline];
+    run_to_end(&args, LIMIT)
+}
+
 fn field(out: &str, prefix: &str, key: &str) -> Option<u64> {
     out.lines()
         .filter(|l| l.starts_with(prefix))
@@ -21,20 +29,7 @@ fn blk_verify_pattern_is_on_the_image() {
     let dir = scratch("blk-verify");
     let image = dir.join("disk.img");
     std::fs::File::create(&image).expect("create").set_len(64 << 20).expect("size");
-    let probe = probe();
-    let r = run_to_end(
-        &[
-            "--kernel",
-            probe.to_str().expect("utf8"),
-            "--serial-input",
-            "none",
-            "--disk",
-            image.to_str().expect("utf8"),
-            "--cmdline",
-            "probe.test=blk-verify probe.seed=41 probe.rounds=2",
-        ],
-        LIMIT,
-    );
+    let r = run_with_disk(image.to_str().expect("utf8"), "probe.test=blk-verify probe.seed=41 probe.rounds=2");
     let ctx = format!("--- console\n{}\n--- log\n{}", r.stdout, r.stderr);
     assert_eq!(r.status.code(), Some(0), "{ctx}");
     let summary = "blk-verify: sectors=";
@@ -62,21 +57,7 @@ fn read_only_disk_rejects_writes() {
     let content: Vec<u8> = (0..(8u32 << 20)).map(|i| (i % 251) as u8).collect();
     std::fs::write(&image, &content).expect("write");
     let before = file_hash(&image);
-    let probe = probe();
-    let disk = format!("{},ro", image.display());
-    let r = run_to_end(
-        &[
-            "--kernel",
-            probe.to_str().expect("utf8"),
-            "--serial-input",
-            "none",
-            "--disk",
-            &disk,
-            "--cmdline",
-            "probe.test=blk-ro",
-        ],
-        LIMIT,
-    );
+    let r = run_with_disk(&format!("{},ro", image.display()), "probe.test=blk-ro");
     assert!(r.stdout.contains("blk-ro: ro=1 write_status=1 read_status=0"), "{}\n{}", r.stdout, r.stderr);
     assert_eq!(r.status.code(), Some(0), "{}\n{}", r.stdout, r.stderr);
     assert_eq!(file_hash(&image), before, "a read-only image changed");

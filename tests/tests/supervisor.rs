@@ -9,44 +9,114 @@
 //! next instance, so at most that one byte is duplicated; bytes the dead instance had already
 //! written are not lost. Ticks printed after the restart all appear.
 
-use std::process::Command;
-use std::time::Duration;
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus};
+use std::time::{Duration, Instant};
 
 use bulkhead_tests::*;
 
 const LIMIT: Duration = Duration::from_secs(90);
 
-fn probe_args<'a>(probe: &'a str, out: &'a str, cmdline: &'a str) -> Vec<&'a str> {
-    vec!["--kernel", probe, "--serial-input", "none", "--serial-output", out, "--cmdline", cmdline]
-}
-
 fn console_of(core: u32) -> Option<ProcInfo> {
-    children_of(core).into_iter().find(|p| p.exe.ends_with("bulkhead-console"))
+    service_child(core, "bulkhead-console")
 }
 
 fn ticks(serial: &str) -> Vec<u32> {
     serial.lines().filter_map(|l| l.strip_prefix("tick ")).filter_map(|n| n.trim().parse().ok()).collect()
 }
 
+fn tail(s: &str, n: usize) -> String {
+    let lines: Vec<&str> = s.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// One test's probe VM: a scratch directory holding its serial log and, optionally, a zeroed
+/// disk image.
+struct ProbeVm {
+    dir: PathBuf,
+    serial: PathBuf,
+    disk: Option<PathBuf>,
+}
+
+/// What a finished probe VM left: the core's exit status and log, the guest's serial output and
+/// the tail of both for assertion messages.
+struct Outcome {
+    status: ExitStatus,
+    log: String,
+    serial: String,
+    ctx: String,
+}
+
+impl ProbeVm {
+    fn new(name: &str) -> Self {
+        let dir = scratch(name);
+        Self { serial: dir.join("serial.log"), dir, disk: None }
+    }
+
+    /// With an 8 MiB disk image.
+    fn with_disk(name: &str) -> Self {
+        let mut vm = Self::new(name);
+        let image = vm.dir.join("disk.img");
+        std::fs::File::create(&image).expect("create").set_len(8 << 20).expect("size");
+        vm.disk = Some(image);
+        vm
+    }
+
+    fn args(&self, cmdline: &str, extra: &[&str]) -> Vec<OsString> {
+        probe_vm_args(&self.serial, self.disk.as_deref(), cmdline, extra)
+    }
+
+    fn spawn(&self, cmdline: &str, extra: &[&str]) -> Child {
+        bulkhead(&self.args(cmdline, extra)).spawn().expect("spawn bulkhead")
+    }
+
+    /// Runs the VM to its end (at most `limit`).
+    fn run(&self, cmdline: &str, extra: &[&str], limit: Duration) -> Outcome {
+        self.outcome(run_to_end(&self.args(cmdline, extra), limit))
+    }
+
+    /// Waits (at most `limit`) for a VM started with [`ProbeVm::spawn`].
+    fn finish(&self, child: Child, limit: Duration) -> Outcome {
+        self.outcome(wait_bounded(child, limit))
+    }
+
+    fn outcome(&self, r: Finished) -> Outcome {
+        let serial = std::fs::read_to_string(&self.serial).unwrap_or_default();
+        let ctx = format!("--- serial (tail)\n{}\n--- log (tail)\n{}", tail(&serial, 60), tail(&r.stderr, 60));
+        Outcome { status: r.status, log: r.stderr, serial, ctx }
+    }
+
+    fn image(&self) -> &Path {
+        self.disk.as_deref().expect("a VM with a disk")
+    }
+
+    /// Waits (at most `limit`) for `needle` in the serial log.
+    fn wait_serial(&self, needle: &str, limit: Duration) -> bool {
+        wait_for_serial(&self.serial, needle, limit)
+    }
+
+    fn remove(self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// `bulkhead <args>` (a client command such as `fault` or `stats`), run to its end.
+fn bulkhead_cli(args: &[&str]) -> std::process::Output {
+    Command::new(bin_dir().join("bulkhead")).args(args).output().expect("run bulkhead")
+}
+
 #[test]
 fn console_killed_during_output_is_restarted_and_later_ticks_all_appear() {
-    let dir = scratch("sup-console-kill");
-    let out = dir.join("serial.log");
-    let probe = probe();
-    let (p, o) = (probe.to_str().expect("utf8"), out.to_str().expect("utf8"));
-    let child = bulkhead(&probe_args(p, o, "probe.test=ticker probe.n=60 probe.delay=5000")).spawn().expect("spawn");
+    let vm = ProbeVm::new("sup-console-kill");
+    let child = vm.spawn("probe.test=ticker probe.n=60 probe.delay=5000", &[]);
     let core = child.id();
-    assert!(
-        wait_until(Duration::from_secs(30), || std::fs::read_to_string(&out).is_ok_and(|s| s.contains("tick 3\n"))),
-        "guest never printed tick 3"
-    );
+    assert!(vm.wait_serial("tick 3\n", Duration::from_secs(30)), "guest never printed tick 3");
     let first = console_of(core).expect("console child");
     // SAFETY: kill(2) has no memory-safety preconditions; `first.pid` is our child's child.
     assert_eq!(unsafe { libc::kill(i32::try_from(first.pid).expect("pid"), libc::SIGKILL) }, 0);
-    let r = wait_bounded(child, LIMIT);
-    let serial = std::fs::read_to_string(&out).expect("serial log");
-    let ctx = format!("serial:\n{serial}\nstderr:\n{}", r.stderr);
-    assert_eq!(r.status.code(), Some(0), "{ctx}");
+    let Outcome { status, log, serial, ctx } = vm.finish(child, LIMIT);
+    assert_eq!(status.code(), Some(0), "{ctx}");
     assert!(serial.contains("probe: verdict pass (0)"), "the guest finished through the new instance:\n{ctx}");
     // Every tick after the restart is there, in order; at most the one in flight is torn.
     let t = ticks(&serial);
@@ -54,91 +124,147 @@ fn console_killed_during_output_is_restarted_and_later_ticks_all_appear() {
     assert_eq!(last, 60, "{ctx}");
     let missing: Vec<u32> = (1..=60).filter(|n| !t.contains(n)).collect();
     assert!(missing.len() <= 1, "ticks lost beyond the one in flight: {missing:?}\n{ctx}");
-    let deaths: Vec<&str> = r.stderr.lines().filter(|l| l.contains(&format!("(pid {})", first.pid))).collect();
+    let deaths: Vec<&str> = log.lines().filter(|l| l.contains(&format!("(pid {})", first.pid))).collect();
     assert_eq!(deaths.len(), 1, "one line per death:\n{ctx}");
     assert!(deaths[0].contains("ERROR") && deaths[0].contains("restarting"), "{ctx}");
-    let recoveries = r.stderr.lines().filter(|l| l.contains("service console restarted as pid")).count();
+    let recoveries = log.lines().filter(|l| l.contains("service console restarted as pid")).count();
     assert_eq!(recoveries, 1, "one line per recovery:\n{ctx}");
-    assert!(r.stderr.contains("service console (pid") && r.stderr.contains("1 restarts"), "metrics on exit:\n{ctx}");
+    assert!(log.contains("service console (pid") && log.contains("1 restarts"), "metrics on exit:\n{ctx}");
 }
 
 #[test]
 fn restart_cap_marks_the_device_failed_and_the_vm_keeps_running() {
-    let dir = scratch("sup-cap");
-    let out = dir.join("serial.log");
-    let probe = probe();
-    let (p, o) = (probe.to_str().expect("utf8"), out.to_str().expect("utf8"));
-    let mut args = probe_args(p, o, "probe.test=ticker probe.n=40 probe.delay=20000");
-    args.extend(["--restart-max", "3/60", "--fault", "console:kill,after=100ms,every=100ms"]);
-    let r = run_to_end(&args, LIMIT);
-    let serial = std::fs::read_to_string(&out).unwrap_or_default();
-    let ctx = format!("serial:\n{serial}\nstderr:\n{}", r.stderr);
-    assert_eq!(r.status.code(), Some(0), "the guest finishes (its verdict reaches the debug-exit port):\n{ctx}");
-    let failed: Vec<&str> = r.stderr.lines().filter(|l| l.contains("marked FAILED")).collect();
+    let vm = ProbeVm::new("sup-cap");
+    let Outcome { status, log, serial, ctx } = vm.run(
+        "probe.test=ticker probe.n=40 probe.delay=20000",
+        &["--restart-max", "3/60", "--fault", "console:kill,after=100ms,every=100ms"],
+        LIMIT,
+    );
+    assert_eq!(status.code(), Some(0), "the guest finishes (its verdict reaches the debug-exit port):\n{ctx}");
+    let failed: Vec<&str> = log.lines().filter(|l| l.contains("marked FAILED")).collect();
     assert_eq!(failed.len(), 1, "the failure is said once:\n{ctx}");
     assert!(failed[0].contains("service console") && failed[0].contains("restart cap reached"), "{ctx}");
     assert!(failed[0].contains("cap is 3 restarts per 60s"), "{ctx}");
-    assert_eq!(r.stderr.matches("service console restarted as pid").count(), 3, "{ctx}");
-    assert!(r.stderr.contains("guest stopped: guest wrote 0 to the debug-exit port"), "{ctx}");
+    assert_eq!(log.matches("service console restarted as pid").count(), 3, "{ctx}");
+    assert!(log.contains("guest stopped: guest wrote 0 to the debug-exit port"), "{ctx}");
     assert!(!serial.contains("tick 40"), "a failed console prints nothing:\n{ctx}");
 }
 
 #[test]
 fn hung_console_misses_its_deadline_and_is_replaced() {
-    let dir = scratch("sup-hang");
-    let out = dir.join("serial.log");
-    let probe = probe();
-    let (p, o) = (probe.to_str().expect("utf8"), out.to_str().expect("utf8"));
-    let mut args = probe_args(p, o, "probe.test=ticker probe.n=40 probe.delay=5000");
+    let vm = ProbeVm::new("sup-hang");
     // A deadline well above any scheduling hiccup of a loaded 2-CPU machine, so only the hang trips it.
-    args.extend(["--service-deadline-ms", "1000", "--fault", "console:hang,after=150ms"]);
-    let r = run_to_end(&args, LIMIT);
-    let serial = std::fs::read_to_string(&out).unwrap_or_default();
-    let ctx = format!("serial:\n{serial}\nstderr:\n{}", r.stderr);
-    assert_eq!(r.status.code(), Some(0), "{ctx}");
-    assert!(r.stderr.contains("fault injection: hang into service console"), "{ctx}");
-    assert!(r.stderr.lines().any(|l| l.contains("no reply") && l.contains("restarting")), "{ctx}");
-    assert!(r.stderr.matches("service console restarted as pid").count() >= 1, "{ctx}");
-    let first_failure = r.stderr.lines().find(|l| l.contains("ERROR") && l.contains("service console")).unwrap_or("");
+    let Outcome { status, log, serial, ctx } = vm.run(
+        "probe.test=ticker probe.n=40 probe.delay=5000",
+        &["--service-deadline-ms", "1000", "--fault", "console:hang,after=150ms"],
+        LIMIT,
+    );
+    assert_eq!(status.code(), Some(0), "{ctx}");
+    assert!(log.contains("fault injection: hang into service console"), "{ctx}");
+    assert!(log.lines().any(|l| l.contains("no reply") && l.contains("restarting")), "{ctx}");
+    assert!(log.matches("service console restarted as pid").count() >= 1, "{ctx}");
+    let first_failure = log.lines().find(|l| l.contains("ERROR") && l.contains("service console")).unwrap_or("");
     assert!(first_failure.contains("no reply to a"), "the hang must be caught by the exit deadline: {first_failure}");
     assert!(serial.contains("tick 40") && serial.contains("probe: verdict pass (0)"), "{ctx}");
-    assert!(r.stderr.contains("1 redone"), "the exit in flight was completed by the new instance:\n{ctx}");
+    assert!(log.contains("1 redone"), "the exit in flight was completed by the new instance:\n{ctx}");
 }
 
 #[test]
 fn bulkhead_fault_crashes_the_console_of_a_running_vm() {
-    let dir = scratch("sup-cli");
-    let out = dir.join("serial.log");
-    let sock = dir.join("api.sock");
-    let probe = probe();
-    let (p, o, s) = (probe.to_str().expect("utf8"), out.to_str().expect("utf8"), sock.to_str().expect("utf8"));
-    let mut args = probe_args(p, o, "probe.test=ticker probe.n=60 probe.delay=20000");
-    args.extend(["--api-sock", s]);
-    let child = bulkhead(&args).spawn().expect("spawn");
-    assert!(
-        wait_until(Duration::from_secs(30), || std::fs::read_to_string(&out).is_ok_and(|t| t.contains("tick 2\n"))),
-        "guest never printed tick 2"
-    );
-    let fault =
-        Command::new(bin_dir().join("bulkhead")).args(["fault", s, "console", "crash"]).output().expect("fault");
+    let vm = ProbeVm::new("sup-cli");
+    let sock = vm.dir.join("api.sock");
+    let s = sock.to_str().expect("utf8");
+    let child = vm.spawn("probe.test=ticker probe.n=60 probe.delay=20000", &["--api-sock", s]);
+    assert!(vm.wait_serial("tick 2\n", Duration::from_secs(30)), "guest never printed tick 2");
+    let fault = bulkhead_cli(&["fault", s, "console", "crash"]);
     let fault_out = String::from_utf8_lossy(&fault.stdout).into_owned();
     assert!(fault.status.success(), "{fault:?}");
     assert!(fault_out.contains("crash injected into service console"), "{fault_out}");
     assert!(wait_until(Duration::from_secs(10), || {
-        let st = Command::new(bin_dir().join("bulkhead")).args(["stats", s]).output().expect("stats");
+        let st = bulkhead_cli(&["stats", s]);
         String::from_utf8_lossy(&st.stdout).contains("service console (pid")
             && String::from_utf8_lossy(&st.stdout).contains(": 1 restarts")
     }));
-    let bad = Command::new(bin_dir().join("bulkhead")).args(["fault", s, "nosuch", "crash"]).output().expect("fault");
+    let bad = bulkhead_cli(&["fault", s, "nosuch", "crash"]);
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("no device `nosuch`"), "{bad:?}");
-    let r = wait_bounded(child, LIMIT);
-    let serial = std::fs::read_to_string(&out).unwrap_or_default();
-    let ctx = format!("serial:\n{serial}\nstderr:\n{}", r.stderr);
-    assert_eq!(r.status.code(), Some(0), "{ctx}");
+    let Outcome { status, log, serial, ctx } = vm.finish(child, LIMIT);
+    assert_eq!(status.code(), Some(0), "{ctx}");
     assert!(serial.contains("tick 60"), "{ctx}");
-    assert!(r.stderr.contains("exited with status 86; restarting"), "{ctx}");
+    assert!(log.contains("exited with status 86; restarting"), "{ctx}");
     assert!(!sock.exists(), "the socket is removed at exit");
+}
+
+/// `bulkhead fault <sock> block corrupt-state` while the guest verifies its disk: the core
+/// corrupts the block service's state region and kills the instance; the next instance refuses
+/// the region and presents DEVICE_NEEDS_RESET instead of guessing, the guest's driver stops with
+/// its needs-reset line and the fail verdict (long before its own timeout), the console (a peer)
+/// keeps serving and is never restarted, and the VM exits cleanly with the guest's verdict.
+#[test]
+fn bulkhead_fault_corrupt_state_makes_the_block_device_need_a_reset() {
+    let vm = ProbeVm::with_disk("sup-corrupt-state");
+    let sock = vm.dir.join("api.sock");
+    let s = sock.to_str().expect("utf8");
+    // The driver checks the device status every quarter of its 20 s timeout while it waits: it
+    // must stop on DEVICE_NEEDS_RESET at such a check, before the timeout.
+    let cmdline = "probe.test=blk-verify probe.seed=21 probe.rounds=100000 probe.timeout_ms=20000";
+    let child = vm.spawn(cmdline, &["--api-sock", s]);
+    assert!(vm.wait_serial("blk-verify: round 3/", Duration::from_secs(30)), "guest never verified round 3");
+    let console_before = console_of(child.id()).expect("console child").pid;
+    let injected = Instant::now();
+    let fault = bulkhead_cli(&["fault", s, "block", "corrupt-state"]);
+    let fault_out = String::from_utf8_lossy(&fault.stdout).into_owned();
+    assert!(fault.status.success(), "{fault:?}");
+    assert!(fault_out.contains("corrupt-state injected into service block-disk0 (pid"), "{fault_out}");
+    // The device is not failed: the supervisor restarted it, and the new instance is what says no.
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            String::from_utf8_lossy(&bulkhead_cli(&["stats", s]).stdout).contains(": 1 restarts")
+        }),
+        "the block service was not restarted"
+    );
+    assert_eq!(console_of(child.id()).map(|p| p.pid), Some(console_before), "the console was not touched");
+    let Outcome { status, log, serial, ctx } = vm.finish(child, LIMIT);
+    let elapsed = injected.elapsed();
+    assert_eq!(status.code(), Some(1), "the guest's fail verdict, a clean VM exit\n{ctx}");
+    assert!(
+        elapsed < Duration::from_secs(20),
+        "stopped {elapsed:?} after the fault, not before the guest timeout\n{ctx}"
+    );
+    // The core: the injection, the instance it killed, one restart, nothing marked failed.
+    assert!(log.contains("fault injection: corrupt-state into service block-disk0 (pid"), "{ctx}");
+    assert!(log.lines().any(|l| l.contains("service block-disk0 (pid") && l.contains("restarting")), "{ctx}");
+    assert_eq!(log.matches("service block-disk0 restarted as pid").count(), 1, "{ctx}");
+    assert!(!log.contains("marked FAILED"), "a refused region is the guest's to reset, not a failure:\n{ctx}");
+    // The new instance: the region refused, no request redone from it.
+    assert!(log.contains("saved device state refused, device needs reset"), "{ctx}");
+    assert!(log.lines().any(|l| l.contains("saved state refused (") && l.ends_with("): device needs reset")), "{ctx}");
+    assert!(!log.contains("resumed from saved state"), "a corrupt region must not be resumed from:\n{ctx}");
+    // The guest: its driver saw DEVICE_NEEDS_RESET (status 0x40, nothing else) with requests
+    // unanswered, stopped, summed up and failed; every line reached the serial log in order.
+    let lines: Vec<&str> = serial.lines().collect();
+    let at = lines.iter().position(|l| *l == "blk: device needs reset").unwrap_or_else(|| panic!("no line\n{ctx}"));
+    let aborted = lines[at..]
+        .iter()
+        .find(|l| l.starts_with("blk-verify: aborted: device needs reset: "))
+        .unwrap_or_else(|| panic!("no abort line\n{ctx}"));
+    assert!(aborted.ends_with("request(s) unanswered, device status 0x40"), "{aborted}\n{ctx}");
+    let summary = lines[at..]
+        .iter()
+        .find(|l| l.starts_with("blk-verify: sectors="))
+        .unwrap_or_else(|| panic!("no summary after the abort\n{ctx}"));
+    assert!(summary.contains(" mismatches=0 "), "no data went wrong before the reset: {summary}\n{ctx}");
+    assert!(lines[at..].iter().any(|l| l.contains("probe: verdict fail")), "{ctx}");
+    let rounds: Vec<u64> = lines[..at]
+        .iter()
+        .filter_map(|l| l.strip_prefix("blk-verify: round "))
+        .filter_map(|l| l.split('/').next()?.parse().ok())
+        .collect();
+    assert!(rounds.len() >= 3, "{ctx}");
+    assert_eq!(rounds, (1..=rounds.len() as u64).collect::<Vec<_>>(), "console output interrupted\n{ctx}");
+    assert!(!log.contains("service console restarted"), "{ctx}");
+    assert!(log.contains("guest stopped"), "{ctx}");
+    vm.remove();
 }
 
 /// At least 100 block-service deaths at staggered points (SIGKILL from the core, `_exit`,
@@ -147,46 +273,28 @@ fn bulkhead_fault_crashes_the_console_of_a_running_vm() {
 /// image, and the console service (a peer) prints every round's line in order, never restarted.
 #[test]
 fn block_service_killed_over_a_hundred_times_loses_nothing() {
-    let dir = scratch("block-kills");
-    let image = dir.join("disk.img");
-    std::fs::File::create(&image).expect("create").set_len(8 << 20).expect("size");
-    let serial = dir.join("serial.log");
-    let probe = probe();
     let (seed, rounds) = (11u64, 300u64);
-    let cmdline = format!("probe.test=blk-verify probe.seed={seed} probe.rounds={rounds} probe.timeout_ms=20000");
-    let mut args = probe_args(probe.to_str().expect("utf8"), serial.to_str().expect("utf8"), &cmdline);
-    let disk = image.to_str().expect("utf8");
-    args.extend([
-        "--disk",
-        disk,
-        "--restart-max",
-        "1000/10",
-        // The point is recovery, not the backoff: restart at once however often it fails.
-        "--restart-burst",
-        "1000/1",
-        "--fault",
-        "block:kill,after=200ms,every=100ms,count=60",
-        "--fault",
-        "block:crash,after=230ms,every=240ms,count=25",
-        "--fault",
-        "block:abort,after=260ms,every=240ms,count=25",
-        "--fault",
-        "block:segv,after=290ms,every=240ms,count=25",
-    ]);
-    let r = run_to_end(&args, Duration::from_secs(240));
-    let out = std::fs::read_to_string(&serial).unwrap_or_default();
-    let ctx = format!("--- serial (tail)\n{}\n--- log (tail)\n{}", tail(&out, 20), tail(&r.stderr, 40));
-    assert_eq!(r.status.code(), Some(0), "the guest must pass\n{ctx}");
-    let summary =
-        out.lines().find(|l| l.starts_with("blk-verify: sectors=")).unwrap_or_else(|| panic!("no summary\n{ctx}"));
-    assert!(summary.contains(" mismatches=0 ioerrs=0 "), "{summary}\n{ctx}");
-    assert!(summary.contains(&format!(" final_seed={}", seed + rounds - 1)), "{summary}");
-    let restarts = r.stderr.lines().filter(|l| l.contains("service block-disk0 restarted as pid")).count();
+    let (log, out) = blk_verify_under(
+        "block-kills",
+        seed,
+        rounds,
+        &[
+            "--fault",
+            "block:kill,after=200ms,every=100ms,count=60",
+            "--fault",
+            "block:crash,after=230ms,every=240ms,count=25",
+            "--fault",
+            "block:abort,after=260ms,every=240ms,count=25",
+            "--fault",
+            "block:segv,after=290ms,every=240ms,count=25",
+        ],
+    );
+    let ctx = format!("--- serial (tail)\n{}\n--- log (tail)\n{}", tail(&out, 20), tail(&log, 40));
+    let restarts = log.lines().filter(|l| l.contains("service block-disk0 restarted as pid")).count();
     // Each of the 135 scheduled faults ends exactly one instance: one due while the previous
     // restart is under way waits for the new instance.
     assert_eq!(restarts, 60 + 25 + 25 + 25, "restarts\n{ctx}");
-    let metrics = r
-        .stderr
+    let metrics = log
         .lines()
         .find(|l| l.contains("service block-disk0 (pid") && l.contains(" restarts ("))
         .unwrap_or_else(|| panic!("no metrics line\n{ctx}"));
@@ -194,8 +302,7 @@ fn block_service_killed_over_a_hundred_times_loses_nothing() {
     // The instances' own reports of the requests they found in flight and redid, against the
     // core's total (each instance answers a ping as soon as it has redone them; one killed in
     // the instant between may go uncounted).
-    let reported: u64 = r
-        .stderr
+    let reported: u64 = log
         .lines()
         .filter_map(|l| l.split("resumed from saved state, ").nth(1)?.split(' ').next()?.parse::<u64>().ok())
         .sum();
@@ -206,7 +313,6 @@ fn block_service_killed_over_a_hundred_times_loses_nothing() {
         .unwrap_or_else(|| panic!("no device-requests-redone count in {metrics}"));
     eprintln!("requests redone: {counted} counted by the core, {reported} reported by the instances");
     assert!(counted <= reported && counted + 3 >= reported, "{counted} vs {reported}\n{ctx}");
-    assert!(!r.stderr.contains("marked FAILED"), "{ctx}");
     // The console, a peer, printed every round in order and was never restarted.
     let seen: Vec<u64> = out
         .lines()
@@ -214,42 +320,29 @@ fn block_service_killed_over_a_hundred_times_loses_nothing() {
         .filter_map(|l| l.split('/').next()?.parse().ok())
         .collect();
     assert_eq!(seen, (1..=rounds).collect::<Vec<_>>(), "console output interrupted\n{ctx}");
-    assert!(!r.stderr.contains("service console restarted"), "{ctx}");
-    assert_eq!(bad_pattern_sectors(&image, seed + rounds - 1), 0, "the host sees a different pattern");
-    let _ = std::fs::remove_dir_all(&dir);
-}
-
-fn tail(s: &str, n: usize) -> String {
-    let lines: Vec<&str> = s.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
+    assert!(!log.contains("service console restarted"), "{ctx}");
 }
 
 /// Runs blk-verify with `faults` on the block service (restarts at once, however often) and
 /// checks the guest passed with no error and the host sees the last round's pattern. Returns the
-/// core's log.
-fn blk_verify_under(name: &str, seed: u64, rounds: u64, extra: &[&str]) -> String {
-    let dir = scratch(name);
-    let image = dir.join("disk.img");
-    std::fs::File::create(&image).expect("create").set_len(8 << 20).expect("size");
-    let serial = dir.join("serial.log");
-    let probe = probe();
+/// core's log and the guest's serial output.
+fn blk_verify_under(name: &str, seed: u64, rounds: u64, faults: &[&str]) -> (String, String) {
+    let vm = ProbeVm::with_disk(name);
     // The guest's own timeout is far above the liveness deadline and interval.
     let cmdline = format!("probe.test=blk-verify probe.seed={seed} probe.rounds={rounds} probe.timeout_ms=20000");
-    let mut args = probe_args(probe.to_str().expect("utf8"), serial.to_str().expect("utf8"), &cmdline);
-    args.extend(["--disk", image.to_str().expect("utf8"), "--restart-max", "1000/10", "--restart-burst", "1000/1"]);
-    args.extend(extra);
-    let r = run_to_end(&args, Duration::from_secs(240));
-    let out = std::fs::read_to_string(&serial).unwrap_or_default();
-    let ctx = format!("--- serial (tail)\n{}\n--- log (tail)\n{}", tail(&out, 20), tail(&r.stderr, 40));
-    assert_eq!(r.status.code(), Some(0), "the guest must pass\n{ctx}");
+    // The point is recovery, not the backoff: restart at once however often it fails.
+    let mut extra = vec!["--restart-max", "1000/10", "--restart-burst", "1000/1"];
+    extra.extend(faults);
+    let Outcome { status, log, serial, ctx } = vm.run(&cmdline, &extra, Duration::from_secs(240));
+    assert_eq!(status.code(), Some(0), "the guest must pass\n{ctx}");
     let summary =
-        out.lines().find(|l| l.starts_with("blk-verify: sectors=")).unwrap_or_else(|| panic!("no summary\n{ctx}"));
+        serial.lines().find(|l| l.starts_with("blk-verify: sectors=")).unwrap_or_else(|| panic!("no summary\n{ctx}"));
     assert!(summary.contains(" mismatches=0 ioerrs=0 "), "{summary}\n{ctx}");
     assert!(summary.contains(&format!(" final_seed={}", seed + rounds - 1)), "{summary}");
-    assert!(!r.stderr.contains("marked FAILED"), "{ctx}");
-    assert_eq!(bad_pattern_sectors(&image, seed + rounds - 1), 0, "the host sees a different pattern");
-    let _ = std::fs::remove_dir_all(&dir);
-    r.stderr
+    assert!(!log.contains("marked FAILED"), "{ctx}");
+    assert_eq!(bad_pattern_sectors(vm.image(), seed + rounds - 1), 0, "the host sees a different pattern");
+    vm.remove();
+    (log, serial)
 }
 
 /// A hung block service whose guest only polls memory (no exit in flight) is caught by the
@@ -259,7 +352,7 @@ fn blk_verify_under(name: &str, seed: u64, rounds: u64, extra: &[&str]) -> Strin
 /// injected into an instance that is already hung would be lost).
 #[test]
 fn hung_block_service_is_caught_by_the_liveness_check() {
-    let log = blk_verify_under(
+    let (log, _) = blk_verify_under(
         "sup-liveness",
         5,
         80,
@@ -284,7 +377,7 @@ fn hung_block_service_is_caught_by_the_liveness_check() {
 /// Seeded random faults (kill, crash, abort, segv and hang) during blk-verify: the guest passes.
 #[test]
 fn random_block_faults_including_hangs_are_recovered() {
-    let log = blk_verify_under("sup-random", 9, 150, &["--fault", "block:random,seed=7,every=150ms,count=40"]);
+    let (log, _) = blk_verify_under("sup-random", 9, 150, &["--fault", "block:random,seed=7,every=150ms,count=40"]);
     let injected = log.lines().filter(|l| l.contains("fault injection:") && l.contains("block-disk0")).count();
     assert!(injected >= 10, "{injected} faults injected:\n{log}");
     let restarts = log.lines().filter(|l| l.contains("service block-disk0 restarted as pid")).count();
@@ -296,33 +389,26 @@ fn random_block_faults_including_hangs_are_recovered() {
 /// verdict (long before its own timeout); the console keeps serving and the VM exits cleanly.
 #[test]
 fn block_past_its_cap_presents_needs_reset_and_the_guest_stops_promptly() {
-    let dir = scratch("sup-blk-cap");
-    let image = dir.join("disk.img");
-    std::fs::File::create(&image).expect("create").set_len(8 << 20).expect("size");
-    let serial = dir.join("serial.log");
-    let probe = probe();
-    // A 60 s guest timeout: the test asserts it stops well before it.
+    let vm = ProbeVm::with_disk("sup-blk-cap");
+    // A 60 s guest timeout: the test asserts it stops well before it. The kills start after 1 s,
+    // when the guest has long set its driver up even on a loaded machine.
     let cmdline = "probe.test=blk-verify probe.seed=3 probe.rounds=100000 probe.timeout_ms=60000";
-    let mut args = probe_args(probe.to_str().expect("utf8"), serial.to_str().expect("utf8"), cmdline);
-    args.extend(["--disk", image.to_str().expect("utf8"), "--restart-max", "3/60", "--restart-burst", "1000/1"]);
-    args.extend(["--fault", "block:kill,after=200ms,every=100ms"]);
-    let started = std::time::Instant::now();
-    let r = run_to_end(&args, LIMIT);
+    let extra = ["--restart-max", "3/60", "--restart-burst", "1000/1", "--fault", "block:kill,after=1s,every=100ms"];
+    let started = Instant::now();
+    let Outcome { status, log, serial, ctx } = vm.run(cmdline, &extra, LIMIT);
     let elapsed = started.elapsed();
-    let out = std::fs::read_to_string(&serial).unwrap_or_default();
-    let ctx = format!("--- serial (tail)\n{}\n--- log (tail)\n{}", tail(&out, 20), tail(&r.stderr, 40));
-    assert_eq!(r.status.code(), Some(1), "the guest's fail verdict, a clean VM exit\n{ctx}");
+    assert_eq!(status.code(), Some(1), "the guest's fail verdict, a clean VM exit\n{ctx}");
     assert!(elapsed < Duration::from_secs(45), "stopped after {elapsed:?}, not before the guest timeout\n{ctx}");
-    let failed: Vec<&str> = r.stderr.lines().filter(|l| l.contains("marked FAILED")).collect();
+    let failed: Vec<&str> = log.lines().filter(|l| l.contains("marked FAILED")).collect();
     assert_eq!(failed.len(), 1, "the failure is said once:\n{ctx}");
     assert!(failed[0].contains("service block-disk0") && failed[0].contains("restart cap reached"), "{ctx}");
     assert!(failed[0].contains("DEVICE_NEEDS_RESET"), "{ctx}");
-    assert!(!r.stderr.contains("falling back"), "the last instance kept serving:\n{ctx}");
-    let lines: Vec<&str> = out.lines().collect();
+    assert!(!log.contains("falling back"), "the last instance kept serving:\n{ctx}");
+    let lines: Vec<&str> = serial.lines().collect();
     let at = lines.iter().position(|l| *l == "blk: device needs reset").unwrap_or_else(|| panic!("no line\n{ctx}"));
     // The console kept serving: the guest's lines after the failure reached the serial log.
     assert!(lines[at..].iter().any(|l| l.starts_with("blk-verify: sectors=")), "{ctx}");
     assert!(lines[at..].iter().any(|l| l.contains("probe: verdict fail")), "{ctx}");
-    assert!(r.stderr.contains("guest stopped"), "{ctx}");
-    let _ = std::fs::remove_dir_all(&dir);
+    assert!(log.contains("guest stopped"), "{ctx}");
+    vm.remove();
 }

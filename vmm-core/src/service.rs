@@ -724,10 +724,10 @@ impl ServiceRef {
         Ok(format!("{action} injected into service {} (pid {pid})", self.0.name))
     }
 
-    /// Waits (at most `limit`, in 2 ms steps) until the current instance is alive and is not
-    /// `not_pid` (an instance a fatal fault was already sent to): while one that has died is
-    /// being replaced, a fault injected into it would be lost. Returns whether such a live
-    /// instance is there (false if the device failed for good or the wait ran out).
+    /// Waits (at most `limit`, in 2 ms steps) until the current instance is alive, answers a
+    /// ping, and is not `not_pid` (an instance a fatal fault was already sent to): while one
+    /// that has died is being replaced, a fault injected into it would be lost. Returns whether
+    /// such an instance is there (false if the device failed for good or the wait ran out).
     pub fn wait_alive(&self, not_pid: Option<u32>, limit: Duration) -> bool {
         let start = Instant::now();
         // Bounded: each iteration sleeps 2 ms until `limit`.
@@ -740,7 +740,10 @@ impl ServiceRef {
                 // A pidfd turns readable when its process exits.
                 Some(ctl.pid) == not_pid || ipc::wait::wait_readable(ctl.pidfd.as_fd(), Duration::ZERO).unwrap_or(true)
             };
-            if !exited {
+            let left = limit.saturating_sub(start.elapsed());
+            // Serving means answering: a ping round trip also tells the requests the instance
+            // redid at its start before a fault can end it.
+            if !exited && self.stats(left.min(Duration::from_secs(1))).is_ok() {
                 return true;
             }
             if start.elapsed() >= limit {

@@ -72,7 +72,9 @@ pub fn guest_images() -> Result<GuestImages, BoxError> {
 /// directory.
 pub fn build_binaries(release: bool) -> Result<PathBuf, BoxError> {
     let mut cmd = Command::new(env!("CARGO"));
-    cmd.current_dir(workspace_root()).args(["build", "--workspace", "--bins"]);
+    // Not xtask itself: feature unification across the workspace can rebuild it, replacing the
+    // running executable that `xtask_lines` starts again.
+    cmd.current_dir(workspace_root()).args(["build", "--workspace", "--exclude", "xtask", "--bins"]);
     if release {
         cmd.arg("--release");
     }
