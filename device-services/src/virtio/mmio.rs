@@ -42,76 +42,80 @@ pub const CONFIG_OFFSET: u64 = 0x100;
 /// Smallest window the transport needs (registers plus 256 bytes of config space).
 pub const MIN_WINDOW: u64 = 0x200;
 
-/// Register offsets.
+/// Register offsets (from virtio-bindings' `virtio_mmio`, as window offsets).
 pub mod reg {
+    use virtio_bindings::virtio_mmio as m;
+
     /// MagicValue (R).
-    pub const MAGIC: u64 = 0x000;
+    pub const MAGIC: u64 = m::VIRTIO_MMIO_MAGIC_VALUE as u64;
     /// Version (R).
-    pub const VERSION: u64 = 0x004;
+    pub const VERSION: u64 = m::VIRTIO_MMIO_VERSION as u64;
     /// DeviceID (R).
-    pub const DEVICE_ID: u64 = 0x008;
+    pub const DEVICE_ID: u64 = m::VIRTIO_MMIO_DEVICE_ID as u64;
     /// VendorID (R).
-    pub const VENDOR_ID: u64 = 0x00c;
+    pub const VENDOR_ID: u64 = m::VIRTIO_MMIO_VENDOR_ID as u64;
     /// DeviceFeatures (R).
-    pub const DEVICE_FEATURES: u64 = 0x010;
+    pub const DEVICE_FEATURES: u64 = m::VIRTIO_MMIO_DEVICE_FEATURES as u64;
     /// DeviceFeaturesSel (W).
-    pub const DEVICE_FEATURES_SEL: u64 = 0x014;
+    pub const DEVICE_FEATURES_SEL: u64 = m::VIRTIO_MMIO_DEVICE_FEATURES_SEL as u64;
     /// DriverFeatures (W).
-    pub const DRIVER_FEATURES: u64 = 0x020;
+    pub const DRIVER_FEATURES: u64 = m::VIRTIO_MMIO_DRIVER_FEATURES as u64;
     /// DriverFeaturesSel (W).
-    pub const DRIVER_FEATURES_SEL: u64 = 0x024;
+    pub const DRIVER_FEATURES_SEL: u64 = m::VIRTIO_MMIO_DRIVER_FEATURES_SEL as u64;
     /// QueueSel (W).
-    pub const QUEUE_SEL: u64 = 0x030;
+    pub const QUEUE_SEL: u64 = m::VIRTIO_MMIO_QUEUE_SEL as u64;
     /// QueueNumMax (R).
-    pub const QUEUE_NUM_MAX: u64 = 0x034;
+    pub const QUEUE_NUM_MAX: u64 = m::VIRTIO_MMIO_QUEUE_NUM_MAX as u64;
     /// QueueNum (W).
-    pub const QUEUE_NUM: u64 = 0x038;
+    pub const QUEUE_NUM: u64 = m::VIRTIO_MMIO_QUEUE_NUM as u64;
     /// QueueReady (RW).
-    pub const QUEUE_READY: u64 = 0x044;
+    pub const QUEUE_READY: u64 = m::VIRTIO_MMIO_QUEUE_READY as u64;
     /// QueueNotify (W).
-    pub const QUEUE_NOTIFY: u64 = 0x050;
+    pub const QUEUE_NOTIFY: u64 = m::VIRTIO_MMIO_QUEUE_NOTIFY as u64;
     /// InterruptStatus (R).
-    pub const INTERRUPT_STATUS: u64 = 0x060;
+    pub const INTERRUPT_STATUS: u64 = m::VIRTIO_MMIO_INTERRUPT_STATUS as u64;
     /// InterruptACK (W).
-    pub const INTERRUPT_ACK: u64 = 0x064;
+    pub const INTERRUPT_ACK: u64 = m::VIRTIO_MMIO_INTERRUPT_ACK as u64;
     /// Status (RW).
-    pub const STATUS: u64 = 0x070;
+    pub const STATUS: u64 = m::VIRTIO_MMIO_STATUS as u64;
     /// QueueDescLow (W).
-    pub const QUEUE_DESC_LOW: u64 = 0x080;
+    pub const QUEUE_DESC_LOW: u64 = m::VIRTIO_MMIO_QUEUE_DESC_LOW as u64;
     /// QueueDescHigh (W).
-    pub const QUEUE_DESC_HIGH: u64 = 0x084;
+    pub const QUEUE_DESC_HIGH: u64 = m::VIRTIO_MMIO_QUEUE_DESC_HIGH as u64;
     /// QueueDriverLow (W).
-    pub const QUEUE_DRIVER_LOW: u64 = 0x090;
+    pub const QUEUE_DRIVER_LOW: u64 = m::VIRTIO_MMIO_QUEUE_AVAIL_LOW as u64;
     /// QueueDriverHigh (W).
-    pub const QUEUE_DRIVER_HIGH: u64 = 0x094;
+    pub const QUEUE_DRIVER_HIGH: u64 = m::VIRTIO_MMIO_QUEUE_AVAIL_HIGH as u64;
     /// QueueDeviceLow (W).
-    pub const QUEUE_DEVICE_LOW: u64 = 0x0a0;
+    pub const QUEUE_DEVICE_LOW: u64 = m::VIRTIO_MMIO_QUEUE_USED_LOW as u64;
     /// QueueDeviceHigh (W).
-    pub const QUEUE_DEVICE_HIGH: u64 = 0x0a4;
+    pub const QUEUE_DEVICE_HIGH: u64 = m::VIRTIO_MMIO_QUEUE_USED_HIGH as u64;
     /// ConfigGeneration (R).
-    pub const CONFIG_GENERATION: u64 = 0x0fc;
+    pub const CONFIG_GENERATION: u64 = m::VIRTIO_MMIO_CONFIG_GENERATION as u64;
 }
 
-/// Device status bits.
+/// Device status bits (virtio-bindings' `virtio_config`).
 pub mod status {
+    use virtio_bindings::virtio_config as c;
+
     /// ACKNOWLEDGE.
-    pub const ACKNOWLEDGE: u32 = 1;
+    pub const ACKNOWLEDGE: u32 = c::VIRTIO_CONFIG_S_ACKNOWLEDGE;
     /// DRIVER.
-    pub const DRIVER: u32 = 2;
+    pub const DRIVER: u32 = c::VIRTIO_CONFIG_S_DRIVER;
     /// DRIVER_OK.
-    pub const DRIVER_OK: u32 = 4;
+    pub const DRIVER_OK: u32 = c::VIRTIO_CONFIG_S_DRIVER_OK;
     /// FEATURES_OK.
-    pub const FEATURES_OK: u32 = 8;
+    pub const FEATURES_OK: u32 = c::VIRTIO_CONFIG_S_FEATURES_OK;
     /// DEVICE_NEEDS_RESET (set by the device).
-    pub const NEEDS_RESET: u32 = 0x40;
+    pub const NEEDS_RESET: u32 = c::VIRTIO_CONFIG_S_NEEDS_RESET;
     /// FAILED (set by the driver).
-    pub const FAILED: u32 = 0x80;
+    pub const FAILED: u32 = c::VIRTIO_CONFIG_S_FAILED;
 }
 
 /// InterruptStatus bit: a used buffer was added.
-pub const INT_VRING: u32 = 1;
+pub const INT_VRING: u32 = virtio_bindings::virtio_mmio::VIRTIO_MMIO_INT_VRING;
 /// InterruptStatus bit: the configuration (or device status) changed.
-pub const INT_CONFIG: u32 = 2;
+pub const INT_CONFIG: u32 = virtio_bindings::virtio_mmio::VIRTIO_MMIO_INT_CONFIG;
 
 /// Errors building a transport.
 #[derive(Debug, thiserror::Error)]
