@@ -1158,4 +1158,150 @@ mod tests {
         assert!(!MmioHandler::poll(&mut t).expect("poll"));
         assert_eq!(t.device().processed, 1);
     }
+
+    /// Takes every available chain; publishes them together as one batch unless `hold`.
+    #[derive(Debug, Default)]
+    struct Batcher {
+        hold: bool,
+        taken: Vec<u16>,
+    }
+
+    impl VirtioDevice for Batcher {
+        fn device_id(&self) -> u32 {
+            1
+        }
+        fn features(&self) -> u64 {
+            F_VERSION_1
+        }
+        fn queue_max_sizes(&self) -> Vec<u16> {
+            vec![16]
+        }
+        fn read_config(&self, _offset: u64, _data: &mut [u8]) -> bool {
+            false
+        }
+        fn write_config(&mut self, _offset: u64, _data: &[u8]) -> bool {
+            false
+        }
+        fn process_queue(&mut self, queue: &mut QueueCtx<'_>) -> Result<usize, DeviceError> {
+            let mut elems = Vec::new();
+            while let Some(chain) = queue.pop()? {
+                self.taken.push(chain.head_index());
+                elems.push((chain.head_index(), 100));
+            }
+            if self.hold {
+                return Ok(0);
+            }
+            queue.add_used_batch(&elems)?;
+            Ok(elems.len())
+        }
+        fn reset(&mut self) {}
+    }
+
+    const AVAIL: u64 = 0x2000;
+    const USED: u64 = 0x3000;
+
+    /// A driver that made the queue ready and offered heads 0, 1, 2 (one descriptor each).
+    fn batch_rig(hold: bool, mem: &GuestMemoryMmap<()>, region: StateRegion) -> (MmioTransport<Batcher>, EventFd) {
+        let irq = EventFd::new(EFD_NONBLOCK).expect("eventfd");
+        let seen = irq.try_clone().expect("dup");
+        let notify = EventFd::new(EFD_NONBLOCK).expect("eventfd");
+        let mut t =
+            MmioTransport::new(Batcher { hold, taken: Vec::new() }, mem.clone(), vec![notify], irq).expect("transport");
+        t.attach_state(region).expect("state");
+        (t, seen)
+    }
+
+    fn bring_up(t: &mut MmioTransport<Batcher>, mem: &GuestMemoryMmap<()>) {
+        wr_b(t, reg::STATUS, status::ACKNOWLEDGE | status::DRIVER);
+        wr_b(t, reg::DRIVER_FEATURES_SEL, 1);
+        wr_b(t, reg::DRIVER_FEATURES, 1);
+        wr_b(t, reg::STATUS, status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK);
+        wr_b(t, reg::QUEUE_SEL, 0);
+        wr_b(t, reg::QUEUE_NUM, 16);
+        wr_b(t, reg::QUEUE_DESC_LOW, 0x1000);
+        wr_b(t, reg::QUEUE_DRIVER_LOW, 0x2000);
+        wr_b(t, reg::QUEUE_DEVICE_LOW, 0x3000);
+        wr_b(t, reg::QUEUE_READY, 1);
+        for head in 0u16..3 {
+            // A 64-byte device-writable buffer per head.
+            let d = 0x1000 + u64::from(head) * 16;
+            mem.write_obj(0x8000u64 + u64::from(head) * 0x100, GuestAddress(d)).expect("addr");
+            mem.write_obj(64u32, GuestAddress(d + 8)).expect("len");
+            mem.write_obj(2u16, GuestAddress(d + 12)).expect("flags");
+            mem.write_obj(head, GuestAddress(AVAIL + 4 + u64::from(head) * 2)).expect("ring");
+        }
+        wr_b(t, reg::STATUS, status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK);
+        mem.write_obj(3u16, GuestAddress(AVAIL + 2)).expect("avail idx");
+    }
+
+    fn wr_b(t: &mut MmioTransport<Batcher>, offset: u64, v: u32) {
+        assert!(MmioHandler::write(t, offset, &v.to_le_bytes()), "write {offset:#x}");
+    }
+
+    fn used_idx(mem: &GuestMemoryMmap<()>) -> u16 {
+        mem.read_obj(GuestAddress(USED + 2)).expect("used idx")
+    }
+
+    fn used_heads(mem: &GuestMemoryMmap<()>, n: u16) -> Vec<u32> {
+        (0..u64::from(n)).map(|i| mem.read_obj(GuestAddress(USED + 4 + i * 8)).expect("elem")).collect()
+    }
+
+    #[test]
+    fn a_batch_is_published_with_one_index_update_and_always_notified() {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10000)]).expect("memory");
+        let region = StateRegion::create("batch-test").expect("region");
+        let (mut t, irq) = batch_rig(false, &mem, region);
+        bring_up(&mut t, &mem);
+        assert!(MmioHandler::poll(&mut t).expect("poll"));
+        assert_eq!(t.device().taken, vec![0, 1, 2]);
+        assert_eq!(used_idx(&mem), 3, "all three visible at once");
+        assert_eq!(used_heads(&mem, 3), vec![0, 1, 2]);
+        let len: u32 = mem.read_obj(GuestAddress(USED + 4 + 8 + 4)).expect("len");
+        assert_eq!(len, 100);
+        assert!(irq.read().expect("interrupt") >= 1);
+    }
+
+    #[test]
+    fn a_batch_interrupted_before_or_after_its_index_update_is_redone_or_not_exactly_once() {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10000)]).expect("memory");
+        // Crash after the take, before anything is published: all three are redone.
+        let region = StateRegion::create("batch-before").expect("region");
+        let keep = region.fd().try_clone_to_owned().expect("dup");
+        let (mut t, _irq) = batch_rig(true, &mem, region);
+        bring_up(&mut t, &mem);
+        assert!(!MmioHandler::poll(&mut t).expect("poll"));
+        assert_eq!(t.device().taken, vec![0, 1, 2]);
+        drop(t);
+        let (mut t, _irq) = batch_rig(false, &mem, StateRegion::from_fd(keep).expect("region"));
+        assert_eq!(t.restore(), Restored::Resumed { redone: 3 });
+        assert_eq!(t.device().taken, vec![0, 1, 2], "redone in take order");
+        assert_eq!(used_idx(&mem), 3);
+        assert_eq!(used_heads(&mem, 3), vec![0, 1, 2]);
+
+        // Crash after the used index covered the batch, before the entries were cleared: the
+        // new instance clears them and redoes nothing.
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10000)]).expect("memory");
+        let region = StateRegion::create("batch-after").expect("region");
+        let keep = region.fd().try_clone_to_owned().expect("dup");
+        let (mut t, _irq) = batch_rig(true, &mem, region);
+        bring_up(&mut t, &mem);
+        assert!(!MmioHandler::poll(&mut t).expect("poll"));
+        drop(t);
+        let st = StateRegion::from_fd(keep).expect("region");
+        let mut w = st.queue_word(0).expect("word");
+        assert_eq!((w.next_avail, w.used_idx), (3, 0));
+        w.publishing = true;
+        w.last_head = 0;
+        st.set_queue_word(0, w);
+        for (i, head) in (0u64..).zip([0u32, 1, 2]) {
+            mem.write_obj(head, GuestAddress(USED + 4 + i * 8)).expect("elem id");
+            mem.write_obj(100u32, GuestAddress(USED + 8 + i * 8)).expect("elem len");
+        }
+        mem.write_obj(3u16, GuestAddress(USED + 2)).expect("used idx");
+        let (mut t, _irq) = batch_rig(false, &mem, st);
+        assert_eq!(t.restore(), Restored::Resumed { redone: 0 });
+        assert!(t.device().taken.is_empty(), "nothing completed twice");
+        assert_eq!(used_idx(&mem), 3);
+        assert_eq!(t.status() & status::NEEDS_RESET, 0);
+    }
 }
