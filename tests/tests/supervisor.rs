@@ -367,9 +367,11 @@ fn hung_block_service_is_caught_by_the_liveness_check() {
     );
     let hangs = log.lines().filter(|l| l.contains("fault injection: hang into service block-disk0")).count();
     assert_eq!(hangs, 5, "{log}");
-    let caught: Vec<&str> =
-        log.lines().filter(|l| l.contains("missed liveness deadline") && l.contains("restarting")).collect();
-    assert!(caught.len() >= 5, "only {} liveness restarts:\n{log}", caught.len());
+    // Each hang is caught by the liveness check, or (when the guest happens to read a register
+    // of the hung instance, which a loaded machine makes likelier) by that exit's deadline.
+    let by_ping = log.lines().filter(|l| l.contains("missed liveness deadline") && l.contains("restarting")).count();
+    let by_exit = log.lines().filter(|l| l.contains("no reply to a") && l.contains("restarting")).count();
+    assert!(by_ping >= 1 && by_ping + by_exit >= 5, "{by_ping} liveness + {by_exit} deadline restarts:\n{log}");
     let restarts = log.lines().filter(|l| l.contains("service block-disk0 restarted as pid")).count();
     assert!(restarts >= 5, "{log}");
 }

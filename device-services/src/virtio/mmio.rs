@@ -112,6 +112,10 @@ pub mod status {
     pub const FAILED: u32 = c::VIRTIO_CONFIG_S_FAILED;
 }
 
+/// `VRING_AVAIL_F_NO_INTERRUPT`: the driver does not want used-buffer interrupts (honoured without
+/// EVENT_IDX).
+pub const AVAIL_F_NO_INTERRUPT: u16 = 1;
+const _: () = assert!(AVAIL_F_NO_INTERRUPT as u32 == virtio_bindings::virtio_ring::VRING_AVAIL_F_NO_INTERRUPT);
 /// InterruptStatus bit: a used buffer was added.
 pub const INT_VRING: u32 = virtio_bindings::virtio_mmio::VIRTIO_MMIO_INT_VRING;
 /// InterruptStatus bit: the configuration (or device status) changed.
@@ -805,7 +809,14 @@ impl<D: VirtioDevice> MmioTransport<D> {
                 // Always called: it also resets the queue's EVENT_IDX bookkeeping.
                 match self.queues[i].needs_notification(&self.mem) {
                     Ok(needed) => {
-                        if needed || forced {
+                        let wanted = if self.queues[i].event_idx_enabled() {
+                            needed || forced
+                        } else {
+                            // Without EVENT_IDX the driver's VRING_AVAIL_F_NO_INTERRUPT says it
+                            // polls (the virtio-queue crate does not look at it): no interrupt.
+                            !self.interrupts_suppressed(i)
+                        };
+                        if wanted {
                             self.signal(INT_VRING);
                         }
                     }
@@ -818,6 +829,17 @@ impl<D: VirtioDevice> MmioTransport<D> {
                 false
             }
         }
+    }
+
+    /// Whether the driver set `VRING_AVAIL_F_NO_INTERRUPT` in queue `i`'s avail ring flags (read
+    /// after the used-ring writes; an unreadable flags word counts as not set).
+    fn interrupts_suppressed(&self, i: usize) -> bool {
+        let flags: u16 = self
+            .mem
+            .load(GuestAddress(self.queues[i].avail_ring()), std::sync::atomic::Ordering::Acquire)
+            .map(u16::from_le)
+            .unwrap_or(0);
+        flags & AVAIL_F_NO_INTERRUPT != 0
     }
 
     fn has_work(&self, i: usize) -> bool {
@@ -1303,5 +1325,33 @@ mod tests {
         assert!(t.device().taken.is_empty(), "nothing completed twice");
         assert_eq!(used_idx(&mem), 3);
         assert_eq!(t.status() & status::NEEDS_RESET, 0);
+    }
+
+    #[test]
+    fn no_interrupt_flag_suppresses_used_buffer_interrupts_without_event_idx() {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10000)]).expect("memory");
+        let (mut t, irq) = batch_rig(false, &mem, StateRegion::create("no-int").expect("region"));
+        bring_up(&mut t, &mem);
+        // The driver polls: VRING_AVAIL_F_NO_INTERRUPT in the avail ring's flags.
+        mem.write_obj(AVAIL_F_NO_INTERRUPT, GuestAddress(AVAIL)).expect("flags");
+        assert!(MmioHandler::poll(&mut t).expect("poll"));
+        assert_eq!(used_idx(&mem), 3, "the work is done");
+        assert!(irq.read().is_err(), "no interrupt for a driver that polls");
+        assert_eq!(rd_b(&mut t, reg::INTERRUPT_STATUS) & INT_VRING, 0);
+        // The driver wants interrupts again: the next batch raises one.
+        mem.write_obj(0u16, GuestAddress(AVAIL)).expect("flags");
+        let used_before = used_idx(&mem);
+        // Head 0 (completed above) is offered again at avail position 3.
+        mem.write_obj(0u16, GuestAddress(AVAIL + 4 + 6)).expect("ring");
+        mem.write_obj(4u16, GuestAddress(AVAIL + 2)).expect("avail idx");
+        assert!(MmioHandler::poll(&mut t).expect("poll"));
+        assert_eq!(used_idx(&mem), used_before.wrapping_add(1));
+        assert!(irq.read().expect("interrupt") >= 1);
+    }
+
+    fn rd_b(t: &mut MmioTransport<Batcher>, offset: u64) -> u32 {
+        let mut b = [0u8; 4];
+        assert!(MmioHandler::read(t, offset, &mut b), "read {offset:#x}");
+        u32::from_le_bytes(b)
     }
 }
