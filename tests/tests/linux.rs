@@ -12,10 +12,12 @@
 //! The same boot checks the network: the VM runs inside a network namespace the test creates,
 //! with a `--net` device on a TAP whose host side is 10.0.2.1/24. The kernel configures eth0
 //! itself (`ip=10.0.2.2::10.0.2.1:255.255.255.0::eth0:off`) and netconsole sends its log as UDP
-//! to a listener on 10.0.2.1:6666; the test checks the lines arrive.
+//! to a listener on 10.0.2.1:6666; the test checks the lines arrive. Once the guest says eth0 is
+//! configured, the test pings it from the host side (1000-byte ICMP echoes, answered by the
+//! guest's kernel) and checks intact replies come back.
 
 use std::net::UdpSocket;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, FromRawFd};
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -87,8 +89,13 @@ impl Drop for Netns {
     }
 }
 
-/// Collects the netconsole datagrams arriving on `sock` until `stop` is set.
-fn listen(sock: UdpSocket, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<Vec<String>> {
+/// Collects the netconsole datagrams arriving on `sock` until `stop` is set; tells `configured`
+/// when the guest says its eth0 is configured.
+fn listen(
+    sock: UdpSocket,
+    stop: Arc<AtomicBool>,
+    configured: std::sync::mpsc::Sender<()>,
+) -> std::thread::JoinHandle<Vec<String>> {
     std::thread::spawn(move || {
         sock.set_read_timeout(Some(Duration::from_millis(200))).expect("timeout");
         let mut lines = Vec::new();
@@ -96,10 +103,100 @@ fn listen(sock: UdpSocket, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<Vec
         let start = Instant::now();
         while !stop.load(Ordering::SeqCst) && start.elapsed() < Duration::from_secs(900) {
             if let Ok(n) = sock.recv(&mut buf) {
-                lines.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+                let line = String::from_utf8_lossy(&buf[..n]).into_owned();
+                if line.contains("IP-Config: Complete") {
+                    let _ = configured.send(());
+                }
+                lines.push(line);
             }
         }
         lines
+    })
+}
+
+/// Internet checksum (RFC 1071).
+fn inet_checksum(b: &[u8]) -> u16 {
+    let mut sum: u32 = b.chunks(2).map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]))).sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !u16::try_from(sum).unwrap_or(u16::MAX)
+}
+
+/// Once `configured` fires, pings 10.0.2.2 from inside the namespace (raw ICMP socket, 1000-byte
+/// payloads, one every 100 ms) until 10 intact replies came back, `stop` is set or 60 s passed.
+/// The guest's kernel answers by itself: frames go host → TAP → bulkhead-net → guest and back.
+/// Returns (requests sent, intact replies).
+fn pinger(
+    ns_path: String,
+    stop: Arc<AtomicBool>,
+    configured: std::sync::mpsc::Receiver<()>,
+) -> std::thread::JoinHandle<(u16, u16)> {
+    std::thread::spawn(move || {
+        if configured.recv_timeout(Duration::from_secs(600)).is_err() {
+            return (0, 0);
+        }
+        let ns = std::fs::File::open(&ns_path).expect("open netns");
+        // SAFETY: setns on this thread only, with an fd we own for the call.
+        assert_eq!(unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) }, 0, "setns");
+        // SAFETY: plain socket(2) call; the result is checked.
+        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, libc::IPPROTO_ICMP) };
+        assert!(fd >= 0, "raw ICMP socket: {}", std::io::Error::last_os_error());
+        // SAFETY: `fd` was just created and is owned from here on.
+        let sock = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+        let id: u16 = 0xb4b4;
+        let payload: Vec<u8> = (0..1000u32).map(|i| ((i * 13 + 7) & 0xff).to_le_bytes()[0]).collect();
+        // SAFETY: `sockaddr_in` is plain old data; all-zeroes is a valid value.
+        let mut dst: libc::sockaddr_in = unsafe { std::mem::zeroed() };
+        dst.sin_family = libc::sa_family_t::try_from(libc::AF_INET).expect("AF_INET");
+        dst.sin_addr.s_addr = u32::from_ne_bytes([10, 0, 2, 2]);
+        let (mut sent, mut intact) = (0u16, 0u16);
+        let start = Instant::now();
+        while intact < 10 && !stop.load(Ordering::SeqCst) && start.elapsed() < Duration::from_secs(60) {
+            let mut pkt = vec![8u8, 0, 0, 0];
+            pkt.extend_from_slice(&id.to_be_bytes());
+            pkt.extend_from_slice(&sent.to_be_bytes());
+            pkt.extend_from_slice(&payload);
+            let c = inet_checksum(&pkt);
+            pkt[2..4].copy_from_slice(&c.to_be_bytes());
+            // SAFETY: `pkt` and `dst` are valid for the call; lengths are theirs.
+            let n = unsafe {
+                libc::sendto(
+                    sock.as_raw_fd(),
+                    pkt.as_ptr().cast(),
+                    pkt.len(),
+                    0,
+                    std::ptr::addr_of!(dst).cast(),
+                    libc::socklen_t::try_from(std::mem::size_of::<libc::sockaddr_in>()).expect("size"),
+                )
+            };
+            assert_eq!(n, pkt.len() as isize, "sendto: {}", std::io::Error::last_os_error());
+            sent += 1;
+            let until = Instant::now() + Duration::from_millis(100);
+            let mut buf = vec![0u8; 2048];
+            while Instant::now() < until {
+                let mut pfd = libc::pollfd { fd: sock.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+                // SAFETY: one valid pollfd.
+                if unsafe { libc::poll(&mut pfd, 1, 20) } <= 0 {
+                    continue;
+                }
+                // SAFETY: `buf` is valid for writes of its length.
+                let n = unsafe { libc::recv(sock.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+                let Ok(n) = usize::try_from(n) else { continue };
+                // IPv4 header (IHL words), then ICMP: type 0 = echo reply.
+                let ihl = usize::from(buf[0] & 0xf) * 4;
+                let icmp = &buf[ihl.min(n)..n];
+                if icmp.len() == 8 + payload.len()
+                    && icmp[0] == 0
+                    && icmp[4..6] == id.to_be_bytes()
+                    && icmp[8..] == payload[..]
+                    && inet_checksum(icmp) == 0
+                {
+                    intact += 1;
+                }
+            }
+        }
+        (sent, intact)
     })
 }
 
@@ -113,7 +210,9 @@ fn linux_boots_from_bulkhead_block_with_console_service() {
     let disk = format!("{},id=root", root.display());
     let ns = Netns::new();
     let stop = Arc::new(AtomicBool::new(false));
-    let listener = listen(ns.udp("10.0.2.1:6666"), stop.clone());
+    let (configured_tx, configured) = std::sync::mpsc::channel();
+    let listener = listen(ns.udp("10.0.2.1:6666"), stop.clone(), configured_tx);
+    let pings = pinger(format!("/var/run/netns/{}", ns.0), stop.clone(), configured);
     let mut cmd = Command::new("ip");
     cmd.args(["netns", "exec", &ns.0]).arg(bin_dir().join("bulkhead")).arg("run");
     cmd.args([
@@ -144,6 +243,7 @@ fn linux_boots_from_bulkhead_block_with_console_service() {
     std::thread::sleep(Duration::from_millis(300));
     stop.store(true, Ordering::SeqCst);
     let udp = listener.join().expect("listener");
+    let (pings_sent, pongs) = pings.join().expect("pinger");
     let out = &r.stdout;
     let ctx = || format!("--- console\n{out}\n--- log\n{}", r.stderr);
     assert!(out.contains("Linux version 6.1"), "no kernel banner on the console\n{}", ctx());
@@ -164,6 +264,9 @@ fn linux_boots_from_bulkhead_block_with_console_service() {
         udp.len(),
         ctx()
     );
+    // Host → guest and back through bulkhead-net, answered by the guest's kernel.
+    assert!(pongs >= 5, "{pongs} intact echo replies to {pings_sent} pings of 10.0.2.2\n{}", ctx());
+    eprintln!("ping 10.0.2.2: {pongs} intact replies to {pings_sent} requests");
     let restarts = r.stderr.lines().filter(|l| l.contains("service block-root restarted as pid")).count();
     assert!(restarts >= 5, "only {restarts} block restarts during the boot\n{}", ctx());
     if r.stderr.contains("host KVM is PVM") {
