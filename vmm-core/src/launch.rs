@@ -327,11 +327,14 @@ struct PlannedNet {
 
 /// Opens (or creates) every `--net` TAP and gives each a virtio-mmio slot.
 fn plan_nets(args: &RunArgs, mmio: &mut MmioAllocator) -> Result<Vec<PlannedNet>, LaunchError> {
-    let mut planned = Vec::new();
-    for spec in &args.nets {
-        if planned.iter().any(|p: &PlannedNet| p.spec.tap == spec.tap) {
+    // Every check before any TAP is opened (opening may create one).
+    for (i, spec) in args.nets.iter().enumerate() {
+        if args.nets[..i].iter().any(|p| p.tap == spec.tap) {
             return Err(LaunchError::DuplicateTap(spec.tap.clone()));
         }
+    }
+    let mut planned = Vec::new();
+    for spec in &args.nets {
         let tap =
             crate::tap::open_tap(&spec.tap, 0).map_err(|source| LaunchError::Tap { name: spec.tap.clone(), source })?;
         planned.push(PlannedNet { spec: spec.clone(), tap, slot: mmio.allocate()? });
@@ -361,9 +364,11 @@ fn start_net(
     let binary = service_binary(&service_dir(args), "bulkhead-net")?;
     let PlannedNet { spec, tap, slot } = net;
     // RX (0) and TX (1).
-    let (irq, kicks) = wire_slot(vm, &slot, 2)?;
-    let [rx_notify, tx_notify]: [EventFd; 2] =
-        kicks.try_into().map_err(|_| LaunchError::Os { what: "eventfd", source: std::io::ErrorKind::Other.into() })?;
+    let (irq, mut kicks) = wire_slot(vm, &slot, 2)?;
+    let tx_notify = kicks.pop();
+    let (Some(rx_notify), Some(tx_notify)) = (kicks.pop(), tx_notify) else {
+        unreachable!("wire_slot returns one eventfd per queue")
+    };
     let mac = spec.mac.unwrap_or_else(|| default_mac(index));
     let crate::tap::Tap { fd, name: tap_name } = tap;
     let net_spec = service::NetSpec {
