@@ -487,3 +487,50 @@ fn bad_net_arguments_fail_before_any_vm_starts() {
         assert!(!ns.has_link("bhbad"), "no TAP created:\n{ctx}");
     }
 }
+
+/// Two NICs and a disk in one VM: each NIC gets its own window, GSI, MAC and service process,
+/// after the disk's; the guest finds the second NIC with the MAC given for it, and its frames go
+/// out on the second TAP only.
+#[test]
+fn two_nics_in_one_vm_each_get_their_own_slot_mac_and_service() {
+    const N: u64 = 200;
+    let _one = serialize();
+    let ns = NetNs::new("two");
+    ns.add_tap("bha");
+    ns.add_tap("bhb");
+    let quiet = Reflector::start(ns.run(|| Wire::open("bha")));
+    let reflector = Reflector::start(ns.run(|| Wire::open("bhb")));
+    let dir = scratch("net-two");
+    let out = dir.join("serial.log");
+    let disk = dir.join("disk.img");
+    std::fs::File::create(&disk).expect("create").set_len(1 << 20).expect("size");
+    let second = [0x02, 0xb4, 0x00, 0x00, 0x00, 0xbb];
+    let (a, b) = ("tap=bha,mac=02:b4:00:00:00:aa,id=a".to_string(), format!("tap=bhb,mac={},id=b", mac_str(&second)));
+    let cmdline = format!("probe.test=net-echo probe.net=1 probe.n={N}");
+    let args = probe_vm_args(&out, Some(&disk), &cmdline, &["--net", &a, "--net", &b]);
+    let r = wait_bounded(ns.spawn(&mut bulkhead(&args)), LIMIT);
+    let (on_b, damaged) = reflector.finish();
+    let (on_a, _) = quiet.finish();
+    let serial = std::fs::read_to_string(&out).unwrap_or_default();
+    let ctx = format!("serial:\n{serial}\nstderr:\n{}", r.stderr);
+    assert_eq!(r.status.code(), Some(0), "{ctx}");
+    assert!(serial.contains(&format!("net: mac={}", mac_str(&second))), "the guest found the second NIC:\n{ctx}");
+    assert!(serial.contains(&format!("net-echo: sent={N} received={N} lost=0 corrupt=0 ")), "{ctx}");
+    assert_eq!((on_b, damaged, on_a), (N, 0, 0), "frames went out on the second TAP only:\n{ctx}");
+    // Slots in order: the disk, then the NICs.
+    for (what, base, gsi) in
+        [("disk0:", "0xd0000000", 5), ("net0: TAP bha", "0xd0001000", 6), ("net1: TAP bhb", "0xd0002000", 7)]
+    {
+        let line = r.stderr.lines().find(|l| l.contains(what)).unwrap_or_else(|| panic!("no `{what}` line:\n{ctx}"));
+        assert!(line.contains(&format!("at {base} (GSI {gsi})")), "{line}");
+    }
+    let pid_of = |name: &str| {
+        r.stderr
+            .lines()
+            .find_map(|l| {
+                l.split(&format!("service {name} started as pid ")).nth(1)?.split(' ').next()?.parse::<u32>().ok()
+            })
+            .unwrap_or_else(|| panic!("no start line for {name}:\n{ctx}"))
+    };
+    assert_ne!(pid_of("net-a"), pid_of("net-b"), "one process per NIC");
+}
