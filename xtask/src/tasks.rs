@@ -37,7 +37,7 @@ pub fn run_guest(extra: &[String]) -> Result<(), BoxError> {
     let ns = if no_net {
         None
     } else {
-        match run_netns() {
+        match crate::util::ensure_packages(&[("ip", "iproute2")]).and_then(|()| run_netns()) {
             Ok(ns) => Some(ns),
             Err(e) => {
                 eprintln!("xtask run: cannot set up the guest's network ({e}); booting without --net");
