@@ -153,28 +153,7 @@ pub fn run_peer(peer: Peer, r: &BlkRun<'_>) -> Result<(BTreeMap<String, Workload
         }
         Peer::QemuBuiltin | Peer::QemuVhostUser => {
             let mut qemu = Command::new("qemu-system-x86_64");
-            qemu.args([
-                "-M",
-                "microvm,x-option-roms=off,rtc=off,acpi=off",
-                "-accel",
-                "kvm",
-                "-cpu",
-                "host,arch-capabilities=off",
-                "-m",
-                "128",
-                "-nodefaults",
-                "-no-user-config",
-                "-nographic",
-                "-serial",
-                "stdio",
-                "-device",
-                "isa-debug-exit,iobase=0xf4,iosize=4",
-                "-global",
-                "virtio-mmio.force-legacy=false",
-                "-kernel",
-            ])
-            .arg(r.probe)
-            .args(["-append", &r.cmdline]);
+            qemu.args(crate::util::QEMU_MICROVM_PROBE).args(["-kernel"]).arg(r.probe).args(["-append", &r.cmdline]);
             let mut daemon = None;
             let sock = std::env::temp_dir().join(format!("bulkhead-bench-vub-{}.sock", std::process::id()));
             if peer == Peer::QemuBuiltin {

@@ -333,34 +333,14 @@ fn command_for(peer: Peer, r: &NetRun<'_>, ns: &NetNs, size: usize) -> Command {
         }
         Peer::Qemu | Peer::QemuVhost => {
             let vhost = if peer == Peer::QemuVhost { "on" } else { "off" };
-            c.args([
-                "qemu-system-x86_64",
-                "-M",
-                "microvm,x-option-roms=off,rtc=off,acpi=off",
-                "-accel",
-                "kvm",
-                "-cpu",
-                "host,arch-capabilities=off",
-                "-m",
-                "128",
-                "-nodefaults",
-                "-no-user-config",
-                "-nographic",
+            c.arg("qemu-system-x86_64")
+                .args(crate::util::QEMU_MICROVM_PROBE)
                 // Names the vCPU thread `CPU 0/KVM`, so its CPU time can be told apart.
-                "-name",
-                "probe,debug-threads=on",
-                "-serial",
-                "stdio",
-                "-device",
-                "isa-debug-exit,iobase=0xf4,iosize=4",
-                "-global",
-                "virtio-mmio.force-legacy=false",
-                "-netdev",
-            ])
-            .arg(format!("tap,id=n0,ifname={TAP},script=no,downscript=no,vhost={vhost}"))
-            .args(["-device", &format!("virtio-net-device,netdev=n0,mac={guest_mac}"), "-kernel"])
-            .arg(r.probe)
-            .args(["-append", &cmdline]);
+                .args(["-name", "probe,debug-threads=on", "-netdev"])
+                .arg(format!("tap,id=n0,ifname={TAP},script=no,downscript=no,vhost={vhost}"))
+                .args(["-device", &format!("virtio-net-device,netdev=n0,mac={guest_mac}"), "-kernel"])
+                .arg(r.probe)
+                .args(["-append", &cmdline]);
         }
     }
     c

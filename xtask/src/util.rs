@@ -111,3 +111,26 @@ pub fn ensure_packages(wanted: &[(&str, &str)]) -> Result<(), BoxError> {
     run(Command::new("apt-get").arg("update"))?;
     run(Command::new("apt-get").args(["install", "-y", "--no-install-recommends"]).args(&missing))
 }
+
+/// The QEMU command-line arguments every comparison boots the probe with: a microvm with KVM,
+/// no firmware extras, 128 MiB, the serial console on stdio, the debug-exit port at 0xf4 and
+/// modern (non-legacy) virtio-mmio. Callers add their device and `-kernel`.
+pub const QEMU_MICROVM_PROBE: &[&str] = &[
+    "-M",
+    "microvm,x-option-roms=off,rtc=off,acpi=off",
+    "-accel",
+    "kvm",
+    "-cpu",
+    "host,arch-capabilities=off",
+    "-m",
+    "128",
+    "-nodefaults",
+    "-no-user-config",
+    "-nographic",
+    "-serial",
+    "stdio",
+    "-device",
+    "isa-debug-exit,iobase=0xf4,iosize=4",
+    "-global",
+    "virtio-mmio.force-legacy=false",
+];

@@ -603,7 +603,7 @@ mod tests {
     use proptest::prelude::*;
     use std::io::Write;
     use virtio_queue::desc::split::Descriptor;
-    use virtio_queue::{Queue, QueueT};
+    use virtio_queue::QueueT;
     use vm_memory::{GuestAddress, GuestMemoryMmap};
 
     const MEM: usize = 0x4000;
@@ -643,12 +643,7 @@ mod tests {
         let (_t, f) = disk(16);
         let mut b = Block::new(f, 16 * SECTOR, false, "t", 1, 16).expect("block");
         b.set_rate_limit(&RateLimit { ops_per_sec: 10, ops_burst: 1, ..RateLimit::default() });
-        let mut q = Queue::new(16).expect("queue");
-        q.try_set_size(8).expect("size");
-        q.try_set_desc_table_address(GuestAddress(0)).expect("desc");
-        q.try_set_avail_ring_address(GuestAddress(0x1000)).expect("avail");
-        q.try_set_used_ring_address(GuestAddress(0x2000)).expect("used");
-        q.set_ready(true);
+        let mut q = crate::virtio::test_queue(8);
         // Three FLUSH requests: header (descriptor 2i), status (2i + 1).
         for i in 0..3u16 {
             let (d, hdr, st) = (u64::from(i) * 32, 0x3000 + u64::from(i) * 16, 0x3100 + u64::from(i));
@@ -733,12 +728,7 @@ mod tests {
             let (_t, f) = disk(16);
             let mut b = Block::new(f, 16 * SECTOR, false, "p", 1, 16).expect("block");
             let size = 1u16 << size_log;
-            let mut q = Queue::new(16).expect("queue");
-            q.try_set_size(size).expect("size");
-            q.try_set_desc_table_address(GuestAddress(0)).expect("desc");
-            q.try_set_avail_ring_address(GuestAddress(0x1000)).expect("avail");
-            q.try_set_used_ring_address(GuestAddress(0x2000)).expect("used");
-            q.set_ready(true);
+            let mut q = crate::virtio::test_queue(size);
             m.write_obj(avail_idx, GuestAddress(0x1002)).expect("idx");
             // The driver zeroes the used ring before handing it over.
             m.write_obj(0u32, GuestAddress(0x2000)).expect("used header");

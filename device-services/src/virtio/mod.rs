@@ -51,6 +51,21 @@ pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) -> bool {
     true
 }
 
+/// A ready split queue of `size` (at most 16) with its descriptor table at 0, avail ring at
+/// 0x1000 and used ring at 0x2000: the layout the devices' unit tests use.
+#[cfg(test)]
+pub(crate) fn test_queue(size: u16) -> virtio_queue::Queue {
+    use virtio_queue::QueueT;
+    use vm_memory::GuestAddress;
+    let mut q = virtio_queue::Queue::new(16).expect("queue");
+    q.try_set_size(size).expect("size");
+    q.try_set_desc_table_address(GuestAddress(0)).expect("desc");
+    q.try_set_avail_ring_address(GuestAddress(0x1000)).expect("avail");
+    q.try_set_used_ring_address(GuestAddress(0x2000)).expect("used");
+    q.set_ready(true);
+    q
+}
+
 /// A virtio device behind a transport. Offsets into the config space are relative to its start.
 pub trait VirtioDevice {
     /// Virtio device ID (2 = block, 1 = net).

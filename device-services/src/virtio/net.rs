@@ -1267,7 +1267,7 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
     use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
-    use virtio_queue::{Queue, QueueT};
+    use virtio_queue::Queue;
     use vm_memory::{GuestAddress, GuestMemoryMmap};
 
     const MEM: usize = 0x4000;
@@ -1394,12 +1394,7 @@ mod tests {
             let (_r, w) = pipe();
             let mut n = Net::new(w, [2, 0, 0, 0, 0, 1], 16).expect("net");
             let size = 1u16 << size_log;
-            let mut q = Queue::new(16).expect("queue");
-            q.try_set_size(size).expect("size");
-            q.try_set_desc_table_address(GuestAddress(0)).expect("desc");
-            q.try_set_avail_ring_address(GuestAddress(0x1000)).expect("avail");
-            q.try_set_used_ring_address(GuestAddress(0x2000)).expect("used");
-            q.set_ready(true);
+            let mut q = crate::virtio::test_queue(size);
             m.write_obj(avail_idx, GuestAddress(0x1002)).expect("idx");
             m.write_obj(0u32, GuestAddress(0x2000)).expect("used header");
             match n.process_queue(&mut QueueCtx::untracked(TX_QUEUE, &mut q, &m)) {
@@ -1416,14 +1411,9 @@ mod tests {
         }
     }
 
-    /// A TX queue of size 4 at 0 / 0x1000 / 0x2000 in `m`.
+    /// A ready queue of `size` at 0 / 0x1000 / 0x2000 in `m`, its used index zeroed.
     fn queue(m: &GuestMem, size: u16) -> Queue {
-        let mut q = Queue::new(16).expect("queue");
-        q.try_set_size(size).expect("size");
-        q.try_set_desc_table_address(GuestAddress(0)).expect("desc");
-        q.try_set_avail_ring_address(GuestAddress(0x1000)).expect("avail");
-        q.try_set_used_ring_address(GuestAddress(0x2000)).expect("used");
-        q.set_ready(true);
+        let q = crate::virtio::test_queue(size);
         m.write_obj(0u16, GuestAddress(0x2002)).expect("used idx");
         q
     }
