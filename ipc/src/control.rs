@@ -177,6 +177,11 @@ pub struct BlockConfig {
     pub rate_limit: RateLimit,
 }
 
+/// A MAC address as `aa:bb:cc:dd:ee:ff`, for logs.
+pub fn mac_string(mac: &[u8; 6]) -> String {
+    mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+}
+
 /// Configuration of a virtio-net service.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NetConfig {

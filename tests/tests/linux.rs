@@ -18,7 +18,6 @@
 
 use std::net::UdpSocket;
 use std::os::fd::{AsRawFd, FromRawFd};
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -36,57 +35,15 @@ fn ext4_mount_count(image: &std::path::Path) -> u16 {
     u16::from_le_bytes([sb[0x34], sb[0x35]])
 }
 
-/// A network namespace for the boot, deleted on drop.
-struct Netns(String);
-
-impl Netns {
-    fn new() -> Self {
-        let name = format!("bh-linux-{}", std::process::id());
-        let _ = Command::new("ip").args(["netns", "del", &name]).stderr(std::process::Stdio::null()).status();
-        let ok = Command::new("ip").args(["netns", "add", &name]).status().expect("run ip").success();
-        assert!(ok, "ip netns add {name} (needs root)");
-        let ns = Self(name);
-        for cmd in [
-            "ip tuntap add dev bhlinux0 mode tap vnet_hdr",
-            "ip link set bhlinux0 address 02:00:0a:00:02:01",
-            "ip addr add 10.0.2.1/24 dev bhlinux0",
-            "ip link set bhlinux0 up",
-            "ip link set lo up",
-        ] {
-            ns.exec(cmd);
-        }
-        ns
-    }
-
-    fn exec(&self, cmd: &str) {
-        let ok = Command::new("ip")
-            .args(["netns", "exec", &self.0])
-            .args(cmd.split(' '))
-            .status()
-            .expect("run ip netns exec")
-            .success();
-        assert!(ok, "in {}: {cmd}", self.0);
-    }
-
-    /// A UDP socket bound to `addr` inside the namespace.
-    fn udp(&self, addr: &str) -> UdpSocket {
-        let path = format!("/var/run/netns/{}", self.0);
-        let addr = addr.to_string();
-        std::thread::spawn(move || {
-            let ns = std::fs::File::open(&path).expect("open netns");
-            // SAFETY: setns on this thread only, with an fd we own for the call.
-            assert_eq!(unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) }, 0, "setns");
-            UdpSocket::bind(&addr).expect("bind UDP listener")
-        })
-        .join()
-        .expect("netns thread")
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-    }
+/// The boot's network namespace: a TAP whose host side is 10.0.2.1/24 with a fixed MAC.
+fn boot_netns() -> NetNs {
+    let ns = NetNs::new("linux");
+    ns.ip(&["tuntap", "add", "dev", "bhlinux0", "mode", "tap", "vnet_hdr"]);
+    ns.ip(&["link", "set", "bhlinux0", "address", "02:00:0a:00:02:01"]);
+    ns.ip(&["addr", "add", "10.0.2.1/24", "dev", "bhlinux0"]);
+    ns.ip(&["link", "set", "bhlinux0", "up"]);
+    ns.ip(&["link", "set", "lo", "up"]);
+    ns
 }
 
 /// Collects the netconsole datagrams arriving on `sock` until `stop` is set; tells `configured`
@@ -128,22 +85,21 @@ fn inet_checksum(b: &[u8]) -> u16 {
 /// The guest's kernel answers by itself: frames go host → TAP → bulkhead-net → guest and back.
 /// Returns (requests sent, intact replies).
 fn pinger(
-    ns_path: String,
+    ns: &NetNs,
     stop: Arc<AtomicBool>,
     configured: std::sync::mpsc::Receiver<()>,
 ) -> std::thread::JoinHandle<(u16, u16)> {
-    std::thread::spawn(move || {
-        if configured.recv_timeout(Duration::from_secs(600)).is_err() {
-            return (0, 0);
-        }
-        let ns = std::fs::File::open(&ns_path).expect("open netns");
-        // SAFETY: setns on this thread only, with an fd we own for the call.
-        assert_eq!(unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) }, 0, "setns");
+    let sock = ns.run(|| {
         // SAFETY: plain socket(2) call; the result is checked.
         let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, libc::IPPROTO_ICMP) };
         assert!(fd >= 0, "raw ICMP socket: {}", std::io::Error::last_os_error());
         // SAFETY: `fd` was just created and is owned from here on.
-        let sock = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+        unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) }
+    });
+    std::thread::spawn(move || {
+        if configured.recv_timeout(Duration::from_secs(600)).is_err() {
+            return (0, 0);
+        }
         let id: u16 = 0xb4b4;
         let payload: Vec<u8> = (0..1000u32).map(|i| ((i * 13 + 7) & 0xff).to_le_bytes()[0]).collect();
         // SAFETY: `sockaddr_in` is plain old data; all-zeroes is a valid value.
@@ -208,14 +164,13 @@ fn linux_boots_from_bulkhead_block_with_console_service() {
     std::fs::copy(artefact("BULKHEAD_ROOTFS"), &root).expect("copy rootfs");
     let mounts_before = ext4_mount_count(&root);
     let disk = format!("{},id=root", root.display());
-    let ns = Netns::new();
+    let ns = boot_netns();
     let stop = Arc::new(AtomicBool::new(false));
     let (configured_tx, configured) = std::sync::mpsc::channel();
-    let listener = listen(ns.udp("10.0.2.1:6666"), stop.clone(), configured_tx);
-    let pings = pinger(format!("/var/run/netns/{}", ns.0), stop.clone(), configured);
-    let mut cmd = Command::new("ip");
-    cmd.args(["netns", "exec", &ns.0]).arg(bin_dir().join("bulkhead")).arg("run");
-    cmd.args([
+    let udp = ns.run(|| UdpSocket::bind("10.0.2.1:6666").expect("bind UDP listener"));
+    let listener = listen(udp, stop.clone(), configured_tx);
+    let pings = pinger(&ns, stop.clone(), configured);
+    let mut cmd = bulkhead(&[
         "--kernel",
         vmlinux.to_str().expect("utf8"),
         "--disk",
@@ -237,8 +192,7 @@ fn linux_boots_from_bulkhead_block_with_console_service() {
         "--fault",
         "block:kill,after=3s,every=2s",
     ]);
-    cmd.stdin(std::process::Stdio::null()).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
-    let r = wait_bounded(cmd.spawn().expect("spawn bulkhead"), Duration::from_secs(900));
+    let r = wait_bounded(ns.spawn(&mut cmd), Duration::from_secs(900));
     // Datagrams sent just before the reboot may still be in flight.
     std::thread::sleep(Duration::from_millis(300));
     stop.store(true, Ordering::SeqCst);

@@ -349,10 +349,6 @@ fn default_mac(index: usize) -> [u8; 6] {
     [0x02, 0xb4, pid[1], pid[2], pid[3], u8::try_from(index & 0xff).unwrap_or(0)]
 }
 
-fn format_mac(mac: &[u8; 6]) -> String {
-    mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
-}
-
 fn start_net(
     args: &RunArgs,
     vm: &VmFd,
@@ -391,7 +387,7 @@ fn start_net(
     buses.mmio.insert(slot.base, slot.len, device)?;
     log::info!(
         "net{index}: TAP {tap_name}, MAC {} at {:#x} (GSI {}) served by pid {}",
-        format_mac(&mac),
+        ipc::control::mac_string(&mac),
         slot.base,
         slot.gsi,
         handle.pid()

@@ -670,6 +670,16 @@ impl Shared {
     fn control_error(&self, source: ControlError) -> ServiceError {
         ServiceError::Control { name: self.name.clone(), source }
     }
+
+    /// Swaps in the control side of a new instance. The old instance's last answers (read off
+    /// its channel first) tell how many requests it redid; that count goes into the metrics.
+    fn replace_ctl(&self, new: Ctl) -> std::sync::MutexGuard<'_, Ctl> {
+        let mut ctl = self.lock_ctl();
+        ctl.drain(&self.name);
+        self.metrics.lock().unwrap_or_else(|e| e.into_inner()).redone_by_earlier += ctl.redone_seen;
+        *ctl = new;
+        ctl
+    }
 }
 
 /// A cloneable reference to a supervised service, for the API socket and fault schedules.
@@ -1316,11 +1326,7 @@ fn supervise(shared: &Shared, recipe: Recipe, mut child: ServiceChild, exit_tx: 
                 Ok(inst) => {
                     let new_pid = inst.child.id();
                     {
-                        let mut ctl = shared.lock_ctl();
-                        // The old instance's last answers tell how many requests it redid.
-                        ctl.drain(name);
-                        shared.metrics.lock().unwrap_or_else(|e| e.into_inner()).redone_by_earlier += ctl.redone_seen;
-                        *ctl = Ctl::new(inst.control, new_pid, inst.pidfd);
+                        let mut ctl = shared.replace_ctl(Ctl::new(inst.control, new_pid, inst.pidfd));
                         // Ask the new instance at once: it redoes in-flight requests before it
                         // answers, so the count is known even if it dies soon after.
                         if let Err(e) = ctl.ping() {
@@ -1380,12 +1386,7 @@ fn present_failed(shared: &Shared, recipe: &Recipe, why: &str) -> Result<Service
         let _ = child.wait();
         return Err(format!("telling pid {pid} to enter the failed state: {e}"));
     }
-    {
-        let mut ctl = shared.lock_ctl();
-        ctl.drain(&shared.device.name);
-        shared.metrics.lock().unwrap_or_else(|e| e.into_inner()).redone_by_earlier += ctl.redone_seen;
-        *ctl = Ctl::new(control, pid, pidfd);
-    }
+    drop(shared.replace_ctl(Ctl::new(control, pid, pidfd)));
     shared.device.install(ring, pid);
     shared.device.mark_given_up(why);
     Ok(child)

@@ -18,7 +18,7 @@ use device_services::virtio::mmio::MmioTransport;
 use device_services::virtio::net::{Net, NetHandler};
 use device_services::virtio::setup::{check_window, run_service, take_transport_fds, transport, ServiceParts};
 use device_services::{RuntimeError, Startup};
-use ipc::control::{DeviceConfig, FdRole};
+use ipc::control::{mac_string, DeviceConfig, FdRole};
 
 fn setup(st: &mut Startup) -> Result<(MmioTransport<Net>, u64, u64), RuntimeError> {
     let DeviceConfig::Net(cfg) = st.setup.device.clone() else {
@@ -30,21 +30,15 @@ fn setup(st: &mut Startup) -> Result<(MmioTransport<Net>, u64, u64), RuntimeErro
     let mut net = Net::new(tap, cfg.mac, cfg.queue_size).map_err(|e| RuntimeError::Device(error_chain(&e)))?;
     net.set_rate_limit(&cfg.rate_limit);
     let transport = transport(st, net, fds)?;
-    let m = cfg.mac;
     eprintln!(
-        "bulkhead-net[{}]: {} at {:#x}+{:#x} gsi {}: tap {:?}, mac {:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}, queues of {}{}",
+        "bulkhead-net[{}]: {} at {:#x}+{:#x} gsi {}: tap {:?}, mac {}, queues of {}{}",
         std::process::id(),
         st.setup.name,
         cfg.mmio_base,
         cfg.mmio_len,
         cfg.gsi,
         cfg.tap_name,
-        m[0],
-        m[1],
-        m[2],
-        m[3],
-        m[4],
-        m[5],
+        mac_string(&cfg.mac),
         cfg.queue_size,
         if cfg.rate_limit.is_unlimited() { String::new() } else { format!(", {:?} each way", cfg.rate_limit) }
     );
