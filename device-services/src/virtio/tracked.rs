@@ -146,25 +146,38 @@ impl<'a> QueueCtx<'a> {
 
     /// Publishes the used entry of `head` (and clears its in-flight record, crash-consistently).
     pub fn add_used(&mut self, head: u16, len: u32) -> Result<(), DeviceError> {
-        if let Some(t) = self.tracker.as_mut() {
-            t.word.publishing = true;
-            t.word.last_head = head;
-            t.region.set_queue_word(t.queue, *t.word);
-        }
+        self.begin_publish(head);
         let index = self.index;
         self.queue.add_used(self.mem, head, len).map_err(|e| DeviceError::Queue {
             queue: index,
             what: "adding to the used ring".into(),
             source: Some(e),
         })?;
+        self.end_publish(&[head]);
+        Ok(())
+    }
+
+    /// Marks in the hot word that used entries starting with `first` are being published.
+    fn begin_publish(&mut self, first: u16) {
+        if let Some(t) = self.tracker.as_mut() {
+            t.word.publishing = true;
+            t.word.last_head = first;
+            t.region.set_queue_word(t.queue, *t.word);
+        }
+    }
+
+    /// After the used index covering `heads` is visible: clears their in-flight entries and
+    /// records the published used index.
+    fn end_publish(&mut self, heads: &[u16]) {
         std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
         if let Some(t) = self.tracker.as_mut() {
-            t.region.set_entry(t.entry_base + usize::from(head), None);
+            for &head in heads {
+                t.region.set_entry(t.entry_base + usize::from(head), None);
+            }
             t.word.publishing = false;
             t.word.used_idx = self.queue.next_used();
             t.region.set_queue_word(t.queue, *t.word);
         }
-        Ok(())
     }
 
     /// Publishes the used entries of `elems` (head, length) in order with **one** used-index
@@ -191,11 +204,7 @@ impl<'a> QueueCtx<'a> {
         if elems.iter().any(|&(h, _)| h >= size) {
             return Err(qerr("used head out of range"));
         }
-        if let Some(t) = self.tracker.as_mut() {
-            t.word.publishing = true;
-            t.word.last_head = elems[0].0;
-            t.region.set_queue_word(t.queue, *t.word);
-        }
+        self.begin_publish(elems[0].0);
         let ring = self.queue.used_ring();
         let next = self.queue.next_used();
         for (i, &(head, len)) in (0u16..).zip(elems) {
@@ -214,15 +223,8 @@ impl<'a> QueueCtx<'a> {
             .map_err(|_| qerr("writing the used index"))?;
         self.queue.set_next_used(new);
         self.force_notify = true;
-        std::sync::atomic::fence(Ordering::SeqCst);
-        if let Some(t) = self.tracker.as_mut() {
-            for &(head, _) in elems {
-                t.region.set_entry(t.entry_base + usize::from(head), None);
-            }
-            t.word.publishing = false;
-            t.word.used_idx = new;
-            t.region.set_queue_word(t.queue, *t.word);
-        }
+        let heads: Vec<u16> = elems.iter().map(|&(head, _)| head).collect();
+        self.end_publish(&heads);
         Ok(())
     }
 
