@@ -6,6 +6,8 @@
 //! the cargo target directory this test executable was built into.
 #![deny(missing_docs)]
 
+pub mod linux;
+
 use std::io::Read;
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -288,14 +290,10 @@ impl NetNs {
     /// Runs `f` on a thread that entered the namespace, and returns its result. Sockets `f`
     /// opens stay in the namespace when used from other threads; processes `f` spawns start in it.
     pub fn run<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
-        let path = format!("/var/run/netns/{}", self.name);
+        let entry = self.entry();
         std::thread::scope(|s| {
             s.spawn(|| {
-                let ns = std::fs::File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}"));
-                // SAFETY: setns(2) only reads the descriptor, which `ns` keeps open for the call;
-                // it changes this (scoped, private) thread's network namespace only.
-                let rc = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&ns), libc::CLONE_NEWNET) };
-                assert_eq!(rc, 0, "setns {path}: {}", std::io::Error::last_os_error());
+                entry.enter();
                 f()
             })
             .join()
@@ -303,9 +301,33 @@ impl NetNs {
         })
     }
 
+    /// A handle that moves the calling thread into this namespace, for threads that live on
+    /// (a server's worker); [`NetNs::run`] is the way for one call.
+    pub fn entry(&self) -> NetNsEntry {
+        NetNsEntry { path: format!("/var/run/netns/{}", self.name) }
+    }
+
     /// Spawns `cmd` inside the namespace.
     pub fn spawn(&self, cmd: &mut Command) -> Child {
         self.run(|| cmd.spawn().expect("spawn in netns"))
+    }
+}
+
+/// See [`NetNs::entry`].
+#[derive(Debug, Clone)]
+pub struct NetNsEntry {
+    path: String,
+}
+
+impl NetNsEntry {
+    /// Moves the calling thread (only it) into the namespace; fails the test if it cannot.
+    pub fn enter(&self) {
+        let path = &self.path;
+        let ns = std::fs::File::open(path).unwrap_or_else(|e| panic!("open {path}: {e}"));
+        // SAFETY: setns(2) only reads the descriptor, which `ns` keeps open for the call; it
+        // changes the calling thread's network namespace only.
+        let rc = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&ns), libc::CLONE_NEWNET) };
+        assert_eq!(rc, 0, "setns {path}: {}", std::io::Error::last_os_error());
     }
 }
 

@@ -53,6 +53,11 @@ const PACKAGES: &[&str] = &[
 ];
 /// Marker the patch puts into `alternative.c`; checked after patching.
 const PATCH_MARKER: &str = "Bulkhead: int3_selftest() is not run";
+/// The PVM user-space work-arounds: (file, marker its patch adds), checked after patching.
+const WORKAROUND_MARKERS: &[(&str, &str)] = &[
+    ("arch/x86/mm/fault.c", "Bulkhead: a SYSCALL that a PVM host left in user mode."),
+    ("arch/x86/kernel/fpu/core.c", "Bulkhead: no FWAIT here."),
+];
 /// The call the patch removes; must not remain after patching.
 const SELFTEST_CALL: &str = "\tint3_selftest();";
 /// Upper bound for any kernel `make` invocation.
@@ -834,7 +839,15 @@ fn apply_patch(tree: &Path, name: &str, data: &[u8]) -> Result<()> {
 fn verify_patched(tree: &Path) -> Result<()> {
     let f = tree.join("arch/x86/kernel/alternative.c");
     let text = fs::read_to_string(&f).ctx(|| format!("reading {}", f.display()))?;
-    check_selftest_disabled(&text).map_err(|m| GuestError::Check(format!("{}: {m}", f.display())))
+    check_selftest_disabled(&text).map_err(|m| GuestError::Check(format!("{}: {m}", f.display())))?;
+    for (file, marker) in WORKAROUND_MARKERS {
+        let f = tree.join(file);
+        let text = fs::read_to_string(&f).ctx(|| format!("reading {}", f.display()))?;
+        if !text.contains(marker) {
+            return Err(GuestError::Check(format!("{}: work-around marker `{marker}` missing", f.display())));
+        }
+    }
+    Ok(())
 }
 
 fn check_selftest_disabled(alternative_c: &str) -> std::result::Result<(), String> {
@@ -1381,6 +1394,16 @@ mod tests {
         assert!(check_selftest_disabled("x\n\tint3_selftest();\n").is_err());
         assert!(check_selftest_disabled(&format!("/* {PATCH_MARKER} */\n\tint3_selftest();\n")).is_err());
         assert!(check_selftest_disabled(&format!("/* {PATCH_MARKER} */\n")).is_ok());
+        for (file, marker) in WORKAROUND_MARKERS {
+            let patch = inputs
+                .patches
+                .iter()
+                .find(|(_, data)| String::from_utf8_lossy(data).contains(&format!("+++ b/{file}")))
+                .unwrap_or_else(|| panic!("no patch for {file}"));
+            let text = String::from_utf8_lossy(&patch.1);
+            assert!(text.contains(marker), "{} must add `{marker}`", patch.0);
+            assert!(text.starts_with("Bulkhead guest: "), "{} needs a header saying what it works around", patch.0);
+        }
     }
 
     #[test]
