@@ -491,6 +491,16 @@ fn linux_shell_console_and_tcp_with_services_killed() {
     for (bit, name) in [(0, "CSUM"), (1, "GUEST_CSUM"), (7, "GUEST_TSO4"), (11, "HOST_TSO4")] {
         assert_eq!(features.get(bit), Some(&b'1'), "VIRTIO_NET_F_{name} not negotiated: {}", res.line);
     }
+    // The last net instance served the rest of the guest → host transfer: the guest's TSO frames
+    // reached it as GSO frames, which it handed to the TAP as such.
+    let tx_gso = r
+        .stderr
+        .lines()
+        .rev()
+        .find(|l| l.contains("bulkhead-net") && l.contains("stats tx_frames="))
+        .and_then(|l| l.split_whitespace().find_map(|w| w.strip_prefix("tx_gso=")?.parse::<u64>().ok()))
+        .unwrap_or_else(|| panic!("no stats line from the last bulkhead-net\n{}", ctx()));
+    assert!(tx_gso > 0, "no GSO frame from the guest's TSO\n{}", ctx());
     let killed = kills.lock().expect("kills").len();
     assert_eq!(killed, 2, "the net service must have been killed once per direction");
     let net_restarts = r.stderr.lines().filter(|l| l.contains("service net-net0 restarted as pid")).count();
