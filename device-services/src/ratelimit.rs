@@ -47,6 +47,9 @@ pub struct TokenBucket {
     balance: i128,
     /// Time of the last refill, in nanoseconds since the caller's epoch.
     last: u128,
+    /// What is left of the one-time burst, in nano-tokens: spent before the balance, never
+    /// refilled.
+    one_time: i128,
 }
 
 impl TokenBucket {
@@ -54,7 +57,16 @@ impl TokenBucket {
     /// at `now`. `rate == 0` makes an unlimited bucket.
     pub fn new(rate: u64, capacity: u64, now: Duration) -> Self {
         let capacity = if rate == 0 { 0 } else { capacity.max(1) };
-        Self { rate, capacity, balance: nano_tokens(capacity), last: nanos(now) }
+        Self { rate, capacity, balance: nano_tokens(capacity), last: nanos(now), one_time: 0 }
+    }
+
+    /// This bucket with `n` more tokens available once (Firecracker's `one_time_burst`): they are
+    /// spent before the refilling balance and never come back.
+    pub fn with_one_time(mut self, n: u64) -> Self {
+        if !self.is_unlimited() {
+            self.one_time = nano_tokens(n);
+        }
+        self
     }
 
     /// A bucket that never limits.
@@ -93,9 +105,16 @@ impl TokenBucket {
         }
     }
 
-    /// Tokens held at `now`, rounded down (negative while in debt).
+    /// Tokens held at `now`, one-time burst included, rounded down (negative while in debt).
     pub fn tokens(&self, now: Duration) -> i128 {
-        self.balance_at(now).div_euclid(NANO as i128)
+        self.balance_at(now).saturating_add(self.one_time).div_euclid(NANO as i128)
+    }
+
+    /// Takes `amount` nano-tokens, from the one-time burst first.
+    fn take(&mut self, amount: i128) {
+        let from_burst = amount.min(self.one_time).max(0);
+        self.one_time -= from_burst;
+        self.balance = self.balance.saturating_sub(amount - from_burst);
     }
 
     fn refill(&mut self, now: Duration) {
@@ -106,7 +125,7 @@ impl TokenBucket {
     /// Balance needed before `n` tokens may be taken: `n` itself, or a full bucket when `n` is
     /// more than the bucket holds.
     fn threshold(&self, n: u64) -> i128 {
-        nano_tokens(n.min(self.capacity))
+        nano_tokens(n).min(nano_tokens(self.capacity).saturating_add(self.one_time))
     }
 
     /// Takes `n` tokens if available at `now` (see the module doc for oversized `n`); false
@@ -116,10 +135,10 @@ impl TokenBucket {
             return true;
         }
         self.refill(now);
-        if self.balance < self.threshold(n) {
+        if self.balance.saturating_add(self.one_time) < self.threshold(n) {
             return false;
         }
-        self.balance = self.balance.saturating_sub(nano_tokens(n));
+        self.take(nano_tokens(n));
         true
     }
 
@@ -130,7 +149,7 @@ impl TokenBucket {
             return;
         }
         self.refill(now);
-        self.balance = self.balance.saturating_sub(nano_tokens(n));
+        self.take(nano_tokens(n));
     }
 
     /// How long after `now` taking `n` tokens would succeed; `None` if it would now.
@@ -138,7 +157,7 @@ impl TokenBucket {
         if self.is_unlimited() {
             return None;
         }
-        let balance = self.balance_at(now);
+        let balance = self.balance_at(now).saturating_add(self.one_time);
         let need = self.threshold(n);
         if balance >= need {
             return None;
@@ -169,8 +188,10 @@ impl RateLimiter {
     pub fn new(limit: &RateLimit, now: Duration) -> Self {
         let burst = |rate, burst| if burst == 0 { default_burst(rate) } else { burst };
         Self {
-            bytes: TokenBucket::new(limit.bytes_per_sec, burst(limit.bytes_per_sec, limit.bytes_burst), now),
-            ops: TokenBucket::new(limit.ops_per_sec, burst(limit.ops_per_sec, limit.ops_burst), now),
+            bytes: TokenBucket::new(limit.bytes_per_sec, burst(limit.bytes_per_sec, limit.bytes_burst), now)
+                .with_one_time(limit.bytes_one_time),
+            ops: TokenBucket::new(limit.ops_per_sec, burst(limit.ops_per_sec, limit.ops_burst), now)
+                .with_one_time(limit.ops_one_time),
         }
     }
 
@@ -354,6 +375,30 @@ mod tests {
     }
 
     #[test]
+    fn one_time_burst_is_spent_first_and_never_refilled() {
+        let t0 = Duration::ZERO;
+        // 100 tokens/s, bucket of 10, plus 50 once.
+        let mut b = TokenBucket::new(100, 10, t0).with_one_time(50);
+        assert_eq!(b.tokens(t0), 60);
+        assert!(b.try_consume(55, t0), "more than the bucket, within bucket + burst");
+        assert_eq!(b.tokens(t0), 5);
+        assert!(!b.try_consume(6, t0));
+        assert_eq!(b.wait_time(6, t0), Some(Duration::from_millis(10)));
+        // A second later the bucket is full again, the burst is gone for good.
+        let t1 = Duration::from_secs(1);
+        assert_eq!(b.tokens(t1), 10);
+        assert!(!b.try_consume(11, t1) || b.tokens(t1) < 0, "only an oversized op may go into debt");
+        let mut u = TokenBucket::unlimited().with_one_time(5);
+        assert!(u.try_consume(u64::MAX, t0));
+        let limit = RateLimit { ops_per_sec: 10, ops_burst: 1, ops_one_time: 4, ..RateLimit::default() };
+        let mut l = RateLimiter::new(&limit, t0);
+        for _ in 0..5 {
+            assert!(l.try_consume(0, 1, t0), "bucket (1) + one-time burst (4)");
+        }
+        assert!(!l.try_consume(0, 1, t0));
+    }
+
+    #[test]
     fn oversized_operation_waits_for_a_full_bucket_then_goes_into_debt() {
         let mut b = TokenBucket::new(1000, 10, Duration::ZERO);
         assert!(b.try_consume(5, Duration::ZERO));
@@ -408,7 +453,8 @@ mod tests {
 
     #[test]
     fn limiter_is_all_or_nothing_across_its_buckets() {
-        let limit = RateLimit { bytes_per_sec: 1000, bytes_burst: 100, ops_per_sec: 10, ops_burst: 2 };
+        let limit =
+            RateLimit { bytes_per_sec: 1000, bytes_burst: 100, ops_per_sec: 10, ops_burst: 2, ..RateLimit::default() };
         let mut r = RateLimiter::new(&limit, Duration::ZERO);
         assert!(r.try_consume(40, 1, Duration::ZERO));
         assert!(r.try_consume(40, 1, Duration::ZERO));

@@ -140,6 +140,10 @@ pub struct RateLimit {
     pub ops_per_sec: u64,
     /// Size of the ops bucket (0 = the default burst).
     pub ops_burst: u64,
+    /// Bytes available once on top of the byte bucket (Firecracker's `one_time_burst`).
+    pub bytes_one_time: u64,
+    /// Operations available once on top of the ops bucket.
+    pub ops_one_time: u64,
 }
 
 impl RateLimit {
@@ -741,7 +745,14 @@ mod tests {
                 id: "disk0".into(),
                 num_queues: 2,
                 queue_size: 256,
-                rate_limit: RateLimit { bytes_per_sec: 10 << 20, bytes_burst: 0, ops_per_sec: 1000, ops_burst: 64 },
+                rate_limit: RateLimit {
+                    bytes_per_sec: 10 << 20,
+                    bytes_burst: 0,
+                    ops_per_sec: 1000,
+                    ops_burst: 64,
+                    bytes_one_time: 1 << 20,
+                    ops_one_time: 0,
+                },
             }),
             idle_spin_us: 200,
         });

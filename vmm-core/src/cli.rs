@@ -540,7 +540,13 @@ mod tests {
         let d = DiskSpec::parse("/d.img,bw=10M,ops=500,bw-burst=64K,ops-burst=8").expect("disk");
         assert_eq!(
             d.rate_limit,
-            RateLimit { bytes_per_sec: 10 << 20, bytes_burst: 64 << 10, ops_per_sec: 500, ops_burst: 8 }
+            RateLimit {
+                bytes_per_sec: 10 << 20,
+                bytes_burst: 64 << 10,
+                ops_per_sec: 500,
+                ops_burst: 8,
+                ..RateLimit::default()
+            }
         );
         assert_eq!(parse_bytes("3MiB"), Ok(3 << 20));
         assert_eq!(parse_bytes("7"), Ok(7));

@@ -130,6 +130,26 @@ impl FaultSchedule {
     }
 }
 
+impl std::fmt::Display for FaultSchedule {
+    /// The form [`FaultSchedule::parse`] reads back.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.kind {
+            ScheduleKind::Fixed(action) => write!(f, "{}:{action}", self.device)?,
+            ScheduleKind::Random(seed) => write!(f, "{}:random,seed={seed}", self.device)?,
+        }
+        if !self.after.is_zero() {
+            write!(f, ",after={}ms", self.after.as_millis())?;
+        }
+        if let Some(every) = self.every {
+            write!(f, ",every={}ms", every.as_millis())?;
+        }
+        if let Some(count) = self.count {
+            write!(f, ",count={count}")?;
+        }
+        Ok(())
+    }
+}
+
 /// A deterministic 64-bit PRNG step (splitmix64).
 pub fn splitmix64(state: &mut u64) -> u64 {
     *state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
@@ -432,6 +452,15 @@ mod tests {
         assert!(kinds.len() >= 4, "a seeded random schedule mixes faults: {kinds:?}");
         let other = plan(&FaultSchedule::parse("block:random,seed=8,every=100").expect("parse"), 50);
         assert_ne!(a, other);
+        for text in [
+            "block:crash-after=1000",
+            "console:kill,every=500ms,count=3,after=2s",
+            "net1:random,seed=7,every=1s",
+            "block:slow=20",
+        ] {
+            let s = FaultSchedule::parse(text).expect("parse");
+            assert_eq!(FaultSchedule::parse(&s.to_string()), Ok(s), "{text}");
+        }
     }
 
     #[test]

@@ -6,6 +6,7 @@ pub mod arch;
 pub mod boot;
 pub mod bus;
 pub mod cli;
+pub mod config;
 pub mod control;
 pub mod devices;
 pub mod faults;
