@@ -323,7 +323,7 @@ impl Startup {
         };
         let ring =
             ServiceEndpoint::attach(region, setup.ring.region_len, setup.ring.capacity, eventfd(sub), eventfd(comp))?;
-        Ok(Self { setup, fds: by_role, control, ring })
+        Ok(Self { setup: *setup, fds: by_role, control, ring })
     }
 
     /// Takes the device fd passed in `role`, if any.

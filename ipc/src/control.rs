@@ -203,8 +203,10 @@ pub struct NetConfig {
     pub queue_size: u16,
     /// Name of the TAP interface (for logs; the service uses only the [`FdRole::Tap`] fd).
     pub tap_name: String,
-    /// Limit on the bytes and frames per second, each way (TX and RX have a bucket pair each).
-    pub rate_limit: RateLimit,
+    /// Limit on the bytes and frames per second the guest receives.
+    pub rx_rate_limit: RateLimit,
+    /// Limit on the bytes and frames per second the guest sends.
+    pub tx_rate_limit: RateLimit,
 }
 
 /// Everything a service needs to start; sent once by the core with the fds.
@@ -239,7 +241,7 @@ pub struct ServiceStats {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ControlMsg {
     /// Core → service: configuration, with the fds named in `fds`.
-    Setup(ServiceSetup),
+    Setup(Box<ServiceSetup>),
     /// Service → core: set-up done, serving the ring.
     Ready {
         /// The service's pid as it sees it.
@@ -684,13 +686,13 @@ mod tests {
     }
 
     fn setup() -> ControlMsg {
-        ControlMsg::Setup(ServiceSetup {
+        ControlMsg::Setup(Box::new(ServiceSetup {
             name: "console".into(),
             ring: RingSetup { capacity: 16, region_len: 8192 },
             fds: vec![FdRole::Ring, FdRole::Irq],
             device: DeviceConfig::Console { base: 0x3f8, len: 8 },
             idle_spin_us: 200,
-        })
+        }))
     }
 
     #[test]
@@ -731,7 +733,7 @@ mod tests {
 
     #[test]
     fn block_setup_round_trips() {
-        let msg = ControlMsg::Setup(ServiceSetup {
+        let msg = ControlMsg::Setup(Box::new(ServiceSetup {
             name: "blk0".into(),
             ring: RingSetup { capacity: 16, region_len: 8192 },
             fds: vec![FdRole::Ring, FdRole::GuestMemory, FdRole::Disk, FdRole::QueueNotify(0), FdRole::QueueNotify(1)],
@@ -755,7 +757,7 @@ mod tests {
                 },
             }),
             idle_spin_us: 200,
-        });
+        }));
         let bytes = encode(&msg).expect("encode");
         assert_eq!(decode(&bytes).expect("decode"), msg);
         // Distinct queue roles are distinct keys.

@@ -468,7 +468,7 @@ fn bad_net_arguments_fail_before_any_vm_starts() {
     std::os::unix::fs::symlink(bin_dir().join("bulkhead-console"), services.join("bulkhead-console")).expect("link");
     let cases: [(&[&str], i32, &str); 5] = [
         (&["--net", "tap="], 2, "bad TAP name"),
-        (&["--net", "tap=bhbad", "--net", "tap=bhbad,mac=02:00:00:00:00:09"], 78, "given to two --net"),
+        (&["--net", "tap=bhbad", "--net", "tap=bhbad,mac=02:00:00:00:00:09"], 78, "used by two network interfaces"),
         (&["--net", "mac=zz"], 2, "bad MAC address `zz`"),
         (&["--net", "tap=bhbad,mac=01:00:00:00:00:01"], 2, "--net"),
         (&["--net", "tap=bhbad", "--service-dir", s(&services)], 78, "bulkhead-net not found"),

@@ -2,11 +2,13 @@
 
 use std::path::PathBuf;
 
-use std::time::Duration;
-
 use clap::{Args, Parser, Subcommand};
-use ipc::control::{FaultAction, ForbiddenAction, RateLimit};
+use ipc::control::{FaultAction, RateLimit};
 
+use crate::config::{
+    BootSource, BulkheadConfig, ConsoleConfig, DriveConfig, InjectSpec, MacAddr, MachineConfig, NetworkInterface,
+    RateLimiterConfig, RestartCap, SupervisionConfig, VmConfig,
+};
 use crate::faults::FaultSchedule;
 
 /// Bulkhead: a microkernel-style VMM whose devices run as separate sandboxed processes.
@@ -47,29 +49,6 @@ pub struct FaultArgs {
 pub struct StatsArgs {
     /// The VM: its `--name` or a socket path.
     pub vm: String,
-}
-
-/// `--restart-max N/SECS` (at most N restarts of one service per SECS seconds) and
-/// `--restart-burst N/SECS` (restarts per SECS seconds before backing off).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct RestartCap {
-    /// Most restarts in the window (0: never restart, the device fails closed at once).
-    pub max: u32,
-    /// The window.
-    pub window: Duration,
-}
-
-impl RestartCap {
-    /// Parses `N/SECS` (or `N`, with a 10 s window).
-    pub fn parse(s: &str) -> Result<Self, String> {
-        let (n, secs) = s.split_once('/').unwrap_or((s, "10"));
-        let max: u32 = n.parse().map_err(|_| format!("bad restart count `{n}` (expected N/SECS, e.g. 20/10)"))?;
-        let secs: u64 = secs.parse().map_err(|_| format!("bad window `{secs}` (seconds)"))?;
-        if !(1..=86_400).contains(&secs) || max > 1_000_000 {
-            return Err("expected N ≤ 1000000 restarts per 1 to 86400 s".into());
-        }
-        Ok(Self { max, window: Duration::from_secs(secs) })
-    }
 }
 
 /// `bulkhead run`.
@@ -157,6 +136,68 @@ pub struct RunArgs {
     pub log_level: log::LevelFilter,
 }
 
+impl RunArgs {
+    /// The VM these arguments describe. Checked by [`VmConfig::validate`] when it is built.
+    pub fn to_config(&self) -> VmConfig {
+        let drives = self
+            .disks
+            .iter()
+            .enumerate()
+            .map(|(i, d)| DriveConfig {
+                drive_id: d.id.clone().unwrap_or_else(|| format!("disk{i}")),
+                path_on_host: Some(d.path.clone()),
+                is_root_device: false,
+                is_read_only: Some(d.read_only),
+                partuuid: None,
+                cache_type: crate::config::CacheType::Writeback,
+                rate_limiter: RateLimiterConfig::from_rate_limit(&d.rate_limit),
+                io_engine: None,
+                socket: None,
+            })
+            .collect();
+        let network_interfaces = self
+            .nets
+            .iter()
+            .enumerate()
+            .map(|(i, n)| NetworkInterface {
+                iface_id: n.id.clone().unwrap_or_else(|| format!("net{i}")),
+                host_dev_name: n.tap.clone(),
+                guest_mac: n.mac.map(MacAddr),
+                rx_rate_limiter: RateLimiterConfig::from_rate_limit(&n.rate_limit),
+                tx_rate_limiter: RateLimiterConfig::from_rate_limit(&n.rate_limit),
+            })
+            .collect();
+        VmConfig {
+            boot_source: Some(BootSource {
+                kernel_image_path: self.kernel.clone(),
+                initrd_path: self.initrd.clone(),
+                boot_args: Some(self.cmdline.clone()),
+            }),
+            machine_config: MachineConfig {
+                vcpu_count: self.vcpus,
+                mem_size_mib: self.mem,
+                ..MachineConfig::default()
+            },
+            drives,
+            network_interfaces,
+            bulkhead: BulkheadConfig {
+                console: ConsoleConfig { output: self.serial_output.clone(), input: self.serial_input.clone() },
+                supervision: SupervisionConfig {
+                    service_deadline_ms: self.service_deadline_ms,
+                    service_liveness_ms: self.service_liveness_ms,
+                    restart_max: self.restart_max,
+                    restart_burst: self.restart_burst,
+                },
+                faults: self.faults.clone(),
+                inject_forbidden: self.inject_forbidden.clone(),
+                service_dir: self.service_dir.clone(),
+                insecure_no_sandbox: self.insecure_no_sandbox,
+            },
+            ..VmConfig::default()
+        }
+    }
+}
+
 /// One `--disk` argument.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DiskSpec {
@@ -164,14 +205,12 @@ pub struct DiskSpec {
     pub path: PathBuf,
     /// Read-only: the core opens the file read-only and the device rejects writes.
     pub read_only: bool,
-    /// The id the guest reads with GET_ID (at most 20 bytes); default: `diskN`.
+    /// The drive's id, also what the guest reads with GET_ID (its first 20 bytes); default:
+    /// `diskN`.
     pub id: Option<String>,
     /// Bytes and requests per second.
     pub rate_limit: RateLimit,
 }
-
-/// Longest id virtio-blk's GET_ID can return.
-pub const DISK_ID_MAX: usize = 20;
 
 impl DiskSpec {
     /// Parses `PATH[,ro][,id=NAME]`.
@@ -183,10 +222,10 @@ impl DiskSpec {
             match opt.split_once('=') {
                 None if opt == "ro" => spec.read_only = true,
                 None if opt == "rw" => spec.read_only = false,
-                Some(("id", id)) if !id.is_empty() && id.len() <= DISK_ID_MAX && id.is_ascii() => {
-                    spec.id = Some(id.to_string())
+                Some(("id", id)) if crate::config::check_id("drive", id).is_ok() => spec.id = Some(id.to_string()),
+                Some(("id", _)) => {
+                    return Err(format!("disk id must be 1 to {} of [A-Za-z0-9_]", crate::config::MAX_ID))
                 }
-                Some(("id", _)) => return Err(format!("disk id must be 1 to {DISK_ID_MAX} ASCII bytes")),
                 Some((key, value)) if rate_option(&mut spec.rate_limit, key, value, "ops")? => {}
                 _ => {
                     return Err(format!(
@@ -252,9 +291,6 @@ pub struct NetSpec {
     pub rate_limit: RateLimit,
 }
 
-/// Longest `--net` id.
-pub const NET_ID_MAX: usize = 32;
-
 impl NetSpec {
     /// Parses `tap=NAME[,mac=MAC][,id=NAME][,bw=RATE][,pps=N]`.
     pub fn parse(s: &str) -> Result<Self, String> {
@@ -275,14 +311,12 @@ impl NetSpec {
                     tap = Some(name.to_string());
                 }
                 Some(("mac", mac)) => spec.mac = Some(parse_mac(mac)?),
-                Some(("id", id))
-                    if !id.is_empty()
-                        && id.len() <= NET_ID_MAX
-                        && id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') =>
-                {
+                Some(("id", id)) if crate::config::check_id("network interface", id).is_ok() => {
                     spec.id = Some(id.to_string())
                 }
-                Some(("id", _)) => return Err(format!("net id must be 1 to {NET_ID_MAX} of [A-Za-z0-9_-]")),
+                Some(("id", _)) => {
+                    return Err(format!("net id must be 1 to {} of [A-Za-z0-9_]", crate::config::MAX_ID))
+                }
                 Some((key, value)) if rate_option(&mut spec.rate_limit, key, value, "pps")? => {}
                 _ => {
                     return Err(format!(
@@ -296,86 +330,9 @@ impl NetSpec {
     }
 }
 
-/// Parses `aa:bb:cc:dd:ee:ff`; refuses multicast (and broadcast) addresses.
+/// Parses `aa:bb:cc:dd:ee:ff`; refuses multicast (and broadcast) and all-zero addresses.
 pub fn parse_mac(s: &str) -> Result<[u8; 6], String> {
-    let bad = || format!("bad MAC address `{s}` (expected six hex bytes like 02:00:00:00:00:01)");
-    let mut mac = [0u8; 6];
-    let mut parts = s.split(':');
-    for byte in &mut mac {
-        let p = parts.next().filter(|p| p.len() == 2).ok_or_else(bad)?;
-        *byte = u8::from_str_radix(p, 16).map_err(|_| bad())?;
-    }
-    if parts.next().is_some() {
-        return Err(bad());
-    }
-    if mac[0] & 1 != 0 {
-        return Err(format!("MAC address `{s}` is a multicast address"));
-    }
-    if mac == [0; 6] {
-        return Err(format!("MAC address `{s}` is all zeros"));
-    }
-    Ok(mac)
-}
-
-/// Which service an injected fault goes to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum InjectTarget {
-    /// The console service.
-    Console,
-    /// The block service of the N-th `--disk`.
-    Disk(usize),
-    /// The net service of the N-th `--net`.
-    Net(usize),
-}
-
-/// One `--inject-forbidden` argument.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct InjectSpec {
-    /// The service.
-    pub target: InjectTarget,
-    /// What it is told to attempt.
-    pub action: ForbiddenAction,
-    /// How long after the vCPUs start.
-    pub delay: Duration,
-}
-
-impl InjectSpec {
-    /// Parses `SERVICE:ACTION@MS`.
-    pub fn parse(s: &str) -> Result<Self, String> {
-        let (service, rest) = s.split_once(':').ok_or("expected SERVICE:ACTION@MS")?;
-        let (action, ms) = rest.split_once('@').ok_or("expected SERVICE:ACTION@MS")?;
-        let target = match service {
-            "console" => InjectTarget::Console,
-            "block" => InjectTarget::Disk(0),
-            "net" => InjectTarget::Net(0),
-            other => match (
-                other.strip_prefix("block").and_then(|n| n.parse::<usize>().ok()),
-                other.strip_prefix("net").and_then(|n| n.parse::<usize>().ok()),
-            ) {
-                (Some(n), _) => InjectTarget::Disk(n),
-                (_, Some(n)) => InjectTarget::Net(n),
-                _ => return Err(format!("unknown service `{other}` (console, block, blockN, net or netN)")),
-            },
-        };
-        let action = match action {
-            "open-host-file" => ForbiddenAction::OpenHostFile,
-            "execve" => ForbiddenAction::Execve,
-            "inet-socket" => ForbiddenAction::InetSocket,
-            "ptrace" => ForbiddenAction::Ptrace,
-            "mount" => ForbiddenAction::Mount,
-            "write-outside-root" => ForbiddenAction::WriteOutsideRoot,
-            other => {
-                return Err(format!(
-                    "unknown action `{other}` (open-host-file, execve, inet-socket, ptrace, mount, write-outside-root)"
-                ))
-            }
-        };
-        let ms: u64 = ms.parse().map_err(|_| format!("bad delay `{ms}` (milliseconds)"))?;
-        if ms > 3_600_000 {
-            return Err("delay above one hour".into());
-        }
-        Ok(Self { target, action, delay: Duration::from_millis(ms) })
-    }
+    s.parse::<MacAddr>().map(|m| m.0)
 }
 
 fn parse_vm_name(s: &str) -> Result<String, String> {
@@ -392,6 +349,7 @@ fn parse_level(s: &str) -> Result<log::LevelFilter, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
         Cli::try_parse_from(std::iter::once("bulkhead").chain(args.iter().copied()))
@@ -420,11 +378,12 @@ mod tests {
         assert!(parse(&["run", "--kernel", "/k", "--serial-input", "tty"]).is_err());
         assert!(parse(&["run", "--kernel", "/k", "--disk", "/d,rx"]).is_err());
         assert!(parse(&["run", "--kernel", "/k", "--disk", ",ro"]).is_err());
-        assert!(parse(&["run", "--kernel", "/k", "--disk", "/d,id=123456789012345678901"]).is_err());
+        assert!(parse(&["run", "--kernel", "/k", "--disk", "/d,id=a-b"]).is_err());
+        assert!(parse(&["run", "--kernel", "/k", "--disk", &format!("/d,id={}", "x".repeat(65))]).is_err());
     }
 
     #[test]
-    fn inject_forbidden_parses_into_enums() {
+    fn inject_forbidden_parses_into_specs() {
         let Command::Run(r) = parse(&[
             "run",
             "--kernel",
@@ -443,28 +402,61 @@ mod tests {
             r.inject_forbidden,
             vec![
                 InjectSpec {
-                    target: InjectTarget::Console,
-                    action: ForbiddenAction::Execve,
+                    device: "console".into(),
+                    action: ipc::control::ForbiddenAction::Execve,
                     delay: Duration::from_millis(300)
                 },
                 InjectSpec {
-                    target: InjectTarget::Disk(1),
-                    action: ForbiddenAction::WriteOutsideRoot,
+                    device: "block1".into(),
+                    action: ipc::control::ForbiddenAction::WriteOutsideRoot,
                     delay: Duration::ZERO
                 },
             ]
         );
-        assert_eq!(InjectSpec::parse("block:mount@5").map(|s| s.target), Ok(InjectTarget::Disk(0)));
-        for bad in [
-            "console:execve",
-            "console@3",
-            "nic:execve@1",
-            "console:fork@1",
-            "console:execve@-1",
-            "console:execve@9999999",
-        ] {
+        for bad in ["console:execve", "console@3", "console:fork@1", "console:execve@-1", "console:execve@9999999"] {
             assert!(InjectSpec::parse(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn run_args_build_the_vm_config() {
+        let Command::Run(r) = parse(&[
+            "run",
+            "--kernel",
+            "/k",
+            "--mem",
+            "256",
+            "--disk",
+            "/a.img",
+            "--disk",
+            "/b.img,ro,id=data,bw=1M",
+            "--net",
+            "tap=tap0,mac=02:00:00:00:00:07,pps=100",
+            "--fault",
+            "data:kill,every=1s",
+            "--serial-input",
+            "none",
+        ])
+        .expect("parse")
+        .command
+        else {
+            panic!("not run")
+        };
+        let c = r.to_config();
+        c.validate().expect("valid");
+        assert_eq!(c.machine_config.mem_size_mib, 256);
+        assert_eq!(c.drives[0].drive_id, "disk0");
+        assert_eq!((c.drives[1].drive_id.as_str(), c.drives[1].read_only()), ("data", true));
+        let bw = c.drives[1].rate_limiter.expect("limited").to_rate_limit().expect("valid");
+        // 10 ms of 1 MiB/s is 10485.76 bytes: the bucket holds 10485, so the rate is 0.007 % low.
+        assert!(bw.bytes_per_sec.abs_diff(1 << 20) < (1 << 20) / 1000, "{}", bw.bytes_per_sec);
+        let n = &c.network_interfaces[0];
+        assert_eq!((n.iface_id.as_str(), n.host_dev_name.as_str()), ("net0", "tap0"));
+        assert_eq!(n.rx_rate_limiter, n.tx_rate_limiter, "the command line limits both ways alike");
+        assert_eq!(n.rx_rate_limiter.expect("rx").to_rate_limit().expect("valid").ops_per_sec, 100);
+        assert_eq!(c.plan().resolve("data"), c.plan().resolve("block1"));
+        assert!(!c.console_reads_stdin());
+        assert_eq!(c.kernel_cmdline(), "console=ttyS0 reboot=k panic=1", "no root drive, no root=");
     }
 
     #[test]
@@ -591,7 +583,6 @@ mod tests {
         ] {
             assert!(NetSpec::parse(bad).is_err(), "{bad:?} must be refused");
         }
-        assert_eq!(InjectSpec::parse("net1:mount@5").map(|s| s.target), Ok(InjectTarget::Net(1)));
-        assert_eq!(InjectSpec::parse("net:mount@5").map(|s| s.target), Ok(InjectTarget::Net(0)));
+        assert_eq!(InjectSpec::parse("net1:mount@5").map(|s| s.device), Ok("net1".to_string()));
     }
 }

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use ipc::control::{read_api_frame, write_api_frame, ApiRequest, ApiResponse, FaultAction, ServiceMetrics};
 
+use crate::launch::DeviceRegistry;
 use crate::service::ServiceRef;
 
 /// Errors of the API socket and its client.
@@ -193,93 +194,90 @@ pub fn plan(s: &FaultSchedule, limit: usize) -> Vec<(Duration, FaultAction)> {
     out
 }
 
-/// Finds the service `name` designates: `console`, `block` (first disk), `blockN`, `diskN`,
-/// `net` (first NIC), `netN` or a service's own name.
-pub fn find<'a>(services: &'a [ServiceRef], name: &str) -> Option<&'a ServiceRef> {
-    if let Some(s) = services.iter().find(|s| s.name() == name) {
-        return Some(s);
-    }
-    if let Some(index) = name.strip_prefix("net").and_then(|n| if n.is_empty() { Some(0) } else { n.parse().ok() }) {
-        let nets: Vec<&ServiceRef> = services.iter().filter(|s| s.name().starts_with("net")).collect();
-        return nets.get(index).copied();
-    }
-    let disks: Vec<&ServiceRef> = services.iter().filter(|s| s.name().starts_with("block")).collect();
-    let index = match name {
-        "block" => Some(0),
-        n => n.strip_prefix("block").or_else(|| n.strip_prefix("disk")).and_then(|i| i.parse::<usize>().ok()),
-    }?;
-    disks.get(index).copied().or_else(|| services.iter().find(|s| s.name() == format!("block-disk{index}")))
-}
-
 /// Longest a scheduled or requested injection waits for a live instance of its service.
 const HOLD_LIMIT: Duration = Duration::from_secs(5);
 
-/// Runs the `--fault` schedules on their own thread (started before the main thread's seccomp
-/// filter; it injects through the supervisor's handles). Stops when `stop` is set.
-pub fn start_schedules(
-    schedules: Vec<FaultSchedule>,
-    services: Vec<ServiceRef>,
+/// The `--fault` schedules, run on a thread of their own (started before the main thread's
+/// seccomp filter; it injects through the supervisor's handles). Dropping it stops and joins the
+/// thread.
+#[derive(Debug)]
+pub struct ScheduleThread {
     stop: Arc<AtomicBool>,
-) -> Result<Option<std::thread::JoinHandle<()>>, FaultError> {
-    if schedules.is_empty() {
-        return Ok(None);
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl ScheduleThread {
+    /// Starts the thread for `schedules`, each with the service of the device it names; `None`
+    /// when there is nothing to schedule.
+    pub fn start(schedules: Vec<(ServiceRef, FaultSchedule)>) -> Result<Option<Self>, FaultError> {
+        if schedules.is_empty() {
+            return Ok(None);
+        }
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("faults".into())
+            .spawn(move || run_schedules(&schedules, &flag))
+            .map_err(|e| FaultError::Thread("fault schedule", e))?;
+        Ok(Some(Self { stop, thread: Some(thread) }))
     }
-    let t = std::thread::Builder::new()
-        .name("faults".into())
-        .spawn(move || {
-            let start = Instant::now();
-            // (due, schedule index, action), bounded: 100 000 injections per schedule at most.
-            let mut due: Vec<(Duration, usize, FaultAction)> = Vec::new();
-            for (i, s) in schedules.iter().enumerate() {
-                let mut at = Duration::ZERO;
-                for (gap, action) in plan(s, 100_000) {
-                    at += gap;
-                    due.push((at, i, action));
-                }
+}
+
+impl Drop for ScheduleThread {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn run_schedules(schedules: &[(ServiceRef, FaultSchedule)], stop: &AtomicBool) {
+    let start = Instant::now();
+    // (due, schedule index, action), bounded: 100 000 injections per schedule at most.
+    let mut due: Vec<(Duration, usize, FaultAction)> = Vec::new();
+    for (i, (_, s)) in schedules.iter().enumerate() {
+        let mut at = Duration::ZERO;
+        for (gap, action) in plan(s, 100_000) {
+            at += gap;
+            due.push((at, i, action));
+        }
+    }
+    due.sort_by_key(|d| d.0);
+    // Per service: the instance the last fatal injection went to.
+    let mut doomed: std::collections::HashMap<String, u32> = std::collections::HashMap::new();
+    for (at, i, action) in due {
+        // Bounded sleep in 50 ms slices so a stop is seen.
+        while start.elapsed() < at {
+            if stop.load(Ordering::SeqCst) {
+                return;
             }
-            due.sort_by_key(|d| d.0);
-            // Per device: the instance the last fatal injection went to.
-            let mut doomed: std::collections::HashMap<String, u32> = std::collections::HashMap::new();
-            for (at, i, action) in due {
-                // Bounded sleep in 50 ms slices so a stop is seen.
-                while start.elapsed() < at {
-                    if stop.load(Ordering::SeqCst) {
-                        return;
-                    }
-                    std::thread::sleep(at.saturating_sub(start.elapsed()).min(Duration::from_millis(50)));
-                }
-                if stop.load(Ordering::SeqCst) {
-                    return;
-                }
-                let name = &schedules[i].device;
-                match find(&services, name) {
-                    Some(svc) if svc.device().is_failed() => {}
-                    Some(svc) => {
-                        // An injection due while the previous one's restart is under way waits
-                        // for the new instance (bounded), so every scheduled fault that ends an
-                        // instance ends a different one.
-                        let not_pid = doomed.get(name).copied();
-                        if !svc.wait_alive(not_pid, HOLD_LIMIT) {
-                            log::warn!(
-                                "fault injection ({action}) into {name} skipped: no live instance within {HOLD_LIMIT:?}"
-                            );
-                            continue;
-                        }
-                        let pid = svc.pid();
-                        match svc.inject(action) {
-                            Ok(_) if action.is_fatal() => {
-                                doomed.insert(name.clone(), pid);
-                            }
-                            Ok(_) => {}
-                            Err(e) => log::warn!("fault injection ({action}) into {name} failed: {e}"),
-                        }
-                    }
-                    None => log::warn!("fault injection: no device {name}"),
-                }
+            std::thread::sleep(at.saturating_sub(start.elapsed()).min(Duration::from_millis(50)));
+        }
+        if stop.load(Ordering::SeqCst) {
+            return;
+        }
+        let (svc, schedule) = &schedules[i];
+        let name = &schedule.device;
+        if svc.device().is_failed() {
+            continue;
+        }
+        // An injection due while the previous one's restart is under way waits for the new
+        // instance (bounded), so every scheduled fault that ends an instance ends a different one.
+        let not_pid = doomed.get(svc.name()).copied();
+        if !svc.wait_alive(not_pid, HOLD_LIMIT) {
+            log::warn!("fault injection ({action}) into {name} skipped: no live instance within {HOLD_LIMIT:?}");
+            continue;
+        }
+        let pid = svc.pid();
+        match svc.inject(action) {
+            Ok(_) if action.is_fatal() => {
+                doomed.insert(svc.name().to_string(), pid);
             }
-        })
-        .map_err(|e| FaultError::Thread("fault schedule", e))?;
-    Ok(Some(t))
+            Ok(_) => {}
+            Err(e) => log::warn!("fault injection ({action}) into {name} failed: {e}"),
+        }
+    }
 }
 
 /// Where `bulkhead run --name NAME` puts its socket: `/run/bulkhead/NAME.sock`.
@@ -292,24 +290,21 @@ pub fn socket_for(vm: &str) -> PathBuf {
 }
 
 /// Answers one request.
-fn handle(req: ApiRequest, services: &[ServiceRef]) -> ApiResponse {
+fn handle(req: ApiRequest, devices: &DeviceRegistry) -> ApiResponse {
     match req {
-        ApiRequest::Stats => ApiResponse::Stats(services.iter().map(ServiceRef::metrics).collect()),
-        ApiRequest::Fault { device, action } => match find(services, &device) {
-            None => ApiResponse::Error(format!(
-                "no device `{device}` (have: {})",
-                services.iter().map(|s| s.name().to_string()).collect::<Vec<_>>().join(", ")
-            )),
-            Some(s) if s.device().is_failed() => ApiResponse::Error(format!(
+        ApiRequest::Stats => ApiResponse::Stats(devices.iter().map(|(_, s)| s.metrics()).collect()),
+        ApiRequest::Fault { device, action } => match devices.resolve(&device) {
+            None => ApiResponse::Error(format!("no device `{device}` (have: {})", devices.names())),
+            Some((_, s)) if s.device().is_failed() => ApiResponse::Error(format!(
                 "device {} has failed: {}",
                 s.name(),
                 s.device().failure().unwrap_or_default()
             )),
-            Some(s) if !s.wait_alive(None, HOLD_LIMIT) => ApiResponse::Error(format!(
+            Some((_, s)) if !s.wait_alive(None, HOLD_LIMIT) => ApiResponse::Error(format!(
                 "device {} has no live instance (restarting for over {HOLD_LIMIT:?})",
                 s.name()
             )),
-            Some(s) => match s.inject(action) {
+            Some((_, s)) => match s.inject(action) {
                 Ok(done) => ApiResponse::Done(done),
                 Err(e) => ApiResponse::Error(e.to_string()),
             },
@@ -327,8 +322,8 @@ pub struct ApiServer {
 }
 
 impl ApiServer {
-    /// Binds `path` (a stale socket file there is replaced) and serves `services`.
-    pub fn start(path: &Path, services: Vec<ServiceRef>) -> Result<Self, FaultError> {
+    /// Binds `path` (a stale socket file there is replaced) and serves `devices`.
+    pub fn start(path: &Path, devices: DeviceRegistry) -> Result<Self, FaultError> {
         let err = |source| FaultError::Socket { path: path.to_path_buf(), source };
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).map_err(err)?;
@@ -353,7 +348,7 @@ impl ApiServer {
                     let _ = conn.set_read_timeout(Some(API_TIMEOUT));
                     let _ = conn.set_write_timeout(Some(API_TIMEOUT));
                     let resp = match read_api_frame::<ApiRequest, _>(&mut conn) {
-                        Ok(req) => handle(req, &services),
+                        Ok(req) => handle(req, &devices),
                         Err(e) => ApiResponse::Error(format!("bad request: {e}")),
                     };
                     let _ = write_api_frame(&mut conn, &resp);

@@ -1,9 +1,12 @@
-//! `bulkhead run`: puts the pieces together. Guest RAM, the VM, the kernel, the device services
-//! and their bus entries, the vCPU threads, then waits for a stop and tears everything down.
+//! Builds a running VM from its description ([`VmConfig`]): guest RAM, the VM, the device
+//! services and their bus entries, the kernel, the vCPU threads ([`build`] → [`RunningVm`]); then
+//! waits for a stop and tears everything down.
 //!
 //! Every step that can fail on user input (kernel path, memory size, command line, a missing
-//! service binary) fails before any vCPU runs, with one error naming the problem; services already
-//! started are shut down by their handles' `Drop`, and die with the core anyway (PDEATHSIG).
+//! service binary, an image, a TAP) fails before any vCPU runs, with one error naming the problem.
+//! Whatever was created up to the failing step is owned by a value whose `Drop` undoes it
+//! (services are shut down, vCPU and fault threads stopped and joined, the API socket removed),
+//! so a failed build leaves nothing behind.
 
 use std::fs::{File, OpenOptions};
 use std::io::IsTerminal;
@@ -11,15 +14,19 @@ use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use ipc::control::{ForbiddenAction, RateLimit};
 use kvm_ioctls::{IoEventAddress, VmFd};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::arch::{cpu, mptable};
 use crate::boot;
 use crate::bus::{BusDevice, BusError};
-use crate::cli::{DiskSpec, InjectSpec, InjectTarget, NetSpec, RunArgs};
+use crate::config::{
+    ConfigError, ConsoleConfig, DeviceId, DevicePlan, DriveConfig, NetworkInterface, PlannedDevice, RateLimiterConfig,
+    VmConfig,
+};
 use crate::control::{StopHandle, StopReason};
 use crate::devices::{
     DebugExit, PostCode, DEBUG_EXIT_PORT, I8042, I8042_COMMAND_PORT, I8042_DATA_PORT, POST_CODE_PORT,
@@ -90,9 +97,6 @@ pub enum LaunchError {
         #[source]
         source: crate::tap::TapError,
     },
-    /// Two `--net` name the same TAP.
-    #[error("TAP {0} is given to two --net devices")]
-    DuplicateTap(String),
     /// The virtio-mmio address map.
     #[error(transparent)]
     Mmio(#[from] crate::mmio::MmioError),
@@ -108,6 +112,12 @@ pub enum LaunchError {
     /// The API socket or the fault schedule could not start.
     #[error("fault injection")]
     Api(#[source] Box<crate::faults::FaultError>),
+    /// The VM description is invalid.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// A vCPU thread.
+    #[error(transparent)]
+    Vcpu(#[from] vcpu::VcpuError),
     /// Some OS call failed.
     #[error("{what} failed")]
     Os {
@@ -133,8 +143,8 @@ fn os(what: &'static str) -> impl FnOnce(std::io::Error) -> LaunchError {
 }
 
 /// Where service binaries are looked up.
-pub fn service_dir(args: &RunArgs) -> PathBuf {
-    args.service_dir.clone().unwrap_or_else(|| {
+pub fn service_dir(config: &VmConfig) -> PathBuf {
+    config.bulkhead.service_dir.clone().unwrap_or_else(|| {
         std::env::current_exe()
             .ok()
             .and_then(|p| p.parent().map(Path::to_path_buf))
@@ -192,11 +202,11 @@ impl Drop for RawTerminal {
     }
 }
 
-fn serial_fds(args: &RunArgs) -> Result<(OwnedFd, Option<OwnedFd>), LaunchError> {
-    let output: OwnedFd = if args.serial_output == "stdout" {
+fn serial_fds(console: &ConsoleConfig) -> Result<(OwnedFd, Option<OwnedFd>), LaunchError> {
+    let output: OwnedFd = if console.output == "stdout" {
         std::io::stdout().lock().as_fd_owned().map_err(os("dup(stdout)"))?
     } else {
-        let path = PathBuf::from(&args.serial_output);
+        let path = PathBuf::from(&console.output);
         OpenOptions::new()
             .create(true)
             .write(true)
@@ -205,14 +215,10 @@ fn serial_fds(args: &RunArgs) -> Result<(OwnedFd, Option<OwnedFd>), LaunchError>
             .map_err(|source| LaunchError::SerialOutput { path, source })?
             .into()
     };
-    let input = if args.serial_input == "stdin" {
-        Some(std::io::stdin().as_fd_owned().map_err(os("dup(stdin)"))?)
-    } else {
-        None
-    };
+    let input =
+        if console.input == "stdin" { Some(std::io::stdin().as_fd_owned().map_err(os("dup(stdin)"))?) } else { None };
     Ok((output, input))
 }
-
 trait DupOwned {
     fn as_fd_owned(&self) -> std::io::Result<OwnedFd>;
 }
@@ -233,33 +239,36 @@ fn register_in_core_devices(buses: &mut Buses, stop: &StopHandle) -> Result<Arc<
     Ok(post)
 }
 
-/// One `--disk`, opened and placed in the guest's address map, before its service starts.
+/// A drive, its image opened and its place in the guest's address map chosen, before its
+/// service starts.
 struct PlannedDisk {
-    spec: DiskSpec,
+    drive: DriveConfig,
     file: File,
     slot: MmioSlot,
 }
 
-/// Opens every disk image (read-only ones read-only) and gives each a virtio-mmio slot.
-fn plan_disks(args: &RunArgs, mmio: &mut MmioAllocator) -> Result<Vec<PlannedDisk>, LaunchError> {
+/// Opens a drive's image (read-only for a read-only drive): a regular file of at least one
+/// sector.
+pub fn open_image(path: &Path, read_only: bool) -> Result<File, LaunchError> {
+    let err = |source| LaunchError::Disk { path: path.to_path_buf(), source };
+    let file = OpenOptions::new().read(true).write(!read_only).open(path).map_err(err)?;
+    let meta = file.metadata().map_err(err)?;
+    if !meta.is_file() || meta.len() < 512 {
+        return Err(err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "not a regular file of at least one 512-byte sector",
+        )));
+    }
+    Ok(file)
+}
+
+/// Opens every drive's image and gives each a virtio-mmio slot.
+fn plan_disks(config: &VmConfig, mmio: &mut MmioAllocator) -> Result<Vec<PlannedDisk>, LaunchError> {
     let mut planned = Vec::new();
-    for spec in &args.disks {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(!spec.read_only)
-            .open(&spec.path)
-            .map_err(|source| LaunchError::Disk { path: spec.path.clone(), source })?;
-        let meta = file.metadata().map_err(|source| LaunchError::Disk { path: spec.path.clone(), source })?;
-        if !meta.is_file() || meta.len() < 512 {
-            return Err(LaunchError::Disk {
-                path: spec.path.clone(),
-                source: std::io::Error::new(
-                    std::io::ErrorKind::InvalidInput,
-                    "not a regular file of at least one 512-byte sector",
-                ),
-            });
-        }
-        planned.push(PlannedDisk { spec: spec.clone(), file, slot: mmio.allocate()? });
+    for drive in &config.drives {
+        let path = drive.path_on_host.clone().unwrap_or_default();
+        let file = open_image(&path, drive.read_only())?;
+        planned.push(PlannedDisk { drive: drive.clone(), file, slot: mmio.allocate()? });
     }
     Ok(planned)
 }
@@ -280,213 +289,249 @@ fn wire_slot(vm: &VmFd, slot: &MmioSlot, queues: u16) -> Result<(EventFd, Vec<Ev
     Ok((irq, kicks))
 }
 
-fn start_disk(
-    args: &RunArgs,
-    vm: &VmFd,
-    ram: &GuestRam,
-    buses: &mut Buses,
-    index: usize,
-    disk: PlannedDisk,
-) -> Result<service::ServiceHandle, LaunchError> {
-    let binary = service_binary(&service_dir(args), "bulkhead-block")?;
-    let PlannedDisk { spec, file, slot } = disk;
-    let (irq, queue_notify) = wire_slot(vm, &slot, BLOCK_QUEUES)?;
-    let spec = service::BlockSpec {
-        id: spec.id.clone().unwrap_or_else(|| format!("disk{index}")),
-        disk: file,
-        read_only: spec.read_only,
-        mmio_base: slot.base,
-        mmio_len: slot.len,
-        gsi: slot.gsi,
-        memfd: ram.memfd().try_clone_to_owned().map_err(os("dup of the guest memory memfd"))?,
-        memory: ram_ranges(ram.size()),
-        queue_notify,
-        irq,
-        queue_size: BLOCK_QUEUE_SIZE,
-        rate_limit: spec.rate_limit,
-    };
-    let (device, handle) = service::spawn_block(&binary, spec, service_options(args))?;
-    buses.mmio.insert(slot.base, slot.len, device)?;
-    log::info!(
-        "disk{index}: {}{} at {:#x} (GSI {}) served by pid {}",
-        args.disks[index].path.display(),
-        if args.disks[index].read_only { " (read-only)" } else { "" },
-        slot.base,
-        slot.gsi,
-        handle.pid()
-    );
-    Ok(handle)
+/// The limits a service enforces for an optional Firecracker rate limiter (validated already).
+fn rate_limit(r: Option<&RateLimiterConfig>) -> RateLimit {
+    r.and_then(|r| r.to_rate_limit().ok()).unwrap_or_default()
 }
 
-/// One `--net`, its TAP opened and placed in the guest's address map, before its service starts.
+/// What every device start needs from the VM being built.
+struct Wiring<'a> {
+    config: &'a VmConfig,
+    vm: &'a VmFd,
+    ram: &'a GuestRam,
+    buses: &'a mut Buses,
+}
+
+impl Wiring<'_> {
+    fn start_disk(&mut self, index: usize, disk: PlannedDisk) -> Result<service::ServiceHandle, LaunchError> {
+        let binary = service_binary(&service_dir(self.config), "bulkhead-block")?;
+        let PlannedDisk { drive, file, slot } = disk;
+        let (irq, queue_notify) = wire_slot(self.vm, &slot, BLOCK_QUEUES)?;
+        let spec = service::BlockSpec {
+            id: drive.drive_id.clone(),
+            disk: file,
+            read_only: drive.read_only(),
+            mmio_base: slot.base,
+            mmio_len: slot.len,
+            gsi: slot.gsi,
+            memfd: self.ram.memfd().try_clone_to_owned().map_err(os("dup of the guest memory memfd"))?,
+            memory: ram_ranges(self.ram.size()),
+            queue_notify,
+            irq,
+            queue_size: BLOCK_QUEUE_SIZE,
+            rate_limit: rate_limit(drive.rate_limiter.as_ref()),
+        };
+        let (device, handle) = service::spawn_block(&binary, spec, service_options(self.config))?;
+        self.buses.mmio.insert(slot.base, slot.len, device)?;
+        log::info!(
+            "disk{index}: {}{} at {:#x} (GSI {}) served by pid {} (drive {})",
+            drive.path_on_host.as_deref().unwrap_or(Path::new("")).display(),
+            if drive.read_only() { " (read-only)" } else { "" },
+            slot.base,
+            slot.gsi,
+            handle.pid(),
+            drive.drive_id,
+        );
+        Ok(handle)
+    }
+
+    fn start_net(&mut self, index: usize, net: PlannedNet) -> Result<service::ServiceHandle, LaunchError> {
+        let binary = service_binary(&service_dir(self.config), "bulkhead-net")?;
+        let PlannedNet { iface, tap, slot } = net;
+        // RX (0) and TX (1).
+        let (irq, mut kicks) = wire_slot(self.vm, &slot, 2)?;
+        let tx_notify = kicks.pop();
+        let (Some(rx_notify), Some(tx_notify)) = (kicks.pop(), tx_notify) else {
+            unreachable!("wire_slot returns one eventfd per queue")
+        };
+        let mac = iface.guest_mac.map_or_else(|| default_mac(index), |m| m.0);
+        let crate::tap::Tap { fd, name: tap_name } = tap;
+        let net_spec = service::NetSpec {
+            id: iface.iface_id.clone(),
+            tap: fd,
+            tap_name: tap_name.clone(),
+            mac,
+            mmio_base: slot.base,
+            mmio_len: slot.len,
+            gsi: slot.gsi,
+            memfd: self.ram.memfd().try_clone_to_owned().map_err(os("dup of the guest memory memfd"))?,
+            memory: ram_ranges(self.ram.size()),
+            rx_notify,
+            tx_notify,
+            irq,
+            queue_size: NET_QUEUE_SIZE,
+            rx_rate_limit: rate_limit(iface.rx_rate_limiter.as_ref()),
+            tx_rate_limit: rate_limit(iface.tx_rate_limiter.as_ref()),
+        };
+        let (device, handle) = service::spawn_net(&binary, net_spec, service_options(self.config))?;
+        self.buses.mmio.insert(slot.base, slot.len, device)?;
+        log::info!(
+            "net{index}: TAP {tap_name}, MAC {} at {:#x} (GSI {}) served by pid {} (interface {})",
+            ipc::control::mac_string(&mac),
+            slot.base,
+            slot.gsi,
+            handle.pid(),
+            iface.iface_id,
+        );
+        Ok(handle)
+    }
+
+    fn start_console(&mut self) -> Result<service::ServiceHandle, LaunchError> {
+        let binary = service_binary(&service_dir(self.config), "bulkhead-console")?;
+        let (output, input) = serial_fds(&self.config.bulkhead.console)?;
+        let irq = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(os("eventfd"))?;
+        self.vm.register_irqfd(&irq, COM1_GSI).map_err(|source| LaunchError::Kvm { what: "KVM_IRQFD", source })?;
+        let (device, handle) =
+            service::spawn_console(&binary, output, input, irq, COM1_BASE, service_options(self.config))?;
+        self.buses.pio.insert(u64::from(COM1_BASE), COM1_LEN, device)?;
+        Ok(handle)
+    }
+}
+
+/// A network interface, its TAP opened and its place in the guest's address map chosen, before
+/// its service starts.
 struct PlannedNet {
-    spec: NetSpec,
+    iface: NetworkInterface,
     tap: crate::tap::Tap,
     slot: MmioSlot,
 }
 
-/// Opens (or creates) every `--net` TAP and gives each a virtio-mmio slot.
-fn plan_nets(args: &RunArgs, mmio: &mut MmioAllocator) -> Result<Vec<PlannedNet>, LaunchError> {
-    // Every check before any TAP is opened (opening may create one).
-    for (i, spec) in args.nets.iter().enumerate() {
-        if args.nets[..i].iter().any(|p| p.tap == spec.tap) {
-            return Err(LaunchError::DuplicateTap(spec.tap.clone()));
-        }
-    }
+/// Opens (or creates) every interface's TAP and gives each a virtio-mmio slot.
+fn plan_nets(config: &VmConfig, mmio: &mut MmioAllocator) -> Result<Vec<PlannedNet>, LaunchError> {
     let mut planned = Vec::new();
-    for spec in &args.nets {
-        let tap =
-            crate::tap::open_tap(&spec.tap, 0).map_err(|source| LaunchError::Tap { name: spec.tap.clone(), source })?;
-        planned.push(PlannedNet { spec: spec.clone(), tap, slot: mmio.allocate()? });
+    for iface in &config.network_interfaces {
+        let tap = crate::tap::open_tap(&iface.host_dev_name, 0)
+            .map_err(|source| LaunchError::Tap { name: iface.host_dev_name.clone(), source })?;
+        planned.push(PlannedNet { iface: iface.clone(), tap, slot: mmio.allocate()? });
     }
     Ok(planned)
 }
 
-/// The MAC a `--net` without `mac=` gets: locally administered, unicast, made from the core's
-/// pid and the device's index, so two VMs on one bridge differ.
+/// The MAC an interface without `guest_mac` gets: locally administered, unicast, made from the
+/// core's pid and the device's index, so two VMs on one bridge differ.
 fn default_mac(index: usize) -> [u8; 6] {
     let pid = std::process::id().to_be_bytes();
     [0x02, 0xb4, pid[1], pid[2], pid[3], u8::try_from(index & 0xff).unwrap_or(0)]
 }
 
-fn start_net(
-    args: &RunArgs,
-    vm: &VmFd,
-    ram: &GuestRam,
-    buses: &mut Buses,
-    index: usize,
-    net: PlannedNet,
-) -> Result<service::ServiceHandle, LaunchError> {
-    let binary = service_binary(&service_dir(args), "bulkhead-net")?;
-    let PlannedNet { spec, tap, slot } = net;
-    // RX (0) and TX (1).
-    let (irq, mut kicks) = wire_slot(vm, &slot, 2)?;
-    let tx_notify = kicks.pop();
-    let (Some(rx_notify), Some(tx_notify)) = (kicks.pop(), tx_notify) else {
-        unreachable!("wire_slot returns one eventfd per queue")
-    };
-    let mac = spec.mac.unwrap_or_else(|| default_mac(index));
-    let crate::tap::Tap { fd, name: tap_name } = tap;
-    let net_spec = service::NetSpec {
-        id: spec.id.clone().unwrap_or_else(|| format!("net{index}")),
-        tap: fd,
-        tap_name: tap_name.clone(),
-        mac,
-        mmio_base: slot.base,
-        mmio_len: slot.len,
-        gsi: slot.gsi,
-        memfd: ram.memfd().try_clone_to_owned().map_err(os("dup of the guest memory memfd"))?,
-        memory: ram_ranges(ram.size()),
-        rx_notify,
-        tx_notify,
-        irq,
-        queue_size: NET_QUEUE_SIZE,
-        rate_limit: spec.rate_limit,
-    };
-    let (device, handle) = service::spawn_net(&binary, net_spec, service_options(args))?;
-    buses.mmio.insert(slot.base, slot.len, device)?;
-    log::info!(
-        "net{index}: TAP {tap_name}, MAC {} at {:#x} (GSI {}) served by pid {}",
-        ipc::control::mac_string(&mac),
-        slot.base,
-        slot.gsi,
-        handle.pid()
-    );
-    Ok(handle)
-}
-
-fn start_console(args: &RunArgs, vm: &VmFd, buses: &mut Buses) -> Result<service::ServiceHandle, LaunchError> {
-    let binary = service_binary(&service_dir(args), "bulkhead-console")?;
-    let (output, input) = serial_fds(args)?;
-    let irq = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(os("eventfd"))?;
-    vm.register_irqfd(&irq, COM1_GSI).map_err(|source| LaunchError::Kvm { what: "KVM_IRQFD", source })?;
-    let (device, handle) = service::spawn_console(&binary, output, input, irq, COM1_BASE, service_options(args))?;
-    buses.pio.insert(u64::from(COM1_BASE), COM1_LEN, device)?;
-    Ok(handle)
-}
-
-/// Service tuning from the command line: the per-exit deadline, the liveness check and the
-/// restart policy.
-fn service_options(args: &RunArgs) -> service::ServiceOptions {
+/// Service tuning from the supervision settings: the per-exit deadline, the liveness check and
+/// the restart policy.
+fn service_options(config: &VmConfig) -> service::ServiceOptions {
+    let s = &config.bulkhead.supervision;
     service::ServiceOptions {
-        call_timeout: Duration::from_millis(args.service_deadline_ms),
-        liveness_interval: Duration::from_millis(args.service_liveness_ms),
+        call_timeout: Duration::from_millis(s.service_deadline_ms),
+        liveness_interval: Duration::from_millis(s.service_liveness_ms),
         restart: service::RestartPolicy {
-            burst: args.restart_burst.max,
-            burst_window: args.restart_burst.window,
-            ..service::RestartPolicy::with_cap(args.restart_max.max, args.restart_max.window)
+            burst: s.restart_burst.max,
+            burst_window: s.restart_burst.window,
+            ..service::RestartPolicy::with_cap(s.restart_max.max, s.restart_max.window)
         },
         ..service::ServiceOptions::default()
     }
 }
 
-/// Time until the earliest pending injection is due (zero if one is overdue).
-fn next_injection(pending: &[InjectSpec], started: std::time::Instant) -> Option<Duration> {
-    pending.iter().map(|i| i.delay.saturating_sub(started.elapsed())).min()
+/// The VM's devices by the core's [`DeviceId`]: each planned device and the service behind it.
+/// Every lookup by a user's name (faults, injections, the API) goes through here.
+#[derive(Debug, Clone)]
+pub struct DeviceRegistry {
+    plan: DevicePlan,
+    services: Vec<service::ServiceRef>,
 }
 
-/// Sends every `--inject-forbidden` that is due to its service, and forgets it.
-fn inject_due(
-    pending: &mut Vec<InjectSpec>,
-    started: std::time::Instant,
-    services: &[service::ServiceHandle],
-    disks: usize,
-) {
-    let elapsed = started.elapsed();
-    pending.retain(|inj| {
-        if inj.delay > elapsed {
-            return true;
-        }
-        // services[0] is the console, then one block service per --disk in order, then one net
-        // service per --net.
-        let index = match inj.target {
-            InjectTarget::Console => Some(0),
-            InjectTarget::Disk(n) if n < disks => n.checked_add(1),
-            InjectTarget::Net(n) => n.checked_add(1).and_then(|i| i.checked_add(disks)),
-            InjectTarget::Disk(_) => None,
-        };
-        match index.and_then(|i| services.get(i)) {
-            Some(svc) => {
-                log::warn!(
-                    "fault injection: telling service {} (pid {}) to attempt {:?}",
-                    svc.name(),
-                    svc.pid(),
-                    inj.action
-                );
-                if let Err(e) = svc.attempt_forbidden(inj.action) {
-                    log::warn!("fault injection to service {} failed: {e}", svc.name());
-                }
-            }
-            None => log::warn!("fault injection: no service {:?} to send {:?} to", inj.target, inj.action),
-        }
-        false
-    });
-}
-
-/// Runs a VM per `args` until it stops. Returns why it stopped.
-pub fn run(args: &RunArgs) -> Result<StopReason, LaunchError> {
-    // Cheap checks on user input first, so nothing is created when they fail.
-    std::fs::File::open(&args.kernel)
-        .map_err(|source| boot::BootError::OpenKernel { path: args.kernel.clone(), source })?;
-    service_binary(&service_dir(args), "bulkhead-console")?;
-    if !args.disks.is_empty() {
-        service_binary(&service_dir(args), "bulkhead-block")?;
+impl DeviceRegistry {
+    /// Pairs the plan's devices with their services, which must be in the plan's order.
+    fn new(plan: DevicePlan, services: Vec<service::ServiceRef>) -> Self {
+        assert_eq!(plan.devices().len(), services.len(), "one service per planned device");
+        Self { plan, services }
     }
-    if !args.nets.is_empty() {
-        service_binary(&service_dir(args), "bulkhead-net")?;
+
+    /// The device a user means by `name` (see [`DevicePlan::resolve`]).
+    pub fn resolve(&self, name: &str) -> Option<(&PlannedDevice, &service::ServiceRef)> {
+        self.get(self.plan.resolve(name)?)
+    }
+
+    /// The device with this id.
+    pub fn get(&self, id: DeviceId) -> Option<(&PlannedDevice, &service::ServiceRef)> {
+        let i = usize::try_from(id.0).ok()?;
+        Some((self.plan.devices().get(i)?, self.services.get(i)?))
+    }
+
+    /// Every device, by id.
+    pub fn iter(&self) -> impl Iterator<Item = (&PlannedDevice, &service::ServiceRef)> {
+        self.plan.devices().iter().zip(&self.services)
+    }
+
+    /// The names a user may use, for messages.
+    pub fn names(&self) -> String {
+        self.plan.names()
+    }
+}
+
+/// A forbidden action to tell a service to attempt, resolved to its device.
+#[derive(Debug, Clone)]
+struct PendingInjection {
+    device: DeviceId,
+    action: ForbiddenAction,
+    delay: Duration,
+}
+
+/// A running VM and everything it owns. Fields are dropped in declaration order, which is the
+/// order teardown needs: the vCPUs stop first, then the fault schedules, the API socket and the
+/// services, and guest RAM goes last, when nothing maps it any more. A VM that failed half-way
+/// through [`build`] is torn down the same way by the locals' drops.
+pub struct RunningVm {
+    vcpus: vcpu::VcpuSet,
+    faults: Option<crate::faults::ScheduleThread>,
+    api: Option<crate::faults::ApiServer>,
+    services: Vec<service::ServiceHandle>,
+    registry: DeviceRegistry,
+    injections: Vec<PendingInjection>,
+    terminal: RawTerminal,
+    post: Arc<PostCode>,
+    stop: StopHandle,
+    stopped: crossbeam_channel::Receiver<StopReason>,
+    started: Instant,
+    _buses: Arc<Buses>,
+    _vm: VmFd,
+    _ram: GuestRam,
+}
+
+impl std::fmt::Debug for RunningVm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RunningVm").field("vcpus", &self.vcpus.len()).field("services", &self.services.len()).finish()
+    }
+}
+
+/// Builds and starts the VM `config` describes (validated here first). `api_sock`: the path of
+/// the fault-injection socket, if any.
+pub fn build(config: &VmConfig, api_sock: Option<&Path>) -> Result<RunningVm, LaunchError> {
+    config.validate()?;
+    let boot_source = config.boot_source.as_ref().ok_or(ConfigError::NoBootSource)?;
+    // Cheap checks on user input first, so nothing is created when they fail.
+    File::open(&boot_source.kernel_image_path)
+        .map_err(|source| boot::BootError::OpenKernel { path: boot_source.kernel_image_path.clone(), source })?;
+    let dir = service_dir(config);
+    service_binary(&dir, "bulkhead-console")?;
+    if !config.drives.is_empty() {
+        service_binary(&dir, "bulkhead-block")?;
+    }
+    if !config.network_interfaces.is_empty() {
+        service_binary(&dir, "bulkhead-net")?;
     }
     // Which namespaces services get: refuses to go on if one is unavailable, unless the user
-    // passed --insecure-no-sandbox (then warns loudly). Probed before guest RAM exists.
-    service::init_sandbox(args.insecure_no_sandbox).map_err(service::ServiceError::Sandbox)?;
+    // asked for insecure_no_sandbox (then warns loudly). Probed before guest RAM exists.
+    service::init_sandbox(config.bulkhead.insecure_no_sandbox).map_err(service::ServiceError::Sandbox)?;
+    let plan = config.plan();
     let mut mmio = MmioAllocator::default();
-    let disks = plan_disks(args, &mut mmio)?;
-    let nets = plan_nets(args, &mut mmio)?;
+    let disks = plan_disks(config, &mut mmio)?;
+    let nets = plan_nets(config, &mut mmio)?;
 
     let host = HostKvm::detect();
-    let mut extra = host.extra_kernel_params(&args.cmdline);
+    let user_cmdline = config.kernel_cmdline();
+    let mut extra = host.extra_kernel_params(&user_cmdline);
     extra.extend(disks.iter().map(|d| d.slot.cmdline_word()));
     extra.extend(nets.iter().map(|n| n.slot.cmdline_word()));
-    let cmdline = boot::build_cmdline(&args.cmdline, &extra)?;
+    let cmdline = boot::build_cmdline(&user_cmdline, &extra)?;
     if host == HostKvm::Pvm {
         log::info!(
             "host KVM is PVM (no VMX/SVM): guest runs under shadow paging; added kernel parameters: {}",
@@ -494,137 +539,239 @@ pub fn run(args: &RunArgs) -> Result<StopReason, LaunchError> {
         );
     }
 
-    let ram = GuestRam::new(args.mem)?;
+    let machine = &config.machine_config;
+    let ram = GuestRam::new(machine.mem_size_mib)?;
     let kvm = vm::open_kvm()?;
     let vm = vm::create_vm(&kvm, &ram)?;
-    let kernel = boot::load_kernel(ram.memory(), &args.kernel)?;
-    let initrd = match &args.initrd {
-        Some(p) => Some(boot::load_initrd(&ram, p, kernel.end)?),
-        None => None,
-    };
-    boot::write_boot_params(&ram, &kernel, &cmdline, initrd)?;
-    mptable::setup(ram.memory(), args.vcpus)?;
-    cpu::write_boot_tables(ram.memory())?;
-    log::info!(
-        "guest: {} MiB, {} vCPU(s), kernel {} entry {:#x}, cmdline \"{}\"",
-        args.mem,
-        args.vcpus,
-        args.kernel.display(),
-        kernel.entry,
-        cmdline.as_cstring().map(|c| c.to_string_lossy().into_owned()).unwrap_or_default()
-    );
 
     let (stop, stopped) = StopHandle::new();
     let mut buses = Buses::default();
     let post = register_in_core_devices(&mut buses, &stop)?;
-    let console = start_console(args, &vm, &mut buses)?;
-    let mut services = vec![console];
-    for (i, disk) in disks.into_iter().enumerate() {
-        services.push(start_disk(args, &vm, &ram, &mut buses, i, disk)?);
+    // The services, in the plan's order (console, drives, interfaces): a failure here or later
+    // drops those already started, which shuts them down.
+    let mut services = Vec::new();
+    {
+        let mut w = Wiring { config, vm: &vm, ram: &ram, buses: &mut buses };
+        services.push(w.start_console()?);
+        for (i, disk) in disks.into_iter().enumerate() {
+            services.push(w.start_disk(i, disk)?);
+        }
+        for (i, net) in nets.into_iter().enumerate() {
+            services.push(w.start_net(i, net)?);
+        }
     }
-    for (i, net) in nets.into_iter().enumerate() {
-        services.push(start_net(args, &vm, &ram, &mut buses, i, net)?);
-    }
+    let registry = DeviceRegistry::new(plan, services.iter().map(service::ServiceHandle::remote).collect());
+
+    let kernel = boot::load_kernel(ram.memory(), &boot_source.kernel_image_path)?;
+    let initrd = match &boot_source.initrd_path {
+        Some(p) => Some(boot::load_initrd(&ram, p, kernel.end)?),
+        None => None,
+    };
+    boot::write_boot_params(&ram, &kernel, &cmdline, initrd)?;
+    mptable::setup(ram.memory(), machine.vcpu_count)?;
+    cpu::write_boot_tables(ram.memory())?;
+    log::info!(
+        "guest: {} MiB, {} vCPU(s), kernel {} entry {:#x}, cmdline \"{}\"",
+        machine.mem_size_mib,
+        machine.vcpu_count,
+        boot_source.kernel_image_path.display(),
+        kernel.entry,
+        cmdline.as_cstring().map(|c| c.to_string_lossy().into_owned()).unwrap_or_default()
+    );
 
     // Fault schedules and the API socket run on their own threads, created before the main
     // thread's seccomp filter (they kill, signal and accept connections).
-    let refs: Vec<service::ServiceRef> = services.iter().map(service::ServiceHandle::remote).collect();
-    let api_path = args.api_sock.clone().or_else(|| args.name.as_deref().map(crate::faults::socket_for));
-    let api = match &api_path {
-        Some(p) => Some(crate::faults::ApiServer::start(p, refs.clone()).map_err(|e| LaunchError::Api(Box::new(e)))?),
+    let api = match api_sock {
+        Some(p) => {
+            Some(crate::faults::ApiServer::start(p, registry.clone()).map_err(|e| LaunchError::Api(Box::new(e)))?)
+        }
         None => None,
     };
-    let faults_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let fault_thread = crate::faults::start_schedules(args.faults.clone(), refs.clone(), faults_stop.clone())
-        .map_err(|e| LaunchError::Api(Box::new(e)))?;
+    let schedules = config
+        .bulkhead
+        .faults
+        .iter()
+        .filter_map(|f| registry.resolve(&f.device).map(|(_, svc)| (svc.clone(), f.clone())))
+        .collect();
+    let faults = crate::faults::ScheduleThread::start(schedules).map_err(|e| LaunchError::Api(Box::new(e)))?;
+    let injections = config
+        .bulkhead
+        .inject_forbidden
+        .iter()
+        .filter_map(|i| {
+            let id = registry.plan.resolve(&i.device)?;
+            Some(PendingInjection { device: id, action: i.action, delay: i.delay })
+        })
+        .collect();
 
     let cpuid = kvm
         .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
         .map_err(|source| LaunchError::Kvm { what: "KVM_GET_SUPPORTED_CPUID", source })?;
-    let mut vcpus = Vec::new();
-    for i in 0..args.vcpus {
+    let mut fds = Vec::new();
+    for i in 0..machine.vcpu_count {
         let fd = vm.create_vcpu(u64::from(i)).map_err(|source| LaunchError::Kvm { what: "KVM_CREATE_VCPU", source })?;
-        cpu::configure_vcpu(&fd, cpuid.clone(), i, args.vcpus, kernel.entry)?;
-        vcpus.push(fd);
+        cpu::configure_vcpu(&fd, cpuid.clone(), i, machine.vcpu_count, kernel.entry)?;
+        fds.push(fd);
     }
-
     vcpu::install_kick_handler()
         .map_err(|e| LaunchError::Os { what: "installing the vCPU kick handler", source: e.into() })?;
+    install_signal_handlers()?;
+    let terminal = if config.console_reads_stdin() { RawTerminal::enter() } else { RawTerminal(None) };
+
+    let buses = Arc::new(buses);
+    let mut vcpus = vcpu::VcpuSet::default();
+    for fd in fds {
+        vcpus.spawn(fd, buses.clone(), stop.clone()).map_err(LaunchError::Vcpu)?;
+    }
+    Ok(RunningVm {
+        vcpus,
+        faults,
+        api,
+        services,
+        registry,
+        injections,
+        terminal,
+        post,
+        stop,
+        stopped,
+        started: Instant::now(),
+        _buses: buses,
+        _vm: vm,
+        _ram: ram,
+    })
+}
+
+fn install_signal_handlers() -> Result<(), LaunchError> {
     for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
         vmm_sys_util::signal::register_signal_handler(sig, on_terminate)
             .map_err(|e| LaunchError::Os { what: "installing signal handlers", source: e.into() })?;
     }
-    let terminal = if args.serial_input == "stdin" { RawTerminal::enter() } else { RawTerminal(None) };
+    Ok(())
+}
 
-    let buses = Arc::new(buses);
-    let mut threads = Vec::new();
-    for (i, fd) in vcpus.into_iter().enumerate() {
-        let (b, s) = (buses.clone(), stop.clone());
-        let t = std::thread::Builder::new()
-            .name(format!("vcpu{i}"))
-            .spawn(move || vcpu::run(i, fd, b, s))
-            .map_err(os("spawning a vCPU thread"))?;
-        threads.push(t);
+/// How often the waiting main thread looks at signals and due injections.
+const TICK: Duration = Duration::from_millis(50);
+
+impl RunningVm {
+    /// The devices.
+    pub fn registry(&self) -> &DeviceRegistry {
+        &self.registry
     }
 
+    /// Asks the VM to stop.
+    pub fn stop(&self, reason: StopReason) {
+        self.stop.stop(reason);
+    }
+
+    /// Waits up to `limit` for the VM to stop, sending due injections and turning a
+    /// termination signal into a stop. Returns why it stopped, or `None` if it still runs.
+    pub fn wait_for_stop(&mut self, limit: Duration) -> Option<StopReason> {
+        let deadline = Instant::now() + limit;
+        loop {
+            let now = Instant::now();
+            let tick = self
+                .injections
+                .iter()
+                .map(|i| i.delay.saturating_sub(self.started.elapsed()))
+                .min()
+                .map_or(TICK, |d| d.min(TICK))
+                .min(deadline.saturating_duration_since(now));
+            match self.stopped.recv_timeout(tick) {
+                Ok(r) => return Some(r),
+                Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
+                    self.inject_due();
+                    let sig = SIGNALLED.load(Ordering::SeqCst);
+                    if sig != 0 {
+                        self.stop.stop(StopReason::Signal(sig));
+                    }
+                }
+                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
+                    return Some(StopReason::InternalError("every vCPU thread is gone".into()))
+                }
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+        }
+    }
+
+    /// Sends every injection that is due to its service, and forgets it.
+    fn inject_due(&mut self) {
+        let elapsed = self.started.elapsed();
+        let registry = &self.registry;
+        self.injections.retain(|inj| {
+            if inj.delay > elapsed {
+                return true;
+            }
+            match registry.get(inj.device) {
+                Some((dev, svc)) => {
+                    log::warn!(
+                        "fault injection: telling service {} (pid {}) to attempt {:?}",
+                        dev.service,
+                        svc.pid(),
+                        inj.action
+                    );
+                    if let Err(e) = svc.attempt_forbidden(inj.action) {
+                        log::warn!("fault injection to service {} failed: {e}", dev.service);
+                    }
+                }
+                None => log::warn!("fault injection: no device {} to send {:?} to", inj.device, inj.action),
+            }
+            false
+        });
+    }
+
+    /// Stops everything: the vCPUs, the fault schedules, then each service (logging its
+    /// metrics), and releases the VM. Returns `reason`.
+    pub fn shut_down(mut self, reason: StopReason) -> StopReason {
+        self.stop.stop(reason.clone());
+        drop(std::mem::replace(&mut self.terminal, RawTerminal(None)));
+        let stuck = self.vcpus.exit(Duration::from_secs(2));
+        if stuck > 0 {
+            log::error!("{stuck} vCPU thread(s) did not stop within 2 s");
+        }
+        drop(self.faults.take());
+        for mut service in std::mem::take(&mut self.services) {
+            // Refreshes the current instance's counters (its redone requests) for the metrics line;
+            // a dead or hung instance just leaves the last known ones.
+            let _ = service.stats(Duration::from_millis(200));
+            let stats = service.device().stats();
+            let cpu = service_cpu_ns(service.pid())
+                .map_or_else(|| "n/a".to_string(), |ns| format!("{:.1} ms", ns as f64 / 1e6));
+            log::info!(
+                "service {} (pid {}): {} exits forwarded, {} rejected, {} failures, cpu {cpu}",
+                service.name(),
+                service.pid(),
+                stats.forwarded,
+                stats.rejected,
+                stats.failures
+            );
+            log::info!("{}", crate::faults::format_metrics(&service.metrics()));
+            service.shutdown(Duration::from_secs(2));
+        }
+        drop(self.api.take());
+        log::info!("guest stopped: {reason}");
+        log::info!("port 0x80 accesses: {}", self.post.accesses());
+        reason
+    }
+}
+
+/// Runs the VM `config` describes until it stops: builds it, narrows the main thread's system
+/// calls, waits, tears it down. Returns why it stopped.
+pub fn run(config: &VmConfig, api_sock: Option<&Path>) -> Result<StopReason, LaunchError> {
+    let mut vm = build(config, api_sock)?;
     // From here on the main thread only waits for a stop, sends control messages, kicks vCPUs and
     // reads metrics, so it gets the narrow `core-main` filter. It is installed after the vCPU
     // threads exist (a thread inherits its creator's filter, and theirs need KVM_RUN); the
     // services' supervisor threads were created during set-up and stay unfiltered, because
     // processes they start would inherit a filter too (docs/SECURITY.md).
     if let Err(e) = bulkhead_policies::install(bulkhead_policies::Policy::CoreMain) {
-        stop.stop(StopReason::InternalError(format!("cannot install the main thread's seccomp filter: {e}")));
+        vm.stop(StopReason::InternalError(format!("cannot install the main thread's seccomp filter: {e}")));
     }
-    let started = std::time::Instant::now();
-    let mut injections = args.inject_forbidden.clone();
     let reason = loop {
-        let tick = next_injection(&injections, started)
-            .map_or(Duration::from_millis(50), |d| d.min(Duration::from_millis(50)));
-        match stopped.recv_timeout(tick) {
-            Ok(r) => break r,
-            Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
-                inject_due(&mut injections, started, &services, args.disks.len());
-                let sig = SIGNALLED.load(Ordering::SeqCst);
-                if sig != 0 {
-                    stop.stop(StopReason::Signal(sig));
-                }
-            }
-            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
-                break StopReason::InternalError("every vCPU thread is gone".into())
-            }
+        if let Some(r) = vm.wait_for_stop(Duration::from_secs(3600)) {
+            break r;
         }
     };
-    drop(terminal);
-    faults_stop.store(true, Ordering::SeqCst);
-    if let Some(t) = fault_thread {
-        let _ = t.join();
-    }
-    let stuck = vcpu::kick_and_join(threads, 200);
-    if stuck > 0 {
-        log::error!("{stuck} vCPU thread(s) did not stop within 2 s");
-    }
-    for mut service in services {
-        // Refreshes the current instance's counters (its redone requests) for the metrics line;
-        // a dead or hung instance just leaves the last known ones.
-        let _ = service.stats(Duration::from_millis(200));
-        let stats = service.device().stats();
-        let cpu =
-            service_cpu_ns(service.pid()).map_or_else(|| "n/a".to_string(), |ns| format!("{:.1} ms", ns as f64 / 1e6));
-        log::info!(
-            "service {} (pid {}): {} exits forwarded, {} rejected, {} failures, cpu {cpu}",
-            service.name(),
-            service.pid(),
-            stats.forwarded,
-            stats.rejected,
-            stats.failures
-        );
-        log::info!("{}", crate::faults::format_metrics(&service.metrics()));
-        service.shutdown(Duration::from_secs(2));
-    }
-    drop(api);
-    log::info!("guest stopped: {reason}");
-    log::info!("port 0x80 accesses: {}", post.accesses());
-    drop(vm);
-    drop(ram);
-    Ok(reason)
+    Ok(vm.shut_down(reason))
 }

@@ -45,7 +45,9 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Run(args) => {
             vmm_core::logger::init(args.log_level);
-            match vmm_core::launch::run(&args) {
+            let config = args.to_config();
+            let api = args.api_sock.clone().or_else(|| args.name.as_deref().map(vmm_core::faults::socket_for));
+            match vmm_core::launch::run(&config, api.as_deref()) {
                 Ok(reason) => ExitCode::from(reason.exit_code()),
                 Err(e) => {
                     eprintln!("bulkhead: error: {}", chain(&e));

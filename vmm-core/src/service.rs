@@ -707,6 +707,12 @@ impl ServiceRef {
         pidfd_kill(self.0.lock_ctl().pidfd.as_fd()).map_err(os("pidfd_send_signal"))
     }
 
+    /// Fault injection: tells the current instance to attempt a forbidden action (its filter
+    /// then kills it by SIGSYS, which the supervisor logs).
+    pub fn attempt_forbidden(&self, action: ForbiddenAction) -> Result<(), ServiceError> {
+        self.0.lock_ctl().control.send(&ControlMsg::AttemptForbidden(action), &[]).map_err(|e| self.0.control_error(e))
+    }
+
     /// Injects `action` (see [`FaultAction`]) into the current instance; returns what was done.
     /// Logged with a timestamp by the core's logger.
     pub fn inject(&self, action: FaultAction) -> Result<String, ServiceError> {
@@ -872,11 +878,7 @@ impl ServiceHandle {
     /// Fault injection: tells the service to attempt a forbidden action (its filter then kills
     /// it by SIGSYS, which the supervisor logs).
     pub fn attempt_forbidden(&self, action: ForbiddenAction) -> Result<(), ServiceError> {
-        self.shared
-            .lock_ctl()
-            .control
-            .send(&ControlMsg::AttemptForbidden(action), &[])
-            .map_err(|e| self.shared.control_error(e))
+        self.remote().attempt_forbidden(action)
     }
 
     /// Sends `SIGKILL` to the current instance (through its pidfd, so never to a recycled pid).
@@ -1035,7 +1037,7 @@ fn start_instance(recipe: &Recipe) -> Result<Instance, ServiceError> {
         idle_spin_us: u32::try_from(options.service_idle_spin.as_micros()).unwrap_or(u32::MAX),
     };
     // SCM_RIGHTS gives the child its own copies of the core's originals.
-    if let Err(source) = control.send(&ControlMsg::Setup(setup), &borrowed) {
+    if let Err(source) = control.send(&ControlMsg::Setup(Box::new(setup)), &borrowed) {
         // EPIPE: the child exited before reading its set-up; it never became ready.
         let e = if matches!(source, ControlError::Send(nix::Error::EPIPE)) {
             ServiceError::NotReady { name: name.clone(), pid, source }
@@ -1571,8 +1573,10 @@ pub struct NetSpec {
     pub irq: EventFd,
     /// Largest queue size offered (power of two, e.g. 256).
     pub queue_size: u16,
-    /// Limit on bytes and frames per second, each way.
-    pub rate_limit: RateLimit,
+    /// Limit on bytes and frames per second the guest receives.
+    pub rx_rate_limit: RateLimit,
+    /// Limit on bytes and frames per second the guest sends.
+    pub tx_rate_limit: RateLimit,
 }
 
 /// Starts a `bulkhead-net` service for `spec`. `options` (or just a deadline for each
@@ -1598,7 +1602,8 @@ pub fn spawn_net(
         tx_notify,
         irq,
         queue_size,
-        rate_limit,
+        rx_rate_limit,
+        tx_rate_limit,
     } = spec;
     let fds = vec![
         (FdRole::GuestMemory, memfd),
@@ -1609,8 +1614,17 @@ pub fn spawn_net(
     ];
     let name = if id.is_empty() { "net".to_string() } else { format!("net-{id}") };
     let memory = memory_regions(&memory);
-    let device =
-        DeviceConfig::Net(NetConfig { mmio_base, mmio_len, gsi, memory, mac, queue_size, tap_name, rate_limit });
+    let device = DeviceConfig::Net(NetConfig {
+        mmio_base,
+        mmio_len,
+        gsi,
+        memory,
+        mac,
+        queue_size,
+        tap_name,
+        rx_rate_limit,
+        tx_rate_limit,
+    });
     spawn_virtio(binary, name, device, fds, options.into())
 }
 

@@ -1,9 +1,15 @@
 //! vCPU threads: KVM exits become a small enum this crate owns ([`Exit`]), a free function
-//! ([`handle_exit`]) dispatches them to the buses, and the run loop is a two-state machine
-//! (running → stopped) that knows no device.
+//! ([`handle_exit`]) dispatches them to the buses, and the run loop is a small state machine
+//! (running ⇄ paused → exited, [`next_state`]) that knows no device. Each thread is driven
+//! through its [`VcpuHandle`]: a command channel plus a kick signal whose handler sets
+//! `immediate_exit`, so no command is missed between the thread's check and its `KVM_RUN`.
 
+use std::cell::Cell;
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::Duration;
+
+use crossbeam_channel::{Receiver, Sender};
 
 use kvm_bindings::{KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
 use kvm_ioctls::{VcpuExit, VcpuFd};
@@ -166,32 +172,135 @@ pub fn kick_signal() -> i32 {
     SIGRTMIN()
 }
 
-/// Installs the (empty) handler for [`kick_signal`]: its only job is to make KVM_RUN return EINTR.
+thread_local! {
+    /// This vCPU thread's `kvm_run` page (null on other threads and before the first run). The
+    /// kick signal's handler sets `immediate_exit` through it.
+    static KVM_RUN: Cell<*mut kvm_bindings::kvm_run> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+/// Installs the handler for [`kick_signal`]. On a vCPU thread it sets `immediate_exit` in the
+/// thread's `kvm_run`: a kick that lands between the thread's look at its commands and its next
+/// `KVM_RUN` makes that `KVM_RUN` return at once (EINTR) instead of being lost, and one that lands
+/// during `KVM_RUN` interrupts it as any signal does.
 pub fn install_kick_handler() -> Result<(), vmm_sys_util::errno::Error> {
-    extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+    extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+        let run = KVM_RUN.with(Cell::get);
+        if !run.is_null() {
+            // SAFETY: `run` is the calling vCPU thread's own kvm_run mapping, published by
+            // `RunPage::publish` while its `VcpuFd` is alive and withdrawn (set to null) before
+            // the fd is dropped; the handler runs on that same thread, so the mapping is live. A
+            // volatile byte store is async-signal-safe.
+            unsafe { std::ptr::addr_of_mut!((*run).immediate_exit).write_volatile(1) };
+        }
+    }
     register_signal_handler(kick_signal(), on_kick)
 }
 
-/// State of a vCPU thread.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum State {
-    Running,
-    Stopped,
+/// Publishes a vCPU's `kvm_run` page to the kick handler for as long as it lives.
+struct RunPage;
+
+impl RunPage {
+    fn publish(vcpu: &mut VcpuFd) -> Self {
+        let run: *mut kvm_bindings::kvm_run = vcpu.get_kvm_run();
+        KVM_RUN.with(|c| c.set(run));
+        Self
+    }
 }
 
-/// Runs vCPU `index` until the VM stops. Reports why through `stop` when it is the one that stops it.
-pub fn run(index: usize, mut vcpu: VcpuFd, buses: Arc<Buses>, stop: StopHandle) {
+impl Drop for RunPage {
+    fn drop(&mut self) {
+        KVM_RUN.with(|c| c.set(std::ptr::null_mut()));
+    }
+}
+
+/// What a vCPU thread is told to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VcpuCommand {
+    /// Leave `KVM_RUN` and wait for `Resume` or `Exit`.
+    Pause,
+    /// Run the guest again.
+    Resume,
+    /// End the thread.
+    Exit,
+}
+
+/// What a vCPU thread reports back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VcpuEvent {
+    /// Vcpu `index` is out of `KVM_RUN` and waits.
+    Paused(usize),
+    /// Vcpu `index` runs the guest again.
+    Resumed(usize),
+    /// Vcpu `index`'s thread has ended.
+    Exited(usize),
+}
+
+/// State of a vCPU thread: a small state machine driven by [`next_state`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VcpuState {
+    /// In (or about to enter) `KVM_RUN`.
+    Running,
+    /// Out of `KVM_RUN`, waiting for a command.
+    Paused,
+    /// The thread ends.
+    Exited,
+}
+
+/// How a vCPU acknowledges a command: the event for its index.
+pub type Ack = fn(usize) -> VcpuEvent;
+
+/// The state after `cmd` in `state`, and whether to acknowledge it. Pure: unit-tested.
+pub fn next_state(state: VcpuState, cmd: VcpuCommand) -> (VcpuState, Option<Ack>) {
+    match (state, cmd) {
+        (VcpuState::Exited, _) | (_, VcpuCommand::Exit) => (VcpuState::Exited, None),
+        (_, VcpuCommand::Pause) => (VcpuState::Paused, Some(VcpuEvent::Paused)),
+        (_, VcpuCommand::Resume) => (VcpuState::Running, Some(VcpuEvent::Resumed)),
+    }
+}
+
+/// How long a paused vCPU waits for a command before looking at the stop flag again.
+const PAUSED_POLL: Duration = Duration::from_millis(100);
+
+/// Runs vCPU `index` until the VM stops or it is told to exit, obeying `commands` and reporting
+/// on `events`. Reports why the VM stopped through `stop` when it is the one that stops it.
+pub fn run(
+    index: usize,
+    mut vcpu: VcpuFd,
+    buses: Arc<Buses>,
+    stop: StopHandle,
+    commands: Receiver<VcpuCommand>,
+    events: Sender<VcpuEvent>,
+) {
     // The thread's seccomp filter, before its first KVM_RUN: KVM_RUN, the rings' doorbells and
     // little else (policies/json/vcpu.json; a mismatch kills the process). Never run without it.
     if let Err(e) = bulkhead_policies::install(bulkhead_policies::Policy::CoreVcpu) {
         stop.stop(StopReason::InternalError(format!("vcpu{index}: loading its seccomp filter failed: {e}")));
+        let _ = events.send(VcpuEvent::Exited(index));
         return;
     }
-    let mut state = State::Running;
+    let page = RunPage::publish(&mut vcpu);
+    let mut state = VcpuState::Running;
     let mut exits: u64 = 0;
-    while state == State::Running {
+    while state != VcpuState::Exited {
+        // Commands first: a kick that arrives after this look sets immediate_exit, so the
+        // KVM_RUN below returns at once and the loop comes back here.
+        let cmd = match state {
+            VcpuState::Running => commands.try_recv().ok(),
+            _ => commands.recv_timeout(PAUSED_POLL).ok(),
+        };
+        if let Some(cmd) = cmd {
+            let (next, ack) = next_state(state, cmd);
+            state = next;
+            if let Some(ack) = ack {
+                let _ = events.send(ack(index));
+            }
+            continue;
+        }
         if stop.is_stopping() {
-            state = State::Stopped;
+            state = VcpuState::Exited;
+            continue;
+        }
+        if state == VcpuState::Paused {
             continue;
         }
         let outcome = match vcpu.run() {
@@ -219,31 +328,174 @@ pub fn run(index: usize, mut vcpu: VcpuFd, buses: Arc<Buses>, stop: StopHandle) 
         if let Outcome::Stop(reason) = outcome {
             log::debug!("vcpu{index}: stopping after {exits} exits: {reason}");
             stop.stop(reason);
-            state = State::Stopped;
+            state = VcpuState::Exited;
         }
     }
+    drop(page);
+    drop(vcpu);
     log::debug!("vcpu{index}: thread exits ({exits} exits)");
+    let _ = events.send(VcpuEvent::Exited(index));
 }
 
-/// Kicks every vCPU thread until it has exited, then joins it. Bounded: gives up on a thread after
-/// `tries` kicks 10 ms apart and reports it.
-pub fn kick_and_join(threads: Vec<JoinHandle<()>>, tries: u32) -> usize {
-    use vmm_sys_util::signal::Killable;
-    let mut stuck = 0;
-    for t in threads {
-        let mut n = 0;
-        while !t.is_finished() && n < tries {
-            let _ = t.kill(kick_signal());
-            std::thread::sleep(std::time::Duration::from_millis(10));
-            n += 1;
-        }
-        if t.is_finished() {
-            let _ = t.join();
-        } else {
-            stuck += 1;
+/// A running vCPU thread: its command channel and its join handle.
+#[derive(Debug)]
+pub struct VcpuHandle {
+    index: usize,
+    commands: Sender<VcpuCommand>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl VcpuHandle {
+    /// Starts vCPU `index` on a thread `vcpuN`.
+    pub fn spawn(
+        index: usize,
+        vcpu: VcpuFd,
+        buses: Arc<Buses>,
+        stop: StopHandle,
+        events: Sender<VcpuEvent>,
+    ) -> std::io::Result<Self> {
+        let (commands, rx) = crossbeam_channel::unbounded();
+        let thread = std::thread::Builder::new()
+            .name(format!("vcpu{index}"))
+            .spawn(move || run(index, vcpu, buses, stop, rx, events))?;
+        Ok(Self { index, commands, thread: Some(thread) })
+    }
+
+    /// Sends `cmd` and kicks the thread out of `KVM_RUN` so that it sees it.
+    pub fn send(&self, cmd: VcpuCommand) {
+        let _ = self.commands.send(cmd);
+        self.kick();
+    }
+
+    /// Kicks the thread (see [`install_kick_handler`]).
+    pub fn kick(&self) {
+        use vmm_sys_util::signal::Killable;
+        if let Some(t) = &self.thread {
+            if !t.is_finished() {
+                let _ = t.kill(kick_signal());
+            }
         }
     }
-    stuck
+
+    /// Whether the thread has ended.
+    pub fn is_finished(&self) -> bool {
+        self.thread.as_ref().is_none_or(JoinHandle::is_finished)
+    }
+
+    /// Tells the thread to exit and waits for it, kicking it every 10 ms, at most `limit`.
+    /// Returns whether it ended (then it is joined).
+    pub fn exit(&mut self, limit: Duration) -> bool {
+        let _ = self.commands.send(VcpuCommand::Exit);
+        let start = std::time::Instant::now();
+        while !self.is_finished() && start.elapsed() < limit {
+            self.kick();
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        if !self.is_finished() {
+            log::error!("vcpu{} did not stop within {limit:?}", self.index);
+            return false;
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        true
+    }
+}
+
+impl Drop for VcpuHandle {
+    fn drop(&mut self) {
+        self.exit(Duration::from_secs(2));
+    }
+}
+
+/// Every vCPU of a VM: pause, resume and exit them together.
+#[derive(Debug)]
+pub struct VcpuSet {
+    handles: Vec<VcpuHandle>,
+    events: Receiver<VcpuEvent>,
+    events_tx: Sender<VcpuEvent>,
+}
+
+/// Errors of [`VcpuSet`].
+#[derive(Debug, thiserror::Error)]
+pub enum VcpuError {
+    /// A vCPU did not acknowledge a command in time.
+    #[error("vcpu{0} did not {1} within {2:?}")]
+    NoAck(usize, &'static str, Duration),
+    /// Spawning a vCPU thread failed.
+    #[error("spawning a vCPU thread")]
+    Spawn(#[source] std::io::Error),
+}
+
+impl Default for VcpuSet {
+    fn default() -> Self {
+        let (events_tx, events) = crossbeam_channel::unbounded();
+        Self { handles: Vec::new(), events, events_tx }
+    }
+}
+
+impl VcpuSet {
+    /// Starts the next vCPU.
+    pub fn spawn(&mut self, vcpu: VcpuFd, buses: Arc<Buses>, stop: StopHandle) -> Result<(), VcpuError> {
+        let index = self.handles.len();
+        let h = VcpuHandle::spawn(index, vcpu, buses, stop, self.events_tx.clone()).map_err(VcpuError::Spawn)?;
+        self.handles.push(h);
+        Ok(())
+    }
+
+    /// How many vCPUs.
+    pub fn len(&self) -> usize {
+        self.handles.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.handles.is_empty()
+    }
+
+    /// Sends `cmd` to every vCPU and waits (at most `limit`) until each acknowledged it with
+    /// `want` (or has exited, which also counts: an exited vCPU runs no guest code).
+    fn command_all(&self, cmd: VcpuCommand, want: Ack, what: &'static str, limit: Duration) -> Result<(), VcpuError> {
+        while self.events.try_recv().is_ok() {}
+        for h in &self.handles {
+            h.send(cmd);
+        }
+        let mut pending: Vec<bool> = self.handles.iter().map(|h| !h.is_finished()).collect();
+        let deadline = std::time::Instant::now() + limit;
+        while let Some(i) = pending.iter().position(|p| *p) {
+            match self.events.recv_deadline(deadline) {
+                Ok(VcpuEvent::Exited(j)) => {
+                    if let Some(p) = pending.get_mut(j) {
+                        *p = false;
+                    }
+                }
+                Ok(ev) => {
+                    for (j, p) in pending.iter_mut().enumerate() {
+                        if ev == want(j) {
+                            *p = false;
+                        }
+                    }
+                }
+                Err(_) => return Err(VcpuError::NoAck(i, what, limit)),
+            }
+        }
+        Ok(())
+    }
+
+    /// Takes every vCPU out of `KVM_RUN`; returns once all wait (or `limit` passed).
+    pub fn pause(&self, limit: Duration) -> Result<(), VcpuError> {
+        self.command_all(VcpuCommand::Pause, VcpuEvent::Paused, "pause", limit)
+    }
+
+    /// Lets every vCPU run again.
+    pub fn resume(&self, limit: Duration) -> Result<(), VcpuError> {
+        self.command_all(VcpuCommand::Resume, VcpuEvent::Resumed, "resume", limit)
+    }
+
+    /// Ends every vCPU thread (each bounded to `limit`); returns how many did not stop.
+    pub fn exit(&mut self, limit: Duration) -> usize {
+        self.handles.iter_mut().map(|h| h.exit(limit)).filter(|ok| !ok).count()
+    }
 }
 
 #[cfg(test)]
@@ -319,6 +571,22 @@ mod tests {
         assert!(matches!(handle_exit(&Exit::Failure("x".into()), &b), Outcome::Stop(StopReason::InternalError(_))));
         assert!(matches!(handle_exit(&Exit::SystemEvent(99), &b), Outcome::Stop(StopReason::InternalError(_))));
         assert_eq!(handle_exit(&Exit::Interrupted, &b), Outcome::Resume);
+    }
+
+    #[test]
+    fn vcpu_state_machine() {
+        use VcpuCommand::*;
+        use VcpuState::*;
+        assert_eq!(next_state(Running, Pause).0, Paused);
+        assert_eq!(next_state(Running, Pause).1.map(|f| f(2)), Some(VcpuEvent::Paused(2)));
+        assert_eq!(next_state(Paused, Resume).0, Running);
+        assert_eq!(next_state(Paused, Resume).1.map(|f| f(0)), Some(VcpuEvent::Resumed(0)));
+        assert_eq!(next_state(Paused, Pause).0, Paused, "pausing twice is harmless");
+        assert_eq!(next_state(Running, Resume).0, Running);
+        for s in [Running, Paused, Exited] {
+            assert_eq!(next_state(s, Exit), (Exited, None));
+        }
+        assert_eq!(next_state(Exited, Resume).0, Exited, "nothing leaves Exited");
     }
 
     #[test]

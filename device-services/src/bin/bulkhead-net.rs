@@ -18,7 +18,7 @@ use device_services::virtio::mmio::MmioTransport;
 use device_services::virtio::net::{Net, NetHandler};
 use device_services::virtio::setup::{check_window, run_service, take_transport_fds, transport, ServiceParts};
 use device_services::{RuntimeError, Startup};
-use ipc::control::{mac_string, DeviceConfig, FdRole};
+use ipc::control::{mac_string, DeviceConfig, FdRole, RateLimit};
 
 fn setup(st: &mut Startup) -> Result<(MmioTransport<Net>, u64, u64), RuntimeError> {
     let DeviceConfig::Net(cfg) = st.setup.device.clone() else {
@@ -28,7 +28,7 @@ fn setup(st: &mut Startup) -> Result<(MmioTransport<Net>, u64, u64), RuntimeErro
     let tap = st.take_fd(FdRole::Tap).ok_or(RuntimeError::MissingFd(FdRole::Tap))?;
     let fds = take_transport_fds(st, &cfg.memory, 2)?;
     let mut net = Net::new(tap, cfg.mac, cfg.queue_size).map_err(|e| RuntimeError::Device(error_chain(&e)))?;
-    net.set_rate_limit(&cfg.rate_limit);
+    net.set_rate_limit(&cfg.rx_rate_limit, &cfg.tx_rate_limit);
     let transport = transport(st, net, fds)?;
     eprintln!(
         "bulkhead-net[{}]: {} at {:#x}+{:#x} gsi {}: tap {:?}, mac {}, queues of {}{}",
@@ -40,9 +40,18 @@ fn setup(st: &mut Startup) -> Result<(MmioTransport<Net>, u64, u64), RuntimeErro
         cfg.tap_name,
         mac_string(&cfg.mac),
         cfg.queue_size,
-        if cfg.rate_limit.is_unlimited() { String::new() } else { format!(", {:?} each way", cfg.rate_limit) }
+        rate_limits(&cfg.rx_rate_limit, &cfg.tx_rate_limit)
     );
     Ok((transport, cfg.mmio_base, cfg.mmio_len))
+}
+
+/// The rate limits for the start-up line (nothing when there are none).
+fn rate_limits(rx: &RateLimit, tx: &RateLimit) -> String {
+    match (rx.is_unlimited(), tx.is_unlimited()) {
+        (true, true) => String::new(),
+        _ if rx == tx => format!(", {rx:?} each way"),
+        _ => format!(", rx {rx:?}, tx {tx:?}"),
+    }
 }
 
 fn main() -> ExitCode {

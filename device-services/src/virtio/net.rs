@@ -716,11 +716,12 @@ impl Net {
         Ok(())
     }
 
-    /// Limits each direction to `limit` (TX and RX have a bucket pair each). Enforced once
-    /// [`arm_rate_limit`](Self::arm_rate_limit) is called; frames are charged from the start.
-    pub fn set_rate_limit(&mut self, limit: &RateLimit) {
-        self.tx_throttle = Throttle::new(limit);
-        self.rx_throttle = Throttle::new(limit);
+    /// Limits what the guest receives to `rx` and what it sends to `tx` (each direction has a
+    /// bucket pair). Enforced once [`arm_rate_limit`](Self::arm_rate_limit) is called; frames are
+    /// charged from the start.
+    pub fn set_rate_limit(&mut self, rx: &RateLimit, tx: &RateLimit) {
+        self.tx_throttle = Throttle::new(tx);
+        self.rx_throttle = Throttle::new(rx);
     }
 
     /// Starts enforcing the rate limit: after the chains in flight at a restart were redone

@@ -102,7 +102,7 @@ pub fn exit_ring(name: &str) -> CoreEndpoint {
 
 /// Sends `setup` with `fds` and waits (bounded) for `Ready` from `pid`.
 pub fn send_setup(ctl: &ControlChannel, setup: ServiceSetup, fds: &[BorrowedFd<'_>], pid: u32) {
-    ctl.send(&ControlMsg::Setup(setup), fds).expect("send setup");
+    ctl.send(&ControlMsg::Setup(Box::new(setup)), fds).expect("send setup");
     let (msg, _) = ctl.recv(Instant::now() + Duration::from_secs(10)).expect("ready");
     assert_eq!(msg, ControlMsg::Ready { pid });
 }
@@ -431,7 +431,8 @@ pub fn net_device(ram: u64, mac: [u8; 6], tap_name: &str, rate_limit: RateLimit)
         mac,
         queue_size: 256,
         tap_name: tap_name.into(),
-        rate_limit,
+        rx_rate_limit: rate_limit,
+        tx_rate_limit: rate_limit,
     })
 }
 
