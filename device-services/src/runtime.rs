@@ -396,6 +396,7 @@ impl Startup {
             handler,
             stats: ServiceStats::default(),
             faults: Faults::default(),
+            paused: false,
         };
         server.control.send(&ControlMsg::Ready { pid: std::process::id() }, &[])?;
         server.run(idle_spin)
@@ -422,6 +423,8 @@ struct Server<H> {
     handler: H,
     stats: ServiceStats,
     faults: Faults,
+    /// Paused by the core: only the control channel is served.
+    paused: bool,
 }
 
 impl<H: Dispatch> Server<H> {
@@ -429,6 +432,18 @@ impl<H: Dispatch> Server<H> {
         let mut last_active = Instant::now();
         let mut last_side_poll = last_active;
         loop {
+            if self.paused {
+                // Nothing but the control channel: no ring request is taken (the core pauses the
+                // vCPUs first, so none should come), no device fd is watched, no queue polled.
+                match self.poll_side(SLEEP_SLICE, None)? {
+                    (Flow::Stop, _) => return Ok(self.stats),
+                    (Flow::Continue, _) => {
+                        last_active = Instant::now();
+                        last_side_poll = last_active;
+                        continue;
+                    }
+                }
+            }
             let mut did = false;
             while let Some(inc) = self.ring.next_request()? {
                 let reply = self.dispatch(&inc);
@@ -481,7 +496,7 @@ impl<H: Dispatch> Server<H> {
     /// Polls the control socket, the device fds and (when sleeping) the doorbell, and handles
     /// whatever is ready. The flag says whether a device fd was ready.
     fn poll_side(&mut self, timeout: Duration, bell: Option<RawFd>) -> Result<(Flow, bool), RuntimeError> {
-        let dev_fds = self.handler.event_fds();
+        let dev_fds = if self.paused { Vec::new() } else { self.handler.event_fds() };
         let mut pfds = Vec::with_capacity(dev_fds.len() + 2);
         pfds.push(libc::pollfd { fd: self.control.as_fd().as_raw_fd(), events: libc::POLLIN, revents: 0 });
         pfds.extend(dev_fds.iter().map(|&fd| libc::pollfd { fd, events: libc::POLLIN, revents: 0 }));
@@ -525,6 +540,18 @@ impl<H: Dispatch> Server<H> {
             }
             ControlMsg::InjectFault(fault) => {
                 self.inject(fault);
+                Ok(Flow::Continue)
+            }
+            ControlMsg::Pause { token } => {
+                // Called between iterations of the serve loop: the work in hand is done and the
+                // state region records it.
+                self.paused = true;
+                self.control.send(&ControlMsg::Paused { token }, &[])?;
+                Ok(Flow::Continue)
+            }
+            ControlMsg::Resume { token } => {
+                self.paused = false;
+                self.control.send(&ControlMsg::Resumed { token }, &[])?;
                 Ok(Flow::Continue)
             }
             ControlMsg::EnterFailed { reason } => {

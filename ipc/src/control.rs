@@ -290,6 +290,28 @@ pub enum ControlMsg {
         /// Why the device failed.
         reason: String,
     },
+    /// Core → service (the VM is pausing): finish the work in hand, then take no chain, write
+    /// no guest memory, raise no interrupt and read no back end (TAP) until `Resume`. Control
+    /// messages are still answered. Acknowledged with `Paused`.
+    Pause {
+        /// Echoed in the acknowledgement.
+        token: u64,
+    },
+    /// Service → core: paused; the state region is current.
+    Paused {
+        /// The `Pause`'s token.
+        token: u64,
+    },
+    /// Core → service: serve again. Acknowledged with `Resumed`.
+    Resume {
+        /// Echoed in the acknowledgement.
+        token: u64,
+    },
+    /// Service → core: serving again.
+    Resumed {
+        /// The `Resume`'s token.
+        token: u64,
+    },
 }
 
 /// Longest [`ControlMsg::EnterFailed`] reason a service uses (longer ones are cut).

@@ -634,10 +634,16 @@ impl Ctl {
         }
     }
 
-    /// Sends a `Ping` and returns its token.
-    fn ping(&mut self) -> Result<u64, ControlError> {
+    /// A fresh token for a request.
+    fn next_token(&mut self) -> u64 {
         let token = self.next_token;
         self.next_token += 1;
+        token
+    }
+
+    /// Sends a `Ping` and returns its token.
+    fn ping(&mut self) -> Result<u64, ControlError> {
+        let token = self.next_token();
         self.control.send(&ControlMsg::Ping { token }, &[])?;
         Ok(token)
     }
@@ -660,11 +666,49 @@ struct Shared {
     metrics: Mutex<Metrics>,
     /// The device's state region (for `corrupt-state`), if it has one.
     state: Option<OwnedFd>,
+    /// The VM is paused: the service must not serve, and a dead instance is replaced only once
+    /// this is cleared.
+    paused: AtomicBool,
 }
 
 impl Shared {
     fn lock_ctl(&self) -> std::sync::MutexGuard<'_, Ctl> {
         self.ctl.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Reads the control channel until `want` picks the reply (or `deadline`), noting pongs and
+    /// seccomp reports on the way; anything else is an error.
+    fn await_reply<T>(
+        &self,
+        ctl: &mut Ctl,
+        deadline: Instant,
+        want: impl Fn(&ControlMsg) -> Option<T>,
+    ) -> Result<T, ServiceError> {
+        // Bounded: each iteration consumes one message or hits the deadline.
+        loop {
+            let (msg, _) = ctl.control.recv(deadline).map_err(|e| self.control_error(e))?;
+            if let Some(reply) = want(&msg) {
+                return Ok(reply);
+            }
+            // Pongs to the liveness check's pings and seccomp reports are noted for it.
+            if !ctl.note(&msg) {
+                return Err(ServiceError::Unexpected { name: self.name.clone(), msg: format!("{msg:?}") });
+            }
+        }
+    }
+
+    /// Sends `Pause` to the current instance and waits for `Paused`. A device that failed for
+    /// good has no instance to pause.
+    fn pause_current(&self, timeout: Duration) -> Result<(), ServiceError> {
+        if self.device.closed() {
+            return Ok(());
+        }
+        let mut ctl = self.lock_ctl();
+        let token = ctl.next_token();
+        ctl.control.send(&ControlMsg::Pause { token }, &[]).map_err(|e| self.control_error(e))?;
+        self.await_reply(&mut ctl, Instant::now() + timeout, |m| {
+            matches!(m, ControlMsg::Paused { token: t } if *t == token).then_some(())
+        })
     }
 
     fn control_error(&self, source: ControlError) -> ServiceError {
@@ -794,18 +838,40 @@ impl ServiceRef {
     pub fn stats(&self, timeout: Duration) -> Result<ServiceStats, ServiceError> {
         let mut ctl = self.0.lock_ctl();
         let token = ctl.ping().map_err(|e| self.0.control_error(e))?;
-        let deadline = Instant::now() + timeout;
-        // Bounded: each iteration consumes one message or hits the deadline.
-        loop {
-            let (msg, _) = ctl.control.recv(deadline).map_err(|e| self.0.control_error(e))?;
-            // Pongs to the liveness check's pings and seccomp reports are noted for it.
-            let noted = ctl.note(&msg);
-            match msg {
-                ControlMsg::Pong { token: t, stats } if t == token => return Ok(stats),
-                _ if noted => continue,
-                other => return Err(ServiceError::Unexpected { name: self.0.name.clone(), msg: format!("{other:?}") }),
-            }
+        let reply = self.0.await_reply(&mut ctl, Instant::now() + timeout, |m| match m {
+            ControlMsg::Pong { token: t, stats } if *t == token => Some(*stats),
+            _ => None,
+        })?;
+        Ok(reply)
+    }
+
+    /// Pauses the service (see [`ControlMsg::Pause`]), waiting at most `timeout` for the
+    /// acknowledgement. Until [`resume`](Self::resume), an instance that dies is not replaced
+    /// (its replacement would serve at once), and one that was being started is paused as soon as
+    /// it is in place.
+    pub fn pause(&self, timeout: Duration) -> Result<(), ServiceError> {
+        self.0.paused.store(true, Ordering::SeqCst);
+        self.0.pause_current(timeout)
+    }
+
+    /// Lets the service serve again; a replacement held back while paused starts now.
+    pub fn resume(&self, timeout: Duration) -> Result<(), ServiceError> {
+        self.0.paused.store(false, Ordering::SeqCst);
+        self.0.device.inbox.wake();
+        if self.0.device.closed() {
+            return Ok(());
         }
+        let mut ctl = self.0.lock_ctl();
+        let token = ctl.next_token();
+        ctl.control.send(&ControlMsg::Resume { token }, &[]).map_err(|e| self.0.control_error(e))?;
+        self.0.await_reply(&mut ctl, Instant::now() + timeout, |m| {
+            matches!(m, ControlMsg::Resumed { token: t } if *t == token).then_some(())
+        })
+    }
+
+    /// Whether the service is paused.
+    pub fn is_paused(&self) -> bool {
+        self.0.paused.load(Ordering::SeqCst)
     }
 }
 
@@ -1114,6 +1180,7 @@ fn spawn_service_with_state(
         stop_timeout_ms: AtomicU64::new(500),
         metrics: Mutex::new(Metrics::default()),
         state,
+        paused: AtomicBool::new(false),
     });
     let (tx, exit_rx) = sync_channel(1);
     let binary = recipe.binary.clone();
@@ -1318,6 +1385,12 @@ fn supervise(shared: &Shared, recipe: Recipe, mut child: ServiceChild, exit_tx: 
                 log::warn!("service {name}: repeated failures, backing off {delay:?} before restarting");
                 let _ = ipc::wait::wait_readable(dev.inbox.wake_fd(), delay);
             }
+            // A paused VM gets no new instance: it would serve at once. Bounded waits, each
+            // ending on a resume (which wakes the inbox), a stop or a slice.
+            while shared.paused.load(Ordering::SeqCst) && !shared.stopping.load(Ordering::SeqCst) {
+                let _ = ipc::wait::wait_readable(dev.inbox.wake_fd(), SUPERVISOR_SLICE);
+                let _ = dev.inbox.wake.read();
+            }
             if shared.stopping.load(Ordering::SeqCst) {
                 dev.mark_failed_as("stopped while restarting", Failure::Orderly);
                 let _ = exit_tx.send(status);
@@ -1349,6 +1422,13 @@ fn supervise(shared: &Shared, recipe: Recipe, mut child: ServiceChild, exit_tx: 
                         latency.as_secs_f64() * 1e3
                     );
                     dev.install(inst.ring, new_pid);
+                    // Paused while this instance started: pause it too (a pause that came after
+                    // the swap above reached it already; pausing twice is harmless).
+                    if shared.paused.load(Ordering::SeqCst) {
+                        if let Err(e) = shared.pause_current(deadline) {
+                            log::warn!("service {name}: pausing pid {new_pid}: {e}");
+                        }
+                    }
                     child = inst.child;
                     liveness = Liveness::new(interval, deadline, Instant::now());
                     break;
