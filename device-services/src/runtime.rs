@@ -6,8 +6,8 @@ use std::time::{Duration, Instant};
 
 use bulkhead_policies::{Policy, PolicyError, Report};
 use ipc::control::{
-    bounded_reason, seccomp_report, ControlMsg, DeviceConfig, FdRole, ForbiddenAction, ServiceFault, ServiceSetup,
-    ServiceStats, FAULT_CRASH_STATUS, FAULT_SLOW_MAX_MS,
+    bounded_reason, seccomp_report, ControlMsg, DeviceConfig, FdRole, ForbiddenAction, IoCounters, RateLimitUpdate,
+    ServiceFault, ServiceSetup, ServiceStats, FAULT_CRASH_STATUS, FAULT_SLOW_MAX_MS,
 };
 use ipc::ring::{ExitKind, ExitReply, ExitRequest, Incoming, ServiceEndpoint};
 use ipc::{ControlChannel, ControlError, IpcError};
@@ -136,6 +136,15 @@ pub trait MmioHandler {
     fn wake_after(&self) -> Option<Duration> {
         None
     }
+    /// The core replaced the rate limits ([`ControlMsg::SetRateLimit`]). Returns false if this
+    /// device has no limits of that kind.
+    fn set_rate_limit(&mut self, _limits: &RateLimitUpdate) -> bool {
+        false
+    }
+    /// The device's counters, for the core's metrics.
+    fn io_counters(&self) -> IoCounters {
+        IoCounters::default()
+    }
 }
 
 /// What the serve loop needs from a device, whatever its bus.
@@ -153,6 +162,12 @@ trait Dispatch {
     }
     fn enter_failed(&mut self, _reason: &str) -> bool {
         false
+    }
+    fn set_rate_limit(&mut self, _limits: &RateLimitUpdate) -> bool {
+        false
+    }
+    fn io_counters(&self) -> IoCounters {
+        IoCounters::default()
     }
 }
 
@@ -237,6 +252,12 @@ impl<H: MmioHandler> Dispatch for MmioDispatch<H> {
     }
     fn enter_failed(&mut self, reason: &str) -> bool {
         self.handler.enter_failed(reason)
+    }
+    fn set_rate_limit(&mut self, limits: &RateLimitUpdate) -> bool {
+        self.handler.set_rate_limit(limits)
+    }
+    fn io_counters(&self) -> IoCounters {
+        self.handler.io_counters()
     }
 }
 
@@ -535,6 +556,7 @@ impl<H: Dispatch> Server<H> {
             ControlMsg::Shutdown => Ok(Flow::Stop),
             ControlMsg::Ping { token } => {
                 self.stats.redone = self.handler.redone();
+                self.stats.io = self.handler.io_counters();
                 self.control.send(&ControlMsg::Pong { token, stats: self.stats }, &[])?;
                 Ok(Flow::Continue)
             }
@@ -552,6 +574,11 @@ impl<H: Dispatch> Server<H> {
             ControlMsg::Resume { token } => {
                 self.paused = false;
                 self.control.send(&ControlMsg::Resumed { token }, &[])?;
+                Ok(Flow::Continue)
+            }
+            ControlMsg::SetRateLimit { token, limits } => {
+                let applied = self.handler.set_rate_limit(&limits);
+                self.control.send(&ControlMsg::RateLimitSet { token, applied }, &[])?;
                 Ok(Flow::Continue)
             }
             ControlMsg::EnterFailed { reason } => {

@@ -235,6 +235,23 @@ pub struct ServiceStats {
     pub sleeps: u64,
     /// Requests found in flight in the state region at start and redone by this instance.
     pub redone: u64,
+    /// The device's own counters (this instance's).
+    pub io: IoCounters,
+}
+
+/// What a device moved, as its service counts it (per instance).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IoCounters {
+    /// Requests (block) or frames (net) completed.
+    pub requests: u64,
+    /// Bytes towards the guest (disk reads, frames received).
+    pub bytes_to_guest: u64,
+    /// Bytes from the guest (disk writes, frames sent).
+    pub bytes_from_guest: u64,
+    /// Times work waited for rate-limit tokens.
+    pub throttled: u64,
+    /// Requests answered with an error or frames dropped.
+    pub errors: u64,
 }
 
 /// A control message.
@@ -311,6 +328,36 @@ pub enum ControlMsg {
     Resumed {
         /// The `Resume`'s token.
         token: u64,
+    },
+    /// Core → service: replace the rate limits (buckets start full). Acknowledged with
+    /// `RateLimitSet`.
+    SetRateLimit {
+        /// Echoed in the acknowledgement.
+        token: u64,
+        /// The new limits.
+        limits: RateLimitUpdate,
+    },
+    /// Service → core: the limits of `SetRateLimit` `token` apply now (`applied`), or this
+    /// device has none of that kind.
+    RateLimitSet {
+        /// The request's token.
+        token: u64,
+        /// Whether they were applied.
+        applied: bool,
+    },
+}
+
+/// New rate limits for a running service ([`ControlMsg::SetRateLimit`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RateLimitUpdate {
+    /// A disk's bytes and requests.
+    Block(RateLimit),
+    /// A NIC's two directions.
+    Net {
+        /// What the guest receives.
+        rx: RateLimit,
+        /// What the guest sends.
+        tx: RateLimit,
     },
 }
 
@@ -457,66 +504,6 @@ pub struct ServiceMetrics {
     pub exits_failed: u64,
     /// Why the device was marked failed, if it was.
     pub failed: Option<String>,
-}
-
-/// A request on a running VM's API socket (`bulkhead run --name`/`--api-sock`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub enum ApiRequest {
-    /// Inject `action` into `device` (`console`, `block`, `blockN` or a service name).
-    Fault {
-        /// Which device.
-        device: String,
-        /// What to do.
-        action: FaultAction,
-    },
-    /// Supervision metrics of every service.
-    Stats,
-}
-
-/// The answer to an [`ApiRequest`].
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub enum ApiResponse {
-    /// Done; what happened.
-    Done(String),
-    /// Metrics, one entry per service.
-    Stats(Vec<ServiceMetrics>),
-    /// Refused or failed; why.
-    Error(String),
-}
-
-/// Largest API message (request or response) accepted.
-pub const MAX_API_MSG: usize = 64 * 1024;
-
-/// Writes `msg` as one frame (u32 LE length, then bincode) to `w`.
-pub fn write_api_frame<T: Serialize, W: std::io::Write>(w: &mut W, msg: &T) -> Result<(), ControlError> {
-    let bytes = codec().serialize(msg).map_err(ControlError::Encode)?;
-    if bytes.len() > MAX_API_MSG {
-        return Err(ControlError::TooLarge);
-    }
-    let len = u32::try_from(bytes.len()).map_err(|_| ControlError::TooLarge)?;
-    let mut frame = len.to_le_bytes().to_vec();
-    frame.extend_from_slice(&bytes);
-    w.write_all(&frame).map_err(|e| ControlError::Send(nix::Error::from_raw(e.raw_os_error().unwrap_or(libc::EIO))))
-}
-
-/// Reads one frame written by [`write_api_frame`] (length checked before anything is allocated).
-pub fn read_api_frame<T: serde::de::DeserializeOwned, R: std::io::Read>(r: &mut R) -> Result<T, ControlError> {
-    let io = |e: std::io::Error| {
-        if e.kind() == std::io::ErrorKind::UnexpectedEof {
-            ControlError::Closed
-        } else {
-            ControlError::Recv(nix::Error::from_raw(e.raw_os_error().unwrap_or(libc::EIO)))
-        }
-    };
-    let mut len = [0u8; 4];
-    r.read_exact(&mut len).map_err(io)?;
-    let len = usize::try_from(u32::from_le_bytes(len)).map_err(|_| ControlError::TooLarge)?;
-    if len > MAX_API_MSG {
-        return Err(ControlError::TooLarge);
-    }
-    let mut buf = vec![0u8; len];
-    r.read_exact(&mut buf).map_err(io)?;
-    codec().deserialize(&buf).map_err(ControlError::Decode)
 }
 
 /// A sandbox escape attempt a service performs when told to ([`ControlMsg::AttemptForbidden`]).
@@ -739,7 +726,16 @@ mod tests {
         assert_eq!(e2.read().expect("read"), 5);
 
         b.send(
-            &ControlMsg::Pong { token: 7, stats: ServiceStats { requests: 3, rejected: 1, sleeps: 2, redone: 4 } },
+            &ControlMsg::Pong {
+                token: 7,
+                stats: ServiceStats {
+                    requests: 3,
+                    rejected: 1,
+                    sleeps: 2,
+                    redone: 4,
+                    io: IoCounters { requests: 9, ..IoCounters::default() },
+                },
+            },
             &[],
         )
         .expect("send");
@@ -747,7 +743,16 @@ mod tests {
         assert!(got.is_empty());
         assert_eq!(
             msg,
-            ControlMsg::Pong { token: 7, stats: ServiceStats { requests: 3, rejected: 1, sleeps: 2, redone: 4 } }
+            ControlMsg::Pong {
+                token: 7,
+                stats: ServiceStats {
+                    requests: 3,
+                    rejected: 1,
+                    sleeps: 2,
+                    redone: 4,
+                    io: IoCounters { requests: 9, ..IoCounters::default() }
+                }
+            }
         );
     }
 
@@ -886,22 +891,6 @@ mod tests {
         for bad in ["", "explode", "slow=", "slow=-1", "slow=60001"] {
             assert!(FaultAction::parse(bad).is_err(), "{bad}");
         }
-    }
-
-    #[test]
-    fn api_frames_round_trip_and_are_bounded() {
-        let req = ApiRequest::Fault { device: "console".into(), action: FaultAction::Slow { ms: 3 } };
-        let mut buf = Vec::new();
-        write_api_frame(&mut buf, &req).expect("write");
-        let got: ApiRequest = read_api_frame(&mut buf.as_slice()).expect("read");
-        assert_eq!(got, req);
-        // A frame claiming 4 GiB is refused before allocating.
-        let huge = [0xffu8, 0xff, 0xff, 0xff];
-        assert!(matches!(read_api_frame::<ApiRequest, _>(&mut huge.as_slice()), Err(ControlError::TooLarge)));
-        // A truncated frame is a close, garbage a decode error.
-        assert!(matches!(read_api_frame::<ApiRequest, _>(&mut [1u8, 0].as_slice()), Err(ControlError::Closed)));
-        let junk = [2u8, 0, 0, 0, 0xee, 0xee];
-        assert!(matches!(read_api_frame::<ApiRequest, _>(&mut junk.as_slice()), Err(ControlError::Decode(_))));
     }
 
     proptest::proptest! {

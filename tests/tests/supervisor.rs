@@ -355,7 +355,7 @@ fn hung_block_service_is_caught_by_the_liveness_check() {
     let (log, _) = blk_verify_under(
         "sup-liveness",
         5,
-        80,
+        300,
         &[
             "--service-liveness-ms",
             "100",

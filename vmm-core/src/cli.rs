@@ -12,12 +12,48 @@ use crate::config::{
 use crate::faults::FaultSchedule;
 
 /// Bulkhead: a microkernel-style VMM whose devices run as separate sandboxed processes.
+///
+/// With no subcommand it behaves as `firecracker` does: it serves the API on `--api-sock` and
+/// boots the VM the API (or `--config-file`) describes.
 #[derive(Debug, Parser)]
-#[command(name = "bulkhead", version, about, propagate_version = true)]
+#[command(name = "bulkhead", about, disable_version_flag = true, args_conflicts_with_subcommands = true)]
 pub struct Cli {
-    /// What to do.
+    /// What to do (none: serve the API, as `firecracker`).
     #[command(subcommand)]
-    pub command: Command,
+    pub command: Option<Command>,
+    /// Firecracker-style options, when there is no subcommand.
+    #[command(flatten)]
+    pub vmm: VmmArgs,
+}
+
+/// `bulkhead [--api-sock PATH] [--config-file FILE] [--no-api] [--id ID]`, the way Kata and
+/// firecracker-containerd start `firecracker`.
+#[derive(Debug, Args, Clone)]
+pub struct VmmArgs {
+    /// Serve the API on this Unix socket (default: `/run/bulkhead/ID.sock`).
+    #[arg(long, value_name = "PATH")]
+    pub api_sock: Option<PathBuf>,
+    /// Boot the VM this file describes (Firecracker's schema) at once.
+    #[arg(long, value_name = "FILE")]
+    pub config_file: Option<PathBuf>,
+    /// No API socket (needs --config-file).
+    #[arg(long, requires = "config_file")]
+    pub no_api: bool,
+    /// The VM's id (`GET /`, `bulkhead ls`, the default socket name).
+    #[arg(long, value_name = "ID", value_parser = parse_vm_name)]
+    pub id: Option<String>,
+    /// Print the version and exit.
+    #[arg(long)]
+    pub version: bool,
+    /// Log level: error, warn, info, debug, trace.
+    #[arg(long, value_name = "LEVEL", default_value = "info", value_parser = parse_level)]
+    pub log_level: log::LevelFilter,
+    /// Accepted for Firecracker compatibility and ignored: Bulkhead's filters are always on.
+    #[arg(long, hide = true)]
+    pub no_seccomp: bool,
+    /// Accepted for Firecracker compatibility and ignored (always the strictest level).
+    #[arg(long, value_name = "LEVEL", hide = true)]
+    pub seccomp_level: Option<u8>,
 }
 
 /// Subcommands.
@@ -25,30 +61,61 @@ pub struct Cli {
 pub enum Command {
     /// Boot a guest with its device services.
     Run(Box<RunArgs>),
-    /// Inject a fault into a device of a running VM (started with `--name` or `--api-sock`).
+    /// List the VMs on this host (their sockets in /run/bulkhead).
+    Ls(LsArgs),
+    /// Pause a running VM.
+    Pause(VmRef),
+    /// Resume a paused VM.
+    Resume(VmRef),
+    /// Ask a VM's guest to stop (Ctrl-Alt-Del), and stop the VM if it has not after a timeout.
+    Stop(StopArgs),
+    /// Stop a VM now.
+    Kill(VmRef),
+    /// Inject a fault into a device of a running VM.
     Fault(FaultArgs),
     /// Print the supervision metrics of a running VM's services.
-    Stats(StatsArgs),
+    Stats(VmRef),
+}
+
+/// A VM named on the command line.
+#[derive(Debug, Args, Clone)]
+pub struct VmRef {
+    /// The VM: its id (socket `/run/bulkhead/ID.sock`) or a socket path.
+    pub vm: String,
+}
+
+/// `bulkhead ls`.
+#[derive(Debug, Args, Clone)]
+pub struct LsArgs {
+    /// Where the sockets are.
+    #[arg(long, value_name = "DIR", default_value = crate::api_client::RUNTIME_DIR)]
+    pub dir: PathBuf,
+    /// One JSON object per VM instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `bulkhead stop`.
+#[derive(Debug, Args, Clone)]
+pub struct StopArgs {
+    /// The VM: its id or a socket path.
+    pub vm: String,
+    /// Seconds the guest gets to stop itself.
+    #[arg(long, value_name = "SECS", default_value_t = 10)]
+    pub timeout: u64,
 }
 
 /// `bulkhead fault`.
 #[derive(Debug, Args, Clone)]
 pub struct FaultArgs {
-    /// The VM: its `--name` (socket `/run/bulkhead/NAME.sock`) or a socket path.
+    /// The VM: its id (socket `/run/bulkhead/ID.sock`) or a socket path.
     pub vm: String,
     /// The device: `console`, `block` (first disk), `blockN`, `net` (first NIC), `netN`, a
-    /// service's name, or `stats` to print metrics.
+    /// device id or a service's name, or `stats` to print metrics.
     pub device: String,
     /// kill, crash, abort, segv, hang, slow=MS, corrupt-reply, corrupt-state or seccomp.
     #[arg(value_parser = FaultAction::parse)]
     pub action: Option<FaultAction>,
-}
-
-/// `bulkhead stats`.
-#[derive(Debug, Args, Clone)]
-pub struct StatsArgs {
-    /// The VM: its `--name` or a socket path.
-    pub vm: String,
 }
 
 /// `bulkhead run`.
@@ -112,12 +179,17 @@ pub struct RunArgs {
     /// still applies.
     #[arg(long)]
     pub insecure_no_sandbox: bool,
-    /// Name of the VM: its API socket is `/run/bulkhead/NAME.sock` (for `bulkhead fault`/`stats`).
-    #[arg(long, value_name = "NAME", value_parser = parse_vm_name)]
-    pub name: Option<String>,
-    /// API socket path (instead of the one `--name` implies).
+    /// The VM's id: its API socket is `/run/bulkhead/ID.sock` (for `bulkhead ls`, `pause`,
+    /// `fault`, ...). `--name` is the old spelling.
+    #[arg(long, alias = "name", value_name = "ID", value_parser = parse_vm_name)]
+    pub id: Option<String>,
+    /// Serve the API on this socket (instead of the one `--id` implies).
     #[arg(long, value_name = "PATH")]
     pub api_sock: Option<PathBuf>,
+    /// Return once the VM runs, leaving it in the background (needs --id or --api-sock; the
+    /// console then needs --serial-output PATH).
+    #[arg(long)]
+    pub detach: bool,
     /// Restart cap per service: at most N restarts per SECS seconds; one more failure marks the
     /// device failed (the VM keeps running). 0 disables restarts (fail closed).
     #[arg(long, value_name = "N/SECS", default_value = "20/10", value_parser = RestartCap::parse)]
@@ -351,8 +423,39 @@ mod tests {
     use super::*;
     use std::time::Duration;
 
-    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+    /// A parsed command line with a subcommand.
+    struct Parsed {
+        command: Command,
+    }
+
+    fn parse(args: &[&str]) -> Result<Parsed, clap::Error> {
+        let cli = Cli::try_parse_from(std::iter::once("bulkhead").chain(args.iter().copied()))?;
+        Ok(Parsed { command: cli.command.expect("a subcommand") })
+    }
+
+    fn top(args: &[&str]) -> Result<Cli, clap::Error> {
         Cli::try_parse_from(std::iter::once("bulkhead").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn firecracker_style_command_line() {
+        let c = top(&["--api-sock", "/tmp/a.sock", "--id", "vm1"]).expect("parse");
+        assert!(c.command.is_none());
+        assert_eq!(c.vmm.api_sock.as_deref(), Some(std::path::Path::new("/tmp/a.sock")));
+        assert_eq!(c.vmm.id.as_deref(), Some("vm1"));
+        let c = top(&["--no-api", "--config-file", "/c.json"]).expect("parse");
+        assert!(c.vmm.no_api && c.vmm.config_file.is_some());
+        assert!(top(&["--no-api"]).is_err(), "--no-api needs --config-file");
+        assert!(top(&["--version"]).expect("parse").vmm.version);
+        // What firecracker-go-sdk passes is accepted.
+        assert!(top(&["--api-sock", "/s", "--id", "x", "--no-seccomp"]).is_ok());
+        assert!(top(&["--api-sock", "/s", "--seccomp-level", "0"]).is_ok());
+        assert!(top(&["--bogus"]).is_err());
+        assert!(matches!(parse(&["ls"]).expect("ls").command, Command::Ls(_)));
+        assert!(
+            matches!(parse(&["stop", "vm1", "--timeout", "3"]).expect("stop").command, Command::Stop(s) if s.timeout == 3)
+        );
+        assert!(matches!(parse(&["kill", "vm1"]).expect("kill").command, Command::Kill(_)));
     }
 
     #[test]
@@ -465,7 +568,7 @@ mod tests {
         assert_eq!(r.restart_max, RestartCap { max: 20, window: Duration::from_secs(10) });
         assert_eq!(r.restart_burst, RestartCap { max: 3, window: Duration::from_secs(1) });
         assert_eq!(r.service_liveness_ms, 250);
-        assert!(r.faults.is_empty() && r.name.is_none());
+        assert!(r.faults.is_empty() && r.id.is_none());
         let Command::Run(r) = parse(&["run", "--kernel", "/k", "--service-liveness-ms", "0"]).expect("parse").command
         else {
             panic!("not run")
@@ -490,7 +593,7 @@ mod tests {
             panic!("not run")
         };
         assert_eq!(r.restart_max.max, 0);
-        assert_eq!(r.name.as_deref(), Some("vm-1"));
+        assert_eq!(r.id.as_deref(), Some("vm-1"));
         assert_eq!(r.faults.len(), 1);
         assert!(parse(&["run", "--kernel", "/k", "--restart-max", "x/1"]).is_err());
         assert!(parse(&["run", "--kernel", "/k", "--restart-max", "5/0"]).is_err());

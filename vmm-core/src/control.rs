@@ -26,17 +26,21 @@ pub enum StopReason {
     InternalError(String),
     /// The user or the host asked the VMM to stop (signal).
     Signal(i32),
+    /// The operator asked for the stop (`bulkhead stop` after its grace period, `bulkhead
+    /// kill`).
+    Requested(String),
 }
 
 impl StopReason {
     /// The process exit status this stop maps to.
     ///
-    /// 0 for a guest-initiated power-off or reset, the verdict byte for the debug-exit port, 70
-    /// for a KVM/guest failure, 128 + signal for a signal.
+    /// 0 for a guest-initiated power-off or reset and for a stop the operator asked for, the
+    /// verdict byte for the debug-exit port, 70 for a KVM/guest failure, 128 + signal for a
+    /// signal.
     pub fn exit_code(&self) -> u8 {
         match self {
             Self::DebugExit(v) => *v,
-            Self::I8042Reset | Self::TripleFault | Self::SystemEvent(_) | Self::Halted => 0,
+            Self::I8042Reset | Self::TripleFault | Self::SystemEvent(_) | Self::Halted | Self::Requested(_) => 0,
             Self::InternalError(_) => 70,
             Self::Signal(s) => u8::try_from(128 + s).unwrap_or(255),
         }
@@ -53,6 +57,7 @@ impl fmt::Display for StopReason {
             Self::Halted => write!(f, "guest halted"),
             Self::InternalError(e) => write!(f, "KVM could not run the guest: {e}"),
             Self::Signal(s) => write!(f, "VMM received signal {s}"),
+            Self::Requested(why) => write!(f, "{why}"),
         }
     }
 }

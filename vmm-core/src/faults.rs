@@ -1,48 +1,26 @@
-//! Fault injection as a user-facing feature: deterministic schedules (`--fault`), the running
-//! VM's API socket (`bulkhead run --name`/`--api-sock`) and its client (`bulkhead fault`,
-//! `bulkhead stats`).
+//! Fault injection as a user-facing feature: deterministic schedules (`--fault`). Faults on
+//! demand go through the API (`PUT /bulkhead/devices/{id}/fault`, `bulkhead fault`).
 //!
 //! Schedules are time-based: `after=` and `every=` count from the moment the vCPUs start. Every
 //! injection is logged (with the logger's timestamp) by [`ServiceRef::inject`], every recovery by
 //! the supervisor.
 
 use std::io;
-use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ipc::control::{read_api_frame, write_api_frame, ApiRequest, ApiResponse, FaultAction, ServiceMetrics};
+use ipc::control::{FaultAction, ServiceMetrics};
 
-use crate::launch::DeviceRegistry;
 use crate::service::ServiceRef;
 
 /// Errors of the API socket and its client.
 #[derive(Debug, thiserror::Error)]
 pub enum FaultError {
-    /// Binding or connecting the socket failed.
-    #[error("API socket {}", path.display())]
-    Socket {
-        /// The socket path.
-        path: PathBuf,
-        /// Why.
-        #[source]
-        source: io::Error,
-    },
-    /// Exchanging the request failed.
-    #[error("API request")]
-    Exchange(#[source] ipc::ControlError),
-    /// The VM refused or failed the request.
-    #[error("{0}")]
-    Refused(String),
     /// Spawning a thread failed.
     #[error("spawning the {0} thread")]
     Thread(&'static str, #[source] io::Error),
 }
-
-/// Longest an API client or server waits on the other side.
-const API_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Which schedule kind.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -280,106 +258,6 @@ fn run_schedules(schedules: &[(ServiceRef, FaultSchedule)], stop: &AtomicBool) {
     }
 }
 
-/// Where `bulkhead run --name NAME` puts its socket: `/run/bulkhead/NAME.sock`.
-pub fn socket_for(vm: &str) -> PathBuf {
-    if vm.contains('/') {
-        PathBuf::from(vm)
-    } else {
-        Path::new("/run/bulkhead").join(format!("{vm}.sock"))
-    }
-}
-
-/// Answers one request.
-fn handle(req: ApiRequest, devices: &DeviceRegistry) -> ApiResponse {
-    match req {
-        ApiRequest::Stats => ApiResponse::Stats(devices.iter().map(|(_, s)| s.metrics()).collect()),
-        ApiRequest::Fault { device, action } => match devices.resolve(&device) {
-            None => ApiResponse::Error(format!("no device `{device}` (have: {})", devices.names())),
-            Some((_, s)) if s.device().is_failed() => ApiResponse::Error(format!(
-                "device {} has failed: {}",
-                s.name(),
-                s.device().failure().unwrap_or_default()
-            )),
-            Some((_, s)) if !s.wait_alive(None, HOLD_LIMIT) => ApiResponse::Error(format!(
-                "device {} has no live instance (restarting for over {HOLD_LIMIT:?})",
-                s.name()
-            )),
-            Some((_, s)) => match s.inject(action) {
-                Ok(done) => ApiResponse::Done(done),
-                Err(e) => ApiResponse::Error(e.to_string()),
-            },
-        },
-    }
-}
-
-/// The API socket of a running VM: accepts one request per connection (serde + bincode,
-/// length-bounded frames) on its own thread. On drop the thread stops and removes the socket
-/// file itself (the main thread's seccomp filter does not allow `unlink`).
-#[derive(Debug)]
-pub struct ApiServer {
-    stop: Arc<AtomicBool>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl ApiServer {
-    /// Binds `path` (a stale socket file there is replaced) and serves `devices`.
-    pub fn start(path: &Path, devices: DeviceRegistry) -> Result<Self, FaultError> {
-        let err = |source| FaultError::Socket { path: path.to_path_buf(), source };
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).map_err(err)?;
-        }
-        if UnixStream::connect(path).is_ok() {
-            return Err(err(io::Error::new(io::ErrorKind::AddrInUse, "another VM is listening there")));
-        }
-        let _ = std::fs::remove_file(path);
-        let listener = UnixListener::bind(path).map_err(err)?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let (stop2, path2) = (stop.clone(), path.to_path_buf());
-        let thread = std::thread::Builder::new()
-            .name("api".into())
-            .spawn(move || {
-                use std::os::fd::AsFd;
-                // Bounded waits: the stop flag is checked every 100 ms.
-                while !stop2.load(Ordering::SeqCst) {
-                    if !ipc::wait::wait_readable(listener.as_fd(), Duration::from_millis(100)).unwrap_or(false) {
-                        continue;
-                    }
-                    let Ok((mut conn, _)) = listener.accept() else { continue };
-                    let _ = conn.set_read_timeout(Some(API_TIMEOUT));
-                    let _ = conn.set_write_timeout(Some(API_TIMEOUT));
-                    let resp = match read_api_frame::<ApiRequest, _>(&mut conn) {
-                        Ok(req) => handle(req, &devices),
-                        Err(e) => ApiResponse::Error(format!("bad request: {e}")),
-                    };
-                    let _ = write_api_frame(&mut conn, &resp);
-                }
-                let _ = std::fs::remove_file(&path2);
-            })
-            .map_err(|e| FaultError::Thread("API socket", e))?;
-        log::info!("API socket listening at {}", path.display());
-        Ok(Self { stop, thread: Some(thread) })
-    }
-}
-
-impl Drop for ApiServer {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-/// Sends `req` to the VM `vm` (a name or a socket path) and returns its answer.
-pub fn request(vm: &str, req: &ApiRequest) -> Result<ApiResponse, FaultError> {
-    let path = socket_for(vm);
-    let mut conn = UnixStream::connect(&path).map_err(|source| FaultError::Socket { path: path.clone(), source })?;
-    let _ = conn.set_read_timeout(Some(API_TIMEOUT));
-    let _ = conn.set_write_timeout(Some(API_TIMEOUT));
-    write_api_frame(&mut conn, req).map_err(FaultError::Exchange)?;
-    read_api_frame(&mut conn).map_err(FaultError::Exchange)
-}
-
 /// Formats metrics as `bulkhead stats` prints them (one line per service).
 pub fn format_metrics(m: &ServiceMetrics) -> String {
     let ms = |us: Option<u64>| us.map_or_else(|| "-".to_string(), |u| format!("{:.2} ms", u as f64 / 1000.0));
@@ -456,11 +334,5 @@ mod tests {
             let s = FaultSchedule::parse(text).expect("parse");
             assert_eq!(FaultSchedule::parse(&s.to_string()), Ok(s), "{text}");
         }
-    }
-
-    #[test]
-    fn socket_paths() {
-        assert_eq!(socket_for("vm1"), PathBuf::from("/run/bulkhead/vm1.sock"));
-        assert_eq!(socket_for("/tmp/x.sock"), PathBuf::from("/tmp/x.sock"));
     }
 }

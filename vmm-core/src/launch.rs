@@ -16,20 +16,20 @@ use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ipc::control::{ForbiddenAction, RateLimit};
+use ipc::control::{ForbiddenAction, RateLimit, RateLimitUpdate};
 use kvm_ioctls::{IoEventAddress, VmFd};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::arch::{cpu, mptable};
 use crate::boot;
-use crate::bus::{BusDevice, BusError};
+use crate::bus::BusError;
 use crate::config::{
-    ConfigError, ConsoleConfig, DeviceId, DevicePlan, DriveConfig, NetworkInterface, PlannedDevice, RateLimiterConfig,
-    VmConfig,
+    ConfigError, ConsoleConfig, DeviceId, DeviceKind, DevicePlan, DriveConfig, DriveUpdate, NetworkInterface,
+    NetworkInterfaceUpdate, PlannedDevice, RateLimiterConfig, VmConfig,
 };
 use crate::control::{StopHandle, StopReason};
 use crate::devices::{
-    DebugExit, PostCode, DEBUG_EXIT_PORT, I8042, I8042_COMMAND_PORT, I8042_DATA_PORT, POST_CODE_PORT,
+    DebugExit, PostCode, DEBUG_EXIT_PORT, I8042, I8042_COMMAND_PORT, I8042_DATA_PORT, I8042_KBD_GSI, POST_CODE_PORT,
 };
 use crate::host::HostKvm;
 use crate::memory::{ram_ranges, GuestRam};
@@ -109,7 +109,7 @@ pub enum LaunchError {
         #[source]
         source: std::io::Error,
     },
-    /// The API socket or the fault schedule could not start.
+    /// The fault schedule could not start.
     #[error("fault injection")]
     Api(#[source] Box<crate::faults::FaultError>),
     /// The VM description is invalid.
@@ -229,14 +229,22 @@ impl<T: std::os::fd::AsFd> DupOwned for T {
     }
 }
 
-fn register_in_core_devices(buses: &mut Buses, stop: &StopHandle) -> Result<Arc<PostCode>, LaunchError> {
+/// The devices in the core: what they give the rest of the VMM.
+struct InCore {
+    post: Arc<PostCode>,
+    i8042: Arc<I8042>,
+}
+
+fn register_in_core_devices(buses: &mut Buses, stop: &StopHandle, vm: &VmFd) -> Result<InCore, LaunchError> {
     buses.pio.insert(DEBUG_EXIT_PORT, 1, Arc::new(DebugExit::new(stop.clone())))?;
-    let i8042: Arc<dyn BusDevice> = Arc::new(I8042::new(stop.clone()));
+    let kbd_irq = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(os("eventfd"))?;
+    vm.register_irqfd(&kbd_irq, I8042_KBD_GSI).map_err(|source| LaunchError::Kvm { what: "KVM_IRQFD", source })?;
+    let i8042 = Arc::new(I8042::new(stop.clone(), Some(kbd_irq)));
     buses.pio.insert(I8042_DATA_PORT, 1, i8042.clone())?;
-    buses.pio.insert(I8042_COMMAND_PORT, 1, i8042)?;
+    buses.pio.insert(I8042_COMMAND_PORT, 1, i8042.clone())?;
     let post = Arc::new(PostCode::default());
     buses.pio.insert(POST_CODE_PORT, 1, post.clone())?;
-    Ok(post)
+    Ok(InCore { post, i8042 })
 }
 
 /// A drive, its image opened and its place in the guest's address map chosen, before its
@@ -476,18 +484,18 @@ struct PendingInjection {
 }
 
 /// A running VM and everything it owns. Fields are dropped in declaration order, which is the
-/// order teardown needs: the vCPUs stop first, then the fault schedules, the API socket and the
-/// services, and guest RAM goes last, when nothing maps it any more. A VM that failed half-way
+/// order teardown needs: the vCPUs stop first, then the fault schedules and the services, and
+/// guest RAM goes last, when nothing maps it any more. A VM that failed half-way
 /// through [`build`] is torn down the same way by the locals' drops.
 pub struct RunningVm {
     vcpus: vcpu::VcpuSet,
     faults: Option<crate::faults::ScheduleThread>,
-    api: Option<crate::faults::ApiServer>,
     services: Vec<service::ServiceHandle>,
     registry: DeviceRegistry,
     injections: Vec<PendingInjection>,
     terminal: RawTerminal,
     post: Arc<PostCode>,
+    i8042: Arc<I8042>,
     stop: StopHandle,
     stopped: crossbeam_channel::Receiver<StopReason>,
     started: Instant,
@@ -502,9 +510,8 @@ impl std::fmt::Debug for RunningVm {
     }
 }
 
-/// Builds and starts the VM `config` describes (validated here first). `api_sock`: the path of
-/// the fault-injection socket, if any.
-pub fn build(config: &VmConfig, api_sock: Option<&Path>) -> Result<RunningVm, LaunchError> {
+/// Builds and starts the VM `config` describes (validated here first).
+pub fn build(config: &VmConfig) -> Result<RunningVm, LaunchError> {
     config.validate()?;
     let boot_source = config.boot_source.as_ref().ok_or(ConfigError::NoBootSource)?;
     // Cheap checks on user input first, so nothing is created when they fail.
@@ -546,7 +553,7 @@ pub fn build(config: &VmConfig, api_sock: Option<&Path>) -> Result<RunningVm, La
 
     let (stop, stopped) = StopHandle::new();
     let mut buses = Buses::default();
-    let post = register_in_core_devices(&mut buses, &stop)?;
+    let in_core = register_in_core_devices(&mut buses, &stop, &vm)?;
     // The services, in the plan's order (console, drives, interfaces): a failure here or later
     // drops those already started, which shuts them down.
     let mut services = Vec::new();
@@ -579,14 +586,8 @@ pub fn build(config: &VmConfig, api_sock: Option<&Path>) -> Result<RunningVm, La
         cmdline.as_cstring().map(|c| c.to_string_lossy().into_owned()).unwrap_or_default()
     );
 
-    // Fault schedules and the API socket run on their own threads, created before the main
-    // thread's seccomp filter (they kill, signal and accept connections).
-    let api = match api_sock {
-        Some(p) => {
-            Some(crate::faults::ApiServer::start(p, registry.clone()).map_err(|e| LaunchError::Api(Box::new(e)))?)
-        }
-        None => None,
-    };
+    // Fault schedules run on a thread of their own, created before the main thread's seccomp
+    // filter (they kill and signal).
     let schedules = config
         .bulkhead
         .faults
@@ -626,12 +627,12 @@ pub fn build(config: &VmConfig, api_sock: Option<&Path>) -> Result<RunningVm, La
     Ok(RunningVm {
         vcpus,
         faults,
-        api,
         services,
         registry,
         injections,
         terminal,
-        post,
+        post: in_core.post,
+        i8042: in_core.i8042,
         stop,
         stopped,
         started: Instant::now(),
@@ -641,16 +642,24 @@ pub fn build(config: &VmConfig, api_sock: Option<&Path>) -> Result<RunningVm, La
     })
 }
 
-fn install_signal_handlers() -> Result<(), LaunchError> {
+/// The termination signal (SIGINT, SIGTERM, SIGHUP) received since the handlers were
+/// installed, if any.
+pub fn take_signal() -> Option<i32> {
+    match SIGNALLED.load(Ordering::SeqCst) {
+        0 => None,
+        sig => Some(sig),
+    }
+}
+
+/// Installs the handlers for SIGINT, SIGTERM and SIGHUP: they only record the signal, which the
+/// main thread turns into a stop.
+pub fn install_signal_handlers() -> Result<(), LaunchError> {
     for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
         vmm_sys_util::signal::register_signal_handler(sig, on_terminate)
             .map_err(|e| LaunchError::Os { what: "installing signal handlers", source: e.into() })?;
     }
     Ok(())
 }
-
-/// How often the waiting main thread looks at signals and due injections.
-const TICK: Duration = Duration::from_millis(50);
 
 impl RunningVm {
     /// The devices.
@@ -663,36 +672,95 @@ impl RunningVm {
         self.stop.stop(reason);
     }
 
-    /// Waits up to `limit` for the VM to stop, sending due injections and turning a
-    /// termination signal into a stop. Returns why it stopped, or `None` if it still runs.
-    pub fn wait_for_stop(&mut self, limit: Duration) -> Option<StopReason> {
-        let deadline = Instant::now() + limit;
-        loop {
-            let now = Instant::now();
-            let tick = self
-                .injections
-                .iter()
-                .map(|i| i.delay.saturating_sub(self.started.elapsed()))
-                .min()
-                .map_or(TICK, |d| d.min(TICK))
-                .min(deadline.saturating_duration_since(now));
-            match self.stopped.recv_timeout(tick) {
-                Ok(r) => return Some(r),
-                Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
-                    self.inject_due();
-                    let sig = SIGNALLED.load(Ordering::SeqCst);
-                    if sig != 0 {
-                        self.stop.stop(StopReason::Signal(sig));
-                    }
+    /// Each vCPU's exit counter.
+    pub fn vcpu_exits(&self) -> Vec<Arc<std::sync::atomic::AtomicU64>> {
+        self.vcpus.exit_counters()
+    }
+
+    /// Where the reason for the VM's stop arrives.
+    pub fn stopped(&self) -> &crossbeam_channel::Receiver<StopReason> {
+        &self.stopped
+    }
+
+    /// Sends the injections that are due (call it regularly while the VM runs).
+    pub fn tick(&mut self) {
+        self.inject_due();
+    }
+
+    /// Pauses the VM: every vCPU out of `KVM_RUN` first (no new exit reaches a service), then
+    /// every service (no chain taken, no interrupt, no TAP read). Each step waits at most
+    /// `limit` for its acknowledgement; on a failure whatever was paused is resumed.
+    pub fn pause(&self, limit: Duration) -> Result<(), LaunchError> {
+        self.vcpus.pause(limit)?;
+        for (i, svc) in self.services.iter().enumerate() {
+            if let Err(e) = svc.remote().pause(limit) {
+                for s in &self.services[..=i] {
+                    let _ = s.remote().resume(limit);
                 }
-                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
-                    return Some(StopReason::InternalError("every vCPU thread is gone".into()))
-                }
-            }
-            if Instant::now() >= deadline {
-                return None;
+                let _ = self.vcpus.resume(limit);
+                return Err(e.into());
             }
         }
+        Ok(())
+    }
+
+    /// Resumes the VM: the services first, then the vCPUs.
+    pub fn resume(&self, limit: Duration) -> Result<(), LaunchError> {
+        for svc in &self.services {
+            svc.remote().resume(limit)?;
+        }
+        self.vcpus.resume(limit)?;
+        Ok(())
+    }
+
+    /// Types Ctrl-Alt-Del on the guest's keyboard (the i8042); false if it was not read.
+    pub fn ctrl_alt_del(&self) -> bool {
+        self.i8042.ctrl_alt_del()
+    }
+
+    /// The service of drive `index` (in the description's order).
+    fn drive_service(&self, index: usize) -> Option<&service::ServiceRef> {
+        let id = self.registry.iter().find(|(d, _)| d.kind == DeviceKind::Block && d.index == index)?.0.id;
+        self.registry.get(id).map(|(_, s)| s)
+    }
+
+    /// `PATCH /drives/{id}` on drive `index`: a new rate limiter applies at once; a new image
+    /// (`file`, opened by the caller) replaces the service instance, so the guest sees the new
+    /// medium.
+    pub fn patch_drive(&self, index: usize, update: &DriveUpdate, file: Option<File>) -> Result<(), LaunchError> {
+        let svc = self.drive_service(index).ok_or(ConfigError::Invalid(format!("no drive {index}")))?;
+        if let Some(r) = &update.rate_limiter {
+            let limit = r.to_rate_limit()?;
+            svc.set_rate_limit(RateLimitUpdate::Block(limit), Duration::from_secs(2))?;
+            log::info!("drive {}: rate limit now {limit:?}", update.drive_id);
+        }
+        if let Some(f) = file {
+            svc.replace_disk(f)?;
+        }
+        Ok(())
+    }
+
+    /// `PATCH /network-interfaces/{id}` on interface `index`: new rate limiters apply at once
+    /// (a direction not given keeps its limiter; `old` holds the current ones).
+    pub fn patch_net(
+        &self,
+        index: usize,
+        update: &NetworkInterfaceUpdate,
+        old: &NetworkInterface,
+    ) -> Result<(), LaunchError> {
+        let id = self
+            .registry
+            .iter()
+            .find(|(d, _)| d.kind == DeviceKind::Net && d.index == index)
+            .map(|(d, _)| d.id)
+            .ok_or(ConfigError::Invalid(format!("no network interface {index}")))?;
+        let (_, svc) = self.registry.get(id).ok_or(ConfigError::Invalid(format!("no network interface {index}")))?;
+        let rx = update.rx_rate_limiter.or(old.rx_rate_limiter).map(|r| r.to_rate_limit()).transpose()?;
+        let tx = update.tx_rate_limiter.or(old.tx_rate_limiter).map(|r| r.to_rate_limit()).transpose()?;
+        let (rx, tx) = (rx.unwrap_or_default(), tx.unwrap_or_default());
+        svc.set_rate_limit(RateLimitUpdate::Net { rx, tx }, Duration::from_secs(2))?;
+        log::info!("interface {}: rate limits now rx {rx:?}, tx {tx:?}", update.iface_id);
+        Ok(())
     }
 
     /// Sends every injection that is due to its service, and forgets it.
@@ -749,29 +817,8 @@ impl RunningVm {
             log::info!("{}", crate::faults::format_metrics(&service.metrics()));
             service.shutdown(Duration::from_secs(2));
         }
-        drop(self.api.take());
         log::info!("guest stopped: {reason}");
         log::info!("port 0x80 accesses: {}", self.post.accesses());
         reason
     }
-}
-
-/// Runs the VM `config` describes until it stops: builds it, narrows the main thread's system
-/// calls, waits, tears it down. Returns why it stopped.
-pub fn run(config: &VmConfig, api_sock: Option<&Path>) -> Result<StopReason, LaunchError> {
-    let mut vm = build(config, api_sock)?;
-    // From here on the main thread only waits for a stop, sends control messages, kicks vCPUs and
-    // reads metrics, so it gets the narrow `core-main` filter. It is installed after the vCPU
-    // threads exist (a thread inherits its creator's filter, and theirs need KVM_RUN); the
-    // services' supervisor threads were created during set-up and stay unfiltered, because
-    // processes they start would inherit a filter too (docs/SECURITY.md).
-    if let Err(e) = bulkhead_policies::install(bulkhead_policies::Policy::CoreMain) {
-        vm.stop(StopReason::InternalError(format!("cannot install the main thread's seccomp filter: {e}")));
-    }
-    let reason = loop {
-        if let Some(r) = vm.wait_for_stop(Duration::from_secs(3600)) {
-            break r;
-        }
-    };
-    Ok(vm.shut_down(reason))
 }

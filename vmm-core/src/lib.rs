@@ -2,6 +2,8 @@
 //! exits to sandboxed service processes without interpreting them.
 #![deny(missing_docs)]
 
+pub mod api;
+pub mod api_client;
 pub mod arch;
 pub mod boot;
 pub mod bus;
@@ -19,3 +21,4 @@ pub mod service;
 pub mod tap;
 pub mod vcpu;
 pub mod vm;
+pub mod vmm;

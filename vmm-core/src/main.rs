@@ -1,68 +1,319 @@
-//! `bulkhead`: the core process.
+//! `bulkhead`: the core process, and the command-line client of running VMs.
+//!
+//! - `bulkhead [--api-sock PATH] [--config-file FILE] [--no-api] [--id ID]`: a VMM driven by the
+//!   API, as `firecracker` is (Kata Containers and firecracker-containerd start it so).
+//! - `bulkhead run ...`: a VMM that boots the VM its arguments describe at once.
+//! - `bulkhead ls | pause | resume | stop | kill | fault | stats`: clients of running VMs, through
+//!   their API sockets.
 
+use std::path::Path;
 use std::process::ExitCode;
+use std::time::{Duration, Instant};
 
 use clap::Parser;
-use ipc::control::{ApiRequest, ApiResponse};
-use vmm_core::cli::{Cli, Command};
+use vmm_core::api::{ApiServer, VmSummary, VERSION};
+use vmm_core::api_client::{self, Answer};
+use vmm_core::cli::{Cli, Command, FaultArgs, LsArgs, RunArgs, StopArgs, VmmArgs};
+use vmm_core::config::VmConfig;
+use vmm_core::vmm::{chain, Vmm, VmmAction};
 
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut msg = e.to_string();
-    let mut src = e.source();
-    while let Some(s) = src {
-        msg.push_str(&format!(": {s}"));
-        src = s.source();
-    }
-    msg
-}
-
-/// Sends one API request to a running VM and prints the answer.
-fn api(vm: &str, req: &ApiRequest) -> ExitCode {
-    match vmm_core::faults::request(vm, req) {
-        Ok(ApiResponse::Done(msg)) => {
-            println!("{msg}");
-            ExitCode::SUCCESS
-        }
-        Ok(ApiResponse::Stats(all)) => {
-            for m in &all {
-                println!("{}", vmm_core::faults::format_metrics(m));
-            }
-            ExitCode::SUCCESS
-        }
-        Ok(ApiResponse::Error(e)) => {
-            eprintln!("bulkhead: error: {e}");
-            ExitCode::from(1)
-        }
-        Err(e) => {
-            eprintln!("bulkhead: error: {}", chain(&e));
-            ExitCode::from(69)
-        }
-    }
-}
+/// Exit status of a set-up error (bad kernel, missing service binary, refused configuration).
+const EX_CONFIG: u8 = 78;
+/// Exit status when a running VM cannot be reached.
+const EX_UNAVAILABLE: u8 = 69;
+/// The id a VMM started without `--id` reports (Firecracker's).
+const DEFAULT_ID: &str = "anonymous-instance";
+/// How long a client waits for one API answer.
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(30);
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Run(args) => {
-            vmm_core::logger::init(args.log_level);
-            let config = args.to_config();
-            let api = args.api_sock.clone().or_else(|| args.name.as_deref().map(vmm_core::faults::socket_for));
-            match vmm_core::launch::run(&config, api.as_deref()) {
-                Ok(reason) => ExitCode::from(reason.exit_code()),
-                Err(e) => {
-                    eprintln!("bulkhead: error: {}", chain(&e));
-                    ExitCode::from(78)
-                }
-            }
+        None => serve_api(&cli.vmm),
+        Some(Command::Run(args)) => run(&args),
+        Some(Command::Ls(a)) => ls(&a),
+        Some(Command::Pause(v)) => simple(&v.vm, "PATCH", "/vm", r#"{"state": "Paused"}"#, "paused"),
+        Some(Command::Resume(v)) => simple(&v.vm, "PATCH", "/vm", r#"{"state": "Resumed"}"#, "resumed"),
+        Some(Command::Kill(v)) => stop(&v.vm, r#"{"action_type": "Kill"}"#, Duration::from_secs(10)),
+        Some(Command::Stop(s)) => stop_gracefully(&s),
+        Some(Command::Fault(f)) => fault(&f),
+        Some(Command::Stats(v)) => stats(&v.vm),
+    }
+}
+
+/// `bulkhead --version`: `Bulkhead vX.Y.Z`. Invoked as `firecracker` (a link Kata's
+/// `configuration-fc.toml` points at), the first line names the Firecracker API version whose
+/// subset Bulkhead serves, which is what Kata checks.
+fn print_version() -> ExitCode {
+    let argv0 = std::env::args().next().unwrap_or_default();
+    if Path::new(&argv0).file_name().is_some_and(|n| n == "firecracker") {
+        println!("Firecracker v{}", vmm_core::api::FIRECRACKER_API_VERSION);
+        println!();
+        println!(
+            "Bulkhead v{VERSION}, serving a subset of Firecracker's API {}",
+            vmm_core::api::FIRECRACKER_API_VERSION
+        );
+    } else {
+        println!("Bulkhead v{VERSION}");
+        println!();
+        println!("Serves a subset of Firecracker's API {} (docs/API.md).", vmm_core::api::FIRECRACKER_API_VERSION);
+    }
+    ExitCode::SUCCESS
+}
+
+/// Installs the termination-signal handlers, before anything narrows this thread's system
+/// calls. False (after saying why) if that failed.
+fn signal_handlers() -> bool {
+    match vmm_core::launch::install_signal_handlers() {
+        Ok(()) => true,
+        Err(e) => {
+            eprintln!("bulkhead: error: {}", chain(&e));
+            false
         }
-        Command::Stats(s) => api(&s.vm, &ApiRequest::Stats),
-        Command::Fault(f) => match (f.device.as_str(), f.action) {
-            ("stats", None) => api(&f.vm, &ApiRequest::Stats),
-            (_, Some(action)) => api(&f.vm, &ApiRequest::Fault { device: f.device.clone(), action }),
-            (_, None) => {
-                eprintln!("bulkhead: error: missing fault ({})", ipc::control::FaultAction::NAMES);
-                ExitCode::from(2)
+    }
+}
+
+/// Serves the API on `sock` (if given), starts the VM at once if `start_now`, and runs `vmm`
+/// until its VM stops. Returns the exit status.
+///
+/// Order matters: the API's threads are created before the VM starts, because starting it
+/// narrows this thread's system calls (and a thread inherits its creator's filter).
+fn drive(mut vmm: Vmm, sock: Option<&Path>, start_now: bool) -> ExitCode {
+    let (tx, rx) = crossbeam_channel::unbounded();
+    let api = match sock {
+        Some(p) => match ApiServer::start(p, vmm.view(), tx) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                eprintln!("bulkhead: error: {}", chain(&e));
+                return ExitCode::from(EX_CONFIG);
             }
         },
+        None => {
+            drop(tx);
+            None
+        }
+    };
+    if start_now {
+        if let Err(e) = vmm.handle(VmmAction::InstanceStart) {
+            eprintln!("bulkhead: error: {}", e.to_string().trim_start_matches("Start microvm error: "));
+            return ExitCode::from(EX_CONFIG);
+        }
     }
+    let reason = vmm.run(&rx);
+    drop(api);
+    ExitCode::from(reason.exit_code())
+}
+
+/// `bulkhead` with no subcommand: the Firecracker way.
+fn serve_api(args: &VmmArgs) -> ExitCode {
+    if args.version {
+        return print_version();
+    }
+    vmm_core::logger::init(args.log_level);
+    if !signal_handlers() {
+        return ExitCode::from(EX_CONFIG);
+    }
+    let id = args.id.clone().unwrap_or_else(|| DEFAULT_ID.to_string());
+    let sock =
+        if args.no_api { None } else { Some(args.api_sock.clone().unwrap_or_else(|| api_client::socket_for(&id))) };
+    let config = match &args.config_file {
+        None => VmConfig::default(),
+        Some(path) => match std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read {}: {e}", path.display()))
+            .and_then(|text| VmConfig::from_json(&text).map_err(|e| e.to_string()))
+        {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("bulkhead: error: configuration file: {e}");
+                return ExitCode::from(EX_CONFIG);
+            }
+        },
+    };
+    drive(Vmm::new(&id, config), sock.as_deref(), args.config_file.is_some())
+}
+
+/// `bulkhead run`: boot the VM the arguments describe, at once.
+fn run(args: &RunArgs) -> ExitCode {
+    vmm_core::logger::init(args.log_level);
+    let sock = args.api_sock.clone().or_else(|| args.id.as_deref().map(api_client::socket_for));
+    if args.detach {
+        return detach(sock.as_deref());
+    }
+    if !signal_handlers() {
+        return ExitCode::from(EX_CONFIG);
+    }
+    let id = args.id.clone().unwrap_or_else(|| format!("vm-{}", std::process::id()));
+    drive(Vmm::new(&id, args.to_config()), sock.as_deref(), true)
+}
+
+/// `bulkhead run --detach`: runs the same command without `--detach` in a new session, its
+/// stdin and stdout on /dev/null and its log on stderr, and returns once its API says the VM
+/// runs (at most 60 s).
+fn detach(sock: Option<&Path>) -> ExitCode {
+    let Some(sock) = sock else {
+        eprintln!("bulkhead: error: --detach needs --id or --api-sock (to know when the VM runs)");
+        return ExitCode::from(2);
+    };
+    let exe = match std::env::current_exe() {
+        Ok(e) => e,
+        Err(e) => {
+            eprintln!("bulkhead: error: cannot find my own binary: {e}");
+            return ExitCode::from(EX_CONFIG);
+        }
+    };
+    let args: Vec<String> = std::env::args().skip(1).filter(|a| a != "--detach").collect();
+    let mut cmd = std::process::Command::new(exe);
+    cmd.args(&args).stdin(std::process::Stdio::null()).stdout(std::process::Stdio::null());
+    // SAFETY: setsid() is async-signal-safe and touches no memory of the parent.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    let mut child = match cmd.spawn() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("bulkhead: error: cannot start the VMM: {e}");
+            return ExitCode::from(EX_CONFIG);
+        }
+    };
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(60) {
+        if let Ok(Some(status)) = child.try_wait() {
+            eprintln!("bulkhead: error: the VMM exited before the VM ran ({status})");
+            return ExitCode::from(u8::try_from(status.code().unwrap_or(1)).unwrap_or(1));
+        }
+        if let Ok(a) = api_client::request(sock, "GET", "/", None, Duration::from_secs(1)) {
+            if a.body.contains("\"Running\"") {
+                println!("{}", child.id());
+                return ExitCode::SUCCESS;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    eprintln!("bulkhead: error: the VM did not start within 60 s");
+    ExitCode::from(EX_UNAVAILABLE)
+}
+
+/// Sends one request to a VM; prints an error and returns the status on failure.
+fn call(vm: &str, method: &str, path: &str, body: Option<&str>) -> Result<Answer, ExitCode> {
+    let sock = api_client::socket_for(vm);
+    match api_client::request(&sock, method, path, body, CLIENT_TIMEOUT) {
+        Ok(a) if a.ok() => Ok(a),
+        Ok(a) => {
+            eprintln!("bulkhead: error: {}", a.message());
+            Err(ExitCode::from(1))
+        }
+        Err(e) => {
+            eprintln!("bulkhead: error: {}", chain(&e));
+            Err(ExitCode::from(EX_UNAVAILABLE))
+        }
+    }
+}
+
+fn simple(vm: &str, method: &str, path: &str, body: &str, done: &str) -> ExitCode {
+    match call(vm, method, path, Some(body)) {
+        Ok(_) => {
+            println!("{vm}: {done}");
+            ExitCode::SUCCESS
+        }
+        Err(code) => code,
+    }
+}
+
+/// Sends a stop or kill and waits (at most `grace` + 10 s) for the VMM to end.
+fn stop(vm: &str, body: &str, grace: Duration) -> ExitCode {
+    if let Err(code) = call(vm, "PUT", "/bulkhead/actions", Some(body)) {
+        return code;
+    }
+    let sock = api_client::socket_for(vm);
+    let start = Instant::now();
+    while start.elapsed() < grace + Duration::from_secs(10) {
+        if std::os::unix::net::UnixStream::connect(&sock).is_err() {
+            println!("{vm}: stopped");
+            return ExitCode::SUCCESS;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    eprintln!("bulkhead: error: {vm} is still running");
+    ExitCode::from(1)
+}
+
+fn stop_gracefully(s: &StopArgs) -> ExitCode {
+    let body = format!(r#"{{"action_type": "Stop", "timeout_s": {}}}"#, s.timeout);
+    stop(&s.vm, &body, Duration::from_secs(s.timeout))
+}
+
+/// `bulkhead ls`.
+fn ls(a: &LsArgs) -> ExitCode {
+    let vms = api_client::list(&a.dir);
+    if !a.json {
+        println!(
+            "{:<24} {:<12} {:>8} {:>9} {:>5} {:>8} {:>7} {:>8}",
+            "ID", "STATE", "PID", "UPTIME", "VCPUS", "MEM(MiB)", "DEVICES", "RESTARTS"
+        );
+    }
+    for (id, sock) in vms {
+        let Ok(answer) = api_client::request(&sock, "GET", "/bulkhead/vm", None, Duration::from_secs(2)) else {
+            continue;
+        };
+        let Ok(s) = serde_json::from_str::<VmSummary>(&answer.body) else { continue };
+        if a.json {
+            println!("{}", answer.body);
+        } else {
+            println!(
+                "{:<24} {:<12} {:>8} {:>8}s {:>5} {:>8} {:>7} {:>8}",
+                id, s.state, s.pid, s.uptime_s, s.vcpus, s.mem_mib, s.devices, s.restarts
+            );
+        }
+    }
+    ExitCode::SUCCESS
+}
+
+/// `bulkhead fault VM DEVICE ACTION` (`DEVICE` `stats`: metrics).
+fn fault(f: &FaultArgs) -> ExitCode {
+    match (f.device.as_str(), f.action) {
+        ("stats", None) => stats(&f.vm),
+        (_, Some(action)) => {
+            let body = serde_json::json!({ "action": action.to_string() }).to_string();
+            match call(&f.vm, "PUT", &format!("/bulkhead/devices/{}/fault", f.device), Some(&body)) {
+                Ok(a) => {
+                    let v: serde_json::Value = serde_json::from_str(&a.body).unwrap_or_default();
+                    println!("{}", v["result"].as_str().unwrap_or(&a.body));
+                    ExitCode::SUCCESS
+                }
+                Err(code) => code,
+            }
+        }
+        (_, None) => {
+            eprintln!("bulkhead: error: missing fault ({})", ipc::control::FaultAction::NAMES);
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// `bulkhead stats VM`: one line per device.
+fn stats(vm: &str) -> ExitCode {
+    let answer = match call(vm, "GET", "/bulkhead/devices", None) {
+        Ok(a) => a,
+        Err(code) => return code,
+    };
+    let Ok(devices) = serde_json::from_str::<Vec<vmm_core::api::DeviceInfo>>(&answer.body) else {
+        eprintln!("bulkhead: error: malformed answer: {}", answer.body);
+        return ExitCode::from(EX_UNAVAILABLE);
+    };
+    for d in devices {
+        println!(
+            "service {} (pid {}): {} restarts, {} exits forwarded, {} device requests redone, {}{}",
+            d.service,
+            d.pid,
+            d.restarts,
+            d.exits_forwarded,
+            d.requests_redone,
+            d.state,
+            d.failed.map_or_else(String::new, |f| format!("; FAILED: {f}"))
+        );
+    }
+    ExitCode::SUCCESS
 }

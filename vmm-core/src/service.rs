@@ -40,7 +40,7 @@ use std::time::{Duration, Instant};
 
 use ipc::control::{
     bounded_reason, BlockConfig, ControlMsg, DeviceConfig, FaultAction, FdRole, ForbiddenAction, MemoryRegion,
-    NetConfig, RateLimit, RingSetup, ServiceFault, ServiceMetrics, ServiceSetup, ServiceStats,
+    NetConfig, RateLimit, RateLimitUpdate, RingSetup, ServiceFault, ServiceMetrics, ServiceSetup, ServiceStats,
 };
 use ipc::ring::{ExitKind, ExitRequest, Status};
 use ipc::state::{StateRegion, HOT_OFFSET, SLOT_HEADER_LEN, SLOT_LEN};
@@ -125,6 +125,14 @@ pub enum ServiceError {
     NoStateRegion {
         /// Service name.
         name: String,
+    },
+    /// A change that does not fit this kind of device.
+    #[error("service {name}: {what}")]
+    Unsupported {
+        /// Service name.
+        name: String,
+        /// What was asked.
+        what: &'static str,
     },
     /// An OS call failed.
     #[error("{what}")]
@@ -669,11 +677,18 @@ struct Shared {
     /// The VM is paused: the service must not serve, and a dead instance is replaced only once
     /// this is cleared.
     paused: AtomicBool,
+    /// How new instances are started; changed by live updates (rate limits, a new image) so that
+    /// a replacement starts with them too.
+    recipe: Mutex<Recipe>,
 }
 
 impl Shared {
     fn lock_ctl(&self) -> std::sync::MutexGuard<'_, Ctl> {
         self.ctl.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn lock_recipe(&self) -> std::sync::MutexGuard<'_, Recipe> {
+        self.recipe.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Reads the control channel until `want` picks the reply (or `deadline`), noting pongs and
@@ -723,6 +738,31 @@ impl Shared {
         self.metrics.lock().unwrap_or_else(|e| e.into_inner()).redone_by_earlier += ctl.redone_seen;
         *ctl = new;
         ctl
+    }
+}
+
+/// What a service is doing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ServiceState {
+    /// An instance serves the device.
+    Serving,
+    /// The VM is paused, and so is the service.
+    Paused,
+    /// The instance died and its replacement is not serving yet.
+    Restarting,
+    /// Past the restart cap: the device failed for good.
+    Failed,
+}
+
+impl ServiceState {
+    /// The name the API uses.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Serving => "serving",
+            Self::Paused => "paused",
+            Self::Restarting => "restarting",
+            Self::Failed => "failed",
+        }
     }
 }
 
@@ -872,6 +912,93 @@ impl ServiceRef {
     /// Whether the service is paused.
     pub fn is_paused(&self) -> bool {
         self.0.paused.load(Ordering::SeqCst)
+    }
+
+    /// What the service is doing now.
+    pub fn state(&self) -> ServiceState {
+        if self.0.device.is_failed() {
+            return ServiceState::Failed;
+        }
+        let exited = {
+            let ctl = self.0.lock_ctl();
+            // A pidfd turns readable when its process exits.
+            ipc::wait::wait_readable(ctl.pidfd.as_fd(), Duration::ZERO).unwrap_or(true)
+        };
+        if exited {
+            ServiceState::Restarting
+        } else if self.is_paused() {
+            ServiceState::Paused
+        } else {
+            ServiceState::Serving
+        }
+    }
+
+    /// Death → serving of each restart so far (the last [`supervisor::LATENCY_SAMPLES`]).
+    pub fn restart_latencies(&self) -> Vec<Duration> {
+        self.0.metrics.lock().unwrap_or_else(|e| e.into_inner()).latencies.iter().copied().collect()
+    }
+
+    /// Why the last failed instance failed.
+    pub fn last_failure(&self) -> Option<String> {
+        self.0.metrics.lock().unwrap_or_else(|e| e.into_inner()).last_failure.clone()
+    }
+
+    /// Replaces the device's rate limits: in the recipe (so a replacement starts with them) and
+    /// in the current instance, which acknowledges within `timeout`.
+    pub fn set_rate_limit(&self, limits: RateLimitUpdate, timeout: Duration) -> Result<(), ServiceError> {
+        {
+            let mut recipe = self.0.lock_recipe();
+            match (&mut recipe.device, limits) {
+                (DeviceConfig::Block(b), RateLimitUpdate::Block(l)) => b.rate_limit = l,
+                (DeviceConfig::Net(n), RateLimitUpdate::Net { rx, tx }) => {
+                    n.rx_rate_limit = rx;
+                    n.tx_rate_limit = tx;
+                }
+                _ => {
+                    return Err(ServiceError::Unsupported {
+                        name: self.0.name.clone(),
+                        what: "these rate limits are for another kind of device",
+                    })
+                }
+            }
+        }
+        if self.0.device.closed() {
+            return Ok(());
+        }
+        let mut ctl = self.0.lock_ctl();
+        let token = ctl.next_token();
+        ctl.control.send(&ControlMsg::SetRateLimit { token, limits }, &[]).map_err(|e| self.0.control_error(e))?;
+        let applied = self.0.await_reply(&mut ctl, Instant::now() + timeout, |m| match m {
+            ControlMsg::RateLimitSet { token: t, applied } if *t == token => Some(*applied),
+            _ => None,
+        })?;
+        if !applied {
+            return Err(ServiceError::Unsupported {
+                name: self.0.name.clone(),
+                what: "the service refused the limits",
+            });
+        }
+        Ok(())
+    }
+
+    /// Gives a block device a new image (`file`, opened by the core): the current instance is
+    /// replaced by one serving it, through the restart path, so the guest sees the new medium
+    /// (its size included) and no error. Requests in flight are redone against the new image.
+    pub fn replace_disk(&self, file: std::fs::File) -> Result<(), ServiceError> {
+        let size = file.metadata().map_err(os("stat of the new image"))?.len();
+        {
+            let mut recipe = self.0.lock_recipe();
+            let DeviceConfig::Block(b) = &mut recipe.device else {
+                return Err(ServiceError::Unsupported { name: self.0.name.clone(), what: "only a disk has an image" });
+            };
+            b.disk_size = size;
+            let Some(slot) = recipe.fds.iter_mut().find(|(role, _)| *role == FdRole::Disk) else {
+                return Err(ServiceError::Unsupported { name: self.0.name.clone(), what: "no image fd to replace" });
+            };
+            slot.1 = OwnedFd::from(file);
+        }
+        log::info!("service {}: new image ({size} bytes): replacing the instance", self.0.name);
+        self.kill()
     }
 }
 
@@ -1141,6 +1268,7 @@ fn spawn_service_with_state(
 ) -> Result<(Arc<RemoteDevice>, ServiceHandle), ServiceError> {
     let ServiceSpec { name, binary, device, fds, space, options } = spec;
     check_binary(&binary)?;
+    let binary_shown = binary.display().to_string();
     let recipe = Recipe { name: name.clone(), binary, device, fds, options };
     // The first instance starts on the caller's thread (set-up errors reach the caller); later
     // ones on the supervisor thread (their parent-death signal is tied to it, and it lives as
@@ -1181,12 +1309,11 @@ fn spawn_service_with_state(
         metrics: Mutex::new(Metrics::default()),
         state,
         paused: AtomicBool::new(false),
+        recipe: Mutex::new(recipe),
     });
     let (tx, exit_rx) = sync_channel(1);
-    let binary = recipe.binary.clone();
     let (sh, kill_fd) = (shared.clone(), shared.lock_ctl().pidfd.try_clone().ok());
-    let supervisor =
-        std::thread::Builder::new().name(format!("sup-{name}")).spawn(move || supervise(&sh, recipe, child, &tx));
+    let supervisor = std::thread::Builder::new().name(format!("sup-{name}")).spawn(move || supervise(&sh, child, &tx));
     let supervisor = match supervisor {
         Ok(w) => w,
         Err(e) => {
@@ -1197,7 +1324,7 @@ fn spawn_service_with_state(
             return Err(ServiceError::Os { what: "spawning the supervisor thread", source: e });
         }
     };
-    log::info!("service {name} started as pid {pid} ({})", binary.display());
+    log::info!("service {name} started as pid {pid} ({binary_shown})");
     let handle = ServiceHandle { shared, exit_rx, status: None, supervisor: Some(supervisor) };
     Ok((dev, handle))
 }
@@ -1311,10 +1438,14 @@ fn check_liveness(shared: &Shared, liveness: &mut Liveness) -> Result<Option<Ins
 }
 
 /// The supervisor thread: waits for the instance to fail, then restarts it per the policy.
-fn supervise(shared: &Shared, recipe: Recipe, mut child: ServiceChild, exit_tx: &SyncSender<ExitStatus>) {
-    let policy = recipe.options.restart;
+fn supervise(shared: &Shared, mut child: ServiceChild, exit_tx: &SyncSender<ExitStatus>) {
+    let (options, is_console) = {
+        let recipe = shared.lock_recipe();
+        (recipe.options.clone(), matches!(recipe.device, DeviceConfig::Console { .. }))
+    };
+    let policy = options.restart;
     let mut tracker = RestartTracker::new(policy);
-    let (interval, deadline) = (recipe.options.liveness_interval, recipe.options.call_timeout);
+    let (interval, deadline) = (options.liveness_interval, options.call_timeout);
     let mut liveness = Liveness::new(interval, deadline, Instant::now());
     let dev = &shared.device;
     let name = &shared.name;
@@ -1353,6 +1484,7 @@ fn supervise(shared: &Shared, recipe: Recipe, mut child: ServiceChild, exit_tx: 
             let _ = exit_tx.send(status);
             return;
         }
+        shared.metrics.lock().unwrap_or_else(|e| e.into_inner()).last_failure = Some(why.clone());
         // Wake accesses blocked on the dead instance's ring: they wait for the next one.
         dev.lock_current().ring.abort();
         let sep = if kind == Failure::Seccomp { "" } else { "failed: " };
@@ -1363,9 +1495,8 @@ fn supervise(shared: &Shared, recipe: Recipe, mut child: ServiceChild, exit_tx: 
                 Decision::GiveUp(cap) => {
                     let why = format!("restart cap reached: {cap}; last failure: {why}");
                     shared.metrics.lock().unwrap_or_else(|e| e.into_inner()).failed = Some(why.clone());
-                    if !matches!(recipe.device, DeviceConfig::Console { .. }) && !shared.stopping.load(Ordering::SeqCst)
-                    {
-                        match present_failed(shared, &recipe, &why) {
+                    if !is_console && !shared.stopping.load(Ordering::SeqCst) {
+                        match present_failed(shared, &why) {
                             Ok(last) => {
                                 let _ = exit_tx.send(serve_failed(shared, last, interval, deadline).unwrap_or(status));
                                 return;
@@ -1397,7 +1528,8 @@ fn supervise(shared: &Shared, recipe: Recipe, mut child: ServiceChild, exit_tx: 
                 return;
             }
             let generation = dev.generation() + 1;
-            match start_instance(&recipe) {
+            let started = start_instance(&shared.lock_recipe());
+            match started {
                 Ok(inst) => {
                     let new_pid = inst.child.id();
                     {
@@ -1450,8 +1582,9 @@ fn supervise(shared: &Shared, recipe: Recipe, mut child: ServiceChild, exit_tx: 
 /// Past the restart cap, for a virtio device: starts one last instance from `recipe` (state
 /// region included), tells it to present the failed device (`EnterFailed`), swaps it in and logs
 /// the failure once. Returns the instance, or why it could not be done (the child is then reaped).
-fn present_failed(shared: &Shared, recipe: &Recipe, why: &str) -> Result<ServiceChild, String> {
-    let inst = start_instance(recipe).map_err(|e| {
+fn present_failed(shared: &Shared, why: &str) -> Result<ServiceChild, String> {
+    let started = start_instance(&shared.lock_recipe());
+    let inst = started.map_err(|e| {
         let mut msg = format!("starting a last instance failed: {e}");
         let mut src = std::error::Error::source(&e);
         while let Some(s) = src {

@@ -5,6 +5,7 @@
 //! `immediate_exit`, so no command is missed between the thread's check and its `KVM_RUN`.
 
 use std::cell::Cell;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -270,6 +271,7 @@ pub fn run(
     stop: StopHandle,
     commands: Receiver<VcpuCommand>,
     events: Sender<VcpuEvent>,
+    exit_count: Arc<AtomicU64>,
 ) {
     // The thread's seccomp filter, before its first KVM_RUN: KVM_RUN, the rings' doorbells and
     // little else (policies/json/vcpu.json; a mismatch kills the process). Never run without it.
@@ -306,6 +308,7 @@ pub fn run(
         let outcome = match vcpu.run() {
             Ok(mut exit) => {
                 exits += 1;
+                exit_count.store(exits, Ordering::Relaxed);
                 let translated = translate(&exit);
                 let outcome = handle_exit(&translated, &buses);
                 if let Outcome::ResumeWithRead(read) = &outcome {
@@ -353,11 +356,12 @@ impl VcpuHandle {
         buses: Arc<Buses>,
         stop: StopHandle,
         events: Sender<VcpuEvent>,
+        exit_count: Arc<AtomicU64>,
     ) -> std::io::Result<Self> {
         let (commands, rx) = crossbeam_channel::unbounded();
         let thread = std::thread::Builder::new()
             .name(format!("vcpu{index}"))
-            .spawn(move || run(index, vcpu, buses, stop, rx, events))?;
+            .spawn(move || run(index, vcpu, buses, stop, rx, events, exit_count))?;
         Ok(Self { index, commands, thread: Some(thread) })
     }
 
@@ -414,6 +418,7 @@ pub struct VcpuSet {
     handles: Vec<VcpuHandle>,
     events: Receiver<VcpuEvent>,
     events_tx: Sender<VcpuEvent>,
+    exits: Vec<Arc<AtomicU64>>,
 }
 
 /// Errors of [`VcpuSet`].
@@ -430,7 +435,7 @@ pub enum VcpuError {
 impl Default for VcpuSet {
     fn default() -> Self {
         let (events_tx, events) = crossbeam_channel::unbounded();
-        Self { handles: Vec::new(), events, events_tx }
+        Self { handles: Vec::new(), events, events_tx, exits: Vec::new() }
     }
 }
 
@@ -438,9 +443,17 @@ impl VcpuSet {
     /// Starts the next vCPU.
     pub fn spawn(&mut self, vcpu: VcpuFd, buses: Arc<Buses>, stop: StopHandle) -> Result<(), VcpuError> {
         let index = self.handles.len();
-        let h = VcpuHandle::spawn(index, vcpu, buses, stop, self.events_tx.clone()).map_err(VcpuError::Spawn)?;
+        let count = Arc::new(AtomicU64::new(0));
+        let h = VcpuHandle::spawn(index, vcpu, buses, stop, self.events_tx.clone(), count.clone())
+            .map_err(VcpuError::Spawn)?;
         self.handles.push(h);
+        self.exits.push(count);
         Ok(())
+    }
+
+    /// Each vCPU's exit counter (read while the VM runs).
+    pub fn exit_counters(&self) -> Vec<Arc<AtomicU64>> {
+        self.exits.clone()
     }
 
     /// How many vCPUs.

@@ -18,7 +18,7 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::rc::Rc;
 use std::time::Duration;
 
-use ipc::control::RateLimit;
+use ipc::control::{IoCounters, RateLimit, RateLimitUpdate};
 
 use virtio_bindings::virtio_blk;
 use vm_memory::{Bytes, GuestMemory, Permissions, VolatileSlice};
@@ -592,6 +592,25 @@ impl MmioHandler for BlockHandler {
 
     fn enter_failed(&mut self, reason: &str) -> bool {
         self.transport.enter_failed(reason);
+        true
+    }
+
+    fn io_counters(&self) -> IoCounters {
+        let s = self.transport.device().stats();
+        IoCounters {
+            requests: s.ok + s.ioerr + s.unsupp,
+            bytes_to_guest: s.bytes_read,
+            bytes_from_guest: s.bytes_written,
+            throttled: s.throttled,
+            errors: s.ioerr + s.unsupp + s.unanswerable,
+        }
+    }
+
+    fn set_rate_limit(&mut self, limits: &RateLimitUpdate) -> bool {
+        let RateLimitUpdate::Block(limit) = limits else { return false };
+        let device = self.transport.device_mut();
+        device.set_rate_limit(limit);
+        device.arm_rate_limit();
         true
     }
 }

@@ -569,6 +569,11 @@ impl<D: VirtioDevice> MmioTransport<D> {
         &self.device
     }
 
+    /// The device, to change its settings (rate limits) between requests.
+    pub fn device_mut(&mut self) -> &mut D {
+        &mut self.device
+    }
+
     /// Guest memory.
     pub fn memory(&self) -> &GuestMem {
         &self.mem

@@ -55,7 +55,7 @@ use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::rc::Rc;
 use std::time::Duration;
 
-use ipc::control::RateLimit;
+use ipc::control::{IoCounters, RateLimit, RateLimitUpdate};
 
 use virtio_bindings::virtio_net as vn;
 use virtio_queue::desc::split::Descriptor;
@@ -1260,6 +1260,25 @@ impl MmioHandler for NetHandler {
 
     fn redone(&self) -> u64 {
         self.transport.redone()
+    }
+
+    fn io_counters(&self) -> IoCounters {
+        let s = self.transport.device().stats();
+        IoCounters {
+            requests: s.tx_frames + s.rx_frames,
+            bytes_to_guest: s.rx_bytes,
+            bytes_from_guest: s.tx_bytes,
+            throttled: s.tx_throttled + s.rx_throttled,
+            errors: s.tx_dropped + s.tx_errors + s.rx_dropped + s.rx_bad_chains + s.rx_errors,
+        }
+    }
+
+    fn set_rate_limit(&mut self, limits: &RateLimitUpdate) -> bool {
+        let RateLimitUpdate::Net { rx, tx } = limits else { return false };
+        let device = self.transport.device_mut();
+        device.set_rate_limit(rx, tx);
+        device.arm_rate_limit();
+        true
     }
 }
 

@@ -129,6 +129,8 @@ pub struct Metrics {
     /// Requests found in flight in the state region and redone, summed over the instances
     /// that have been replaced (the current one's count is on its control channel).
     pub redone_by_earlier: u64,
+    /// Why the last instance that failed failed.
+    pub last_failure: Option<String>,
 }
 
 /// Latency samples kept per service.

@@ -1,0 +1,564 @@
+//! The VMM: one VM's life, `NotStarted → Running ⇄ Paused → Stopped`, owned by one thread (the
+//! process's main thread) that applies [`VmmAction`]s in the order they arrive: from the API
+//! (`crate::api`), from a configuration file, from the command line. Which action is allowed in
+//! which state is a pure function ([`check`]); the VM itself is a [`RunningVm`] built from the
+//! [`VmConfig`] at `InstanceStart`.
+//!
+//! Readers (the API's `GET`s, `bulkhead ls`) never wait for this thread: it publishes a
+//! [`VmmView`] after every action, and the devices' counters are read live from the registry.
+
+use std::fs::File;
+use std::io::Write;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant, SystemTime};
+
+use crossbeam_channel::{Receiver, Sender};
+
+use crate::config::{
+    BootSource, ConfigError, DriveConfig, DriveUpdate, LoggerConfig, MachineConfig, MachineConfigUpdate, MetricsConfig,
+    NetworkInterface, NetworkInterfaceUpdate, VmConfig,
+};
+use crate::control::StopReason;
+use crate::launch::{DeviceRegistry, LaunchError, RunningVm};
+
+/// What the VM is doing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VmState {
+    /// Being configured; `InstanceStart` builds and starts it.
+    NotStarted,
+    /// The vCPUs run.
+    Running,
+    /// The vCPUs and the services are paused.
+    Paused,
+    /// The guest stopped (or was stopped); the VMM is ending.
+    Stopped,
+}
+
+impl VmState {
+    /// The name Firecracker's `GET /` uses.
+    pub fn api_name(self) -> &'static str {
+        match self {
+            Self::NotStarted => "Not started",
+            Self::Running => "Running",
+            Self::Paused => "Paused",
+            Self::Stopped => "Stopped",
+        }
+    }
+}
+
+/// Something asked of the VMM.
+#[derive(Debug)]
+pub enum VmmAction {
+    /// `PUT /boot-source`.
+    PutBootSource(BootSource),
+    /// `PUT /machine-config`.
+    PutMachineConfig(MachineConfig),
+    /// `PATCH /machine-config`.
+    PatchMachineConfig(MachineConfigUpdate),
+    /// `PUT /drives/{id}`.
+    PutDrive(DriveConfig),
+    /// `PATCH /drives/{id}`, with the new image already opened by the API thread.
+    PatchDrive(DriveUpdate, Option<File>),
+    /// `PUT /network-interfaces/{id}`.
+    PutNetworkInterface(NetworkInterface),
+    /// `PATCH /network-interfaces/{id}`.
+    PatchNetworkInterface(NetworkInterfaceUpdate),
+    /// `PUT /logger`, with the log file already opened.
+    PutLogger(LoggerConfig, Option<File>),
+    /// `PUT /metrics`, with the metrics file already opened.
+    PutMetrics(MetricsConfig, File),
+    /// `PUT /actions` `InstanceStart`.
+    InstanceStart,
+    /// `PUT /actions` `SendCtrlAltDel`.
+    SendCtrlAltDel,
+    /// `PUT /actions` `FlushMetrics`.
+    FlushMetrics,
+    /// `PATCH /vm` `Paused`.
+    Pause,
+    /// `PATCH /vm` `Resumed`.
+    Resume,
+    /// `bulkhead stop`: Ctrl-Alt-Del, then a hard stop after `grace`.
+    Stop {
+        /// How long the guest gets to stop itself.
+        grace: Duration,
+    },
+    /// `bulkhead kill`: stop now.
+    Kill,
+}
+
+impl VmmAction {
+    /// Whether the action changes the VM's description (allowed only before the start).
+    fn is_configuration(&self) -> bool {
+        matches!(
+            self,
+            Self::PutBootSource(_)
+                | Self::PutMachineConfig(_)
+                | Self::PatchMachineConfig(_)
+                | Self::PutDrive(_)
+                | Self::PutNetworkInterface(_)
+                | Self::PutLogger(..)
+                | Self::PutMetrics(..)
+        )
+    }
+}
+
+/// Why an action was refused or failed; the API answers 400 with this as `fault_message`.
+#[derive(Debug, thiserror::Error)]
+pub enum ActionError {
+    /// Not in this state.
+    #[error("The requested operation is not supported {0}.")]
+    WrongState(&'static str),
+    /// A bad description.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// Building or starting the VM failed.
+    #[error("Start microvm error: {0}")]
+    Start(String),
+    /// Something the running VM could not do.
+    #[error("{0}")]
+    Failed(String),
+    /// A device the VM does not have.
+    #[error("no device `{device}` (have: {have})")]
+    NoDevice {
+        /// The name given.
+        device: String,
+        /// The names there are.
+        have: String,
+    },
+}
+
+/// Whether `action` may run in `state`: a pure function of the two, unit-tested.
+pub fn check(state: VmState, action: &VmmAction) -> Result<(), ActionError> {
+    use VmState::*;
+    match (state, action) {
+        (Stopped, _) => Err(ActionError::WrongState("after the microVM stopped")),
+        (Running | Paused, a) if a.is_configuration() => Err(ActionError::WrongState("after starting the microVM")),
+        (Running | Paused, VmmAction::InstanceStart) => Err(ActionError::WrongState("after starting the microVM")),
+        (NotStarted, VmmAction::Stop { .. } | VmmAction::Kill) => Ok(()),
+        (
+            NotStarted,
+            VmmAction::Pause
+            | VmmAction::Resume
+            | VmmAction::SendCtrlAltDel
+            | VmmAction::FlushMetrics
+            | VmmAction::PatchDrive(..)
+            | VmmAction::PatchNetworkInterface(_),
+        ) => Err(ActionError::WrongState("before starting the microVM")),
+        (Paused, VmmAction::SendCtrlAltDel) => Err(ActionError::WrongState("while the microVM is paused")),
+        _ => Ok(()),
+    }
+}
+
+/// What readers see of the VMM, published after every action.
+#[derive(Debug, Clone)]
+pub struct VmmView {
+    /// The VM's id (`--id`).
+    pub id: String,
+    /// Its state.
+    pub state: VmState,
+    /// Its description.
+    pub config: VmConfig,
+    /// Its devices, once started.
+    pub devices: Option<DeviceRegistry>,
+    /// When it started (wall clock and monotonic).
+    pub started: Option<(SystemTime, Instant)>,
+    /// The core's pid.
+    pub pid: u32,
+    /// Each vCPU's exit counter, once started.
+    pub vcpu_exits: Vec<Arc<std::sync::atomic::AtomicU64>>,
+}
+
+/// The shared, read-mostly view.
+pub type SharedView = Arc<RwLock<VmmView>>;
+
+/// One action and where its answer goes.
+#[derive(Debug)]
+pub struct ApiCall {
+    /// The action.
+    pub action: VmmAction,
+    /// The answer.
+    pub reply: Sender<Result<(), ActionError>>,
+}
+
+/// How often an idle VMM looks at signals, injections, stop deadlines and the metrics timer.
+const TICK: Duration = Duration::from_millis(50);
+/// How often metrics are written to the metrics file while the VM runs (Firecracker: 60 s).
+const METRICS_PERIOD: Duration = Duration::from_secs(60);
+/// Longest wait for every vCPU and service to acknowledge a pause or a resume.
+const PAUSE_LIMIT: Duration = Duration::from_secs(5);
+
+/// The VMM: the description, the running VM once started, and the outputs configured for it.
+pub struct Vmm {
+    config: VmConfig,
+    state: VmState,
+    vm: Option<RunningVm>,
+    view: SharedView,
+    metrics: Option<File>,
+    metrics_due: Instant,
+    stop_deadline: Option<Instant>,
+    /// A termination signal that came before the VM started.
+    signalled: Option<i32>,
+}
+
+impl Vmm {
+    /// A VMM for the VM `config` describes (not started), known as `id`.
+    pub fn new(id: &str, config: VmConfig) -> Self {
+        let view = Arc::new(RwLock::new(VmmView {
+            id: id.to_string(),
+            state: VmState::NotStarted,
+            config: config.clone(),
+            devices: None,
+            started: None,
+            pid: std::process::id(),
+            vcpu_exits: Vec::new(),
+        }));
+        Self {
+            config,
+            state: VmState::NotStarted,
+            vm: None,
+            view,
+            metrics: None,
+            metrics_due: Instant::now(),
+            stop_deadline: None,
+            signalled: None,
+        }
+    }
+
+    /// The view readers share.
+    pub fn view(&self) -> SharedView {
+        self.view.clone()
+    }
+
+    /// The state.
+    pub fn state(&self) -> VmState {
+        self.state
+    }
+
+    fn publish(&self) {
+        let mut v = self.view.write().unwrap_or_else(|e| e.into_inner());
+        v.state = self.state;
+        v.config = self.config.clone();
+        v.devices = self.vm.as_ref().map(|vm| vm.registry().clone());
+        v.vcpu_exits = self.vm.as_ref().map(RunningVm::vcpu_exits).unwrap_or_default();
+        if v.started.is_none() && self.vm.is_some() {
+            v.started = Some((SystemTime::now(), Instant::now()));
+        }
+    }
+
+    /// Applies one action (checked against the state first; nothing changes when it fails).
+    pub fn handle(&mut self, action: VmmAction) -> Result<(), ActionError> {
+        check(self.state, &action)?;
+        let result = self.apply(action);
+        self.publish();
+        result
+    }
+
+    fn apply(&mut self, action: VmmAction) -> Result<(), ActionError> {
+        match action {
+            VmmAction::PutBootSource(b) => {
+                std::fs::File::open(&b.kernel_image_path).map_err(|e| {
+                    ActionError::Failed(format!("Boot source error: The kernel file cannot be opened: {e}"))
+                })?;
+                if let Some(initrd) = &b.initrd_path {
+                    std::fs::File::open(initrd).map_err(|e| {
+                        ActionError::Failed(format!("Boot source error: The initrd file cannot be opened: {e}"))
+                    })?;
+                }
+                let args = b.boot_args().len();
+                if args > crate::config::MAX_CMDLINE {
+                    return Err(ConfigError::CmdlineTooLong(args).into());
+                }
+                self.config.boot_source = Some(b);
+            }
+            VmmAction::PutMachineConfig(m) => {
+                m.validate()?;
+                self.config.machine_config = m;
+            }
+            VmmAction::PatchMachineConfig(u) => {
+                let m = self.config.machine_config.updated(&u);
+                m.validate()?;
+                self.config.machine_config = m;
+            }
+            VmmAction::PutDrive(d) => self.config.put_drive(d)?,
+            VmmAction::PutNetworkInterface(n) => self.config.put_network_interface(n)?,
+            VmmAction::PutLogger(cfg, file) => {
+                if let Some(level) = cfg.level {
+                    log::set_max_level(level.filter());
+                }
+                if let Some(f) = file {
+                    crate::logger::redirect(f);
+                }
+                self.config.logger = Some(cfg);
+            }
+            VmmAction::PutMetrics(cfg, file) => {
+                self.metrics = Some(file);
+                self.config.metrics = Some(cfg);
+            }
+            VmmAction::InstanceStart => self.start()?,
+            VmmAction::Pause => {
+                if self.state == VmState::Running {
+                    self.running()?.pause(PAUSE_LIMIT).map_err(|e| ActionError::Failed(chain(&e)))?;
+                    self.state = VmState::Paused;
+                    log::info!("VM paused");
+                }
+            }
+            VmmAction::Resume => {
+                if self.state == VmState::Paused {
+                    self.running()?.resume(PAUSE_LIMIT).map_err(|e| ActionError::Failed(chain(&e)))?;
+                    self.state = VmState::Running;
+                    log::info!("VM resumed");
+                }
+            }
+            VmmAction::SendCtrlAltDel => {
+                if !self.running()?.ctrl_alt_del() {
+                    return Err(ActionError::Failed(
+                        "the guest has not read its keyboard: Ctrl-Alt-Del not sent".into(),
+                    ));
+                }
+                log::info!("sent Ctrl-Alt-Del to the guest");
+            }
+            VmmAction::FlushMetrics => self.flush_metrics()?,
+            VmmAction::Stop { grace } => match self.state {
+                VmState::NotStarted => self.state = VmState::Stopped,
+                _ => {
+                    if self.state == VmState::Paused {
+                        self.running()?.resume(PAUSE_LIMIT).map_err(|e| ActionError::Failed(chain(&e)))?;
+                        self.state = VmState::Running;
+                    }
+                    let sent = self.running()?.ctrl_alt_del();
+                    log::info!(
+                        "stop requested: {}; stopping it in {grace:?} if it has not",
+                        if sent { "sent Ctrl-Alt-Del to the guest" } else { "the guest's keyboard is full" }
+                    );
+                    self.stop_deadline = Some(Instant::now() + grace);
+                }
+            },
+            VmmAction::Kill => match &self.vm {
+                Some(vm) => vm.stop(StopReason::Requested("killed on request".into())),
+                None => self.state = VmState::Stopped,
+            },
+            VmmAction::PatchDrive(update, file) => {
+                let vm = self.running()?;
+                let index = self.config.drives.iter().position(|d| d.drive_id == update.drive_id).ok_or_else(|| {
+                    ActionError::NoDevice { device: update.drive_id.clone(), have: vm.registry().names() }
+                })?;
+                vm.patch_drive(index, &update, file).map_err(|e| ActionError::Failed(chain(&e)))?;
+                let d = &mut self.config.drives[index];
+                if let Some(p) = update.path_on_host {
+                    d.path_on_host = Some(p);
+                }
+                if let Some(r) = update.rate_limiter {
+                    d.rate_limiter = Some(r);
+                }
+            }
+            VmmAction::PatchNetworkInterface(update) => {
+                let vm = self.running()?;
+                let index =
+                    self.config.network_interfaces.iter().position(|n| n.iface_id == update.iface_id).ok_or_else(
+                        || ActionError::NoDevice { device: update.iface_id.clone(), have: vm.registry().names() },
+                    )?;
+                vm.patch_net(index, &update, &self.config.network_interfaces[index])
+                    .map_err(|e| ActionError::Failed(chain(&e)))?;
+                let n = &mut self.config.network_interfaces[index];
+                if update.rx_rate_limiter.is_some() {
+                    n.rx_rate_limiter = update.rx_rate_limiter;
+                }
+                if update.tx_rate_limiter.is_some() {
+                    n.tx_rate_limiter = update.tx_rate_limiter;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn running(&self) -> Result<&RunningVm, ActionError> {
+        self.vm.as_ref().ok_or(ActionError::WrongState("before starting the microVM"))
+    }
+
+    fn start(&mut self) -> Result<(), ActionError> {
+        if self.config.boot_source.is_none() {
+            return Err(ActionError::Start("Cannot start microvm without kernel configuration.".into()));
+        }
+        let vm = crate::launch::build(&self.config).map_err(|e| match e {
+            LaunchError::Config(c) => ActionError::Config(c),
+            other => ActionError::Start(chain(&other)),
+        })?;
+        // From here on this thread only applies actions to the running VM: waits, control
+        // messages, kicks, metrics. It gets the narrow `core-main` filter, installed after the
+        // vCPU threads exist (a thread inherits its creator's filter, and theirs need KVM_RUN);
+        // the services' supervisor threads and the API's workers were created before and stay
+        // unfiltered, because processes they start would inherit a filter too
+        // (docs/SECURITY.md). What needs more (opening a new image) is done by the API thread.
+        if let Err(e) = bulkhead_policies::install(bulkhead_policies::Policy::CoreMain) {
+            vm.stop(StopReason::InternalError(format!("cannot install the main thread's seccomp filter: {e}")));
+        }
+        self.vm = Some(vm);
+        self.state = VmState::Running;
+        self.metrics_due = Instant::now() + METRICS_PERIOD;
+        log::info!("VM started");
+        Ok(())
+    }
+
+    /// Writes one line of metrics (JSON) to the metrics file, if one is configured.
+    fn flush_metrics(&mut self) -> Result<(), ActionError> {
+        let line = {
+            let view = self.view.read().unwrap_or_else(|e| e.into_inner());
+            crate::api::metrics_json(&view)
+        };
+        if let Some(f) = &mut self.metrics {
+            f.write_all(format!("{line}\n").as_bytes())
+                .map_err(|e| ActionError::Failed(format!("writing the metrics file: {e}")))?;
+        }
+        self.metrics_due = Instant::now() + METRICS_PERIOD;
+        Ok(())
+    }
+
+    /// Runs until the VM stops (or, not started, until asked to stop): applies the calls as
+    /// they come, looks after the running VM between them. Returns why it stopped.
+    pub fn run(&mut self, calls: &Receiver<ApiCall>) -> StopReason {
+        let no_calls = crossbeam_channel::never();
+        let no_stop = crossbeam_channel::never();
+        let mut calls_open = true;
+        loop {
+            if self.state == VmState::Stopped && self.vm.is_none() {
+                return match self.signalled {
+                    Some(sig) => StopReason::Signal(sig),
+                    None => StopReason::Requested("stopped before it started".into()),
+                };
+            }
+            let api = if calls_open { calls } else { &no_calls };
+            let stopped = self.vm.as_ref().map_or(&no_stop, RunningVm::stopped);
+            crossbeam_channel::select! {
+                recv(api) -> call => match call {
+                    Ok(call) => {
+                        let result = self.handle(call.action);
+                        let _ = call.reply.send(result);
+                    }
+                    Err(_) => calls_open = false,
+                },
+                recv(stopped) -> reason => {
+                    let reason = reason.unwrap_or_else(|_| StopReason::InternalError("every vCPU thread is gone".into()));
+                    return self.finish(reason);
+                }
+                default(TICK) => self.tick(),
+            }
+        }
+    }
+
+    /// Between calls: signals, due injections, the stop deadline, the metrics timer.
+    fn tick(&mut self) {
+        let signal = crate::launch::take_signal();
+        match &mut self.vm {
+            Some(vm) => {
+                vm.tick();
+                if let Some(sig) = signal {
+                    vm.stop(StopReason::Signal(sig));
+                }
+                if self.stop_deadline.is_some_and(|d| Instant::now() >= d) {
+                    self.stop_deadline = None;
+                    log::warn!("the guest did not stop itself: stopping it");
+                    vm.stop(StopReason::Requested("stopped on request".into()));
+                }
+            }
+            None => {
+                if let Some(sig) = signal {
+                    log::info!("signal {sig} before the VM started: exiting");
+                    self.signalled = Some(sig);
+                    self.state = VmState::Stopped;
+                }
+            }
+        }
+        if self.metrics.is_some() && self.vm.is_some() && Instant::now() >= self.metrics_due {
+            if let Err(e) = self.flush_metrics() {
+                log::warn!("{e}");
+            }
+        }
+    }
+
+    fn finish(&mut self, reason: StopReason) -> StopReason {
+        self.state = VmState::Stopped;
+        self.publish();
+        if self.metrics.is_some() {
+            let _ = self.flush_metrics();
+        }
+        match self.vm.take() {
+            Some(vm) => vm.shut_down(reason),
+            None => reason,
+        }
+    }
+}
+
+/// An error and its sources on one line.
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut msg = e.to_string();
+    let mut src = e.source();
+    while let Some(s) = src {
+        msg.push_str(&format!(": {s}"));
+        src = s.source();
+    }
+    msg
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn boot() -> VmmAction {
+        VmmAction::PutBootSource(BootSource { kernel_image_path: "/k".into(), initrd_path: None, boot_args: None })
+    }
+
+    #[test]
+    fn actions_per_state() {
+        use VmState::*;
+        let ok = |s, a: &VmmAction| check(s, a).is_ok();
+        // Before the start: configuration and start; nothing that needs a running guest.
+        assert!(ok(NotStarted, &boot()));
+        assert!(ok(NotStarted, &VmmAction::InstanceStart));
+        assert!(ok(NotStarted, &VmmAction::Kill));
+        for a in [VmmAction::Pause, VmmAction::Resume, VmmAction::SendCtrlAltDel, VmmAction::FlushMetrics] {
+            let e = check(NotStarted, &a).expect_err("refused");
+            assert_eq!(e.to_string(), "The requested operation is not supported before starting the microVM.");
+        }
+        // After the start: no more configuration, no second start.
+        for s in [Running, Paused] {
+            assert!(!ok(s, &boot()));
+            assert!(!ok(s, &VmmAction::InstanceStart));
+            assert!(!ok(s, &VmmAction::PatchMachineConfig(MachineConfigUpdate::default())));
+            assert!(ok(s, &VmmAction::Pause) && ok(s, &VmmAction::Resume), "pause and resume are idempotent");
+            assert!(ok(s, &VmmAction::FlushMetrics));
+            assert!(ok(s, &VmmAction::PatchDrive(DriveUpdate::default(), None)));
+        }
+        assert_eq!(
+            check(Running, &boot()).expect_err("refused").to_string(),
+            "The requested operation is not supported after starting the microVM."
+        );
+        assert!(ok(Running, &VmmAction::SendCtrlAltDel));
+        assert!(!ok(Paused, &VmmAction::SendCtrlAltDel), "a paused guest cannot read its keyboard");
+        assert!(!ok(Stopped, &VmmAction::Resume));
+    }
+
+    #[test]
+    fn refused_configuration_changes_nothing() {
+        let mut vmm = Vmm::new("t", VmConfig::default());
+        let before = vmm.view().read().expect("view").config.clone();
+        let bad = MachineConfig { vcpu_count: 0, ..MachineConfig::default() };
+        assert!(vmm.handle(VmmAction::PutMachineConfig(bad)).is_err());
+        assert!(vmm
+            .handle(VmmAction::PutBootSource(BootSource {
+                kernel_image_path: "/no/such/kernel".into(),
+                initrd_path: None,
+                boot_args: None
+            }))
+            .is_err());
+        assert_eq!(vmm.view().read().expect("view").config, before);
+        let e = vmm.handle(VmmAction::InstanceStart).expect_err("no kernel");
+        assert!(e.to_string().contains("without kernel configuration"), "{e}");
+        assert_eq!(vmm.state(), VmState::NotStarted);
+        vmm.handle(VmmAction::PatchMachineConfig(MachineConfigUpdate {
+            mem_size_mib: Some(256),
+            ..Default::default()
+        }))
+        .expect("patch");
+        assert_eq!(vmm.view().read().expect("view").config.machine_config.mem_size_mib, 256);
+    }
+}
