@@ -147,8 +147,8 @@ fn run(args: &RunArgs) -> ExitCode {
 }
 
 /// `bulkhead run --detach`: runs the same command without `--detach` in a new session, its
-/// stdin and stdout on /dev/null and its log on stderr, and returns once its API says the VM
-/// runs (at most 60 s).
+/// stdin and stdout on /dev/null and its log in `SOCKET.log` (next to the API socket), and
+/// returns once its API says the VM runs (at most 60 s). Prints the VMM's pid.
 fn detach(sock: Option<&Path>) -> ExitCode {
     let Some(sock) = sock else {
         eprintln!("bulkhead: error: --detach needs --id or --api-sock (to know when the VM runs)");
@@ -162,8 +162,16 @@ fn detach(sock: Option<&Path>) -> ExitCode {
         }
     };
     let args: Vec<String> = std::env::args().skip(1).filter(|a| a != "--detach").collect();
+    let log_path = sock.with_extension("log");
+    let log = match std::fs::OpenOptions::new().create(true).append(true).open(&log_path) {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("bulkhead: error: cannot open the log {}: {e}", log_path.display());
+            return ExitCode::from(EX_CONFIG);
+        }
+    };
     let mut cmd = std::process::Command::new(exe);
-    cmd.args(&args).stdin(std::process::Stdio::null()).stdout(std::process::Stdio::null());
+    cmd.args(&args).stdin(std::process::Stdio::null()).stdout(std::process::Stdio::null()).stderr(log);
     // SAFETY: setsid() is async-signal-safe and touches no memory of the parent.
     unsafe {
         std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {

@@ -133,7 +133,7 @@ fn netconsole_listener(ns: &NetNs) -> Result<Listener, BoxError> {
 pub fn test(extra: &[String]) -> Result<(), BoxError> {
     // The net tests make their own network namespaces (`ip netns`); the sandbox test runs the core
     // in a user namespace (`unshare`). Both are on a stock Debian, but a slim image may lack them.
-    crate::util::ensure_packages(&[("ip", "iproute2"), ("unshare", "util-linux")])?;
+    crate::util::ensure_packages(&[("ip", "iproute2"), ("unshare", "util-linux"), ("curl", "curl")])?;
     build_binaries(false)?;
     let probe = probe_elf()?;
     let images = guest_images()?;

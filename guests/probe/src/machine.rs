@@ -374,6 +374,9 @@ pub mod testing {
         pub dma_len: usize,
         /// Whether the arena was handed out.
         pub dma_taken: bool,
+        /// An i8042 whose keyboard has these bytes queued (`None`: ports 0x60/0x64 read
+        /// `other` like any port).
+        pub kbd: Option<std::collections::VecDeque<u8>>,
     }
 
     impl Default for FakeMachine {
@@ -391,6 +394,7 @@ pub mod testing {
                 mmio_log: Vec::new(),
                 dma_len: 1 << 20,
                 dma_taken: false,
+                kbd: None,
             }
         }
     }
@@ -416,10 +420,11 @@ pub mod testing {
         fn inb(&mut self, port: u16) -> u8 {
             self.ins.push(port);
             self.tsc_now += self.tsc_per_in;
-            if port == 0x3fd {
-                self.lsr
-            } else {
-                self.other
+            match (port, self.kbd.as_mut()) {
+                (0x3fd, _) => self.lsr,
+                (0x64, Some(k)) => u8::from(!k.is_empty()),
+                (0x60, Some(k)) => k.pop_front().unwrap_or(0),
+                _ => self.other,
             }
         }
         fn outb(&mut self, port: u16, value: u8) {

@@ -8,6 +8,7 @@ mod blk_ro;
 mod blk_tests;
 mod blk_verify;
 mod hello;
+mod kbd;
 mod net_bench;
 pub mod net_common;
 mod net_echo;
@@ -42,6 +43,7 @@ pub static TESTS: &[Test] = &[
     net_echo::TEST,
     net_reflect::TEST,
     net_bench::TEST,
+    kbd::TEST,
 ];
 
 /// The test called `name`.
