@@ -421,3 +421,54 @@ fn ls_lists_vms_and_stop_ends_one_of_them() {
     assert_eq!(bad.status.code(), Some(69), "{bad:?}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Writes an image of `bytes` holding the probe's pattern for `seed` (tests lib: word `w` of
+/// sector `s` is `splitmix64(seed ^ (s << 16) ^ w)`).
+fn pattern_image(path: &Path, seed: u64, bytes: u64) {
+    let mut data = Vec::with_capacity(usize::try_from(bytes).expect("size"));
+    for s in 0..bytes / 512 {
+        for w in 0..64u64 {
+            data.extend_from_slice(&splitmix64(seed ^ (s << 16) ^ w).to_le_bytes());
+        }
+    }
+    std::fs::write(path, data).expect("write image");
+}
+
+#[test]
+fn patch_drive_path_swaps_the_image_under_the_running_guest() {
+    let dir = scratch("api-swap");
+    let (old, new) = (dir.join("old.img"), dir.join("new.img"));
+    pattern_image(&old, 11, 1 << 20);
+    pattern_image(&new, 12, 1 << 20);
+    let sock = dir.join("api.sock");
+    let serial = dir.join("serial.log");
+    let disk = format!("{},id=data", old.display());
+    let mut args =
+        probe_vm_args(&serial, None, "probe.test=blk-check probe.seed=12 probe.tries=5000 probe.delay=2000", &[]);
+    args.extend(["--disk".into(), disk.into(), "--api-sock".into(), sock.clone().into_os_string()]);
+    let child = bulkhead(&args).spawn().expect("spawn");
+    // Let the guest read the old image a few times first.
+    std::thread::sleep(Duration::from_millis(500));
+    let body = serde_json::json!({ "drive_id": "data", "path_on_host": new }).to_string();
+    let (s, b) = curl(&sock, "PATCH", "/drives/data", Some(&body));
+    assert_eq!(s, 204, "{b}");
+    let (_, cfg) = curl(&sock, "GET", "/vm/config", None);
+    let cfg: serde_json::Value = serde_json::from_str(&cfg).expect("json");
+    assert_eq!(cfg["drives"][0]["path_on_host"], new.to_str().expect("utf8"), "the configuration names the new image");
+    // A path that is not an image is refused and changes nothing.
+    let bad = serde_json::json!({ "drive_id": "data", "path_on_host": dir }).to_string();
+    let (s, b) = curl(&sock, "PATCH", "/drives/data", Some(&bad));
+    assert_eq!(s, 400, "{b}");
+    assert!(fault_message(&b).contains("cannot use disk image"), "{b}");
+    let r = wait_bounded(child, Duration::from_secs(120));
+    let text = std::fs::read_to_string(&serial).unwrap_or_default();
+    assert_eq!(r.status.code(), Some(0), "the guest found the new medium\n{text}\n{}", r.stderr);
+    let tries: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("blk-check: seed=12 found after ")?.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no pass line:\n{text}"));
+    assert!(tries > 1, "the old image was read first:\n{text}");
+    assert!(r.stderr.contains("service block-data: new image"), "{}", r.stderr);
+    assert_eq!(r.stderr.matches("service block-data restarted as pid").count(), 1, "{}", r.stderr);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -49,12 +49,7 @@ pub unsafe fn linux64_cmdline_addr(boot_params: u64, limit: u64) -> u64 {
         return 0;
     }
     // SAFETY: the zero page lies inside `limit`, readable per the caller's contract.
-    let (lo, hi) = unsafe {
-        (
-            read_u32(boot_params + BP_CMD_LINE_PTR),
-            read_u32(boot_params + BP_EXT_CMD_LINE_PTR),
-        )
-    };
+    let (lo, hi) = unsafe { (read_u32(boot_params + BP_CMD_LINE_PTR), read_u32(boot_params + BP_EXT_CMD_LINE_PTR)) };
     (u64::from(hi) << 32) | u64::from(lo)
 }
 

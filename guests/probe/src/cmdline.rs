@@ -35,23 +35,13 @@ impl ParamError<'_> {
     pub fn print(&self, con: &mut Console<'_>) {
         match *self {
             ParamError::TooMany => {
-                con.str(b"probe: bad arguments: more than ")
-                    .dec(MAX_PARAMS as u64)
-                    .str(b" probe.* parameters");
+                con.str(b"probe: bad arguments: more than ").dec(MAX_PARAMS as u64).str(b" probe.* parameters");
             }
             ParamError::NotANumber { key, value } => {
-                con.str(b"probe: bad argument probe.")
-                    .untrusted(key)
-                    .str(b"=")
-                    .untrusted(value)
-                    .str(b": not a number");
+                con.str(b"probe: bad argument probe.").untrusted(key).str(b"=").untrusted(value).str(b": not a number");
             }
             ParamError::OutOfRange { key, value } => {
-                con.str(b"probe: bad argument probe.")
-                    .untrusted(key)
-                    .str(b"=")
-                    .untrusted(value)
-                    .str(b": out of range");
+                con.str(b"probe: bad argument probe.").untrusted(key).str(b"=").untrusted(value).str(b": out of range");
             }
         }
         con.nl();
@@ -70,12 +60,7 @@ pub struct Params<'a> {
 impl<'a> Params<'a> {
     /// Parses a command line. A later duplicate of a key wins.
     pub fn parse(cmdline: &'a [u8]) -> Result<Self, ParamError<'a>> {
-        let mut p = Params {
-            raw: cmdline,
-            test: None,
-            entries: [(&[][..], &[][..]); MAX_PARAMS],
-            len: 0,
-        };
+        let mut p = Params { raw: cmdline, test: None, entries: [(&[][..], &[][..]); MAX_PARAMS], len: 0 };
         for word in cmdline.split(|b| b.is_ascii_whitespace() || *b == 0) {
             let Some(rest) = word.strip_prefix(PREFIX) else {
                 continue;
@@ -102,9 +87,7 @@ impl<'a> Params<'a> {
 
     /// Every whitespace-separated word of the command line.
     pub fn words(&self) -> impl Iterator<Item = &'a [u8]> {
-        self.raw
-            .split(|b| b.is_ascii_whitespace() || *b == 0)
-            .filter(|w| !w.is_empty())
+        self.raw.split(|b| b.is_ascii_whitespace() || *b == 0).filter(|w| !w.is_empty())
     }
 
     /// The `probe.test=` value, if given.
@@ -114,22 +97,11 @@ impl<'a> Params<'a> {
 
     /// The raw value of `probe.KEY` (the last one if repeated).
     pub fn get(&self, key: &[u8]) -> Option<&'a [u8]> {
-        self.entries
-            .get(..self.len)?
-            .iter()
-            .rev()
-            .find(|(k, _)| *k == key)
-            .map(|(_, v)| *v)
+        self.entries.get(..self.len)?.iter().rev().find(|(k, _)| *k == key).map(|(_, v)| *v)
     }
 
     /// `probe.KEY` as a number in `min..=max`, or `default` when absent.
-    pub fn num(
-        &self,
-        key: &'a [u8],
-        default: u64,
-        min: u64,
-        max: u64,
-    ) -> Result<u64, ParamError<'a>> {
+    pub fn num(&self, key: &'a [u8], default: u64, min: u64, max: u64) -> Result<u64, ParamError<'a>> {
         let Some(value) = self.get(key) else {
             return Ok(default);
         };
@@ -143,10 +115,7 @@ impl<'a> Params<'a> {
     /// `probe.KEY` as a 16-bit value (an I/O port), or `default` when absent.
     pub fn port(&self, key: &'a [u8], default: u16) -> Result<u16, ParamError<'a>> {
         let n = self.num(key, u64::from(default), 0, u64::from(u16::MAX))?;
-        u16::try_from(n).map_err(|_| ParamError::OutOfRange {
-            key,
-            value: self.get(key).unwrap_or(&[]),
-        })
+        u16::try_from(n).map_err(|_| ParamError::OutOfRange { key, value: self.get(key).unwrap_or(&[]) })
     }
 }
 
@@ -201,8 +170,7 @@ mod tests {
 
     #[test]
     fn picks_probe_words_and_ignores_the_rest() {
-        let cmd =
-            b"console=ttyS0 reboot=k probe.test=pio-loop  probe.n=100 probe.port=0x80 panic=1";
+        let cmd = b"console=ttyS0 reboot=k probe.test=pio-loop  probe.n=100 probe.port=0x80 panic=1";
         let p = Params::parse(cmd).expect("parses");
         assert_eq!(p.test(), Some(&b"pio-loop"[..]));
         assert_eq!(p.num(b"n", 7, 1, u64::MAX), Ok(100));
@@ -217,20 +185,8 @@ mod tests {
     fn last_duplicate_wins_and_errors_name_the_key() {
         let p = Params::parse(b"probe.n=1 probe.n=2 probe.x=zz probe.big=70000").expect("parses");
         assert_eq!(p.num(b"n", 0, 0, 10), Ok(2));
-        assert_eq!(
-            p.num(b"x", 0, 0, 10),
-            Err(ParamError::NotANumber {
-                key: b"x",
-                value: b"zz"
-            })
-        );
-        assert_eq!(
-            p.num(b"big", 0, 0, 0xffff),
-            Err(ParamError::OutOfRange {
-                key: b"big",
-                value: b"70000"
-            })
-        );
+        assert_eq!(p.num(b"x", 0, 0, 10), Err(ParamError::NotANumber { key: b"x", value: b"zz" }));
+        assert_eq!(p.num(b"big", 0, 0, 0xffff), Err(ParamError::OutOfRange { key: b"big", value: b"70000" }));
     }
 
     #[test]
@@ -239,10 +195,7 @@ mod tests {
         for i in 0..=MAX_PARAMS {
             cmd.push_str(&format!("probe.k{i}=1 "));
         }
-        assert_eq!(
-            Params::parse(cmd.as_bytes()).err(),
-            Some(ParamError::TooMany)
-        );
+        assert_eq!(Params::parse(cmd.as_bytes()).err(), Some(ParamError::TooMany));
     }
 
     #[test]

@@ -157,10 +157,7 @@ mod tests {
 
     #[test]
     fn busy_uart_is_polled_a_bounded_number_of_times() {
-        let mut m = FakeMachine {
-            lsr: 0x00,
-            ..FakeMachine::default()
-        };
+        let mut m = FakeMachine { lsr: 0x00, ..FakeMachine::default() };
         Uart::COM1.put(&mut m, b'x');
         assert_eq!(m.ins.len(), Uart::MAX_THRE_POLLS as usize);
         assert_eq!(m.outs, vec![(0x3f8, b'x')]);
@@ -168,10 +165,7 @@ mod tests {
 
     #[test]
     fn vanished_uart_costs_one_poll_per_byte() {
-        let mut m = FakeMachine {
-            lsr: 0xff,
-            ..FakeMachine::default()
-        };
+        let mut m = FakeMachine { lsr: 0xff, ..FakeMachine::default() };
         let mut con = Console::new(&mut m, Uart::COM1);
         con.str(b"ab").nl();
         assert_eq!(m.ins, vec![0x3fd; 3]);

@@ -67,16 +67,9 @@ pub const I8042_RESET: u8 = 0xfe;
 /// the verdict line. Returns the verdict; the caller exits with [`finish`].
 pub fn probe_main(machine: &mut dyn Machine, cmdline: &[u8]) -> Verdict {
     let mut con = Console::new(machine, Uart::COM1);
-    con.str(b"probe: start ")
-        .untrusted(cmdline::trim(cmdline))
-        .nl();
+    con.str(b"probe: start ").untrusted(cmdline::trim(cmdline)).nl();
     let verdict = run_test(&mut con, cmdline);
-    con.str(b"probe: verdict ")
-        .str(verdict.word())
-        .str(b" (")
-        .dec(u64::from(verdict.code()))
-        .str(b")")
-        .nl();
+    con.str(b"probe: verdict ").str(verdict.word()).str(b" (").dec(u64::from(verdict.code())).str(b")").nl();
     verdict
 }
 
@@ -164,10 +157,7 @@ mod lib_tests {
     fn hostile_cmdline_is_sanitized() {
         let (v, out, _) = run("probe.test=\x1b[2Jhello\x7f");
         assert_eq!(v, Verdict::BadArgs);
-        assert!(
-            out.starts_with("probe: start probe.test=?[2Jhello?\n"),
-            "{out}"
-        );
+        assert!(out.starts_with("probe: start probe.test=?[2Jhello?\n"), "{out}");
     }
 
     #[test]

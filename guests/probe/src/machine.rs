@@ -82,21 +82,13 @@ struct IdentityMapCell(UnsafeCell<IdentityMap>);
 // SAFETY: only `PortIo::map_mmio` touches the tables, once, on the probe's single vCPU.
 unsafe impl Sync for IdentityMapCell {}
 
-static IDENTITY_MAP: IdentityMapCell = IdentityMapCell(UnsafeCell::new(IdentityMap {
-    pml4: [0; 512],
-    pdpt: [0; 512],
-    pd: [[0; 512]; MAPPED_GIB],
-}));
+static IDENTITY_MAP: IdentityMapCell =
+    IdentityMapCell(UnsafeCell::new(IdentityMap { pml4: [0; 512], pdpt: [0; 512], pd: [[0; 512]; MAPPED_GIB] }));
 
 /// GDT for ring 3: null, kernel code64 (0x08), kernel data (0x10), user data (0x18, RPL 3:
 /// 0x1b), user code64 (0x20, RPL 3: 0x23).
-static RING3_GDT: [u64; 5] = [
-    0,
-    0x00af_9a00_0000_ffff,
-    0x00cf_9200_0000_ffff,
-    0x00cf_f200_0000_ffff,
-    0x00af_fa00_0000_ffff,
-];
+static RING3_GDT: [u64; 5] =
+    [0, 0x00af_9a00_0000_ffff, 0x00cf_9200_0000_ffff, 0x00cf_f200_0000_ffff, 0x00af_fa00_0000_ffff];
 
 /// The operand of `lgdt`.
 #[repr(C, packed)]
@@ -179,10 +171,7 @@ impl PortIo {
     /// handle reach real (virtual) devices. At most one handle may call
     /// [`Machine::map_mmio`].
     pub unsafe fn new() -> Self {
-        PortIo {
-            dma: None,
-            high_mapped: false,
-        }
+        PortIo { dma: None, high_mapped: false }
     }
 
     /// Like [`PortIo::new`], handing out `dma` through [`Machine::take_dma`].
@@ -192,10 +181,7 @@ impl PortIo {
     /// (its addresses are the guest-physical addresses given to devices) that nothing else
     /// uses.
     pub unsafe fn with_dma(dma: &'static mut [u8]) -> Self {
-        PortIo {
-            dma: Some(dma),
-            high_mapped: false,
-        }
+        PortIo { dma: Some(dma), high_mapped: false }
     }
 }
 
@@ -473,21 +459,15 @@ pub mod testing {
 
     impl FakeMachine {
         fn device(&mut self, addr: u64) -> Option<(&mut Box<dyn FakeMmio>, u64)> {
-            self.mmio
-                .iter_mut()
-                .find(|(base, len, _)| addr >= *base && addr < base + len)
-                .map(|(base, _, dev)| {
-                    let off = addr - *base;
-                    (dev, off)
-                })
+            self.mmio.iter_mut().find(|(base, len, _)| addr >= *base && addr < base + len).map(|(base, _, dev)| {
+                let off = addr - *base;
+                (dev, off)
+            })
         }
 
         /// The device at `base`, downcast to `T`.
         pub fn device_at<T: 'static>(&self, base: u64) -> Option<&T> {
-            self.mmio
-                .iter()
-                .find(|(b, _, _)| *b == base)
-                .and_then(|(_, _, d)| d.as_any().downcast_ref::<T>())
+            self.mmio.iter().find(|(b, _, _)| *b == base).and_then(|(_, _, d)| d.as_any().downcast_ref::<T>())
         }
     }
 }

@@ -28,11 +28,7 @@ pub fn word(seed: u64, sector: u64, w: u64) -> u64 {
 pub fn fill(buf: &mut [u8], seed: u64, first_sector: u64) {
     for (i, chunk) in buf.chunks_exact_mut(8).enumerate() {
         let i = i as u64;
-        let v = word(
-            seed,
-            first_sector.wrapping_add(i / WORDS_PER_SECTOR),
-            i % WORDS_PER_SECTOR,
-        );
+        let v = word(seed, first_sector.wrapping_add(i / WORDS_PER_SECTOR), i % WORDS_PER_SECTOR);
         chunk.copy_from_slice(&v.to_le_bytes());
     }
 }
@@ -73,12 +69,7 @@ pub fn check(buf: &[u8], seed: u64, first_sector: u64) -> CheckResult {
             if got != expected {
                 bad = true;
                 if r.first.is_none() {
-                    r.first = Some(Mismatch {
-                        sector,
-                        offset: 8 * w as u64,
-                        expected,
-                        got,
-                    });
+                    r.first = Some(Mismatch { sector, offset: 8 * w as u64, expected, got });
                 }
                 break;
             }
@@ -108,10 +99,7 @@ mod tests {
     fn fill_then_check_is_clean_and_detects_a_flip() {
         let mut buf = vec![0u8; 3 * SECTOR];
         fill(&mut buf, 7, 100);
-        assert_eq!(
-            u64::from_le_bytes(buf[SECTOR + 16..SECTOR + 24].try_into().expect("8")),
-            word(7, 101, 2)
-        );
+        assert_eq!(u64::from_le_bytes(buf[SECTOR + 16..SECTOR + 24].try_into().expect("8")), word(7, 101, 2));
         assert_eq!(word(7, 101, 2), splitmix64(7 ^ (101 << 16) ^ 2));
         assert_eq!(check(&buf, 7, 100), CheckResult::default());
         assert_eq!(check(&buf, 8, 100).bad_sectors, 3);

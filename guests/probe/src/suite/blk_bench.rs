@@ -13,10 +13,7 @@ use crate::virtio::blk::{Blk, ReqType, Request, MAX_SLOTS};
 use crate::Verdict;
 
 /// Registry entry.
-pub const TEST: Test = Test {
-    name: b"blk-bench",
-    run,
-};
+pub const TEST: Test = Test { name: b"blk-bench", run };
 
 /// Default queue depth.
 pub const DEFAULT_QD: u64 = 32;
@@ -35,24 +32,9 @@ struct Workload {
 }
 
 const WORKLOADS: [Workload; 3] = [
-    Workload {
-        name: b"randread-4k",
-        bytes: 4096,
-        ty: ReqType::In,
-        random: true,
-    },
-    Workload {
-        name: b"seqread-128k",
-        bytes: 128 << 10,
-        ty: ReqType::In,
-        random: false,
-    },
-    Workload {
-        name: b"seqwrite-128k",
-        bytes: 128 << 10,
-        ty: ReqType::Out,
-        random: false,
-    },
+    Workload { name: b"randread-4k", bytes: 4096, ty: ReqType::In, random: true },
+    Workload { name: b"seqread-128k", bytes: 128 << 10, ty: ReqType::In, random: false },
+    Workload { name: b"seqwrite-128k", bytes: 128 << 10, ty: ReqType::Out, random: false },
 ];
 
 fn run(con: &mut Console<'_>, params: &Params<'_>) -> Verdict {
@@ -83,10 +65,7 @@ fn bench(con: &mut Console<'_>, blk: &mut Blk, qd: usize, count: u64, khz: u64) 
         let sectors = (w.bytes / 512) as u64;
         let units = cap / sectors;
         if units == 0 {
-            con.str(b"blk-bench: ")
-                .str(w.name)
-                .str(b": disk smaller than one request")
-                .nl();
+            con.str(b"blk-bench: ").str(w.name).str(b": disk smaller than one request").nl();
             return Verdict::Fail;
         }
         if let Err(e) = blk.set_slots(qd, w.bytes) {
@@ -97,16 +76,8 @@ fn bench(con: &mut Console<'_>, blk: &mut Blk, qd: usize, count: u64, khz: u64) 
             con.machine(),
             count,
             |i, _buf| {
-                let unit = if w.random {
-                    splitmix64(RAND_SEED.wrapping_add(i)) % units
-                } else {
-                    i % units
-                };
-                Request {
-                    ty: w.ty,
-                    sector: unit * sectors,
-                    bytes: w.bytes,
-                }
+                let unit = if w.random { splitmix64(RAND_SEED.wrapping_add(i)) % units } else { i % units };
+                Request { ty: w.ty, sector: unit * sectors, bytes: w.bytes }
             },
             |_, _, _| {},
         );
@@ -132,11 +103,7 @@ fn bench(con: &mut Console<'_>, blk: &mut Blk, qd: usize, count: u64, khz: u64) 
                 .str(b" mibps=")
                 .dec(blk_common::per_second(bytes, khz, stats.cycles) >> 20);
         }
-        con.str(b" ioerrs=")
-            .dec(stats.errors)
-            .str(b" kicks=")
-            .dec(stats.kicks)
-            .nl();
+        con.str(b" ioerrs=").dec(stats.errors).str(b" kicks=").dec(stats.kicks).nl();
         if stats.errors != 0 {
             verdict = Verdict::Fail;
         }

@@ -59,11 +59,7 @@ fn check(con: &mut Console<'_>, blk: &mut Blk) -> Result<(u8, u8), BlkError> {
                 if ty == ReqType::Out {
                     pattern::fill(buf, WRITE_SEED, 0);
                 }
-                Request {
-                    ty,
-                    sector: 0,
-                    bytes: 512,
-                }
+                Request { ty, sector: 0, bytes: 512 }
             },
             |_, _, s| st = s,
         )?;

@@ -11,11 +11,8 @@ const BASE: u64 = 0xd000_0000;
 const DISK: usize = 1 << 20;
 
 fn machine(dev: FakeBlk) -> FakeMachine {
-    let mut m = FakeMachine {
-        tsc_step: 10,
-        dma_len: crate::virtio::blk::DATA_OFF + (2 << 20),
-        ..FakeMachine::default()
-    };
+    let mut m =
+        FakeMachine { tsc_step: 10, dma_len: crate::virtio::blk::DATA_OFF + (2 << 20), ..FakeMachine::default() };
     m.mmio.push((BASE, 0x1000, Box::new(dev)));
     m
 }

@@ -11,10 +11,7 @@ use crate::virtio::blk::{Blk, BlkError, ReqType, Request, MAX_SLOTS, S_OK};
 use crate::Verdict;
 
 /// Registry entry.
-pub const TEST: Test = Test {
-    name: b"blk-verify",
-    run,
-};
+pub const TEST: Test = Test { name: b"blk-verify", run };
 
 /// Sectors per request (64 KiB).
 pub const CHUNK_SECTORS: u64 = 128;
@@ -77,8 +74,7 @@ fn verify(con: &mut Console<'_>, blk: &mut Blk, seed: u64, rounds: u64, qd: u64)
         return Verdict::BadArgs;
     }
     if !blk.info().flush() {
-        con.str(b"blk-verify: device offers no FLUSH; writes are not flushed")
-            .nl();
+        con.str(b"blk-verify: device offers no FLUSH; writes are not flushed").nl();
     }
     let nreq = cap.div_ceil(CHUNK_SECTORS);
     let span = |i: u64| {
@@ -156,11 +152,7 @@ fn verify(con: &mut Console<'_>, blk: &mut Blk, seed: u64, rounds: u64, qd: u64)
         .str(b" max_wait_cycles=")
         .dec(t.max_wait)
         .nl();
-    let ok = failure.is_none()
-        && t.mismatches == 0
-        && t.ioerrs == 0
-        && t.written == expected
-        && t.read == expected;
+    let ok = failure.is_none() && t.mismatches == 0 && t.ioerrs == 0 && t.written == expected && t.read == expected;
     if ok {
         Verdict::Pass
     } else {
@@ -187,11 +179,7 @@ fn one_round(
             let (sector, n) = span(i);
             let bytes = bytes_of(n);
             pattern::fill(buf.get_mut(..bytes).unwrap_or(&mut []), s, sector);
-            Request {
-                ty: ReqType::Out,
-                sector,
-                bytes,
-            }
+            Request { ty: ReqType::Out, sector, bytes }
         },
         |i, _buf, status| {
             if status == S_OK {
@@ -202,16 +190,7 @@ fn one_round(
     errs += w.errors;
     let (mut flush_cycles, mut flush_wait) = (0, 0);
     if blk.info().flush() {
-        let f = blk.run(
-            m,
-            1,
-            |_, _| Request {
-                ty: ReqType::Flush,
-                sector: 0,
-                bytes: 0,
-            },
-            |_, _, _| {},
-        )?;
+        let f = blk.run(m, 1, |_, _| Request { ty: ReqType::Flush, sector: 0, bytes: 0 }, |_, _, _| {})?;
         errs += f.errors;
         flush_cycles = f.cycles;
         flush_wait = f.max_wait;
@@ -223,11 +202,7 @@ fn one_round(
             let (sector, n) = span(i);
             let bytes = bytes_of(n);
             buf.fill(POISON);
-            Request {
-                ty: ReqType::In,
-                sector,
-                bytes,
-            }
+            Request { ty: ReqType::In, sector, bytes }
         },
         |i, buf, status| {
             if status != S_OK {

@@ -2,6 +2,7 @@
 //! `pub const TEST: Test` and list it in [`TESTS`].
 
 mod blk_bench;
+mod blk_check;
 pub mod blk_common;
 mod blk_ro;
 #[cfg(test)]
@@ -39,6 +40,7 @@ pub static TESTS: &[Test] = &[
     blk_verify::TEST,
     blk_ro::TEST,
     blk_bench::TEST,
+    blk_check::TEST,
     net_info::TEST,
     net_echo::TEST,
     net_reflect::TEST,

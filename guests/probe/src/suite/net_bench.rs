@@ -1,5 +1,6 @@
 //! `probe.test=net-bench [probe.n=N] [probe.size=S] [probe.rx_n=R] [probe.peer=MAC]
-//! [probe.timeout_ms=T] [probe.tsc_khz=K]`: transmit, then receive, as fast as possible.
+//! [probe.timeout_ms=T] [probe.tsc_khz=K] [probe.tx_rounds=X]`: transmit (X times, one line
+//! each: a rate limit changed between rounds shows), then receive, as fast as possible.
 //!
 //! **TX**: N test frames of S bytes (default 100000 × 1514) to `probe.peer` (default
 //! broadcast), the TX ring kept full, one notify per batch; C = TSC cycles from the first
@@ -25,10 +26,7 @@ use crate::virtio::net::{Deadline, Net, NetError};
 use crate::Verdict;
 
 /// Registry entry.
-pub const TEST: Test = Test {
-    name: b"net-bench",
-    run,
-};
+pub const TEST: Test = Test { name: b"net-bench", run };
 
 /// Default frames per direction.
 pub const DEFAULT_N: u64 = 100_000;
@@ -57,9 +55,10 @@ fn run(con: &mut Console<'_>, params: &Params<'_>) -> Verdict {
             arg(con, params, b"rx_n", n, 0, 1 << 40)?,
             net_common::peer(con, params)?,
             net_common::timing(con, params, net_common::DEFAULT_TIMEOUT_MS)?,
+            arg(con, params, b"tx_rounds", 1, 1, 1000)?,
         ))
     })();
-    let (n, size, rx_n, peer, (timeout, khz)) = match args {
+    let (n, size, rx_n, peer, (timeout, khz), rounds) = match args {
         Ok(a) => a,
         Err(v) => return v,
     };
@@ -68,11 +67,14 @@ fn run(con: &mut Console<'_>, params: &Params<'_>) -> Verdict {
         Err(v) => return v,
     };
     let mut verdict = Verdict::Pass;
-    match tx_phase(con, &mut net, n, size, peer, timeout) {
-        Ok(p) => print(con, b"tx", &p, khz, None),
-        Err((e, p)) => {
-            print(con, b"tx", &p, khz, None);
-            verdict = net_common::fail(con, b"net-bench: tx aborted", e);
+    for _ in 0..rounds {
+        match tx_phase(con, &mut net, n, size, peer, timeout) {
+            Ok(p) => print(con, b"tx", &p, khz, None),
+            Err((e, p)) => {
+                print(con, b"tx", &p, khz, None);
+                verdict = net_common::fail(con, b"net-bench: tx aborted", e);
+                break;
+            }
         }
     }
     if verdict == Verdict::Pass && rx_n != 0 {

@@ -69,9 +69,7 @@ fn put_u32(b: &mut [u8], off: usize, v: u32) {
 }
 
 fn get_u32(b: &[u8], off: usize) -> u32 {
-    b.get(off..off + 4)
-        .and_then(|s| <[u8; 4]>::try_from(s).ok())
-        .map_or(0, u32::from_le_bytes)
+    b.get(off..off + 4).and_then(|s| <[u8; 4]>::try_from(s).ok()).map_or(0, u32::from_le_bytes)
 }
 
 /// Writes the Ethernet header of a test frame into `frame[..14]`.
@@ -168,10 +166,7 @@ pub fn parse(frame: &[u8]) -> Parsed {
 
 /// The source MAC of a frame.
 pub fn src_mac(frame: &[u8]) -> [u8; 6] {
-    frame
-        .get(6..12)
-        .and_then(|s| <[u8; 6]>::try_from(s).ok())
-        .unwrap_or([0; 6])
+    frame.get(6..12).and_then(|s| <[u8; 6]>::try_from(s).ok()).unwrap_or([0; 6])
 }
 
 /// Parses `aa:bb:cc:dd:ee:ff` (or with `-`), hex digits of either case.

@@ -20,10 +20,7 @@ use crate::virtio::net::{Deadline, Net, NetError};
 use crate::Verdict;
 
 /// Registry entry.
-pub const TEST: Test = Test {
-    name: b"net-echo",
-    run,
-};
+pub const TEST: Test = Test { name: b"net-echo", run };
 
 /// Default frames.
 pub const DEFAULT_N: u64 = 1000;

@@ -9,10 +9,7 @@ use crate::console::Console;
 use crate::Verdict;
 
 /// Registry entry.
-pub const TEST: Test = Test {
-    name: b"net-info",
-    run,
-};
+pub const TEST: Test = Test { name: b"net-info", run };
 
 fn run(con: &mut Console<'_>, params: &Params<'_>) -> Verdict {
     match net_common::open(con, params) {

@@ -16,10 +16,7 @@ use crate::virtio::net::{Deadline, Net, NetError};
 use crate::Verdict;
 
 /// Registry entry.
-pub const TEST: Test = Test {
-    name: b"net-reflect",
-    run,
-};
+pub const TEST: Test = Test { name: b"net-reflect", run };
 
 /// Default frames to reflect.
 pub const DEFAULT_N: u64 = 1000;

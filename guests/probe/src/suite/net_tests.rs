@@ -13,11 +13,7 @@ use crate::{probe_main, Verdict};
 const BASE: u64 = 0xd000_0000;
 
 fn run(dev: FakeNet, args: &str) -> (Verdict, String, FakeMachine) {
-    let mut m = FakeMachine {
-        tsc_step: 10,
-        dma_len: NET_DMA_BYTES + (4 << 20),
-        ..FakeMachine::default()
-    };
+    let mut m = FakeMachine { tsc_step: 10, dma_len: NET_DMA_BYTES + (4 << 20), ..FakeMachine::default() };
     m.mmio.push((BASE, 0x1000, Box::new(dev)));
     let cmd = format!("console=ttyS0 {args} virtio_mmio.device=4K@0xd0000000:5");
     let v = probe_main(&mut m, cmd.as_bytes());
@@ -30,10 +26,7 @@ fn dev(m: &FakeMachine) -> &FakeNet {
 }
 
 fn field(out: &str, prefix: &str, key: &str) -> u64 {
-    let line = out
-        .lines()
-        .find(|l| l.starts_with(prefix))
-        .unwrap_or_else(|| panic!("no line {prefix}: {out}"));
+    let line = out.lines().find(|l| l.starts_with(prefix)).unwrap_or_else(|| panic!("no line {prefix}: {out}"));
     line.split_whitespace()
         .find_map(|w| w.strip_prefix(key))
         .and_then(|v| v.parse().ok())
@@ -44,7 +37,10 @@ fn field(out: &str, prefix: &str, key: &str) -> u64 {
 fn info_reads_mac_link_and_negotiates_only_what_it_accepts() {
     let (v, out, m) = run(FakeNet::default(), "probe.test=net-info");
     assert_eq!(v, Verdict::Pass, "{out}");
-    assert!(out.contains("virtio: 0xd0000000 size=0x1000 irq=5 version=2 device=1 vendor=0x554d4551 (selected)"), "{out}");
+    assert!(
+        out.contains("virtio: 0xd0000000 size=0x1000 irq=5 version=2 device=1 vendor=0x554d4551 (selected)"),
+        "{out}"
+    );
     assert!(out.contains("net: mac=52:54:00:12:34:56 link=up rxq=256 txq=256 features=0x100010020 "), "{out}");
     let d = dev(&m);
     assert_eq!(d.driver_features & !(ACCEPTED | F_VERSION_1), 0);
@@ -65,10 +61,7 @@ fn info_reads_mac_link_and_negotiates_only_what_it_accepts() {
 fn echo_against_a_reflecting_device_counts_every_frame_back() {
     let (v, out, m) = run(FakeNet::default(), "probe.test=net-echo probe.n=1000 probe.size=100 probe.window=32");
     assert_eq!(v, Verdict::Pass, "{out}");
-    assert!(
-        out.contains("net-echo: sent=1000 received=1000 lost=0 corrupt=0 dup=0 ooo=0 other=0 stalls=0 "),
-        "{out}"
-    );
+    assert!(out.contains("net-echo: sent=1000 received=1000 lost=0 corrupt=0 dup=0 ooo=0 other=0 stalls=0 "), "{out}");
     let d = dev(&m);
     assert_eq!(d.sent.len(), 1000);
     assert_eq!(d.bad_tx_hdr, 0);
@@ -108,8 +101,10 @@ fn echo_counts_losses_corruption_and_duplicates() {
     // (the outstanding frame is written off and sending goes on).
     let mut d = FakeNet::default();
     d.drop = vec![10, 20];
-    let (v, out, _) =
-        run(d, "probe.test=net-echo probe.n=100 probe.max_loss=2 probe.window=1 probe.timeout_ms=1 probe.tsc_khz=100000");
+    let (v, out, _) = run(
+        d,
+        "probe.test=net-echo probe.n=100 probe.max_loss=2 probe.window=1 probe.timeout_ms=1 probe.tsc_khz=100000",
+    );
     assert_eq!(v, Verdict::Pass, "{out}");
     assert_eq!(field(&out, "net-echo: sent=", "lost="), 2);
     assert_eq!(field(&out, "net-echo: sent=", "stalls="), 2);

@@ -7,10 +7,7 @@ use crate::console::Console;
 use crate::Verdict;
 
 /// Registry entry.
-pub const TEST: Test = Test {
-    name: b"pio-loop",
-    run,
-};
+pub const TEST: Test = Test { name: b"pio-loop", run };
 
 /// Default N.
 pub const DEFAULT_N: u64 = 10_000;
@@ -56,44 +53,22 @@ mod tests {
 
     #[test]
     fn times_n_reads_of_the_port() {
-        let mut m = FakeMachine {
-            tsc_per_in: 7,
-            tsc_step: 3,
-            ..FakeMachine::default()
-        };
+        let mut m = FakeMachine { tsc_per_in: 7, tsc_step: 3, ..FakeMachine::default() };
         let v = probe_main(&mut m, b"probe.test=pio-loop probe.n=1000 probe.port=0x80");
         assert_eq!(v, Verdict::Pass);
         assert_eq!(m.ins.iter().filter(|&&p| p == 0x80).count(), 1000);
-        assert!(
-            m.output()
-                .contains("pio-loop: port=0x80 n=1000 cycles=7003 cycles_per_exit=7\n"),
-            "{}",
-            m.output()
-        );
+        assert!(m.output().contains("pio-loop: port=0x80 n=1000 cycles=7003 cycles_per_exit=7\n"), "{}", m.output());
     }
 
     #[test]
     fn bad_n_is_bad_args() {
         let mut m = FakeMachine::default();
-        assert_eq!(
-            probe_main(&mut m, b"probe.test=pio-loop probe.n=0"),
-            Verdict::BadArgs
-        );
-        assert!(m
-            .output()
-            .contains("probe: bad argument probe.n=0: out of range\n"));
+        assert_eq!(probe_main(&mut m, b"probe.test=pio-loop probe.n=0"), Verdict::BadArgs);
+        assert!(m.output().contains("probe: bad argument probe.n=0: out of range\n"));
         let mut m = FakeMachine::default();
-        assert_eq!(
-            probe_main(&mut m, b"probe.test=pio-loop probe.port=0x10000"),
-            Verdict::BadArgs
-        );
+        assert_eq!(probe_main(&mut m, b"probe.test=pio-loop probe.port=0x10000"), Verdict::BadArgs);
         let mut m = FakeMachine::default();
-        assert_eq!(
-            probe_main(&mut m, b"probe.test=pio-loop probe.n=lots"),
-            Verdict::BadArgs
-        );
-        assert!(m
-            .output()
-            .contains("probe: bad argument probe.n=lots: not a number\n"));
+        assert_eq!(probe_main(&mut m, b"probe.test=pio-loop probe.n=lots"), Verdict::BadArgs);
+        assert!(m.output().contains("probe: bad argument probe.n=lots: not a number\n"));
     }
 }

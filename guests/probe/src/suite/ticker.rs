@@ -8,10 +8,7 @@ use crate::console::Console;
 use crate::Verdict;
 
 /// Registry entry.
-pub const TEST: Test = Test {
-    name: b"ticker",
-    run,
-};
+pub const TEST: Test = Test { name: b"ticker", run };
 
 /// Default N.
 pub const DEFAULT_N: u64 = 10;
@@ -21,10 +18,8 @@ pub const DEFAULT_DELAY: u64 = 1000;
 pub const DELAY_PORT: u16 = 0x80;
 
 fn run(con: &mut Console<'_>, params: &Params<'_>) -> Verdict {
-    let (n, delay) = match (
-        params.num(b"n", DEFAULT_N, 0, u64::MAX),
-        params.num(b"delay", DEFAULT_DELAY, 0, u64::MAX),
-    ) {
+    let (n, delay) = match (params.num(b"n", DEFAULT_N, 0, u64::MAX), params.num(b"delay", DEFAULT_DELAY, 0, u64::MAX))
+    {
         (Ok(n), Ok(d)) => (n, d),
         (Err(e), _) | (_, Err(e)) => {
             e.print(con);
@@ -49,17 +44,12 @@ mod tests {
         let v = probe_main(&mut m, b"probe.test=ticker probe.n=3 probe.delay=5");
         assert_eq!(v, Verdict::Pass);
         assert_eq!(m.ins.iter().filter(|&&p| p == 0x80).count(), 15);
-        assert!(m
-            .output()
-            .contains("tick 1\ntick 2\ntick 3\nprobe: verdict pass (0)\n"));
+        assert!(m.output().contains("tick 1\ntick 2\ntick 3\nprobe: verdict pass (0)\n"));
     }
 
     #[test]
     fn keeps_going_when_the_uart_vanishes() {
-        let mut m = FakeMachine {
-            lsr: 0xff,
-            ..FakeMachine::default()
-        };
+        let mut m = FakeMachine { lsr: 0xff, ..FakeMachine::default() };
         let v = probe_main(&mut m, b"probe.test=ticker probe.n=2 probe.delay=0");
         assert_eq!(v, Verdict::Pass);
         assert_eq!(m.pauses, 0);

@@ -158,9 +158,7 @@ impl BlkError {
                 con.str(b"DMA memory too small");
             }
             BlkError::TooManySlots(max) => {
-                con.str(b"queue depth times request size too large (max depth ")
-                    .dec(max as u64)
-                    .str(b")");
+                con.str(b"queue depth times request size too large (max depth ").dec(max as u64).str(b")");
             }
             BlkError::BadRequest => {
                 con.str(b"request refused by the driver (size, range or slot)");
@@ -178,8 +176,7 @@ impl BlkError {
                     .hex(u64::from(status));
             }
             BlkError::BadUsedId(id) => {
-                con.str(b"device returned unknown descriptor id ")
-                    .dec(u64::from(id));
+                con.str(b"device returned unknown descriptor id ").dec(u64::from(id));
             }
             BlkError::NeedsReset { status, in_flight } => {
                 con.str(b"device needs reset: ")
@@ -188,9 +185,7 @@ impl BlkError {
                     .hex(u64::from(status));
             }
             BlkError::BadUsedCount(n) => {
-                con.str(b"device used index jumped by ")
-                    .dec(u64::from(n))
-                    .str(b", more than in flight");
+                con.str(b"device used index jumped by ").dec(u64::from(n)).str(b", more than in flight");
             }
         }
     }
@@ -265,11 +260,7 @@ impl Blk {
         }
     }
 
-    fn handshake(
-        m: &mut dyn Machine,
-        t: &Transport,
-        dma: &mut Dma,
-    ) -> Result<(SplitQueue, BlkInfo), BlkError> {
+    fn handshake(m: &mut dyn Machine, t: &Transport, dma: &mut Dma) -> Result<(SplitQueue, BlkInfo), BlkError> {
         let (offered, features) = t.negotiate(m, ACCEPTED)?;
         let q = t.setup_queue(m, dma, 0, 0)?;
         // capacity (le64), size_max, seg_max, geometry, blk_size.
@@ -294,9 +285,7 @@ impl Blk {
     /// The largest queue depth for requests of `slot_bytes`.
     pub fn max_slots(&self, slot_bytes: usize) -> usize {
         let by_queue = (usize::from(self.q.size()) / 3).min(MAX_SLOTS);
-        let by_mem = (self.dma.len() - DATA_OFF)
-            .checked_div(slot_bytes)
-            .unwrap_or(0);
+        let by_mem = (self.dma.len() - DATA_OFF).checked_div(slot_bytes).unwrap_or(0);
         by_queue.min(by_mem)
     }
 
@@ -366,8 +355,7 @@ impl Blk {
         let hdr = HDR_OFF + 16 * slot;
         self.dma.store::<u32>(hdr, r.ty as u32);
         self.dma.store::<u32>(hdr + 4, 0);
-        self.dma
-            .store::<u64>(hdr + 8, if has_data { r.sector } else { 0 });
+        self.dma.store::<u64>(hdr + 8, if has_data { r.sector } else { 0 });
         self.dma.store::<u8>(STATUS_OFF + slot, S_UNWRITTEN);
         let hdr_phys = self.dma.phys(hdr);
         let status_phys = self.dma.phys(STATUS_OFF + slot);
@@ -376,8 +364,7 @@ impl Blk {
             let write = if r.ty == ReqType::In { DESC_F_WRITE } else { 0 };
             let len = u32::try_from(r.bytes).map_err(|_| BlkError::BadRequest)?;
             self.q.set_desc(&mut self.dma, h, hdr_phys, 16, DESC_F_NEXT, h + 1);
-            self.q
-                .set_desc(&mut self.dma, h + 1, data_phys, len, DESC_F_NEXT | write, h + 2);
+            self.q.set_desc(&mut self.dma, h + 1, data_phys, len, DESC_F_NEXT | write, h + 2);
         } else {
             self.q.set_desc(&mut self.dma, h, hdr_phys, 16, DESC_F_NEXT, h + 2);
         }
@@ -461,13 +448,7 @@ impl Blk {
     /// `i` (and fills `buf`, its slot's data buffer, for a write); `done(i, buf, status)` sees
     /// it finish (for a read `buf` holds the data). All free slots are refilled after each
     /// batch of completions, with one notify per refill.
-    pub fn run<F, G>(
-        &mut self,
-        m: &mut dyn Machine,
-        total: u64,
-        mut make: F,
-        mut done: G,
-    ) -> Result<RunStats, BlkError>
+    pub fn run<F, G>(&mut self, m: &mut dyn Machine, total: u64, mut make: F, mut done: G) -> Result<RunStats, BlkError>
     where
         F: FnMut(u64, &mut [u8]) -> Request,
         G: FnMut(u64, &[u8], u8),

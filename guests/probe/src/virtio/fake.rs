@@ -269,8 +269,8 @@ impl FakeMmio for FakeBlk {
             reg::DRIVER_FEATURES_SEL => self.driver_sel = value,
             reg::DRIVER_FEATURES => {
                 let shift = if self.driver_sel == 1 { 32 } else { 0 };
-                self.driver_features = (self.driver_features & !(0xffff_ffffu64 << shift))
-                    | (u64::from(value) << shift);
+                self.driver_features =
+                    (self.driver_features & !(0xffff_ffffu64 << shift)) | (u64::from(value) << shift);
             }
             reg::QUEUE_NUM => self.queue_num = value,
             reg::QUEUE_READY => self.ready = value,
@@ -295,8 +295,7 @@ impl FakeMmio for FakeBlk {
                     self.needs_reset_after = needs_reset_after;
                     self.disk = disk;
                     (self.offered, self.version, self.silent, self.corrupt_read_at) = keep;
-                    (self.counts, self.notifies, self.max_batch, self.bad_used_id) =
-                        (counts, notifies, max_batch, bad);
+                    (self.counts, self.notifies, self.max_batch, self.bad_used_id) = (counts, notifies, max_batch, bad);
                     self.driver_features = negotiated;
                 } else {
                     // FEATURES_OK only sticks for a subset of what we offer.

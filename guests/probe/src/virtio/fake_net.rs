@@ -148,7 +148,8 @@ impl FakeNet {
             for _ in 0..size {
                 let d = q.desc + 16 * u64::from(i % size);
                 // SAFETY: an address the driver gave us, inside its leaked DMA arena.
-                let (addr, len, flags, next): (u64, u32, u16, u16) = unsafe { (rd(d), rd(d + 8), rd(d + 12), rd(d + 14)) };
+                let (addr, len, flags, next): (u64, u32, u16, u16) =
+                    unsafe { (rd(d), rd(d + 8), rd(d + 12), rd(d + 14)) };
                 assert_eq!(flags & 2, 0, "TX buffer marked device-writable");
                 // SAFETY: an address the driver gave us, inside its leaked DMA arena.
                 bytes.extend_from_slice(unsafe { std::slice::from_raw_parts(addr as *const u8, len as usize) });
@@ -219,7 +220,7 @@ impl FakeNet {
             assert!(len as usize >= HDR_LEN + frame.len(), "RX buffer too small");
             let mut hdr = [0u8; HDR_LEN];
             hdr[10] = 1; // num_buffers
-            // SAFETY: an address the driver gave us, inside its leaked DMA arena; `len` checked.
+                         // SAFETY: an address the driver gave us, inside its leaked DMA arena; `len` checked.
             unsafe {
                 std::ptr::copy_nonoverlapping(hdr.as_ptr(), addr as *mut u8, HDR_LEN);
                 std::ptr::copy_nonoverlapping(frame.as_ptr(), (addr as *mut u8).add(HDR_LEN), frame.len());

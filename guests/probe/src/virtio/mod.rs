@@ -163,9 +163,7 @@ impl VirtioError {
                 con.str(b"device does not offer VIRTIO_F_VERSION_1");
             }
             VirtioError::FeaturesRejected(s) => {
-                con.str(b"device rejected our features (status ")
-                    .hex(u64::from(s))
-                    .str(b")");
+                con.str(b"device rejected our features (status ").hex(u64::from(s)).str(b")");
             }
             VirtioError::QueueUnavailable { queue, max } => {
                 con.str(b"queue ")
@@ -181,9 +179,7 @@ impl VirtioError {
                 con.str(b"device needs reset (status ").hex(u64::from(s)).str(b")");
             }
             VirtioError::ResetTimeout(s) => {
-                con.str(b"device reset did not complete (status ")
-                    .hex(u64::from(s))
-                    .str(b")");
+                con.str(b"device reset did not complete (status ").hex(u64::from(s)).str(b")");
             }
             VirtioError::ConfigUnstable => {
                 con.str(b"config generation never settled");
@@ -210,16 +206,10 @@ pub fn parse_word(word: &[u8]) -> Result<Option<Window>, VirtioError> {
     let Some(rest) = word.strip_prefix(WORD_PREFIX) else {
         return Ok(None);
     };
-    let at = rest
-        .iter()
-        .position(|&b| b == b'@')
-        .ok_or(VirtioError::Malformed)?;
+    let at = rest.iter().position(|&b| b == b'@').ok_or(VirtioError::Malformed)?;
     let size = parse_size(&rest[..at]).ok_or(VirtioError::Malformed)?;
     let mut fields = rest[at + 1..].split(|&b| b == b':');
-    let base = fields
-        .next()
-        .and_then(crate::cmdline::parse_u64)
-        .ok_or(VirtioError::Malformed)?;
+    let base = fields.next().and_then(crate::cmdline::parse_u64).ok_or(VirtioError::Malformed)?;
     let irq = fields
         .next()
         .filter(|f| !f.starts_with(b"0x"))
@@ -228,21 +218,14 @@ pub fn parse_word(word: &[u8]) -> Result<Option<Window>, VirtioError> {
         .ok_or(VirtioError::Malformed)?;
     let id = match fields.next() {
         None => None,
-        Some(f) => Some(
-            crate::cmdline::parse_u64(f)
-                .and_then(|n| u32::try_from(n).ok())
-                .ok_or(VirtioError::Malformed)?,
-        ),
+        Some(f) => {
+            Some(crate::cmdline::parse_u64(f).and_then(|n| u32::try_from(n).ok()).ok_or(VirtioError::Malformed)?)
+        }
     };
     if fields.next().is_some() {
         return Err(VirtioError::Malformed);
     }
-    Ok(Some(Window {
-        base,
-        size,
-        irq,
-        id,
-    }))
+    Ok(Some(Window { base, size, irq, id }))
 }
 
 /// The windows announced on the command line, in order (at most [`MAX_WINDOWS`]), and how
@@ -258,11 +241,7 @@ pub struct Windows {
 impl Windows {
     /// Collects every `virtio_mmio.device=` word of `params`' command line.
     pub fn from_params(params: &Params<'_>) -> Self {
-        let mut w = Windows {
-            items: [None; MAX_WINDOWS],
-            len: 0,
-            rejected: 0,
-        };
+        let mut w = Windows { items: [None; MAX_WINDOWS], len: 0, rejected: 0 };
         for word in params.words() {
             match parse_word(word) {
                 Ok(None) => {}
@@ -485,11 +464,7 @@ impl Transport {
 
     /// Reads `N` config-space words starting at config offset `offset` (a multiple of 4),
     /// retrying while ConfigGeneration changes under the reads.
-    pub fn config_words<const N: usize>(
-        &self,
-        m: &mut dyn Machine,
-        offset: u64,
-    ) -> Result<[u32; N], VirtioError> {
+    pub fn config_words<const N: usize>(&self, m: &mut dyn Machine, offset: u64) -> Result<[u32; N], VirtioError> {
         for _ in 0..CONFIG_RETRIES {
             let before = self.read(m, reg::CONFIG_GENERATION);
             let mut out = [0u32; N];
@@ -517,12 +492,7 @@ pub fn hi32(v: u64) -> u32 {
 /// Probes every window on the command line, printing one line each
 /// (`virtio: 0xBASE size=0xS irq=I version=V device=D vendor=0xV` or the reason it was
 /// skipped), and returns the `index`-th (from 0) version-2 device with DeviceID `device_id`.
-pub fn find_device(
-    con: &mut Console<'_>,
-    params: &Params<'_>,
-    device_id: u32,
-    index: u64,
-) -> Option<Transport> {
+pub fn find_device(con: &mut Console<'_>, params: &Params<'_>, device_id: u32, index: u64) -> Option<Transport> {
     let windows = Windows::from_params(params);
     if windows.rejected != 0 {
         con.str(b"virtio: ignored ")
@@ -533,12 +503,7 @@ pub fn find_device(
     let mut seen = 0u64;
     let mut found = None;
     for win in windows.iter() {
-        con.str(b"virtio: ")
-            .hex(win.base)
-            .str(b" size=")
-            .hex(win.size)
-            .str(b" irq=")
-            .dec(u64::from(win.irq));
+        con.str(b"virtio: ").hex(win.base).str(b" size=").hex(win.size).str(b" irq=").dec(u64::from(win.irq));
         match Transport::probe(con.machine(), win) {
             Err(e) => {
                 con.str(b": ");
@@ -577,30 +542,15 @@ mod tests {
     fn parses_linux_and_qemu_words() {
         assert_eq!(
             parse_word(b"virtio_mmio.device=4K@0xd0000000:5"),
-            Ok(Some(Window {
-                base: 0xd000_0000,
-                size: 4096,
-                irq: 5,
-                id: None
-            }))
+            Ok(Some(Window { base: 0xd000_0000, size: 4096, irq: 5, id: None }))
         );
         assert_eq!(
             parse_word(b"virtio_mmio.device=512@0xfeb00e00:12"),
-            Ok(Some(Window {
-                base: 0xfeb0_0e00,
-                size: 512,
-                irq: 12,
-                id: None
-            }))
+            Ok(Some(Window { base: 0xfeb0_0e00, size: 512, irq: 12, id: None }))
         );
         assert_eq!(
             parse_word(b"virtio_mmio.device=1M@0x100000000:3:7"),
-            Ok(Some(Window {
-                base: 0x1_0000_0000,
-                size: 1 << 20,
-                irq: 3,
-                id: Some(7)
-            }))
+            Ok(Some(Window { base: 0x1_0000_0000, size: 1 << 20, irq: 3, id: Some(7) }))
         );
         assert_eq!(parse_word(b"console=ttyS0"), Ok(None));
         for bad in [
@@ -613,12 +563,7 @@ mod tests {
             b"virtio_mmio.device=4K@0xd0000000:99999999999",
             b"virtio_mmio.device=99999999999G@0xd0000000:5",
         ] {
-            assert_eq!(
-                parse_word(bad),
-                Err(VirtioError::Malformed),
-                "{}",
-                String::from_utf8_lossy(bad)
-            );
+            assert_eq!(parse_word(bad), Err(VirtioError::Malformed), "{}", String::from_utf8_lossy(bad));
         }
     }
 
@@ -650,34 +595,15 @@ mod tests {
     fn windows_outside_the_mmio_range_are_refused() {
         use crate::machine::testing::FakeMachine;
         let mut m = FakeMachine::default();
-        let low = Window {
-            base: 0x10_0000,
-            size: 0x1000,
-            irq: 5,
-            id: None,
-        };
+        let low = Window { base: 0x10_0000, size: 0x1000, irq: 5, id: None };
         assert_eq!(Transport::probe(&mut m, low).err(), Some(VirtioError::BadWindow));
-        let high = Window {
-            base: 0xffff_f000,
-            size: 0x2000,
-            ..low
-        };
+        let high = Window { base: 0xffff_f000, size: 0x2000, ..low };
         assert_eq!(Transport::probe(&mut m, high).err(), Some(VirtioError::BadWindow));
-        let small = Window {
-            base: 0xd000_0000,
-            size: 0x100,
-            ..low
-        };
+        let small = Window { base: 0xd000_0000, size: 0x100, ..low };
         assert_eq!(Transport::probe(&mut m, small).err(), Some(VirtioError::BadWindow));
-        let empty = Window {
-            base: 0xd000_0000,
-            ..low
-        };
+        let empty = Window { base: 0xd000_0000, ..low };
         // Nothing there: reads return all-ones.
-        assert_eq!(
-            Transport::probe(&mut m, empty).err(),
-            Some(VirtioError::NoMagic(u32::MAX))
-        );
+        assert_eq!(Transport::probe(&mut m, empty).err(), Some(VirtioError::NoMagic(u32::MAX)));
         assert!(m.mmio_log.iter().all(|&(a, _, _)| a == 0xd000_0000));
     }
 }

@@ -15,7 +15,7 @@
 //! [`Dma`] arenas so a received frame can be copied into a TX buffer without a copy on the
 //! stack (see [`Net::poll_rx`]).
 
-use super::queue::{Dma, SplitQueue, MAX_QUEUE_SIZE, QUEUE_BYTES, DESC_F_WRITE};
+use super::queue::{Dma, SplitQueue, DESC_F_WRITE, MAX_QUEUE_SIZE, QUEUE_BYTES};
 use super::{reg, status, Transport, VirtioError};
 use crate::console::Console;
 use crate::machine::Machine;
@@ -379,19 +379,9 @@ impl Net {
         let (offered, features) = t.negotiate(m, ACCEPTED)?;
         let rx = t.setup_queue(m, rx_dma, RX_QUEUE, Q_OFF)?;
         let tx = t.setup_queue(m, tx_dma, TX_QUEUE, Q_OFF)?;
-        let (mac, mac_from_device) = if features & F_MAC != 0 {
-            (t.config_bytes::<6>(m, 0)?, true)
-        } else {
-            (DEFAULT_MAC, false)
-        };
-        let info = NetInfo {
-            mac,
-            mac_from_device,
-            offered,
-            features,
-            rx_size: rx.size(),
-            tx_size: tx.size(),
-        };
+        let (mac, mac_from_device) =
+            if features & F_MAC != 0 { (t.config_bytes::<6>(m, 0)?, true) } else { (DEFAULT_MAC, false) };
+        let info = NetInfo { mac, mac_from_device, offered, features, rx_size: rx.size(), tx_size: tx.size() };
         t.driver_ok(m)?;
         Ok((rx, tx, info))
     }
@@ -469,7 +459,12 @@ impl Net {
     /// so `f` may queue replies; re-posts their buffers and, if any, notifies the device once.
     /// Buffers with an impossible length are counted ([`NetStats::rx_bad_len`]) and
     /// re-posted. Returns the frames handed to `f`.
-    pub fn poll_rx<F: FnMut(&[u8], &mut Tx)>(&mut self, m: &mut dyn Machine, max: usize, mut f: F) -> Result<usize, NetError> {
+    pub fn poll_rx<F: FnMut(&[u8], &mut Tx)>(
+        &mut self,
+        m: &mut dyn Machine,
+        max: usize,
+        mut f: F,
+    ) -> Result<usize, NetError> {
         let pending = self.rx.used_pending(&self.rx_dma);
         if usize::from(pending) > self.rx_in_flight {
             return Err(NetError::BadUsedCount { queue: RX_QUEUE, n: pending });
@@ -528,10 +523,7 @@ impl Net {
 
     /// A [`NetError::Timeout`] with the current device status.
     pub fn timeout(&self, m: &mut dyn Machine) -> NetError {
-        NetError::Timeout {
-            status: self.t.read(m, reg::STATUS),
-            tx_in_flight: self.tx.in_flight(),
-        }
+        NetError::Timeout { status: self.t.read(m, reg::STATUS), tx_in_flight: self.tx.in_flight() }
     }
 
     /// Resets the device so it stops using our memory (bounded; errors ignored).

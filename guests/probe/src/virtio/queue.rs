@@ -30,10 +30,7 @@ pub struct Dma {
 impl Dma {
     /// Wraps the arena from [`crate::Machine::take_dma`].
     pub fn new(mem: &'static mut [u8]) -> Self {
-        Dma {
-            base: mem.as_mut_ptr(),
-            len: mem.len(),
-        }
+        Dma { base: mem.as_mut_ptr(), len: mem.len() }
     }
 
     /// Length in bytes.
@@ -143,14 +140,7 @@ impl SplitQueue {
             return None;
         }
         dma.zero(off, QUEUE_BYTES);
-        let q = SplitQueue {
-            size,
-            desc: off,
-            avail: off + 4096,
-            used: off + 8192,
-            next_avail: 0,
-            last_used: 0,
-        };
+        let q = SplitQueue { size, desc: off, avail: off + 4096, used: off + 8192, next_avail: 0, last_used: 0 };
         dma.store::<u16>(q.avail, AVAIL_F_NO_INTERRUPT);
         Some(q)
     }
@@ -218,10 +208,7 @@ impl SplitQueue {
         let slot = usize::from(self.last_used & (self.size - 1));
         let e = self.used + 4 + 8 * slot;
         self.last_used = self.last_used.wrapping_add(1);
-        UsedElem {
-            id: dma.load(e),
-            len: dma.load(e + 4),
-        }
+        UsedElem { id: dma.load(e), len: dma.load(e + 4) }
     }
 }
 
