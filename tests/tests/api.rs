@@ -472,3 +472,51 @@ fn patch_drive_path_swaps_the_image_under_the_running_guest() {
     assert_eq!(r.stderr.matches("service block-data restarted as pid").count(), 1, "{}", r.stderr);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn patch_device_changes_its_supervision_live() {
+    let dir = scratch("api-supervision");
+    let sock = dir.join("api.sock");
+    let serial = dir.join("serial.log");
+    let mut args = probe_vm_args(&serial, None, "probe.test=ticker probe.n=30 probe.delay=20000", &[]);
+    args.extend(["--api-sock".into(), sock.clone().into_os_string()]);
+    let child = bulkhead(&args).spawn().expect("spawn");
+    assert!(wait_for_serial(&serial, "tick 1\n", Duration::from_secs(30)), "guest never ticked");
+    let console = || -> serde_json::Value {
+        let (_, b) = curl(&sock, "GET", "/bulkhead/devices", None);
+        let all: serde_json::Value = serde_json::from_str(&b).expect("json");
+        all.as_array().expect("array").iter().find(|d| d["id"] == "console").expect("console").clone()
+    };
+    assert_eq!(console()["restart_max"], "20/10", "the default");
+    for (body, want) in [
+        (r#"{"restart_max": "1/60", "bogus": 1}"#, "unknown field `bogus`"),
+        (r#"{"service_deadline_ms": 0}"#, "service_deadline_ms must be"),
+        (r#"{"restart_max": "x/1"}"#, "bad restart count"),
+    ] {
+        let (s, b) = curl(&sock, "PATCH", "/bulkhead/devices/console", Some(body));
+        assert_eq!(s, 400, "{body}: {b}");
+        assert!(fault_message(&b).contains(want), "{body}: {b}");
+    }
+    let (s, b) = curl(&sock, "PATCH", "/bulkhead/devices/nosuch", Some(r#"{"restart_max": "1/60"}"#));
+    assert_eq!((s, fault_message(&b).contains("no device `nosuch`")), (400, true), "{b}");
+    assert_eq!(console()["restart_max"], "20/10", "refused changes change nothing");
+    let (s, b) = curl(
+        &sock,
+        "PATCH",
+        "/bulkhead/devices/console",
+        Some(r#"{"restart_max": "1/60", "service_deadline_ms": 800}"#),
+    );
+    assert_eq!(s, 204, "{b}");
+    let c = console();
+    assert_eq!((c["restart_max"].as_str(), c["service_deadline_ms"].as_u64()), (Some("1/60"), Some(800)));
+    // The new cap applies: one restart, then the console fails closed; the VM keeps running.
+    let kill = || curl(&sock, "PUT", "/bulkhead/devices/console/fault", Some(r#"{"action": "kill"}"#));
+    assert_eq!(kill().0, 200);
+    assert!(wait_until(Duration::from_secs(10), || console()["restarts"] == 1 && console()["state"] == "serving"));
+    assert_eq!(kill().0, 200);
+    assert!(wait_until(Duration::from_secs(10), || console()["state"] == "failed"), "{:?}", console());
+    assert!(console()["failed"].as_str().is_some_and(|f| f.contains("restart cap reached")), "{:?}", console());
+    let r = wait_bounded(child, Duration::from_secs(120));
+    assert_eq!(r.status.code(), Some(0), "the guest finishes without its console\n{}", r.stderr);
+    let _ = std::fs::remove_dir_all(&dir);
+}

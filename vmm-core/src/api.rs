@@ -23,8 +23,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::{
     BootSource, DriveConfig, DriveUpdate, LoggerConfig, MachineConfig, MachineConfigUpdate, MetricsConfig,
-    NetworkInterface, NetworkInterfaceUpdate,
+    NetworkInterface, NetworkInterfaceUpdate, RestartCap,
 };
+use crate::service::SupervisionUpdate;
 use crate::vmm::{ApiCall, SharedView, VmmAction, VmmView};
 
 /// Largest request body accepted (Firecracker's default).
@@ -376,6 +377,10 @@ fn route(method: &tiny_http::Method, url: &str, body: &[u8], ctx: &Ctx) -> Reply
             Err(r) => r,
         },
         (Get, ["bulkhead", "vm"]) => Reply::json(&vm_summary(&view(ctx))),
+        (Patch, ["bulkhead", "devices", id]) => match parse::<DevicePatch>(body) {
+            Ok(p) => patch_device(ctx, id, &p),
+            Err(r) => r,
+        },
         (Put, ["bulkhead", "actions"]) => match parse::<BulkheadAction>(body) {
             Ok(a) => match a.action_type.as_str() {
                 "Stop" => act(ctx, VmmAction::Stop { grace: Duration::from_secs(a.timeout_s.unwrap_or(10).min(3600)) }),
@@ -437,6 +442,46 @@ fn vm_summary(v: &VmmView) -> VmSummary {
         devices: devices.map_or(1 + v.config.drives.len() + v.config.network_interfaces.len(), |r| r.iter().count()),
         restarts: devices.map_or(0, |r| r.iter().map(|(_, s)| u64::from(s.metrics().restarts)).sum()),
     }
+}
+
+/// `PATCH /bulkhead/devices/{id}`: how the device's service is supervised from now on.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DevicePatch {
+    #[serde(default)]
+    restart_max: Option<RestartCap>,
+    #[serde(default)]
+    restart_burst: Option<RestartCap>,
+    #[serde(default)]
+    service_liveness_ms: Option<u64>,
+    #[serde(default)]
+    service_deadline_ms: Option<u64>,
+}
+
+fn patch_device(ctx: &Ctx, device: &str, p: &DevicePatch) -> Reply {
+    if p.service_deadline_ms.is_some_and(|d| !(1..=600_000).contains(&d)) {
+        return Reply::error("service_deadline_ms must be 1 to 600000");
+    }
+    if p.service_liveness_ms.is_some_and(|l| l > 600_000) {
+        return Reply::error("service_liveness_ms must be at most 600000");
+    }
+    let v = view(ctx);
+    let Some(reg) = &v.devices else {
+        return Reply::error("The requested operation is not supported before starting the microVM.");
+    };
+    let Some((_, svc)) = reg.resolve(device) else {
+        return Reply::error(format!("no device `{device}` (have: {})", reg.names()));
+    };
+    if p.restart_max.is_some_and(|r| r.max > 0) && svc.supervision().restart_max.0 == 0 {
+        return Reply::error("restarts cannot be turned on for a device started without them");
+    }
+    svc.set_supervision(&SupervisionUpdate {
+        restart_max: p.restart_max.map(|r| (r.max, r.window)),
+        restart_burst: p.restart_burst.map(|r| (r.max, r.window)),
+        liveness_interval: p.service_liveness_ms.map(Duration::from_millis),
+        call_timeout: p.service_deadline_ms.map(Duration::from_millis),
+    });
+    Reply::no_content()
 }
 
 /// Longest an injection waits for a live instance of its service.
@@ -532,6 +577,14 @@ pub struct DeviceInfo {
     pub requests_redone: u64,
     /// Exits forwarded to the service.
     pub exits_forwarded: u64,
+    /// Restart cap in force (`N/SECS`).
+    pub restart_max: String,
+    /// Immediate restarts tolerated (`N/SECS`).
+    pub restart_burst: String,
+    /// Liveness ping interval in ms (0: off).
+    pub service_liveness_ms: u64,
+    /// Deadline of a forwarded exit or a ping, in ms.
+    pub service_deadline_ms: u64,
 }
 
 fn devices(v: &VmmView) -> Vec<DeviceInfo> {
@@ -539,6 +592,8 @@ fn devices(v: &VmmView) -> Vec<DeviceInfo> {
     reg.iter()
         .map(|(d, svc)| {
             let m = svc.metrics();
+            let sup = svc.supervision();
+            let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
             DeviceInfo {
                 id: d.user_id.clone(),
                 kind: d.kind.to_string(),
@@ -550,6 +605,10 @@ fn devices(v: &VmmView) -> Vec<DeviceInfo> {
                 failed: m.failed,
                 requests_redone: m.requests_redone,
                 exits_forwarded: m.exits_forwarded,
+                restart_max: format!("{}/{}", sup.restart_max.0, sup.restart_max.1.as_secs()),
+                restart_burst: format!("{}/{}", sup.restart_burst.0, sup.restart_burst.1.as_secs()),
+                service_liveness_ms: ms(sup.liveness_interval),
+                service_deadline_ms: ms(sup.call_timeout),
             }
         })
         .collect()

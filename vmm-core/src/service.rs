@@ -302,7 +302,8 @@ pub struct RemoteDevice {
     inbox: Arc<Inbox>,
     restartable: bool,
     restart_wait: Duration,
-    timeout: Duration,
+    /// Longest wait for one forwarded exit, in µs (changed live by `set_supervision`).
+    timeout_us: AtomicU64,
     failed: AtomicBool,
     /// The restart cap was reached and a last instance presents the failed device to the guest
     /// (accesses are still forwarded to it).
@@ -454,7 +455,7 @@ impl RemoteDevice {
                 let cur = self.lock_current();
                 (cur.ring.clone(), cur.generation)
             };
-            match ring.call(&req, self.timeout) {
+            match ring.call(&req, Duration::from_micros(self.timeout_us.load(Ordering::Relaxed))) {
                 Ok(reply) => {
                     self.forwarded.fetch_add(1, Ordering::Relaxed);
                     if attempt > 0 {
@@ -680,6 +681,8 @@ struct Shared {
     /// How new instances are started; changed by live updates (rate limits, a new image) so that
     /// a replacement starts with them too.
     recipe: Mutex<Recipe>,
+    /// The supervision options in the recipe changed: the supervisor takes them up.
+    options_changed: AtomicBool,
 }
 
 impl Shared {
@@ -739,6 +742,33 @@ impl Shared {
         *ctl = new;
         ctl
     }
+}
+
+/// A change of a running service's supervision (`PATCH /bulkhead/devices/{id}`); `None` keeps
+/// the current value.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SupervisionUpdate {
+    /// Restarts and their window.
+    pub restart_max: Option<(u32, Duration)>,
+    /// Immediate restarts and their window.
+    pub restart_burst: Option<(u32, Duration)>,
+    /// Liveness ping interval (zero: off).
+    pub liveness_interval: Option<Duration>,
+    /// Deadline of a forwarded exit and of a ping.
+    pub call_timeout: Option<Duration>,
+}
+
+/// The supervision in force for a service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SupervisionInForce {
+    /// Restarts and their window.
+    pub restart_max: (u32, Duration),
+    /// Immediate restarts and their window.
+    pub restart_burst: (u32, Duration),
+    /// Liveness ping interval (zero: off).
+    pub liveness_interval: Duration,
+    /// Deadline of a forwarded exit and of a ping.
+    pub call_timeout: Duration,
 }
 
 /// What a service is doing.
@@ -914,7 +944,47 @@ impl ServiceRef {
         self.0.paused.load(Ordering::SeqCst)
     }
 
-    /// What the service is doing now.
+    /// Changes how the service is supervised, from now on: the restart cap and burst, the
+    /// liveness interval and the deadline of a forwarded exit or a ping.
+    pub fn set_supervision(&self, update: &SupervisionUpdate) {
+        {
+            let mut recipe = self.0.lock_recipe();
+            let o = &mut recipe.options;
+            if let Some((max, window)) = update.restart_max {
+                o.restart.max_restarts = max;
+                o.restart.window = window;
+            }
+            if let Some((burst, window)) = update.restart_burst {
+                o.restart.burst = burst;
+                o.restart.burst_window = window;
+            }
+            if let Some(interval) = update.liveness_interval {
+                o.liveness_interval = interval;
+            }
+            if let Some(deadline) = update.call_timeout {
+                o.call_timeout = deadline;
+                let us = u64::try_from(deadline.as_micros()).unwrap_or(u64::MAX);
+                self.0.device.timeout_us.store(us, Ordering::Relaxed);
+            }
+        }
+        self.0.options_changed.store(true, Ordering::SeqCst);
+        self.0.device.inbox.wake();
+        log::info!("service {}: supervision now {:?}", self.0.name, self.supervision());
+    }
+
+    /// The supervision in force.
+    pub fn supervision(&self) -> SupervisionInForce {
+        let r = self.0.lock_recipe();
+        let o = &r.options;
+        SupervisionInForce {
+            restart_max: (o.restart.max_restarts, o.restart.window),
+            restart_burst: (o.restart.burst, o.restart.burst_window),
+            liveness_interval: o.liveness_interval,
+            call_timeout: o.call_timeout,
+        }
+    }
+
+    /// What a service is doing now.
     pub fn state(&self) -> ServiceState {
         if self.0.device.is_failed() {
             return ServiceState::Failed;
@@ -1291,7 +1361,7 @@ fn spawn_service_with_state(
         inbox,
         restartable: recipe.options.restart.enabled(),
         restart_wait: recipe.options.restart.restart_wait,
-        timeout: recipe.options.call_timeout,
+        timeout_us: AtomicU64::new(u64::try_from(recipe.options.call_timeout.as_micros()).unwrap_or(u64::MAX)),
         failed: AtomicBool::new(false),
         given_up: AtomicBool::new(false),
         reason: Mutex::new(None),
@@ -1310,6 +1380,7 @@ fn spawn_service_with_state(
         state,
         paused: AtomicBool::new(false),
         recipe: Mutex::new(recipe),
+        options_changed: AtomicBool::new(false),
     });
     let (tx, exit_rx) = sync_channel(1);
     let (sh, kill_fd) = (shared.clone(), shared.lock_ctl().pidfd.try_clone().ok());
@@ -1364,6 +1435,10 @@ fn wait_instance(
                 child.kill()?;
             }
             return Ok(Ended::Stopped(child.wait()?));
+        }
+        if shared.options_changed.swap(false, Ordering::SeqCst) {
+            let o = shared.lock_recipe().options.clone();
+            *liveness = Liveness::new(o.liveness_interval, o.call_timeout, Instant::now());
         }
         let sleep = match check_liveness(shared, liveness) {
             Ok(until) => {
@@ -1443,8 +1518,7 @@ fn supervise(shared: &Shared, mut child: ServiceChild, exit_tx: &SyncSender<Exit
         let recipe = shared.lock_recipe();
         (recipe.options.clone(), matches!(recipe.device, DeviceConfig::Console { .. }))
     };
-    let policy = options.restart;
-    let mut tracker = RestartTracker::new(policy);
+    let mut tracker = RestartTracker::new(options.restart);
     let (interval, deadline) = (options.liveness_interval, options.call_timeout);
     let mut liveness = Liveness::new(interval, deadline, Instant::now());
     let dev = &shared.device;
@@ -1453,7 +1527,8 @@ fn supervise(shared: &Shared, mut child: ServiceChild, exit_tx: &SyncSender<Exit
     // past the cap.
     loop {
         let pid = child.id();
-        let ended = match wait_instance(shared, &mut child, policy.enabled(), &mut liveness) {
+        let restartable = shared.lock_recipe().options.restart.enabled();
+        let ended = match wait_instance(shared, &mut child, restartable, &mut liveness) {
             Ok(e) => e,
             Err(e) => {
                 dev.mark_failed(&format!("supervising it failed: {e}"), true);
@@ -1479,7 +1554,7 @@ fn supervise(shared: &Shared, mut child: ServiceChild, exit_tx: &SyncSender<Exit
             Ended::Died(status) => (status, describe(status), Failure::Error),
             Ended::Faulted(status, why) => (status, format!("{why}; killed it"), Failure::Error),
         };
-        if !policy.enabled() {
+        if !shared.lock_recipe().options.restart.enabled() {
             dev.mark_failed_as(&why, kind);
             let _ = exit_tx.send(status);
             return;
@@ -1491,6 +1566,7 @@ fn supervise(shared: &Shared, mut child: ServiceChild, exit_tx: &SyncSender<Exit
         log::error!("service {name} (pid {pid}) {sep}{why}; restarting it");
         // Bounded: each round is one more failure for the tracker, which gives up past the cap.
         loop {
+            tracker.set_policy(shared.lock_recipe().options.restart);
             let delay = match tracker.on_failure(Instant::now()) {
                 Decision::GiveUp(cap) => {
                     let why = format!("restart cap reached: {cap}; last failure: {why}");
@@ -1562,7 +1638,8 @@ fn supervise(shared: &Shared, mut child: ServiceChild, exit_tx: &SyncSender<Exit
                         }
                     }
                     child = inst.child;
-                    liveness = Liveness::new(interval, deadline, Instant::now());
+                    let o = shared.lock_recipe().options.clone();
+                    liveness = Liveness::new(o.liveness_interval, o.call_timeout, Instant::now());
                     break;
                 }
                 Err(e) => {

@@ -85,6 +85,11 @@ impl RestartTracker {
         Self { policy, failures: VecDeque::new() }
     }
 
+    /// Replaces the policy (a live change); the failures seen so far still count.
+    pub fn set_policy(&mut self, policy: RestartPolicy) {
+        self.policy = policy;
+    }
+
     /// Records a failure at `now` and decides.
     pub fn on_failure(&mut self, now: Instant) -> Decision {
         let p = self.policy;
