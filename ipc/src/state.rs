@@ -173,6 +173,9 @@ pub struct VirtioState {
     pub entry_stride: u16,
     /// Queues.
     pub queues: Vec<QueueRegs>,
+    /// A digest of the device's configuration space: an instance that finds it different (a
+    /// disk whose image was replaced) tells the driver with a configuration-change interrupt.
+    pub config_digest: u64,
 }
 
 /// Cold state of the 16550 console: the registers of `vm_superio::Serial` (its `SerialState`),
@@ -626,6 +629,7 @@ mod tests {
             driver_features: 1 << 32,
             entry_stride: 256,
             queues: vec![QueueRegs { size: 16, ready: true, desc: 0x1000, driver: 0x2000, device: 0x3000 }],
+            config_digest: 7,
             ..Default::default()
         };
         let b = encode_payload(&s).expect("encode");

@@ -54,6 +54,18 @@ pub struct VmmArgs {
     /// Accepted for Firecracker compatibility and ignored (always the strictest level).
     #[arg(long, value_name = "LEVEL", hide = true)]
     pub seccomp_level: Option<u8>,
+    /// Accepted for Firecracker compatibility and ignored: Bulkhead's filters are built in.
+    #[arg(long, value_name = "FILE", hide = true)]
+    pub seccomp_filter: Option<PathBuf>,
+    /// Added by Firecracker's jailer; accepted and ignored.
+    #[arg(long, value_name = "US", hide = true)]
+    pub start_time_us: Option<u64>,
+    /// Added by Firecracker's jailer; accepted and ignored.
+    #[arg(long, value_name = "US", hide = true)]
+    pub start_time_cpu_us: Option<u64>,
+    /// Added by Firecracker's jailer; accepted and ignored.
+    #[arg(long, value_name = "US", hide = true)]
+    pub parent_cpu_time_us: Option<u64>,
 }
 
 /// Subcommands.

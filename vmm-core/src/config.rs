@@ -179,7 +179,8 @@ pub struct MachineConfig {
     /// Backing page size.
     #[serde(default)]
     pub huge_pages: HugePages,
-    /// Firecracker's deprecated static CPU templates: accepted only when absent.
+    /// Firecracker's deprecated static CPU templates (firecracker-containerd sends `T2` on Intel
+    /// hosts): accepted and shown back, but not applied; the start-up log says so.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cpu_template: Option<String>,
 }
@@ -247,9 +248,6 @@ impl MachineConfig {
         }
         if self.huge_pages != HugePages::None {
             return Err(ConfigError::Unsupported("huge_pages other than \"None\"".into()));
-        }
-        if self.cpu_template.as_deref().is_some_and(|t| t != "None") {
-            return Err(ConfigError::Unsupported("cpu_template".into()));
         }
         Ok(())
     }

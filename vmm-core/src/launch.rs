@@ -255,17 +255,15 @@ struct PlannedDisk {
     slot: MmioSlot,
 }
 
-/// Opens a drive's image (read-only for a read-only drive): a regular file of at least one
-/// sector.
+/// Opens a drive's image (read-only for a read-only drive): a regular file. Its capacity is
+/// its size in whole 512-byte sectors; an empty file is a drive with no medium yet (Kata's
+/// placeholder drives, filled later with `PATCH /drives/{id}`).
 pub fn open_image(path: &Path, read_only: bool) -> Result<File, LaunchError> {
     let err = |source| LaunchError::Disk { path: path.to_path_buf(), source };
     let file = OpenOptions::new().read(true).write(!read_only).open(path).map_err(err)?;
     let meta = file.metadata().map_err(err)?;
-    if !meta.is_file() || meta.len() < 512 {
-        return Err(err(std::io::Error::new(
-            std::io::ErrorKind::InvalidInput,
-            "not a regular file of at least one 512-byte sector",
-        )));
+    if !meta.is_file() {
+        return Err(err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a regular file")));
     }
     Ok(file)
 }
@@ -547,6 +545,9 @@ pub fn build(config: &VmConfig) -> Result<RunningVm, LaunchError> {
     }
 
     let machine = &config.machine_config;
+    if let Some(t) = machine.cpu_template.as_deref().filter(|t| *t != "None") {
+        log::warn!("cpu_template {t} is not applied: the guest sees the host's CPU features (minus the PVM masks)");
+    }
     let ram = GuestRam::new(machine.mem_size_mib)?;
     let kvm = vm::open_kvm()?;
     let vm = vm::create_vm(&kvm, &ram)?;

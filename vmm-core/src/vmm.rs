@@ -198,6 +198,8 @@ pub struct Vmm {
     stop_deadline: Option<Instant>,
     /// A termination signal that came before the VM started.
     signalled: Option<i32>,
+    /// The logger's output was set (`PUT /logger`).
+    logger_opened: bool,
 }
 
 impl Vmm {
@@ -221,6 +223,7 @@ impl Vmm {
             metrics_due: Instant::now(),
             stop_deadline: None,
             signalled: None,
+            logger_opened: false,
         }
     }
 
@@ -282,6 +285,7 @@ impl Vmm {
             VmmAction::PutDrive(d) => self.config.put_drive(d)?,
             VmmAction::PutNetworkInterface(n) => self.config.put_network_interface(n)?,
             VmmAction::PutLogger(cfg, file) => {
+                self.logger_opened = true;
                 if let Some(level) = cfg.level {
                     log::set_max_level(level.filter());
                 }
@@ -378,6 +382,21 @@ impl Vmm {
     fn start(&mut self) -> Result<(), ActionError> {
         if self.config.boot_source.is_none() {
             return Err(ActionError::Start("Cannot start microvm without kernel configuration.".into()));
+        }
+        // A configuration file names its log and metrics outputs without a PUT: open them now,
+        // before this thread's system calls are narrowed.
+        if self.metrics.is_none() {
+            if let Some(m) = &self.config.metrics {
+                let f = open_output(&m.metrics_path).map_err(|e| ActionError::Start(format!("Metrics error: {e}")))?;
+                self.metrics = Some(f);
+            }
+        }
+        if !self.logger_opened {
+            if let Some(l) = self.config.logger.clone() {
+                let file = l.log_path.as_deref().map(open_output).transpose();
+                let file = file.map_err(|e| ActionError::Start(format!("Logger error: {e}")))?;
+                self.apply(VmmAction::PutLogger(l, file))?;
+            }
         }
         let vm = crate::launch::build(&self.config).map_err(|e| match e {
             LaunchError::Config(c) => ActionError::Config(c),
@@ -486,6 +505,21 @@ impl Vmm {
             None => reason,
         }
     }
+}
+
+/// Opens a log or metrics destination for appending: a regular file (created if missing) or a
+/// FIFO. Read-write and non-blocking, as Firecracker opens them: a FIFO nobody reads yet opens
+/// (firecracker-containerd creates them and never reads), and a reader that stalls costs lines,
+/// never the VMM.
+pub fn open_output(path: &std::path::Path) -> Result<File, String> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .read(true)
+        .append(true)
+        .create(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| format!("cannot open {}: {e}", path.display()))
 }
 
 /// An error and its sources on one line.

@@ -321,6 +321,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
             interrupt_status: self.interrupt_status,
             config_generation: self.config_generation,
             entry_stride: self.stride,
+            config_digest: self.config_digest(),
             queues: self
                 .queues
                 .iter()
@@ -334,6 +335,19 @@ impl<D: VirtioDevice> MmioTransport<D> {
                 })
                 .collect(),
         }
+    }
+
+    /// FNV-1a over the device's configuration space (the bytes it answers, at most 256).
+    fn config_digest(&self) -> u64 {
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for off in 0..256u64 {
+            let mut b = [0u8];
+            if !self.device.read_config(off, &mut b) {
+                break;
+            }
+            h = (h ^ u64::from(b[0])).wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        h
     }
 
     /// Commits the cold state if it changed since the last commit.
@@ -378,6 +392,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
             Ok(Loaded::Saved { payload, .. }) => decode_payload::<VirtioState>(&payload),
             Err(e) => Err(e),
         };
+        let config_changed = saved.as_ref().is_ok_and(|s| s.config_digest != self.config_digest());
         let result = match saved {
             Ok(s) => self.apply(&s).and_then(|()| self.recover_queues()),
             Err(e) => Err(format!("{e}")),
@@ -394,6 +409,13 @@ impl<D: VirtioDevice> MmioTransport<D> {
                 if self.status & status::DRIVER_OK != 0 {
                     // Interrupts the dead instance may not have raised: one (maybe spurious) now.
                     self.signal(INT_VRING);
+                    if config_changed {
+                        // A new medium (the core swapped the image): the driver re-reads the
+                        // configuration, as after a capacity change on real hardware.
+                        self.config_generation = self.config_generation.wrapping_add(1);
+                        self.signal(INT_CONFIG);
+                        eprintln!("virtio-mmio: configuration changed since the last instance: configuration-change interrupt");
+                    }
                 }
                 Restored::Resumed { redone }
             }

@@ -1,6 +1,7 @@
 //! `probe.test=blk-check probe.seed=S [probe.tries=N] [probe.delay=D]`: reads the whole disk
-//! (64 KiB at a time) and checks it holds the pattern of seed S; if not, waits (D reads of
-//! port 0x80) and reads it again, at most N times in all. Used to see a disk's backing image
+//! (64 KiB at a time, its capacity read again each time) and checks it holds the pattern of
+//! seed S; if not (or if it is empty), waits (D reads of port 0x80) and reads it again, at most N
+//! times in all. `probe.blk=I` picks the I-th disk. Used to see a disk's backing image
 //! replaced under a running guest (`PATCH /drives/{id}` with a new `path_on_host`): the guest's
 //! driver keeps going and finds the new medium. Prints
 //! `blk-check: seed=S found after T tries` (pass) or `blk-check: seed=S not found in N tries`.
@@ -64,9 +65,10 @@ fn run(con: &mut Console<'_>, params: &Params<'_>) -> Verdict {
 /// Whether every sector holds the pattern of `seed`.
 fn matches(con: &mut Console<'_>, blk: &mut Blk, seed: u64) -> Result<bool, BlkError> {
     let sectors = (CHUNK / pattern::SECTOR) as u64;
-    let chunks = blk.info().capacity / sectors;
+    // The medium may have changed (an empty placeholder filled later): ask again every time.
+    let chunks = blk.reread_capacity(con.machine())? / sectors;
     if chunks == 0 {
-        return Err(BlkError::BadRequest);
+        return Ok(false);
     }
     blk.set_slots(4, CHUNK)?;
     let mut all = true;

@@ -282,6 +282,13 @@ impl Blk {
         &self.info
     }
 
+    /// Reads the capacity again (a medium may have been replaced) and returns it.
+    pub fn reread_capacity(&mut self, m: &mut dyn Machine) -> Result<u64, BlkError> {
+        let cfg = self.t.config_words::<2>(m, 0)?;
+        self.info.capacity = (u64::from(cfg[1]) << 32) | u64::from(cfg[0]);
+        Ok(self.info.capacity)
+    }
+
     /// The largest queue depth for requests of `slot_bytes`.
     pub fn max_slots(&self, slot_bytes: usize) -> usize {
         let by_queue = (usize::from(self.q.size()) / 3).min(MAX_SLOTS);
