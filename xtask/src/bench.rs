@@ -7,8 +7,10 @@
 //! Then the network benchmark (see `bench_net`): the probe's `net-bench` through Bulkhead and QEMU
 //! on a TAP in a private network namespace.
 //!
+//! Then the control plane against Firecracker's (see `bench_api`).
+//!
 //! Options: `--runs N` (default 7), `--exits N` per run (default 200000), `--blk-runs N` (default
-//! 5), `--net-runs N` (default 5), `--only pio|blk|restart|net`.
+//! 5), `--net-runs N` (default 5), `--only pio|blk|restart|net|api`.
 
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -42,14 +44,14 @@ fn parse_args(args: &[String]) -> Result<Options, BoxError> {
             "--net-runs" => net_runs = it.next().map_or_else(val, Ok)?.parse()?,
             "--only" => {
                 let v = it.next().map_or_else(val, Ok)?;
-                if !["pio", "blk", "restart", "net"].contains(&v.as_str()) {
-                    return Err(format!("--only takes pio, blk, restart or net, not {v}").into());
+                if !["pio", "blk", "restart", "net", "api"].contains(&v.as_str()) {
+                    return Err(format!("--only takes pio, blk, restart, net or api, not {v}").into());
                 }
                 only = Some(v.clone());
             }
             other => {
                 return Err(format!(
-                    "unknown bench option {other} (--runs N, --exits N, --blk-runs N, --net-runs N, --only pio|blk|restart|net)"
+                    "unknown bench option {other} (--runs N, --exits N, --blk-runs N, --net-runs N, --only pio|blk|restart|net|api)"
                 )
                 .into())
             }
@@ -123,6 +125,9 @@ pub fn run(args: &[String]) -> Result<(), BoxError> {
         let tsc_khz = (rate * 1000.0).round() as u64;
         let r = crate::bench_net::NetRun { bin: &bin, probe: &probe, tx_n: 200_000, rx_n: 200_000, tsc_khz };
         crate::bench_net::bench(&r, opts.net_runs)?;
+    }
+    if part("api") {
+        crate::bench_api::bench(&bin, &probe, 5)?;
     }
     if part("pio") {
         pio(&bin, &probe, rate, opts.runs, opts.exits)?;

@@ -7,6 +7,7 @@
 //! - `cargo xtask bench`  runs the benchmarks and prints the report.
 
 mod bench;
+mod bench_api;
 mod bench_blk;
 mod bench_net;
 mod guest;
