@@ -113,10 +113,14 @@ fn one_run(vmm: Vmm, exe: &Path, probe: &Path, dir: &Path) -> Result<Run, BoxErr
     result.map(|()| run)
 }
 
+/// The `p`-quantile (0..=1, nearest rank) of `v`.
 fn pct(v: &mut [f64], p: f64) -> f64 {
     v.sort_by(f64::total_cmp);
-    let i = ((v.len() as f64 - 1.0) * p).round() as usize;
-    v.get(i).copied().unwrap_or(f64::NAN)
+    let last = v.len().saturating_sub(1);
+    // p in 0..=1: the index is within 0..=last, which fits usize.
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+    let i = ((last as f64) * p.clamp(0.0, 1.0)).round() as usize;
+    v.get(i.min(last)).copied().unwrap_or(f64::NAN)
 }
 
 /// Runs the benchmark (`runs` interleaved runs per VMM) and prints the report.
