@@ -179,7 +179,7 @@ fn linux_vm(root: &std::path::Path, cmdline_extra: &str, extra: &[&str]) -> std:
 }
 
 /// A scratch directory with a private copy of the built root image.
-fn root_copy(name: &str) -> (std::path::PathBuf, std::path::PathBuf) {
+fn root_copy(name: &str) -> (Scratch, std::path::PathBuf) {
     let dir = scratch(name);
     let root = dir.join("rootfs.ext4");
     std::fs::copy(artefact("BULKHEAD_ROOTFS"), &root).expect("copy rootfs");
@@ -277,7 +277,6 @@ fn linux_disk_verify_with_block_service_killed() {
     assert_eq!(code, 0, "e2fsck -fn found problems in the image the guest wrote\n{fsck}");
     let on_image = ext4_read_file(&root, "/var/bulkhead-verify.bin", &dir.join("verify.bin"));
     assert!(on_image == data, "the file on the host-side image is not the random data ({} bytes)", on_image.len());
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// SIGKILLs the running `service_binary` child of the core `core`; returns its pid.
@@ -425,7 +424,7 @@ fn http_peer(
 fn linux_shell_console_and_tcp_with_services_killed() {
     const PROMPT: &str = "bulkhead-guest:/# ";
     const BYTES: usize = 4 << 20;
-    let (dir, root) = root_copy("linux-shell");
+    let (_dir, root) = root_copy("linux-shell");
     let ns = boot_netns();
     let mut cmd = linux_vm(&root, "", &["--restart-max", "100/10"]);
     let mut vm = LiveVm::spawn(&mut cmd, Some(&ns));
@@ -516,5 +515,4 @@ fn linux_shell_console_and_tcp_with_services_killed() {
     }
     let (code, fsck) = e2fsck(&root);
     assert_eq!(code, 0, "e2fsck -fn after the shell session\n{fsck}");
-    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -96,7 +96,6 @@ fn version_is_what_kata_parses() {
     let out = Command::new(&link).arg("--version").output().expect("run");
     assert!(out.status.success());
     assert!(parse(&out.stdout) >= (0, 21, 1), "Kata needs at least 0.21.1: {}", String::from_utf8_lossy(&out.stdout));
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
@@ -173,7 +172,6 @@ fn kata_go_runtime_sequence() {
     assert!(last["block"]["read_bytes"].as_u64().is_some(), "{last}");
     assert!(lines.iter().all(|l| l.len() < 64 << 10), "Kata's reader takes lines under 64 KiB");
     let _ = log_lines.join();
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
@@ -198,7 +196,6 @@ fn kata_stops_the_vmm_with_sigterm() {
     assert!(t.elapsed() < Duration::from_secs(5), "SIGTERM took {:?}", t.elapsed());
     assert_eq!(r.status.code(), Some(128 + libc::SIGTERM), "{}", r.stderr);
     assert!(!sock.exists(), "the socket is removed");
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
@@ -312,5 +309,4 @@ fn firecracker_go_sdk_sequence_as_firecracker_containerd_runs_it() {
     assert!(log.contains("cpu_template T2 is not applied"), "{log}");
     assert!(log.contains("VM started") && log.contains("VM paused"), "the log went to the FIFO:\n{log}");
     assert!(!sock.exists());
-    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -41,7 +41,6 @@ fn blk_verify_pattern_is_on_the_image() {
     assert_eq!(seed, 42);
     assert_eq!(bad_pattern_sectors(&image, seed), 0, "the host sees a different pattern than the guest wrote");
     assert_ne!(bad_pattern_sectors(&image, seed + 1), 0, "the checker must be able to fail");
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 fn file_hash(p: &Path) -> u64 {
@@ -61,5 +60,4 @@ fn read_only_disk_rejects_writes() {
     assert!(r.stdout.contains("blk-ro: ro=1 write_status=1 read_status=0"), "{}\n{}", r.stdout, r.stderr);
     assert_eq!(r.status.code(), Some(0), "{}\n{}", r.stdout, r.stderr);
     assert_eq!(file_hash(&image), before, "a read-only image changed");
-    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -146,7 +146,7 @@ fn net_tx(tag: &str, n: u64, size: u64, limits: &str) -> NetRun {
     assert_eq!(r.status.code(), Some(0), "{ctx}");
     assert!(serial.contains("probe: verdict pass (0)"), "{ctx}");
     let tx = "net-bench: tx ";
-    let run = NetRun {
+    NetRun {
         frames: field(&serial, tx, "frames"),
         bytes: field(&serial, tx, "bytes"),
         cycles: field(&serial, tx, "cycles"),
@@ -154,9 +154,7 @@ fn net_tx(tag: &str, n: u64, size: u64, limits: &str) -> NetRun {
         ctx,
         stderr: r.stderr,
         took,
-    };
-    let _ = std::fs::remove_dir_all(&dir);
-    run
+    }
 }
 
 /// Checks that hold for every throttled TX run: all `n` frames sent, all reached the TAP,
@@ -250,7 +248,6 @@ fn blk_bench(tag: &str, count: u64, qd: u64, limits: &str) -> (Vec<(&'static str
     assert_eq!(stat(&r.stderr, "bulkhead-block", "ok"), 3 * count, "{ctx}");
     assert_eq!(stat(&r.stderr, "bulkhead-block", "ioerr"), 0, "{ctx}");
     assert!(stat(&r.stderr, "bulkhead-block", "throttled") > 0, "the disk throttle never engaged:\n{ctx}");
-    let _ = std::fs::remove_dir_all(&dir);
     (v, serial, r.stderr)
 }
 
@@ -349,7 +346,6 @@ fn disk_iops_limit_follows_a_live_patch() {
             runs.borrow_mut().push(format!("{name}: {rate:.0} IOPS (limit {limit})"));
             rates.push((format!("{name} (limit {limit})"), rate / limit as f64));
         }
-        let _ = std::fs::remove_dir_all(&dir);
         (rates, ctx)
     });
     eprintln!("{}", runs.borrow().join("; "));
@@ -400,7 +396,6 @@ fn net_tx_frame_rate_follows_a_live_patch() {
                 (format!("round {} (limit {limit})", i + 1), rate / limit as f64)
             })
             .collect();
-        let _ = std::fs::remove_dir_all(&dir);
         (rates, ctx)
     });
 }

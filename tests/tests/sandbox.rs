@@ -156,7 +156,6 @@ fn every_running_service_is_jailed() {
     assert_eq!(r.status.code(), Some(0), "stderr:\n{}", r.stderr);
     let serial = std::fs::read_to_string(&out).expect("serial log");
     assert!(serial.contains("tick 40"), "the jailed console stopped serving:\n{serial}");
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// Runs `bulkhead run` inside a user namespace (`unshare -U -r`) whose own limit on nested user

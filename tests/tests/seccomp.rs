@@ -68,7 +68,6 @@ fn console_attempts(name: &str) {
     assert_eq!(bad_pattern_sectors(&image, seed + rounds - 1), 0, "{ctx}");
     assert!(!r.stderr.lines().any(|l| l.contains("ERROR") && l.contains("service block")), "{ctx}");
     assert!(!Path::new(ESCAPE).exists(), "{ESCAPE} was written");
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// The block service is told to attempt `name` while the guest prints through the console: the
@@ -93,7 +92,6 @@ fn block_attempts(name: &str) {
     assert!(r.stderr[..kill_at].contains("fault injection: telling service block-disk0"), "{ctx}");
     assert!(!r.stderr.lines().any(|l| l.contains("ERROR") && l.contains("service console")), "{ctx}");
     assert!(!Path::new(ESCAPE).exists(), "{ESCAPE} was written");
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 macro_rules! per_action {
@@ -145,7 +143,6 @@ fn running_services_and_vcpu_threads_are_filtered() {
     assert_eq!(r.status.code(), Some(128 + libc::SIGTERM), "{}", r.stderr);
     assert!(r.stderr.contains("guest stopped: VMM received signal 15"), "{}", r.stderr);
     assert_eq!(seen.len(), 2);
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 fn unsafe_kill(pid: u32) -> i32 {

@@ -34,7 +34,7 @@ fn tail(s: &str, n: usize) -> String {
 /// One test's probe VM: a scratch directory holding its serial log and, optionally, a zeroed
 /// disk image.
 struct ProbeVm {
-    dir: PathBuf,
+    dir: Scratch,
     serial: PathBuf,
     disk: Option<PathBuf>,
 }
@@ -94,10 +94,6 @@ impl ProbeVm {
     /// Waits (at most `limit`) for `needle` in the serial log.
     fn wait_serial(&self, needle: &str, limit: Duration) -> bool {
         wait_for_serial(&self.serial, needle, limit)
-    }
-
-    fn remove(self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
@@ -264,7 +260,6 @@ fn bulkhead_fault_corrupt_state_makes_the_block_device_need_a_reset() {
     assert_eq!(rounds, (1..=rounds.len() as u64).collect::<Vec<_>>(), "console output interrupted\n{ctx}");
     assert!(!log.contains("service console restarted"), "{ctx}");
     assert!(log.contains("guest stopped"), "{ctx}");
-    vm.remove();
 }
 
 /// At least 100 block-service deaths at staggered points (SIGKILL from the core, `_exit`,
@@ -341,7 +336,6 @@ fn blk_verify_under(name: &str, seed: u64, rounds: u64, faults: &[&str]) -> (Str
     assert!(summary.contains(&format!(" final_seed={}", seed + rounds - 1)), "{summary}");
     assert!(!log.contains("marked FAILED"), "{ctx}");
     assert_eq!(bad_pattern_sectors(vm.image(), seed + rounds - 1), 0, "the host sees a different pattern");
-    vm.remove();
     (log, serial)
 }
 
@@ -412,5 +406,4 @@ fn block_past_its_cap_presents_needs_reset_and_the_guest_stops_promptly() {
     assert!(lines[at..].iter().any(|l| l.starts_with("blk-verify: sectors=")), "{ctx}");
     assert!(lines[at..].iter().any(|l| l.contains("probe: verdict fail")), "{ctx}");
     assert!(log.contains("guest stopped"), "{ctx}");
-    vm.remove();
 }

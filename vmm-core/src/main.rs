@@ -93,6 +93,9 @@ fn drive(mut vmm: Vmm, sock: Option<&Path>, start_now: bool) -> ExitCode {
             None
         }
     };
+    // Probed now, while the API waits for a configuration, so InstanceStart does not pay for it
+    // (start_now: the build below would probe anyway).
+    let _ = vmm_core::service::probe_sandbox();
     if start_now {
         if let Err(e) = vmm.handle(VmmAction::InstanceStart) {
             eprintln!("bulkhead: error: {}", e.to_string().trim_start_matches("Start microvm error: "));

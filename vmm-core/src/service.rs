@@ -52,7 +52,7 @@ use crate::bus::BusDevice;
 pub mod spawn;
 pub mod supervisor;
 
-pub use spawn::{init_sandbox, Namespace, Namespaces, Sandbox, ServiceChild, SpawnError};
+pub use spawn::{init_sandbox, probe_sandbox, Namespace, Namespaces, Sandbox, ServiceChild, SpawnError};
 pub use supervisor::{Decision, Liveness, LivenessStep, Metrics, RestartPolicy, RestartTracker};
 
 /// Errors starting or managing a service.

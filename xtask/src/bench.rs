@@ -10,7 +10,7 @@
 //! Then the control plane against Firecracker's (see `bench_api`).
 //!
 //! Options: `--runs N` (default 7), `--exits N` per run (default 200000), `--blk-runs N` (default
-//! 5), `--net-runs N` (default 5), `--only pio|blk|restart|net|api`.
+//! 5), `--net-runs N` (default 5), `--api-runs N` (default 7), `--only pio|blk|restart|net|api`.
 
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -29,11 +29,13 @@ struct Options {
     exits: u64,
     blk_runs: usize,
     net_runs: usize,
+    api_runs: usize,
     only: Option<String>,
 }
 
 fn parse_args(args: &[String]) -> Result<Options, BoxError> {
     let (mut runs, mut exits, mut blk_runs, mut net_runs, mut only) = (7usize, 200_000u64, 5usize, 5usize, None);
+    let mut api_runs = 7usize;
     let mut it = args.iter();
     while let Some(a) = it.next() {
         let val = || -> Result<&String, BoxError> { Err(format!("{a} needs a value").into()) };
@@ -42,6 +44,7 @@ fn parse_args(args: &[String]) -> Result<Options, BoxError> {
             "--exits" => exits = it.next().map_or_else(val, Ok)?.parse()?,
             "--blk-runs" => blk_runs = it.next().map_or_else(val, Ok)?.parse()?,
             "--net-runs" => net_runs = it.next().map_or_else(val, Ok)?.parse()?,
+            "--api-runs" => api_runs = it.next().map_or_else(val, Ok)?.parse()?,
             "--only" => {
                 let v = it.next().map_or_else(val, Ok)?;
                 if !["pio", "blk", "restart", "net", "api"].contains(&v.as_str()) {
@@ -51,16 +54,16 @@ fn parse_args(args: &[String]) -> Result<Options, BoxError> {
             }
             other => {
                 return Err(format!(
-                    "unknown bench option {other} (--runs N, --exits N, --blk-runs N, --net-runs N, --only pio|blk|restart|net|api)"
+                    "unknown bench option {other} (--runs N, --exits N, --blk-runs N, --net-runs N, --api-runs N, --only pio|blk|restart|net|api)"
                 )
                 .into())
             }
         }
     }
-    if runs == 0 || exits == 0 || blk_runs == 0 || net_runs == 0 {
-        return Err("--runs, --exits, --blk-runs and --net-runs must be positive".into());
+    if runs == 0 || exits == 0 || blk_runs == 0 || net_runs == 0 || api_runs == 0 {
+        return Err("--runs, --exits, --blk-runs, --net-runs and --api-runs must be positive".into());
     }
-    Ok(Options { runs, exits, blk_runs, net_runs, only })
+    Ok(Options { runs, exits, blk_runs, net_runs, api_runs, only })
 }
 
 fn pio_loop(bin: &Path, probe: &Path, port: u16, exits: u64) -> Result<Sample, BoxError> {
@@ -127,7 +130,7 @@ pub fn run(args: &[String]) -> Result<(), BoxError> {
         crate::bench_net::bench(&r, opts.net_runs)?;
     }
     if part("api") {
-        crate::bench_api::bench(&bin, &probe, 5)?;
+        crate::bench_api::bench(&bin, &probe, opts.api_runs)?;
     }
     if part("pio") {
         pio(&bin, &probe, rate, opts.runs, opts.exits)?;

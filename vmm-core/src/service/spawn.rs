@@ -233,11 +233,16 @@ pub struct Sandbox {
 }
 
 static SANDBOX: OnceLock<Sandbox> = OnceLock::new();
+static PROBED: OnceLock<(Namespaces, UnavailableList)> = OnceLock::new();
 
-/// Probes which namespaces this host lets the core create, trying them one at a time (each on top
-/// of those that already worked, so an unprivileged core gets the others inside its user
-/// namespace). Each try creates a child that exits at once.
+/// Probes which namespaces this host lets the core create: all of them in one child first (the
+/// usual case: one `clone3`), and only if that fails one at a time (each on top of those that
+/// already worked, so an unprivileged core gets the others inside its user namespace). Each try
+/// creates a child that exits at once.
 pub fn probe_namespaces() -> (Namespaces, UnavailableList) {
+    if try_clone(Namespaces::all()).is_ok() {
+        return (Namespaces::all(), UnavailableList::default());
+    }
     let mut ok = Namespaces::default();
     let mut missing = UnavailableList::default();
     for ns in Namespace::ALL {
@@ -270,6 +275,12 @@ fn try_clone(ns: Namespaces) -> io::Result<()> {
     Ok(())
 }
 
+/// [`probe_namespaces`] once per process, remembered. The VMM calls it while it waits for its
+/// configuration, so `InstanceStart` does not pay for the probe's children.
+pub fn probe_sandbox() -> &'static (Namespaces, UnavailableList) {
+    PROBED.get_or_init(probe_namespaces)
+}
+
 /// Decides once which namespaces services get. With every namespace available this is the full
 /// set. Otherwise it fails naming the namespaces that failed, unless `insecure` (the user passed
 /// `--insecure-no-sandbox`): then it logs a loud warning and services start without them (the
@@ -278,7 +289,7 @@ pub fn init_sandbox(insecure: bool) -> Result<Sandbox, SpawnError> {
     if let Some(s) = SANDBOX.get() {
         return Ok(s.clone());
     }
-    let (namespaces, missing) = probe_namespaces();
+    let (namespaces, missing) = probe_sandbox().clone();
     if !missing.0.is_empty() {
         if !insecure {
             return Err(SpawnError::NamespacesUnavailable(missing));
