@@ -2,15 +2,16 @@
 //!
 //! The core creates every service with `clone3` in new user, mount, PID, IPC, UTS and network
 //! namespaces and writes its uid/gid maps (inside 0 → the core's ids, and inside 65534 → outside
-//! 65534 when the core is root). It describes what it did in the environment variable
-//! [`JAIL_ENV`] (`ns=user,mnt,pid,ipc,uts,net;uid=65534;gid=65534`). [`enter`] then runs these
-//! steps, in this order, each failing with the step's name:
+//! 65534 when the core is root). It describes what it did in the set-up message's typed
+//! [`JailPlan`] (`Created { namespaces, switch_to }`). [`enter`] then runs these steps, in this
+//! order, each failing with the step's name:
 //!
 //! 1. **fds**: close every fd above 2 the service did not declare ([`close_other_fds`]).
 //! 2. **namespaces**: check the ones the core announced (pid 1 in a new PID namespace, a
-//!    non-identity uid map in a new user namespace). A service started without [`JAIL_ENV`] (by
-//!    hand, or by a test harness) `unshare`s user, mount, IPC, UTS and network namespaces itself
-//!    and maps only its own ids; only the PID namespace needs the core's `clone3`.
+//!    non-identity uid map in a new user namespace). A service started by something other than
+//!    the core (a test harness: [`JailPlan::Standalone`]) `unshare`s user, mount, IPC, UTS and
+//!    network namespaces itself and maps only its own ids; only the PID namespace needs the
+//!    core's `clone3`.
 //! 3. **empty root**: `/` private recursively, a tiny `nosuid,nodev,noexec` tmpfs mounted,
 //!    `pivot_root` into it, the old root detached, the tmpfs remounted read-only, `chdir("/")`.
 //!    Skipped only when the core announced no mount namespace (`--insecure-no-sandbox`).
@@ -31,8 +32,7 @@ use std::ffi::CString;
 use std::io;
 use std::os::fd::RawFd;
 
-/// The environment variable through which the core announces the jail plan.
-pub const JAIL_ENV: &str = "BULKHEAD_JAIL";
+pub use ipc::control::{JailPlan, NamespaceSet};
 
 /// Size of the empty root tmpfs (one page is the minimum tmpfs accounts).
 const ROOT_TMPFS_OPTIONS: &str = "size=4k,nr_inodes=4,mode=0555";
@@ -47,9 +47,6 @@ pub enum JailError {
     /// Listing `/proc/self/fd` failed.
     #[error("list open fds")]
     ListFds(#[source] io::Error),
-    /// The plan in [`JAIL_ENV`] cannot be parsed.
-    #[error("bad jail plan {0:?} in {JAIL_ENV}")]
-    BadPlan(String),
     /// The core announced a namespace this process is not in.
     #[error("the core announced a new {0} namespace but this process is not in one")]
     NotInNamespace(&'static str),
@@ -76,90 +73,28 @@ fn check(rc: impl Into<i64>, name: &'static str) -> Result<(), JailError> {
     }
 }
 
-/// Namespaces named in a plan.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct NamespaceSet {
-    /// User namespace.
-    pub user: bool,
-    /// Mount namespace.
-    pub mnt: bool,
-    /// PID namespace.
-    pub pid: bool,
-    /// IPC namespace.
-    pub ipc: bool,
-    /// UTS namespace.
-    pub uts: bool,
-    /// Network namespace.
-    pub net: bool,
-}
-
-impl NamespaceSet {
-    /// All six.
-    pub const ALL: Self = Self { user: true, mnt: true, pid: true, ipc: true, uts: true, net: true };
-}
-
-/// What the jail does: parsed from [`JAIL_ENV`] or, without it, the self-contained default.
+/// What the jail does, from the core's [`JailPlan`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Plan {
     /// Namespaces the process is (or will be put) in.
     pub namespaces: NamespaceSet,
     /// `(uid, gid)` to switch to after `pivot_root`, when the core mapped them.
     pub switch_to: Option<(u32, u32)>,
-    /// No plan from the core: the jail unshares user, mount, IPC, UTS and network namespaces
+    /// Not created by the core: the jail unshares user, mount, IPC, UTS and network namespaces
     /// itself (a PID namespace cannot be entered by the caller).
     pub unshare_self: bool,
 }
 
-impl Plan {
-    /// The plan the core announced in the environment, or the self-contained one.
-    pub fn from_env() -> Result<Self, JailError> {
-        match std::env::var(JAIL_ENV) {
-            Ok(v) => Self::parse(&v),
-            Err(std::env::VarError::NotPresent) => Ok(Self::standalone()),
-            Err(std::env::VarError::NotUnicode(v)) => Err(JailError::BadPlan(v.to_string_lossy().into_owned())),
+impl From<JailPlan> for Plan {
+    fn from(p: JailPlan) -> Self {
+        match p {
+            JailPlan::Created { namespaces, switch_to } => Self { namespaces, switch_to, unshare_self: false },
+            JailPlan::Standalone => Self {
+                namespaces: NamespaceSet { pid: false, ..NamespaceSet::ALL },
+                switch_to: None,
+                unshare_self: true,
+            },
         }
-    }
-
-    /// The plan of a service started without one: every namespace but PID, unshared by the jail.
-    pub fn standalone() -> Self {
-        Self { namespaces: NamespaceSet { pid: false, ..NamespaceSet::ALL }, switch_to: None, unshare_self: true }
-    }
-
-    /// Parses `ns=a,b,...[;uid=N;gid=N]`.
-    pub fn parse(s: &str) -> Result<Self, JailError> {
-        let bad = || JailError::BadPlan(s.to_string());
-        let mut namespaces = None;
-        let (mut uid, mut gid) = (None, None);
-        for field in s.split(';') {
-            let (k, v) = field.split_once('=').ok_or_else(bad)?;
-            match k {
-                "ns" => {
-                    let mut set = NamespaceSet::default();
-                    for n in v.split(',').filter(|n| !n.is_empty()) {
-                        let slot = match n {
-                            "user" => &mut set.user,
-                            "mnt" => &mut set.mnt,
-                            "pid" => &mut set.pid,
-                            "ipc" => &mut set.ipc,
-                            "uts" => &mut set.uts,
-                            "net" => &mut set.net,
-                            _ => return Err(bad()),
-                        };
-                        *slot = true;
-                    }
-                    namespaces = Some(set);
-                }
-                "uid" => uid = Some(v.parse::<u32>().map_err(|_| bad())?),
-                "gid" => gid = Some(v.parse::<u32>().map_err(|_| bad())?),
-                _ => return Err(bad()),
-            }
-        }
-        let switch_to = match (uid, gid) {
-            (Some(u), Some(g)) => Some((u, g)),
-            (None, None) => None,
-            _ => return Err(bad()),
-        };
-        Ok(Self { namespaces: namespaces.ok_or_else(bad)?, switch_to, unshare_self: false })
     }
 }
 
@@ -418,27 +353,19 @@ mod tests {
     use super::*;
 
     #[test]
-    fn plan_from_the_core_parses() {
-        let p = Plan::parse("ns=user,mnt,pid,ipc,uts,net;uid=65534;gid=65534").expect("parse");
+    fn plan_from_the_core_is_taken_as_is() {
+        let p = Plan::from(JailPlan::Created { namespaces: NamespaceSet::ALL, switch_to: Some((65534, 65534)) });
         assert_eq!(p.namespaces, NamespaceSet::ALL);
         assert_eq!(p.switch_to, Some((65534, 65534)));
         assert!(!p.unshare_self);
-        let p = Plan::parse("ns=mnt,net").expect("parse");
-        assert!(p.namespaces.mnt && p.namespaces.net && !p.namespaces.user && !p.namespaces.pid);
-        assert_eq!(p.switch_to, None);
-        assert_eq!(Plan::parse("ns=").expect("parse").namespaces, NamespaceSet::default());
-    }
-
-    #[test]
-    fn bad_plans_are_refused() {
-        for bad in ["", "ns", "ns=user,bogus", "uid=1;gid=1", "ns=user;uid=1", "ns=user;uid=x;gid=1", "ns=;zz=1"] {
-            assert!(matches!(Plan::parse(bad), Err(JailError::BadPlan(_))), "{bad:?} accepted");
-        }
+        let some = NamespaceSet { mnt: true, net: true, ..NamespaceSet::default() };
+        let p = Plan::from(JailPlan::Created { namespaces: some, switch_to: None });
+        assert_eq!((p.namespaces, p.switch_to, p.unshare_self), (some, None, false));
     }
 
     #[test]
     fn standalone_plan_unshares_all_but_pid() {
-        let p = Plan::standalone();
+        let p = Plan::from(JailPlan::Standalone);
         assert!(p.unshare_self && !p.namespaces.pid && p.namespaces.user && p.namespaces.mnt && p.namespaces.net);
         assert_eq!(p.switch_to, None);
     }

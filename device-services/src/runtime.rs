@@ -378,7 +378,7 @@ impl Startup {
             DeviceConfig::Block(b) => b.disk_size,
             _ => CONSOLE_FILE_LIMIT,
         };
-        jail::enter(&jail::Plan::from_env()?, &keep, &jail::Limits::new(file_size))?;
+        jail::enter(&jail::Plan::from(self.setup.jail), &keep, &jail::Limits::new(file_size))?;
         Ok(())
     }
 

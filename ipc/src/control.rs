@@ -209,11 +209,52 @@ pub struct NetConfig {
     pub tx_rate_limit: RateLimit,
 }
 
+/// A set of Linux namespaces.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NamespaceSet {
+    /// User namespace.
+    pub user: bool,
+    /// Mount namespace.
+    pub mnt: bool,
+    /// PID namespace.
+    pub pid: bool,
+    /// IPC namespace.
+    pub ipc: bool,
+    /// UTS namespace.
+    pub uts: bool,
+    /// Network namespace.
+    pub net: bool,
+}
+
+impl NamespaceSet {
+    /// All six.
+    pub const ALL: Self = Self { user: true, mnt: true, pid: true, ipc: true, uts: true, net: true };
+}
+
+/// The jail plan: what the core set up around a service it created, which the service's jail
+/// checks and completes (see `device_services::jail`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum JailPlan {
+    /// The core created the service (`clone3`) in `namespaces`, and mapped `switch_to`
+    /// `(uid, gid)` in its user namespace when it could.
+    Created {
+        /// The namespaces the service is in.
+        namespaces: NamespaceSet,
+        /// Unprivileged ids to switch to after `pivot_root`.
+        switch_to: Option<(u32, u32)>,
+    },
+    /// Started by something other than the core (a test harness): the jail unshares user, mount,
+    /// IPC, UTS and network namespaces itself (a PID namespace cannot be entered by the caller).
+    Standalone,
+}
+
 /// Everything a service needs to start; sent once by the core with the fds.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ServiceSetup {
     /// Name of the service instance, for logs.
     pub name: String,
+    /// What the core created the service in, and what its jail switches to.
+    pub jail: JailPlan,
     /// Ring geometry.
     pub ring: RingSetup,
     /// Role of each fd attached to the message, in order.
@@ -697,6 +738,7 @@ mod tests {
     fn setup() -> ControlMsg {
         ControlMsg::Setup(Box::new(ServiceSetup {
             name: "console".into(),
+            jail: JailPlan::Created { namespaces: NamespaceSet::ALL, switch_to: Some((65534, 65534)) },
             ring: RingSetup { capacity: 16, region_len: 8192 },
             fds: vec![FdRole::Ring, FdRole::Irq],
             device: DeviceConfig::Console { base: 0x3f8, len: 8 },
@@ -762,6 +804,7 @@ mod tests {
     fn block_setup_round_trips() {
         let msg = ControlMsg::Setup(Box::new(ServiceSetup {
             name: "blk0".into(),
+            jail: JailPlan::Standalone,
             ring: RingSetup { capacity: 16, region_len: 8192 },
             fds: vec![FdRole::Ring, FdRole::GuestMemory, FdRole::Disk, FdRole::QueueNotify(0), FdRole::QueueNotify(1)],
             device: DeviceConfig::Block(BlockConfig {

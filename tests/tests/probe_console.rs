@@ -18,6 +18,30 @@ fn hello_prints_through_the_console_service() {
     assert!(r.stdout.contains("probe: verdict pass (0)"), "{}", r.stdout);
     assert_eq!(r.status.code(), Some(0), "stderr:\n{}", r.stderr);
     assert!(r.stderr.contains("service console started as pid"), "{}", r.stderr);
+    assert!(r.stdout.contains("probe: entry pvh\n"), "an ELF with a PVH note is entered through PVH:\n{}", r.stdout);
+}
+
+#[test]
+fn an_elf_without_a_pvh_note_boots_through_the_64_bit_protocol() {
+    let dir = scratch("no-pvh");
+    let elf = dir.join("probe-no-pvh.elf");
+    let out = std::process::Command::new("objcopy")
+        .arg("--remove-section")
+        .arg(".note.Xen")
+        .arg(probe())
+        .arg(&elf)
+        .output()
+        .expect("run objcopy");
+    assert!(out.status.success(), "objcopy: {}", String::from_utf8_lossy(&out.stderr));
+    let r = run_to_end(
+        &["--kernel", elf.to_str().expect("utf8"), "--serial-input", "none", "--cmdline", "probe.test=hello probe.x=1"],
+        LIMIT,
+    );
+    assert_eq!(r.status.code(), Some(0), "stdout:\n{}\nstderr:\n{}", r.stdout, r.stderr);
+    assert!(r.stdout.contains("probe: entry linux64\n"), "{}", r.stdout);
+    // The command line arrived through the zero page.
+    assert!(r.stdout.contains("probe: start probe.test=hello probe.x=1"), "{}", r.stdout);
+    assert!(r.stdout.contains("probe: verdict pass (0)"), "{}", r.stdout);
 }
 
 #[test]

@@ -1,17 +1,25 @@
 //! Loading the guest: kernel (ELF `vmlinux` or bzImage) through linux-loader, initrd, command
-//! line, and the boot_params zero page with its e820 map, for the Linux 64-bit boot protocol.
+//! line, and what the kernel's entry reads: an `hvm_start_info` with its memory map and module
+//! list for PVH (an ELF with a PVH note, as Firecracker and Cloud Hypervisor choose), else the
+//! boot_params zero page with its e820 map for the Linux 64-bit boot protocol.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use linux_loader::cmdline::Cmdline;
 use linux_loader::configurator::linux::LinuxBootConfigurator;
+use linux_loader::configurator::pvh::PvhBootConfigurator;
 use linux_loader::configurator::{BootConfigurator, BootParams};
 use linux_loader::loader::bootparam::{boot_e820_entry, boot_params, setup_header};
+use linux_loader::loader::elf::start_info::{hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info};
+use linux_loader::loader::elf::PvhBootCapability;
 use linux_loader::loader::{self, KernelLoader};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use crate::arch::layout::{CMDLINE_MAX_SIZE, CMDLINE_START, EBDA_START, HIMEM_START, MMIO_GAP_END, ZERO_PAGE_START};
+use crate::arch::layout::{
+    CMDLINE_MAX_SIZE, CMDLINE_START, EBDA_START, HIMEM_START, MMIO_GAP_END, PVH_INFO_START, PVH_MEMMAP_START,
+    PVH_MODLIST_START, ZERO_PAGE_START,
+};
 use crate::memory::GuestRam;
 
 /// Errors while loading the guest.
@@ -64,30 +72,66 @@ pub enum BootError {
     BootParams(#[source] linux_loader::configurator::Error),
 }
 
+/// How the boot vCPU enters the kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BootProtocol {
+    /// PVH: 32-bit protected mode, paging off, `ebx` = the `hvm_start_info` address
+    /// ([`PVH_INFO_START`]). Chosen whenever the ELF carries a PVH note.
+    Pvh,
+    /// The Linux 64-bit boot protocol: long mode on an identity map, `rsi` = the zero page.
+    Linux64,
+}
+
+impl BootProtocol {
+    /// The name the log uses.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Pvh => "PVH",
+            Self::Linux64 => "Linux 64-bit",
+        }
+    }
+}
+
 /// What the vCPU needs to start the loaded kernel.
 #[derive(Debug, Clone, Copy)]
 pub struct LoadedKernel {
-    /// 64-bit entry point.
+    /// Entry point (32-bit for PVH, 64-bit otherwise).
     pub entry: u64,
+    /// How to enter it.
+    pub protocol: BootProtocol,
     /// First byte after the kernel image.
     pub end: u64,
     /// The bzImage setup header, when the kernel is a bzImage.
     pub setup_header: Option<setup_header>,
 }
 
-/// Loads `path` into guest memory: an ELF vmlinux first, else a bzImage.
+/// Loads `path` into guest memory: an ELF vmlinux first (entered through PVH when it has a PVH
+/// note, else through its 64-bit entry), else a bzImage (64-bit entry).
 pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, BootError> {
     let open = || File::open(path).map_err(|source| BootError::OpenKernel { path: path.to_owned(), source });
     let mut file = open()?;
     let himem = Some(GuestAddress(HIMEM_START));
     let elf = match loader::elf::Elf::load(mem, None, &mut file, himem) {
-        Ok(r) => return Ok(LoadedKernel { entry: r.kernel_load.0, end: r.kernel_end, setup_header: None }),
+        Ok(r) => {
+            let (entry, protocol) = match r.pvh_boot_cap {
+                PvhBootCapability::PvhEntryPresent(a) => (a.0, BootProtocol::Pvh),
+                PvhBootCapability::PvhEntryNotPresent | PvhBootCapability::PvhEntryIgnored => {
+                    (r.kernel_load.0, BootProtocol::Linux64)
+                }
+            };
+            return Ok(LoadedKernel { entry, protocol, end: r.kernel_end, setup_header: None });
+        }
         Err(e) => e,
     };
     let mut file = open()?;
     match loader::bzimage::BzImage::load(mem, None, &mut file, himem) {
         // The 64-bit entry of a bzImage's protected-mode part is 0x200 bytes in.
-        Ok(r) => Ok(LoadedKernel { entry: r.kernel_load.0 + 0x200, end: r.kernel_end, setup_header: r.setup_header }),
+        Ok(r) => Ok(LoadedKernel {
+            entry: r.kernel_load.0 + 0x200,
+            protocol: BootProtocol::Linux64,
+            end: r.kernel_end,
+            setup_header: r.setup_header,
+        }),
         Err(bzimage) => Err(BootError::BadKernel { path: path.to_owned(), elf, bzimage }),
     }
 }
@@ -151,7 +195,11 @@ pub fn e820_map(ram_size: u64) -> Vec<boot_e820_entry> {
     map
 }
 
-/// Writes the command line and the zero page.
+/// `hvm_start_info.magic` (Xen's `XEN_HVM_START_MAGIC_VALUE`).
+pub const PVH_START_MAGIC: u32 = 0x336e_c578;
+
+/// Writes the command line and what the kernel's entry reads for its protocol: the PVH start
+/// info or the zero page.
 pub fn write_boot_params(
     ram: &GuestRam,
     kernel: &LoadedKernel,
@@ -160,6 +208,47 @@ pub fn write_boot_params(
 ) -> Result<(), BootError> {
     loader::load_cmdline(ram.memory(), GuestAddress(CMDLINE_START), cmdline)
         .map_err(|_| BootError::GuestWrite("command line"))?;
+    match kernel.protocol {
+        BootProtocol::Pvh => write_pvh_start_info(ram, initrd),
+        BootProtocol::Linux64 => write_zero_page(ram, kernel, cmdline, initrd),
+    }
+}
+
+/// The PVH start info at [`PVH_INFO_START`]: the command line, the memory map (the same ranges
+/// as the e820 map) at [`PVH_MEMMAP_START`] and the initrd as the one module at
+/// [`PVH_MODLIST_START`].
+fn write_pvh_start_info(ram: &GuestRam, initrd: Option<InitrdRegion>) -> Result<(), BootError> {
+    let memmap: Vec<hvm_memmap_table_entry> = e820_map(ram.size())
+        .iter()
+        .map(|e| hvm_memmap_table_entry { addr: e.addr, size: e.size, type_: e.r#type, reserved: 0 })
+        .collect();
+    let modules: Vec<hvm_modlist_entry> =
+        initrd.iter().map(|rd| hvm_modlist_entry { paddr: rd.addr, size: rd.size, ..Default::default() }).collect();
+    let info = hvm_start_info {
+        magic: PVH_START_MAGIC,
+        version: 1,
+        cmdline_paddr: CMDLINE_START,
+        memmap_paddr: PVH_MEMMAP_START,
+        memmap_entries: u32::try_from(memmap.len()).map_err(|_| BootError::GuestWrite("PVH memory map"))?,
+        nr_modules: u32::try_from(modules.len()).map_err(|_| BootError::GuestWrite("PVH module list"))?,
+        modlist_paddr: if modules.is_empty() { 0 } else { PVH_MODLIST_START },
+        ..Default::default()
+    };
+    let mut params = BootParams::new(&info, GuestAddress(PVH_INFO_START));
+    params.set_sections(&memmap, GuestAddress(PVH_MEMMAP_START));
+    if !modules.is_empty() {
+        params.set_modules(&modules, GuestAddress(PVH_MODLIST_START));
+    }
+    PvhBootConfigurator::write_bootparams(&params, ram.memory()).map_err(BootError::BootParams)
+}
+
+/// The zero page at [`ZERO_PAGE_START`] for the Linux 64-bit boot protocol.
+fn write_zero_page(
+    ram: &GuestRam,
+    kernel: &LoadedKernel,
+    cmdline: &Cmdline,
+    initrd: Option<InitrdRegion>,
+) -> Result<(), BootError> {
     let cmdline_len = cmdline.as_cstring().map_err(|e| BootError::Cmdline(e.to_string()))?.as_bytes().len();
     let mut params = boot_params::default();
     if let Some(hdr) = kernel.setup_header {

@@ -577,13 +577,14 @@ pub fn build(config: &VmConfig) -> Result<RunningVm, LaunchError> {
     };
     boot::write_boot_params(&ram, &kernel, &cmdline, initrd)?;
     mptable::setup(ram.memory(), machine.vcpu_count)?;
-    cpu::write_boot_tables(ram.memory())?;
+    cpu::write_boot_tables(ram.memory(), kernel.protocol)?;
     log::info!(
-        "guest: {} MiB, {} vCPU(s), kernel {} entry {:#x}, cmdline \"{}\"",
+        "guest: {} MiB, {} vCPU(s), kernel {} entry {:#x} ({} boot), cmdline \"{}\"",
         machine.mem_size_mib,
         machine.vcpu_count,
         boot_source.kernel_image_path.display(),
         kernel.entry,
+        kernel.protocol.name(),
         cmdline.as_cstring().map(|c| c.to_string_lossy().into_owned()).unwrap_or_default()
     );
 
@@ -612,7 +613,7 @@ pub fn build(config: &VmConfig) -> Result<RunningVm, LaunchError> {
     let mut fds = Vec::new();
     for i in 0..machine.vcpu_count {
         let fd = vm.create_vcpu(u64::from(i)).map_err(|source| LaunchError::Kvm { what: "KVM_CREATE_VCPU", source })?;
-        cpu::configure_vcpu(&fd, cpuid.clone(), i, machine.vcpu_count, kernel.entry)?;
+        cpu::configure_vcpu(&fd, cpuid.clone(), i, machine.vcpu_count, kernel.entry, kernel.protocol)?;
         fds.push(fd);
     }
     vcpu::install_kick_handler()

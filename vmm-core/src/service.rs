@@ -1294,6 +1294,7 @@ fn start_instance(recipe: &Recipe) -> Result<Instance, ServiceError> {
     }
     let setup = ServiceSetup {
         name: name.clone(),
+        jail: child.jail_plan(),
         ring: RingSetup { capacity: ring.capacity(), region_len: ring.region_len() as u64 },
         fds: roles,
         device: device.clone(),

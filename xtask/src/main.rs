@@ -10,6 +10,7 @@ mod bench;
 mod bench_api;
 mod bench_blk;
 mod bench_net;
+mod bench_pio;
 mod guest;
 mod netns;
 mod probe;

@@ -132,8 +132,14 @@ fn netconsole_listener(ns: &NetNs) -> Result<Listener, BoxError> {
 /// whole test suite with their paths in the environment.
 pub fn test(extra: &[String]) -> Result<(), BoxError> {
     // The net tests make their own network namespaces (`ip netns`); the sandbox test runs the core
-    // in a user namespace (`unshare`). Both are on a stock Debian, but a slim image may lack them.
-    crate::util::ensure_packages(&[("ip", "iproute2"), ("unshare", "util-linux"), ("curl", "curl")])?;
+    // in a user namespace (`unshare`); the API tests drive it with `curl`; a boot test strips the
+    // probe's PVH note (`objcopy`). A slim image may lack any of them.
+    crate::util::ensure_packages(&[
+        ("ip", "iproute2"),
+        ("unshare", "util-linux"),
+        ("curl", "curl"),
+        ("objcopy", "binutils"),
+    ])?;
     build_binaries(false)?;
     let probe = probe_elf()?;
     let images = guest_images()?;

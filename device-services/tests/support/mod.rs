@@ -12,8 +12,8 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use ipc::control::{
-    BlockConfig, ControlMsg, DeviceConfig, FdRole, MemoryRegion, NetConfig, RateLimit, RingSetup, ServiceSetup,
-    ServiceStats,
+    BlockConfig, ControlMsg, DeviceConfig, FdRole, JailPlan, MemoryRegion, NetConfig, RateLimit, RingSetup,
+    ServiceSetup, ServiceStats,
 };
 use ipc::ring::{ExitKind, ExitRequest, Status};
 use ipc::{ControlChannel, CoreEndpoint, WaitConfig};
@@ -393,6 +393,8 @@ pub const MMIO_BASE: u64 = 0xd000_0000;
 pub fn setup_msg(name: &str, core: &CoreEndpoint, roles: Vec<FdRole>, device: DeviceConfig) -> ServiceSetup {
     ServiceSetup {
         name: name.into(),
+        // Started by the test, not by the core's clone3: the jail makes its own namespaces.
+        jail: JailPlan::Standalone,
         ring: RingSetup { capacity: core.capacity(), region_len: core.region_len() as u64 },
         fds: roles,
         device,

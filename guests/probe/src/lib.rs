@@ -63,11 +63,39 @@ pub const I8042_COMMAND_PORT: u16 = 0x64;
 /// i8042 "pulse reset" command.
 pub const I8042_RESET: u8 = 0xfe;
 
+/// Which entry point the VMM started the probe at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Entry {
+    /// `_start_pvh`: PVH (32-bit, paging off, `hvm_start_info`).
+    Pvh,
+    /// `_start64`: the Linux 64-bit boot protocol (long mode, zero page).
+    Linux64,
+}
+
+impl Entry {
+    /// The word printed in the `probe: entry` line.
+    pub fn word(self) -> &'static [u8] {
+        match self {
+            Entry::Pvh => b"pvh",
+            Entry::Linux64 => b"linux64",
+        }
+    }
+}
+
 /// Runs the probe: prints the start line, parses `cmdline`, runs the selected test and prints
 /// the verdict line. Returns the verdict; the caller exits with [`finish`].
 pub fn probe_main(machine: &mut dyn Machine, cmdline: &[u8]) -> Verdict {
+    probe_run(machine, cmdline, None)
+}
+
+/// [`probe_main`], printing `probe: entry pvh|linux64` after the start line when `entry` is
+/// known (the real guest knows it; the tests' fake machine does not).
+pub fn probe_run(machine: &mut dyn Machine, cmdline: &[u8], entry: Option<Entry>) -> Verdict {
     let mut con = Console::new(machine, Uart::COM1);
     con.str(b"probe: start ").untrusted(cmdline::trim(cmdline)).nl();
+    if let Some(e) = entry {
+        con.str(b"probe: entry ").str(e.word()).nl();
+    }
     let verdict = run_test(&mut con, cmdline);
     con.str(b"probe: verdict ").str(verdict.word()).str(b" (").dec(u64::from(verdict.code())).str(b")").nl();
     verdict
@@ -136,6 +164,13 @@ mod lib_tests {
              probe: hello from the probe guest\n\
              probe: verdict pass (0)\n"
         );
+    }
+
+    #[test]
+    fn the_entry_is_named_after_the_start_line() {
+        let mut m = FakeMachine::default();
+        assert_eq!(probe_run(&mut m, b"probe.test=hello", Some(Entry::Pvh)), Verdict::Pass);
+        assert!(m.output().starts_with("probe: start probe.test=hello\nprobe: entry pvh\n"), "{}", m.output());
     }
 
     #[test]

@@ -2,9 +2,9 @@
 //!
 //! The tests only talk to the machine through [`Machine`], so the probe never executes a
 //! privileged instruction in its work loops, and host unit tests run it against a fake.
-//! The only privileged instructions the probe may run are `lgdt`, `mov cr3` and `iretq`, once,
-//! in [`Machine::map_mmio`] the first time a test needs MMIO: it maps 4 GiB and continues in
-//! ring 3 (see `enter_ring3` for why).
+//! The only privileged instructions the probe may run are `lgdt`, `ltr`, `mov cr3` and `iretq`,
+//! once, in [`Machine::map_mmio`] the first time a test needs MMIO: it maps 4 GiB and continues
+//! in ring 3 (see `enter_ring3` for why).
 
 use core::cell::UnsafeCell;
 
@@ -85,10 +85,71 @@ unsafe impl Sync for IdentityMapCell {}
 static IDENTITY_MAP: IdentityMapCell =
     IdentityMapCell(UnsafeCell::new(IdentityMap { pml4: [0; 512], pdpt: [0; 512], pd: [[0; 512]; MAPPED_GIB] }));
 
+/// Bytes of an I/O permission bitmap covering all 65,536 ports (a bit each).
+const IO_BITMAP_BYTES: usize = 8192;
+/// Where the bitmap starts in [`Tss64`]: right after the 104-byte architectural part.
+const IO_BITMAP_OFFSET: u16 = 104;
+
+/// A 64-bit TSS whose I/O permission bitmap allows every port: all bits clear, then the 0xff
+/// byte the CPU may read past the last port (Intel SDM vol. 1, 19.5.2). Never written by the CPU
+/// in long mode (no task switches), so it can be immutable.
+#[repr(C, packed)]
+struct Tss64 {
+    reserved0: u32,
+    rsp: [u64; 3],
+    reserved1: u64,
+    ist: [u64; 7],
+    reserved2: u64,
+    reserved3: u16,
+    iomap_base: u16,
+    io_bitmap: [u8; IO_BITMAP_BYTES + 1],
+}
+
+const fn open_io_bitmap() -> [u8; IO_BITMAP_BYTES + 1] {
+    let mut b = [0u8; IO_BITMAP_BYTES + 1];
+    b[IO_BITMAP_BYTES] = 0xff;
+    b
+}
+
+const _: () = assert!(core::mem::offset_of!(Tss64, io_bitmap) == IO_BITMAP_OFFSET as usize);
+
+static RING3_TSS: Tss64 = Tss64 {
+    reserved0: 0,
+    rsp: [0; 3],
+    reserved1: 0,
+    ist: [0; 7],
+    reserved2: 0,
+    reserved3: 0,
+    iomap_base: IO_BITMAP_OFFSET,
+    io_bitmap: open_io_bitmap(),
+};
+
+/// Number of 8-byte GDT slots: null, four code/data descriptors, and the TSS's 16-byte one.
+const RING3_GDT_SLOTS: usize = 7;
+/// The TSS selector (slots 5 and 6).
+const RING3_TSS_SELECTOR: u16 = 0x28;
+
 /// GDT for ring 3: null, kernel code64 (0x08), kernel data (0x10), user data (0x18, RPL 3:
-/// 0x1b), user code64 (0x20, RPL 3: 0x23).
-static RING3_GDT: [u64; 5] =
-    [0, 0x00af_9a00_0000_ffff, 0x00cf_9200_0000_ffff, 0x00cf_f200_0000_ffff, 0x00af_fa00_0000_ffff];
+/// 0x1b), user code64 (0x20, RPL 3: 0x23), the TSS (0x28). Filled in by [`enter_ring3`] (the
+/// TSS descriptor holds the TSS's address) and written by the CPU (`ltr` marks it busy).
+struct GdtCell(UnsafeCell<[u64; RING3_GDT_SLOTS]>);
+
+// SAFETY: only `enter_ring3` touches it, once, on the probe's single vCPU.
+unsafe impl Sync for GdtCell {}
+
+static RING3_GDT: GdtCell = GdtCell(UnsafeCell::new([0; RING3_GDT_SLOTS]));
+
+/// The ring-3 GDT's contents with the TSS at `tss` (physical = virtual).
+fn ring3_gdt(tss: u64) -> [u64; RING3_GDT_SLOTS] {
+    let limit = (core::mem::size_of::<Tss64>() - 1) as u64;
+    // Available 64-bit TSS (type 9), present, DPL 0, byte granularity.
+    let low = (limit & 0xffff)
+        | ((tss & 0x00ff_ffff) << 16)
+        | (0x89 << 40)
+        | (((limit >> 16) & 0xf) << 48)
+        | (((tss >> 24) & 0xff) << 56);
+    [0, 0x00af_9a00_0000_ffff, 0x00cf_9200_0000_ffff, 0x00cf_f200_0000_ffff, 0x00af_fa00_0000_ffff, low, tss >> 32]
+}
 
 /// The operand of `lgdt`.
 #[repr(C, packed)]
@@ -97,9 +158,15 @@ struct Gdtr {
     base: u64,
 }
 
-/// Loads `cr3` and [`RING3_GDT`] and continues in ring 3 with IOPL 3 (port I/O still
-/// allowed, interrupts off) on the same stack: `lgdt`, `mov cr3`, `iretq`, three privileged
-/// instructions, once.
+/// Loads [`RING3_GDT`], a TSS whose I/O bitmap allows every port, and `cr3`, and continues in
+/// ring 3 with IOPL 3 (port I/O still allowed, interrupts off) on the same stack: `lgdt`, `ltr`,
+/// `mov cr3`, `iretq`, four privileged instructions, once.
+///
+/// Both IOPL 3 and the bitmap: a CPU honours IOPL 3 alone, but PVM (which runs guest ring 3 in
+/// host user mode) checks a ring-3 `in`/`out` against the TSS's I/O bitmap. Without a TSS of
+/// our own, the probe depended on the one the VMM left in TR: the 64-bit boot protocol's 4 GiB
+/// TSS at address 0 happened to read as "allowed" from zeroed low memory; PVH's 104-byte TSS
+/// has no bitmap, so the first port access faulted and the guest triple-faulted.
 ///
 /// Why: under PVM only guest user-mode code runs natively; guest kernel-mode code is emulated
 /// instruction by instruction (measured here: a `dec; jnz` loop costs ~1,700 cycles per
@@ -111,16 +178,20 @@ struct Gdtr {
 /// `cr3` must identity-map, user-accessible, everything the probe touches; no exception or
 /// interrupt may be taken afterwards (there is no TSS or IDT for ring 3 → ring 0 transitions).
 unsafe fn enter_ring3(cr3: u64) {
+    let gdt = RING3_GDT.0.get();
+    // SAFETY: called once on the only vCPU: nothing else references the GDT.
+    unsafe { *gdt = ring3_gdt(core::ptr::addr_of!(RING3_TSS) as u64) };
     let gdtr = Gdtr {
-        limit: u16::try_from(core::mem::size_of_val(&RING3_GDT) - 1).unwrap_or(0),
-        base: RING3_GDT.as_ptr() as u64,
+        limit: u16::try_from(RING3_GDT_SLOTS * 8 - 1).unwrap_or(0),
+        base: gdt as u64,
     };
-    // SAFETY: the caller's contract for CR3; the GDT is static and valid; `iretq` returns to
-    // label 2 with the stack pointer it had before the pushes, CS 0x23, SS 0x1b, RFLAGS IOPL 3
-    // and IF 0.
+    // SAFETY: the caller's contract for CR3; the GDT is static and valid, its slot 5 an
+    // available TSS descriptor for a static TSS (`ltr` marks it busy); `iretq` returns to label 2
+    // with the stack pointer it had before the pushes, CS 0x23, SS 0x1b, RFLAGS IOPL 3 and IF 0.
     unsafe {
         core::arch::asm!(
             "lgdt [{gdtr}]",
+            "ltr {tss:x}",
             "mov cr3, {cr3}",
             "mov {tmp}, rsp",
             "push 0x1b",
@@ -132,6 +203,7 @@ unsafe fn enter_ring3(cr3: u64) {
             "iretq",
             "2:",
             gdtr = in(reg) &gdtr,
+            tss = in(reg) RING3_TSS_SELECTOR,
             cr3 = in(reg) cr3,
             tmp = out(reg) _,
         );
@@ -469,5 +541,28 @@ pub mod testing {
         pub fn device_at<T: 'static>(&self, base: u64) -> Option<&T> {
             self.mmio.iter().find(|(b, _, _)| *b == base).and_then(|(_, _, d)| d.as_any().downcast_ref::<T>())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_tss_descriptor_points_at_an_open_io_bitmap() {
+        let tss = 0x0012_3456_789a_b000u64;
+        let g = ring3_gdt(tss);
+        let (low, high) = (g[5], g[6]);
+        let base = ((low >> 16) & 0x00ff_ffff) | (((low >> 56) & 0xff) << 24) | (high << 32);
+        let limit = (low & 0xffff) | (((low >> 48) & 0xf) << 16);
+        assert_eq!(base, tss);
+        assert_eq!(limit as usize, core::mem::size_of::<Tss64>() - 1);
+        assert_eq!((low >> 40) & 0xff, 0x89, "present, DPL 0, available 64-bit TSS");
+        assert_eq!(usize::from(RING3_TSS_SELECTOR) / 8, 5);
+        let iomap = RING3_TSS.iomap_base;
+        assert_eq!(iomap, IO_BITMAP_OFFSET);
+        let bitmap = RING3_TSS.io_bitmap;
+        assert!(bitmap[..IO_BITMAP_BYTES].iter().all(|&b| b == 0), "every port allowed");
+        assert_eq!(bitmap[IO_BITMAP_BYTES], 0xff);
     }
 }

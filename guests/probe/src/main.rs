@@ -32,7 +32,7 @@ extern "C" {
 pub extern "C" fn probe_boot64(boot_params: u64) -> ! {
     // SAFETY: both boot protocols identity-map (at least) the first 1 GiB of guest memory.
     let addr = unsafe { boot::linux64_cmdline_addr(boot_params, IDENTITY_MAPPED) };
-    run(addr)
+    run(addr, probe::Entry::Linux64)
 }
 
 /// Called by `_start_pvh` (PVH entry) with `ebx` = `hvm_start_info`.
@@ -40,10 +40,10 @@ pub extern "C" fn probe_boot64(boot_params: u64) -> ! {
 pub extern "C" fn probe_boot_pvh(start_info: u64) -> ! {
     // SAFETY: `_start_pvh` identity-mapped the first 1 GiB.
     let addr = unsafe { boot::pvh_cmdline_addr(start_info, IDENTITY_MAPPED) };
-    run(addr)
+    run(addr, probe::Entry::Pvh)
 }
 
-fn run(cmdline_addr: u64) -> ! {
+fn run(cmdline_addr: u64, entry: probe::Entry) -> ! {
     let mut buf = [0u8; CMDLINE_MAX];
     // SAFETY: the first 1 GiB is identity-mapped; the copy never reads at or beyond it.
     let cmdline = unsafe { boot::copy_cmdline(cmdline_addr, IDENTITY_MAPPED, &mut buf) };
@@ -52,7 +52,7 @@ fn run(cmdline_addr: u64) -> ! {
     // SAFETY: we are the guest kernel in ring 0 on our only vCPU, identity-mapped; this is the
     // only handle that maps MMIO, and devices only DMA into `dma`, which nothing else uses.
     let mut hw = unsafe { PortIo::with_dma(dma) };
-    let verdict = probe::probe_main(&mut hw, cmdline);
+    let verdict = probe::probe_run(&mut hw, cmdline, Some(entry));
     probe::finish(&mut hw, verdict)
 }
 

@@ -1,14 +1,16 @@
-//! Boot-time vCPU state for entering a guest directly in 64-bit long mode (the Linux 64-bit boot
-//! protocol, also what the probe guest's ELF entry expects): GDT, identity page tables, control
-//! registers, general registers, FPU, MSRs, LAPIC LINT pins and CPUID.
+//! Boot-time vCPU state for entering a guest: in 32-bit protected mode with paging off (PVH), or
+//! directly in 64-bit long mode (the Linux 64-bit boot protocol): GDT, identity page tables,
+//! control registers, general registers, FPU, MSRs, LAPIC LINT pins and CPUID.
 
 use kvm_bindings::{kvm_fpu, kvm_lapic_state, kvm_msr_entry, kvm_regs, kvm_segment, kvm_sregs, CpuId, Msrs};
 use kvm_ioctls::VcpuFd;
 use vm_memory::{Bytes, GuestAddress, GuestMemory};
 
 use super::layout::{
-    BOOT_GDT_START, BOOT_IDT_START, BOOT_STACK_POINTER, PDE_START, PDPTE_START, PML4_START, ZERO_PAGE_START,
+    BOOT_GDT_START, BOOT_IDT_START, BOOT_STACK_POINTER, PDE_START, PDPTE_START, PML4_START, PVH_INFO_START,
+    ZERO_PAGE_START,
 };
+use crate::boot::BootProtocol;
 
 /// Errors while setting up a vCPU.
 #[derive(Debug, thiserror::Error)]
@@ -50,6 +52,7 @@ fn ioctl(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> CpuError {
 
 // Control-register and EFER bits (Intel SDM vol. 3, 2.5 and 2.2.1).
 const X86_CR0_PE: u64 = 1 << 0;
+const X86_CR0_ET: u64 = 1 << 4;
 const X86_CR0_PG: u64 = 1 << 31;
 const X86_CR4_PAE: u64 = 1 << 5;
 const EFER_LME: u64 = 1 << 8;
@@ -116,18 +119,35 @@ pub fn segment_from_gdt(entry: u64, index: u16) -> kvm_segment {
     }
 }
 
-/// The boot GDT: null, 64-bit code, data, TSS.
+/// The boot GDT for long mode: null, 64-bit code, data, TSS.
 pub const BOOT_GDT: [u64; 4] =
     [gdt_entry(0, 0, 0), gdt_entry(0xa09b, 0, 0xfffff), gdt_entry(0xc093, 0, 0xfffff), gdt_entry(0x808b, 0, 0xfffff)];
 
-/// Writes the boot GDT, an empty IDT and identity page tables for the first 1 GiB (2 MiB pages).
-pub fn write_boot_tables<M: GuestMemory>(mem: &M) -> Result<(), CpuError> {
+/// The boot GDT for PVH: null, flat 32-bit code, flat data, a 32-bit TSS of 0x68 bytes (what the
+/// PVH ABI asks for).
+pub const PVH_GDT: [u64; 4] =
+    [gdt_entry(0, 0, 0), gdt_entry(0xc09b, 0, 0xfffff), gdt_entry(0xc093, 0, 0xfffff), gdt_entry(0x008b, 0, 0x67)];
+
+/// The GDT `protocol` enters with.
+pub fn boot_gdt(protocol: BootProtocol) -> &'static [u64; 4] {
+    match protocol {
+        BootProtocol::Pvh => &PVH_GDT,
+        BootProtocol::Linux64 => &BOOT_GDT,
+    }
+}
+
+/// Writes the boot GDT for `protocol`, an empty IDT and, for long mode, identity page tables
+/// for the first 1 GiB (2 MiB pages). A PVH guest builds its own.
+pub fn write_boot_tables<M: GuestMemory>(mem: &M, protocol: BootProtocol) -> Result<(), CpuError> {
     let w =
         |what, r: Result<(), vm_memory::GuestMemoryError>| r.map_err(|source| CpuError::GuestWrite { what, source });
-    for (i, e) in BOOT_GDT.iter().enumerate() {
+    for (i, e) in boot_gdt(protocol).iter().enumerate() {
         w("GDT", mem.write_obj(*e, GuestAddress(BOOT_GDT_START + 8 * i as u64)))?;
     }
     w("IDT", mem.write_obj(0u64, GuestAddress(BOOT_IDT_START)))?;
+    if protocol == BootProtocol::Pvh {
+        return Ok(());
+    }
     w("PML4", mem.write_obj(PDPTE_START | 0x03, GuestAddress(PML4_START)))?;
     w("PDPT", mem.write_obj(PDE_START | 0x03, GuestAddress(PDPTE_START)))?;
     for i in 0..512u64 {
@@ -160,15 +180,43 @@ pub fn long_mode_sregs(mut sregs: kvm_sregs) -> kvm_sregs {
     sregs
 }
 
-/// General registers at the 64-bit entry point: `rsi` points at the zero page.
-pub fn boot_regs(entry: u64) -> kvm_regs {
-    kvm_regs {
-        rflags: 0x2,
-        rip: entry,
-        rsp: BOOT_STACK_POINTER,
-        rbp: BOOT_STACK_POINTER,
-        rsi: ZERO_PAGE_START,
-        ..Default::default()
+/// Special registers for PVH: 32-bit protected mode on the PVH GDT, paging off, no PAE, no
+/// long mode.
+pub fn pvh_sregs(mut sregs: kvm_sregs) -> kvm_sregs {
+    let code = segment_from_gdt(PVH_GDT[1], 1);
+    let data = segment_from_gdt(PVH_GDT[2], 2);
+    let tss = segment_from_gdt(PVH_GDT[3], 3);
+    sregs.gdt.base = BOOT_GDT_START;
+    sregs.gdt.limit = u16::try_from(std::mem::size_of_val(&PVH_GDT) - 1).unwrap_or(u16::MAX);
+    sregs.idt.base = BOOT_IDT_START;
+    sregs.idt.limit = 7;
+    sregs.cs = code;
+    sregs.ds = data;
+    sregs.es = data;
+    sregs.fs = data;
+    sregs.gs = data;
+    sregs.ss = data;
+    sregs.tr = tss;
+    sregs.cr0 = X86_CR0_PE | X86_CR0_ET;
+    sregs.cr3 = 0;
+    sregs.cr4 = 0;
+    sregs.efer = 0;
+    sregs
+}
+
+/// General registers at the entry point: for the 64-bit protocol `rsi` points at the zero
+/// page; for PVH `rbx` points at the start info.
+pub fn boot_regs(entry: u64, protocol: BootProtocol) -> kvm_regs {
+    match protocol {
+        BootProtocol::Linux64 => kvm_regs {
+            rflags: 0x2,
+            rip: entry,
+            rsp: BOOT_STACK_POINTER,
+            rbp: BOOT_STACK_POINTER,
+            rsi: ZERO_PAGE_START,
+            ..Default::default()
+        },
+        BootProtocol::Pvh => kvm_regs { rflags: 0x2, rip: entry, rbx: PVH_INFO_START, ..Default::default() },
     }
 }
 
@@ -228,8 +276,16 @@ pub fn filter_cpuid(cpuid: &mut CpuId, index: u8, count: u8) {
     }
 }
 
-/// Puts vCPU `index` (of `count`) in 64-bit mode at `entry` with everything above set.
-pub fn configure_vcpu(vcpu: &VcpuFd, mut cpuid: CpuId, index: u8, count: u8, entry: u64) -> Result<(), CpuError> {
+/// Puts vCPU `index` (of `count`) at `entry` in the mode `protocol` enters with, everything
+/// above set.
+pub fn configure_vcpu(
+    vcpu: &VcpuFd,
+    mut cpuid: CpuId,
+    index: u8,
+    count: u8,
+    entry: u64,
+    protocol: BootProtocol,
+) -> Result<(), CpuError> {
     filter_cpuid(&mut cpuid, index, count);
     vcpu.set_cpuid2(&cpuid).map_err(ioctl("KVM_SET_CPUID2"))?;
     let entries = boot_msr_entries();
@@ -239,8 +295,12 @@ pub fn configure_vcpu(vcpu: &VcpuFd, mut cpuid: CpuId, index: u8, count: u8, ent
         return Err(CpuError::Msrs { set, wanted: entries.len() });
     }
     let sregs = vcpu.get_sregs().map_err(ioctl("KVM_GET_SREGS"))?;
-    vcpu.set_sregs(&long_mode_sregs(sregs)).map_err(ioctl("KVM_SET_SREGS"))?;
-    vcpu.set_regs(&boot_regs(entry)).map_err(ioctl("KVM_SET_REGS"))?;
+    let sregs = match protocol {
+        BootProtocol::Pvh => pvh_sregs(sregs),
+        BootProtocol::Linux64 => long_mode_sregs(sregs),
+    };
+    vcpu.set_sregs(&sregs).map_err(ioctl("KVM_SET_SREGS"))?;
+    vcpu.set_regs(&boot_regs(entry, protocol)).map_err(ioctl("KVM_SET_REGS"))?;
     let fpu = kvm_fpu { fcw: 0x37f, mxcsr: 0x1f80, ..Default::default() };
     vcpu.set_fpu(&fpu).map_err(ioctl("KVM_SET_FPU"))?;
     let mut lapic = vcpu.get_lapic().map_err(ioctl("KVM_GET_LAPIC"))?;
@@ -271,6 +331,34 @@ mod tests {
         assert_ne!(s.cr0 & X86_CR0_PG, 0);
         assert_ne!(s.efer & EFER_LMA, 0);
         assert_eq!(s.gdt.limit, 31);
+    }
+
+    #[test]
+    fn pvh_enters_flat_32_bit_protected_mode_without_paging() {
+        let s = pvh_sregs(long_mode_sregs(kvm_sregs::default()));
+        assert_eq!(s.cr0 & (X86_CR0_PE | X86_CR0_PG), X86_CR0_PE);
+        assert_eq!((s.cr3, s.cr4, s.efer), (0, 0, 0));
+        assert_eq!((s.cs.l, s.cs.db, s.cs.type_, s.cs.base, s.cs.limit), (0, 1, 0xb, 0, 0xffff_ffff));
+        assert_eq!((s.ds.db, s.ds.type_, s.ds.limit), (1, 3, 0xffff_ffff));
+        assert_eq!((s.tr.type_, s.tr.limit, s.tr.present), (0xb, 0x67, 1));
+        let r = boot_regs(0x1234, BootProtocol::Pvh);
+        assert_eq!((r.rip, r.rbx, r.rflags), (0x1234, PVH_INFO_START, 2));
+        let r = boot_regs(0x20_0000, BootProtocol::Linux64);
+        assert_eq!((r.rip, r.rsi), (0x20_0000, ZERO_PAGE_START));
+    }
+
+    #[test]
+    fn pvh_writes_no_page_tables() {
+        use vm_memory::GuestMemoryMmap;
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).expect("mem");
+        write_boot_tables(&mem, BootProtocol::Pvh).expect("tables");
+        let pml4: u64 = mem.read_obj(GuestAddress(PML4_START)).expect("read");
+        assert_eq!(pml4, 0);
+        let code: u64 = mem.read_obj(GuestAddress(BOOT_GDT_START + 8)).expect("read");
+        assert_eq!(code, PVH_GDT[1]);
+        write_boot_tables(&mem, BootProtocol::Linux64).expect("tables");
+        let pml4: u64 = mem.read_obj(GuestAddress(PML4_START)).expect("read");
+        assert_eq!(pml4, PDPTE_START | 3);
     }
 
     #[test]

@@ -9,6 +9,12 @@ pub const BOOT_GDT_START: u64 = 0x500;
 pub const BOOT_IDT_START: u64 = 0x520;
 /// Initial stack pointer of the boot vCPU.
 pub const BOOT_STACK_POINTER: u64 = 0x8ff0;
+/// PVH `hvm_start_info` (56 bytes): what `ebx` points at on a PVH entry.
+pub const PVH_INFO_START: u64 = 0x6000;
+/// PVH module list (the initrd: one 32-byte entry), after the start info.
+pub const PVH_MODLIST_START: u64 = 0x6040;
+/// PVH memory map (24-byte entries, at most three), after the module list, in the same page.
+pub const PVH_MEMMAP_START: u64 = 0x6080;
 /// The Linux boot_params "zero page".
 pub const ZERO_PAGE_START: u64 = 0x7000;
 /// PML4 of the identity map used to enter long mode.

@@ -24,10 +24,10 @@
 //! drop its supplementary groups. Without those capabilities only the single id is mapped and
 //! `setgroups` is denied (the kernel requires it), which the log says once.
 //!
-//! The core tells the service what it set up in the environment variable [`JAIL_ENV`]
-//! (`ns=user,mnt,pid,ipc,uts,net;uid=65534;gid=65534`), read by `device_services::jail`.
+//! The core tells the service what it set up in the set-up message's typed [`JailPlan`]
+//! ([`ServiceChild::jail_plan`]), which `device_services::jail` checks and completes.
 
-use std::ffi::{CString, OsStr};
+use std::ffi::CString;
 use std::fmt;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
@@ -38,8 +38,8 @@ use std::process::ExitStatus;
 use std::sync::OnceLock;
 use std::time::Duration;
 
-/// The environment variable carrying the jail plan to the service.
-pub const JAIL_ENV: &str = "BULKHEAD_JAIL";
+use ipc::control::{JailPlan, NamespaceSet};
+
 /// The unprivileged uid and gid ("nobody") a service switches to when the core can map it.
 pub const SERVICE_ID: u32 = 65534;
 /// How long the core waits for a released child to reach `execve`.
@@ -394,9 +394,15 @@ pub struct ServiceChild {
     pid: u32,
     pidfd: OwnedFd,
     status: Option<ExitStatus>,
+    jail: JailPlan,
 }
 
 impl ServiceChild {
+    /// What the child was created in: the plan its set-up message carries.
+    pub fn jail_plan(&self) -> JailPlan {
+        self.jail
+    }
+
     /// The pid in the core's PID namespace.
     pub fn id(&self) -> u32 {
         self.pid
@@ -490,16 +496,18 @@ fn pipe_high(what: &'static str) -> Result<(OwnedFd, OwnedFd), SpawnError> {
     Ok((dup_high(r.as_fd(), what)?, dup_high(w.as_fd(), what)?))
 }
 
-/// The jail plan for the service, in [`JAIL_ENV`].
-fn jail_plan(sandbox: &Sandbox) -> String {
-    let mut plan = format!(
-        "ns={}",
-        if sandbox.namespaces == Namespaces::default() { String::new() } else { sandbox.namespaces.to_string() }
-    );
-    if sandbox.switch_id {
-        plan.push_str(&format!(";uid={SERVICE_ID};gid={SERVICE_ID}"));
-    }
-    plan
+/// The jail plan for a service created with `sandbox`.
+fn jail_plan(sandbox: &Sandbox) -> JailPlan {
+    let n = sandbox.namespaces;
+    let namespaces = NamespaceSet {
+        user: n.contains(Namespace::User),
+        mnt: n.contains(Namespace::Mount),
+        pid: n.contains(Namespace::Pid),
+        ipc: n.contains(Namespace::Ipc),
+        uts: n.contains(Namespace::Uts),
+        net: n.contains(Namespace::Net),
+    };
+    JailPlan::Created { namespaces, switch_to: sandbox.switch_id.then_some((SERVICE_ID, SERVICE_ID)) }
 }
 
 /// Creates the service process for `binary` (see the module docs), with `ctl` as its fd 3, in the
@@ -511,15 +519,11 @@ pub fn spawn(binary: &Path, ctl: BorrowedFd<'_>) -> Result<ServiceChild, SpawnEr
     let args = [path.clone(), cstring(b"--control-fd", "an argument")?, cstring(b"3", "an argument")?];
     let mut env = Vec::new();
     for (k, v) in std::env::vars_os() {
-        if k.as_os_str() == OsStr::new(JAIL_ENV) {
-            continue;
-        }
         let mut kv = k.as_bytes().to_vec();
         kv.push(b'=');
         kv.extend_from_slice(v.as_bytes());
         env.push(cstring(&kv, "an environment variable")?);
     }
-    env.push(cstring(format!("{JAIL_ENV}={}", jail_plan(&sandbox)).as_bytes(), "the jail plan")?);
 
     let null =
         std::fs::File::open("/dev/null").map_err(|source| SpawnError::Prepare { what: "open /dev/null", source })?;
@@ -570,7 +574,7 @@ pub fn spawn(binary: &Path, ctl: BorrowedFd<'_>) -> Result<ServiceChild, SpawnEr
     })?;
     // SAFETY: with CLONE_PIDFD the kernel stored a new pidfd (O_CLOEXEC) here; we own it.
     let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
-    let mut child = ServiceChild { pid, pidfd, status: None };
+    let mut child = ServiceChild { pid, pidfd, status: None, jail: jail_plan(&sandbox) };
     // The child's copies only: the parent keeps release_wr and err_rd.
     drop((null, ctl, release_rd, err_wr));
 
@@ -767,9 +771,14 @@ mod tests {
     #[test]
     fn jail_plan_names_namespaces_and_ids() {
         let s = Sandbox { namespaces: Namespaces::all(), missing: UnavailableList::default(), switch_id: true };
-        assert_eq!(jail_plan(&s), "ns=user,mnt,pid,ipc,uts,net;uid=65534;gid=65534");
-        let s = Sandbox { namespaces: Namespaces::default(), missing: UnavailableList::default(), switch_id: false };
-        assert_eq!(jail_plan(&s), "ns=");
+        assert_eq!(
+            jail_plan(&s),
+            JailPlan::Created { namespaces: NamespaceSet::ALL, switch_to: Some((SERVICE_ID, SERVICE_ID)) }
+        );
+        let some = Namespaces::default().with(Namespace::Pid).with(Namespace::Net);
+        let s = Sandbox { namespaces: some, missing: UnavailableList::default(), switch_id: false };
+        let want = NamespaceSet { pid: true, net: true, ..NamespaceSet::default() };
+        assert_eq!(jail_plan(&s), JailPlan::Created { namespaces: want, switch_to: None });
     }
 
     #[test]
