@@ -38,6 +38,8 @@ use vm_superio::serial::{NoEvents, SerialState};
 use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
+use ipc::{Mirror, MirrorEntry};
+
 use crate::runtime::{PioHandler, RuntimeError};
 
 /// Number of ports a 16550 decodes.
@@ -83,12 +85,15 @@ pub enum ConsoleError {
 pub struct IrqTrigger {
     evt: EventFd,
     muted: Cell<bool>,
+    /// Invalidated before every interrupt: the interrupt follows a change of the UART's state
+    /// (input arrived, THR emptied), and the guest's handler must not read the old values.
+    mirror: std::cell::OnceCell<Mirror>,
 }
 
 impl IrqTrigger {
     /// A trigger writing `evt`.
     pub fn new(evt: EventFd) -> Self {
-        Self { evt, muted: Cell::new(false) }
+        Self { evt, muted: Cell::new(false), mirror: std::cell::OnceCell::new() }
     }
 
     /// The irqfd.
@@ -103,6 +108,9 @@ impl Trigger for IrqTrigger {
     fn trigger(&self) -> io::Result<()> {
         if self.muted.get() {
             return Ok(());
+        }
+        if let Some(m) = self.mirror.get() {
+            m.invalidate();
         }
         self.evt.write(1)
     }
@@ -420,7 +428,23 @@ impl PioHandler for Console {
         }
         Ok(())
     }
+
+    /// Every register but RBR (a read pops the FIFO) and IIR (a read clears the THR-empty
+    /// interrupt): the line status polled before each byte a driver writes, and the rest.
+    fn mirrored(&mut self, out: &mut Vec<MirrorEntry>) {
+        for off in MIRRORED {
+            out.push(MirrorEntry::new(u64::from(off), &[self.serial.read(off)]));
+        }
+    }
+
+    fn attach_mirror(&mut self, mirror: Mirror) {
+        let _ = self.serial.interrupt_evt().mirror.set(mirror);
+    }
 }
+
+/// UART registers whose read has no side effect in vm-superio's 16550 (IER or DLH, LCR, MCR,
+/// LSR, MSR, SCR).
+const MIRRORED: [u8; 6] = [1, 3, 4, 5, 6, 7];
 
 #[cfg(test)]
 mod tests {
@@ -553,6 +577,34 @@ mod tests {
             got.push(rd(&mut c2, 0));
         }
         assert_eq!(got, input[1..]);
+    }
+
+    /// The mirror holds the registers a read does not change, with their current values; an
+    /// interrupt is raised only after the mirror was invalidated (input arrived: the guest's
+    /// handler must read the new line status, not the published one).
+    #[test]
+    fn mirror_holds_side_effect_free_registers_and_is_invalidated_before_an_interrupt() {
+        let (mut c, _out, irq) = console();
+        let mirror = Mirror::standalone("console-test").expect("mirror");
+        c.attach_mirror(mirror.clone());
+        let mut v = Vec::new();
+        c.mirrored(&mut v);
+        let offs: Vec<u64> = v.iter().map(|e| e.addr).collect();
+        assert_eq!(offs, vec![1, 3, 4, 5, 6, 7], "never RBR (0) or IIR (2)");
+        let lsr = |v: &[MirrorEntry]| v.iter().find(|e| e.addr == 5).map(|e| e.data[0]).expect("LSR");
+        assert_eq!(lsr(&v) & 1, 0, "no data ready yet");
+        mirror.publish(&v);
+        // Enable the received-data interrupt, then input arrives.
+        assert!(c.write(IER, &[1]));
+        mirror.publish(&v);
+        assert!(mirror.is_valid());
+        let _ = irq.read();
+        c.push_input(b"x");
+        assert_eq!(irq.read().expect("interrupt raised"), 1);
+        assert!(!mirror.is_valid(), "interrupt raised with the old line status still published");
+        v.clear();
+        c.mirrored(&mut v);
+        assert_eq!(lsr(&v) & 1, 1, "data ready now");
     }
 
     #[test]

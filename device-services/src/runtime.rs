@@ -10,7 +10,7 @@ use ipc::control::{
     ServiceFault, ServiceSetup, ServiceStats, FAULT_CRASH_STATUS, FAULT_SLOW_MAX_MS,
 };
 use ipc::ring::{ExitKind, ExitReply, ExitRequest, Incoming, ServiceEndpoint};
-use ipc::{ControlChannel, ControlError, IpcError};
+use ipc::{ControlChannel, ControlError, IpcError, Mirror, MirrorEntry};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::jail::{self, JailError};
@@ -21,7 +21,10 @@ pub const SETUP_TIMEOUT: Duration = Duration::from_secs(10);
 const SLEEP_SLICE: Duration = Duration::from_secs(1);
 /// While spinning, how often the control socket and device fds are polled (without blocking).
 const SIDE_POLL_INTERVAL: Duration = Duration::from_millis(1);
-/// Upper bound on the configurable idle spin.
+/// How long the idle spin goes on after a completion rang the sleeping core, for the core to get
+/// back on a CPU; past that the core is preempted and spinning for its next exit is wasted.
+const CORE_WAKE_GRACE: Duration = Duration::from_micros(30);
+/// Longest idle spin the core may ask for.
 const MAX_IDLE_SPIN: Duration = Duration::from_millis(10);
 /// `RLIMIT_FSIZE` of services that write no disk image: bounds a console log file (1 GiB).
 pub const CONSOLE_FILE_LIMIT: u64 = 1 << 30;
@@ -91,6 +94,14 @@ pub trait PioHandler {
     fn on_event(&mut self, _fd: RawFd) -> Result<(), RuntimeError> {
         Ok(())
     }
+    /// Registers whose read has no side effect, with the value a read returns now, for the read
+    /// mirror ([`ipc::mirror`]): the core answers those reads itself. Addresses are offsets into
+    /// the device's ports. Asked after every access and event; the default mirrors nothing.
+    fn mirrored(&mut self, _out: &mut Vec<MirrorEntry>) {}
+    /// The read mirror, given once before serving: code that changes a mirrored value outside an
+    /// access (input arriving) must [`invalidate`](Mirror::invalidate) it before raising the
+    /// interrupt that could make the guest read.
+    fn attach_mirror(&mut self, _mirror: Mirror) {}
 }
 
 /// A memory-mapped device served by the runtime (e.g. a virtio-mmio transport). Offsets are
@@ -169,6 +180,9 @@ trait Dispatch {
     fn io_counters(&self) -> IoCounters {
         IoCounters::default()
     }
+    /// Mirrored registers with absolute addresses.
+    fn mirrored(&mut self, _out: &mut Vec<MirrorEntry>) {}
+    fn attach_mirror(&mut self, _mirror: Mirror) {}
 }
 
 struct PioDispatch<H> {
@@ -200,6 +214,25 @@ impl<H: PioHandler> Dispatch for PioDispatch<H> {
     }
     fn on_event(&mut self, fd: RawFd) -> Result<(), RuntimeError> {
         self.handler.on_event(fd)
+    }
+    fn mirrored(&mut self, out: &mut Vec<MirrorEntry>) {
+        let start = out.len();
+        self.handler.mirrored(out);
+        // Only the device's own ports, at their absolute addresses.
+        let (base, len) = (u64::from(self.base), u64::from(self.len));
+        let mut i = start;
+        while i < out.len() {
+            let e = out[i];
+            if e.addr.checked_add(u64::from(e.len)).is_some_and(|end| end <= len) {
+                out[i].addr = base + e.addr;
+                i += 1;
+            } else {
+                out.remove(i);
+            }
+        }
+    }
+    fn attach_mirror(&mut self, mirror: Mirror) {
+        self.handler.attach_mirror(mirror);
     }
     fn poll(&mut self) -> Result<bool, RuntimeError> {
         Ok(false)
@@ -418,7 +451,12 @@ impl Startup {
             stats: ServiceStats::default(),
             faults: Faults::default(),
             paused: false,
+            mirror_now: Vec::new(),
+            mirror_published: None,
         };
+        let mirror = server.ring.mirror().clone();
+        server.handler.attach_mirror(mirror);
+        server.publish_mirror();
         server.control.send(&ControlMsg::Ready { pid: std::process::id() }, &[])?;
         server.run(idle_spin)
     }
@@ -446,6 +484,10 @@ struct Server<H> {
     faults: Faults,
     /// Paused by the core: only the control channel is served.
     paused: bool,
+    /// Scratch for the mirrored registers.
+    mirror_now: Vec<MirrorEntry>,
+    /// What the read mirror holds, when it is valid.
+    mirror_published: Option<Vec<MirrorEntry>>,
 }
 
 impl<H: Dispatch> Server<H> {
@@ -465,20 +507,25 @@ impl<H: Dispatch> Server<H> {
                     }
                 }
             }
+            self.ring.beat();
             let mut did = false;
             while let Some(inc) = self.ring.next_request()? {
                 let reply = self.dispatch(&inc);
+                // Before the completion: a read the core answers from the mirror afterwards must
+                // see this access's effect.
+                self.publish_mirror();
                 self.answer(&inc, &reply)?;
                 did = true;
             }
             if self.handler.poll()? {
+                self.publish_mirror();
                 did = true;
             }
             let now = Instant::now();
             if did {
                 last_active = now;
             }
-            if now.duration_since(last_active) < idle_spin {
+            if now.duration_since(last_active) < idle_spin && !self.ring.core_off_cpu(now, CORE_WAKE_GRACE) {
                 if now.duration_since(last_side_poll) >= SIDE_POLL_INTERVAL {
                     last_side_poll = now;
                     match self.poll_side(Duration::ZERO, None)? {
@@ -533,6 +580,9 @@ impl<H: Dispatch> Server<H> {
                 dev_ready = true;
                 self.handler.on_event(p.fd)?;
             }
+        }
+        if dev_ready {
+            self.publish_mirror();
         }
         if pfds[0].revents != 0 {
             return Ok((self.on_control()?, dev_ready));
@@ -607,6 +657,22 @@ impl<H: Dispatch> Server<H> {
         format!("service[{}]", std::process::id())
     }
 
+    /// Brings the read mirror up to date (rewritten only when a value changed or it was
+    /// invalidated). An injected `slow` or `corrupt` fault empties it: every access then meets the
+    /// fault, as it would in a service that misbehaves.
+    fn publish_mirror(&mut self) {
+        let mirror = self.ring.mirror();
+        self.mirror_now.clear();
+        if self.faults.slow.is_zero() && !self.faults.corrupt_next {
+            self.handler.mirrored(&mut self.mirror_now);
+        }
+        if mirror.is_valid() && self.mirror_published.as_deref() == Some(&self.mirror_now[..]) {
+            return;
+        }
+        mirror.publish(&self.mirror_now);
+        self.mirror_published = Some(self.mirror_now.clone());
+    }
+
     /// Completes `inc` with `reply`, applying the injected `slow` and `corrupt-reply` faults.
     fn answer(&mut self, inc: &Incoming, reply: &ExitReply) -> Result<(), RuntimeError> {
         if !self.faults.slow.is_zero() {
@@ -638,6 +704,7 @@ impl<H: Dispatch> Server<H> {
             }
             ServiceFault::CorruptReply => self.faults.corrupt_next = true,
         }
+        self.publish_mirror();
     }
 
     fn dispatch(&mut self, inc: &Incoming) -> ExitReply {

@@ -536,6 +536,8 @@ pub struct ServiceMetrics {
     pub max_restart_us: Option<u64>,
     /// Exits forwarded and answered.
     pub exits_forwarded: u64,
+    /// Reads answered from the service's read mirror, without a round trip.
+    pub exits_mirrored: u64,
     /// Exits in flight at a failure, completed against the next instance.
     pub exits_redone: u64,
     /// Device requests (block requests, net chains) an instance found in flight in the state

@@ -12,11 +12,13 @@
 #![deny(missing_docs)]
 
 pub mod control;
+pub mod mirror;
 pub mod region;
 pub mod ring;
 pub mod state;
 pub mod wait;
 
 pub use control::{ControlChannel, ControlError, ControlMsg};
+pub use mirror::{Mirror, MirrorEntry};
 pub use region::{RegionError, SharedRegion};
 pub use ring::{CoreEndpoint, ExitKind, ExitReply, ExitRequest, IpcError, ServiceEndpoint, Status, WaitConfig};

@@ -12,8 +12,12 @@
 //! | 256 | completion consumer index (written by the core) |
 //! | 320 | service-sleeping flag (`u32`, written by the service) |
 //! | 384 | core-sleeping flag (`u32`, written by the core) |
+//! | 392 | core CPU: the CPU the core's waiting thread last ran on, plus one (`u32`, written by the core) |
+//! | 448 | service heartbeat (`u64`, bumped by the service on every turn of its loop) |
+//! | 456 | service CPU: the CPU the service last ran on, plus one (`u32`, written by the service) |
 //! | 512 | submission ring: `capacity` × [`ExitRecord`] (32 bytes) |
 //! | 512 + 32·cap | completion ring: `capacity` × [`CompletionRecord`] (24 bytes) |
+//! | 512 + 56·cap, rounded up to 64 | the read mirror ([`crate::mirror`]) |
 //!
 //! Each side keeps private copies of the indices it produces and only *reads* the peer's, and
 //! validates every value read: a submission/completion producer may never be more than `capacity`
@@ -25,6 +29,15 @@
 //! peer's sleeping flag is set. The two fences order "flag store → index load" against
 //! "index store → flag load", so one of the two always sees the other: no lost wake-up, and no
 //! syscall on the fast path when the peer spins.
+//!
+//! Spinning only pays while the peer is on a CPU: on a busy host a spinning waiter burns the time
+//! slice its peer needs (both on one CPU) or waits out the peer's preemption (on another). So each
+//! side publishes where it runs (its CPU and, for the service, a heartbeat bumped on every turn of
+//! its loop) and the core spins only while the service is awake, beating, and not parked on the
+//! core's own CPU; otherwise it sleeps at once and lets the service run. The service in turn stops
+//! spinning when the core it just woke does not get back on a CPU (see
+//! [`ServiceEndpoint::core_off_cpu`]). These values only steer spinning: whatever the peer writes
+//! there, every wait stays bounded by its deadline and no wake-up is lost.
 
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::sync::atomic::{fence, AtomicBool, AtomicU32, AtomicU64, Ordering};
@@ -33,13 +46,15 @@ use std::time::{Duration, Instant};
 
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use crate::mirror::{Mirror, MIRROR_BYTES};
 use crate::region::{RegionError, SharedRegion};
 use crate::wait;
+use std::sync::Arc;
 
 /// Magic at offset 0 of every ring region ("BHRING01").
 pub const RING_MAGIC: u64 = 0x3130_474e_4952_4842;
 /// Version of the layout described in the module docs.
-pub const RING_VERSION: u32 = 1;
+pub const RING_VERSION: u32 = 2;
 /// Largest supported capacity.
 pub const MAX_CAPACITY: u32 = 4096;
 
@@ -49,6 +64,9 @@ const OFF_COMP_PROD: usize = 192;
 const OFF_COMP_CONS: usize = 256;
 const OFF_SERVICE_SLEEPING: usize = 320;
 const OFF_CORE_SLEEPING: usize = 384;
+const OFF_CORE_CPU: usize = 392;
+const OFF_SERVICE_BEAT: usize = 448;
+const OFF_SERVICE_CPU: usize = 456;
 const OFF_SUB_RING: usize = 512;
 const PAGE: usize = 4096;
 
@@ -241,14 +259,32 @@ fn protocol(what: impl Into<String>) -> IpcError {
 /// Spin/sleep tuning of a waiter.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct WaitConfig {
-    /// How long to busy-poll the shared index before announcing sleep and blocking on the eventfd.
+    /// How long at most to busy-poll the shared index before announcing sleep and blocking on the
+    /// eventfd.
     pub spin: Duration,
+    /// How long the service's heartbeat may stand still before the core takes it for preempted (or
+    /// busy with a long request) and sleeps instead of spinning.
+    pub stale: Duration,
+    /// How long the core keeps spinning after ringing a sleeping service, for it to wake up.
+    pub wake_grace: Duration,
 }
 
 impl Default for WaitConfig {
     fn default() -> Self {
-        Self { spin: Duration::from_micros(100) }
+        Self {
+            spin: Duration::from_micros(100),
+            stale: Duration::from_micros(20),
+            wake_grace: Duration::from_micros(60),
+        }
     }
+}
+
+/// The CPU the calling thread runs on, plus one (0: unknown). Cheap: glibc answers from the rseq
+/// area or the vDSO, without a system call.
+fn current_cpu() -> u32 {
+    // SAFETY: sched_getcpu takes no arguments and touches no caller memory.
+    let c = unsafe { libc::sched_getcpu() };
+    u32::try_from(c).map_or(0, |c| c.wrapping_add(1))
 }
 
 /// Size in bytes of a ring region of `capacity` entries (rounded up to a page).
@@ -256,16 +292,20 @@ pub fn region_size(capacity: u32) -> Result<usize, IpcError> {
     if capacity == 0 || capacity > MAX_CAPACITY || !capacity.is_power_of_two() {
         return Err(IpcError::InvalidCapacity(capacity));
     }
-    let cap = capacity as usize;
-    let end = OFF_SUB_RING + cap * (SUB_REC + COMP_REC);
+    let end = mirror_offset(capacity) + MIRROR_BYTES;
     Ok(end.div_ceil(PAGE) * PAGE)
+}
+
+/// Offset of the read mirror in a ring region of `capacity` (valid) entries.
+fn mirror_offset(capacity: u32) -> usize {
+    (OFF_SUB_RING + capacity as usize * (SUB_REC + COMP_REC)).div_ceil(64) * 64
 }
 
 /// Raw view of the ring inside a region. All accessors stay within the mapping because the
 /// capacity was checked against the region size at construction.
 #[derive(Debug)]
 struct RingView {
-    region: SharedRegion,
+    region: Arc<SharedRegion>,
     cap: u64,
 }
 
@@ -275,7 +315,13 @@ impl RingView {
         if region.len() < need {
             return Err(protocol(format!("region of {} bytes too small for capacity {capacity}", region.len())));
         }
-        Ok(Self { region, cap: u64::from(capacity) })
+        Ok(Self { region: Arc::new(region), cap: u64::from(capacity) })
+    }
+
+    fn mirror(&self) -> Result<Mirror, IpcError> {
+        // The capacity was validated in `new`, so the offset is in range.
+        let cap = u32::try_from(self.cap).map_err(|_| IpcError::InvalidCapacity(u32::MAX))?;
+        Mirror::new(self.region.clone(), mirror_offset(cap)).ok_or_else(|| protocol("no room for the read mirror"))
     }
 
     fn u64_at(&self, off: usize) -> &AtomicU64 {
@@ -355,6 +401,48 @@ fn borrow(e: &EventFd) -> BorrowedFd<'_> {
     unsafe { BorrowedFd::borrow_raw(e.as_raw_fd()) }
 }
 
+/// What the core's waiter knows about whether the service is on a CPU.
+struct PeerWatch {
+    /// Heartbeat last read.
+    beat: u64,
+    /// When the heartbeat was last seen to move (or the watch began).
+    moved: Instant,
+    /// When the sleeping service was rung, if it was.
+    rang_at: Option<Instant>,
+}
+
+impl PeerWatch {
+    fn new(view: &RingView, now: Instant, rang: bool) -> Self {
+        Self { beat: view.u64_at(OFF_SERVICE_BEAT).load(Ordering::Relaxed), moved: now, rang_at: rang.then_some(now) }
+    }
+
+    /// Whether the reply is near enough to keep spinning: the service is awake, its heartbeat
+    /// moved recently and it is not waiting for the very CPU this thread occupies. A service that
+    /// was asleep is given `wake_grace` to show up.
+    fn worth_spinning(&mut self, view: &RingView, now: Instant, cpu: u32, cfg: &WaitConfig) -> bool {
+        let beat = view.u64_at(OFF_SERVICE_BEAT).load(Ordering::Relaxed);
+        if beat != self.beat {
+            self.beat = beat;
+            self.moved = now;
+            self.rang_at = None;
+        }
+        if let Some(at) = self.rang_at {
+            return now.duration_since(at) < cfg.wake_grace;
+        }
+        if view.u32_at(OFF_SERVICE_SLEEPING).load(Ordering::Relaxed) != 0 {
+            // Asleep without having seen this request yet: it is rung or about to see it.
+            return now.duration_since(self.moved) < cfg.wake_grace;
+        }
+        let peer_cpu = view.u32_at(OFF_SERVICE_CPU).load(Ordering::Relaxed);
+        if cpu != 0 && peer_cpu == cpu && now.duration_since(self.moved) > Duration::from_micros(1) {
+            // It last ran where we run now, and has not beaten since we took the CPU: it waits
+            // for us to let go.
+            return false;
+        }
+        now.duration_since(self.moved) < cfg.stale
+    }
+}
+
 #[derive(Debug)]
 struct CoreState {
     next_seq: u64,
@@ -377,6 +465,7 @@ pub struct CoreEndpoint {
     comp_bell: EventFd,
     aborted: AtomicBool,
     wait: WaitConfig,
+    mirror: Mirror,
 }
 
 impl CoreEndpoint {
@@ -389,7 +478,9 @@ impl CoreEndpoint {
         view.write_header(capacity);
         let sub_bell = EventFd::new(EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(IpcError::Doorbell)?;
         let comp_bell = EventFd::new(EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(IpcError::Doorbell)?;
+        let mirror = view.mirror()?;
         Ok(Self {
+            mirror,
             view,
             capacity,
             state: Mutex::new(CoreState { next_seq: 1, sub_prod: 0, comp_cons: 0, broken: false }),
@@ -437,6 +528,22 @@ impl CoreEndpoint {
         self.aborted.load(Ordering::SeqCst)
     }
 
+    /// Answers a read from the service's read mirror ([`crate::mirror`]) when it publishes exactly
+    /// this register and no request is in flight on this ring; `None` means: forward it.
+    pub fn read_mirror(&self, req: &ExitRequest) -> Option<ExitReply> {
+        if !req.kind.is_read() || !valid_len(req.len) || self.is_aborted() {
+            return None;
+        }
+        // Another vCPU's request in flight: its effect may not be published yet; forward.
+        let st = self.state.try_lock().ok()?;
+        if st.broken || st.sub_prod != st.comp_cons {
+            return None;
+        }
+        let data = self.mirror.lookup(req.addr, req.len)?;
+        drop(st);
+        Some(ExitReply { status: Status::Ok, data })
+    }
+
     /// Forwards one exit and waits at most `timeout` for its completion.
     pub fn call(&self, req: &ExitRequest, timeout: Duration) -> Result<ExitReply, IpcError> {
         if !valid_len(req.len) {
@@ -473,13 +580,17 @@ impl CoreEndpoint {
         st.sub_prod = st.sub_prod.wrapping_add(1);
         self.view.u64_at(OFF_SUB_PROD).store(st.sub_prod, Ordering::Release);
         fence(Ordering::SeqCst);
-        if self.view.u32_at(OFF_SERVICE_SLEEPING).load(Ordering::SeqCst) != 0 {
+        let rang = self.view.u32_at(OFF_SERVICE_SLEEPING).load(Ordering::SeqCst) != 0;
+        if rang {
             self.sub_bell.write(1).map_err(IpcError::Doorbell)?;
         }
 
         let spin_until = start + self.wait.spin;
         let comp_prod = self.view.u64_at(OFF_COMP_PROD);
         let sleeping = self.view.u32_at(OFF_CORE_SLEEPING);
+        let mut peer = PeerWatch::new(&self.view, start, rang);
+        let cpu = current_cpu();
+        self.view.u32_at(OFF_CORE_CPU).store(cpu, Ordering::Relaxed);
         loop {
             if let Some(reply) = self.try_complete(st, seq, req)? {
                 return Ok(reply);
@@ -491,7 +602,7 @@ impl CoreEndpoint {
             if now >= deadline {
                 return Err(IpcError::Timeout(timeout));
             }
-            if now < spin_until {
+            if now < spin_until && peer.worth_spinning(&self.view, now, cpu, &self.wait) {
                 std::hint::spin_loop();
                 continue;
             }
@@ -505,6 +616,8 @@ impl CoreEndpoint {
             sleeping.store(0, Ordering::SeqCst);
             drain(&self.comp_bell);
             r.map_err(IpcError::Doorbell)?;
+            // Woken: the service is on a CPU now (or the wait timed out); judge it afresh.
+            peer = PeerWatch::new(&self.view, Instant::now(), false);
         }
     }
 
@@ -561,6 +674,11 @@ pub struct ServiceEndpoint {
     comp_prod: u64,
     sub_bell: EventFd,
     comp_bell: EventFd,
+    /// Heartbeat last published.
+    beat: u64,
+    /// When a completion last rang the sleeping core.
+    rang_core_at: Option<Instant>,
+    mirror: Mirror,
 }
 
 impl ServiceEndpoint {
@@ -586,7 +704,8 @@ impl ServiceEndpoint {
         if sub_cons != 0 || comp_prod != 0 {
             return Err(protocol("ring indices not zero at attach"));
         }
-        Ok(Self { view, sub_cons, comp_prod, sub_bell, comp_bell })
+        let mirror = view.mirror()?;
+        Ok(Self { view, sub_cons, comp_prod, sub_bell, comp_bell, beat: 0, rang_core_at: None, mirror })
     }
 
     /// Raw fds this endpoint owns (ring memfd, both doorbells), e.g. to keep them open when a
@@ -656,8 +775,39 @@ impl ServiceEndpoint {
         fence(Ordering::SeqCst);
         if self.view.u32_at(OFF_CORE_SLEEPING).load(Ordering::SeqCst) != 0 {
             self.comp_bell.write(1).map_err(IpcError::Doorbell)?;
+            self.rang_core_at = Some(Instant::now());
         }
         Ok(())
+    }
+
+    /// The read mirror of this ring ([`crate::mirror`]): publish side-effect-free register values
+    /// there before completing each request; clone it for code that must invalidate it before
+    /// raising an interrupt.
+    pub fn mirror(&self) -> &Mirror {
+        &self.mirror
+    }
+
+    /// Publishes that the service is on a CPU, and which: call on every turn of the serving loop.
+    /// The core spins for a reply only while this moves.
+    pub fn beat(&mut self) {
+        self.beat = self.beat.wrapping_add(1);
+        self.view.u32_at(OFF_SERVICE_CPU).store(current_cpu(), Ordering::Relaxed);
+        self.view.u64_at(OFF_SERVICE_BEAT).store(self.beat, Ordering::Relaxed);
+    }
+
+    /// Whether the core, rung awake by a completion, is still off a CPU: it last ran on the CPU
+    /// this thread holds (it waits for us to let go), or it has not got back on one within
+    /// `grace`. Spinning for its next request is then wasted, or worse, in its way.
+    pub fn core_off_cpu(&mut self, now: Instant, grace: Duration) -> bool {
+        let Some(at) = self.rang_core_at else { return false };
+        if self.view.u32_at(OFF_CORE_SLEEPING).load(Ordering::Relaxed) == 0 {
+            // Back on a CPU (or waiting again for a newer request: then it is not waiting on us).
+            self.rang_core_at = None;
+            return false;
+        }
+        let core_cpu = self.view.u32_at(OFF_CORE_CPU).load(Ordering::Relaxed);
+        let cpu = current_cpu();
+        (cpu != 0 && core_cpu == cpu) || now.duration_since(at) >= grace
     }
 
     /// Announces that the service is about to sleep on [`bell_fd`](Self::bell_fd). Returns false
@@ -689,6 +839,7 @@ impl ServiceEndpoint {
         let mut handled = 0;
         let mut last = Instant::now();
         loop {
+            self.beat();
             while let Some(inc) = self.next_request()? {
                 let reply = inc.request.as_ref().map_or_else(ExitReply::rejected, &mut handler);
                 self.complete(&inc, &reply)?;

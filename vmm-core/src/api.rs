@@ -565,6 +565,8 @@ pub struct DeviceInfo {
     pub requests_redone: u64,
     /// Exits forwarded to the service.
     pub exits_forwarded: u64,
+    /// Reads answered in the core from the service's read mirror.
+    pub exits_mirrored: u64,
     /// Restart cap in force (`N/SECS`).
     pub restart_max: String,
     /// Immediate restarts tolerated (`N/SECS`).
@@ -593,6 +595,7 @@ fn devices(v: &VmmView) -> Vec<DeviceInfo> {
                 failed: m.failed,
                 requests_redone: m.requests_redone,
                 exits_forwarded: m.exits_forwarded,
+                exits_mirrored: m.exits_mirrored,
                 restart_max: format!("{}/{}", sup.restart_max.0, sup.restart_max.1.as_secs()),
                 restart_burst: format!("{}/{}", sup.restart_burst.0, sup.restart_burst.1.as_secs()),
                 service_liveness_ms: ms(sup.liveness_interval),
@@ -624,10 +627,11 @@ pub fn prometheus(v: &VmmView) -> String {
     }
     let Some(reg) = &v.devices else { return out };
     type Metric = (&'static str, &'static str, &'static str);
-    const METRICS: [Metric; 10] = [
+    const METRICS: [Metric; 11] = [
         ("bulkhead_device_restarts_total", "counter", "Times the device's service was restarted."),
         ("bulkhead_device_failed", "gauge", "Whether the device failed for good."),
         ("bulkhead_exits_forwarded_total", "counter", "Exits forwarded to the service."),
+        ("bulkhead_exits_mirrored_total", "counter", "Reads answered in the core from the service's read mirror."),
         ("bulkhead_exits_redone_total", "counter", "Exits in flight at a failure, completed by the next instance."),
         ("bulkhead_requests_redone_total", "counter", "Device requests a new instance found in flight and redid."),
         (
@@ -640,7 +644,7 @@ pub fn prometheus(v: &VmmView) -> String {
         ("bulkhead_device_throttled_total", "counter", "Times work waited for rate-limit tokens (current instance)."),
         ("bulkhead_device_errors_total", "counter", "Requests answered with an error or frames dropped."),
     ];
-    let mut rows: Vec<[u64; 10]> = Vec::new();
+    let mut rows: Vec<[u64; 11]> = Vec::new();
     let mut labels = Vec::new();
     let mut histograms = Vec::new();
     for (d, svc) in reg.iter() {
@@ -651,6 +655,7 @@ pub fn prometheus(v: &VmmView) -> String {
             u64::from(m.restarts),
             u64::from(m.failed.is_some()),
             m.exits_forwarded,
+            m.exits_mirrored,
             m.exits_redone,
             m.requests_redone,
             io.requests,

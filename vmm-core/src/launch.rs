@@ -809,10 +809,11 @@ impl RunningVm {
             let cpu = service_cpu_ns(service.pid())
                 .map_or_else(|| "n/a".to_string(), |ns| format!("{:.1} ms", ns as f64 / 1e6));
             log::info!(
-                "service {} (pid {}): {} exits forwarded, {} rejected, {} failures, cpu {cpu}",
+                "service {} (pid {}): {} exits forwarded, {} reads mirrored, {} rejected, {} failures, cpu {cpu}",
                 service.name(),
                 service.pid(),
                 stats.forwarded,
+                stats.mirrored,
                 stats.rejected,
                 stats.failures
             );

@@ -2,9 +2,11 @@
 //!
 //! The probe's `pio-loop` (back-to-back `in al, dx`, TSC-timed inside the guest) runs on
 //! - port 0x80 under Bulkhead: answered inside the core (the POST-code port), the floor;
-//! - port 0x3fd under Bulkhead: the UART's line-status register, answered by `bulkhead-console`;
+//! - port 0x3fd under Bulkhead: the UART's line-status register, which `bulkhead-console`
+//!   publishes in its read mirror, so the core answers it without a round trip;
 //! - port 0x3fa under Bulkhead: the UART's interrupt-identification register, which has a read
-//!   side effect, so it always makes the full round trip to the console service;
+//!   side effect, so it always makes the full round trip to the console service (the cost of a
+//!   forwarded exit);
 //! - port 0x3fd under Firecracker (`../shared/peers/firecracker` or `$BULKHEAD_FIRECRACKER`), whose
 //!   UART lives in its own process: the peer's in-process exit.
 //!
@@ -23,10 +25,10 @@ use crate::util::BoxError;
 enum Case {
     /// Bulkhead, port 0x80 (in the core).
     Core,
-    /// Bulkhead, port 0x3fd (forwarded to the console service).
-    ForwardedLsr,
+    /// Bulkhead, port 0x3fd (the console service's read mirror).
+    MirroredLsr,
     /// Bulkhead, port 0x3fa (forwarded, read side effect).
-    ForwardedIir,
+    RoundTripIir,
     /// Firecracker, port 0x3fd (in its process).
     Firecracker,
 }
@@ -35,8 +37,8 @@ impl Case {
     fn label(self) -> &'static str {
         match self {
             Self::Core => "Bulkhead, in the core (0x80)",
-            Self::ForwardedLsr => "Bulkhead, UART LSR via bulkhead-console (0x3fd)",
-            Self::ForwardedIir => "Bulkhead, UART IIR via bulkhead-console (0x3fa)",
+            Self::MirroredLsr => "Bulkhead, UART LSR from the console's read mirror (0x3fd)",
+            Self::RoundTripIir => "Bulkhead, UART IIR round trip to bulkhead-console (0x3fa)",
             Self::Firecracker => "Firecracker, UART LSR in-process (0x3fd)",
         }
     }
@@ -44,8 +46,8 @@ impl Case {
     fn port(self) -> u16 {
         match self {
             Self::Core => 0x80,
-            Self::ForwardedLsr | Self::Firecracker => 0x3fd,
-            Self::ForwardedIir => 0x3fa,
+            Self::MirroredLsr | Self::Firecracker => 0x3fd,
+            Self::RoundTripIir => 0x3fa,
         }
     }
 }
@@ -131,6 +133,7 @@ fn firecracker(fc: &Path, r: &PioRun<'_>, dir: &Path, port: u16, exits: u64) -> 
     let json = serde_json::json!({
         "boot-source": { "kernel_image_path": r.probe, "boot_args": cmdline(port, exits) },
         "machine-config": { "vcpu_count": 1, "mem_size_mib": 64 },
+        "drives": [],
     });
     std::fs::write(&cfg, json.to_string())?;
     let out = Command::new(fc)
@@ -156,7 +159,7 @@ pub fn bench(r: &PioRun<'_>) -> Result<(), BoxError> {
     let dir = crate::util::workspace_root().join("target/bench-pio");
     std::fs::create_dir_all(&dir)?;
     let fc: Option<PathBuf> = crate::bench_api::firecracker();
-    let mut cases = vec![Case::Core, Case::ForwardedLsr, Case::ForwardedIir];
+    let mut cases = vec![Case::Core, Case::MirroredLsr, Case::RoundTripIir];
     match &fc {
         Some(_) => cases.push(Case::Firecracker),
         None => println!(
@@ -200,18 +203,18 @@ pub fn bench(r: &PioRun<'_>) -> Result<(), BoxError> {
         let tag = if contended { "contended" } else { "idle" };
         let med = |c: Case| cases.iter().position(|x| *x == c).map(|k| median(&samples[k]));
         let worst = |c: Case| cases.iter().position(|x| *x == c).and_then(|k| samples[k].iter().copied().max());
-        if let (Some(f), Some(c)) = (med(Case::ForwardedIir), med(Case::Core)) {
+        if let (Some(f), Some(c)) = (med(Case::RoundTripIir), med(Case::Core)) {
             println!("pio {tag}: forwarded round trip (IIR) / in-core exit: {:.2}", f as f64 / c as f64);
         }
-        if let (Some(b), Some(f)) = (med(Case::ForwardedLsr), med(Case::Firecracker)) {
-            let wb = worst(Case::ForwardedLsr).unwrap_or(0);
+        if let (Some(b), Some(f)) = (med(Case::MirroredLsr), med(Case::Firecracker)) {
+            let wb = worst(Case::MirroredLsr).unwrap_or(0);
             println!(
                 "pio {tag}: UART LSR Bulkhead / Firecracker: median {:.2}, worst run {:.2} of Firecracker's median",
                 b as f64 / f as f64,
                 wb as f64 / f as f64
             );
         }
-        if let (Some(b), Some(f)) = (med(Case::ForwardedIir), med(Case::Firecracker)) {
+        if let (Some(b), Some(f)) = (med(Case::RoundTripIir), med(Case::Firecracker)) {
             println!("pio {tag}: UART IIR round trip Bulkhead / Firecracker LSR: median {:.2}", b as f64 / f as f64);
         }
     }

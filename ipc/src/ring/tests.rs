@@ -12,7 +12,7 @@ fn eventfd_of(fd: BorrowedFd<'_>) -> EventFd {
 }
 
 fn pair(cap: u32, spin: Duration) -> (CoreEndpoint, ServiceEndpoint) {
-    let core = CoreEndpoint::create("test-ring", cap, WaitConfig { spin }).expect("create");
+    let core = CoreEndpoint::create("test-ring", cap, WaitConfig { spin, ..WaitConfig::default() }).expect("create");
     let svc = ServiceEndpoint::attach(
         core.region_fd().try_clone_to_owned().expect("dup"),
         core.region_len() as u64,
@@ -354,4 +354,101 @@ impl RingView {
         // SAFETY: bounds and alignment asserted above; the mapping lives as long as `self`.
         unsafe { &*self.region.as_ptr().add(off).cast::<AtomicU64>() }
     }
+}
+
+/// A core waiting with a long spin budget on a service whose heartbeat stands still (taken the
+/// request, then preempted or busy) stops spinning and sleeps: the service sees the core's
+/// sleeping flag, which a pure spinner would never set within its 10 s budget.
+#[test]
+fn core_sleeps_when_the_service_heartbeat_stands_still() {
+    let (core, mut svc) = pair(4, Duration::from_secs(10));
+    let core = Arc::new(core);
+    let c = core.clone();
+    let caller = thread::spawn(move || c.call(&ExitRequest::read(ExitKind::PioRead, 0x20, 1), Duration::from_secs(20)));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let inc = loop {
+        if let Some(inc) = svc.next_request().expect("take") {
+            break inc;
+        }
+        assert!(Instant::now() < deadline, "no request");
+        std::hint::spin_loop();
+    };
+    // No beat from here on: wait for the core to give up spinning.
+    let flag = svc.view.u32_at(OFF_CORE_SLEEPING);
+    while flag.load(Ordering::SeqCst) == 0 {
+        assert!(Instant::now() < deadline, "the core kept spinning on a silent service");
+        std::thread::sleep(Duration::from_micros(50));
+    }
+    svc.complete(&inc, &echo(&inc.request.expect("valid"))).expect("complete");
+    let reply = caller.join().expect("caller").expect("reply");
+    expect_echo(&reply, 0x20, 1);
+}
+
+/// The core's spin decision, on synthetic time: spin while the heartbeat moves and the service is
+/// elsewhere; stop once it stands still for `stale`, or at once when the service last ran on the
+/// core's own CPU; a service that was rung gets `wake_grace` to show up.
+#[test]
+fn core_spins_only_while_the_service_is_on_another_cpu_and_beating() {
+    let (core, mut svc) = pair(4, Duration::from_secs(10));
+    let view = RingView::new(raw_view(&core), 4).expect("view");
+    let cfg = WaitConfig {
+        spin: Duration::from_secs(10),
+        stale: Duration::from_micros(20),
+        wake_grace: Duration::from_micros(60),
+    };
+    let t0 = Instant::now();
+    let us = |n| t0 + Duration::from_micros(n);
+    let (mine, other) = (7, 9);
+    view.u32_at(OFF_SERVICE_CPU).store(other, Ordering::SeqCst);
+
+    let mut w = PeerWatch::new(&view, t0, false);
+    assert!(w.worth_spinning(&view, us(10), mine, &cfg), "fresh watch, service elsewhere");
+    assert!(!w.worth_spinning(&view, us(25), mine, &cfg), "no beat for 25 us");
+    svc.beat();
+    view.u32_at(OFF_SERVICE_CPU).store(other, Ordering::SeqCst);
+    assert!(w.worth_spinning(&view, us(30), mine, &cfg), "beating again");
+    assert!(w.worth_spinning(&view, us(45), mine, &cfg), "beat 15 us ago");
+
+    // Parked on our CPU: stop spinning as soon as it has not beaten since.
+    view.u32_at(OFF_SERVICE_CPU).store(mine, Ordering::SeqCst);
+    assert!(!w.worth_spinning(&view, us(47), mine, &cfg), "service waits for our CPU");
+    assert!(w.worth_spinning(&view, us(47), 0, &cfg), "own CPU unknown: the heartbeat rule alone");
+
+    // Rung awake: spin for the grace, then sleep, unless it beats.
+    let mut w = PeerWatch::new(&view, t0, true);
+    view.u32_at(OFF_SERVICE_SLEEPING).store(1, Ordering::SeqCst);
+    assert!(w.worth_spinning(&view, us(50), mine, &cfg), "within the wake grace");
+    assert!(!w.worth_spinning(&view, us(61), mine, &cfg), "past the wake grace");
+    view.u32_at(OFF_SERVICE_SLEEPING).store(0, Ordering::SeqCst);
+    view.u32_at(OFF_SERVICE_CPU).store(other, Ordering::SeqCst);
+    svc.beat();
+    assert!(w.worth_spinning(&view, us(70), mine, &cfg), "woke up and beats");
+}
+
+/// After ringing a sleeping core, the service stops its idle spin as soon as it knows the core is
+/// off a CPU: the core last ran on this very CPU, or it has not woken within the grace.
+#[test]
+fn service_notices_a_core_that_stays_off_cpu() {
+    let (core, mut svc) = pair(4, Duration::from_micros(10));
+    let raw = RingView::new(raw_view(&core), 4).expect("view");
+    // Nothing rung yet: nothing to notice.
+    assert!(!svc.core_off_cpu(Instant::now(), Duration::from_secs(1)));
+    // A request, and the core asleep on a CPU this thread is not on (cpu index far away).
+    raw.u64_at(OFF_SUB_PROD).store(1, Ordering::SeqCst);
+    // SAFETY: test peer writing slot 0 of its own mapping.
+    unsafe { raw.sub_ptr(0).write_volatile(ExitRecord { seq: 1, kind: 1, len: 1, addr: 0x40, data: [0; 8] }) };
+    raw.u32_at(OFF_CORE_SLEEPING).store(1, Ordering::SeqCst);
+    raw.u32_at(OFF_CORE_CPU).store(10_000, Ordering::SeqCst);
+    let inc = svc.next_request().expect("take").expect("one");
+    svc.complete(&inc, &ExitReply::ok(&[1])).expect("complete");
+    let now = Instant::now();
+    assert!(!svc.core_off_cpu(now, Duration::from_secs(1)), "within the grace, elsewhere");
+    assert!(svc.core_off_cpu(now + Duration::from_secs(2), Duration::from_secs(1)), "past the grace");
+    // On this thread's CPU: at once.
+    raw.u32_at(OFF_CORE_CPU).store(current_cpu(), Ordering::SeqCst);
+    assert!(svc.core_off_cpu(now, Duration::from_secs(1)) || current_cpu() == 0);
+    // Awake again: nothing to notice, and the watch ends.
+    raw.u32_at(OFF_CORE_SLEEPING).store(0, Ordering::SeqCst);
+    assert!(!svc.core_off_cpu(now + Duration::from_secs(2), Duration::from_secs(1)));
+    assert!(svc.rang_core_at.is_none());
 }

@@ -95,6 +95,14 @@ fn read_out(f: &mut File, n: usize) -> Vec<u8> {
     got
 }
 
+/// The UART's interrupt-identification register: a read clears the THR-empty interrupt, so it is
+/// never in the read mirror and always makes the round trip these tests are about.
+const IIR: u64 = 2;
+/// IIR with no interrupt pending (FIFO bits set), as after reset with interrupts disabled.
+const IIR_IDLE: u8 = 0xc1;
+/// The line-status register, which the console publishes in its read mirror.
+const LSR: u64 = 5;
+
 fn inb(dev: &RemoteDevice, off: u64) -> u8 {
     let mut b = [0u8];
     dev.read(0x3f8, off, &mut b);
@@ -139,7 +147,7 @@ fn console_output_then_sigkill_fails_fast_and_once() {
         c.dev.write(0x3f8, 0, &[*b]);
     }
     assert_eq!(read_out(&mut c.out, 3), b"hi\n");
-    assert_eq!(inb(&c.dev, 5), 0x60, "LSR after reset");
+    assert_eq!(inb(&c.dev, IIR), IIR_IDLE, "IIR after reset");
     assert_eq!(c.dev.stats().forwarded, 4);
     let stats = c.handle.stats(Duration::from_secs(2)).expect("ping");
     assert_eq!(stats.requests, 4);
@@ -147,12 +155,12 @@ fn console_output_then_sigkill_fails_fast_and_once() {
     let pid = c.handle.pid();
     c.handle.kill().expect("kill");
     let t = Instant::now();
-    assert_eq!(inb(&c.dev, 5), 0xff);
+    assert_eq!(inb(&c.dev, IIR), 0xff);
     let first = t.elapsed();
     assert!(first < Duration::from_millis(300), "first read after death took {first:?}");
     let t = Instant::now();
     for _ in 0..100 {
-        assert_eq!(inb(&c.dev, 5), 0xff);
+        assert_eq!(inb(&c.dev, IIR), 0xff);
         c.dev.write(0x3f8, 0, b"x");
     }
     assert!(t.elapsed() < Duration::from_millis(50), "fail-fast accesses took {:?}", t.elapsed());
@@ -172,6 +180,33 @@ fn console_output_then_sigkill_fails_fast_and_once() {
     assert!(!Path::new(&format!("/proc/{pid}")).exists() || !is_zombie(pid));
 }
 
+/// Line-status reads come from the console's read mirror: answered with the value the service
+/// published, counted as mirrored, not forwarded. A THR write changes nothing there (the UART
+/// has no real transmitter). Once the service is dead and the device failed, the dead instance's
+/// mirror is not used: reads fail fast with all-ones like every other access.
+#[test]
+fn lsr_reads_come_from_the_mirror_until_the_service_is_gone() {
+    let _g = serial();
+    let Some(c) = start(Duration::from_secs(1)) else { return };
+    assert_eq!(inb(&c.dev, IIR), IIR_IDLE, "one round trip: the service serves");
+    let before = c.dev.stats();
+    for _ in 0..100 {
+        assert_eq!(inb(&c.dev, LSR), 0x60);
+    }
+    let after = c.dev.stats();
+    assert_eq!(after.forwarded, before.forwarded, "LSR reads were forwarded");
+    assert_eq!(after.mirrored, before.mirrored + 100);
+    c.dev.write(0x3f8, 0, b"m");
+    assert_eq!(inb(&c.dev, LSR), 0x60);
+    c.handle.kill().expect("kill");
+    // The first forwarded access sees the death; from then on nothing is answered from the mirror.
+    assert_eq!(inb(&c.dev, IIR), 0xff);
+    assert!(c.dev.is_failed());
+    let mirrored = c.dev.stats().mirrored;
+    assert_eq!(inb(&c.dev, LSR), 0xff);
+    assert_eq!(c.dev.stats().mirrored, mirrored);
+}
+
 fn is_zombie(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat")).map(|s| s.contains(") Z ")).unwrap_or(false)
 }
@@ -181,15 +216,15 @@ fn stopped_service_times_out_once_then_fails_fast() {
     let _g = serial();
     let Some(c) = start(Duration::from_millis(100)) else { return };
     let pid = c.handle.pid();
-    assert_eq!(inb(&c.dev, 5), 0x60);
+    assert_eq!(inb(&c.dev, IIR), IIR_IDLE);
     // SAFETY: sending SIGSTOP to our own child, which the watcher has not reaped (it is alive).
     assert_eq!(unsafe { libc::kill(pid as libc::pid_t, libc::SIGSTOP) }, 0);
     let t = Instant::now();
-    assert_eq!(inb(&c.dev, 5), 0xff);
+    assert_eq!(inb(&c.dev, IIR), 0xff);
     let el = t.elapsed();
     assert!(el >= Duration::from_millis(100) && el < Duration::from_millis(600), "{el:?}");
     let t = Instant::now();
-    assert_eq!(inb(&c.dev, 5), 0xff);
+    assert_eq!(inb(&c.dev, IIR), 0xff);
     assert!(t.elapsed() < Duration::from_millis(10));
     let errors = lines_matching(pid, "ERROR");
     assert_eq!(errors.len(), 1, "{errors:?}");
@@ -353,7 +388,7 @@ fn killed_service_is_restarted_and_the_next_access_is_served() {
     let first = c.handle.pid();
     c.handle.kill().expect("kill");
     // The access races the death: it waits for the new instance and is completed by it.
-    assert_eq!(inb(&c.dev, 5), 0x60, "LSR read after the kill must be served by the new instance");
+    assert_eq!(inb(&c.dev, IIR), IIR_IDLE, "IIR read after the kill must be served by the new instance");
     let second = c.handle.pid();
     assert_ne!(first, second);
     assert_eq!(c.dev.generation(), 1);
@@ -376,7 +411,7 @@ fn hung_service_misses_its_deadline_and_the_exit_completes_on_the_next_instance(
     c.handle.remote().inject(FaultAction::Hang).expect("inject");
     std::thread::sleep(Duration::from_millis(50));
     let t = Instant::now();
-    assert_eq!(inb(&c.dev, 5), 0x60, "served by the next instance, not all-ones");
+    assert_eq!(inb(&c.dev, IIR), IIR_IDLE, "served by the next instance, not all-ones");
     let el = t.elapsed();
     assert!(el >= Duration::from_millis(150) && el < Duration::from_secs(3), "{el:?}");
     assert_ne!(c.handle.pid(), first);
