@@ -9,6 +9,7 @@
 
 pub mod console;
 pub mod jail;
+pub mod mains;
 pub mod memory;
 pub mod ratelimit;
 pub mod runtime;

@@ -156,6 +156,13 @@ pub trait MmioHandler {
     fn io_counters(&self) -> IoCounters {
         IoCounters::default()
     }
+    /// Registers whose read has no side effect, with the value a read returns now, for the read
+    /// mirror ([`ipc::mirror`]), at offsets into the window. Asked after every access, event and
+    /// poll that did work; the default mirrors nothing.
+    fn mirrored(&mut self, _out: &mut Vec<MirrorEntry>) {}
+    /// The read mirror, given once before serving: invalidate it before raising an interrupt
+    /// that follows a change of a mirrored value made outside an access.
+    fn attach_mirror(&mut self, _mirror: Mirror) {}
 }
 
 /// What the serve loop needs from a device, whatever its bus.
@@ -183,6 +190,27 @@ trait Dispatch {
     /// Mirrored registers with absolute addresses.
     fn mirrored(&mut self, _out: &mut Vec<MirrorEntry>) {}
     fn attach_mirror(&mut self, _mirror: Mirror) {}
+}
+
+/// Turns the mirrored entries from `start` on, given as offsets into the window `[base, base +
+/// len)`, into absolute addresses, dropping any that do not lie inside it or have a size a read
+/// cannot have.
+fn to_window(out: &mut Vec<MirrorEntry>, start: usize, base: u64, len: u64) {
+    let mut i = start;
+    while i < out.len() {
+        let e = out[i];
+        let inside =
+            matches!(e.len, 1 | 2 | 4 | 8) && e.addr.checked_add(u64::from(e.len)).is_some_and(|end| end <= len);
+        match base.checked_add(e.addr).filter(|_| inside) {
+            Some(addr) => {
+                out[i].addr = addr;
+                i += 1;
+            }
+            None => {
+                out.remove(i);
+            }
+        }
+    }
 }
 
 struct PioDispatch<H> {
@@ -218,18 +246,7 @@ impl<H: PioHandler> Dispatch for PioDispatch<H> {
     fn mirrored(&mut self, out: &mut Vec<MirrorEntry>) {
         let start = out.len();
         self.handler.mirrored(out);
-        // Only the device's own ports, at their absolute addresses.
-        let (base, len) = (u64::from(self.base), u64::from(self.len));
-        let mut i = start;
-        while i < out.len() {
-            let e = out[i];
-            if e.addr.checked_add(u64::from(e.len)).is_some_and(|end| end <= len) {
-                out[i].addr = base + e.addr;
-                i += 1;
-            } else {
-                out.remove(i);
-            }
-        }
+        to_window(out, start, u64::from(self.base), u64::from(self.len));
     }
     fn attach_mirror(&mut self, mirror: Mirror) {
         self.handler.attach_mirror(mirror);
@@ -276,6 +293,14 @@ impl<H: MmioHandler> Dispatch for MmioDispatch<H> {
     }
     fn prepare_sleep(&mut self) -> Result<bool, RuntimeError> {
         self.handler.prepare_sleep()
+    }
+    fn mirrored(&mut self, out: &mut Vec<MirrorEntry>) {
+        let start = out.len();
+        self.handler.mirrored(out);
+        to_window(out, start, self.base, self.len);
+    }
+    fn attach_mirror(&mut self, mirror: Mirror) {
+        self.handler.attach_mirror(mirror);
     }
     fn wake_after(&self) -> Option<Duration> {
         self.handler.wake_after()

@@ -52,7 +52,7 @@ pub fn wait_for_serial(path: &std::path::Path, needle: &str, limit: Duration) ->
 
 /// The child of `core` running the service binary `binary` (e.g. `bulkhead-console`).
 pub fn service_child(core: u32, binary: &str) -> Option<ProcInfo> {
-    children_of(core).into_iter().find(|p| p.exe.ends_with(binary))
+    children_of(core).into_iter().find(|p| p.runs(binary))
 }
 
 /// A path from the environment, with a message saying how to get it when it is missing.
@@ -174,6 +174,17 @@ pub struct ProcInfo {
     pub ppid: u32,
     /// The executable's path.
     pub exe: PathBuf,
+    /// The file name of its `argv[0]`: the service it runs when it is the multi-call `bulkhead`
+    /// started as `bulkhead-console`, ...
+    pub name: String,
+}
+
+impl ProcInfo {
+    /// Whether it runs `program`: the stand-alone binary of that name, or `bulkhead` started
+    /// under it.
+    pub fn runs(&self, program: &str) -> bool {
+        self.name == program || self.exe.ends_with(program)
+    }
 }
 
 /// The children of `parent` currently alive.
@@ -188,7 +199,10 @@ pub fn children_of(parent: u32) -> Vec<ProcInfo> {
         let ppid = rest.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
         if ppid == parent {
             let exe = std::fs::read_link(format!("/proc/{pid}/exe")).unwrap_or_default();
-            v.push(ProcInfo { pid, ppid, exe });
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let argv0 = cmdline.split(|b| *b == 0).next().unwrap_or_default();
+            let name = String::from_utf8_lossy(argv0).rsplit('/').next().unwrap_or_default().to_string();
+            v.push(ProcInfo { pid, ppid, exe, name });
         }
     }
     v

@@ -125,8 +125,8 @@ fn every_running_service_is_jailed() {
     let core = child.id();
     assert!(wait_for_serial(&out, "tick 2\n", Duration::from_secs(30)), "guest never printed tick 2");
     let kids = children_of(core);
-    let console = kids.iter().find(|p| p.exe.ends_with("bulkhead-console")).expect("console child");
-    let block = kids.iter().find(|p| p.exe.ends_with("bulkhead-block")).expect("block child");
+    let console = kids.iter().find(|p| p.runs("bulkhead-console")).expect("console child");
+    let block = kids.iter().find(|p| p.runs("bulkhead-block")).expect("block child");
     let eventfd = || "anon_inode:[eventfd]".to_string();
     // Ring memfd, submit and complete doorbells, output file, irqfd (no input: --serial-input none),
     // the state region that carries the UART across restarts.

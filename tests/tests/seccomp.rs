@@ -129,7 +129,7 @@ fn running_services_and_vcpu_threads_are_filtered() {
     let kids = children_of(core);
     let mut seen = Vec::new();
     for name in ["bulkhead-console", "bulkhead-block"] {
-        let svc = kids.iter().find(|p| p.exe.ends_with(name)).unwrap_or_else(|| panic!("no {name} child"));
+        let svc = kids.iter().find(|p| p.runs(name)).unwrap_or_else(|| panic!("no {name} child"));
         assert_eq!(proc_status_field(svc.pid, "Seccomp").as_deref(), Some("2"), "{name} is not filtered");
         assert_eq!(proc_status_field(svc.pid, "NoNewPrivs").as_deref(), Some("1"), "{name}");
         seen.push(name);

@@ -166,7 +166,9 @@ pub struct RunArgs {
     /// size the buckets). Repeatable.
     #[arg(long = "net", value_name = "tap=NAME[,mac=MAC][,id=NAME][,bw=RATE][,pps=N]", value_parser = NetSpec::parse)]
     pub nets: Vec<NetSpec>,
-    /// Directory holding the service binaries (`bulkhead-console`, ...). Default: next to `bulkhead`.
+    /// Run the stand-alone service binaries (`bulkhead-console`, ...) from this directory. Default:
+    /// `bulkhead` itself, started under each service's name (one binary: its text pages are
+    /// shared by every process of every VM).
     #[arg(long, value_name = "DIR")]
     pub service_dir: Option<PathBuf>,
     /// How long the core waits for a service to answer a forwarded exit before declaring it failed.

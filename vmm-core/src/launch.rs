@@ -142,23 +142,21 @@ fn os(what: &'static str) -> impl FnOnce(std::io::Error) -> LaunchError {
     move |source| LaunchError::Os { what, source }
 }
 
-/// Where service binaries are looked up.
-pub fn service_dir(config: &VmConfig) -> PathBuf {
-    config.bulkhead.service_dir.clone().unwrap_or_else(|| {
-        std::env::current_exe()
-            .ok()
-            .and_then(|p| p.parent().map(Path::to_path_buf))
-            .unwrap_or_else(|| PathBuf::from("."))
-    })
-}
-
-fn service_binary(dir: &Path, name: &str) -> Result<PathBuf, LaunchError> {
-    let p = dir.join(name);
-    if p.is_file() {
-        Ok(p)
-    } else {
-        Err(LaunchError::MissingService(p))
+/// What a service runs: with `--service-dir`, the stand-alone binary `name` from that directory;
+/// otherwise the core's own executable (the multi-call `bulkhead`) started as `name`.
+pub fn service_program(config: &VmConfig, name: &str) -> Result<service::Program, LaunchError> {
+    let path = match &config.bulkhead.service_dir {
+        Some(dir) => dir.join(name),
+        None => std::env::current_exe().map_err(os("find the bulkhead executable"))?,
+    };
+    if !path.is_file() {
+        return Err(LaunchError::MissingService(path));
     }
+    Ok(if config.bulkhead.service_dir.is_some() {
+        service::Program::standalone(path)
+    } else {
+        service::Program::multi_call(path, name)
+    })
 }
 
 /// CPU time a live process has used, in ns (`/proc/PID/schedstat`, first field).
@@ -310,7 +308,7 @@ struct Wiring<'a> {
 
 impl Wiring<'_> {
     fn start_disk(&mut self, index: usize, disk: PlannedDisk) -> Result<service::ServiceHandle, LaunchError> {
-        let binary = service_binary(&service_dir(self.config), "bulkhead-block")?;
+        let binary = service_program(self.config, "bulkhead-block")?;
         let PlannedDisk { drive, file, slot } = disk;
         let (irq, queue_notify) = wire_slot(self.vm, &slot, BLOCK_QUEUES)?;
         let spec = service::BlockSpec {
@@ -342,7 +340,7 @@ impl Wiring<'_> {
     }
 
     fn start_net(&mut self, index: usize, net: PlannedNet) -> Result<service::ServiceHandle, LaunchError> {
-        let binary = service_binary(&service_dir(self.config), "bulkhead-net")?;
+        let binary = service_program(self.config, "bulkhead-net")?;
         let PlannedNet { iface, tap, slot } = net;
         // RX (0) and TX (1).
         let (irq, mut kicks) = wire_slot(self.vm, &slot, 2)?;
@@ -383,7 +381,7 @@ impl Wiring<'_> {
     }
 
     fn start_console(&mut self) -> Result<service::ServiceHandle, LaunchError> {
-        let binary = service_binary(&service_dir(self.config), "bulkhead-console")?;
+        let binary = service_program(self.config, "bulkhead-console")?;
         let (output, input) = serial_fds(&self.config.bulkhead.console)?;
         let irq = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(os("eventfd"))?;
         self.vm.register_irqfd(&irq, COM1_GSI).map_err(|source| LaunchError::Kvm { what: "KVM_IRQFD", source })?;
@@ -515,13 +513,12 @@ pub fn build(config: &VmConfig) -> Result<RunningVm, LaunchError> {
     // Cheap checks on user input first, so nothing is created when they fail.
     File::open(&boot_source.kernel_image_path)
         .map_err(|source| boot::BootError::OpenKernel { path: boot_source.kernel_image_path.clone(), source })?;
-    let dir = service_dir(config);
-    service_binary(&dir, "bulkhead-console")?;
+    service_program(config, "bulkhead-console")?;
     if !config.drives.is_empty() {
-        service_binary(&dir, "bulkhead-block")?;
+        service_program(config, "bulkhead-block")?;
     }
     if !config.network_interfaces.is_empty() {
-        service_binary(&dir, "bulkhead-net")?;
+        service_program(config, "bulkhead-net")?;
     }
     // Which namespaces services get: refuses to go on if one is unavailable, unless the user
     // asked for insecure_no_sandbox (then warns loudly). Probed before guest RAM exists.

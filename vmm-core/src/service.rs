@@ -201,13 +201,49 @@ impl Default for ServiceOptions {
     }
 }
 
+/// What a service process runs: an executable and the name it is started under (its `argv[0]`).
+///
+/// Normally the core's own executable, the multi-call `bulkhead`, started as `bulkhead-console`,
+/// `bulkhead-block` or `bulkhead-net` (it dispatches on `argv[0]`): then the core and every
+/// service of every VM map one file and share its text pages. With `--service-dir`, stand-alone
+/// service binaries from that directory, each under its own path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Program {
+    /// The executable.
+    pub path: PathBuf,
+    /// `argv[0]`.
+    pub argv0: std::ffi::OsString,
+}
+
+impl Program {
+    /// A stand-alone service binary, started under its own path.
+    pub fn standalone(path: impl Into<PathBuf>) -> Self {
+        let path = path.into();
+        Self { argv0: path.clone().into_os_string(), path }
+    }
+
+    /// The multi-call binary at `path`, started as `service` (e.g. `bulkhead-console`).
+    pub fn multi_call(path: impl Into<PathBuf>, service: &str) -> Self {
+        Self { path: path.into(), argv0: service.into() }
+    }
+
+    /// `path` or, for the multi-call binary, `path as argv0`, for logs.
+    pub fn shown(&self) -> String {
+        if self.argv0 == self.path.as_os_str() {
+            self.path.display().to_string()
+        } else {
+            format!("{} as {}", self.path.display(), self.argv0.to_string_lossy())
+        }
+    }
+}
+
 /// What to start.
 #[derive(Debug)]
 pub struct ServiceSpec {
     /// Instance name, for logs.
     pub name: String,
-    /// The service binary.
-    pub binary: PathBuf,
+    /// What the service process runs.
+    pub program: Program,
     /// The device's configuration, sent in the set-up message.
     pub device: DeviceConfig,
     /// Device fds passed to the service, with their roles (the ring fds are added here).
@@ -1247,7 +1283,7 @@ fn check_binary(path: &Path) -> Result<(), ServiceError> {
 #[derive(Debug)]
 struct Recipe {
     name: String,
-    binary: PathBuf,
+    program: Program,
     device: DeviceConfig,
     fds: Vec<(FdRole, OwnedFd)>,
     options: ServiceOptions,
@@ -1264,7 +1300,7 @@ struct Instance {
 /// Starts one instance of `recipe` with a fresh ring: spawn, set-up, wait for `Ready`. Kills and
 /// reaps the child on any failure.
 fn start_instance(recipe: &Recipe) -> Result<Instance, ServiceError> {
-    let Recipe { name, binary, device, fds, options } = recipe;
+    let Recipe { name, program, device, fds, options } = recipe;
     let ring = CoreEndpoint::create(
         &format!("bulkhead-{name}-ring"),
         options.ring_capacity,
@@ -1273,15 +1309,15 @@ fn start_instance(recipe: &Recipe) -> Result<Instance, ServiceError> {
     let (control, child_ctl) =
         ControlChannel::pair().map_err(|source| ServiceError::Control { name: name.clone(), source })?;
     let child_ctl = child_ctl.into_fd();
-    let mut child = spawn::spawn(binary, child_ctl.as_fd()).map_err(|source| match source {
+    let mut child = spawn::spawn(program, child_ctl.as_fd()).map_err(|source| match source {
         SpawnError::NamespacesUnavailable(_) => ServiceError::Sandbox(source),
         SpawnError::Child { step: "execve", source: ref e, .. }
             if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::EACCES)) =>
         {
             let source = io::Error::from_raw_os_error(e.raw_os_error().unwrap_or(libc::ENOENT));
-            ServiceError::BinaryMissing { path: binary.clone(), source }
+            ServiceError::BinaryMissing { path: program.path.clone(), source }
         }
-        source => ServiceError::Spawn { path: binary.clone(), source },
+        source => ServiceError::Spawn { path: program.path.clone(), source },
     })?;
     drop(child_ctl);
     let pid = child.id();
@@ -1348,10 +1384,10 @@ fn spawn_service_with_state(
     spec: ServiceSpec,
     state: Option<OwnedFd>,
 ) -> Result<(Arc<RemoteDevice>, ServiceHandle), ServiceError> {
-    let ServiceSpec { name, binary, device, fds, space, options } = spec;
-    check_binary(&binary)?;
-    let binary_shown = binary.display().to_string();
-    let recipe = Recipe { name: name.clone(), binary, device, fds, options };
+    let ServiceSpec { name, program, device, fds, space, options } = spec;
+    check_binary(&program.path)?;
+    let binary_shown = program.shown();
+    let recipe = Recipe { name: name.clone(), program, device, fds, options };
     // The first instance starts on the caller's thread (set-up errors reach the caller); later
     // ones on the supervisor thread (their parent-death signal is tied to it, and it lives as
     // long as the service).
@@ -1736,7 +1772,7 @@ fn serve_failed(
 /// also gets the console's state region (created here, kept for the service's lifetime).
 /// Register the returned device on the PIO bus at `base` with length 8.
 pub fn spawn_console(
-    binary: &Path,
+    program: &Program,
     output: OwnedFd,
     input: Option<OwnedFd>,
     irq: EventFd,
@@ -1752,7 +1788,7 @@ pub fn spawn_console(
     spawn_service_with_state(
         ServiceSpec {
             name: "console".into(),
-            binary: binary.to_path_buf(),
+            program: program.clone(),
             device: DeviceConfig::Console { base, len: 8 },
             fds,
             space: AddressSpace::Pio,
@@ -1802,7 +1838,7 @@ fn dup_eventfd(e: &EventFd) -> Result<OwnedFd, ServiceError> {
 /// forwarded access) tunes it.
 /// Register the returned device on the MMIO bus at `spec.mmio_base` with length `spec.mmio_len`.
 pub fn spawn_block(
-    binary: &Path,
+    program: &Program,
     spec: BlockSpec,
     options: impl Into<ServiceOptions>,
 ) -> Result<(Arc<RemoteDevice>, ServiceHandle), ServiceError> {
@@ -1842,7 +1878,7 @@ pub fn spawn_block(
         queue_size,
         rate_limit,
     });
-    spawn_virtio(binary, name, device, fds, options.into())
+    spawn_virtio(program, name, device, fds, options.into())
 }
 
 /// What the core passes to start a `bulkhead-net` service. The lead creates the eventfds and
@@ -1887,7 +1923,7 @@ pub struct NetSpec {
 /// while an instance was being replaced are delivered by the next one.
 /// Register the returned device on the MMIO bus at `spec.mmio_base` with length `spec.mmio_len`.
 pub fn spawn_net(
-    binary: &Path,
+    program: &Program,
     spec: NetSpec,
     options: impl Into<ServiceOptions>,
 ) -> Result<(Arc<RemoteDevice>, ServiceHandle), ServiceError> {
@@ -1928,7 +1964,7 @@ pub fn spawn_net(
         rx_rate_limit,
         tx_rate_limit,
     });
-    spawn_virtio(binary, name, device, fds, options.into())
+    spawn_virtio(program, name, device, fds, options.into())
 }
 
 /// Guest RAM ranges `(guest address, length, memfd offset)` as the set-up message carries them.
@@ -1938,7 +1974,7 @@ fn memory_regions(memory: &[(u64, u64, u64)]) -> Vec<MemoryRegion> {
 
 /// Starts a virtio-mmio service `name` for `device` with `fds` and a state region of its own.
 fn spawn_virtio(
-    binary: &Path,
+    program: &Program,
     name: String,
     device: DeviceConfig,
     mut fds: Vec<(FdRole, OwnedFd)>,
@@ -1947,7 +1983,7 @@ fn spawn_virtio(
     let (state, keep) = state_region(&name)?;
     fds.push((FdRole::StateRegion, state));
     spawn_service_with_state(
-        ServiceSpec { name, binary: binary.to_path_buf(), device, fds, space: AddressSpace::Mmio, options },
+        ServiceSpec { name, program: program.clone(), device, fds, space: AddressSpace::Mmio, options },
         Some(keep),
     )
 }

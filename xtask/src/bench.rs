@@ -4,12 +4,13 @@
 //! Then the network benchmark (see `bench_net`): the probe's `net-bench` through Bulkhead and QEMU
 //! on a TAP in a private network namespace.
 //!
-//! Then the control plane against Firecracker's (see `bench_api`), and last the cost of one exit
+//! Then the control plane against Firecracker's (see `bench_api`), what one running VM costs
+//! (start time, PSS, idle CPU; see `bench_footprint`, `--api-runs` runs), and last the cost of one exit
 //! by who answers it, idle and with a CPU hog per core (see `bench_pio`).
 //!
 //! Options: `--runs N` (default 7), `--exits N` per pio run (default 200000; a quarter
 //! of that under contention), `--blk-runs N` (default
-//! 5), `--net-runs N` (default 5), `--api-runs N` (default 7), `--only pio|blk|restart|net|api`.
+//! 5), `--net-runs N` (default 5), `--api-runs N` (default 7), `--only pio|blk|restart|net|api|footprint`.
 
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -42,14 +43,14 @@ fn parse_args(args: &[String]) -> Result<Options, BoxError> {
             "--api-runs" => api_runs = it.next().map_or_else(val, Ok)?.parse()?,
             "--only" => {
                 let v = it.next().map_or_else(val, Ok)?;
-                if !["pio", "blk", "restart", "net", "api"].contains(&v.as_str()) {
-                    return Err(format!("--only takes pio, blk, restart, net or api, not {v}").into());
+                if !["pio", "blk", "restart", "net", "api", "footprint"].contains(&v.as_str()) {
+                    return Err(format!("--only takes pio, blk, restart, net, api or footprint, not {v}").into());
                 }
                 only = Some(v.clone());
             }
             other => {
                 return Err(format!(
-                    "unknown bench option {other} (--runs N, --exits N, --blk-runs N, --net-runs N, --api-runs N, --only pio|blk|restart|net|api)"
+                    "unknown bench option {other} (--runs N, --exits N, --blk-runs N, --net-runs N, --api-runs N, --only pio|blk|restart|net|api|footprint)"
                 )
                 .into())
             }
@@ -95,6 +96,9 @@ pub fn run(args: &[String]) -> Result<(), BoxError> {
     }
     if part("api") {
         crate::bench_api::bench(&bin, &probe, opts.api_runs)?;
+    }
+    if part("footprint") {
+        crate::bench_footprint::bench(&bin, &probe, opts.api_runs)?;
     }
     if part("pio") {
         let r = crate::bench_pio::PioRun {
@@ -186,16 +190,22 @@ fn blk(bin: &Path, probe: &Path, rate: f64, runs: usize) -> Result<(), BoxError>
     // (peer, workload) -> samples of the workload's headline figure (IOPS for 4k, MiB/s else).
     let mut samples: BTreeMap<(Peer, String), Vec<u64>> = BTreeMap::new();
     let mut cpu_per_req: Vec<u64> = Vec::new();
+    // Exits per 1,000 requests: forwarded, answered from the read mirror.
+    let (mut fwd_per_k, mut mir_per_k): (Vec<u64>, Vec<u64>) = (Vec::new(), Vec::new());
     for i in 0..runs {
         for peer in peers {
             eprintln!("bench: blk run {}/{runs}: {}", i + 1, peer.label());
-            let (w, cpu) = run_peer(peer, &r)?;
+            let (w, (cpu, exits)) = run_peer(peer, &r)?;
             if w.is_empty() {
                 return Err(format!("{} printed no blk-bench lines", peer.label()).into());
             }
             let reqs: u64 = w.values().map(|x| x.reqs).sum();
             if let (Some(ns), true) = (cpu, reqs > 0) {
                 cpu_per_req.push(ns / reqs);
+            }
+            if let (Some((f, m)), true) = (exits, reqs > 0) {
+                fwd_per_k.push(f * 1000 / reqs);
+                mir_per_k.push(m * 1000 / reqs);
             }
             for (name, x) in w {
                 let v = if name.contains("4k") { x.iops } else { x.mibps };
@@ -223,6 +233,14 @@ fn blk(bin: &Path, probe: &Path, rate: f64, runs: usize) -> Result<(), BoxError>
         println!(
             "bulkhead-block CPU time per request: {:.2} us (median over runs)",
             med(&mut cpu_per_req) as f64 / 1000.0
+        );
+    }
+    if !fwd_per_k.is_empty() {
+        println!(
+            "bulkhead-block exits per 1000 requests (all workloads, set-up included; median over runs): {} forwarded \
+             round trips, {} answered from the read mirror",
+            med(&mut fwd_per_k),
+            med(&mut mir_per_k)
         );
     }
     if let Some(r) = randread_ratio {

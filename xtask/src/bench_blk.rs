@@ -119,9 +119,13 @@ pub struct BlkRun<'a> {
     pub cmdline: String,
 }
 
+/// What a Bulkhead run adds to the workloads: the block service's CPU time in ns and its
+/// `(forwarded, mirrored)` exits.
+pub type BlkExtra = (Option<u64>, Option<(u64, u64)>);
+
 /// Runs the probe's blk-bench under `peer`. Returns the workloads and, for Bulkhead, the block
-/// service's CPU time in ns.
-pub fn run_peer(peer: Peer, r: &BlkRun<'_>) -> Result<(BTreeMap<String, Workload>, Option<u64>), BoxError> {
+/// service's CPU time and exit counts.
+pub fn run_peer(peer: Peer, r: &BlkRun<'_>) -> Result<(BTreeMap<String, Workload>, BlkExtra), BoxError> {
     let limit = Duration::from_secs(300);
     match peer {
         Peer::Bulkhead => {
@@ -149,7 +153,7 @@ pub fn run_peer(peer: Peer, r: &BlkRun<'_>) -> Result<(BTreeMap<String, Workload
                 .and_then(|v| v.trim().strip_suffix(" ms"))
                 .and_then(|v| v.parse::<f64>().ok())
                 .map(ms_to_ns);
-            Ok((parse_blk_bench(&stdout), cpu))
+            Ok((parse_blk_bench(&stdout), (cpu, crate::util::service_exits(&stderr, "block-"))))
         }
         Peer::QemuBuiltin | Peer::QemuVhostUser => {
             let mut qemu = Command::new("qemu-system-x86_64");
@@ -208,7 +212,7 @@ pub fn run_peer(peer: Peer, r: &BlkRun<'_>) -> Result<(BTreeMap<String, Workload
                 )
                 .into());
             }
-            Ok((parse_blk_bench(&stdout), None))
+            Ok((parse_blk_bench(&stdout), (None, None)))
         }
     }
 }

@@ -297,6 +297,8 @@ pub struct RunResult {
     pub gen_full: u64,
     /// Frames the TAP dropped towards the VMM (it did not read them in time).
     pub tap_dropped: u64,
+    /// Bulkhead: the net service's `(forwarded, mirrored)` exits.
+    pub exits: Option<(u64, u64)>,
 }
 
 /// One benchmark configuration.
@@ -497,6 +499,7 @@ fn run_peer(peer: Peer, r: &NetRun<'_>, ns: &NetNs, size: usize) -> Result<RunRe
         )
         .into());
     }
+    let exits = if peer == Peer::Bulkhead { crate::util::service_exits(&stderr, "net-") } else { None };
     let device_cpu_ns = if peer == Peer::Bulkhead {
         net_service_cpu_ns(&stderr)
     } else {
@@ -518,6 +521,7 @@ fn run_peer(peer: Peer, r: &NetRun<'_>, ns: &NetNs, size: usize) -> Result<RunRe
         process_cpu_ns,
         gen_fps,
         gen_full: gen.map_or(0, |g| g.full),
+        exits,
         tap_dropped: after.tx_dropped.saturating_sub(before.tx_dropped),
     })
 }
@@ -636,6 +640,18 @@ pub fn bench(r: &NetRun<'_>, runs: usize) -> Result<(), BoxError> {
             ));
         }
         println!("{row}");
+    }
+    println!();
+    println!("# bulkhead-net exits per 1000 frames moved (interrupt status reads, acks and set-up; medians)");
+    println!("| frame size | forwarded round trips | answered from the read mirror |");
+    println!("|---|---|---|");
+    for size in SIZES {
+        let per_k = |x: &RunResult, n: Option<u64>| n.and_then(|n| (n * 1000).checked_div(x.frames_moved));
+        println!(
+            "| {size} B | {} | {} |",
+            med(Peer::Bulkhead, size, &|x| per_k(x, x.exits.map(|e| e.0))),
+            med(Peer::Bulkhead, size, &|x| per_k(x, x.exits.map(|e| e.1)))
+        );
     }
     for size in SIZES {
         let each: Vec<String> = peers

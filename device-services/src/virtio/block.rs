@@ -555,6 +555,12 @@ impl BlockHandler {
 }
 
 impl MmioHandler for BlockHandler {
+    fn mirrored(&mut self, out: &mut Vec<ipc::MirrorEntry>) {
+        self.transport.mirrored(out);
+    }
+    fn attach_mirror(&mut self, mirror: ipc::Mirror) {
+        self.transport.attach_mirror(mirror);
+    }
     fn read(&mut self, offset: u64, data: &mut [u8]) -> bool {
         self.transport.read(offset, data)
     }

@@ -29,6 +29,8 @@ use vmm_sys_util::eventfd::EventFd;
 use super::tracked::{QueueCtx, Tracker};
 use super::{VirtioDevice, F_EVENT_IDX, F_VERSION_1};
 use crate::memory::GuestMem;
+use ipc::{Mirror, MirrorEntry};
+
 use crate::runtime::{MmioHandler, RuntimeError};
 
 /// "virt" in little-endian.
@@ -239,6 +241,8 @@ pub struct MmioTransport<D> {
     redone: u64,
     /// Failed for good ([`enter_failed`](Self::enter_failed)): queues are never used again.
     failed: bool,
+    /// The read mirror, invalidated before every interrupt.
+    mirror: Option<Mirror>,
 }
 
 /// Most complaints about driver errors logged (then silence).
@@ -288,6 +292,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
             stride,
             redone: 0,
             failed: false,
+            mirror: None,
         })
     }
 
@@ -655,6 +660,11 @@ impl<D: VirtioDevice> MmioTransport<D> {
     fn signal(&mut self, bits: u32) {
         self.interrupt_status |= bits;
         self.stats.interrupts += 1;
+        // The guest's handler reads InterruptStatus first: not the published value from before
+        // this change (the runtime republishes once this turn of work is done).
+        if let Some(m) = &self.mirror {
+            m.invalidate();
+        }
         if let Err(e) = self.irq.write(1) {
             if !self.irq_failed {
                 self.irq_failed = true;
@@ -975,6 +985,21 @@ fn config_width_ok(len: usize) -> bool {
     matches!(len, 1 | 2 | 4 | 8)
 }
 
+/// Registers the read mirror carries: every 32-bit register a driver reads (none has a read side
+/// effect in virtio-mmio), InterruptStatus above all, read first by every interrupt handler.
+const MIRRORED: [u64; 10] = [
+    reg::MAGIC,
+    reg::VERSION,
+    reg::DEVICE_ID,
+    reg::VENDOR_ID,
+    reg::DEVICE_FEATURES,
+    reg::QUEUE_NUM_MAX,
+    reg::QUEUE_READY,
+    reg::INTERRUPT_STATUS,
+    reg::STATUS,
+    reg::CONFIG_GENERATION,
+];
+
 impl<D: VirtioDevice> MmioHandler for MmioTransport<D> {
     fn read(&mut self, offset: u64, data: &mut [u8]) -> bool {
         if offset >= CONFIG_OFFSET {
@@ -1022,6 +1047,18 @@ impl<D: VirtioDevice> MmioHandler for MmioTransport<D> {
 
     fn event_fds(&self) -> Vec<RawFd> {
         self.notify.iter().map(|e| e.as_raw_fd()).collect()
+    }
+
+    fn mirrored(&mut self, out: &mut Vec<MirrorEntry>) {
+        for off in MIRRORED {
+            if let Some(v) = self.read_register(off) {
+                out.push(MirrorEntry::new(off, &v.to_le_bytes()));
+            }
+        }
+    }
+
+    fn attach_mirror(&mut self, mirror: Mirror) {
+        self.mirror = Some(mirror);
     }
 
     fn redone(&self) -> u64 {
@@ -1151,6 +1188,43 @@ mod tests {
         wr(t, reg::QUEUE_DRIVER_LOW, 0x2000);
         wr(t, reg::QUEUE_DEVICE_LOW, 0x3000);
         wr(t, reg::QUEUE_READY, 1);
+    }
+
+    /// The mirror carries every readable register with the value a read returns, and an
+    /// interrupt is raised only after the mirror was invalidated: the guest's handler then reads
+    /// the new InterruptStatus, never the published zero.
+    #[test]
+    fn mirror_carries_the_registers_and_is_invalidated_before_an_interrupt() {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10000)]).expect("memory");
+        let notify = EventFd::new(EFD_NONBLOCK).expect("eventfd");
+        let irq = EventFd::new(EFD_NONBLOCK).expect("eventfd");
+        let irq_seen = irq.try_clone().expect("dup");
+        let mut t = MmioTransport::new(Counting::default(), mem.clone(), vec![notify], irq).expect("transport");
+        let mirror = Mirror::standalone("mmio-mirror").expect("mirror");
+        MmioHandler::attach_mirror(&mut t, mirror.clone());
+        let st = negotiate(&mut t);
+        make_ready(&mut t);
+        wr(&mut t, reg::STATUS, st | status::DRIVER_OK);
+        let mut v = Vec::new();
+        MmioHandler::mirrored(&mut t, &mut v);
+        assert_eq!(v.len(), MIRRORED.len());
+        for e in &v {
+            assert_eq!(e.len, 4);
+            let want = rd(&mut t, e.addr);
+            assert_eq!(e.data[..4], want.to_le_bytes(), "register {:#x}", e.addr);
+        }
+        let isr = |v: &[MirrorEntry]| v.iter().find(|e| e.addr == reg::INTERRUPT_STATUS).map(|e| e.data[0]);
+        assert_eq!(isr(&v), Some(0));
+        mirror.publish(&v);
+        let _ = irq_seen.read();
+        // A change outside any access that interrupts the guest (here: the core gives up on the
+        // device, a configuration-change interrupt).
+        MmioHandler::enter_failed(&mut t, "restart cap reached");
+        assert!(irq_seen.read().expect("interrupt") >= 1);
+        assert!(!mirror.is_valid(), "interrupt raised with InterruptStatus 0 still published");
+        v.clear();
+        MmioHandler::mirrored(&mut t, &mut v);
+        assert_eq!(isr(&v).map(|b| u32::from(b) & INT_CONFIG), Some(INT_CONFIG));
     }
 
     #[test]

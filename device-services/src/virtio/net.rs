@@ -1210,6 +1210,12 @@ impl NetHandler {
 }
 
 impl MmioHandler for NetHandler {
+    fn mirrored(&mut self, out: &mut Vec<ipc::MirrorEntry>) {
+        self.transport.mirrored(out);
+    }
+    fn attach_mirror(&mut self, mirror: ipc::Mirror) {
+        self.transport.attach_mirror(mirror);
+    }
     fn read(&mut self, offset: u64, data: &mut [u8]) -> bool {
         self.transport.read(offset, data)
     }

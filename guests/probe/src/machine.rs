@@ -47,6 +47,10 @@ pub trait Machine {
     /// The DMA arena: page-aligned memory whose addresses (as pointers) are the guest-physical
     /// addresses devices use. Handed out once; `None` afterwards or if there is none.
     fn take_dma(&mut self) -> Option<&'static mut [u8]>;
+    /// Stops the vCPU for good (`cli; hlt`: with interrupts off it never wakes), so the VM idles
+    /// at no CPU cost until the VMM ends it. Returns only on a machine that cannot halt (the
+    /// test double).
+    fn halt_forever(&mut self);
 }
 
 /// Whether `[addr, addr + len)` is a range [`Machine::map_mmio`] accepts.
@@ -258,6 +262,20 @@ impl PortIo {
 }
 
 impl Machine for PortIo {
+    fn halt_forever(&mut self) {
+        if self.high_mapped {
+            // Ring 3 (after map_mmio) may not halt: idle as cheaply as a spin can.
+            loop {
+                core::hint::spin_loop();
+            }
+        }
+        loop {
+            // SAFETY: ring 0 (map_mmio was never called, so no switch to ring 3 happened);
+            // `cli; hlt` touches no memory and stops this, the only, vCPU.
+            unsafe { core::arch::asm!("cli", "hlt", options(nomem, nostack)) };
+        }
+    }
+
     fn inb(&mut self, port: u16) -> u8 {
         let value: u8;
         // SAFETY: `PortIo::new`'s contract: we are the guest kernel, port reads touch no memory.
@@ -424,6 +442,8 @@ pub mod testing {
         pub tsc_per_in: u64,
         /// Number of `pause` calls.
         pub pauses: u64,
+        /// Whether `halt_forever` was called.
+        pub halted: bool,
         /// MMIO devices as (base, length, device).
         pub mmio: Vec<(u64, u64, Box<dyn FakeMmio>)>,
         /// Every MMIO access as (address, value, is_write).
@@ -448,6 +468,7 @@ pub mod testing {
                 tsc_step: 0,
                 tsc_per_in: 0,
                 pauses: 0,
+                halted: false,
                 mmio: Vec::new(),
                 mmio_log: Vec::new(),
                 dma_len: 1 << 20,
@@ -494,6 +515,9 @@ pub mod testing {
         }
         fn pause(&mut self) {
             self.pauses += 1;
+        }
+        fn halt_forever(&mut self) {
+            self.halted = true;
         }
         fn mmio_read32(&mut self, addr: u64) -> u32 {
             let v = match self.device(addr) {

@@ -33,7 +33,7 @@ use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::ExitStatusExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitStatus;
 use std::sync::OnceLock;
 use std::time::Duration;
@@ -510,13 +510,15 @@ fn jail_plan(sandbox: &Sandbox) -> JailPlan {
     JailPlan::Created { namespaces, switch_to: sandbox.switch_id.then_some((SERVICE_ID, SERVICE_ID)) }
 }
 
-/// Creates the service process for `binary` (see the module docs), with `ctl` as its fd 3, in the
+/// Creates the service process running `program` (see the module docs), with `ctl` as its fd 3, in the
 /// namespaces of the [`init_sandbox`] decision (strict if none was made). Returns once the child
 /// has exec'ed.
-pub fn spawn(binary: &Path, ctl: BorrowedFd<'_>) -> Result<ServiceChild, SpawnError> {
+pub fn spawn(program: &super::Program, ctl: BorrowedFd<'_>) -> Result<ServiceChild, SpawnError> {
     let sandbox = init_sandbox(false)?;
+    let binary = program.path.as_path();
     let path = cstring(binary.as_os_str().as_bytes(), "the service path")?;
-    let args = [path.clone(), cstring(b"--control-fd", "an argument")?, cstring(b"3", "an argument")?];
+    let argv0 = cstring(program.argv0.as_bytes(), "the service name")?;
+    let args = [argv0, cstring(b"--control-fd", "an argument")?, cstring(b"3", "an argument")?];
     let mut env = Vec::new();
     for (k, v) in std::env::vars_os() {
         let mut kv = k.as_bytes().to_vec();

@@ -77,7 +77,7 @@ fn start_with(options: ServiceOptions) -> Option<Console> {
     logs();
     let (r, w) = nix::unistd::pipe().expect("pipe");
     let irq = EventFd::new(libc::EFD_NONBLOCK).expect("eventfd");
-    let (dev, handle) = spawn_console(&bin, w, None, irq, 0x3f8, options).expect("spawn console");
+    let (dev, handle) = spawn_console(&Program::standalone(bin), w, None, irq, 0x3f8, options).expect("spawn console");
     Some(Console { dev, handle, out: File::from(r) })
 }
 
@@ -112,7 +112,7 @@ fn inb(dev: &RemoteDevice, off: u64) -> u8 {
 #[test]
 fn missing_binary_is_named() {
     let e = spawn_console(
-        Path::new("/nonexistent/bulkhead-console"),
+        &Program::standalone("/nonexistent/bulkhead-console"),
         File::open("/dev/null").expect("null").into(),
         None,
         EventFd::new(0).expect("eventfd"),
@@ -129,7 +129,7 @@ fn service_that_never_becomes_ready() {
     let _g = serial();
     let e = spawn_service(ServiceSpec {
         name: "bogus".into(),
-        binary: PathBuf::from("/bin/true"),
+        program: Program::standalone("/bin/true"),
         device: DeviceConfig::Console { base: 0x3f8, len: 8 },
         fds: Vec::new(),
         space: AddressSpace::Pio,
@@ -205,6 +205,32 @@ fn lsr_reads_come_from_the_mirror_until_the_service_is_gone() {
     let mirrored = c.dev.stats().mirrored;
     assert_eq!(inb(&c.dev, LSR), 0xff);
     assert_eq!(c.dev.stats().mirrored, mirrored);
+}
+
+/// The multi-call binary: `bulkhead` started as `bulkhead-console` is the console service (the
+/// way the core starts its services by default), in the same sandbox.
+#[test]
+fn bulkhead_started_as_the_console_is_the_console() {
+    let _g = serial();
+    let Some(console) = console_binary() else { return };
+    let bulkhead = console.with_file_name("bulkhead");
+    if !bulkhead.is_file() {
+        eprintln!("SKIPPED: {} is absent; run `cargo build --workspace` first", bulkhead.display());
+        return;
+    }
+    let (r, w) = nix::unistd::pipe().expect("pipe");
+    let irq = EventFd::new(libc::EFD_NONBLOCK).expect("eventfd");
+    let program = Program::multi_call(&bulkhead, "bulkhead-console");
+    let (dev, handle) = spawn_console(&program, w, None, irq, 0x3f8, Duration::from_secs(1)).expect("spawn");
+    let mut out = File::from(r);
+    dev.write(0x3f8, 0, b"m");
+    assert_eq!(read_out(&mut out, 1), b"m");
+    assert_eq!(inb(&dev, IIR), IIR_IDLE);
+    let pid = handle.pid();
+    assert_eq!(std::fs::read_link(format!("/proc/{pid}/exe")).expect("exe"), bulkhead);
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).expect("cmdline");
+    assert!(cmdline.starts_with(b"bulkhead-console\0"), "{:?}", String::from_utf8_lossy(&cmdline));
+    assert!(handle.shutdown(Duration::from_secs(2)).is_some_and(|s| s.success()));
 }
 
 fn is_zombie(pid: u32) -> bool {
@@ -323,7 +349,8 @@ fn block_service_serves_its_mmio_window() {
         queue_size: 256,
         rate_limit: Default::default(),
     };
-    let (dev, handle) = spawn_block(&bin, spec, Duration::from_secs(1)).expect("spawn block");
+    let (dev, handle) =
+        spawn_block(&Program::standalone(bin.clone()), spec, Duration::from_secs(1)).expect("spawn block");
     let _ = std::fs::remove_file(&disk_path);
     assert_eq!(mmio_read32(&dev, base, 0), 0x7472_6976, "MagicValue through the ring");
     assert_eq!(mmio_read32(&dev, base, 4), 2, "virtio-mmio version 2");
@@ -363,7 +390,7 @@ fn block_service_refuses_memory_its_memfd_does_not_back() {
         queue_size: 256,
         rate_limit: Default::default(),
     };
-    let e = spawn_block(&bin, spec, Duration::from_secs(1)).expect_err("must fail");
+    let e = spawn_block(&Program::standalone(bin.clone()), spec, Duration::from_secs(1)).expect_err("must fail");
     assert!(matches!(&e, ServiceError::SetupFailed { reason, .. } if reason.contains("memfd")), "{e:?}");
 }
 

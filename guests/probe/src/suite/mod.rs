@@ -9,6 +9,7 @@ mod blk_ro;
 mod blk_tests;
 mod blk_verify;
 mod hello;
+mod idle;
 mod kbd;
 mod net_bench;
 pub mod net_common;
@@ -46,6 +47,7 @@ pub static TESTS: &[Test] = &[
     net_reflect::TEST,
     net_bench::TEST,
     kbd::TEST,
+    idle::TEST,
 ];
 
 /// The test called `name`.

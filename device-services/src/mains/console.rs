@@ -1,0 +1,93 @@
+//! `bulkhead-console`: the 16550 UART service.
+//!
+//! Started by the core with its end of the control socket as fd 3 (or `--control-fd N`). Expects
+//! a `DeviceConfig::Console` set-up with fds `Ring`, `SubmitBell`, `CompleteBell`, `Output`, `Irq`
+//! and optionally `Input` and `StateRegion`. With a state region the UART's registers, receive
+//! FIFO and pending input survive the process: a new instance restores them (an invalid region is
+//! logged and cleared, and the UART starts fresh). Exits 0 on `Shutdown`.
+
+use std::error::Error;
+use std::process::ExitCode;
+
+use crate::console::{Console, Restore, UART_PORTS};
+use crate::runtime::error_chain;
+use crate::{RuntimeError, Startup};
+use bulkhead_policies::Policy;
+use ipc::control::{DeviceConfig, FdRole};
+use ipc::state::StateRegion;
+
+fn run() -> Result<(), RuntimeError> {
+    let mut st = Startup::from_args(std::env::args().skip(1))?;
+    let DeviceConfig::Console { base, len } = st.setup.device.clone() else {
+        let e = RuntimeError::WrongDevice(format!("{:?} is not a console", st.setup.device));
+        st.report_failure(&e.to_string());
+        return Err(e);
+    };
+    if len != UART_PORTS || base.checked_add(len).is_none() {
+        let e = RuntimeError::WrongDevice(format!("console at {base:#x}+{len} (a 16550 decodes 8 ports)"));
+        st.report_failure(&e.to_string());
+        return Err(e);
+    }
+    let (Some(output), Some(irq)) = (st.take_fd(FdRole::Output), st.take_eventfd(FdRole::Irq)) else {
+        let e = RuntimeError::MissingFd(FdRole::Output);
+        st.report_failure("console needs Output and Irq fds");
+        return Err(e);
+    };
+    let input = st.take_fd(FdRole::Input);
+    let pid = std::process::id();
+    let region = match st.take_fd(FdRole::StateRegion).map(StateRegion::from_fd) {
+        None => None,
+        Some(Ok(r)) => Some(r),
+        Some(Err(e)) => {
+            // Serving output matters more than surviving the next restart.
+            eprintln!("bulkhead-console[{pid}]: state region unusable, state will not survive: {}", error_chain(&e));
+            None
+        }
+    };
+    let console = match region {
+        None => Console::new(output, input, irq),
+        Some(region) => {
+            let (console, restore) = Console::with_state(output, input, irq, region).map_err(|e| {
+                st.report_failure(&error_chain(&e));
+                RuntimeError::Device(error_chain(&e))
+            })?;
+            match restore {
+                Restore::Fresh => {}
+                Restore::Restored { generation, fifo, pending, irq_raised } => eprintln!(
+                    "bulkhead-console[{pid}]: restored UART state generation {generation}: {fifo} byte(s) in the \
+                     FIFO, {pending} pending{}",
+                    if irq_raised { ", interrupt re-raised" } else { "" }
+                ),
+                Restore::Invalid(e) => {
+                    eprintln!(
+                        "bulkhead-console[{pid}]: saved state rejected, starting a fresh UART: {}",
+                        error_chain(&e)
+                    )
+                }
+            }
+            console
+        }
+    };
+    st.jail(&console.raw_fds())?;
+    // Last step of confinement, before any guest data is read.
+    st.seccomp(Policy::Console)?;
+    st.serve(console, base, len)?;
+    Ok(())
+}
+
+/// The service's entry point (its binary's `main`, or `bulkhead` started under its name).
+pub fn main() -> ExitCode {
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let mut msg = format!("bulkhead-console[{}]: {e}", std::process::id());
+            let mut src = e.source();
+            while let Some(s) = src {
+                msg.push_str(&format!(": {s}"));
+                src = s.source();
+            }
+            eprintln!("{msg}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,288 @@
+//! `cargo xtask bench --only footprint`: what one running VM costs the host, Bulkhead against
+//! Firecracker, same probe guest, interleaved runs.
+//!
+//! Per run and VMM, for a VM with a console only and one with a console and a disk:
+//! - **start time**: from spawning the VMM process (`bulkhead run ...`, `firecracker --no-api
+//!   --config-file ...`) to the guest's first console line, every service spawned and jailed;
+//! - **memory**: once the guest (`probe.test=idle`) has halted, the PSS of every process of the VM
+//!   (the VMM and its descendants), with guest RAM left out (Bulkhead's `bulkhead-guest-ram` memfd
+//!   wherever it is mapped; Firecracker's anonymous mapping of exactly the guest's size), summed
+//!   and per process;
+//! - **idle CPU**: user + system time of all those processes over 2 s of a halted guest.
+//!
+//! Firecracker is `../shared/peers/firecracker` (or `$BULKHEAD_FIRECRACKER`); without it the
+//! Bulkhead rows stand alone and say so.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use crate::util::BoxError;
+
+/// Guest RAM of every VM measured (MiB).
+const MEM_MIB: u64 = 64;
+/// How long the idle CPU is sampled.
+const IDLE_WINDOW: Duration = Duration::from_secs(2);
+
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
+enum Vmm {
+    Bulkhead,
+    Firecracker,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
+enum Devices {
+    Console,
+    ConsoleDisk,
+}
+
+impl Devices {
+    fn label(self) -> &'static str {
+        match self {
+            Self::Console => "console",
+            Self::ConsoleDisk => "console + disk",
+        }
+    }
+}
+
+/// One run's figures.
+#[derive(Debug, Clone)]
+struct Sample {
+    start_ms: f64,
+    pss_kib: u64,
+    per_process: Vec<(String, u64)>,
+    idle_cpu_ms: f64,
+}
+
+/// The processes of the tree rooted at `root` (itself included).
+fn tree(root: u32) -> Vec<u32> {
+    let mut parent: Vec<(u32, u32)> = Vec::new();
+    if let Ok(rd) = std::fs::read_dir("/proc") {
+        for e in rd.flatten() {
+            let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else { continue };
+            if let Some(pp) = stat_fields(pid).and_then(|f| f.get(1).and_then(|v| v.parse::<u32>().ok())) {
+                parent.push((pid, pp));
+            }
+        }
+    }
+    let mut out = vec![root];
+    let mut i = 0;
+    while i < out.len() {
+        let p = out[i];
+        out.extend(parent.iter().filter(|(_, pp)| *pp == p).map(|(c, _)| *c));
+        i += 1;
+    }
+    out
+}
+
+/// Fields of /proc/PID/stat after the command name: state is [0], ppid [1].
+fn stat_fields(pid: u32) -> Option<Vec<String>> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &s[s.rfind(')')? + 1..];
+    Some(rest.split_whitespace().map(str::to_string).collect())
+}
+
+/// CPU time of every thread of `pids`, in ns (`/proc/PID/task/TID/schedstat`, first field).
+fn cpu_ns(pids: &[u32]) -> u64 {
+    let mut total = 0;
+    for p in pids {
+        let Ok(rd) = std::fs::read_dir(format!("/proc/{p}/task")) else { continue };
+        for t in rd.flatten() {
+            total += std::fs::read_to_string(t.path().join("schedstat"))
+                .ok()
+                .and_then(|s| s.split_whitespace().next().and_then(|v| v.parse::<u64>().ok()))
+                .unwrap_or(0);
+        }
+    }
+    total
+}
+
+/// PSS in KiB of `pid`, guest RAM left out.
+fn pss_without_guest_ram(pid: u32) -> Option<u64> {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).ok()?;
+    let guest_bytes = MEM_MIB << 20;
+    let mut total = 0u64;
+    let mut skip = false;
+    for line in smaps.lines() {
+        let mut words = line.split_whitespace();
+        let first = words.next().unwrap_or("");
+        if let Some((lo, hi)) = first.split_once('-').filter(|(lo, _)| lo.chars().all(|c| c.is_ascii_hexdigit())) {
+            // A mapping header: "lo-hi perms offset dev inode [path]".
+            let size =
+                u64::from_str_radix(hi, 16).unwrap_or(0).saturating_sub(u64::from_str_radix(lo, 16).unwrap_or(0));
+            let path = line.split_whitespace().nth(5).unwrap_or("");
+            skip = path.contains("bulkhead-guest-ram") || (path.is_empty() && size == guest_bytes);
+        } else if first == "Pss:" && !skip {
+            total += words.next().and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        }
+    }
+    Some(total)
+}
+
+fn comm(pid: u32) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/comm")).map_or_else(|_| format!("pid {pid}"), |s| s.trim().to_string())
+}
+
+fn spawn(vmm: Vmm, exe: &Path, probe: &Path, disk: Option<&Path>, dir: &Path) -> Result<Child, BoxError> {
+    let cmdline = "probe.test=idle";
+    let mut cmd = match vmm {
+        Vmm::Bulkhead => {
+            let mut c = Command::new(exe);
+            c.args(["run", "--serial-input", "none", "--log-level", "warn", "--mem", &MEM_MIB.to_string()])
+                .arg("--kernel")
+                .arg(probe)
+                .args(["--cmdline", cmdline]);
+            if let Some(d) = disk {
+                c.arg("--disk").arg(d);
+            }
+            c
+        }
+        Vmm::Firecracker => {
+            let cfg = dir.join("fc-footprint.json");
+            let log = dir.join("fc-footprint.log");
+            std::fs::File::create(&log)?;
+            let drives: Vec<serde_json::Value> = disk
+                .map(|d| {
+                    serde_json::json!({"drive_id": "disk0", "path_on_host": d, "is_root_device": false, "is_read_only": false})
+                })
+                .into_iter()
+                .collect();
+            let json = serde_json::json!({
+                "boot-source": { "kernel_image_path": probe, "boot_args": cmdline },
+                "machine-config": { "vcpu_count": 1, "mem_size_mib": MEM_MIB },
+                "drives": drives,
+            });
+            std::fs::write(&cfg, json.to_string())?;
+            let mut c = Command::new(exe);
+            c.args(["--no-api", "--config-file"]).arg(&cfg).args(["--level", "Warning", "--log-path"]).arg(&log);
+            c
+        }
+    };
+    Ok(cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::null()).spawn()?)
+}
+
+fn one_run(vmm: Vmm, exe: &Path, probe: &Path, disk: Option<&Path>, dir: &Path) -> Result<Sample, BoxError> {
+    let t0 = Instant::now();
+    let mut child = spawn(vmm, exe, probe, disk, dir)?;
+    let stdout = child.stdout.take().ok_or("no stdout")?;
+    let (tx, rx) = mpsc::channel::<(Instant, String)>();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if tx.send((Instant::now(), line)).is_err() {
+                break;
+            }
+        }
+    });
+    let result = (|| -> Result<Sample, BoxError> {
+        let limit = Duration::from_secs(30);
+        let (first, _) = rx.recv_timeout(limit).map_err(|_| format!("{vmm:?}: no console line"))?;
+        let start_ms = first.duration_since(t0).as_secs_f64() * 1e3;
+        loop {
+            let (_, line) = rx.recv_timeout(limit).map_err(|_| format!("{vmm:?}: the guest never halted"))?;
+            if line.contains("idle: halting") {
+                break;
+            }
+        }
+        // Let the processes finish starting (lazy allocations, the service's first sleep).
+        std::thread::sleep(Duration::from_millis(300));
+        let pids = tree(child.id());
+        let mut per_process = Vec::new();
+        for &p in &pids {
+            if let Some(kib) = pss_without_guest_ram(p) {
+                per_process.push((comm(p), kib));
+            }
+        }
+        let pss_kib = per_process.iter().map(|(_, k)| k).sum();
+        let before = cpu_ns(&pids);
+        std::thread::sleep(IDLE_WINDOW);
+        let after = cpu_ns(&pids);
+        let idle_cpu_ms = after.saturating_sub(before) as f64 / 1e6;
+        Ok(Sample { start_ms, pss_kib, per_process, idle_cpu_ms })
+    })();
+    let _ = child.kill();
+    let _ = child.wait();
+    result
+}
+
+fn median_f(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    s.get(s.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+/// Runs the benchmark (`runs` interleaved runs per VMM and device set) and prints the report.
+pub fn bench(bin: &Path, probe: &Path, runs: usize) -> Result<(), BoxError> {
+    let dir = crate::util::workspace_root().join("target/bench-footprint");
+    std::fs::create_dir_all(&dir)?;
+    let disk = dir.join("disk.img");
+    std::fs::File::create(&disk)?.set_len(8 << 20)?;
+    let mut vmms: Vec<(Vmm, PathBuf)> = vec![(Vmm::Bulkhead, bin.join("bulkhead"))];
+    match crate::bench_api::firecracker() {
+        Some(p) => vmms.push((Vmm::Firecracker, p)),
+        None => println!("# Firecracker not found (../shared/peers/firecracker, $BULKHEAD_FIRECRACKER): Bulkhead only"),
+    }
+    let mut all: BTreeMap<(Devices, Vmm), Vec<Sample>> = BTreeMap::new();
+    for r in 0..runs {
+        for devices in [Devices::Console, Devices::ConsoleDisk] {
+            for (vmm, exe) in &vmms {
+                let d = (devices == Devices::ConsoleDisk).then_some(disk.as_path());
+                let s = one_run(*vmm, exe, probe, d, &dir)?;
+                eprintln!(
+                    "footprint run {}/{runs} {vmm:?} {}: start {:.1} ms, PSS {} KiB, idle CPU {:.0} ms",
+                    r + 1,
+                    devices.label(),
+                    s.start_ms,
+                    s.pss_kib,
+                    s.idle_cpu_ms
+                );
+                all.entry((devices, *vmm)).or_default().push(s);
+            }
+        }
+    }
+    println!(
+        "# footprint: probe guest (`idle`), {MEM_MIB} MiB, 1 vCPU, {runs} interleaved runs; PSS of every process of the VM without guest RAM"
+    );
+    println!("| VMM | devices | start → first console line, median ms | worst ms | PSS median KiB | worst KiB | idle CPU per {} s, median ms |", IDLE_WINDOW.as_secs());
+    println!("|---|---|---|---|---|---|---|");
+    let mut medians: BTreeMap<(Devices, Vmm), (f64, f64)> = BTreeMap::new();
+    for ((devices, vmm), samples) in &all {
+        let start: Vec<f64> = samples.iter().map(|s| s.start_ms).collect();
+        let pss: Vec<f64> = samples.iter().map(|s| s.pss_kib as f64).collect();
+        let cpu: Vec<f64> = samples.iter().map(|s| s.idle_cpu_ms).collect();
+        let worst = |v: &[f64]| v.iter().copied().fold(f64::NAN, f64::max);
+        println!(
+            "| {vmm:?} | {} | {:.1} | {:.1} | {:.0} | {:.0} | {:.2} |",
+            devices.label(),
+            median_f(&start),
+            worst(&start),
+            median_f(&pss),
+            worst(&pss),
+            median_f(&cpu)
+        );
+        medians.insert((*devices, *vmm), (median_f(&start), median_f(&pss)));
+    }
+    for devices in [Devices::Console, Devices::ConsoleDisk] {
+        if let (Some(b), Some(f)) = (medians.get(&(devices, Vmm::Bulkhead)), medians.get(&(devices, Vmm::Firecracker)))
+        {
+            println!(
+                "footprint {}: Bulkhead/Firecracker start {:.2}, PSS {:.2}",
+                devices.label(),
+                b.0 / f.0,
+                b.1 / f.1
+            );
+        }
+    }
+    println!("# PSS per process (KiB, last run)");
+    for ((devices, vmm), samples) in &all {
+        if let Some(s) = samples.last() {
+            let parts: Vec<String> = s.per_process.iter().map(|(n, k)| format!("{n} {k}")).collect();
+            println!("- {vmm:?}, {}: {}", devices.label(), parts.join(", "));
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
