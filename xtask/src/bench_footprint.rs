@@ -122,8 +122,17 @@ fn pss_without_guest_ram(pid: u32) -> Option<u64> {
     Some(total)
 }
 
+/// The file name of the process's `argv[0]` (a Bulkhead service is `bulkhead` started as
+/// `bulkhead-console`, ...).
 fn comm(pid: u32) -> String {
-    std::fs::read_to_string(format!("/proc/{pid}/comm")).map_or_else(|_| format!("pid {pid}"), |s| s.trim().to_string())
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    let argv0 = cmdline.split(|b| *b == 0).next().unwrap_or_default();
+    let name = String::from_utf8_lossy(argv0).rsplit('/').next().unwrap_or_default().to_string();
+    if name.is_empty() {
+        format!("pid {pid}")
+    } else {
+        name
+    }
 }
 
 fn spawn(vmm: Vmm, exe: &Path, probe: &Path, disk: Option<&Path>, dir: &Path) -> Result<Child, BoxError> {
