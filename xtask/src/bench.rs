@@ -5,12 +5,13 @@
 //! on a TAP in a private network namespace.
 //!
 //! Then the control plane against Firecracker's (see `bench_api`), what one running VM costs
-//! (start time, PSS, idle CPU; see `bench_footprint`, `--api-runs` runs), and last the cost of one exit
+//! (start time, PSS, idle CPU; see `bench_footprint`, `--api-runs` runs), many VMs at once
+//! (`bench_density`, `--density 50,100`), and last the cost of one exit
 //! by who answers it, idle and with a CPU hog per core (see `bench_pio`).
 //!
 //! Options: `--runs N` (default 7), `--exits N` per pio run (default 200000; a quarter
 //! of that under contention), `--blk-runs N` (default
-//! 5), `--net-runs N` (default 5), `--api-runs N` (default 7), `--only pio|blk|restart|net|api|footprint`.
+//! 5), `--net-runs N` (default 5), `--api-runs N` (default 7), `--only pio|blk|restart|net|api|footprint|density`.
 
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -26,12 +27,14 @@ struct Options {
     blk_runs: usize,
     net_runs: usize,
     api_runs: usize,
+    density: Vec<usize>,
     only: Option<String>,
 }
 
 fn parse_args(args: &[String]) -> Result<Options, BoxError> {
     let (mut runs, mut exits, mut blk_runs, mut net_runs, mut only) = (7usize, 200_000u64, 5usize, 5usize, None);
     let mut api_runs = 7usize;
+    let mut density = vec![50usize, 100];
     let mut it = args.iter();
     while let Some(a) = it.next() {
         let val = || -> Result<&String, BoxError> { Err(format!("{a} needs a value").into()) };
@@ -41,16 +44,22 @@ fn parse_args(args: &[String]) -> Result<Options, BoxError> {
             "--blk-runs" => blk_runs = it.next().map_or_else(val, Ok)?.parse()?,
             "--net-runs" => net_runs = it.next().map_or_else(val, Ok)?.parse()?,
             "--api-runs" => api_runs = it.next().map_or_else(val, Ok)?.parse()?,
+            "--density" => {
+                density = it.next().map_or_else(val, Ok)?.split(',').map(str::parse).collect::<Result<_, _>>()?;
+                if density.is_empty() || density.contains(&0) {
+                    return Err("--density takes VM counts, e.g. 50,100".into());
+                }
+            }
             "--only" => {
                 let v = it.next().map_or_else(val, Ok)?;
-                if !["pio", "blk", "restart", "net", "api", "footprint"].contains(&v.as_str()) {
-                    return Err(format!("--only takes pio, blk, restart, net, api or footprint, not {v}").into());
+                if !["pio", "blk", "restart", "net", "api", "footprint", "density"].contains(&v.as_str()) {
+                    return Err(format!("--only takes pio, blk, restart, net, api, footprint or density, not {v}").into());
                 }
                 only = Some(v.clone());
             }
             other => {
                 return Err(format!(
-                    "unknown bench option {other} (--runs N, --exits N, --blk-runs N, --net-runs N, --api-runs N, --only pio|blk|restart|net|api|footprint)"
+                    "unknown bench option {other} (--runs N, --exits N, --blk-runs N, --net-runs N, --api-runs N, --density N,M, --only pio|blk|restart|net|api|footprint|density)"
                 )
                 .into())
             }
@@ -59,7 +68,7 @@ fn parse_args(args: &[String]) -> Result<Options, BoxError> {
     if runs == 0 || exits == 0 || blk_runs == 0 || net_runs == 0 || api_runs == 0 {
         return Err("--runs, --exits, --blk-runs, --net-runs and --api-runs must be positive".into());
     }
-    Ok(Options { runs, exits, blk_runs, net_runs, api_runs, only })
+    Ok(Options { runs, exits, blk_runs, net_runs, api_runs, density, only })
 }
 
 /// The host TSC rate in cycles per microsecond, measured over 200 ms.
@@ -99,6 +108,9 @@ pub fn run(args: &[String]) -> Result<(), BoxError> {
     }
     if part("footprint") {
         crate::bench_footprint::bench(&bin, &probe, opts.api_runs)?;
+    }
+    if part("density") {
+        crate::bench_density::bench(&bin, &probe, &opts.density)?;
     }
     if part("pio") {
         let r = crate::bench_pio::PioRun {
@@ -186,14 +198,22 @@ fn blk(bin: &Path, probe: &Path, rate: f64, runs: usize) -> Result<(), BoxError>
         image: &image,
         cmdline: format!("probe.test=blk-bench probe.qd={qd} probe.count={count} probe.tsc_khz={tsc_khz}"),
     };
-    let peers = [Peer::Bulkhead, Peer::QemuVhostUser, Peer::QemuBuiltin];
+    let mut peers = vec![Peer::Bulkhead, Peer::QemuVhostUser, Peer::QemuBuiltin];
+    let fc = crate::bench_api::firecracker().is_some();
+    if fc {
+        peers.push(Peer::Firecracker);
+    } else {
+        println!(
+            "# Firecracker not found (../shared/peers/firecracker, $BULKHEAD_FIRECRACKER): its column is left out"
+        );
+    }
     // (peer, workload) -> samples of the workload's headline figure (IOPS for 4k, MiB/s else).
     let mut samples: BTreeMap<(Peer, String), Vec<u64>> = BTreeMap::new();
     let mut cpu_per_req: Vec<u64> = Vec::new();
     // Exits per 1,000 requests: forwarded, answered from the read mirror.
     let (mut fwd_per_k, mut mir_per_k): (Vec<u64>, Vec<u64>) = (Vec::new(), Vec::new());
     for i in 0..runs {
-        for peer in peers {
+        for &peer in &peers {
             eprintln!("bench: blk run {}/{runs}: {}", i + 1, peer.label());
             let (w, (cpu, exits)) = run_peer(peer, &r)?;
             if w.is_empty() {
@@ -216,15 +236,30 @@ fn blk(bin: &Path, probe: &Path, rate: f64, runs: usize) -> Result<(), BoxError>
     let _ = std::fs::remove_file(&image);
     let names: Vec<String> = samples.keys().filter(|(p, _)| *p == Peer::Bulkhead).map(|(_, n)| n.clone()).collect();
     println!("# blk-bench: probe guest, 256 MiB raw image (page cache), queue depth {qd}, {count} requests per workload, {runs} interleaved runs, medians");
-    println!("| workload | unit | bulkhead | QEMU vhost-user-blk | QEMU built-in | bulkhead / vhost-user | bulkhead / built-in |");
-    println!("|---|---|---|---|---|---|---|");
+    if fc {
+        println!("| workload | unit | bulkhead | QEMU vhost-user-blk | QEMU built-in | Firecracker | bulkhead / vhost-user | bulkhead / built-in | bulkhead / Firecracker |");
+        println!("|---|---|---|---|---|---|---|---|---|");
+    } else {
+        println!("| workload | unit | bulkhead | QEMU vhost-user-blk | QEMU built-in | bulkhead / vhost-user | bulkhead / built-in |");
+        println!("|---|---|---|---|---|---|---|");
+    }
     let mut randread_ratio = None;
     for name in &names {
         let mut get = |p: Peer| samples.get_mut(&(p, name.clone())).map_or(0, |v| med(v));
-        let (b, v, q) = (get(Peer::Bulkhead), get(Peer::QemuVhostUser), get(Peer::QemuBuiltin));
+        let (b, v, q, f) =
+            (get(Peer::Bulkhead), get(Peer::QemuVhostUser), get(Peer::QemuBuiltin), get(Peer::Firecracker));
         let unit = if name.contains("4k") { "IOPS" } else { "MiB/s" };
         let ratio = |x: u64| if x == 0 { 0.0 } else { b as f64 / x as f64 };
-        println!("| {name} | {unit} | {b} | {v} | {q} | {:.2} | {:.2} |", ratio(v), ratio(q));
+        if fc {
+            println!(
+                "| {name} | {unit} | {b} | {v} | {q} | {f} | {:.2} | {:.2} | {:.2} |",
+                ratio(v),
+                ratio(q),
+                ratio(f)
+            );
+        } else {
+            println!("| {name} | {unit} | {b} | {v} | {q} | {:.2} | {:.2} |", ratio(v), ratio(q));
+        }
         if name.contains("randread") {
             randread_ratio = Some(ratio(v));
         }

@@ -1,7 +1,7 @@
 //! The block part of `cargo xtask bench`: the probe guest's `blk-bench` through Bulkhead
 //! (`bulkhead-block`) against QEMU microvm with its built-in virtio-blk and with
 //! `qemu-storage-daemon` serving vhost-user-blk from its own process (the closest peer to
-//! Bulkhead's design). Same probe guest, same image, same page-cache-backed file, runs interleaved;
+//! Bulkhead's design), and Firecracker when its binary is there. Same probe guest, same image, same page-cache-backed file, runs interleaved;
 //! medians per workload and their ratios. Also the CPU time `bulkhead-block` used per request.
 
 use std::collections::BTreeMap;
@@ -32,6 +32,8 @@ pub enum Peer {
     QemuBuiltin,
     /// QEMU microvm, vhost-user-blk served by qemu-storage-daemon.
     QemuVhostUser,
+    /// Firecracker (`../shared/peers/firecracker`), its virtio-blk in its VMM thread.
+    Firecracker,
 }
 
 impl Peer {
@@ -41,6 +43,7 @@ impl Peer {
             Self::Bulkhead => "bulkhead (bulkhead-block process)",
             Self::QemuBuiltin => "QEMU 7.2 microvm, built-in virtio-blk",
             Self::QemuVhostUser => "QEMU 7.2 microvm + qemu-storage-daemon vhost-user-blk",
+            Self::Firecracker => "Firecracker, virtio-blk in its VMM thread",
         }
     }
 }
@@ -154,6 +157,37 @@ pub fn run_peer(peer: Peer, r: &BlkRun<'_>) -> Result<(BTreeMap<String, Workload
                 .and_then(|v| v.parse::<f64>().ok())
                 .map(ms_to_ns);
             Ok((parse_blk_bench(&stdout), (cpu, crate::util::service_exits(&stderr, "block-"))))
+        }
+        Peer::Firecracker => {
+            let fc = crate::bench_api::firecracker().ok_or("Firecracker not found")?;
+            let dir = workspace_root().join("target");
+            let cfg = dir.join("bench-blk-fc.json");
+            let log = dir.join("bench-blk-fc.log");
+            std::fs::File::create(&log)?;
+            let json = serde_json::json!({
+                "boot-source": { "kernel_image_path": r.probe, "boot_args": r.cmdline },
+                "machine-config": { "vcpu_count": 1, "mem_size_mib": 128 },
+                "drives": [{ "drive_id": "disk0", "path_on_host": r.image, "is_root_device": false, "is_read_only": false }],
+            });
+            std::fs::write(&cfg, json.to_string())?;
+            let child = Command::new(fc)
+                .args(["--no-api", "--config-file"])
+                .arg(&cfg)
+                .args(["--level", "Warning", "--log-path"])
+                .arg(&log)
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()?;
+            let out = wait_bounded(child, limit, "firecracker")?;
+            let _ = std::fs::remove_file(&cfg);
+            let _ = std::fs::remove_file(&log);
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            // Firecracker drops the probe's verdict port; its i8042 reset ends it with status 0.
+            if out.status.code() != Some(0) || !stdout.contains("probe: verdict pass") {
+                return Err(format!("firecracker blk-bench failed ({}):\n{stdout}", out.status).into());
+            }
+            Ok((parse_blk_bench(&stdout), (None, None)))
         }
         Peer::QemuBuiltin | Peer::QemuVhostUser => {
             let mut qemu = Command::new("qemu-system-x86_64");

@@ -23,12 +23,12 @@ use std::time::{Duration, Instant};
 use crate::util::BoxError;
 
 /// Guest RAM of every VM measured (MiB).
-const MEM_MIB: u64 = 64;
+pub(crate) const MEM_MIB: u64 = 64;
 /// How long the idle CPU is sampled.
 const IDLE_WINDOW: Duration = Duration::from_secs(2);
 
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
-enum Vmm {
+pub(crate) enum Vmm {
     Bulkhead,
     Firecracker,
 }
@@ -58,7 +58,7 @@ struct Sample {
 }
 
 /// The processes of the tree rooted at `root` (itself included).
-fn tree(root: u32) -> Vec<u32> {
+pub(crate) fn tree(root: u32) -> Vec<u32> {
     let mut parent: Vec<(u32, u32)> = Vec::new();
     if let Ok(rd) = std::fs::read_dir("/proc") {
         for e in rd.flatten() {
@@ -86,7 +86,7 @@ fn stat_fields(pid: u32) -> Option<Vec<String>> {
 }
 
 /// CPU time of every thread of `pids`, in ns (`/proc/PID/task/TID/schedstat`, first field).
-fn cpu_ns(pids: &[u32]) -> u64 {
+pub(crate) fn cpu_ns(pids: &[u32]) -> u64 {
     let mut total = 0;
     for p in pids {
         let Ok(rd) = std::fs::read_dir(format!("/proc/{p}/task")) else { continue };
@@ -101,7 +101,7 @@ fn cpu_ns(pids: &[u32]) -> u64 {
 }
 
 /// PSS in KiB of `pid`, guest RAM left out.
-fn pss_without_guest_ram(pid: u32) -> Option<u64> {
+pub(crate) fn pss_without_guest_ram(pid: u32) -> Option<u64> {
     let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).ok()?;
     let guest_bytes = MEM_MIB << 20;
     let mut total = 0u64;
@@ -136,7 +136,20 @@ fn comm(pid: u32) -> String {
 }
 
 fn spawn(vmm: Vmm, exe: &Path, probe: &Path, disk: Option<&Path>, dir: &Path) -> Result<Child, BoxError> {
-    let cmdline = "probe.test=idle";
+    spawn_with(vmm, exe, probe, disk, dir, "probe.test=idle", "footprint")
+}
+
+/// Starts one VM under `vmm` with `cmdline` and an optional disk, its stdout piped; `tag` names
+/// Firecracker's config and log files in `dir`.
+pub(crate) fn spawn_with(
+    vmm: Vmm,
+    exe: &Path,
+    probe: &Path,
+    disk: Option<&Path>,
+    dir: &Path,
+    cmdline: &str,
+    tag: &str,
+) -> Result<Child, BoxError> {
     let mut cmd = match vmm {
         Vmm::Bulkhead => {
             let mut c = Command::new(exe);
@@ -150,8 +163,8 @@ fn spawn(vmm: Vmm, exe: &Path, probe: &Path, disk: Option<&Path>, dir: &Path) ->
             c
         }
         Vmm::Firecracker => {
-            let cfg = dir.join("fc-footprint.json");
-            let log = dir.join("fc-footprint.log");
+            let cfg = dir.join(format!("fc-{tag}.json"));
+            let log = dir.join(format!("fc-{tag}.log"));
             std::fs::File::create(&log)?;
             let drives: Vec<serde_json::Value> = disk
                 .map(|d| {

@@ -9,6 +9,7 @@
 mod bench;
 mod bench_api;
 mod bench_blk;
+mod bench_density;
 mod bench_footprint;
 mod bench_net;
 mod bench_pio;

@@ -157,13 +157,13 @@ pub fn write_boot_tables<M: GuestMemory>(mem: &M, protocol: BootProtocol) -> Res
     Ok(())
 }
 
-/// Special registers for long mode with the boot GDT and page tables.
-pub fn long_mode_sregs(mut sregs: kvm_sregs) -> kvm_sregs {
-    let code = segment_from_gdt(BOOT_GDT[1], 1);
-    let data = segment_from_gdt(BOOT_GDT[2], 2);
-    let tss = segment_from_gdt(BOOT_GDT[3], 3);
+/// Points GDTR and IDTR at the boot tables (the GDT being `gdt`: null, code, data, TSS) and loads
+/// CS, the data segments and TR from it.
+fn load_boot_segments(sregs: &mut kvm_sregs, gdt: &[u64; 4]) {
+    let code = segment_from_gdt(gdt[1], 1);
+    let data = segment_from_gdt(gdt[2], 2);
     sregs.gdt.base = BOOT_GDT_START;
-    sregs.gdt.limit = u16::try_from(std::mem::size_of_val(&BOOT_GDT) - 1).unwrap_or(u16::MAX);
+    sregs.gdt.limit = u16::try_from(std::mem::size_of_val(gdt) - 1).unwrap_or(u16::MAX);
     sregs.idt.base = BOOT_IDT_START;
     sregs.idt.limit = 7;
     sregs.cs = code;
@@ -172,7 +172,12 @@ pub fn long_mode_sregs(mut sregs: kvm_sregs) -> kvm_sregs {
     sregs.fs = data;
     sregs.gs = data;
     sregs.ss = data;
-    sregs.tr = tss;
+    sregs.tr = segment_from_gdt(gdt[3], 3);
+}
+
+/// Special registers for long mode with the boot GDT and page tables.
+pub fn long_mode_sregs(mut sregs: kvm_sregs) -> kvm_sregs {
+    load_boot_segments(&mut sregs, &BOOT_GDT);
     sregs.cr3 = PML4_START;
     sregs.cr4 |= X86_CR4_PAE;
     sregs.cr0 |= X86_CR0_PE | X86_CR0_PG;
@@ -183,20 +188,7 @@ pub fn long_mode_sregs(mut sregs: kvm_sregs) -> kvm_sregs {
 /// Special registers for PVH: 32-bit protected mode on the PVH GDT, paging off, no PAE, no
 /// long mode.
 pub fn pvh_sregs(mut sregs: kvm_sregs) -> kvm_sregs {
-    let code = segment_from_gdt(PVH_GDT[1], 1);
-    let data = segment_from_gdt(PVH_GDT[2], 2);
-    let tss = segment_from_gdt(PVH_GDT[3], 3);
-    sregs.gdt.base = BOOT_GDT_START;
-    sregs.gdt.limit = u16::try_from(std::mem::size_of_val(&PVH_GDT) - 1).unwrap_or(u16::MAX);
-    sregs.idt.base = BOOT_IDT_START;
-    sregs.idt.limit = 7;
-    sregs.cs = code;
-    sregs.ds = data;
-    sregs.es = data;
-    sregs.fs = data;
-    sregs.gs = data;
-    sregs.ss = data;
-    sregs.tr = tss;
+    load_boot_segments(&mut sregs, &PVH_GDT);
     sregs.cr0 = X86_CR0_PE | X86_CR0_ET;
     sregs.cr3 = 0;
     sregs.cr4 = 0;
