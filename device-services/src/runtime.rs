@@ -575,7 +575,6 @@ impl<H: Dispatch> Server<H> {
             self.stats.sleeps += 1;
             let bell = self.ring.bell_fd().as_raw_fd();
             let flow = self.poll_side(slice, Some(bell));
-            self.ring.end_sleep();
             last_side_poll = Instant::now();
             match flow? {
                 (Flow::Stop, _) => return Ok(self.stats),
@@ -596,7 +595,13 @@ impl<H: Dispatch> Server<H> {
         if let Some(b) = bell {
             pfds.push(libc::pollfd { fd: b, events: libc::POLLIN, revents: 0 });
         }
-        if ipc::wait::poll(&mut pfds, timeout).map_err(RuntimeError::Poll)? == 0 {
+        let polled = ipc::wait::poll(&mut pfds, timeout);
+        if bell.is_some() {
+            // Awake: withdraw the sleep announcement before any handler runs (a handler stuck
+            // with it set would look idle to the core's liveness check).
+            self.ring.end_sleep();
+        }
+        if polled.map_err(RuntimeError::Poll)? == 0 {
             return Ok((Flow::Continue, false));
         }
         let mut dev_ready = false;

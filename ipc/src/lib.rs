@@ -21,4 +21,6 @@ pub mod wait;
 pub use control::{ControlChannel, ControlError, ControlMsg};
 pub use mirror::{Mirror, MirrorEntry};
 pub use region::{RegionError, SharedRegion};
-pub use ring::{CoreEndpoint, ExitKind, ExitReply, ExitRequest, IpcError, ServiceEndpoint, Status, WaitConfig};
+pub use ring::{
+    CoreEndpoint, ExitKind, ExitReply, ExitRequest, IpcError, ServiceActivity, ServiceEndpoint, Status, WaitConfig,
+};

@@ -401,6 +401,15 @@ fn borrow(e: &EventFd) -> BorrowedFd<'_> {
     unsafe { BorrowedFd::borrow_raw(e.as_raw_fd()) }
 }
 
+/// See [`CoreEndpoint::service_activity`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ServiceActivity {
+    /// The service sleeps in `poll` on its doorbell, control socket and device fds.
+    pub asleep: bool,
+    /// Its heartbeat, bumped on every turn of its serving loop.
+    pub beat: u64,
+}
+
 /// What the core's waiter knows about whether the service is on a CPU.
 struct PeerWatch {
     /// Heartbeat last read.
@@ -526,6 +535,16 @@ impl CoreEndpoint {
     /// Whether [`abort`](Self::abort) was called.
     pub fn is_aborted(&self) -> bool {
         self.aborted.load(Ordering::SeqCst)
+    }
+
+    /// What the service last published about itself: whether it is asleep on its doorbell (inside
+    /// `poll`, so any control message or device event wakes it) and its heartbeat. Hints only,
+    /// written by the service: they may spare it a liveness ping, never excuse a missed deadline.
+    pub fn service_activity(&self) -> ServiceActivity {
+        ServiceActivity {
+            asleep: self.view.u32_at(OFF_SERVICE_SLEEPING).load(Ordering::Acquire) != 0,
+            beat: self.view.u64_at(OFF_SERVICE_BEAT).load(Ordering::Acquire),
+        }
     }
 
     /// Answers a read from the service's read mirror ([`crate::mirror`]) when it publishes exactly
@@ -823,7 +842,9 @@ impl ServiceEndpoint {
         true
     }
 
-    /// Withdraws the sleep announcement after waking and drains the doorbell.
+    /// Withdraws the sleep announcement after waking and drains the doorbell. Call as soon as
+    /// `poll` returns, before handling what woke the service: the announcement also tells the
+    /// core's liveness check that the service is idle, not stuck in a handler.
     pub fn end_sleep(&self) {
         self.view.u32_at(OFF_SERVICE_SLEEPING).store(0, Ordering::SeqCst);
         drain(&self.sub_bell);

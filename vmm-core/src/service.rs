@@ -374,6 +374,11 @@ impl RemoteDevice {
         self.current.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// What the current instance last published about itself in its ring (asleep, heartbeat).
+    pub fn service_activity(&self) -> ipc::ServiceActivity {
+        self.lock_current().ring.service_activity()
+    }
+
     /// Counters.
     pub fn stats(&self) -> RemoteStats {
         RemoteStats {
@@ -1539,6 +1544,8 @@ fn check_liveness(shared: &Shared, liveness: &mut Liveness) -> Result<Option<Ins
     };
     c.drain(&shared.name);
     let pong_seen = c.pong_seen;
+    let activity = shared.device.service_activity();
+    liveness.note_activity(Instant::now(), activity.asleep, activity.beat);
     // Bounded: at most two steps (a pong seen, then a ping due at once).
     for _ in 0..2 {
         let now = Instant::now();

@@ -171,6 +171,8 @@ pub struct Liveness {
     interval: Duration,
     deadline: Duration,
     state: Probe,
+    /// The service's heartbeat at the last look.
+    last_beat: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -196,7 +198,22 @@ impl Liveness {
     /// A check every `interval` (zero: disabled) with `deadline` for each answer, for an instance
     /// that became ready at `now` (the first ping is due one interval later).
     pub fn new(interval: Duration, deadline: Duration, now: Instant) -> Self {
-        Self { interval, deadline, state: Probe::Idle { next: now + interval } }
+        Self { interval, deadline, state: Probe::Idle { next: now + interval }, last_beat: None }
+    }
+
+    /// What the ring says of the service at `now`: asleep on its doorbell (inside `poll`, woken
+    /// by any control message or device event), and its heartbeat. A ping that is due is put off
+    /// by one interval when the service is asleep or has beaten since the last look: it is idle
+    /// or working, not stuck. A service stuck in a handler does neither, and is pinged. This
+    /// spares an idle VM's services (and the core) a wake-up every interval.
+    pub fn note_activity(&mut self, now: Instant, asleep: bool, beat: u64) {
+        let moved = self.last_beat.is_some_and(|b| b != beat);
+        self.last_beat = Some(beat);
+        if let Probe::Idle { next } = self.state {
+            if now >= next && (asleep || moved) {
+                self.state = Probe::Idle { next: now + self.interval };
+            }
+        }
     }
 
     /// Whether pings are sent at all.
@@ -331,6 +348,29 @@ mod tests {
             }
             s => panic!("expected a miss, got {s:?}"),
         }
+    }
+
+    /// A service asleep on its doorbell, or beating, is not pinged; one that does neither (stuck
+    /// in a handler) is, and a missed answer is still a miss.
+    #[test]
+    fn liveness_spares_an_idle_or_working_service_and_pings_a_silent_one() {
+        let b = Instant::now();
+        let mut l = Liveness::new(Duration::from_millis(250), Duration::from_millis(1000), b);
+        l.note_activity(at(b, 250), true, 0);
+        assert_eq!(l.step(at(b, 250), 0), Some(LivenessStep::WaitUntil(at(b, 500))), "asleep: no ping");
+        l.note_activity(at(b, 500), false, 40);
+        assert_eq!(l.step(at(b, 500), 0), Some(LivenessStep::WaitUntil(at(b, 750))), "beating: no ping");
+        // Awake and the heartbeat stands still: ping, and the answer is awaited as ever.
+        l.note_activity(at(b, 750), false, 40);
+        assert_eq!(l.step(at(b, 750), 0), Some(LivenessStep::SendPing));
+        l.sent(1, at(b, 750));
+        // Evidence of life does not excuse a ping already sent.
+        l.note_activity(at(b, 1800), true, 41);
+        assert!(matches!(l.step(at(b, 1800), 0), Some(LivenessStep::Missed(_))));
+        // Not due yet: nothing changes.
+        let mut m = Liveness::new(Duration::from_millis(250), Duration::from_millis(1000), b);
+        m.note_activity(at(b, 100), true, 0);
+        assert_eq!(m.step(at(b, 100), 0), Some(LivenessStep::WaitUntil(at(b, 250))));
     }
 
     #[test]
