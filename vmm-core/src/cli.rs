@@ -385,15 +385,9 @@ impl NetSpec {
         for opt in s.split(',') {
             match opt.split_once('=') {
                 Some(("tap", name)) => {
-                    if name.is_empty()
-                        || name.len() > crate::tap::MAX_NAME
-                        || name.contains('/')
-                        || name.contains(char::is_whitespace)
-                        || name == "."
-                        || name == ".."
-                    {
-                        return Err(format!("bad TAP name `{name}` (1 to {} bytes, no '/')", crate::tap::MAX_NAME));
-                    }
+                    crate::config::check_tap_name(name).map_err(|_| {
+                        format!("bad TAP name `{name}` (1 to {} bytes, no '/')", crate::tap::MAX_NAME)
+                    })?;
                     tap = Some(name.to_string());
                 }
                 Some(("mac", mac)) => spec.mac = Some(parse_mac(mac)?),

@@ -1698,15 +1698,7 @@ fn supervise(shared: &Shared, mut child: ServiceChild, exit_tx: &SyncSender<Exit
                     liveness = Liveness::new(o.liveness_interval, o.call_timeout, Instant::now());
                     break;
                 }
-                Err(e) => {
-                    let mut msg = format!("service {name}: restart failed: {e}");
-                    let mut src = std::error::Error::source(&e);
-                    while let Some(s) = src {
-                        msg.push_str(&format!(": {s}"));
-                        src = s.source();
-                    }
-                    log::error!("{msg}");
-                }
+                Err(e) => log::error!("service {name}: restart failed: {}", crate::vmm::chain(&e)),
             }
         }
     }
@@ -1717,15 +1709,7 @@ fn supervise(shared: &Shared, mut child: ServiceChild, exit_tx: &SyncSender<Exit
 /// the failure once. Returns the instance, or why it could not be done (the child is then reaped).
 fn present_failed(shared: &Shared, why: &str) -> Result<ServiceChild, String> {
     let started = start_instance(&shared.lock_recipe());
-    let inst = started.map_err(|e| {
-        let mut msg = format!("starting a last instance failed: {e}");
-        let mut src = std::error::Error::source(&e);
-        while let Some(s) = src {
-            msg.push_str(&format!(": {s}"));
-            src = s.source();
-        }
-        msg
-    })?;
+    let inst = started.map_err(|e| format!("starting a last instance failed: {}", crate::vmm::chain(&e)))?;
     let Instance { mut child, control, ring, pidfd } = inst;
     let pid = child.id();
     let reason = bounded_reason(why).to_string();

@@ -6,7 +6,6 @@
 //! FIFO and pending input survive the process: a new instance restores them (an invalid region is
 //! logged and cleared, and the UART starts fresh). Exits 0 on `Shutdown`.
 
-use std::error::Error;
 use std::process::ExitCode;
 
 use crate::console::{Console, Restore, UART_PORTS};
@@ -80,13 +79,7 @@ pub fn main() -> ExitCode {
     match run() {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            let mut msg = format!("bulkhead-console[{}]: {e}", std::process::id());
-            let mut src = e.source();
-            while let Some(s) = src {
-                msg.push_str(&format!(": {s}"));
-                src = s.source();
-            }
-            eprintln!("{msg}");
+            eprintln!("bulkhead-console[{}]: {}", std::process::id(), error_chain(&e));
             ExitCode::FAILURE
         }
     }
