@@ -477,7 +477,7 @@ impl Startup {
             faults: Faults::default(),
             paused: false,
             mirror_now: Vec::new(),
-            mirror_published: None,
+            mirror_published: Vec::new(),
         };
         let mirror = server.ring.mirror().clone();
         server.handler.attach_mirror(mirror);
@@ -511,8 +511,8 @@ struct Server<H> {
     paused: bool,
     /// Scratch for the mirrored registers.
     mirror_now: Vec<MirrorEntry>,
-    /// What the read mirror holds, when it is valid.
-    mirror_published: Option<Vec<MirrorEntry>>,
+    /// What the read mirror holds when it is valid (a fresh ring's zeroed table holds none).
+    mirror_published: Vec<MirrorEntry>,
 }
 
 impl<H: Dispatch> Server<H> {
@@ -696,11 +696,12 @@ impl<H: Dispatch> Server<H> {
         if self.faults.slow.is_zero() && !self.faults.corrupt_next {
             self.handler.mirrored(&mut self.mirror_now);
         }
-        if mirror.is_valid() && self.mirror_published.as_deref() == Some(&self.mirror_now[..]) {
+        if mirror.is_valid() && self.mirror_published == self.mirror_now {
             return;
         }
         mirror.publish(&self.mirror_now);
-        self.mirror_published = Some(self.mirror_now.clone());
+        // The two buffers trade places: no allocation per publish.
+        std::mem::swap(&mut self.mirror_published, &mut self.mirror_now);
     }
 
     /// Completes `inc` with `reply`, applying the injected `slow` and `corrupt-reply` faults.

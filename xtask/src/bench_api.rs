@@ -46,6 +46,38 @@ pub fn firecracker() -> Option<PathBuf> {
     p.is_file().then_some(p)
 }
 
+/// A Firecracker run without its API, as the benchmarks boot the probe: writes `fc-TAG.json` (boot
+/// source, 1 vCPU and `mem_mib` MiB, the drive `disk` if any) and an empty log `fc-TAG.log` in
+/// `dir` (its own log stays out of the guest console on stdout), and returns the command with
+/// stdin closed; the caller chooses stdout and stderr.
+pub fn firecracker_command(
+    fc: &Path,
+    dir: &Path,
+    tag: &str,
+    probe: &Path,
+    cmdline: &str,
+    mem_mib: u64,
+    disk: Option<&Path>,
+) -> Result<Command, BoxError> {
+    let cfg = dir.join(format!("fc-{tag}.json"));
+    let log = dir.join(format!("fc-{tag}.log"));
+    std::fs::File::create(&log)?;
+    let drives: Vec<serde_json::Value> = disk
+        .map(|d| serde_json::json!({"drive_id": "disk0", "path_on_host": d, "is_root_device": false, "is_read_only": false}))
+        .into_iter()
+        .collect();
+    let json = serde_json::json!({
+        "boot-source": { "kernel_image_path": probe, "boot_args": cmdline },
+        "machine-config": { "vcpu_count": 1, "mem_size_mib": mem_mib },
+        "drives": drives,
+    });
+    std::fs::write(&cfg, json.to_string())?;
+    let mut c = Command::new(fc);
+    c.args(["--no-api", "--config-file"]).arg(&cfg).args(["--level", "Warning", "--log-path"]).arg(&log);
+    c.stdin(Stdio::null());
+    Ok(c)
+}
+
 fn spawn(vmm: Vmm, exe: &Path, sock: &Path, dir: &Path) -> Result<Child, BoxError> {
     let _ = std::fs::remove_file(sock);
     let mut cmd = Command::new(exe);
@@ -114,7 +146,7 @@ fn one_run(vmm: Vmm, exe: &Path, probe: &Path, dir: &Path) -> Result<Run, BoxErr
 }
 
 /// The `p`-quantile (0..=1, nearest rank) of `v`.
-fn pct(v: &mut [f64], p: f64) -> f64 {
+pub(crate) fn pct(v: &mut [f64], p: f64) -> f64 {
     v.sort_by(f64::total_cmp);
     let last = v.len().saturating_sub(1);
     // p in 0..=1: the index is within 0..=last, which fits usize.

@@ -161,27 +161,14 @@ pub fn run_peer(peer: Peer, r: &BlkRun<'_>) -> Result<(BTreeMap<String, Workload
         Peer::Firecracker => {
             let fc = crate::bench_api::firecracker().ok_or("Firecracker not found")?;
             let dir = workspace_root().join("target");
-            let cfg = dir.join("bench-blk-fc.json");
-            let log = dir.join("bench-blk-fc.log");
-            std::fs::File::create(&log)?;
-            let json = serde_json::json!({
-                "boot-source": { "kernel_image_path": r.probe, "boot_args": r.cmdline },
-                "machine-config": { "vcpu_count": 1, "mem_size_mib": 128 },
-                "drives": [{ "drive_id": "disk0", "path_on_host": r.image, "is_root_device": false, "is_read_only": false }],
-            });
-            std::fs::write(&cfg, json.to_string())?;
-            let child = Command::new(fc)
-                .args(["--no-api", "--config-file"])
-                .arg(&cfg)
-                .args(["--level", "Warning", "--log-path"])
-                .arg(&log)
-                .stdin(Stdio::null())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()?;
+            let child =
+                crate::bench_api::firecracker_command(&fc, &dir, "bench-blk", r.probe, &r.cmdline, 128, Some(r.image))?
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::piped())
+                    .spawn()?;
             let out = wait_bounded(child, limit, "firecracker")?;
-            let _ = std::fs::remove_file(&cfg);
-            let _ = std::fs::remove_file(&log);
+            let _ = std::fs::remove_file(dir.join("fc-bench-blk.json"));
+            let _ = std::fs::remove_file(dir.join("fc-bench-blk.log"));
             let stdout = String::from_utf8_lossy(&out.stdout);
             // Firecracker drops the probe's verdict port; its i8042 reset ends it with status 0.
             if out.status.code() != Some(0) || !stdout.contains("probe: verdict pass") {

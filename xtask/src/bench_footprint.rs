@@ -162,26 +162,7 @@ pub(crate) fn spawn_with(
             }
             c
         }
-        Vmm::Firecracker => {
-            let cfg = dir.join(format!("fc-{tag}.json"));
-            let log = dir.join(format!("fc-{tag}.log"));
-            std::fs::File::create(&log)?;
-            let drives: Vec<serde_json::Value> = disk
-                .map(|d| {
-                    serde_json::json!({"drive_id": "disk0", "path_on_host": d, "is_root_device": false, "is_read_only": false})
-                })
-                .into_iter()
-                .collect();
-            let json = serde_json::json!({
-                "boot-source": { "kernel_image_path": probe, "boot_args": cmdline },
-                "machine-config": { "vcpu_count": 1, "mem_size_mib": MEM_MIB },
-                "drives": drives,
-            });
-            std::fs::write(&cfg, json.to_string())?;
-            let mut c = Command::new(exe);
-            c.args(["--no-api", "--config-file"]).arg(&cfg).args(["--level", "Warning", "--log-path"]).arg(&log);
-            c
-        }
+        Vmm::Firecracker => crate::bench_api::firecracker_command(exe, dir, tag, probe, cmdline, MEM_MIB, disk)?,
     };
     Ok(cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::null()).spawn()?)
 }
@@ -231,9 +212,7 @@ fn one_run(vmm: Vmm, exe: &Path, probe: &Path, disk: Option<&Path>, dir: &Path) 
 }
 
 fn median_f(v: &[f64]) -> f64 {
-    let mut s = v.to_vec();
-    s.sort_by(f64::total_cmp);
-    s.get(s.len() / 2).copied().unwrap_or(f64::NAN)
+    crate::bench_api::pct(&mut v.to_vec(), 0.5)
 }
 
 /// Runs the benchmark (`runs` interleaved runs per VMM and device set) and prints the report.

@@ -127,31 +127,15 @@ fn bulkhead(r: &PioRun<'_>, port: u16, exits: u64) -> Result<u64, BoxError> {
 }
 
 fn firecracker(fc: &Path, r: &PioRun<'_>, dir: &Path, port: u16, exits: u64) -> Result<u64, BoxError> {
-    let cfg = dir.join("fc-pio.json");
-    let log = dir.join("fc-pio.log");
-    std::fs::File::create(&log)?;
-    let json = serde_json::json!({
-        "boot-source": { "kernel_image_path": r.probe, "boot_args": cmdline(port, exits) },
-        "machine-config": { "vcpu_count": 1, "mem_size_mib": 64 },
-        "drives": [],
-    });
-    std::fs::write(&cfg, json.to_string())?;
-    let out = Command::new(fc)
-        .args(["--no-api", "--config-file"])
-        .arg(&cfg)
-        .args(["--level", "Warning", "--log-path"])
-        .arg(&log)
-        .stdin(Stdio::null())
-        .output()?;
+    let out =
+        crate::bench_api::firecracker_command(fc, dir, "pio", r.probe, &cmdline(port, exits), 64, None)?.output()?;
     let stdout = String::from_utf8_lossy(&out.stdout);
     parse_cycles(&stdout).map_err(|e| format!("firecracker ({}): {e}:\n{stdout}", out.status).into())
 }
 
-/// Median (upper) of `v`.
+/// Median (upper) of `v`, left in run order for the report.
 fn median(v: &[u64]) -> u64 {
-    let mut s = v.to_vec();
-    s.sort_unstable();
-    s.get(s.len() / 2).copied().unwrap_or(0)
+    crate::bench_blk::median(&mut v.to_vec())
 }
 
 /// Runs the benchmark and prints its report.
