@@ -478,6 +478,7 @@ impl Startup {
             paused: false,
             mirror_now: Vec::new(),
             mirror_published: Vec::new(),
+            spin: SpinClock::default(),
         };
         let mirror = server.ring.mirror().clone();
         server.handler.attach_mirror(mirror);
@@ -513,6 +514,35 @@ struct Server<H> {
     mirror_now: Vec<MirrorEntry>,
     /// What the read mirror holds when it is valid (a fresh ring's zeroed table holds none).
     mirror_published: Vec<MirrorEntry>,
+    /// The idle spin's time, reported apart from request work.
+    spin: SpinClock,
+}
+
+/// Accounts the idle spin: the wall time from the first empty turn of the loop after work to the
+/// last empty turn before the next work or sleep (one clock read per turn, which the loop takes
+/// anyway; reading the thread's CPU clock would be a system call on the exit path).
+#[derive(Debug, Default)]
+struct SpinClock {
+    /// First and latest empty turn of the current spin.
+    turns: Option<(Instant, Instant)>,
+    /// Spins ended so far, in ns.
+    total_ns: u64,
+}
+
+impl SpinClock {
+    /// A turn of the loop that found nothing to do and goes on spinning.
+    fn idle(&mut self, now: Instant) {
+        let first = self.turns.map_or(now, |(first, _)| first);
+        self.turns = Some((first, now));
+    }
+
+    /// The spin ended (work arrived, or the service goes to sleep): adds it to the total.
+    fn end(&mut self) {
+        if let Some((first, last)) = self.turns.take() {
+            let ns = u64::try_from(last.saturating_duration_since(first).as_nanos()).unwrap_or(u64::MAX);
+            self.total_ns = self.total_ns.saturating_add(ns);
+        }
+    }
 }
 
 impl<H: Dispatch> Server<H> {
@@ -524,7 +554,7 @@ impl<H: Dispatch> Server<H> {
                 // Nothing but the control channel: no ring request is taken (the core pauses the
                 // vCPUs first, so none should come), no device fd is watched, no queue polled.
                 match self.poll_side(SLEEP_SLICE, None)? {
-                    (Flow::Stop, _) => return Ok(self.stats),
+                    (Flow::Stop, _) => return Ok(self.current_stats()),
                     (Flow::Continue, _) => {
                         last_active = Instant::now();
                         last_side_poll = last_active;
@@ -549,19 +579,26 @@ impl<H: Dispatch> Server<H> {
             let now = Instant::now();
             if did {
                 last_active = now;
+                self.spin.end();
+            } else {
+                self.spin.idle(now);
             }
             if now.duration_since(last_active) < idle_spin && !self.ring.core_off_cpu(now, CORE_WAKE_GRACE) {
                 if now.duration_since(last_side_poll) >= SIDE_POLL_INTERVAL {
                     last_side_poll = now;
                     match self.poll_side(Duration::ZERO, None)? {
-                        (Flow::Stop, _) => return Ok(self.stats),
-                        (Flow::Continue, true) => last_active = Instant::now(),
+                        (Flow::Stop, _) => return Ok(self.current_stats()),
+                        (Flow::Continue, true) => {
+                            last_active = Instant::now();
+                            self.spin.end();
+                        }
                         (Flow::Continue, false) => {}
                     }
                 }
                 std::hint::spin_loop();
                 continue;
             }
+            self.spin.end();
             // Asked first: tokens only accrue with time, so a deadline seen now is still valid
             // after prepare_sleep, and none seen means the handler's work is not deferred.
             let slice = self.handler.wake_after().map_or(SLEEP_SLICE, |w| w.min(SLEEP_SLICE));
@@ -577,12 +614,20 @@ impl<H: Dispatch> Server<H> {
             let flow = self.poll_side(slice, Some(bell));
             last_side_poll = Instant::now();
             match flow? {
-                (Flow::Stop, _) => return Ok(self.stats),
+                (Flow::Stop, _) => return Ok(self.current_stats()),
                 // Device work woke us: spin again, more is likely to follow.
                 (Flow::Continue, true) => last_active = last_side_poll,
                 (Flow::Continue, false) => {}
             }
         }
+    }
+
+    /// The counters as reported: the loop's own, the handler's and the idle spins ended so far.
+    fn current_stats(&mut self) -> ServiceStats {
+        self.stats.redone = self.handler.redone();
+        self.stats.io = self.handler.io_counters();
+        self.stats.idle_spin_ns = self.spin.total_ns;
+        self.stats
     }
 
     /// Polls the control socket, the device fds and (when sleeping) the doorbell, and handles
@@ -635,9 +680,8 @@ impl<H: Dispatch> Server<H> {
         match msg {
             ControlMsg::Shutdown => Ok(Flow::Stop),
             ControlMsg::Ping { token } => {
-                self.stats.redone = self.handler.redone();
-                self.stats.io = self.handler.io_counters();
-                self.control.send(&ControlMsg::Pong { token, stats: self.stats }, &[])?;
+                let stats = self.current_stats();
+                self.control.send(&ControlMsg::Pong { token, stats }, &[])?;
                 Ok(Flow::Continue)
             }
             ControlMsg::InjectFault(fault) => {
@@ -868,6 +912,28 @@ mod tests {
         assert!(matches!(parse_control_fd(args(&["--control-fd"])), Err(RuntimeError::Usage(_))));
         assert!(matches!(parse_control_fd(args(&["--control-fd", "-1"])), Err(RuntimeError::Usage(_))));
         assert!(matches!(parse_control_fd(args(&["--bogus"])), Err(RuntimeError::Usage(_))));
+    }
+
+    #[test]
+    fn spin_clock_counts_empty_turns_only() {
+        let t0 = Instant::now();
+        let at = |us| t0 + Duration::from_micros(us);
+        let mut c = SpinClock::default();
+        // Work, then empty turns at 10, 20 and 50 µs, then work again: 40 µs of spinning.
+        c.end();
+        c.idle(at(10));
+        c.idle(at(20));
+        c.idle(at(50));
+        c.end();
+        assert_eq!(c.total_ns, 40_000);
+        // A sleep is no spin: an episode ends before it, and the next starts after it.
+        c.idle(at(1_000));
+        c.end();
+        c.idle(at(900_000));
+        c.idle(at(900_005));
+        c.end();
+        c.end();
+        assert_eq!(c.total_ns, 45_000);
     }
 
     #[test]

@@ -182,6 +182,28 @@ fn serves_back_to_back_without_sleeping() {
 }
 
 #[test]
+fn idle_spin_is_reported_and_excludes_sleep() {
+    let s = spawn(false);
+    let t = Instant::now();
+    for _ in 0..50 {
+        s.inb(COM1 + 5);
+    }
+    // Long past the idle spin: the service spun after the last request, then slept.
+    std::thread::sleep(Duration::from_millis(100));
+    let first = s.svc.ping(1, T);
+    let wall = u64::try_from(t.elapsed().as_nanos()).expect("ns");
+    assert!(first.sleeps > 0, "the service never slept: {first:?}");
+    // Time asleep is not spin: a second look after 300 ms more of sleep adds nothing (a ping
+    // wakes the service but is no request, so it does not start a spin).
+    std::thread::sleep(Duration::from_millis(300));
+    let second = s.svc.ping(2, T);
+    assert_eq!(second.idle_spin_ns, first.idle_spin_ns, "sleep counted as spin");
+    // Wall time in the spin, never more than the wall time that passed.
+    assert!(first.idle_spin_ns <= wall, "{} ns of spin in {wall} ns", first.idle_spin_ns);
+    s.shutdown();
+}
+
+#[test]
 fn garbage_setup_makes_service_exit_nonzero() {
     let (mut child, ctl) = spawn_service(env!("CARGO_BIN_EXE_bulkhead-console"), &["--control-fd", "3"], true);
     ctl.send_raw(&[9, 9, 9, 9, 9]).expect("garbage");

@@ -276,6 +276,10 @@ pub struct ServiceStats {
     pub sleeps: u64,
     /// Requests found in flight in the state region at start and redone by this instance.
     pub redone: u64,
+    /// Wall time (ns) spent spinning idle for the next request before sleeping: the price of a
+    /// fast round trip, apart from request work. It is CPU time unless the service was preempted
+    /// while it spun.
+    pub idle_spin_ns: u64,
     /// The device's own counters (this instance's).
     pub io: IoCounters,
 }
@@ -795,6 +799,7 @@ mod tests {
                     rejected: 1,
                     sleeps: 2,
                     redone: 4,
+                    idle_spin_ns: 5,
                     io: IoCounters { requests: 9, ..IoCounters::default() },
                 },
             },
@@ -812,6 +817,7 @@ mod tests {
                     rejected: 1,
                     sleeps: 2,
                     redone: 4,
+                    idle_spin_ns: 5,
                     io: IoCounters { requests: 9, ..IoCounters::default() }
                 }
             }

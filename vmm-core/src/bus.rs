@@ -86,7 +86,7 @@ impl Bus {
                 true
             }
             None => {
-                data.fill(0xff);
+                ipc::ring::fill_access(data, 0xff);
                 false
             }
         }

@@ -28,7 +28,7 @@ impl DebugExit {
 
 impl BusDevice for DebugExit {
     fn read(&self, _base: u64, _offset: u64, data: &mut [u8]) {
-        data.fill(0);
+        ipc::ring::fill_access(data, 0);
     }
     fn write(&self, _base: u64, _offset: u64, data: &[u8]) {
         if let Some(v) = data.first() {
@@ -94,7 +94,7 @@ impl I8042 {
 
 impl BusDevice for I8042 {
     fn read(&self, base: u64, offset: u64, data: &mut [u8]) {
-        data.fill(0);
+        ipc::ring::fill_access(data, 0);
         let Some(first) = data.first_mut() else { return };
         let mut b = self.buffer.lock().unwrap_or_else(|e| e.into_inner());
         if base + offset == I8042_COMMAND_PORT {
@@ -136,7 +136,7 @@ impl PostCode {
 impl BusDevice for PostCode {
     fn read(&self, _base: u64, _offset: u64, data: &mut [u8]) {
         self.accesses.fetch_add(1, Ordering::Relaxed);
-        data.fill(0);
+        ipc::ring::fill_access(data, 0);
     }
     fn write(&self, _base: u64, _offset: u64, _data: &[u8]) {
         self.accesses.fetch_add(1, Ordering::Relaxed);

@@ -801,12 +801,15 @@ impl RunningVm {
         for mut service in std::mem::take(&mut self.services) {
             // Refreshes the current instance's counters (its redone requests) for the metrics line;
             // a dead or hung instance just leaves the last known ones.
-            let _ = service.stats(Duration::from_millis(200));
+            let own = service.stats(Duration::from_millis(200)).ok();
             let stats = service.device().stats();
             let cpu = service_cpu_ns(service.pid())
                 .map_or_else(|| "n/a".to_string(), |ns| format!("{:.1} ms", ns as f64 / 1e6));
+            // The current instance's idle spin (the time it waited for requests on a CPU).
+            let spin = own.map_or_else(|| "n/a".to_string(), |s| format!("{:.1} ms", s.idle_spin_ns as f64 / 1e6));
             log::info!(
-                "service {} (pid {}): {} exits forwarded, {} reads mirrored, {} rejected, {} failures, cpu {cpu}",
+                "service {} (pid {}): {} exits forwarded, {} reads mirrored, {} rejected, {} failures, cpu {cpu}, \
+                 idle spin {spin}",
                 service.name(),
                 service.pid(),
                 stats.forwarded,

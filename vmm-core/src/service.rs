@@ -553,10 +553,11 @@ impl BusDevice for RemoteDevice {
             .map(|l| ExitRequest::read(kind, addr, l));
         match self.forward(kind, addr, req, data.len()) {
             Some(bytes) => {
-                let n = data.len().min(8);
-                data[..n].copy_from_slice(&bytes[..n]);
+                ipc::ring::copy_access(data, &bytes);
             }
-            None => data.fill(0xff),
+            None => {
+                ipc::ring::fill_access(data, 0xff);
+            }
         }
     }
 

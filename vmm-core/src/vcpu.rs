@@ -30,14 +30,14 @@ impl AccessData {
     /// Copies `data`, which KVM bounds to 8 bytes; anything longer is truncated to 8.
     pub fn from_slice(data: &[u8]) -> Self {
         let mut bytes = [0u8; 8];
-        let n = data.len().min(8);
-        bytes[..n].copy_from_slice(&data[..n]);
+        // Inline, never libc's memcpy: see `ipc::ring::copy_access`.
+        let n = ipc::ring::copy_access(&mut bytes, data);
         Self { len: u8::try_from(n).unwrap_or(8), bytes }
     }
 
     /// A zeroed buffer of `len` bytes (at most 8).
     pub fn zeroed(len: usize) -> Self {
-        Self::from_slice(&[0u8; 8][..len.min(8)])
+        Self { len: u8::try_from(len.min(8)).unwrap_or(8), bytes: [0; 8] }
     }
 
     /// The bytes.
@@ -314,8 +314,7 @@ pub fn run(
                 if let Outcome::ResumeWithRead(read) = &outcome {
                     match &mut exit {
                         VcpuExit::IoIn(_, data) | VcpuExit::MmioRead(_, data) => {
-                            let n = data.len().min(read.as_slice().len());
-                            data[..n].copy_from_slice(&read.as_slice()[..n]);
+                            ipc::ring::copy_access(data, read.as_slice());
                         }
                         _ => {}
                     }

@@ -1,8 +1,8 @@
 //! `cargo xtask bench`: the block benchmark (see `bench_blk`) and the restart latency of a killed
 //! block service.
 //!
-//! Then the network benchmark (see `bench_net`): the probe's `net-bench` through Bulkhead and QEMU
-//! on a TAP in a private network namespace.
+//! Then the network benchmark (see `bench_net`): the probe's `net-bench` through Bulkhead, QEMU
+//! and Firecracker (when its binary is there) on a TAP in a private network namespace.
 //!
 //! Then the control plane against Firecracker's (see `bench_api`), what one running VM costs
 //! (start time, PSS, idle CPU; see `bench_footprint`, `--api-runs` runs), many VMs at once
@@ -209,21 +209,29 @@ fn blk(bin: &Path, probe: &Path, rate: f64, runs: usize) -> Result<(), BoxError>
     }
     // (peer, workload) -> samples of the workload's headline figure (IOPS for 4k, MiB/s else).
     let mut samples: BTreeMap<(Peer, String), Vec<u64>> = BTreeMap::new();
-    let mut cpu_per_req: Vec<u64> = Vec::new();
+    // (peer, what) -> CPU ns per request of each run: "device", "spin", "work" (device less
+    // spin), "all".
+    let mut cpu_per_req: BTreeMap<(Peer, &str), Vec<u64>> = BTreeMap::new();
     // Exits per 1,000 requests: forwarded, answered from the read mirror.
     let (mut fwd_per_k, mut mir_per_k): (Vec<u64>, Vec<u64>) = (Vec::new(), Vec::new());
     for i in 0..runs {
         for &peer in &peers {
             eprintln!("bench: blk run {}/{runs}: {}", i + 1, peer.label());
-            let (w, (cpu, exits)) = run_peer(peer, &r)?;
+            let (w, cpu) = run_peer(peer, &r)?;
             if w.is_empty() {
                 return Err(format!("{} printed no blk-bench lines", peer.label()).into());
             }
             let reqs: u64 = w.values().map(|x| x.reqs).sum();
-            if let (Some(ns), true) = (cpu, reqs > 0) {
-                cpu_per_req.push(ns / reqs);
-            }
-            if let (Some((f, m)), true) = (exits, reqs > 0) {
+            let mut per = |what, ns: Option<u64>| {
+                if let Some(v) = ns.and_then(|n| n.checked_div(reqs)) {
+                    cpu_per_req.entry((peer, what)).or_default().push(v);
+                }
+            };
+            per("device", cpu.device_ns);
+            per("spin", cpu.spin_ns);
+            per("work", cpu.device_ns.map(|d| d.saturating_sub(cpu.spin_ns.unwrap_or(0))));
+            per("all", Some(cpu.all_ns));
+            if let (Some((f, m)), true) = (cpu.exits, reqs > 0) {
                 fwd_per_k.push(f * 1000 / reqs);
                 mir_per_k.push(m * 1000 / reqs);
             }
@@ -264,11 +272,23 @@ fn blk(bin: &Path, probe: &Path, rate: f64, runs: usize) -> Result<(), BoxError>
             randread_ratio = Some(ratio(v));
         }
     }
-    if !cpu_per_req.is_empty() {
-        println!(
-            "bulkhead-block CPU time per request: {:.2} us (median over runs)",
-            med(&mut cpu_per_req) as f64 / 1000.0
-        );
+    println!();
+    println!(
+        "# CPU time per request (µs, all workloads, boot included; medians over runs). Device: bulkhead-block, \
+         the VMM's non-vCPU threads (QEMU built-in, Firecracker), qemu-storage-daemon (vhost-user). Idle spin: \
+         wall time bulkhead-block spun waiting for the next request (the peers sleep in their event loops). \
+         All: every process of the VMM, the vCPU thread included (the probe busy-polls its used ring there)."
+    );
+    println!("| peer | device | of which idle spin | request work (device less spin) | all processes |");
+    println!("|---|---|---|---|---|");
+    for &peer in &peers {
+        let mut cell = |what| {
+            cpu_per_req
+                .get_mut(&(peer, what))
+                .map_or_else(|| "n/a".to_string(), |v| format!("{:.2}", med(v) as f64 / 1000.0))
+        };
+        let (device, spin, work, all) = (cell("device"), cell("spin"), cell("work"), cell("all"));
+        println!("| {} | {device} | {spin} | {work} | {all} |", peer.label());
     }
     if !fwd_per_k.is_empty() {
         println!(

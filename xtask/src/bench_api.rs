@@ -47,9 +47,12 @@ pub fn firecracker() -> Option<PathBuf> {
 }
 
 /// A Firecracker run without its API, as the benchmarks boot the probe: writes `fc-TAG.json` (boot
-/// source, 1 vCPU and `mem_mib` MiB, the drive `disk` if any) and an empty log `fc-TAG.log` in
-/// `dir` (its own log stays out of the guest console on stdout), and returns the command with
-/// stdin closed; the caller chooses stdout and stderr.
+/// source, 1 vCPU and `mem_mib` MiB, the drive `disk` if any, the NIC `nic` = (host TAP name,
+/// guest MAC) as `eth0` if any) and an empty log `fc-TAG.log` in `dir` (its own log stays out of
+/// the guest console on stdout), and returns the command with stdin closed; the caller chooses
+/// stdout and stderr.
+// One parameter per field of the config file the benches vary; a struct would only rename them.
+#[allow(clippy::too_many_arguments)]
 pub fn firecracker_command(
     fc: &Path,
     dir: &Path,
@@ -58,6 +61,7 @@ pub fn firecracker_command(
     cmdline: &str,
     mem_mib: u64,
     disk: Option<&Path>,
+    nic: Option<(&str, &str)>,
 ) -> Result<Command, BoxError> {
     let cfg = dir.join(format!("fc-{tag}.json"));
     let log = dir.join(format!("fc-{tag}.log"));
@@ -66,10 +70,15 @@ pub fn firecracker_command(
         .map(|d| serde_json::json!({"drive_id": "disk0", "path_on_host": d, "is_root_device": false, "is_read_only": false}))
         .into_iter()
         .collect();
+    let nics: Vec<serde_json::Value> = nic
+        .map(|(tap, mac)| serde_json::json!({"iface_id": "eth0", "host_dev_name": tap, "guest_mac": mac}))
+        .into_iter()
+        .collect();
     let json = serde_json::json!({
         "boot-source": { "kernel_image_path": probe, "boot_args": cmdline },
         "machine-config": { "vcpu_count": 1, "mem_size_mib": mem_mib },
         "drives": drives,
+        "network-interfaces": nics,
     });
     std::fs::write(&cfg, json.to_string())?;
     let mut c = Command::new(fc);

@@ -7,7 +7,9 @@
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
+
+use crate::proc_cpu::{run_sampled, ThreadCpu};
 use std::time::{Duration, Instant};
 
 use crate::util::{workspace_root, BoxError};
@@ -72,26 +74,6 @@ pub fn parse_blk_bench(out: &str) -> BTreeMap<String, Workload> {
     m
 }
 
-fn wait_bounded(mut child: Child, limit: Duration, what: &str) -> Result<std::process::Output, BoxError> {
-    let start = Instant::now();
-    loop {
-        if child.try_wait()?.is_some() {
-            return Ok(child.wait_with_output()?);
-        }
-        if start.elapsed() > limit {
-            let _ = child.kill();
-            let out = child.wait_with_output()?;
-            return Err(format!(
-                "{what} still running after {limit:?}\n{}\n{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            )
-            .into());
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 /// A scratch image filled with non-zero data, so reads cannot be served from holes.
 pub fn make_image(path: &Path, mib: u64) -> Result<(), BoxError> {
     let mut f = std::fs::File::create(path)?;
@@ -122,63 +104,82 @@ pub struct BlkRun<'a> {
     pub cmdline: String,
 }
 
-/// What a Bulkhead run adds to the workloads: the block service's CPU time in ns and its
-/// `(forwarded, mirrored)` exits.
-pub type BlkExtra = (Option<u64>, Option<(u64, u64)>);
+/// Where a run's CPU time went, in ns.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct BlkCpu {
+    /// The device's CPU: the `bulkhead-block` process; the VMM's non-vCPU threads (QEMU
+    /// built-in, Firecracker); `qemu-storage-daemon` (vhost-user). `None` when the split is
+    /// unknown.
+    pub device_ns: Option<u64>,
+    /// Of the device's CPU, the idle spin waiting for the next request (Bulkhead only; the peers
+    /// sleep in their event loops).
+    pub spin_ns: Option<u64>,
+    /// Every process of the VMM together (rusage; the vCPU thread, where the probe busy-polls
+    /// its used ring, included).
+    pub all_ns: u64,
+    /// Bulkhead: the block service's `(forwarded, mirrored)` exits.
+    pub exits: Option<(u64, u64)>,
+}
 
-/// Runs the probe's blk-bench under `peer`. Returns the workloads and, for Bulkhead, the block
-/// service's CPU time and exit counts.
-pub fn run_peer(peer: Peer, r: &BlkRun<'_>) -> Result<(BTreeMap<String, Workload>, BlkExtra), BoxError> {
+/// Runs the probe's blk-bench under `peer`. Returns the workloads and where the CPU went.
+pub fn run_peer(peer: Peer, r: &BlkRun<'_>) -> Result<(BTreeMap<String, Workload>, BlkCpu), BoxError> {
     let limit = Duration::from_secs(300);
     match peer {
         Peer::Bulkhead => {
-            let child = Command::new(r.bin.join("bulkhead"))
-                .args(["run", "--serial-input", "none", "--log-level", "info", "--kernel"])
+            let mut cmd = Command::new(r.bin.join("bulkhead"));
+            cmd.args(["run", "--serial-input", "none", "--log-level", "info", "--kernel"])
                 .arg(r.probe)
                 .arg("--disk")
                 .arg(r.image)
-                .args(["--cmdline", &r.cmdline])
-                .stdin(Stdio::null())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()?;
-            let out = wait_bounded(child, limit, "bulkhead")?;
-            let stdout = String::from_utf8_lossy(&out.stdout);
-            let stderr = String::from_utf8_lossy(&out.stderr);
-            if out.status.code() != Some(0) {
-                return Err(format!("bulkhead blk-bench failed ({}):\n{stdout}\n{stderr}", out.status).into());
+                .args(["--cmdline", &r.cmdline]);
+            let out = run_sampled(&mut cmd, limit, "bulkhead")?;
+            if out.code != Some(0) {
+                return Err(
+                    format!("bulkhead blk-bench failed ({:?}):\n{}\n{}", out.code, out.stdout, out.stderr).into()
+                );
             }
-            // "service block-disk0 (pid N): ... cpu 12.3 ms"
-            let cpu = stderr
-                .lines()
-                .find(|l| l.contains("service block-") && l.contains(" cpu "))
-                .and_then(|l| l.rsplit(" cpu ").next())
-                .and_then(|v| v.trim().strip_suffix(" ms"))
-                .and_then(|v| v.parse::<f64>().ok())
-                .map(ms_to_ns);
-            Ok((parse_blk_bench(&stdout), (cpu, crate::util::service_exits(&stderr, "block-"))))
+            let cpu = crate::util::service_cpu(&out.stderr, "block-");
+            Ok((
+                parse_blk_bench(&out.stdout),
+                BlkCpu {
+                    device_ns: cpu.map(|c| c.0),
+                    spin_ns: cpu.and_then(|c| c.1),
+                    all_ns: out.cpu_ns,
+                    exits: crate::util::service_exits(&out.stderr, "block-"),
+                },
+            ))
         }
         Peer::Firecracker => {
             let fc = crate::bench_api::firecracker().ok_or("Firecracker not found")?;
             let dir = workspace_root().join("target");
-            let child =
-                crate::bench_api::firecracker_command(&fc, &dir, "bench-blk", r.probe, &r.cmdline, 128, Some(r.image))?
-                    .stdout(Stdio::piped())
-                    .stderr(Stdio::piped())
-                    .spawn()?;
-            let out = wait_bounded(child, limit, "firecracker")?;
+            let mut cmd = crate::bench_api::firecracker_command(
+                &fc,
+                &dir,
+                "bench-blk",
+                r.probe,
+                &r.cmdline,
+                128,
+                Some(r.image),
+                None,
+            )?;
+            let out = run_sampled(&mut cmd, limit, "firecracker");
             let _ = std::fs::remove_file(dir.join("fc-bench-blk.json"));
             let _ = std::fs::remove_file(dir.join("fc-bench-blk.log"));
-            let stdout = String::from_utf8_lossy(&out.stdout);
+            let out = out?;
             // Firecracker drops the probe's verdict port; its i8042 reset ends it with status 0.
-            if out.status.code() != Some(0) || !stdout.contains("probe: verdict pass") {
-                return Err(format!("firecracker blk-bench failed ({}):\n{stdout}", out.status).into());
+            if out.code != Some(0) || !out.stdout.contains("probe: verdict pass") {
+                return Err(format!("firecracker blk-bench failed ({:?}):\n{}", out.code, out.stdout).into());
             }
-            Ok((parse_blk_bench(&stdout), (None, None)))
+            let device_ns = out.threads.non_vcpu_ns();
+            Ok((parse_blk_bench(&out.stdout), BlkCpu { device_ns, spin_ns: None, all_ns: out.cpu_ns, exits: None }))
         }
         Peer::QemuBuiltin | Peer::QemuVhostUser => {
             let mut qemu = Command::new("qemu-system-x86_64");
-            qemu.args(crate::util::QEMU_MICROVM_PROBE).args(["-kernel"]).arg(r.probe).args(["-append", &r.cmdline]);
+            qemu.args(crate::util::QEMU_MICROVM_PROBE)
+                // Names the vCPU thread `CPU 0/KVM`, so its CPU time can be told apart.
+                .args(["-name", "probe,debug-threads=on", "-kernel"])
+                .arg(r.probe)
+                .args(["-append", &r.cmdline]);
             let mut daemon = None;
             let sock = std::env::temp_dir().join(format!("bulkhead-bench-vub-{}.sock", std::process::id()));
             if peer == Peer::QemuBuiltin {
@@ -215,33 +216,30 @@ pub fn run_peer(peer: Peer, r: &BlkRun<'_>) -> Result<(BTreeMap<String, Workload
                 .arg(format!("socket,id=vub,path={}", sock.display()))
                 .args(["-device", "vhost-user-blk,chardev=vub,num-queues=1"]);
             }
-            let child = qemu.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()?;
-            let out = wait_bounded(child, limit, "qemu");
+            let out = run_sampled(&mut qemu, limit, "qemu");
+            // The daemon's CPU, read before it is killed (it serves nothing more by now).
+            let daemon_ns = daemon.as_ref().map(|d| {
+                let mut t = ThreadCpu::default();
+                t.sample(d.id());
+                t.total_ns()
+            });
             if let Some(mut d) = daemon {
                 let _ = d.kill();
                 let _ = d.wait();
                 let _ = std::fs::remove_file(&sock);
             }
             let out = out?;
-            let stdout = String::from_utf8_lossy(&out.stdout);
             // isa-debug-exit: status (v << 1) | 1; the probe's pass verdict is 0.
-            if out.status.code() != Some(1) {
-                return Err(format!(
-                    "qemu blk-bench failed ({}):\n{stdout}\n{}",
-                    out.status,
-                    String::from_utf8_lossy(&out.stderr)
-                )
-                .into());
+            if out.code != Some(1) {
+                return Err(format!("qemu blk-bench failed ({:?}):\n{}\n{}", out.code, out.stdout, out.stderr).into());
             }
-            Ok((parse_blk_bench(&stdout), (None, None)))
+            let cpu = match daemon_ns {
+                Some(d) => BlkCpu { device_ns: Some(d), spin_ns: None, all_ns: out.cpu_ns + d, exits: None },
+                None => BlkCpu { device_ns: out.threads.non_vcpu_ns(), spin_ns: None, all_ns: out.cpu_ns, exits: None },
+            };
+            Ok((parse_blk_bench(&out.stdout), cpu))
         }
     }
-}
-
-/// Milliseconds (as logged, one decimal) to nanoseconds; float-to-int casts saturate in Rust.
-#[allow(clippy::cast_possible_truncation)]
-fn ms_to_ns(ms: f64) -> u64 {
-    (ms * 1e6).round() as u64
 }
 
 /// Median of `v` (sorted in place); 0 when empty.

@@ -162,7 +162,7 @@ pub(crate) fn spawn_with(
             }
             c
         }
-        Vmm::Firecracker => crate::bench_api::firecracker_command(exe, dir, tag, probe, cmdline, MEM_MIB, disk)?,
+        Vmm::Firecracker => crate::bench_api::firecracker_command(exe, dir, tag, probe, cmdline, MEM_MIB, disk, None)?,
     };
     Ok(cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::null()).spawn()?)
 }

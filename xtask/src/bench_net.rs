@@ -1,9 +1,12 @@
 //! The network part of `cargo xtask bench` (`--only net`): the probe guest's `net-bench` through
 //! Bulkhead (`bulkhead run --net tap=...`, the device in its own `bulkhead-net` process) against
 //! QEMU microvm's built-in virtio-net on the same TAP (`vhost=off`, and `vhost=on` when
-//! `/dev/vhost-net` exists). Everything happens in a network namespace of our own, created for
-//! the benchmark and deleted afterwards, holding one persistent TAP (with a virtio-net header)
-//! that every peer attaches to in turn.
+//! `/dev/vhost-net` exists) and Firecracker's virtio-net (in its VMM thread; when
+//! `../shared/peers/firecracker` or `$BULKHEAD_FIRECRACKER` is there, else its column is left out
+//! and stderr says so). Everything happens in a network namespace of our own, created for the
+//! benchmark and deleted afterwards, holding one persistent TAP (with a virtio-net header) that
+//! every peer attaches to in turn; Firecracker's config and log files go to `target/bench-net`,
+//! removed afterwards.
 //!
 //! Each run boots the probe once per peer and frame size. **TX**: the guest sends `n` frames into
 //! the TAP; nothing reads them on the host side, so the kernel counts them in the TAP's
@@ -17,21 +20,24 @@
 //! CPU per frame: frames moved = the TAP's `rx_packets` + `tx_packets` during the run (every
 //! frame the VMM wrote or read). Bulkhead: the `bulkhead-net` service's CPU time (the core's exit
 //! log line, from `/proc/PID/schedstat`) and all of Bulkhead's processes (`wait4` rusage: core,
-//! vCPU thread and reaped services). QEMU: its threads other than the vCPU (sampled from
-//! `/proc/PID/task/*/schedstat` every 10 ms; with `vhost=on` the kernel's vhost worker does the
-//! copying and is not counted) and the whole process (`wait4` rusage). The whole-process figures
-//! include the vCPU thread, where the probe busy-polls its rings, so they are upper bounds.
+//! vCPU thread and reaped services). QEMU and Firecracker: their threads other than the vCPU
+//! (QEMU's `CPU 0/KVM`, Firecracker's `fc_vcpu 0`; sampled from `/proc/PID/task/*/schedstat`
+//! every 10 ms; with `vhost=on` the kernel's vhost worker does the copying and is not counted;
+//! Firecracker's device work is in its VMM thread, which is counted) and the whole process
+//! (`wait4` rusage). The whole-process figures include the vCPU thread, where the probe
+//! busy-polls its rings, so they are upper bounds.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use crate::netns::NetNs;
+use crate::proc_cpu::{reap, ThreadCpu};
 use crate::util::BoxError;
 
 /// EtherType of the probe's test frames (IEEE local experimental).
@@ -55,6 +61,8 @@ const TAP_QUEUE: &str = "1000";
 const DISTINCT: usize = 256;
 /// Longest a single VMM run may take.
 const RUN_LIMIT: Duration = Duration::from_secs(60);
+/// The guest's memory in MiB (QEMU's `-m 128`, Bulkhead's default).
+const MEM_MIB: u64 = 128;
 
 /// The peers compared.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -65,6 +73,8 @@ pub enum Peer {
     Qemu,
     /// QEMU microvm with the kernel's vhost-net (`vhost=on`).
     QemuVhost,
+    /// Firecracker (`../shared/peers/firecracker`), its virtio-net in its VMM thread.
+    Firecracker,
 }
 
 impl Peer {
@@ -74,6 +84,7 @@ impl Peer {
             Self::Bulkhead => "bulkhead",
             Self::Qemu => "QEMU vhost=off",
             Self::QemuVhost => "QEMU vhost=on",
+            Self::Firecracker => "Firecracker",
         }
     }
 }
@@ -287,8 +298,10 @@ pub struct RunResult {
     pub rx: Phase,
     /// Frames moved through the TAP (host rx + tx packets).
     pub frames_moved: u64,
-    /// The device's CPU time in ns: `bulkhead-net`, or QEMU's non-vCPU threads.
+    /// The device's CPU time in ns: `bulkhead-net`, or QEMU's or Firecracker's non-vCPU threads.
     pub device_cpu_ns: Option<u64>,
+    /// Of `device_cpu_ns`, bulkhead-net's idle spin waiting for work (wall time).
+    pub device_spin_ns: Option<u64>,
     /// The whole VMM's CPU time in ns (`wait4` rusage, user + system).
     pub process_cpu_ns: u64,
     /// Frames the generator got into the TAP per second while it ran.
@@ -299,6 +312,14 @@ pub struct RunResult {
     pub tap_dropped: u64,
     /// Bulkhead: the net service's `(forwarded, mirrored)` exits.
     pub exits: Option<(u64, u64)>,
+}
+
+/// Where the runs happen: the namespace with the TAP, and Firecracker's binary (if there) and the
+/// directory for its config and log files.
+struct Site<'a> {
+    ns: &'a NetNs,
+    fc: Option<&'a Path>,
+    dir: &'a Path,
 }
 
 /// One benchmark configuration.
@@ -315,7 +336,9 @@ pub struct NetRun<'a> {
     pub tsc_khz: u64,
 }
 
-fn command_for(peer: Peer, r: &NetRun<'_>, ns: &NetNs, size: usize) -> Command {
+/// The command that boots the probe's net-bench under `peer` inside the namespace
+/// (`ip netns exec NS ...`, which execs: the child's pid is the VMM's).
+fn command_for(peer: Peer, r: &NetRun<'_>, site: &Site<'_>, size: usize) -> Result<Command, BoxError> {
     let mac = PEER_MAC.map(|b| format!("{b:02x}")).join(":");
     let cmdline = format!(
         "probe.test=net-bench probe.n={} probe.size={size} probe.rx_n={} probe.peer={mac} probe.tsc_khz={} probe.timeout_ms=3000",
@@ -323,7 +346,7 @@ fn command_for(peer: Peer, r: &NetRun<'_>, ns: &NetNs, size: usize) -> Command {
     );
     let guest_mac = GUEST_MAC.map(|b| format!("{b:02x}")).join(":");
     let mut c = Command::new("ip");
-    c.args(["netns", "exec", ns.name()]);
+    c.args(["netns", "exec", site.ns.name()]);
     match peer {
         Peer::Bulkhead => {
             c.arg(r.bin.join("bulkhead"))
@@ -344,67 +367,28 @@ fn command_for(peer: Peer, r: &NetRun<'_>, ns: &NetNs, size: usize) -> Command {
                 .arg(r.probe)
                 .args(["-append", &cmdline]);
         }
-    }
-    c
-}
-
-/// Reaps `pid` if it exited (`block`: waits), returning its wait status and CPU time in ns.
-fn reap(pid: libc::pid_t, block: bool) -> Result<Option<(i32, u64)>, BoxError> {
-    let mut status = 0i32;
-    // SAFETY: rusage is plain data; all-zero is valid and the kernel overwrites it.
-    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: `status` and `ru` are live, writable and of the types wait4 expects; `pid` is our
-    // own child, not yet reaped (only this function reaps it).
-    let rc = unsafe { libc::wait4(pid, &raw mut status, if block { 0 } else { libc::WNOHANG }, &raw mut ru) };
-    if rc < 0 {
-        let e = std::io::Error::last_os_error();
-        if e.raw_os_error() == Some(libc::EINTR) {
-            return Ok(None);
-        }
-        return Err(format!("wait4 {pid}: {e}").into());
-    }
-    if rc == 0 {
-        return Ok(None);
-    }
-    let tv = |t: libc::timeval| (t.tv_sec as u64).saturating_mul(1_000_000_000) + (t.tv_usec as u64) * 1000;
-    Ok(Some((status, tv(ru.ru_utime) + tv(ru.ru_stime))))
-}
-
-/// CPU time (ns) of `pid`'s threads other than its vCPU threads (named `CPU n/KVM`), merged into
-/// `seen` (the latest value per thread).
-fn sample_threads(pid: u32, seen: &mut HashMap<String, (bool, u64)>) {
-    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return };
-    for e in dir.flatten() {
-        let p = e.path();
-        let tid = e.file_name().to_string_lossy().into_owned();
-        let comm = std::fs::read_to_string(p.join("comm")).unwrap_or_default();
-        let ns = std::fs::read_to_string(p.join("schedstat"))
-            .ok()
-            .and_then(|s| s.split_whitespace().next().and_then(|v| v.parse::<u64>().ok()));
-        if let Some(ns) = ns {
-            // kvm-nx-lpage-recovery is a kernel worker KVM attaches to the VM's process.
-            if !comm.starts_with("kvm-nx") {
-                seen.insert(tid, (comm.contains("/KVM"), ns));
-            }
+        Peer::Firecracker => {
+            let fc = site.fc.ok_or("Firecracker not found")?;
+            let f = crate::bench_api::firecracker_command(
+                fc,
+                site.dir,
+                "bench-net",
+                r.probe,
+                &cmdline,
+                MEM_MIB,
+                None,
+                Some((TAP, &guest_mac)),
+            )?;
+            c.arg(f.get_program()).args(f.get_args());
         }
     }
+    Ok(c)
 }
 
-/// `service net-... (pid N): ... cpu 12.3 ms` in the core's log: the net service's CPU in ns.
-pub fn net_service_cpu_ns(stderr: &str) -> Option<u64> {
-    stderr
-        .lines()
-        .find(|l| l.contains("service net-") && l.contains(" cpu "))
-        .and_then(|l| l.rsplit(" cpu ").next())
-        .and_then(|v| v.trim().strip_suffix(" ms"))
-        .and_then(|v| v.parse::<f64>().ok())
-        .map(ms_to_ns)
-}
-
-/// Milliseconds (as logged, one decimal) to nanoseconds; float-to-int casts saturate in Rust.
-#[allow(clippy::cast_possible_truncation)]
-fn ms_to_ns(ms: f64) -> u64 {
-    (ms * 1e6).round() as u64
+/// `service net-... (pid N): ... cpu 12.3 ms, idle spin 4.5 ms` in the core's log: the net
+/// service's CPU and idle spin in ns.
+pub fn net_service_cpu_ns(stderr: &str) -> Option<(u64, Option<u64>)> {
+    crate::util::service_cpu(stderr, "net-")
 }
 
 fn spawn_reader<R: Read + Send + 'static>(
@@ -426,9 +410,10 @@ fn spawn_reader<R: Read + Send + 'static>(
 }
 
 /// Boots the probe's net-bench under `peer` with `size`-byte frames both ways.
-fn run_peer(peer: Peer, r: &NetRun<'_>, ns: &NetNs, size: usize) -> Result<RunResult, BoxError> {
+fn run_peer(peer: Peer, r: &NetRun<'_>, site: &Site<'_>, size: usize) -> Result<RunResult, BoxError> {
+    let ns = site.ns;
     let before = counters(ns)?;
-    let mut child: Child = command_for(peer, r, ns, size)
+    let mut child: Child = command_for(peer, r, site, size)?
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -441,7 +426,7 @@ fn run_peer(peer: Peer, r: &NetRun<'_>, ns: &NetNs, size: usize) -> Result<RunRe
     let err_reader = spawn_reader(child.stderr.take().ok_or("no stderr")?, None);
     let stop = Arc::new(AtomicBool::new(false));
     let mut generator: Option<std::thread::JoinHandle<Result<GenStats, String>>> = None;
-    let mut threads = HashMap::new();
+    let mut threads = ThreadCpu::default();
     let start = Instant::now();
     let (status, process_cpu_ns) = loop {
         match line_rx.recv_timeout(Duration::from_millis(10)) {
@@ -458,7 +443,7 @@ fn run_peer(peer: Peer, r: &NetRun<'_>, ns: &NetNs, size: usize) -> Result<RunRe
             Ok(_) | Err(mpsc::RecvTimeoutError::Timeout | mpsc::RecvTimeoutError::Disconnected) => {}
         }
         if peer != Peer::Bulkhead {
-            sample_threads(pid, &mut threads);
+            threads.sample(pid);
         }
         if let Some(done) = reap(cpid, false)? {
             break done;
@@ -480,8 +465,14 @@ fn run_peer(peer: Peer, r: &NetRun<'_>, ns: &NetNs, size: usize) -> Result<RunRe
     let after = counters(ns)?;
     let code = if libc::WIFEXITED(status) { Some(libc::WEXITSTATUS(status)) } else { None };
     // Bulkhead exits with the probe's verdict (0 = pass); QEMU's isa-debug-exit with (v << 1) | 1.
-    let want = if peer == Peer::Bulkhead { 0 } else { 1 };
-    if code != Some(want) {
+    // Firecracker drops the probe's verdict port; its i8042 reset ends it with status 0, so the
+    // verdict is the console line.
+    let passed = match peer {
+        Peer::Bulkhead => code == Some(0),
+        Peer::Qemu | Peer::QemuVhost => code == Some(1),
+        Peer::Firecracker => code == Some(0) && stdout.contains("probe: verdict pass"),
+    };
+    if !passed {
         return Err(format!(
             "{} net-bench ({size}-byte frames) failed (wait status {status:#x}):\n{stdout}\n{stderr}",
             peer.label()
@@ -500,15 +491,12 @@ fn run_peer(peer: Peer, r: &NetRun<'_>, ns: &NetNs, size: usize) -> Result<RunRe
         .into());
     }
     let exits = if peer == Peer::Bulkhead { crate::util::service_exits(&stderr, "net-") } else { None };
-    let device_cpu_ns = if peer == Peer::Bulkhead {
-        net_service_cpu_ns(&stderr)
+    let (device_cpu_ns, device_spin_ns) = if peer == Peer::Bulkhead {
+        net_service_cpu_ns(&stderr).map_or((None, None), |(cpu, spin)| (Some(cpu), spin))
     } else {
-        // Without a thread named `CPU n/KVM` the split is unknown: report nothing rather than
-        // the whole process under the device's name.
-        threads
-            .values()
-            .any(|(vcpu, _)| *vcpu)
-            .then(|| threads.values().filter(|(vcpu, _)| !vcpu).map(|(_, ns)| ns).sum())
+        // Without a vCPU thread by name the split is unknown: report nothing rather than the
+        // whole process under the device's name.
+        (threads.non_vcpu_ns(), None)
     };
     // A rate in the millions at most: the float-to-int cast saturates and the fraction is noise.
     #[allow(clippy::cast_possible_truncation)]
@@ -518,6 +506,7 @@ fn run_peer(peer: Peer, r: &NetRun<'_>, ns: &NetNs, size: usize) -> Result<RunRe
         rx,
         frames_moved: host_rx + after.tx_packets.saturating_sub(before.tx_packets),
         device_cpu_ns,
+        device_spin_ns,
         process_cpu_ns,
         gen_fps,
         gen_full: gen.map_or(0, |g| g.full),
@@ -544,31 +533,47 @@ pub fn bench(r: &NetRun<'_>, runs: usize) -> Result<(), BoxError> {
     } else {
         eprintln!("bench: net: /dev/vhost-net does not exist: skipping QEMU with vhost=on");
     }
+    let fc: Option<PathBuf> = crate::bench_api::firecracker();
+    if fc.is_some() {
+        peers.push(Peer::Firecracker);
+    } else {
+        eprintln!(
+            "bench: net: Firecracker not found (../shared/peers/firecracker, $BULKHEAD_FIRECRACKER): its column is left out"
+        );
+    }
     let ns = bench_netns()?;
     // Fails early if the namespace cannot hold a packet socket on the TAP.
     ns.run(|| packet_socket(TAP).map(drop))?;
-    // (peer, size) -> results of every run.
-    let mut results: BTreeMap<(Peer, usize), Vec<RunResult>> = BTreeMap::new();
+    let dir = crate::util::workspace_root().join("target/bench-net");
+    std::fs::create_dir_all(&dir)?;
+    let site = Site { ns: &ns, fc: fc.as_deref(), dir: &dir };
     let started = Instant::now();
-    for i in 0..runs {
-        for size in SIZES {
-            for &peer in &peers {
-                let res = run_peer(peer, r, &ns, size)?;
-                eprintln!(
-                    "bench: net run {}/{runs} {size} B {}: tx {} fps, rx {} fps (generator: {} fps, queue full {} times; TAP dropped {})",
-                    i + 1,
-                    peer.label(),
-                    res.tx.fps,
-                    res.rx.fps,
-                    res.gen_fps,
-                    res.gen_full,
-                    res.tap_dropped
-                );
-                results.entry((peer, size)).or_default().push(res);
+    // (peer, size) -> results of every run.
+    let measured = (|| -> Result<BTreeMap<(Peer, usize), Vec<RunResult>>, BoxError> {
+        let mut results: BTreeMap<(Peer, usize), Vec<RunResult>> = BTreeMap::new();
+        for i in 0..runs {
+            for size in SIZES {
+                for &peer in &peers {
+                    let res = run_peer(peer, r, &site, size)?;
+                    eprintln!(
+                        "bench: net run {}/{runs} {size} B {}: tx {} fps, rx {} fps (generator: {} fps, queue full {} times; TAP dropped {})",
+                        i + 1,
+                        peer.label(),
+                        res.tx.fps,
+                        res.rx.fps,
+                        res.gen_fps,
+                        res.gen_full,
+                        res.tap_dropped
+                    );
+                    results.entry((peer, size)).or_default().push(res);
+                }
             }
         }
-    }
+        Ok(results)
+    })();
     drop(ns);
+    let _ = std::fs::remove_dir_all(&dir);
+    let results = measured?;
     let wall = started.elapsed();
     let med = |peer: Peer, size: usize, f: &dyn Fn(&RunResult) -> Option<u64>| -> u64 {
         let mut v: Vec<u64> = results.get(&(peer, size)).map_or_else(Vec::new, |rs| rs.iter().filter_map(f).collect());
@@ -598,7 +603,8 @@ pub fn bench(r: &NetRun<'_>, runs: usize) -> Result<(), BoxError> {
         ("rx", "frames/s", |x| Some(x.rx.fps)),
         ("rx", "MiB/s", |x| Some(x.rx.mibps)),
     ];
-    let mut headline = Vec::new();
+    // Peer -> its frames/s ratios (`tx-64 R`, ...) for the headline lines.
+    let mut headlines: BTreeMap<Peer, Vec<String>> = BTreeMap::new();
     for size in SIZES {
         for (dir, unit, pick) in metrics {
             let b = med(Peer::Bulkhead, size, &pick);
@@ -607,11 +613,11 @@ pub fn bench(r: &NetRun<'_>, runs: usize) -> Result<(), BoxError> {
             for v in &vals {
                 row.push_str(&format!(" {v} |"));
             }
-            for v in &vals {
-                let ratio = if *v == 0 { 0.0 } else { b as f64 / *v as f64 };
+            for (&p, &v) in others.iter().zip(&vals) {
+                let ratio = if v == 0 { 0.0 } else { b as f64 / v as f64 };
                 row.push_str(&format!(" {ratio:.2} |"));
-                if unit == "frames/s" && others.first().is_some_and(|&p| p == Peer::Qemu) && vals.first() == Some(v) {
-                    headline.push(format!("{dir}-{size} {ratio:.2}"));
+                if unit == "frames/s" {
+                    headlines.entry(p).or_default().push(format!("{dir}-{size} {ratio:.2}"));
                 }
             }
             println!("{row}");
@@ -619,17 +625,18 @@ pub fn bench(r: &NetRun<'_>, runs: usize) -> Result<(), BoxError> {
     }
     println!();
     println!("# CPU time per frame moved (ns; frames = TAP rx + tx packets of the run; medians)");
-    let mut head = String::from("| frame size | bulkhead-net | bulkhead, all processes |");
+    let mut head = String::from("| frame size | bulkhead-net | of which idle spin | bulkhead, all processes |");
     for p in &others {
         head.push_str(&format!(" {} non-vCPU threads | {} whole process |", p.label(), p.label()));
     }
     println!("{head}");
-    println!("|{}", "---|".repeat(3 + 2 * others.len()));
+    println!("|{}", "---|".repeat(4 + 2 * others.len()));
     for size in SIZES {
         let per = |x: &RunResult, ns: Option<u64>| ns.and_then(|n| n.checked_div(x.frames_moved));
         let mut row = format!(
-            "| {size} B | {} | {} |",
+            "| {size} B | {} | {} | {} |",
             med(Peer::Bulkhead, size, &|x| per(x, x.device_cpu_ns)),
+            med(Peer::Bulkhead, size, &|x| per(x, x.device_spin_ns)),
             med(Peer::Bulkhead, size, &|x| per(x, Some(x.process_cpu_ns)))
         );
         for &p in &others {
@@ -667,7 +674,12 @@ pub fn bench(r: &NetRun<'_>, runs: usize) -> Result<(), BoxError> {
             .collect();
         println!("generator at {size} B (medians): {}", each.join("; "));
     }
-    println!("net frames/s ratio bulkhead / QEMU vhost=off: {}", headline.join(", "));
+    // The headlines: QEMU's main-loop virtio-net, and Firecracker's when it ran.
+    for p in [Peer::Qemu, Peer::Firecracker] {
+        if let Some(h) = headlines.get(&p) {
+            println!("net frames/s ratio bulkhead / {}: {}", p.label(), h.join(", "));
+        }
+    }
     Ok(())
 }
 
@@ -707,7 +719,9 @@ mod tests {
     fn finds_the_net_service_cpu() {
         let log = "bulkhead[1] 0.5s INFO  service console (pid 2): 951 exits forwarded, 0 rejected, 0 failures, cpu 65.0 ms\n\
                    bulkhead[1] 0.5s INFO  service net-net0 (pid 3): 57 exits forwarded, 0 rejected, 0 failures, cpu 299.7 ms\n";
-        assert_eq!(net_service_cpu_ns(log), Some(299_700_000));
+        assert_eq!(net_service_cpu_ns(log), Some((299_700_000, None)));
+        let log = "x INFO  service net-net0 (pid 8): 1 exits forwarded, 0 reads mirrored, 0 rejected, 0 failures, cpu 2.0 ms, idle spin 0.5 ms\n";
+        assert_eq!(net_service_cpu_ns(log), Some((2_000_000, Some(500_000))));
         assert_eq!(net_service_cpu_ns("service net-net0 (pid 3): cpu n/a\n"), None);
     }
 }

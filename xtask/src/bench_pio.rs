@@ -127,8 +127,8 @@ fn bulkhead(r: &PioRun<'_>, port: u16, exits: u64) -> Result<u64, BoxError> {
 }
 
 fn firecracker(fc: &Path, r: &PioRun<'_>, dir: &Path, port: u16, exits: u64) -> Result<u64, BoxError> {
-    let out =
-        crate::bench_api::firecracker_command(fc, dir, "pio", r.probe, &cmdline(port, exits), 64, None)?.output()?;
+    let out = crate::bench_api::firecracker_command(fc, dir, "pio", r.probe, &cmdline(port, exits), 64, None, None)?
+        .output()?;
     let stdout = String::from_utf8_lossy(&out.stdout);
     parse_cycles(&stdout).map_err(|e| format!("firecracker ({}): {e}:\n{stdout}", out.status).into())
 }

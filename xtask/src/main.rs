@@ -16,6 +16,7 @@ mod bench_pio;
 mod guest;
 mod netns;
 mod probe;
+mod proc_cpu;
 mod tasks;
 mod util;
 

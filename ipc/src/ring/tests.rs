@@ -452,3 +452,22 @@ fn service_notices_a_core_that_stays_off_cpu() {
     assert!(!svc.core_off_cpu(now + Duration::from_secs(2), Duration::from_secs(1)));
     assert!(svc.rang_core_at.is_none());
 }
+
+#[test]
+fn copy_access_copies_every_size_up_to_eight() {
+    let src = [1u8, 2, 3, 4, 5, 6, 7, 8, 9];
+    for n in 0..=9usize {
+        let mut dst = [0xeeu8; 9];
+        let got = copy_access(&mut dst[..n], &src);
+        assert_eq!(got, n.min(8));
+        assert_eq!(&dst[..n.min(8)], &src[..n.min(8)], "size {n}");
+        assert!(dst[n.min(8)..].iter().all(|&b| b == 0xee), "size {n} wrote past its end");
+    }
+    // The shorter side bounds the copy.
+    let mut dst = [0u8; 8];
+    assert_eq!(copy_access(&mut dst, &src[..3]), 3);
+    assert_eq!(dst, [1, 2, 3, 0, 0, 0, 0, 0]);
+    let mut dst = [0u8; 5];
+    fill_access(&mut dst, 0xff);
+    assert_eq!(dst, [0xff; 5]);
+}
