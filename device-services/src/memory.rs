@@ -10,6 +10,11 @@ use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use ipc::control::MemoryRegion;
 use vm_memory::{FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
+/// Slices, iovecs and guards of one request or frame, held inline: a frame or a block request
+/// is one to a few descriptors, and a heap allocation per list per request showed in the I/O
+/// paths' profiles (longer lists spill to the heap).
+pub type Inline<T> = smallvec::SmallVec<[T; 4]>;
+
 /// Guest memory as mapped by a service.
 pub type GuestMem = GuestMemoryMmap<()>;
 
@@ -65,6 +70,52 @@ pub fn map_guest_memory(fd: OwnedFd, regions: &[MemoryRegion]) -> Result<GuestMe
     GuestMemoryMmap::from_ranges_with_files(ranges).map_err(MemoryError::Map)
 }
 
+/// A part of a range that is not guest memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("{len:#x} bytes at guest address {addr:#x} are not all guest memory")]
+pub struct OutsideMemory {
+    /// Guest address of the range.
+    pub addr: u64,
+    /// Its length.
+    pub len: usize,
+}
+
+/// Appends to `out` the host slices that together cover `len` bytes at `addr`: one slice when
+/// the range lies inside one region (every descriptor of a guest with one RAM region, found
+/// without vm-memory's slice iterator, which the I/O paths' profiles showed at ~12% of a
+/// service's CPU), one per region otherwise. Nothing for `len == 0`.
+///
+/// # Errors
+/// Part of the range is not guest memory (`out` may then hold some of its slices).
+pub fn push_slices<'m>(
+    mem: &'m GuestMem,
+    addr: GuestAddress,
+    len: usize,
+    perm: vm_memory::Permissions,
+    out: &mut impl Extend<vm_memory::VolatileSlice<'m, ()>>,
+) -> Result<(), OutsideMemory> {
+    use vm_memory::GuestMemory;
+    let outside = OutsideMemory { addr: addr.0, len };
+    if len == 0 {
+        return Ok(());
+    }
+    if let Ok(one) = GuestMemoryBackend::get_slice(mem, addr, len) {
+        out.extend(Some(one));
+        return Ok(());
+    }
+    let mut got = 0usize;
+    for sl in GuestMemory::get_slices(mem, addr, len, perm).map_err(|_| outside)? {
+        let sl = sl.map_err(|_| outside)?;
+        got += sl.len();
+        out.extend(Some(sl));
+    }
+    if got == len {
+        Ok(())
+    } else {
+        Err(outside)
+    }
+}
+
 /// The fds the mapping holds (one per region); a jail must keep them open.
 pub fn memory_fds(mem: &GuestMem) -> Vec<RawFd> {
     mem.iter().filter_map(|r| r.file_offset().map(|f| f.file().as_raw_fd())).collect()
@@ -96,6 +147,32 @@ mod tests {
         nix::sys::uio::pread(&probe, &mut b, 0x1001).expect("pread");
         assert_eq!(b[0], 0xab, "the mapping is the memfd's pages");
         assert_eq!(memory_fds(&mem).len(), 2);
+    }
+
+    #[test]
+    fn slices_cover_ranges_within_and_across_regions_and_refuse_gaps() {
+        let regions = [
+            MemoryRegion { guest_addr: 0, len: 0x1000, file_offset: 0 },
+            MemoryRegion { guest_addr: 0x1000, len: 0x1000, file_offset: 0x1000 },
+            MemoryRegion { guest_addr: 0x10_0000, len: 0x1000, file_offset: 0x2000 },
+        ];
+        let mem = map_guest_memory(memfd(0x3000), &regions).expect("map");
+        let perm = vm_memory::Permissions::Read;
+        let lens = |v: &Vec<vm_memory::VolatileSlice<'_, ()>>| v.iter().map(|s| s.len()).collect::<Vec<_>>();
+        let mut out = Vec::new();
+        push_slices(&mem, GuestAddress(0x100), 0x200, perm, &mut out).expect("within one region");
+        assert_eq!(lens(&out), [0x200]);
+        // Two adjacent regions: two slices, appended after what `out` held.
+        push_slices(&mem, GuestAddress(0xf00), 0x200, perm, &mut out).expect("across two regions");
+        assert_eq!(lens(&out), [0x200, 0x100, 0x100]);
+        let mut out = Vec::new();
+        push_slices(&mem, GuestAddress(0x10), 0, perm, &mut out).expect("empty");
+        assert!(out.is_empty());
+        // Past the second region lies a gap: refused, however the range starts.
+        let gap = push_slices(&mem, GuestAddress(0x1f00), 0x200, perm, &mut Vec::new());
+        assert_eq!(gap, Err(OutsideMemory { addr: 0x1f00, len: 0x200 }));
+        assert!(push_slices(&mem, GuestAddress(0x5000), 1, perm, &mut Vec::new()).is_err());
+        assert!(push_slices(&mem, GuestAddress(0x10_0f00), 0x200, perm, &mut Vec::new()).is_err());
     }
 
     #[test]

@@ -34,7 +34,7 @@
 //! (next available index, used index, the head being published); an in-flight entry is an
 //! [`InflightEntry`] (avail-ring position and an order counter).
 
-use std::os::fd::{BorrowedFd, OwnedFd};
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{fence, AtomicU64, Ordering};
 
 use bincode::Options;
@@ -42,6 +42,9 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 use crate::region::{RegionError, SharedRegion};
 
+/// Page size the region's layout assumes (every x86_64 Linux).
+const PAGE: usize = 4096;
+const _: () = assert!(HOT_OFFSET.is_multiple_of(PAGE) && STATE_REGION_LEN.is_multiple_of(PAGE));
 /// Size of the state region in bytes.
 pub const STATE_REGION_LEN: usize = 64 * 1024;
 /// Length of one cold-state slot.
@@ -452,9 +455,37 @@ impl StateRegion {
         }
     }
 
+    /// Whether the page holding `offset` may hold non-zero bytes: `false` only for a hole of the
+    /// memfd, which reads as zeros. Touching a hole of a shared memfd mapping, even to read it,
+    /// allocates a page, so the scans and clears below skip holes: a device's region then costs
+    /// only the pages it has written (one for a queue's in-flight entries, not all sixteen).
+    /// Errors other than "no data after this offset" count as data, which is always safe.
+    fn page_has_data(&self, offset: usize) -> bool {
+        let page = offset - offset % PAGE;
+        let Ok(at) = libc::off_t::try_from(page) else { return true };
+        // SAFETY: lseek on the region's own memfd touches no memory; the file offset it moves is
+        // used by nobody (the region is only ever mapped).
+        let r = unsafe { libc::lseek(self.region.fd().as_raw_fd(), at, libc::SEEK_DATA) };
+        if r < 0 {
+            return std::io::Error::last_os_error().raw_os_error() != Some(libc::ENXIO);
+        }
+        usize::try_from(r).map_or(true, |data| data < page + PAGE)
+    }
+
+    /// The 8-byte word offsets in `range` that lie on pages holding data (see
+    /// [`page_has_data`](Self::page_has_data)); `range` starts page-aligned.
+    fn words_with_data(&self, range: std::ops::Range<usize>) -> impl Iterator<Item = usize> + '_ {
+        debug_assert!(range.start.is_multiple_of(PAGE));
+        let end = range.end;
+        range
+            .step_by(PAGE)
+            .filter(|&page| self.page_has_data(page))
+            .flat_map(move |page| (page..(page + PAGE).min(end)).step_by(8))
+    }
+
     /// Whether every hot word and in-flight entry is zero.
     pub fn hot_is_zero(&self) -> bool {
-        (HOT_OFFSET..STATE_REGION_LEN).step_by(8).all(|o| self.word(o).load(Ordering::Acquire) == 0)
+        self.words_with_data(HOT_OFFSET..STATE_REGION_LEN).all(|o| self.word(o).load(Ordering::Acquire) == 0)
     }
 
     /// Commits `payload` as the new cold state of a device of `kind` (torn-write safe: see the
@@ -491,7 +522,7 @@ impl StateRegion {
 
     /// Forgets every committed state and tracked request: the region reads as fresh again.
     pub fn clear(&mut self) {
-        for o in (0..STATE_REGION_LEN).step_by(8) {
+        for o in self.words_with_data(0..STATE_REGION_LEN) {
             self.word(o).store(0, Ordering::SeqCst);
         }
         self.newest = None;
@@ -508,7 +539,10 @@ impl StateRegion {
     /// Stores the hot word of queue `q` (ignored if out of range).
     pub fn set_queue_word(&self, q: usize, w: QueueWord) {
         if q < HOT_QUEUE_WORDS {
-            self.word(HOT_OFFSET + 8 * q).store(seal(w.encode()), Ordering::SeqCst);
+            // Release: the tracking protocol needs only program order between its stores
+            // (device-services' `tracked`), and a sequentially consistent store is a full
+            // fence on every request.
+            self.word(HOT_OFFSET + 8 * q).store(seal(w.encode()), Ordering::Release);
         }
     }
 
@@ -525,13 +559,14 @@ impl StateRegion {
     /// Stores (or with `None` clears) in-flight entry `index` (ignored if out of range).
     pub fn set_entry(&self, index: usize, e: Option<InflightEntry>) {
         if index < MAX_ENTRIES {
-            self.word(ENTRIES_OFFSET + 8 * index).store(e.map_or(0, |e| seal(e.encode())), Ordering::SeqCst);
+            // Release, as in `set_queue_word`.
+            self.word(ENTRIES_OFFSET + 8 * index).store(e.map_or(0, |e| seal(e.encode())), Ordering::Release);
         }
     }
 
     /// Clears the hot words and in-flight entries only.
     pub fn clear_hot(&self) {
-        for o in (HOT_OFFSET..STATE_REGION_LEN).step_by(8) {
+        for o in self.words_with_data(HOT_OFFSET..STATE_REGION_LEN) {
             self.word(o).store(0, Ordering::SeqCst);
         }
     }
@@ -554,6 +589,33 @@ mod tests {
 
     fn reopen(r: &StateRegion) -> StateRegion {
         StateRegion::from_fd(r.fd().try_clone_to_owned().expect("dup")).expect("map")
+    }
+
+    /// Pages the region's memfd has allocated.
+    fn pages(r: &StateRegion) -> i64 {
+        let st = nix::sys::stat::fstat(r.fd().as_raw_fd()).expect("fstat");
+        st.st_blocks * 512 / PAGE as i64
+    }
+
+    #[test]
+    fn scans_and_clears_allocate_no_pages() {
+        let mut r = StateRegion::create("t").expect("create");
+        assert_eq!(pages(&r), 0);
+        assert!(r.hot_is_zero());
+        r.clear_hot();
+        r.clear();
+        assert_eq!(reopen(&r).load(KIND).expect("load"), Loaded::Fresh);
+        // Reading two slot headers may allocate their two pages, never the hot area's fourteen.
+        assert!(pages(&r) <= 2, "{} pages allocated", pages(&r));
+        // One entry far into the area allocates its page only; the scan still sees it.
+        let far = MAX_ENTRIES - 1;
+        r.set_entry(far, Some(InflightEntry { pos: 1, order: 2 }));
+        assert!(pages(&r) <= 3, "{} pages allocated", pages(&r));
+        assert!(!r.hot_is_zero());
+        r.clear_hot();
+        assert!(r.hot_is_zero());
+        assert_eq!(r.entry(far).expect("entry"), None);
+        assert!(pages(&r) <= 3, "{} pages allocated", pages(&r));
     }
 
     #[test]

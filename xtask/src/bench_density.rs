@@ -18,7 +18,7 @@ use std::process::Child;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use crate::bench_footprint::{cpu_ns, pss_without_guest_ram, spawn_with, tree, Vmm};
+use crate::bench_footprint::{cpu_ns, pss_without_guest_ram, spawn_with, tree, VmSpec, Vmm};
 use crate::util::BoxError;
 
 /// How long N VMs get to print their first line, or to finish their verify.
@@ -71,7 +71,8 @@ fn start(
     let (tx, rx) = mpsc::channel();
     let mut fleet = Fleet(Vec::with_capacity(disks.len()));
     for (i, disk) in disks.iter().enumerate() {
-        let mut child = spawn_with(vmm, exe, probe, Some(disk), dir, cmdline, &format!("density-{i}"))?;
+        let mut child =
+            spawn_with(VmSpec { vmm, exe, probe, disk: Some(disk), nic: None, dir }, cmdline, &format!("density-{i}"))?;
         let out = child.stdout.take().ok_or("no stdout")?;
         let tx = tx.clone();
         std::thread::spawn(move || {

@@ -1,7 +1,9 @@
 //! `cargo xtask bench --only footprint`: what one running VM costs the host, Bulkhead against
 //! Firecracker, same probe guest, interleaved runs.
 //!
-//! Per run and VMM, for a VM with a console only and one with a console and a disk:
+//! Per run and VMM, for a VM with a console only, one with a console and a disk, and one with a
+//! console, a disk and a NIC (a TAP in a network namespace the bench makes and deletes; the VMM
+//! runs in it through `ip netns exec`; the row is left out where no namespace can be made):
 //! - **start time**: from spawning the VMM process (`bulkhead run ...`, `firecracker --no-api
 //!   --config-file ...`) to the guest's first console line, every service spawned and jailed;
 //! - **memory**: once the guest (`probe.test=idle`) has halted, the PSS of every process of the VM
@@ -20,6 +22,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use crate::netns::NetNs;
 use crate::util::BoxError;
 
 /// Guest RAM of every VM measured (MiB).
@@ -37,6 +40,8 @@ pub(crate) enum Vmm {
 enum Devices {
     Console,
     ConsoleDisk,
+    /// Console, disk and a NIC on a TAP in a network namespace of the bench's own.
+    ConsoleDiskNic,
 }
 
 impl Devices {
@@ -44,8 +49,20 @@ impl Devices {
         match self {
             Self::Console => "console",
             Self::ConsoleDisk => "console + disk",
+            Self::ConsoleDiskNic => "console + disk + NIC",
         }
     }
+}
+
+/// The TAP (in the bench's namespace) that the NIC row's VMs attach to, one VM at a time.
+const TAP: &str = "bhfp0";
+/// The guest's MAC on that TAP.
+const GUEST_MAC: &str = "02:bb:00:00:00:11";
+
+/// A NIC for [`spawn_with`]: the VMM runs inside `ns` and attaches to its TAP [`TAP`].
+#[derive(Clone, Copy)]
+pub(crate) struct Nic<'a> {
+    ns: &'a NetNs,
 }
 
 /// One run's figures.
@@ -135,22 +152,27 @@ fn comm(pid: u32) -> String {
     }
 }
 
-fn spawn(vmm: Vmm, exe: &Path, probe: &Path, disk: Option<&Path>, dir: &Path) -> Result<Child, BoxError> {
-    spawn_with(vmm, exe, probe, disk, dir, "probe.test=idle", "footprint")
+/// One VM as the footprint and density benches start it.
+#[derive(Clone, Copy)]
+pub(crate) struct VmSpec<'a> {
+    /// Which VMM.
+    pub vmm: Vmm,
+    /// Its executable.
+    pub exe: &'a Path,
+    /// The probe guest.
+    pub probe: &'a Path,
+    /// An optional disk image.
+    pub disk: Option<&'a Path>,
+    /// An optional NIC.
+    pub nic: Option<Nic<'a>>,
+    /// Where Firecracker's config and log files go.
+    pub dir: &'a Path,
 }
 
-/// Starts one VM under `vmm` with `cmdline` and an optional disk, its stdout piped; `tag` names
-/// Firecracker's config and log files in `dir`.
-pub(crate) fn spawn_with(
-    vmm: Vmm,
-    exe: &Path,
-    probe: &Path,
-    disk: Option<&Path>,
-    dir: &Path,
-    cmdline: &str,
-    tag: &str,
-) -> Result<Child, BoxError> {
-    let mut cmd = match vmm {
+/// Starts `vm` with `cmdline`, its stdout piped; `tag` names Firecracker's config and log files.
+pub(crate) fn spawn_with(vm: VmSpec<'_>, cmdline: &str, tag: &str) -> Result<Child, BoxError> {
+    let VmSpec { vmm, exe, probe, disk, nic, dir } = vm;
+    let cmd = match vmm {
         Vmm::Bulkhead => {
             let mut c = Command::new(exe);
             c.args(["run", "--serial-input", "none", "--log-level", "warn", "--mem", &MEM_MIB.to_string()])
@@ -160,16 +182,38 @@ pub(crate) fn spawn_with(
             if let Some(d) = disk {
                 c.arg("--disk").arg(d);
             }
+            if nic.is_some() {
+                c.args(["--net", &format!("tap={TAP},mac={GUEST_MAC}")]);
+            }
             c
         }
-        Vmm::Firecracker => crate::bench_api::firecracker_command(exe, dir, tag, probe, cmdline, MEM_MIB, disk, None)?,
+        Vmm::Firecracker => crate::bench_api::firecracker_command(
+            exe,
+            dir,
+            tag,
+            probe,
+            cmdline,
+            MEM_MIB,
+            disk,
+            nic.map(|_| (TAP, GUEST_MAC)),
+        )?,
+    };
+    // `ip netns exec` execs the VMM: the child's pid is the VMM's.
+    let mut cmd = match nic {
+        Some(n) => {
+            let mut w = Command::new("ip");
+            w.args(["netns", "exec", n.ns.name()]).arg(cmd.get_program()).args(cmd.get_args());
+            w
+        }
+        None => cmd,
     };
     Ok(cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::null()).spawn()?)
 }
 
-fn one_run(vmm: Vmm, exe: &Path, probe: &Path, disk: Option<&Path>, dir: &Path) -> Result<Sample, BoxError> {
+fn one_run(vm: VmSpec<'_>) -> Result<Sample, BoxError> {
+    let vmm = vm.vmm;
     let t0 = Instant::now();
-    let mut child = spawn(vmm, exe, probe, disk, dir)?;
+    let mut child = spawn_with(vm, "probe.test=idle", "footprint")?;
     let stdout = child.stdout.take().ok_or("no stdout")?;
     let (tx, rx) = mpsc::channel::<(Instant, String)>();
     std::thread::spawn(move || {
@@ -226,12 +270,28 @@ pub fn bench(bin: &Path, probe: &Path, runs: usize) -> Result<(), BoxError> {
         Some(p) => vmms.push((Vmm::Firecracker, p)),
         None => println!("# Firecracker not found (../shared/peers/firecracker, $BULKHEAD_FIRECRACKER): Bulkhead only"),
     }
+    // The NIC row needs a TAP in a namespace of our own; without `ip` or namespaces it is left out.
+    let ns = crate::util::ensure_packages(&[("ip", "iproute2")]).and_then(|()| {
+        let ns = NetNs::new("bhfp-")?;
+        ns.ip(&["tuntap", "add", "dev", TAP, "mode", "tap", "vnet_hdr"])?;
+        ns.ip(&["link", "set", TAP, "up"])?;
+        Ok(ns)
+    });
+    let mut rows = vec![Devices::Console, Devices::ConsoleDisk];
+    match &ns {
+        Ok(_) => rows.push(Devices::ConsoleDiskNic),
+        Err(e) => println!("# no network namespace for the NIC row ({e}): left out"),
+    }
     let mut all: BTreeMap<(Devices, Vmm), Vec<Sample>> = BTreeMap::new();
     for r in 0..runs {
-        for devices in [Devices::Console, Devices::ConsoleDisk] {
+        for &devices in &rows {
             for (vmm, exe) in &vmms {
-                let d = (devices == Devices::ConsoleDisk).then_some(disk.as_path());
-                let s = one_run(*vmm, exe, probe, d, &dir)?;
+                let d = (devices != Devices::Console).then_some(disk.as_path());
+                let nic = match (&ns, devices) {
+                    (Ok(ns), Devices::ConsoleDiskNic) => Some(Nic { ns }),
+                    _ => None,
+                };
+                let s = one_run(VmSpec { vmm: *vmm, exe, probe, disk: d, nic, dir: &dir })?;
                 eprintln!(
                     "footprint run {}/{runs} {vmm:?} {}: start {:.1} ms, PSS {} KiB, idle CPU {:.0} ms",
                     r + 1,
@@ -266,7 +326,7 @@ pub fn bench(bin: &Path, probe: &Path, runs: usize) -> Result<(), BoxError> {
         );
         medians.insert((*devices, *vmm), (median_f(&start), median_f(&pss)));
     }
-    for devices in [Devices::Console, Devices::ConsoleDisk] {
+    for &devices in &rows {
         if let (Some(b), Some(f)) = (medians.get(&(devices, Vmm::Bulkhead)), medians.get(&(devices, Vmm::Firecracker)))
         {
             println!(

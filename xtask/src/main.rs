@@ -1,5 +1,6 @@
 //! `cargo xtask`: build, run, test and benchmark helpers for Bulkhead.
 //!
+//! - `cargo xtask build`  builds the binaries, statically linked; last line: their directory.
 //! - `cargo xtask probe`  builds the freestanding probe guest; last line: the ELF's path.
 //! - `cargo xtask guest`  builds the Linux guest (kernel + rootfs); last lines: `key=path`.
 //! - `cargo xtask run`    builds what is missing and boots the Linux guest with its services.
@@ -24,6 +25,7 @@ use std::process::ExitCode;
 
 fn usage() -> &'static str {
     "usage: cargo xtask <command> [options]\n\
+     \x20 build   build the binaries, statically linked (release unless --debug; prints their directory last)\n\
      \x20 probe   build the probe guest ELF (prints its path last)\n\
      \x20 guest   build the Linux guest kernel and root file systems (prints key=path lines last)\n\
      \x20 run     build what is missing, then boot the Linux guest with its device services\n\
@@ -40,6 +42,7 @@ fn main() -> ExitCode {
     };
     let rest: Vec<String> = args.collect();
     let result = match cmd.as_str() {
+        "build" => tasks::build(&rest),
         "probe" => probe::run(&rest),
         "guest" => guest::run(&rest),
         "run" => tasks::run_guest(&rest),

@@ -128,6 +128,19 @@ fn netconsole_listener(ns: &NetNs) -> Result<Listener, BoxError> {
     Ok((stop, thread))
 }
 
+/// `cargo xtask build [--debug]`: builds the binaries (release unless `--debug`; statically
+/// linked, see `util::static_build`) and prints their directory last.
+pub fn build(extra: &[String]) -> Result<(), BoxError> {
+    let debug = match extra {
+        [] => false,
+        [d] if d == "--debug" => true,
+        _ => return Err("build takes only --debug".into()),
+    };
+    let dir = build_binaries(!debug)?;
+    println!("{}", dir.display());
+    Ok(())
+}
+
 /// `cargo xtask test`: builds the binaries, the probe guest and the Linux guest, then runs the
 /// whole test suite with their paths in the environment.
 pub fn test(extra: &[String]) -> Result<(), BoxError> {
@@ -149,9 +162,10 @@ pub fn test(extra: &[String]) -> Result<(), BoxError> {
         .current_dir(workspace_root().join("guests").join("probe"))
         .args(["test", "--lib"]))?;
     let mut cmd = Command::new(env!("CARGO"));
-    cmd.current_dir(workspace_root())
-        .args(["test", "--workspace"])
-        .args(extra)
+    cmd.current_dir(workspace_root()).args(["test", "--workspace"]);
+    // The same statically linked binaries as `build_binaries` (one target directory).
+    crate::util::static_build(&mut cmd);
+    cmd.args(extra)
         .env("BULKHEAD_PROBE", &probe)
         .env("BULKHEAD_VMLINUX", &images.vmlinux)
         .env("BULKHEAD_INITRAMFS", &images.initramfs)

@@ -21,12 +21,12 @@ use std::time::Duration;
 use ipc::control::{IoCounters, RateLimit, RateLimitUpdate};
 
 use virtio_bindings::virtio_blk;
-use vm_memory::{Bytes, GuestMemory, Permissions, VolatileSlice};
+use vm_memory::{Bytes, Permissions, VolatileSlice};
 
 use super::mmio::MmioTransport;
 use super::request::{parse_request, Request, RequestType, MAX_DESCRIPTORS, SECTOR};
 use super::{DeviceError, QueueCtx, VirtioDevice, F_EVENT_IDX, F_VERSION_1};
-use crate::memory::GuestMem;
+use crate::memory::{GuestMem, Inline};
 use crate::ratelimit::Throttle;
 use crate::runtime::{MmioHandler, RuntimeError};
 
@@ -400,13 +400,10 @@ impl Block {
     /// memory with one `preadv`/`pwritev` per request (more only after a short transfer).
     fn rw(&self, mem: &GuestMem, req: &Request, write: bool) -> io::Result<()> {
         let perm = if write { Permissions::Read } else { Permissions::Write };
-        let mut slices: Vec<VolatileSlice<'_, ()>> = Vec::with_capacity(req.data.len());
+        let mut slices: Inline<VolatileSlice<'_, ()>> = Inline::with_capacity(req.data.len());
         for s in &req.data {
-            let it =
-                mem.get_slices(s.addr, s.len as usize, perm).map_err(|_| io::Error::from_raw_os_error(libc::EFAULT))?;
-            for sl in it {
-                slices.push(sl.map_err(|_| io::Error::from_raw_os_error(libc::EFAULT))?);
-            }
+            crate::memory::push_slices(mem, s.addr, s.len as usize, perm, &mut slices)
+                .map_err(|_| io::Error::from_raw_os_error(libc::EFAULT))?;
         }
         let got: usize = slices.iter().map(|s| s.len()).sum();
         if got as u64 != req.data_len || slices.len() > MAX_DESCRIPTORS {
@@ -420,8 +417,8 @@ impl Block {
 /// Moves all bytes of `slices` from/to the file at `offset`. Bounded: each round moves at least
 /// one byte or fails, and the rounds are capped.
 fn transfer(fd: RawFd, slices: &[VolatileSlice<'_, ()>], offset: u64, write: bool) -> io::Result<()> {
-    let guards: Vec<_> = slices.iter().map(|s| s.ptr_guard_mut()).collect();
-    let mut iov: Vec<libc::iovec> = guards
+    let guards: Inline<_> = slices.iter().map(|s| s.ptr_guard_mut()).collect();
+    let mut iov: Inline<libc::iovec> = guards
         .iter()
         .zip(slices)
         .map(|(g, s)| libc::iovec { iov_base: g.as_ptr().cast::<libc::c_void>(), iov_len: s.len() })
@@ -629,6 +626,7 @@ mod tests {
     use std::io::Write;
     use virtio_queue::desc::split::Descriptor;
     use virtio_queue::QueueT;
+    use vm_memory::GuestMemory;
     use vm_memory::{GuestAddress, GuestMemoryMmap};
 
     const MEM: usize = 0x4000;

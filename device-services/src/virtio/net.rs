@@ -64,7 +64,7 @@ use vm_memory::{Bytes, GuestMemory, Permissions, VolatileSlice};
 use super::mmio::{reg, status, MmioTransport};
 use super::request::{take_front, Segment};
 use super::{DeviceError, QueueCtx, VirtioDevice, F_EVENT_IDX, F_VERSION_1};
-use crate::memory::GuestMem;
+use crate::memory::{GuestMem, Inline};
 use crate::ratelimit::Throttle;
 use crate::runtime::{MmioHandler, RuntimeError};
 
@@ -543,14 +543,12 @@ where
 }
 
 /// Guest slices for `segs` (an error if any is not backed by guest memory).
-fn slices<'m>(mem: &'m GuestMem, segs: &[Segment], perm: Permissions) -> io::Result<Vec<VolatileSlice<'m, ()>>> {
+fn slices<'m>(mem: &'m GuestMem, segs: &[Segment], perm: Permissions) -> io::Result<Inline<VolatileSlice<'m, ()>>> {
     let efault = || io::Error::from_raw_os_error(libc::EFAULT);
-    let mut out = Vec::with_capacity(segs.len());
+    let mut out = Inline::new();
     for s in segs {
         let len = usize::try_from(s.len).map_err(|_| efault())?;
-        for sl in mem.get_slices(s.addr, len, perm).map_err(|_| efault())? {
-            out.push(sl.map_err(|_| efault())?);
-        }
+        crate::memory::push_slices(mem, s.addr, len, perm, &mut out).map_err(|_| efault())?;
     }
     if out.len() > MAX_DESCRIPTORS + 1 {
         return Err(io::Error::from_raw_os_error(libc::E2BIG));
@@ -760,8 +758,8 @@ impl Net {
     /// guest's own bytes), then the guest's frame bytes, in one `writev`.
     fn send(&self, mem: &GuestMem, frame: &TxFrame, hdr: &[u8; HDR_LEN]) -> io::Result<()> {
         let sl = slices(mem, &frame.frame, Permissions::Read)?;
-        let guards: Vec<_> = sl.iter().map(|s| s.ptr_guard()).collect();
-        let mut iov = Vec::with_capacity(sl.len() + 1);
+        let guards: Inline<_> = sl.iter().map(|s| s.ptr_guard()).collect();
+        let mut iov: Inline<libc::iovec> = Inline::with_capacity(sl.len() + 1);
         iov.push(libc::iovec { iov_base: hdr.as_ptr().cast_mut().cast(), iov_len: HDR_LEN });
         iov.extend(
             guards
@@ -791,8 +789,8 @@ impl Net {
     /// reported, which exceeds `buf.cap` when the frame did not fit (it is then truncated).
     fn receive(&self, mem: &GuestMem, buf: &RxBuffer) -> io::Result<u64> {
         let sl = slices(mem, &buf.segs, Permissions::Write)?;
-        let guards: Vec<_> = sl.iter().map(|s| s.ptr_guard_mut()).collect();
-        let mut iov: Vec<libc::iovec> = guards
+        let guards: Inline<_> = sl.iter().map(|s| s.ptr_guard_mut()).collect();
+        let mut iov: Inline<libc::iovec> = guards
             .iter()
             .zip(&sl)
             .map(|(g, s)| libc::iovec { iov_base: g.as_ptr().cast(), iov_len: s.len() })
@@ -997,8 +995,8 @@ impl Net {
             cap_sum += buf.cap;
         }
         let over = usize::try_from((MAX_PACKET as u64 + 1).saturating_sub(cap_sum)).unwrap_or(MAX_PACKET).max(1);
-        let guards: Vec<_> = sl.iter().map(|s| s.ptr_guard_mut()).collect();
-        let mut iov: Vec<libc::iovec> = guards
+        let guards: Inline<_> = sl.iter().map(|s| s.ptr_guard_mut()).collect();
+        let mut iov: Inline<libc::iovec> = guards
             .iter()
             .zip(&sl)
             .map(|(g, s)| libc::iovec { iov_base: g.as_ptr().cast(), iov_len: s.len() })

@@ -24,6 +24,15 @@
 //! * Invariant checked on recovery: `next_avail - used_idx` (wrapping) equals the number of
 //!   entries in flight, each at a distinct position in `[used .. next_avail)`.
 //!
+//! Memory ordering: every store above is a release store (the used index too, in virtio-queue),
+//! so they become visible to any other observer in program order, which is all the protocol
+//! needs: the observer that matters is the next instance, which reads the region only after this
+//! one is dead, and a killed process loses no store it has executed (the CPU drains its store
+//! buffer; nothing is cached in the process). No full fence is taken per request: nothing here
+//! orders a store before a later load. The one store-then-load order virtio needs, the used
+//! index before reading the driver's `used_event` (EVENT_IDX), is the full fence virtio-queue
+//! takes in `needs_notification`, once per batch.
+//!
 //! Redo order is the take order (oldest avail position first). Block requests are redone as is:
 //! reads read again, writes write the same data again (idempotent). For net (later): a TX chain
 //! in flight is sent again (the peer may see a frame twice, as on a lossy link), and an RX buffer
@@ -166,10 +175,11 @@ impl<'a> QueueCtx<'a> {
         }
     }
 
-    /// After the used index covering `heads` is visible: clears their in-flight entries and
-    /// records the published used index.
+    /// After the used index covering `heads` is stored: clears their in-flight entries and
+    /// records the published used index (release stores, after the used index's: see "Memory
+    /// ordering" above; a full fence here stalled every completion on the guest's cache line).
     fn end_publish(&mut self, heads: &[u16]) {
-        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        std::sync::atomic::fence(std::sync::atomic::Ordering::Release);
         if let Some(t) = self.tracker.as_mut() {
             for &head in heads {
                 t.region.set_entry(t.entry_base + usize::from(head), None);
