@@ -414,6 +414,12 @@ impl Vmm {
         self.vm = Some(vm);
         self.state = VmState::Running;
         self.metrics_due = Instant::now() + METRICS_PERIOD;
+        // Start-up's temporary allocations (the parsed configuration's scratch, loader buffers,
+        // the services' set-up messages) are freed by now; hand their pages back instead of
+        // keeping them resident for the VM's life (~30 KiB of the core's heap; footprint bench).
+        // SAFETY: malloc_trim only returns free heap pages to the kernel (MADV_DONTNEED and a
+        // shrinking brk, both allowed by the core-main filter); no allocation is touched.
+        unsafe { libc::malloc_trim(0) };
         log::info!("VM started");
         Ok(())
     }

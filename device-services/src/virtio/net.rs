@@ -377,9 +377,9 @@ pub fn check_rx_header(hdr: &NetHdr, off: &Offloads) -> Result<NetHdr, NetError>
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TxFrame {
     /// Where the header is (every range inside guest RAM, readable; 12 bytes in all).
-    pub hdr: Vec<Segment>,
+    pub hdr: Inline<Segment>,
     /// The frame's bytes (every range inside guest RAM, readable).
-    pub frame: Vec<Segment>,
+    pub frame: Inline<Segment>,
     /// Total length of `frame`.
     pub len: u64,
 }
@@ -390,7 +390,7 @@ pub struct RxBuffer {
     /// Head descriptor index (the used id).
     pub head: u16,
     /// The writable ranges, in order.
-    pub segs: Vec<Segment>,
+    pub segs: Inline<Segment>,
     /// Total length of `segs`.
     pub cap: u64,
 }
@@ -473,13 +473,19 @@ fn total(segs: &[Segment]) -> u64 {
 
 /// Collects the descriptors of a chain in one direction, checking each against guest memory.
 /// Returns the non-empty ranges and their total (stopping early past `limit` bytes if `strict`).
-fn collect<M, I>(mem: &M, descs: I, writable: bool, limit: u64, strict: bool) -> Result<(Vec<Segment>, u64), NetError>
+fn collect<M, I>(
+    mem: &M,
+    descs: I,
+    writable: bool,
+    limit: u64,
+    strict: bool,
+) -> Result<(Inline<Segment>, u64), NetError>
 where
     M: GuestMemory + ?Sized,
     I: IntoIterator<Item = Descriptor>,
 {
     let perm = if writable { Permissions::Write } else { Permissions::Read };
-    let mut segs = Vec::new();
+    let mut segs = Inline::new();
     let mut sum = 0u64;
     let mut last_next = false;
     for (count, d) in descs.into_iter().enumerate() {
@@ -1324,7 +1330,7 @@ mod tests {
         let m = guest(&[0u8; MEM]);
         let f = parse_tx(&m, [d(0x100, 8, false, true), d(0x200, 70, false, false)]).expect("valid");
         assert_eq!(f.len, 66);
-        assert_eq!(f.frame, vec![Segment { addr: GuestAddress(0x204), len: 66 }]);
+        assert_eq!(f.frame.as_slice(), [Segment { addr: GuestAddress(0x204), len: 66 }]);
         let cases: Vec<(Vec<Descriptor>, NetError)> = vec![
             (vec![], NetError::TooShort(0)),
             (vec![d(0x100, 0, false, false)], NetError::TooShort(0)),

@@ -10,6 +10,8 @@ use virtio_bindings::virtio_blk;
 use virtio_queue::desc::split::Descriptor;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, Permissions};
 
+use crate::memory::Inline;
+
 /// Sector size of the virtio-blk protocol.
 pub const SECTOR: u64 = 512;
 /// Length of the request header (type, reserved, sector).
@@ -69,7 +71,7 @@ pub struct Request {
     /// First sector (In/Out; 0 otherwise).
     pub sector: u64,
     /// The data buffers: device-writable for In/GetId, device-readable otherwise.
-    pub data: Vec<Segment>,
+    pub data: Inline<Segment>,
     /// Total length of `data`.
     pub data_len: u64,
     /// Where the status byte goes.
@@ -130,8 +132,8 @@ pub struct RequestError {
 }
 
 /// Splits off the first `n` bytes of `segs` (returned) and leaves the rest in `segs`.
-pub(crate) fn take_front(segs: &mut Vec<Segment>, mut n: u64) -> Vec<Segment> {
-    let mut front = Vec::new();
+pub(crate) fn take_front(segs: &mut Inline<Segment>, mut n: u64) -> Inline<Segment> {
+    let mut front = Inline::new();
     let mut i = 0;
     while n > 0 && i < segs.len() {
         let s = segs[i];
@@ -163,7 +165,7 @@ where
     M: GuestMemory + ?Sized,
     I: IntoIterator<Item = Descriptor>,
 {
-    let mut all: Vec<Descriptor> = Vec::new();
+    let mut all: Inline<Descriptor> = Inline::new();
     for d in descs {
         if all.len() == MAX_DESCRIPTORS {
             return Err(RequestError { error: ParseError::TooLong, status: None });
@@ -183,8 +185,8 @@ where
     if all.last().is_some_and(|d| d.has_next()) {
         return fail(ParseError::Truncated);
     }
-    let mut readable = Vec::new();
-    let mut writable = Vec::new();
+    let mut readable = Inline::new();
+    let mut writable = Inline::new();
     for d in &all {
         let len = d.len();
         let perm = if d.is_write_only() { Permissions::Write } else { Permissions::Read };
@@ -269,7 +271,7 @@ where
             }
             (rdata, 0)
         }
-        RequestType::Flush | RequestType::Unsupported(_) => (Vec::new(), 0),
+        RequestType::Flush | RequestType::Unsupported(_) => (Inline::new(), 0),
     };
     let data_len = total(&data);
     Ok(Request { kind, sector, data, data_len, status: status_addr })
@@ -312,7 +314,7 @@ mod tests {
         let r = parse_request(&m, descs, CAP).expect("valid");
         assert_eq!(r.kind, RequestType::In);
         assert_eq!(r.sector, 3);
-        assert_eq!(r.data, vec![Segment { addr: GuestAddress(0x1000), len: 1024 }]);
+        assert_eq!(r.data.as_slice(), [Segment { addr: GuestAddress(0x1000), len: 1024 }]);
         assert_eq!(r.status, GuestAddress(0x1400));
     }
 
