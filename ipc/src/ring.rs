@@ -175,10 +175,10 @@ pub struct ExitRequest {
 /// Copies the first `min(dst.len(), src.len(), 8)` bytes of an access and returns how many.
 ///
 /// Exit data is 1 to 8 bytes, and a `copy_from_slice` of a length known only at run time compiles
-/// to a call into libc's `memcpy`/`memset`, whose AVX-512 variants leave the calling thread's
-/// AVX-512 register state in use. On a vCPU thread that state is then saved and restored on
-/// every `KVM_RUN` (the kernel swaps the thread's FPU state for the guest's each time), which
-/// costs every exit a few hundred cycles. These copies are of constant sizes, done inline.
+/// to a call into libc's `memcpy`/`memset` (its AVX-512 variants on these hosts): a call per
+/// exit on the vCPU thread for a few bytes. These copies are of constant sizes, done inline.
+/// (Live AVX-512 state also makes KVM's FPU swap per `KVM_RUN` dearer, but a thread inherits it
+/// from its creator, so these copies alone do not clear it: docs/benchmarks.md.)
 #[inline]
 pub fn copy_access(dst: &mut [u8], src: &[u8]) -> usize {
     let n = dst.len().min(src.len()).min(8);

@@ -200,11 +200,7 @@ pub(crate) fn spawn_with(vm: VmSpec<'_>, cmdline: &str, tag: &str) -> Result<Chi
     };
     // `ip netns exec` execs the VMM: the child's pid is the VMM's.
     let mut cmd = match nic {
-        Some(n) => {
-            let mut w = Command::new("ip");
-            w.args(["netns", "exec", n.ns.name()]).arg(cmd.get_program()).args(cmd.get_args());
-            w
-        }
+        Some(n) => n.ns.command(&cmd),
         None => cmd,
     };
     Ok(cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::null()).spawn()?)

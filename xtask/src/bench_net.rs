@@ -28,7 +28,6 @@
 //! busy-polls its rings, so they are upper bounds.
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Read};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -36,8 +35,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
+use crate::bench_blk::median;
 use crate::netns::NetNs;
-use crate::proc_cpu::{reap, ThreadCpu};
+use crate::proc_cpu::{drain, reap, ThreadCpu};
 use crate::util::BoxError;
 
 /// EtherType of the probe's test frames (IEEE local experimental).
@@ -345,31 +345,31 @@ fn command_for(peer: Peer, r: &NetRun<'_>, site: &Site<'_>, size: usize) -> Resu
         r.tx_n, r.rx_n, r.tsc_khz
     );
     let guest_mac = GUEST_MAC.map(|b| format!("{b:02x}")).join(":");
-    let mut c = Command::new("ip");
-    c.args(["netns", "exec", site.ns.name()]);
-    match peer {
+    let inner = match peer {
         Peer::Bulkhead => {
-            c.arg(r.bin.join("bulkhead"))
-                .args(["run", "--serial-input", "none", "--log-level", "info", "--kernel"])
+            let mut c = Command::new(r.bin.join("bulkhead"));
+            c.args(["run", "--serial-input", "none", "--log-level", "info", "--kernel"])
                 .arg(r.probe)
                 .arg("--net")
                 .arg(format!("tap={TAP},mac={guest_mac}"))
                 .args(["--cmdline", &cmdline]);
+            c
         }
         Peer::Qemu | Peer::QemuVhost => {
             let vhost = if peer == Peer::QemuVhost { "on" } else { "off" };
-            c.arg("qemu-system-x86_64")
-                .args(crate::util::QEMU_MICROVM_PROBE)
+            let mut c = Command::new("qemu-system-x86_64");
+            c.args(crate::util::QEMU_MICROVM_PROBE)
                 // Names the vCPU thread `CPU 0/KVM`, so its CPU time can be told apart.
                 .args(["-name", "probe,debug-threads=on", "-netdev"])
                 .arg(format!("tap,id=n0,ifname={TAP},script=no,downscript=no,vhost={vhost}"))
                 .args(["-device", &format!("virtio-net-device,netdev=n0,mac={guest_mac}"), "-kernel"])
                 .arg(r.probe)
                 .args(["-append", &cmdline]);
+            c
         }
         Peer::Firecracker => {
             let fc = site.fc.ok_or("Firecracker not found")?;
-            let f = crate::bench_api::firecracker_command(
+            crate::bench_api::firecracker_command(
                 fc,
                 site.dir,
                 "bench-net",
@@ -378,35 +378,16 @@ fn command_for(peer: Peer, r: &NetRun<'_>, site: &Site<'_>, size: usize) -> Resu
                 MEM_MIB,
                 None,
                 Some((TAP, &guest_mac)),
-            )?;
-            c.arg(f.get_program()).args(f.get_args());
+            )?
         }
-    }
-    Ok(c)
+    };
+    Ok(site.ns.command(&inner))
 }
 
 /// `service net-... (pid N): ... cpu 12.3 ms, idle spin 4.5 ms` in the core's log: the net
 /// service's CPU and idle spin in ns.
 pub fn net_service_cpu_ns(stderr: &str) -> Option<(u64, Option<u64>)> {
     crate::util::service_cpu(stderr, "net-")
-}
-
-fn spawn_reader<R: Read + Send + 'static>(
-    r: R,
-    lines: Option<mpsc::Sender<String>>,
-) -> std::thread::JoinHandle<String> {
-    std::thread::spawn(move || {
-        let mut all = String::new();
-        for line in BufReader::new(r).lines() {
-            let Ok(line) = line else { break };
-            all.push_str(&line);
-            all.push('\n');
-            if let Some(tx) = &lines {
-                let _ = tx.send(line);
-            }
-        }
-        all
-    })
 }
 
 /// Boots the probe's net-bench under `peer` with `size`-byte frames both ways.
@@ -422,8 +403,8 @@ fn run_peer(peer: Peer, r: &NetRun<'_>, site: &Site<'_>, size: usize) -> Result<
     let pid = child.id();
     let cpid = libc::pid_t::try_from(pid)?;
     let (line_tx, line_rx) = mpsc::channel();
-    let out_reader = spawn_reader(child.stdout.take().ok_or("no stdout")?, Some(line_tx));
-    let err_reader = spawn_reader(child.stderr.take().ok_or("no stderr")?, None);
+    let out_reader = drain(child.stdout.take().ok_or("no stdout")?, Some(line_tx));
+    let err_reader = drain(child.stderr.take().ok_or("no stderr")?, None);
     let stop = Arc::new(AtomicBool::new(false));
     let mut generator: Option<std::thread::JoinHandle<Result<GenStats, String>>> = None;
     let mut threads = ThreadCpu::default();
@@ -513,12 +494,6 @@ fn run_peer(peer: Peer, r: &NetRun<'_>, site: &Site<'_>, size: usize) -> Result<
         exits,
         tap_dropped: after.tx_dropped.saturating_sub(before.tx_dropped),
     })
-}
-
-/// Median of `v` (sorted in place); 0 when empty.
-fn median(v: &mut [u64]) -> u64 {
-    v.sort_unstable();
-    v.get(v.len() / 2).copied().unwrap_or(0)
 }
 
 /// The frame sizes measured.

@@ -52,6 +52,14 @@ impl NetNs {
         ip(&all)
     }
 
+    /// `inner` (program and arguments; nothing else of it is kept) run inside the namespace:
+    /// `ip netns exec NAME program args...`, which execs, so the child's pid is `inner`'s.
+    pub fn command(&self, inner: &Command) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.name]).arg(inner.get_program()).args(inner.get_args());
+        c
+    }
+
     /// Runs `args` inside the namespace and returns its stdout.
     pub fn exec(&self, args: &[&str]) -> Result<String, BoxError> {
         let out = Command::new("ip").args(["netns", "exec", &self.name]).args(args).output()?;

@@ -82,14 +82,21 @@ pub fn reap(pid: libc::pid_t, block: bool) -> Result<Option<(i32, u64)>, BoxErro
     Ok(Some((status, tv(ru.ru_utime) + tv(ru.ru_stime))))
 }
 
-/// Reads `r` to its end on a thread of its own.
-fn drain<R: Read + Send + 'static>(r: R) -> std::thread::JoinHandle<String> {
+/// Reads `r` to its end on a thread of its own, returning all of it; each line is also sent on
+/// `lines`, if given, as it arrives.
+pub fn drain<R: Read + Send + 'static>(
+    r: R,
+    lines: Option<std::sync::mpsc::Sender<String>>,
+) -> std::thread::JoinHandle<String> {
     std::thread::spawn(move || {
         let mut all = String::new();
         for line in BufReader::new(r).lines() {
             let Ok(line) = line else { break };
             all.push_str(&line);
             all.push('\n');
+            if let Some(tx) = &lines {
+                let _ = tx.send(line);
+            }
         }
         all
     })
@@ -122,8 +129,8 @@ pub fn run_sampled(cmd: &mut Command, limit: Duration, what: &str) -> Result<Fin
         .map_err(|e| format!("cannot start {what}: {e}"))?;
     let pid = child.id();
     let cpid = libc::pid_t::try_from(pid)?;
-    let out = drain(child.stdout.take().ok_or("no stdout")?);
-    let err = drain(child.stderr.take().ok_or("no stderr")?);
+    let out = drain(child.stdout.take().ok_or("no stdout")?, None);
+    let err = drain(child.stderr.take().ok_or("no stderr")?, None);
     let mut threads = ThreadCpu::default();
     let start = Instant::now();
     let (status, cpu_ns) = loop {
