@@ -38,8 +38,10 @@ use vm_superio::serial::{NoEvents, SerialState};
 use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
+use ipc::control::IoCounters;
 use ipc::{Mirror, MirrorEntry};
 
+use crate::output::Output;
 use crate::runtime::{PioHandler, RuntimeError};
 
 /// Number of ports a 16550 decodes.
@@ -138,7 +140,7 @@ pub enum Restore {
     Invalid(ConsoleError),
 }
 
-type Uart = Serial<IrqTrigger, NoEvents, File>;
+type Uart = Serial<IrqTrigger, NoEvents, Output>;
 
 /// The console device.
 #[derive(Debug)]
@@ -146,7 +148,8 @@ pub struct Console {
     serial: Uart,
     input: Option<File>,
     pending: VecDeque<u8>,
-    output_failed: bool,
+    /// Input bytes moved into the FIFO for the guest.
+    input_bytes: u64,
     state: Option<StateRegion>,
     /// The state last committed to `state` (or found there).
     saved: UartState,
@@ -229,13 +232,13 @@ impl Console {
     /// A UART writing to `output`, reading from `input` (if any), interrupting through `irq`.
     /// Its state lives only in this process.
     pub fn new(output: OwnedFd, input: Option<OwnedFd>, irq: EventFd) -> Self {
-        let serial = Serial::new(IrqTrigger::new(irq), File::from(output));
+        let serial = Serial::new(IrqTrigger::new(irq), Output::new(File::from(output)));
         let saved = snapshot(&serial, &VecDeque::new());
         Self {
             serial,
             input: input.map(File::from),
             pending: VecDeque::new(),
-            output_failed: false,
+            input_bytes: 0,
             state: None,
             saved,
             store_failed: false,
@@ -262,7 +265,7 @@ impl Console {
             Ok(Some((generation, saved, ss))) => {
                 let trigger = IrqTrigger::new(irq);
                 trigger.muted.set(true);
-                let serial = Serial::from_state(&ss, trigger, NoEvents, File::from(output))
+                let serial = Serial::from_state(&ss, trigger, NoEvents, Output::new(File::from(output)))
                     .map_err(|e| ConsoleError::Restore(format!("{e:?}")))?;
                 serial.interrupt_evt().muted.set(false);
                 let irq_pending = (ss.interrupt_enable & IER_RDA != 0 && ss.interrupt_identification & IIR_RDA != 0)
@@ -280,7 +283,7 @@ impl Console {
                     serial,
                     input: input.map(File::from),
                     pending: saved.pending.iter().copied().collect(),
-                    output_failed: false,
+                    input_bytes: 0,
                     state: None,
                     saved,
                     store_failed: false,
@@ -298,7 +301,7 @@ impl Console {
 
     /// Fds the console needs to keep open (output, input, irq, state region).
     pub fn raw_fds(&self) -> Vec<RawFd> {
-        let mut v = vec![self.serial.writer().as_raw_fd(), self.serial.interrupt_evt().eventfd().as_raw_fd()];
+        let mut v = vec![self.serial.writer().raw_fd(), self.serial.interrupt_evt().eventfd().as_raw_fd()];
         v.extend(self.input.as_ref().map(|f| f.as_raw_fd()));
         v.extend(self.state.as_ref().map(|r| r.fd().as_raw_fd()));
         v
@@ -343,6 +346,7 @@ impl Console {
                 }
             }
         }
+        self.input_bytes = self.input_bytes.saturating_add(moved as u64);
         moved
     }
 
@@ -403,12 +407,9 @@ impl PioHandler for Console {
 
     fn write(&mut self, offset: u16, data: &[u8]) -> bool {
         let (Ok(off), [byte]) = (u8::try_from(offset), data) else { return false };
-        if let Err(e) = self.serial.write(off, *byte) {
-            if !self.output_failed {
-                self.output_failed = true;
-                eprintln!("bulkhead-console: UART write failed (output dropped from now on): {e:?}");
-            }
-        }
+        // The output never fails nor blocks (`Output` buffers, drops and counts): the only error
+        // left is the interrupt's, which `IrqTrigger` already reports.
+        let _ = self.serial.write(off, *byte);
         self.feed();
         // A THR write changes nothing unless it sets the THRE interrupt: the comparison skips it.
         self.persist();
@@ -422,11 +423,37 @@ impl PioHandler for Console {
         }
     }
 
+    fn write_fds(&self) -> Vec<RawFd> {
+        let out = self.serial.writer();
+        if out.wants_writable() {
+            vec![out.raw_fd()]
+        } else {
+            Vec::new()
+        }
+    }
+
     fn on_event(&mut self, fd: RawFd) -> Result<(), RuntimeError> {
         if self.input.as_ref().is_some_and(|f| f.as_raw_fd() == fd) {
             self.read_input();
         }
+        if self.serial.writer().raw_fd() == fd {
+            self.serial.writer_mut().flush_now();
+        }
         Ok(())
+    }
+
+    /// Output bytes the reader got (`bytes_from_guest`), output bytes dropped for a reader that
+    /// did not keep up (`errors`), input bytes given to the guest (`bytes_to_guest`).
+    fn io_counters(&self) -> IoCounters {
+        let out = self.serial.writer();
+        IoCounters {
+            requests: 0,
+            bytes_to_guest: self.input_bytes,
+            bytes_from_guest: out.written(),
+            throttled: 0,
+            errors: out.dropped(),
+            host_errors: 0,
+        }
     }
 
     /// Every register but RBR (a read pops the FIFO) and IIR (a read clears the THR-empty
@@ -624,7 +651,10 @@ mod tests {
 
     #[test]
     fn validation_rejects_impossible_states() {
-        let ok = snapshot(&Serial::new(IrqTrigger::new(EventFd::new(0).expect("efd")), tempfile()), &VecDeque::new());
+        let ok = snapshot(
+            &Serial::new(IrqTrigger::new(EventFd::new(0).expect("efd")), Output::new(tempfile())),
+            &VecDeque::new(),
+        );
         assert!(validate(&ok).is_ok());
         let cases: Vec<(&str, UartState)> = vec![
             ("ier", UartState { ier: 0x10, ..ok.clone() }),

@@ -11,6 +11,7 @@ pub mod console;
 pub mod jail;
 pub mod mains;
 pub mod memory;
+pub mod output;
 pub mod ratelimit;
 pub mod runtime;
 pub mod virtio;

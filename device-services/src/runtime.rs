@@ -29,6 +29,24 @@ const MAX_IDLE_SPIN: Duration = Duration::from_millis(10);
 /// `RLIMIT_FSIZE` of services that write no disk image: bounds a console log file (1 GiB).
 pub const CONSOLE_FILE_LIMIT: u64 = 1 << 30;
 
+/// The ring's I/O marker, once serving: devices mark their back-end calls with [`io_call`].
+static IO_MARKER: std::sync::OnceLock<ipc::IoMarker> = std::sync::OnceLock::new();
+/// Extra time the next back-end call takes ([`ServiceFault::SlowIo`]), in ms.
+static SLOW_IO_MS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Runs one back-end I/O call of a device (a disk read, write or flush: anything that may be
+/// slow) marked in the ring as I/O ([`ipc::IoMarker`]), so that the core waits for it up to its
+/// I/O deadline instead of taking the service for hung. An injected `slow-io` fault makes this
+/// call that much longer.
+pub fn io_call<T>(f: impl FnOnce() -> T) -> T {
+    let _guard = IO_MARKER.get().map(ipc::IoMarker::begin);
+    let extra = SLOW_IO_MS.swap(0, std::sync::atomic::Ordering::Relaxed);
+    if extra > 0 {
+        std::thread::sleep(Duration::from_millis(extra));
+    }
+    f()
+}
+
 /// Errors of the service runtime.
 #[derive(Debug, thiserror::Error)]
 pub enum RuntimeError {
@@ -90,9 +108,19 @@ pub trait PioHandler {
     fn event_fds(&self) -> Vec<RawFd> {
         Vec::new()
     }
-    /// One of [`event_fds`](Self::event_fds) is readable or hung up.
+    /// Device fds to watch for writability (re-queried every loop iteration): output waiting
+    /// for a reader that did not take it yet.
+    fn write_fds(&self) -> Vec<RawFd> {
+        Vec::new()
+    }
+    /// One of [`event_fds`](Self::event_fds) is readable or hung up, or one of
+    /// [`write_fds`](Self::write_fds) is writable or failed.
     fn on_event(&mut self, _fd: RawFd) -> Result<(), RuntimeError> {
         Ok(())
+    }
+    /// The device's counters, reported in every `Pong`.
+    fn io_counters(&self) -> IoCounters {
+        IoCounters::default()
     }
     /// Registers whose read has no side effect, with the value a read returns now, for the read
     /// mirror ([`ipc::mirror`]): the core answers those reads itself. Addresses are offsets into
@@ -135,6 +163,13 @@ pub trait MmioHandler {
     fn redone(&self) -> u64 {
         0
     }
+    /// Why the device holds a request and wants the VM stopped (its error policy), once per
+    /// hold: the runtime sends [`ControlMsg::IoStopped`].
+    fn take_stop(&mut self) -> Option<String> {
+        None
+    }
+    /// The core resumed the service ([`ControlMsg::Resume`]): a held request is retried.
+    fn resumed(&mut self) {}
     /// The core gave up on this device ([`ControlMsg::EnterFailed`]): go to a permanent failed
     /// state the guest can see. Returns false if the device has no such state (the message is
     /// then ignored).
@@ -169,12 +204,19 @@ pub trait MmioHandler {
 trait Dispatch {
     fn access(&mut self, req: &ExitRequest) -> Option<ExitReply>;
     fn event_fds(&self) -> Vec<RawFd>;
+    fn write_fds(&self) -> Vec<RawFd> {
+        Vec::new()
+    }
     fn on_event(&mut self, fd: RawFd) -> Result<(), RuntimeError>;
     fn poll(&mut self) -> Result<bool, RuntimeError>;
     fn prepare_sleep(&mut self) -> Result<bool, RuntimeError>;
     fn wake_after(&self) -> Option<Duration> {
         None
     }
+    fn take_stop(&mut self) -> Option<String> {
+        None
+    }
+    fn resumed(&mut self) {}
     fn redone(&self) -> u64 {
         0
     }
@@ -240,8 +282,14 @@ impl<H: PioHandler> Dispatch for PioDispatch<H> {
     fn event_fds(&self) -> Vec<RawFd> {
         self.handler.event_fds()
     }
+    fn write_fds(&self) -> Vec<RawFd> {
+        self.handler.write_fds()
+    }
     fn on_event(&mut self, fd: RawFd) -> Result<(), RuntimeError> {
         self.handler.on_event(fd)
+    }
+    fn io_counters(&self) -> IoCounters {
+        self.handler.io_counters()
     }
     fn mirrored(&mut self, out: &mut Vec<MirrorEntry>) {
         let start = out.len();
@@ -287,6 +335,12 @@ impl<H: MmioHandler> Dispatch for MmioDispatch<H> {
     }
     fn on_event(&mut self, fd: RawFd) -> Result<(), RuntimeError> {
         self.handler.on_event(fd)
+    }
+    fn take_stop(&mut self) -> Option<String> {
+        self.handler.take_stop()
+    }
+    fn resumed(&mut self) {
+        self.handler.resumed();
     }
     fn poll(&mut self) -> Result<bool, RuntimeError> {
         self.handler.poll()
@@ -402,6 +456,8 @@ impl Startup {
         };
         let ring =
             ServiceEndpoint::attach(region, setup.ring.region_len, setup.ring.capacity, eventfd(sub), eventfd(comp))?;
+        // From here on the device's back-end calls are marked (the redo after a restart too).
+        let _ = IO_MARKER.set(ring.io_marker());
         Ok(Self { setup: *setup, fds: by_role, control, ring })
     }
 
@@ -413,6 +469,12 @@ impl Startup {
     /// Takes an EventFd passed in `role` (e.g. the irqfd).
     pub fn take_eventfd(&mut self, role: FdRole) -> Option<EventFd> {
         self.take_fd(role).map(eventfd)
+    }
+
+    /// The control channel to the core. The runtime speaks on it once serving; a test's
+    /// stand-in for a compromised service speaks on it directly.
+    pub fn control(&self) -> &ControlChannel {
+        &self.control
     }
 
     /// Tells the core set-up failed (best effort) before the service exits.
@@ -576,6 +638,9 @@ impl<H: Dispatch> Server<H> {
                 self.publish_mirror();
                 did = true;
             }
+            if let Some(reason) = self.handler.take_stop() {
+                self.control.send(&ControlMsg::IoStopped { reason }, &[])?;
+            }
             let now = Instant::now();
             if did {
                 last_active = now;
@@ -633,10 +698,13 @@ impl<H: Dispatch> Server<H> {
     /// Polls the control socket, the device fds and (when sleeping) the doorbell, and handles
     /// whatever is ready. The flag says whether a device fd was ready.
     fn poll_side(&mut self, timeout: Duration, bell: Option<RawFd>) -> Result<(Flow, bool), RuntimeError> {
-        let dev_fds = if self.paused { Vec::new() } else { self.handler.event_fds() };
-        let mut pfds = Vec::with_capacity(dev_fds.len() + 2);
+        let (read_fds, write_fds) =
+            if self.paused { (Vec::new(), Vec::new()) } else { (self.handler.event_fds(), self.handler.write_fds()) };
+        let dev_fds = read_fds.len() + write_fds.len();
+        let mut pfds = Vec::with_capacity(dev_fds + 2);
         pfds.push(libc::pollfd { fd: self.control.as_fd().as_raw_fd(), events: libc::POLLIN, revents: 0 });
-        pfds.extend(dev_fds.iter().map(|&fd| libc::pollfd { fd, events: libc::POLLIN, revents: 0 }));
+        pfds.extend(read_fds.iter().map(|&fd| libc::pollfd { fd, events: libc::POLLIN, revents: 0 }));
+        pfds.extend(write_fds.iter().map(|&fd| libc::pollfd { fd, events: libc::POLLOUT, revents: 0 }));
         if let Some(b) = bell {
             pfds.push(libc::pollfd { fd: b, events: libc::POLLIN, revents: 0 });
         }
@@ -650,7 +718,7 @@ impl<H: Dispatch> Server<H> {
             return Ok((Flow::Continue, false));
         }
         let mut dev_ready = false;
-        for p in &pfds[1..=dev_fds.len()] {
+        for p in &pfds[1..=dev_fds] {
             if p.revents != 0 {
                 dev_ready = true;
                 self.handler.on_event(p.fd)?;
@@ -697,6 +765,7 @@ impl<H: Dispatch> Server<H> {
             }
             ControlMsg::Resume { token } => {
                 self.paused = false;
+                self.handler.resumed();
                 self.control.send(&ControlMsg::Resumed { token }, &[])?;
                 Ok(Flow::Continue)
             }
@@ -778,6 +847,9 @@ impl<H: Dispatch> Server<H> {
                 self.faults.slow = Duration::from_millis(u64::from(ms.min(FAULT_SLOW_MAX_MS)));
             }
             ServiceFault::CorruptReply => self.faults.corrupt_next = true,
+            ServiceFault::SlowIo { ms } => {
+                SLOW_IO_MS.store(u64::from(ms.min(FAULT_SLOW_MAX_MS)), std::sync::atomic::Ordering::Relaxed);
+            }
         }
         self.publish_mirror();
     }

@@ -45,6 +45,9 @@ pub enum ControlError {
     /// `sendmsg` failed.
     #[error("sendmsg failed")]
     Send(#[source] nix::Error),
+    /// The peer's receive queue is full (it reads nothing): a non-blocking send gave up.
+    #[error("peer's control queue is full")]
+    Full,
     /// `recvmsg` or `poll` failed.
     #[error("recvmsg failed")]
     Recv(#[source] nix::Error),
@@ -78,6 +81,11 @@ pub enum FdRole {
     GuestMemory,
     /// The disk image the core opened (read-write, or read-only for a read-only disk).
     Disk,
+    /// A second open file description of a writable disk image that is synced only to learn
+    /// whether a writeback error happened since it was last synced: Linux reports such an error
+    /// once per description, so an instance that died inside a flush may have taken it from
+    /// [`Disk`](Self::Disk) with it; this one still has it (see `device-services`' block docs).
+    DiskWitness,
     /// EventFd registered as an ioeventfd on the virtio-mmio QueueNotify register with
     /// datamatch = this queue index: readable when the guest kicks that queue.
     QueueNotify(u16),
@@ -179,6 +187,58 @@ pub struct BlockConfig {
     pub queue_size: u16,
     /// Limit on the disk's bytes and requests per second.
     pub rate_limit: RateLimit,
+    /// What a host error on a write, flush or discard does.
+    pub write_errors: ErrorPolicy,
+    /// What a host error on a read does.
+    pub read_errors: ErrorPolicy,
+}
+
+/// What a disk does when the host fails a guest's request (an I/O error, a full disk), as
+/// QEMU's `werror`/`rerror`. A request the guest got wrong (out of range, a bad buffer) is
+/// answered IOERR whatever the policy.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ErrorPolicy {
+    /// The guest gets IOERR (the default).
+    #[default]
+    Report,
+    /// The request is kept, the service asks the core to pause the VM
+    /// ([`ControlMsg::IoStopped`]) and retries it when the VM is resumed: the operator frees
+    /// space or fixes the storage, resumes, and nothing is lost.
+    Stop,
+    /// [`Stop`](Self::Stop) when the disk is full (ENOSPC, EDQUOT), [`Report`](Self::Report)
+    /// otherwise.
+    Enospc,
+}
+
+impl ErrorPolicy {
+    /// Parses `report`, `stop` or `enospc`.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        match s {
+            "report" => Ok(Self::Report),
+            "stop" => Ok(Self::Stop),
+            "enospc" => Ok(Self::Enospc),
+            other => Err(format!("error policy `{other}`: expected report, stop or enospc")),
+        }
+    }
+
+    /// The policy's name, as [`parse`](Self::parse) takes it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Report => "report",
+            Self::Stop => "stop",
+            Self::Enospc => "enospc",
+        }
+    }
+
+    /// Whether a host error `errno` stops the VM under this policy.
+    pub fn stops_on(self, errno: i32) -> bool {
+        match self {
+            Self::Report => false,
+            Self::Stop => true,
+            Self::Enospc => errno == libc::ENOSPC || errno == libc::EDQUOT,
+        }
+    }
 }
 
 /// A MAC address as `aa:bb:cc:dd:ee:ff`, for logs.
@@ -297,6 +357,21 @@ pub struct IoCounters {
     pub throttled: u64,
     /// Requests answered with an error or frames dropped.
     pub errors: u64,
+    /// Host I/O errors the device met (EIO, ENOSPC, ...), whatever the guest was told.
+    pub host_errors: u64,
+}
+
+impl IoCounters {
+    /// Adds `other` field by field, saturating: the counts come from a service and may be
+    /// anything.
+    pub fn accumulate(&mut self, other: &IoCounters) {
+        self.requests = self.requests.saturating_add(other.requests);
+        self.bytes_to_guest = self.bytes_to_guest.saturating_add(other.bytes_to_guest);
+        self.bytes_from_guest = self.bytes_from_guest.saturating_add(other.bytes_from_guest);
+        self.throttled = self.throttled.saturating_add(other.throttled);
+        self.errors = self.errors.saturating_add(other.errors);
+        self.host_errors = self.host_errors.saturating_add(other.host_errors);
+    }
 }
 
 /// A control message.
@@ -390,6 +465,14 @@ pub enum ControlMsg {
         /// Whether they were applied.
         applied: bool,
     },
+    // New variants go last: the SIGSYS report is pre-encoded with its variant index.
+    /// Service → core, unasked: the host failed a request of a disk whose error policy is to
+    /// stop; the request is kept and retried on resume. The core pauses the VM and shows
+    /// `reason`.
+    IoStopped {
+        /// What failed, for the operator (`write at sector 123: No space left on device`).
+        reason: String,
+    },
 }
 
 /// New rate limits for a running service ([`ControlMsg::SetRateLimit`]).
@@ -440,6 +523,12 @@ pub enum ServiceFault {
     },
     /// Answer the next request with a wrong sequence number (a protocol violation).
     CorruptReply,
+    /// Make the device's next back-end I/O call (a disk read, write or flush) take this many
+    /// milliseconds longer, as slow storage would (marked in the ring as I/O like the call).
+    SlowIo {
+        /// Extra time, in ms.
+        ms: u32,
+    },
 }
 
 /// Exit status of a service told to [`ServiceFault::Crash`].
@@ -469,6 +558,11 @@ pub enum FaultAction {
     },
     /// The service answers the next request with a wrong sequence number.
     CorruptReply,
+    /// The service's next back-end I/O call takes this many ms longer (slow storage).
+    SlowIo {
+        /// Extra time, in ms.
+        ms: u32,
+    },
     /// The core flips bytes in the device's state region, then kills the service: the next
     /// instance must refuse the state and signal DEVICE_NEEDS_RESET.
     CorruptState,
@@ -481,13 +575,14 @@ impl FaultAction {
     /// liveness check notices). `slow` does not; `corrupt-reply` does only once the guest
     /// accesses the device.
     pub fn is_fatal(&self) -> bool {
-        !matches!(self, Self::Slow { .. } | Self::CorruptReply)
+        !matches!(self, Self::Slow { .. } | Self::SlowIo { .. } | Self::CorruptReply)
     }
 
     /// The names [`parse`](Self::parse) accepts.
-    pub const NAMES: &'static str = "kill, crash, abort, segv, hang, slow=MS, corrupt-reply, corrupt-state, seccomp";
+    pub const NAMES: &'static str =
+        "kill, crash, abort, segv, hang, slow=MS, slow-io=MS, corrupt-reply, corrupt-state, seccomp";
 
-    /// Parses `kill|crash|abort|segv|hang|slow=MS|corrupt-reply|corrupt-state|seccomp`.
+    /// Parses `kill|crash|abort|segv|hang|slow=MS|slow-io=MS|corrupt-reply|corrupt-state|seccomp`.
     pub fn parse(s: &str) -> Result<Self, String> {
         Ok(match s {
             "kill" => Self::Kill,
@@ -498,11 +593,19 @@ impl FaultAction {
             "corrupt-reply" => Self::CorruptReply,
             "corrupt-state" => Self::CorruptState,
             "seccomp" => Self::Seccomp,
-            other => match other.strip_prefix("slow=").map(str::parse::<u32>) {
-                Some(Ok(ms)) if ms <= FAULT_SLOW_MAX_MS => Self::Slow { ms },
-                Some(_) => return Err(format!("slow=MS takes 0 to {FAULT_SLOW_MAX_MS} ms")),
-                None => return Err(format!("unknown fault `{other}` (expected {})", Self::NAMES)),
-            },
+            other => {
+                let ms = |v: &str| match v.parse::<u32>() {
+                    Ok(ms) if ms <= FAULT_SLOW_MAX_MS => Ok(ms),
+                    _ => Err(format!("{other}: MS is 0 to {FAULT_SLOW_MAX_MS}")),
+                };
+                if let Some(v) = other.strip_prefix("slow=") {
+                    Self::Slow { ms: ms(v)? }
+                } else if let Some(v) = other.strip_prefix("slow-io=") {
+                    Self::SlowIo { ms: ms(v)? }
+                } else {
+                    return Err(format!("unknown fault `{other}` (expected {})", Self::NAMES));
+                }
+            }
         })
     }
 }
@@ -516,6 +619,7 @@ impl std::fmt::Display for FaultAction {
             Self::Segv => f.write_str("segv"),
             Self::Hang => f.write_str("hang"),
             Self::Slow { ms } => write!(f, "slow={ms}"),
+            Self::SlowIo { ms } => write!(f, "slow-io={ms}"),
             Self::CorruptReply => f.write_str("corrupt-reply"),
             Self::CorruptState => f.write_str("corrupt-state"),
             Self::Seccomp => f.write_str("seccomp"),
@@ -638,8 +742,20 @@ impl ControlChannel {
         self.fd
     }
 
-    /// Sends `msg` with `fds` attached (at most [`MAX_FDS`]).
+    /// Sends `msg` with `fds` attached (at most [`MAX_FDS`]), waiting while the peer's queue is
+    /// full. For a service answering its (trusted) core.
     pub fn send(&self, msg: &ControlMsg, fds: &[BorrowedFd<'_>]) -> Result<(), ControlError> {
+        self.send_with(msg, fds, MsgFlags::MSG_NOSIGNAL)
+    }
+
+    /// Sends `msg` with `fds` attached without ever waiting: a peer that reads nothing and let
+    /// its queue fill gets [`ControlError::Full`]. The core sends to its services this way, as it
+    /// often holds a lock other threads need while it sends.
+    pub fn send_now(&self, msg: &ControlMsg, fds: &[BorrowedFd<'_>]) -> Result<(), ControlError> {
+        self.send_with(msg, fds, MsgFlags::MSG_NOSIGNAL | MsgFlags::MSG_DONTWAIT)
+    }
+
+    fn send_with(&self, msg: &ControlMsg, fds: &[BorrowedFd<'_>], flags: MsgFlags) -> Result<(), ControlError> {
         if fds.len() > MAX_FDS {
             return Err(ControlError::TooManyFds(fds.len()));
         }
@@ -648,7 +764,13 @@ impl ControlChannel {
         let rights = [ControlMessage::ScmRights(&raw)];
         let cmsgs: &[ControlMessage<'_>] = if raw.is_empty() { &[] } else { &rights };
         let iov = [IoSlice::new(&bytes)];
-        sendmsg::<()>(self.fd.as_raw_fd(), &iov, cmsgs, MsgFlags::MSG_NOSIGNAL, None).map_err(ControlError::Send)?;
+        sendmsg::<()>(self.fd.as_raw_fd(), &iov, cmsgs, flags, None).map_err(|e| {
+            if e == nix::Error::EAGAIN {
+                ControlError::Full
+            } else {
+                ControlError::Send(e)
+            }
+        })?;
         Ok(())
     }
 
@@ -851,6 +973,8 @@ mod tests {
                     bytes_one_time: 1 << 20,
                     ops_one_time: 0,
                 },
+                write_errors: ErrorPolicy::Stop,
+                read_errors: ErrorPolicy::Report,
             }),
             idle_spin_us: 200,
         }));

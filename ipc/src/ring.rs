@@ -67,7 +67,12 @@ const OFF_CORE_SLEEPING: usize = 384;
 const OFF_CORE_CPU: usize = 392;
 const OFF_SERVICE_BEAT: usize = 448;
 const OFF_SERVICE_CPU: usize = 456;
+/// When the service entered the I/O system call it is in (`CLOCK_MONOTONIC` ns + 1; 0: none).
+const OFF_SERVICE_IO_SINCE: usize = 464;
 const OFF_SUB_RING: usize = 512;
+/// Most extensions of one call's deadline for the service's I/O calls (one per I/O call that
+/// overlaps the wait: a service that keeps doing slow I/O still answers within this many).
+const MAX_IO_EXTENSIONS: u32 = 4;
 const PAGE: usize = 4096;
 
 /// Kind of a forwarded exit.
@@ -442,6 +447,67 @@ pub struct ServiceActivity {
     pub asleep: bool,
     /// Its heartbeat, bumped on every turn of its serving loop.
     pub beat: u64,
+    /// How long it has been inside one I/O system call on its back end (a disk write or
+    /// flush), if it is in one ([`IoMarker`]).
+    pub in_io: Option<Duration>,
+}
+
+/// `CLOCK_MONOTONIC` in ns: the clock both processes share.
+fn monotonic_ns() -> u64 {
+    clock_ns(libc::CLOCK_MONOTONIC)
+}
+
+/// `CLOCK_MONOTONIC_COARSE` in ns: the same clock at tick resolution (never ahead of
+/// [`monotonic_ns`]), read in a few ns.
+pub fn coarse_monotonic_ns() -> u64 {
+    clock_ns(libc::CLOCK_MONOTONIC_COARSE)
+}
+
+fn clock_ns(clock: libc::clockid_t) -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes the timespec we pass.
+    unsafe { libc::clock_gettime(clock, &mut ts) };
+    u64::try_from(ts.tv_sec)
+        .unwrap_or(0)
+        .saturating_mul(1_000_000_000)
+        .saturating_add(u64::try_from(ts.tv_nsec).unwrap_or(0))
+}
+
+/// The service's side of "I am inside an I/O system call since T": a device wraps each
+/// back-end call that may be slow (a write to a slow disk, a flush) in [`IoMarker::begin`] and the
+/// guard it returns. The core then waits for a forwarded exit, and for a liveness answer, up to
+/// its I/O deadline instead of its call deadline: slow storage is not a hang. The value is a
+/// hint from a hostile peer like everything in the ring; it can only buy the service the I/O
+/// deadline, which the core bounds.
+#[derive(Debug, Clone)]
+pub struct IoMarker {
+    region: Arc<SharedRegion>,
+}
+
+impl IoMarker {
+    fn word(&self) -> &AtomicU64 {
+        // SAFETY: OFF_SERVICE_IO_SINCE is an 8-aligned header offset below OFF_SUB_RING inside
+        // the mapping (at least one page), which `self.region` keeps alive; both processes only
+        // access it atomically.
+        unsafe { &*self.region.as_ptr().add(OFF_SERVICE_IO_SINCE).cast::<AtomicU64>() }
+    }
+
+    /// Marks the start of an I/O call; the mark ends when the guard drops. (The coarse clock:
+    /// a few ns per call on the request path, and the deadlines it serves are seconds.)
+    pub fn begin(&self) -> IoGuard<'_> {
+        self.word().store(coarse_monotonic_ns().saturating_add(1), Ordering::Release);
+        IoGuard(self)
+    }
+}
+
+/// Ends an I/O mark when dropped.
+#[derive(Debug)]
+pub struct IoGuard<'a>(&'a IoMarker);
+
+impl Drop for IoGuard<'_> {
+    fn drop(&mut self) {
+        self.0.word().store(0, Ordering::Release);
+    }
 }
 
 /// What the core's waiter knows about whether the service is on a CPU.
@@ -578,7 +644,15 @@ impl CoreEndpoint {
         ServiceActivity {
             asleep: self.view.u32_at(OFF_SERVICE_SLEEPING).load(Ordering::Acquire) != 0,
             beat: self.view.u64_at(OFF_SERVICE_BEAT).load(Ordering::Acquire),
+            in_io: self.service_in_io(),
         }
+    }
+
+    /// How long the service has been inside an I/O call, if it says it is in one (a value from
+    /// the future counts as just now).
+    pub fn service_in_io(&self) -> Option<Duration> {
+        let since = self.view.u64_at(OFF_SERVICE_IO_SINCE).load(Ordering::Acquire);
+        (since != 0).then(|| Duration::from_nanos(monotonic_ns().saturating_sub(since - 1)))
     }
 
     /// Answers a read from the service's read mirror ([`crate::mirror`]) when it publishes exactly
@@ -599,6 +673,19 @@ impl CoreEndpoint {
 
     /// Forwards one exit and waits at most `timeout` for its completion.
     pub fn call(&self, req: &ExitRequest, timeout: Duration) -> Result<ExitReply, IpcError> {
+        self.call_with_io(req, timeout, Duration::ZERO)
+    }
+
+    /// [`call`](Self::call), except that while the service says it is inside an I/O call
+    /// ([`IoMarker`]) the wait goes on until that call has lasted `io_deadline`: a slow disk
+    /// delays the answer, it does not make the service look hung. Bounded by `io_deadline` past
+    /// the latest I/O call's start, which the core reads fresh at every expiry.
+    pub fn call_with_io(
+        &self,
+        req: &ExitRequest,
+        timeout: Duration,
+        io_deadline: Duration,
+    ) -> Result<ExitReply, IpcError> {
         if !valid_len(req.len) {
             return Err(IpcError::InvalidRequest(req.len));
         }
@@ -609,16 +696,25 @@ impl CoreEndpoint {
         if st.broken {
             return Err(IpcError::Broken);
         }
-        let res = self.call_locked(&mut st, req, timeout);
+        let res = self.call_locked(&mut st, req, timeout, io_deadline);
         if res.is_err() {
             st.broken = true;
         }
         res
     }
 
-    fn call_locked(&self, st: &mut CoreState, req: &ExitRequest, timeout: Duration) -> Result<ExitReply, IpcError> {
+    fn call_locked(
+        &self,
+        st: &mut CoreState,
+        req: &ExitRequest,
+        timeout: Duration,
+        io_deadline: Duration,
+    ) -> Result<ExitReply, IpcError> {
         let start = Instant::now();
-        let deadline = start + timeout;
+        let mut deadline = start + timeout;
+        // Each extension ends where the service's current I/O call reaches `io_deadline`, and is
+        // granted only while that point lies ahead: at most one per I/O call, each bounded.
+        let mut extensions = 0u32;
         // Our own bookkeeping guarantees at most `cap` requests are outstanding, so we never need
         // to trust the service's consumer index to find space.
         if st.sub_prod.wrapping_sub(st.comp_cons) >= self.view.cap {
@@ -653,7 +749,14 @@ impl CoreEndpoint {
             }
             let now = Instant::now();
             if now >= deadline {
-                return Err(IpcError::Timeout(timeout));
+                match self.service_in_io().map(|t| io_deadline.saturating_sub(t)) {
+                    Some(left) if !left.is_zero() && extensions < MAX_IO_EXTENSIONS => {
+                        extensions += 1;
+                        deadline = now + left;
+                        continue;
+                    }
+                    _ => return Err(IpcError::Timeout(timeout)),
+                }
             }
             if now < spin_until && peer.worth_spinning(&self.view, now, cpu, &self.wait) {
                 std::hint::spin_loop();
@@ -735,6 +838,11 @@ pub struct ServiceEndpoint {
 }
 
 impl ServiceEndpoint {
+    /// The marker a device uses around its slow back-end calls ([`IoMarker`]).
+    pub fn io_marker(&self) -> IoMarker {
+        IoMarker { region: self.view.region.clone() }
+    }
+
     /// Attaches to a ring the core created: maps `region_fd` (exactly `region_len` bytes), checks
     /// the header against `capacity`, and takes the two doorbells.
     pub fn attach(

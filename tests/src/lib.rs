@@ -6,6 +6,7 @@
 //! the cargo target directory this test executable was built into.
 #![deny(missing_docs)]
 
+pub mod faultfs;
 pub mod linux;
 
 use std::io::Read;
@@ -163,6 +164,33 @@ pub fn wait_bounded(mut child: Child, limit: Duration) -> Finished {
 /// Runs `bulkhead run args` to completion within `limit`.
 pub fn run_to_end<S: AsRef<std::ffi::OsStr>>(args: &[S], limit: Duration) -> Finished {
     wait_bounded(bulkhead(args).spawn().expect("spawn bulkhead"), limit)
+}
+
+/// `curl --unix-socket SOCK -X METHOD http://localhost/PATH [-d BODY]`: (status, body).
+pub fn curl(sock: &std::path::Path, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
+    let mut cmd = Command::new("curl");
+    cmd.args(["-s", "-m", "30", "-o", "-", "-w", "\n%{http_code}", "--unix-socket"])
+        .arg(sock)
+        .args(["-X", method, "-H", "Accept: application/json", "-H", "Content-Type: application/json"])
+        .arg(format!("http://localhost{path}"));
+    if let Some(b) = body {
+        cmd.arg("--data-binary").arg(b);
+    }
+    let out = cmd.output().expect("run curl (Debian package curl)");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", text.as_str()));
+    (code.trim().parse().unwrap_or(0), body.to_string())
+}
+
+/// The `fault_message` of an error body.
+pub fn fault_message(body: &str) -> String {
+    let v: serde_json::Value = serde_json::from_str(body).unwrap_or_else(|e| panic!("not JSON ({e}): {body}"));
+    v["fault_message"].as_str().unwrap_or_else(|| panic!("no fault_message in {body}")).to_string()
+}
+
+/// `bulkhead ARGS` (any subcommand) with stdin closed: `bulkhead` in Firecracker mode reads stdin.
+pub fn bulkhead_cli(args: &[&str]) -> std::process::Output {
+    Command::new(bin_dir().join("bulkhead")).args(args).stdin(Stdio::null()).output().expect("run bulkhead")
 }
 
 /// A process as seen in /proc.

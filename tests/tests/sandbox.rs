@@ -139,14 +139,16 @@ fn every_running_service_is_jailed() {
         out.to_string_lossy().into_owned(),
     ];
     assert_jailed(core, console.pid, "console", &console_fds, 1 << 30);
-    // Ring memfd, two doorbells, guest RAM memfd, disk image, irqfd, one queue ioeventfd, the
-    // state region that survives restarts.
+    // Ring memfd, two doorbells, guest RAM memfd, disk image and its flush witness (a second
+    // description of the same file), irqfd, one queue ioeventfd, the state region that survives
+    // restarts.
     let block_fds = vec![
         "memfd:bulkhead-block-disk0-ring".to_string(),
         "memfd:bulkhead-block-disk0-state".to_string(),
         eventfd(),
         eventfd(),
         "memfd:bulkhead-guest-ram".to_string(),
+        image.to_string_lossy().into_owned(),
         image.to_string_lossy().into_owned(),
         eventfd(),
         eventfd(),

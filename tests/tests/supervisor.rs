@@ -11,7 +11,7 @@
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus};
+use std::process::{Child, ExitStatus};
 use std::time::{Duration, Instant};
 
 use bulkhead_tests::*;
@@ -97,11 +97,6 @@ impl ProbeVm {
     }
 }
 
-/// `bulkhead <args>` (a client command such as `fault` or `stats`), run to its end.
-fn bulkhead_cli(args: &[&str]) -> std::process::Output {
-    Command::new(bin_dir().join("bulkhead")).args(args).output().expect("run bulkhead")
-}
-
 #[test]
 fn console_killed_during_output_is_restarted_and_later_ticks_all_appear() {
     let vm = ProbeVm::new("sup-console-kill");
@@ -170,7 +165,7 @@ fn bulkhead_fault_crashes_the_console_of_a_running_vm() {
     let vm = ProbeVm::new("sup-cli");
     let sock = vm.dir.join("api.sock");
     let s = sock.to_str().expect("utf8");
-    let child = vm.spawn("probe.test=ticker probe.n=60 probe.delay=20000", &["--api-sock", s]);
+    let child = vm.spawn("probe.test=ticker probe.n=60 probe.delay=20000", &["--api-sock", s, "--allow-faults"]);
     assert!(vm.wait_serial("tick 2\n", Duration::from_secs(30)), "guest never printed tick 2");
     let fault = bulkhead_cli(&["fault", s, "console", "crash"]);
     let fault_out = String::from_utf8_lossy(&fault.stdout).into_owned();
@@ -204,7 +199,7 @@ fn bulkhead_fault_corrupt_state_makes_the_block_device_need_a_reset() {
     // The driver checks the device status every quarter of its 20 s timeout while it waits: it
     // must stop on DEVICE_NEEDS_RESET at such a check, before the timeout.
     let cmdline = "probe.test=blk-verify probe.seed=21 probe.rounds=100000 probe.timeout_ms=20000";
-    let child = vm.spawn(cmdline, &["--api-sock", s]);
+    let child = vm.spawn(cmdline, &["--api-sock", s, "--allow-faults"]);
     assert!(vm.wait_serial("blk-verify: round 3/", Duration::from_secs(30)), "guest never verified round 3");
     let console_before = console_of(child.id()).expect("console child").pid;
     let injected = Instant::now();

@@ -86,14 +86,13 @@ impl ApiServer {
     /// refused) and serves `view`, sending actions to `actions`.
     pub fn start(path: &Path, view: SharedView, actions: Sender<ApiCall>) -> Result<Self, ApiError> {
         let bind_err = |reason: String| ApiError::Bind { path: path.to_path_buf(), reason };
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|e| bind_err(e.to_string()))?;
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty() && !d.exists()) {
+            use std::os::unix::fs::DirBuilderExt;
+            std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(|e| bind_err(e.to_string()))?;
         }
-        if std::os::unix::net::UnixStream::connect(path).is_ok() {
-            return Err(bind_err("another VMM is listening there".into()));
-        }
-        let _ = std::fs::remove_file(path);
-        let server = Arc::new(tiny_http::Server::http_unix(path).map_err(|e| bind_err(e.to_string()))?);
+        remove_stale_socket(path).map_err(bind_err)?;
+        let listener = bind_private(path).map_err(|e| bind_err(e.to_string()))?;
+        let server = Arc::new(tiny_http::Server::from_listener(listener, None).map_err(|e| bind_err(e.to_string()))?);
         let stop = Arc::new(AtomicBool::new(false));
         let ctx = Ctx { view, actions };
         let mut workers = Vec::new();
@@ -118,6 +117,60 @@ impl ApiServer {
         log::info!("API listening at {}", path.display());
         Ok(Self { stop, workers, path: path.to_path_buf() })
     }
+}
+
+/// Clears the way for a socket at `path`: nothing there, or a socket nobody answers on (left by
+/// a VMM that died), which is removed. A live socket, and anything that is not a socket (a disk
+/// image given by mistake), are refused and left as they are.
+fn remove_stale_socket(path: &Path) -> Result<(), String> {
+    use std::os::unix::fs::FileTypeExt;
+    let meta = match std::fs::symlink_metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e.to_string()),
+    };
+    if !meta.file_type().is_socket() {
+        return Err("it exists and is not a socket; refusing to replace it".into());
+    }
+    if std::os::unix::net::UnixStream::connect(path).is_ok() {
+        return Err("another VMM is listening there".into());
+    }
+    std::fs::remove_file(path).map_err(|e| format!("cannot remove the stale socket: {e}"))
+}
+
+/// Binds a socket that only its owner (and root) can connect to at `path`, with no moment where
+/// it exists with looser permissions: bound in a fresh 0700 directory next to `path`, made 0600,
+/// then renamed into place (never over anything that appeared there meanwhile).
+fn bind_private(path: &Path) -> std::io::Result<std::os::unix::net::UnixListener> {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let staging = private_dir(dir)?;
+    let bound = (|| {
+        let tmp = staging.join("s");
+        let listener = std::os::unix::net::UnixListener::bind(&tmp)?;
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))?;
+        nix::fcntl::renameat2(None, &tmp, None, path, nix::fcntl::RenameFlags::RENAME_NOREPLACE)?;
+        Ok(listener)
+    })();
+    let _ = std::fs::remove_file(staging.join("s"));
+    let _ = std::fs::remove_dir(&staging);
+    bound
+}
+
+/// A new directory in `parent` only this process's uid can enter (`mkdir` fails rather than
+/// reuse one that exists).
+fn private_dir(parent: &Path) -> std::io::Result<PathBuf> {
+    use std::os::unix::fs::DirBuilderExt;
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
+    let mut last = None;
+    for attempt in 0..8u32 {
+        let p = parent.join(format!(".bh-{}-{:x}", std::process::id(), nanos.wrapping_add(attempt)));
+        match std::fs::DirBuilder::new().mode(0o700).create(&p) {
+            Ok(()) => return Ok(p),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| std::io::Error::other("no directory created")))
 }
 
 impl Drop for ApiServer {
@@ -239,6 +292,10 @@ pub struct InstanceInfo {
     pub vmm_version: String,
     /// `Bulkhead`.
     pub app_name: String,
+    /// Why Bulkhead paused the VM itself (a disk's error policy: `drive data: write at sector
+    /// 8: No space left on device`), while it is paused for that. A Bulkhead extension.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state_reason: Option<String>,
 }
 
 /// `PUT /actions`.
@@ -289,6 +346,7 @@ fn route(method: &tiny_http::Method, url: &str, body: &[u8], ctx: &Ctx) -> Reply
                 state: v.state.api_name().into(),
                 vmm_version: VERSION.into(),
                 app_name: APP_NAME.into(),
+                state_reason: v.paused_by,
             })
         }
         (Get, ["version"]) => Reply::json(&serde_json::json!({
@@ -369,6 +427,10 @@ fn route(method: &tiny_http::Method, url: &str, body: &[u8], ctx: &Ctx) -> Reply
         (Get, ["bulkhead", "metrics"]) => {
             Reply { status: 200, body: prometheus(&view(ctx)), content_type: "text/plain; version=0.0.4" }
         }
+        (Put, ["bulkhead", "devices", _, "fault"]) if !view(ctx).config.bulkhead.allow_faults => Reply::error(
+            "fault injection is off for this VM: start it with --allow-faults (or \"allow_faults\": true in the \
+             bulkhead section of its configuration)",
+        ),
         (Put, ["bulkhead", "devices", id, "fault"]) => match parse::<FaultBody>(body) {
             Ok(f) => match FaultAction::parse(&f.action) {
                 Ok(action) => inject(ctx, id, action),
@@ -428,6 +490,9 @@ pub struct VmSummary {
     pub devices: usize,
     /// Service restarts, all devices together.
     pub restarts: u64,
+    /// Why Bulkhead paused the VM itself, while it is paused for that.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state_reason: Option<String>,
 }
 
 fn vm_summary(v: &VmmView) -> VmSummary {
@@ -441,6 +506,7 @@ fn vm_summary(v: &VmmView) -> VmSummary {
         mem_mib: v.config.machine_config.mem_size_mib,
         devices: devices.map_or(1 + v.config.drives.len() + v.config.network_interfaces.len(), |r| r.iter().count()),
         restarts: devices.map_or(0, |r| r.iter().map(|(_, s)| u64::from(s.metrics().restarts)).sum()),
+        state_reason: v.paused_by.clone(),
     }
 }
 
@@ -526,20 +592,35 @@ fn patch_drive(ctx: &Ctx, update: DriveUpdate) -> Reply {
     let file = match &update.path_on_host {
         None => None,
         Some(path) => {
-            let read_only = {
+            let (read_only, current) = {
                 let v = ctx.view.read().unwrap_or_else(|e| e.into_inner());
                 match v.config.drives.iter().find(|d| d.drive_id == update.drive_id) {
-                    Some(d) => d.read_only(),
+                    Some(d) => (d.read_only(), d.path_on_host.clone()),
                     None => return Reply::error(format!("no drive `{}`", update.drive_id)),
                 }
             };
             match crate::launch::open_image(path, read_only) {
                 Ok(f) => Some(f),
+                // The drive's own (locked) image named again: nothing to swap.
+                Err(crate::launch::LaunchError::Image(crate::image::ImageError::Locked { .. }))
+                    if current.as_deref().is_some_and(|c| same_image(path, c)) =>
+                {
+                    return Reply::error(format!(
+                        "{} is already the image of drive `{}`; give a different image to swap it",
+                        path.display(),
+                        update.drive_id
+                    ))
+                }
                 Err(e) => return Reply::error(crate::vmm::chain(&e)),
             }
         }
     };
     act(ctx, VmmAction::PatchDrive(update, file))
+}
+
+/// Whether paths `a` and `b` name the same file.
+fn same_image(a: &std::path::Path, b: &std::path::Path) -> bool {
+    std::fs::File::open(a).is_ok_and(|f| crate::image::same_file(&f, b))
 }
 
 /// One entry of `GET /bulkhead/devices`.
@@ -627,7 +708,7 @@ pub fn prometheus(v: &VmmView) -> String {
     }
     let Some(reg) = &v.devices else { return out };
     type Metric = (&'static str, &'static str, &'static str);
-    const METRICS: [Metric; 11] = [
+    const METRICS: [Metric; 12] = [
         ("bulkhead_device_restarts_total", "counter", "Times the device's service was restarted."),
         ("bulkhead_device_failed", "gauge", "Whether the device failed for good."),
         ("bulkhead_exits_forwarded_total", "counter", "Exits forwarded to the service."),
@@ -642,9 +723,18 @@ pub fn prometheus(v: &VmmView) -> String {
         ("bulkhead_device_bytes_to_guest_total", "counter", "Bytes to the guest (current instance)."),
         ("bulkhead_device_bytes_from_guest_total", "counter", "Bytes from the guest (current instance)."),
         ("bulkhead_device_throttled_total", "counter", "Times work waited for rate-limit tokens (current instance)."),
-        ("bulkhead_device_errors_total", "counter", "Requests answered with an error or frames dropped."),
+        (
+            "bulkhead_device_errors_total",
+            "counter",
+            "Requests answered with an error, frames dropped, or console output bytes dropped for a stalled reader.",
+        ),
+        (
+            "bulkhead_device_host_io_errors_total",
+            "counter",
+            "Host I/O errors (EIO, ENOSPC, ...) the device met, reported to the guest or held (current instance).",
+        ),
     ];
-    let mut rows: Vec<[u64; 11]> = Vec::new();
+    let mut rows: Vec<[u64; 12]> = Vec::new();
     let mut labels = Vec::new();
     let mut histograms = Vec::new();
     for (d, svc) in reg.iter() {
@@ -663,6 +753,7 @@ pub fn prometheus(v: &VmmView) -> String {
             io.bytes_from_guest,
             io.throttled,
             io.errors,
+            io.host_errors,
         ]);
         labels.push(format!("vm=\"{vm}\",device=\"{}\",kind=\"{}\"", escape_label(&d.user_id), d.kind));
         histograms.push(svc.restart_latencies());
@@ -712,11 +803,7 @@ pub fn metrics_json(v: &VmmView) -> String {
                 crate::config::DeviceKind::Net => &mut net,
                 crate::config::DeviceKind::Console => continue,
             };
-            sum.requests += io.requests;
-            sum.bytes_to_guest += io.bytes_to_guest;
-            sum.bytes_from_guest += io.bytes_from_guest;
-            sum.throttled += io.throttled;
-            sum.errors += io.errors;
+            sum.accumulate(&io);
         }
     }
     serde_json::json!({
@@ -756,6 +843,7 @@ mod tests {
             started: None,
             pid: 1,
             vcpu_exits: Vec::new(),
+            paused_by: None,
         }));
         let (tx, rx) = crossbeam_channel::unbounded::<ApiCall>();
         let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
@@ -832,7 +920,7 @@ mod tests {
             ("PUT", "/actions", r#"{"action_type": "Reboot"}"#, "unknown variant `Reboot`"),
             ("PATCH", "/vm", r#"{"state": "Stopped"}"#, "unknown variant `Stopped`"),
             ("PUT", "/vsock", r#"{"guest_cid": 3, "uds_path": "/v", "vsock_id": "v"}"#, "vsock is not supported yet"),
-            ("PUT", "/bulkhead/devices/block/fault", r#"{"action": "explode"}"#, "explode"),
+            ("PUT", "/bulkhead/devices/block/fault", r#"{"action": "explode"}"#, "--allow-faults"),
         ];
         for (m, url, body, want) in cases {
             let r = req(&c, m, url, body);

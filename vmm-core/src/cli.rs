@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
-use ipc::control::{FaultAction, RateLimit};
+use ipc::control::{ErrorPolicy, FaultAction, RateLimit};
 
 use crate::config::{
     BootSource, BulkheadConfig, ConsoleConfig, DriveConfig, InjectSpec, MacAddr, MachineConfig, NetworkInterface,
@@ -42,6 +42,9 @@ pub struct VmmArgs {
     /// The VM's id (`GET /`, `bulkhead ls`, the default socket name).
     #[arg(long, value_name = "ID", value_parser = parse_vm_name)]
     pub id: Option<String>,
+    /// Accept fault injection over the API (off by default).
+    #[arg(long)]
+    pub allow_faults: bool,
     /// Print the version and exit.
     #[arg(long)]
     pub version: bool,
@@ -148,17 +151,27 @@ pub struct RunArgs {
     /// Number of vCPUs.
     #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=32))]
     pub vcpus: u8,
-    /// Where the guest's serial console output goes: `stdout` or a file path (created or truncated
-    /// by the core, which passes it to the console service).
+    /// Where the guest's serial console output goes: `stdout` or a path (a FIFO, a terminal, or a
+    /// file the core creates and passes to the console service). An existing non-empty file is
+    /// refused unless --serial-append is given; a disk image never is written.
     #[arg(long, value_name = "stdout|PATH", default_value = "stdout")]
     pub serial_output: String,
+    /// Append the console output to an existing --serial-output file.
+    #[arg(long)]
+    pub serial_append: bool,
     /// Where the guest's serial console input comes from: `stdin` or `none`.
     #[arg(long, value_name = "stdin|none", default_value = "stdin", value_parser = ["stdin", "none"])]
     pub serial_input: String,
     /// A virtio-blk disk served by `bulkhead-block`: `PATH[,ro][,id=NAME][,bw=RATE][,ops=N]`
     /// (`bw` in bytes/s with an optional K/M/G suffix, binary; `ops` in requests/s;
-    /// `bw-burst=SIZE`, `ops-burst=N` size the buckets). Repeatable.
-    #[arg(long = "disk", value_name = "PATH[,ro][,id=NAME][,bw=RATE][,ops=N]", value_parser = DiskSpec::parse)]
+    /// `bw-burst=SIZE`, `ops-burst=N` size the buckets; `werror`/`rerror` = `report` (default),
+    /// `stop` or `enospc`: what a host I/O error does, as QEMU's options of those names).
+    /// Repeatable.
+    #[arg(
+        long = "disk",
+        value_name = "PATH[,ro][,id=NAME][,bw=RATE][,ops=N][,werror=POLICY][,rerror=POLICY]",
+        value_parser = DiskSpec::parse
+    )]
     pub disks: Vec<DiskSpec>,
     /// A virtio-net device served by `bulkhead-net` on an existing or new TAP interface:
     /// `tap=NAME[,mac=MAC][,id=NAME][,bw=RATE][,pps=N]` (`bw` in bytes/s each way with an
@@ -180,6 +193,11 @@ pub struct RunArgs {
     /// exit in flight (a guest driver that only polls memory). 0 disables the check.
     #[arg(long, value_name = "MS", default_value_t = 250, value_parser = clap::value_parser!(u64).range(0..=600_000))]
     pub service_liveness_ms: u64,
+    /// How long one I/O call of a service (a disk write or flush on slow storage) may take
+    /// before the service counts as hung. Meanwhile its forwarded exits and liveness pings wait
+    /// for it instead of failing at --service-deadline-ms.
+    #[arg(long, value_name = "MS", default_value_t = 30_000, value_parser = clap::value_parser!(u64).range(1..=3_600_000))]
+    pub service_io_deadline_ms: u64,
     /// Fault injection for tests: `SERVICE:ACTION@MS` tells a service, MS milliseconds after the
     /// guest starts, to attempt a forbidden action (its seccomp filter should kill it). SERVICE is
     /// `console`, `block` (the first disk), `blockN`, `net` or `netN`; ACTION is one of `open-host-file`,
@@ -193,6 +211,10 @@ pub struct RunArgs {
     /// still applies.
     #[arg(long)]
     pub insecure_no_sandbox: bool,
+    /// Accept fault injection over the API (`bulkhead fault`, `PUT /bulkhead/devices/{id}/fault`);
+    /// off by default.
+    #[arg(long)]
+    pub allow_faults: bool,
     /// The VM's id: its API socket is `/run/bulkhead/ID.sock` (for `bulkhead ls`, `pause`,
     /// `fault`, ...). `--name` is the old spelling.
     #[arg(long, alias = "name", value_name = "ID", value_parser = parse_vm_name)]
@@ -239,6 +261,8 @@ impl RunArgs {
                 rate_limiter: RateLimiterConfig::from_rate_limit(&d.rate_limit),
                 io_engine: None,
                 socket: None,
+                werror: d.werror,
+                rerror: d.rerror,
             })
             .collect();
         let network_interfaces = self
@@ -267,10 +291,15 @@ impl RunArgs {
             drives,
             network_interfaces,
             bulkhead: BulkheadConfig {
-                console: ConsoleConfig { output: self.serial_output.clone(), input: self.serial_input.clone() },
+                console: ConsoleConfig {
+                    output: self.serial_output.clone(),
+                    input: self.serial_input.clone(),
+                    append: self.serial_append,
+                },
                 supervision: SupervisionConfig {
                     service_deadline_ms: self.service_deadline_ms,
                     service_liveness_ms: self.service_liveness_ms,
+                    service_io_deadline_ms: self.service_io_deadline_ms,
                     restart_max: self.restart_max,
                     restart_burst: self.restart_burst,
                 },
@@ -278,6 +307,7 @@ impl RunArgs {
                 inject_forbidden: self.inject_forbidden.clone(),
                 service_dir: self.service_dir.clone(),
                 insecure_no_sandbox: self.insecure_no_sandbox,
+                allow_faults: self.allow_faults,
             },
             ..VmConfig::default()
         }
@@ -296,6 +326,10 @@ pub struct DiskSpec {
     pub id: Option<String>,
     /// Bytes and requests per second.
     pub rate_limit: RateLimit,
+    /// What a host error on a write does (`werror=report|stop|enospc`).
+    pub werror: ErrorPolicy,
+    /// What a host error on a read does (`rerror=report|stop|enospc`).
+    pub rerror: ErrorPolicy,
 }
 
 impl DiskSpec {
@@ -303,7 +337,14 @@ impl DiskSpec {
     pub fn parse(s: &str) -> Result<Self, String> {
         let mut parts = s.split(',');
         let path = parts.next().filter(|p| !p.is_empty()).ok_or("--disk needs a path")?;
-        let mut spec = Self { path: PathBuf::from(path), read_only: false, id: None, rate_limit: RateLimit::default() };
+        let mut spec = Self {
+            path: PathBuf::from(path),
+            read_only: false,
+            id: None,
+            rate_limit: RateLimit::default(),
+            werror: ErrorPolicy::Report,
+            rerror: ErrorPolicy::Report,
+        };
         for opt in parts {
             match opt.split_once('=') {
                 None if opt == "ro" => spec.read_only = true,
@@ -312,10 +353,13 @@ impl DiskSpec {
                 Some(("id", _)) => {
                     return Err(format!("disk id must be 1 to {} of [A-Za-z0-9_]", crate::config::MAX_ID))
                 }
+                Some(("werror", p)) => spec.werror = ErrorPolicy::parse(p)?,
+                Some(("rerror", p)) => spec.rerror = ErrorPolicy::parse(p)?,
                 Some((key, value)) if rate_option(&mut spec.rate_limit, key, value, "ops")? => {}
                 _ => {
                     return Err(format!(
-                        "unknown disk option `{opt}` (expected ro, rw, id=NAME, bw=RATE, bw-burst=SIZE, ops=N or ops-burst=N)"
+                        "unknown disk option `{opt}` (expected ro, rw, id=NAME, bw=RATE, bw-burst=SIZE, ops=N, ops-burst=N, \
+                         werror=POLICY or rerror=POLICY)"
                     ))
                 }
             }
@@ -625,7 +669,14 @@ mod tests {
         assert_eq!(r.disks.len(), 2);
         assert_eq!(
             r.disks[0],
-            DiskSpec { path: "/a.img".into(), read_only: false, id: None, rate_limit: RateLimit::default() }
+            DiskSpec {
+                path: "/a.img".into(),
+                read_only: false,
+                id: None,
+                rate_limit: RateLimit::default(),
+                werror: ErrorPolicy::Report,
+                rerror: ErrorPolicy::Report
+            }
         );
         assert_eq!(
             r.disks[1],
@@ -633,9 +684,14 @@ mod tests {
                 path: "/b.img".into(),
                 read_only: true,
                 id: Some("data".into()),
-                rate_limit: RateLimit::default()
+                rate_limit: RateLimit::default(),
+                werror: ErrorPolicy::Report,
+                rerror: ErrorPolicy::Report
             }
         );
+        let d = DiskSpec::parse("/c.img,werror=stop,rerror=enospc").expect("policies");
+        assert_eq!((d.werror, d.rerror), (ErrorPolicy::Stop, ErrorPolicy::Enospc));
+        assert!(DiskSpec::parse("/c.img,werror=ignore").is_err(), "only report, stop and enospc");
     }
 
     #[test]

@@ -18,7 +18,7 @@ use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
-use ipc::control::{ForbiddenAction, RateLimit};
+use ipc::control::{ErrorPolicy, ForbiddenAction, RateLimit};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::faults::FaultSchedule;
@@ -382,6 +382,17 @@ pub struct DriveConfig {
     /// Firecracker's vhost-user socket: refused.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub socket: Option<String>,
+    /// What a host error on a write, flush or discard does (`report`, `stop`, `enospc`), as
+    /// QEMU's `werror`. A Bulkhead extension.
+    #[serde(default, skip_serializing_if = "is_report")]
+    pub werror: ErrorPolicy,
+    /// What a host error on a read does, as QEMU's `rerror`. A Bulkhead extension.
+    #[serde(default, skip_serializing_if = "is_report")]
+    pub rerror: ErrorPolicy,
+}
+
+fn is_report(p: &ErrorPolicy) -> bool {
+    *p == ErrorPolicy::Report
 }
 
 impl DriveConfig {
@@ -606,12 +617,17 @@ pub struct MetricsConfig {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ConsoleConfig {
-    /// `stdout` or a file the core creates.
+    /// `stdout` or a path: a FIFO, a character device, or a regular file the core creates. An
+    /// existing non-empty regular file is refused unless `append` is set, and a file that is a
+    /// disk image (of this VM or another) always is.
     #[serde(default = "stdout")]
     pub output: String,
     /// `stdin` or `none`.
     #[serde(default = "stdin")]
     pub input: String,
+    /// Append to an existing output file instead of refusing it.
+    #[serde(default)]
+    pub append: bool,
 }
 
 fn stdout() -> String {
@@ -624,7 +640,7 @@ fn stdin() -> String {
 
 impl Default for ConsoleConfig {
     fn default() -> Self {
-        Self { output: stdout(), input: stdin() }
+        Self { output: stdout(), input: stdin(), append: false }
     }
 }
 
@@ -688,6 +704,9 @@ pub struct SupervisionConfig {
     /// Liveness ping interval (ms; 0: off).
     #[serde(default = "default_liveness")]
     pub service_liveness_ms: u64,
+    /// Longest one I/O call of a service may take before it counts as hung (ms).
+    #[serde(default = "default_io_deadline")]
+    pub service_io_deadline_ms: u64,
     /// Restart cap per service.
     #[serde(default = "default_restart_max")]
     pub restart_max: RestartCap,
@@ -704,6 +723,10 @@ fn default_liveness() -> u64 {
     250
 }
 
+fn default_io_deadline() -> u64 {
+    30_000
+}
+
 fn default_restart_max() -> RestartCap {
     RestartCap { max: 20, window: Duration::from_secs(10) }
 }
@@ -717,6 +740,7 @@ impl Default for SupervisionConfig {
         Self {
             service_deadline_ms: default_deadline(),
             service_liveness_ms: default_liveness(),
+            service_io_deadline_ms: default_io_deadline(),
             restart_max: default_restart_max(),
             restart_burst: default_restart_burst(),
         }
@@ -731,6 +755,9 @@ impl SupervisionConfig {
         }
         if self.service_liveness_ms > 600_000 {
             return Err(ConfigError::Invalid("service_liveness_ms must be at most 600000".into()));
+        }
+        if !(1..=3_600_000).contains(&self.service_io_deadline_ms) {
+            return Err(ConfigError::Invalid("service_io_deadline_ms must be 1 to 3600000".into()));
         }
         Ok(())
     }
@@ -819,6 +846,12 @@ pub struct BulkheadConfig {
     /// Start services without the namespaces this host cannot create (INSECURE).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub insecure_no_sandbox: bool,
+    /// Accept fault injection over the API (`PUT /bulkhead/devices/{id}/fault`, `bulkhead
+    /// fault`). Off by default: whoever can reach the socket could otherwise crash or corrupt
+    /// the VM's devices on purpose. Schedules given at start (`faults`) are the operator's own
+    /// and need no permission.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_faults: bool,
 }
 
 /// A whole VM.
@@ -1161,6 +1194,8 @@ mod tests {
             rate_limiter: None,
             io_engine: None,
             socket: None,
+            werror: ErrorPolicy::Report,
+            rerror: ErrorPolicy::Report,
         }
     }
 

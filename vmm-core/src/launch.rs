@@ -80,14 +80,8 @@ pub enum LaunchError {
     #[error("service binary {0} not found (build it with `cargo build --release`, or pass --service-dir)")]
     MissingService(PathBuf),
     /// A disk image cannot be used.
-    #[error("cannot use disk image {path}")]
-    Disk {
-        /// The path given.
-        path: PathBuf,
-        /// Cause.
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Image(#[from] crate::image::ImageError),
     /// A TAP device cannot be opened.
     #[error("cannot open TAP device for --net tap={name}")]
     Tap {
@@ -100,6 +94,14 @@ pub enum LaunchError {
     /// The virtio-mmio address map.
     #[error(transparent)]
     Mmio(#[from] crate::mmio::MmioError),
+    /// The serial output path names a file that must not be written.
+    #[error("refusing serial output {path}: {why}")]
+    SerialOutputRefused {
+        /// The path given.
+        path: PathBuf,
+        /// Why.
+        why: String,
+    },
     /// The serial output file cannot be opened.
     #[error("cannot open serial output {path}")]
     SerialOutput {
@@ -200,23 +202,76 @@ impl Drop for RawTerminal {
     }
 }
 
-fn serial_fds(console: &ConsoleConfig) -> Result<(OwnedFd, Option<OwnedFd>), LaunchError> {
+fn serial_fds(console: &ConsoleConfig, drives: &[DriveConfig]) -> Result<(OwnedFd, Option<OwnedFd>), LaunchError> {
     let output: OwnedFd = if console.output == "stdout" {
         std::io::stdout().lock().as_fd_owned().map_err(os("dup(stdout)"))?
     } else {
-        let path = PathBuf::from(&console.output);
-        OpenOptions::new()
-            .create(true)
-            .write(true)
-            .truncate(true)
-            .open(&path)
-            .map_err(|source| LaunchError::SerialOutput { path, source })?
-            .into()
+        open_serial_output(Path::new(&console.output), console.append, drives)?.into()
     };
+    let output = nonblocking_reopen(output);
     let input =
         if console.input == "stdin" { Some(std::io::stdin().as_fd_owned().map_err(os("dup(stdin)"))?) } else { None };
     Ok((output, input))
 }
+/// The console's output as an open file description of its own in non-blocking mode, where it
+/// is a pipe, FIFO or terminal: opened again through `/proc/self/fd`, so `O_NONBLOCK` does not
+/// leak into the core's stdout (or whoever shares its description). The console service then
+/// never blocks on a reader that stalls (it buffers, then drops and counts). A regular file gets
+/// `O_NONBLOCK` (meaningless for it) so the service writes it without `poll`; a socket, which
+/// cannot be reopened, is kept as it is, and the service guards its writes with `poll`.
+fn nonblocking_reopen(fd: OwnedFd) -> OwnedFd {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    let file = File::from(fd);
+    let Ok(meta) = file.metadata() else { return file.into() };
+    if meta.is_file() {
+        // O_NONBLOCK means nothing to a regular file, whoever shares the description: it only
+        // tells the service it may write without `poll`.
+        // SAFETY: F_GETFL/F_SETFL on an fd we own; only the status flags change.
+        unsafe {
+            let flags = libc::fcntl(file.as_raw_fd(), libc::F_GETFL);
+            if flags >= 0 {
+                libc::fcntl(file.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK);
+            }
+        }
+        return file.into();
+    }
+    if !(meta.file_type().is_fifo() || meta.file_type().is_char_device()) {
+        return file.into();
+    }
+    let path = format!("/proc/self/fd/{}", file.as_raw_fd());
+    match OpenOptions::new().write(true).custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY).open(&path) {
+        Ok(f) => f.into(),
+        Err(e) => {
+            log::warn!("console output stays blocking (cannot reopen it non-blocking: {e})");
+            file.into()
+        }
+    }
+}
+
+/// Opens the console's output file without truncating anything: created if missing; an existing
+/// regular file must be empty (or `append` given) and must not be a disk image, of this VM
+/// (`drives`, empty placeholders included) or of any other (it holds an image lock). FIFOs and
+/// character devices are taken as they are.
+fn open_serial_output(path: &Path, append: bool, drives: &[DriveConfig]) -> Result<File, LaunchError> {
+    let refuse = |why: &str| LaunchError::SerialOutputRefused { path: path.to_path_buf(), why: why.to_string() };
+    let io_err = |source| LaunchError::SerialOutput { path: path.to_path_buf(), source };
+    let file = OpenOptions::new().create(true).append(true).open(path).map_err(io_err)?;
+    let meta = file.metadata().map_err(io_err)?;
+    if !meta.is_file() {
+        return Ok(file);
+    }
+    let disk_of_this_vm =
+        drives.iter().filter_map(|d| d.path_on_host.as_deref()).any(|p| crate::image::same_file(&file, p));
+    if disk_of_this_vm || crate::image::is_locked(&file).map_err(io_err)? {
+        return Err(refuse("it is a disk image"));
+    }
+    if meta.len() > 0 && !append {
+        return Err(refuse("it exists and is not empty (remove it, or append with --serial-append)"));
+    }
+    Ok(file)
+}
+
 trait DupOwned {
     fn as_fd_owned(&self) -> std::io::Result<OwnedFd>;
 }
@@ -249,21 +304,13 @@ fn register_in_core_devices(buses: &mut Buses, stop: &StopHandle, vm: &VmFd) -> 
 /// service starts.
 struct PlannedDisk {
     drive: DriveConfig,
-    file: File,
+    image: crate::image::Image,
     slot: MmioSlot,
 }
 
-/// Opens a drive's image (read-only for a read-only drive): a regular file. Its capacity is
-/// its size in whole 512-byte sectors; an empty file is a drive with no medium yet (Kata's
-/// placeholder drives, filled later with `PATCH /drives/{id}`).
-pub fn open_image(path: &Path, read_only: bool) -> Result<File, LaunchError> {
-    let err = |source| LaunchError::Disk { path: path.to_path_buf(), source };
-    let file = OpenOptions::new().read(true).write(!read_only).open(path).map_err(err)?;
-    let meta = file.metadata().map_err(err)?;
-    if !meta.is_file() {
-        return Err(err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a regular file")));
-    }
-    Ok(file)
+/// Opens and locks a drive's image, with its flush witness ([`crate::image::open`]).
+pub fn open_image(path: &Path, read_only: bool) -> Result<crate::image::Image, LaunchError> {
+    Ok(crate::image::open(path, read_only)?)
 }
 
 /// Opens every drive's image and gives each a virtio-mmio slot.
@@ -271,8 +318,8 @@ fn plan_disks(config: &VmConfig, mmio: &mut MmioAllocator) -> Result<Vec<Planned
     let mut planned = Vec::new();
     for drive in &config.drives {
         let path = drive.path_on_host.clone().unwrap_or_default();
-        let file = open_image(&path, drive.read_only())?;
-        planned.push(PlannedDisk { drive: drive.clone(), file, slot: mmio.allocate()? });
+        let image = open_image(&path, drive.read_only())?;
+        planned.push(PlannedDisk { drive: drive.clone(), image, slot: mmio.allocate()? });
     }
     Ok(planned)
 }
@@ -309,11 +356,12 @@ struct Wiring<'a> {
 impl Wiring<'_> {
     fn start_disk(&mut self, index: usize, disk: PlannedDisk) -> Result<service::ServiceHandle, LaunchError> {
         let binary = service_program(self.config, "bulkhead-block")?;
-        let PlannedDisk { drive, file, slot } = disk;
+        let PlannedDisk { drive, image, slot } = disk;
         let (irq, queue_notify) = wire_slot(self.vm, &slot, BLOCK_QUEUES)?;
         let spec = service::BlockSpec {
             id: drive.drive_id.clone(),
-            disk: file,
+            disk: image.file,
+            witness: image.witness,
             read_only: drive.read_only(),
             mmio_base: slot.base,
             mmio_len: slot.len,
@@ -324,6 +372,8 @@ impl Wiring<'_> {
             irq,
             queue_size: BLOCK_QUEUE_SIZE,
             rate_limit: rate_limit(drive.rate_limiter.as_ref()),
+            write_errors: drive.werror,
+            read_errors: drive.rerror,
         };
         let (device, handle) = service::spawn_block(&binary, spec, service_options(self.config))?;
         self.buses.mmio.insert(slot.base, slot.len, device)?;
@@ -382,7 +432,7 @@ impl Wiring<'_> {
 
     fn start_console(&mut self) -> Result<service::ServiceHandle, LaunchError> {
         let binary = service_program(self.config, "bulkhead-console")?;
-        let (output, input) = serial_fds(&self.config.bulkhead.console)?;
+        let (output, input) = serial_fds(&self.config.bulkhead.console, &self.config.drives)?;
         let irq = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(os("eventfd"))?;
         self.vm.register_irqfd(&irq, COM1_GSI).map_err(|source| LaunchError::Kvm { what: "KVM_IRQFD", source })?;
         let (device, handle) =
@@ -425,6 +475,7 @@ fn service_options(config: &VmConfig) -> service::ServiceOptions {
     service::ServiceOptions {
         call_timeout: Duration::from_millis(s.service_deadline_ms),
         liveness_interval: Duration::from_millis(s.service_liveness_ms),
+        io_deadline: Duration::from_millis(s.service_io_deadline_ms),
         restart: service::RestartPolicy {
             burst: s.restart_burst.max,
             burst_window: s.restart_burst.window,
@@ -686,6 +737,16 @@ impl RunningVm {
         self.inject_due();
     }
 
+    /// A disk whose error policy stops the VM holds a request the host failed: which drive and
+    /// why (`drive data: write at sector 8: No space left on device`). Asked regularly; each
+    /// hold is reported once.
+    pub fn take_io_stop(&self) -> Option<String> {
+        self.registry
+            .iter()
+            .filter(|(d, _)| d.kind == DeviceKind::Block)
+            .find_map(|(d, svc)| svc.take_io_stop().map(|why| format!("drive {}: {why}", d.user_id)))
+    }
+
     /// Pauses the VM: every vCPU out of `KVM_RUN` first (no new exit reaches a service), then
     /// every service (no chain taken, no interrupt, no TAP read). Each step waits at most
     /// `limit` for its acknowledgement; on a failure whatever was paused is resumed.
@@ -726,15 +787,20 @@ impl RunningVm {
     /// `PATCH /drives/{id}` on drive `index`: a new rate limiter applies at once; a new image
     /// (`file`, opened by the caller) replaces the service instance, so the guest sees the new
     /// medium.
-    pub fn patch_drive(&self, index: usize, update: &DriveUpdate, file: Option<File>) -> Result<(), LaunchError> {
+    pub fn patch_drive(
+        &self,
+        index: usize,
+        update: &DriveUpdate,
+        image: Option<crate::image::Image>,
+    ) -> Result<(), LaunchError> {
         let svc = self.drive_service(index).ok_or(ConfigError::Invalid(format!("no drive {index}")))?;
         if let Some(r) = &update.rate_limiter {
             let limit = r.to_rate_limit()?;
             svc.set_rate_limit(RateLimitUpdate::Block(limit), Duration::from_secs(2))?;
             log::info!("drive {}: rate limit now {limit:?}", update.drive_id);
         }
-        if let Some(f) = file {
-            svc.replace_disk(f)?;
+        if let Some(image) = image {
+            svc.replace_disk(image)?;
         }
         Ok(())
     }

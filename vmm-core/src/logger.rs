@@ -62,3 +62,91 @@ pub fn init(level: log::LevelFilter) {
 pub fn redirect(file: File) {
     *logger().sink.lock().unwrap_or_else(|e| e.into_inner()) = Some(file);
 }
+
+/// Lines one call site may log per [`LineBudget::WINDOW`] before further lines are counted
+/// instead of written.
+const BURST: u32 = 10;
+
+/// The log budget of one call site whose line a guest or a peer can trigger at will (an odd
+/// access per exit, a forged message per millisecond): at most [`BURST`] lines per
+/// [`LineBudget::WINDOW`]; the rest are counted, and the next line written says how many were
+/// left out. Used through [`warn_limited!`](crate::warn_limited).
+#[derive(Debug)]
+pub struct LineBudget(Mutex<BudgetState>);
+
+#[derive(Debug)]
+struct BudgetState {
+    window_start: Option<Instant>,
+    used: u32,
+    suppressed: u64,
+}
+
+impl LineBudget {
+    /// Length of one budget window.
+    pub const WINDOW: std::time::Duration = std::time::Duration::from_secs(10);
+
+    /// A full budget.
+    pub const fn new() -> Self {
+        Self(Mutex::new(BudgetState { window_start: None, used: 0, suppressed: 0 }))
+    }
+
+    /// Whether a line may be written at `now`: `Some(n)` with the lines left out since the last
+    /// one written, or `None` (the line is counted as left out).
+    pub fn admit(&self, now: Instant) -> Option<u64> {
+        let mut s = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if s.window_start.is_none_or(|t| now.saturating_duration_since(t) >= Self::WINDOW) {
+            s.window_start = Some(now);
+            s.used = 0;
+        }
+        if s.used >= BURST {
+            s.suppressed = s.suppressed.saturating_add(1);
+            return None;
+        }
+        s.used += 1;
+        Some(std::mem::take(&mut s.suppressed))
+    }
+}
+
+impl Default for LineBudget {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// `log::warn!` with a per-call-site [`LineBudget`]: for every line a guest, a service or a
+/// client can make the core write, so that none of them can flood the host's log.
+#[macro_export]
+macro_rules! warn_limited {
+    ($($arg:tt)+) => {{
+        static BUDGET: $crate::logger::LineBudget = $crate::logger::LineBudget::new();
+        if let Some(left_out) = BUDGET.admit(std::time::Instant::now()) {
+            if left_out == 0 {
+                log::warn!($($arg)+);
+            } else {
+                log::warn!("{} ({left_out} similar lines left out)", format_args!($($arg)+));
+            }
+        }
+    }};
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn budget_admits_a_burst_per_window_and_counts_the_rest() {
+        let b = LineBudget::new();
+        let t0 = Instant::now();
+        for i in 0..BURST {
+            assert_eq!(b.admit(t0 + Duration::from_millis(u64::from(i))), Some(0), "line {i} of the burst");
+        }
+        for _ in 0..1000 {
+            assert_eq!(b.admit(t0 + Duration::from_secs(1)), None, "past the burst");
+        }
+        // Next window: the first line written reports what was left out, then the count restarts.
+        let t1 = t0 + LineBudget::WINDOW;
+        assert_eq!(b.admit(t1), Some(1000));
+        assert_eq!(b.admit(t1), Some(0));
+    }
+}

@@ -144,6 +144,8 @@ fn serve_api(args: &VmmArgs) -> ExitCode {
             }
         },
     };
+    let mut config = config;
+    config.bulkhead.allow_faults |= args.allow_faults;
     drive(Vmm::new(&id, config), sock.as_deref(), args.config_file.is_some())
 }
 
@@ -286,8 +288,16 @@ fn ls(a: &LsArgs) -> ExitCode {
             println!("{}", answer.body);
         } else {
             println!(
-                "{:<24} {:<12} {:>8} {:>8}s {:>5} {:>8} {:>7} {:>8}",
-                id, s.state, s.pid, s.uptime_s, s.vcpus, s.mem_mib, s.devices, s.restarts
+                "{:<24} {:<12} {:>8} {:>8}s {:>5} {:>8} {:>7} {:>8}{}",
+                id,
+                s.state,
+                s.pid,
+                s.uptime_s,
+                s.vcpus,
+                s.mem_mib,
+                s.devices,
+                s.restarts,
+                s.state_reason.map_or_else(String::new, |r| format!("  ({r})"))
             );
         }
     }

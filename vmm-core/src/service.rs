@@ -178,6 +178,10 @@ pub struct ServiceOptions {
     /// [`call_timeout`](Self::call_timeout). Catches a hung service with no exit in flight.
     /// Zero (the library default) disables it; `bulkhead run` uses 250 ms.
     pub liveness_interval: Duration,
+    /// How long one I/O call of the service (a disk write or flush, marked in the ring with
+    /// [`ipc::IoMarker`]) may take before the service counts as hung. Meanwhile forwarded exits
+    /// and pings wait for it rather than failing at [`call_timeout`](Self::call_timeout).
+    pub io_deadline: Duration,
 }
 
 impl From<Duration> for ServiceOptions {
@@ -197,6 +201,7 @@ impl Default for ServiceOptions {
             service_idle_spin: Duration::from_micros(200),
             restart: RestartPolicy::DISABLED,
             liveness_interval: Duration::ZERO,
+            io_deadline: Duration::from_secs(30),
         }
     }
 }
@@ -342,6 +347,8 @@ pub struct RemoteDevice {
     restart_wait: Duration,
     /// Longest wait for one forwarded exit, in µs (changed live by `set_supervision`).
     timeout_us: AtomicU64,
+    /// [`ServiceOptions::io_deadline`] in µs.
+    io_deadline_us: AtomicU64,
     failed: AtomicBool,
     /// The restart cap was reached and a last instance presents the failed device to the guest
     /// (accesses are still forwarded to it).
@@ -487,7 +494,7 @@ impl RemoteDevice {
     fn forward(&self, kind: ExitKind, addr: u64, req: Option<ExitRequest>, len: usize) -> Option<[u8; 8]> {
         let Some(req) = req else {
             // An access size the ring cannot carry: not the service's fault, complete it locally.
-            log::warn!("service {}: {len}-byte {kind:?} at {addr:#x} not forwarded", self.name);
+            crate::warn_limited!("service {}: {len}-byte {kind:?} at {addr:#x} not forwarded", self.name);
             return None;
         };
         // Bounded: at most MAX_REDO + 1 attempts, each bounded by the call deadline plus the
@@ -506,7 +513,9 @@ impl RemoteDevice {
                 self.mirrored.fetch_add(1, Ordering::Relaxed);
                 return Some(reply.data);
             }
-            match ring.call(&req, Duration::from_micros(self.timeout_us.load(Ordering::Relaxed))) {
+            let timeout = Duration::from_micros(self.timeout_us.load(Ordering::Relaxed));
+            let io_deadline = Duration::from_micros(self.io_deadline_us.load(Ordering::Relaxed));
+            match ring.call_with_io(&req, timeout, io_deadline) {
                 Ok(reply) => {
                     self.forwarded.fetch_add(1, Ordering::Relaxed);
                     if attempt > 0 {
@@ -654,25 +663,43 @@ struct Ctl {
     seccomp: Option<(u32, u32)>,
     /// Requests this instance redid from the state region, as its latest `Pong` said.
     redone_seen: u64,
+    /// The instance holds a request its error policy stops the VM for (`IoStopped`), not yet
+    /// taken up by the VMM.
+    io_stop: Option<String>,
 }
 
 impl Ctl {
     fn new(control: ControlChannel, pid: u32, pidfd: OwnedFd) -> Self {
-        Self { control, pid, pidfd, next_token: 1, pong_seen: 0, seccomp: None, redone_seen: 0 }
+        Self { control, pid, pidfd, next_token: 1, pong_seen: 0, seccomp: None, redone_seen: 0, io_stop: None }
     }
 
-    /// Notes what a message read for someone else says about the instance: a `Pong` (any
-    /// token) proves it alive; a seccomp report is kept for the death that follows. Returns
-    /// whether the message was one of those.
+    /// Notes what a message read for someone else says about the instance: a `Pong` to a ping
+    /// this side sent proves it alive; a seccomp report is kept for the death that follows; an
+    /// `IoStopped` waits for the VMM to stop the VM.
+    /// Returns whether the message was one of those. A `Pong` with a token never sent is forged
+    /// (a service cannot answer a ping it has not received): it is dropped, so a compromised
+    /// service cannot answer future pings in advance and hide a hang.
     fn note(&mut self, msg: &ControlMsg) -> bool {
         match *msg {
             ControlMsg::Pong { token, stats } => {
+                if token == 0 || token >= self.next_token {
+                    crate::warn_limited!(
+                        "service (pid {}): dropped a pong for token {token}, never sent (next is {})",
+                        self.pid,
+                        self.next_token
+                    );
+                    return true;
+                }
                 self.pong_seen = self.pong_seen.max(token);
                 self.redone_seen = self.redone_seen.max(stats.redone);
                 true
             }
             ControlMsg::SeccompViolation { syscall, arch } => {
                 self.seccomp = Some((syscall, arch));
+                true
+            }
+            ControlMsg::IoStopped { ref reason } => {
+                self.io_stop = Some(ipc::control::bounded_reason(reason).to_string());
                 true
             }
             _ => false,
@@ -686,7 +713,10 @@ impl Ctl {
             match self.control.recv_now() {
                 Ok((msg, _)) => {
                     if !self.note(&msg) {
-                        log::warn!("service {name} (pid {}): ignoring unexpected control message {msg:?}", self.pid);
+                        crate::warn_limited!(
+                            "service {name} (pid {}): ignoring unexpected control message {msg:?}",
+                            self.pid
+                        );
                     }
                 }
                 Err(ControlError::Decode(_) | ControlError::TooManyFds(_)) => continue,
@@ -705,7 +735,7 @@ impl Ctl {
     /// Sends a `Ping` and returns its token.
     fn ping(&mut self) -> Result<u64, ControlError> {
         let token = self.next_token();
-        self.control.send(&ControlMsg::Ping { token }, &[])?;
+        self.control.send_now(&ControlMsg::Ping { token }, &[])?;
         Ok(token)
     }
 
@@ -775,7 +805,7 @@ impl Shared {
         }
         let mut ctl = self.lock_ctl();
         let token = ctl.next_token();
-        ctl.control.send(&ControlMsg::Pause { token }, &[]).map_err(|e| self.control_error(e))?;
+        ctl.control.send_now(&ControlMsg::Pause { token }, &[]).map_err(|e| self.control_error(e))?;
         self.await_reply(&mut ctl, Instant::now() + timeout, |m| {
             matches!(m, ControlMsg::Paused { token: t } if *t == token).then_some(())
         })
@@ -790,7 +820,10 @@ impl Shared {
     fn replace_ctl(&self, new: Ctl) -> std::sync::MutexGuard<'_, Ctl> {
         let mut ctl = self.lock_ctl();
         ctl.drain(&self.name);
-        self.metrics.lock().unwrap_or_else(|e| e.into_inner()).redone_by_earlier += ctl.redone_seen;
+        let mut m = self.metrics.lock().unwrap_or_else(|e| e.into_inner());
+        // Saturating: the count comes from the (untrusted) service.
+        m.redone_by_earlier = m.redone_by_earlier.saturating_add(ctl.redone_seen);
+        drop(m);
         *ctl = new;
         ctl
     }
@@ -876,7 +909,11 @@ impl ServiceRef {
     /// Fault injection: tells the current instance to attempt a forbidden action (its filter
     /// then kills it by SIGSYS, which the supervisor logs).
     pub fn attempt_forbidden(&self, action: ForbiddenAction) -> Result<(), ServiceError> {
-        self.0.lock_ctl().control.send(&ControlMsg::AttemptForbidden(action), &[]).map_err(|e| self.0.control_error(e))
+        self.0
+            .lock_ctl()
+            .control
+            .send_now(&ControlMsg::AttemptForbidden(action), &[])
+            .map_err(|e| self.0.control_error(e))
     }
 
     /// Injects `action` (see [`FaultAction`]) into the current instance; returns what was done.
@@ -885,7 +922,7 @@ impl ServiceRef {
         let ctl = self.0.lock_ctl();
         let pid = ctl.pid;
         log::warn!("fault injection: {action} into service {} (pid {pid})", self.0.name);
-        let send = |msg: ControlMsg| ctl.control.send(&msg, &[]).map_err(|e| self.0.control_error(e));
+        let send = |msg: ControlMsg| ctl.control.send_now(&msg, &[]).map_err(|e| self.0.control_error(e));
         match action {
             FaultAction::Kill => pidfd_kill(ctl.pidfd.as_fd()).map_err(os("pidfd_send_signal"))?,
             FaultAction::Crash => send(ControlMsg::InjectFault(ServiceFault::Crash))?,
@@ -893,6 +930,7 @@ impl ServiceRef {
             FaultAction::Segv => send(ControlMsg::InjectFault(ServiceFault::Segv))?,
             FaultAction::Hang => send(ControlMsg::InjectFault(ServiceFault::Hang))?,
             FaultAction::Slow { ms } => send(ControlMsg::InjectFault(ServiceFault::Slow { ms }))?,
+            FaultAction::SlowIo { ms } => send(ControlMsg::InjectFault(ServiceFault::SlowIo { ms }))?,
             FaultAction::CorruptReply => send(ControlMsg::InjectFault(ServiceFault::CorruptReply))?,
             FaultAction::Seccomp => send(ControlMsg::AttemptForbidden(ForbiddenAction::Execve))?,
             FaultAction::CorruptState => {
@@ -951,10 +989,23 @@ impl ServiceRef {
             exits_forwarded: stats.forwarded,
             exits_mirrored: stats.mirrored,
             exits_redone: stats.redone,
-            requests_redone: m.redone_by_earlier + self.0.lock_ctl().redone_seen,
+            requests_redone: m.redone_by_earlier.saturating_add(self.0.lock_ctl().redone_seen),
             exits_failed: stats.failures,
             failed: m.failed.or_else(|| self.0.device.failure()),
         }
+    }
+
+    /// Why the service holds a request and asks for the VM to be stopped (its disk's error
+    /// policy, [`ControlMsg::IoStopped`]), once. Reads what the control channel has queued if no
+    /// one else is using it; never waits.
+    pub fn take_io_stop(&self) -> Option<String> {
+        let mut ctl = match self.0.ctl.try_lock() {
+            Ok(c) => c,
+            Err(std::sync::TryLockError::Poisoned(e)) => e.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return None,
+        };
+        ctl.drain(&self.0.name);
+        ctl.io_stop.take()
     }
 
     /// Asks the current instance for its counters (`Ping`/`Pong`), waiting at most `timeout`.
@@ -986,7 +1037,7 @@ impl ServiceRef {
         }
         let mut ctl = self.0.lock_ctl();
         let token = ctl.next_token();
-        ctl.control.send(&ControlMsg::Resume { token }, &[]).map_err(|e| self.0.control_error(e))?;
+        ctl.control.send_now(&ControlMsg::Resume { token }, &[]).map_err(|e| self.0.control_error(e))?;
         self.0.await_reply(&mut ctl, Instant::now() + timeout, |m| {
             matches!(m, ControlMsg::Resumed { token: t } if *t == token).then_some(())
         })
@@ -1090,7 +1141,7 @@ impl ServiceRef {
         }
         let mut ctl = self.0.lock_ctl();
         let token = ctl.next_token();
-        ctl.control.send(&ControlMsg::SetRateLimit { token, limits }, &[]).map_err(|e| self.0.control_error(e))?;
+        ctl.control.send_now(&ControlMsg::SetRateLimit { token, limits }, &[]).map_err(|e| self.0.control_error(e))?;
         let applied = self.0.await_reply(&mut ctl, Instant::now() + timeout, |m| match m {
             ControlMsg::RateLimitSet { token: t, applied } if *t == token => Some(*applied),
             _ => None,
@@ -1107,7 +1158,8 @@ impl ServiceRef {
     /// Gives a block device a new image (`file`, opened by the core): the current instance is
     /// replaced by one serving it, through the restart path, so the guest sees the new medium
     /// (its size included) and no error. Requests in flight are redone against the new image.
-    pub fn replace_disk(&self, file: std::fs::File) -> Result<(), ServiceError> {
+    pub fn replace_disk(&self, image: crate::image::Image) -> Result<(), ServiceError> {
+        let crate::image::Image { file, witness } = image;
         let size = file.metadata().map_err(os("stat of the new image"))?.len();
         {
             let mut recipe = self.0.lock_recipe();
@@ -1119,6 +1171,10 @@ impl ServiceRef {
                 return Err(ServiceError::Unsupported { name: self.0.name.clone(), what: "no image fd to replace" });
             };
             slot.1 = OwnedFd::from(file);
+            recipe.fds.retain(|(role, _)| *role != FdRole::DiskWitness);
+            if let Some(w) = witness {
+                recipe.fds.push((FdRole::DiskWitness, OwnedFd::from(w)));
+            }
         }
         log::info!("service {}: new image ({size} bytes): replacing the instance", self.0.name);
         self.kill()
@@ -1225,7 +1281,7 @@ impl ServiceHandle {
         self.shared.stop_timeout_ms.store(u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX), Ordering::SeqCst);
         self.shared.stopping.store(true, Ordering::SeqCst);
         // A dead or wedged service may not read this; the supervisor's timeout covers it.
-        let _ = self.shared.lock_ctl().control.send(&ControlMsg::Shutdown, &[]);
+        let _ = self.shared.lock_ctl().control.send_now(&ControlMsg::Shutdown, &[]);
         self.shared.device.inbox.wake();
         let status = self.exit_rx.recv_timeout(timeout + Duration::from_secs(5)).ok();
         match status {
@@ -1354,7 +1410,7 @@ fn start_instance(recipe: &Recipe) -> Result<Instance, ServiceError> {
         idle_spin_us: u32::try_from(options.service_idle_spin.as_micros()).unwrap_or(u32::MAX),
     };
     // SCM_RIGHTS gives the child its own copies of the core's originals.
-    if let Err(source) = control.send(&ControlMsg::Setup(Box::new(setup)), &borrowed) {
+    if let Err(source) = control.send_now(&ControlMsg::Setup(Box::new(setup)), &borrowed) {
         // EPIPE: the child exited before reading its set-up; it never became ready.
         let e = if matches!(source, ControlError::Send(nix::Error::EPIPE)) {
             ServiceError::NotReady { name: name.clone(), pid, source }
@@ -1416,6 +1472,7 @@ fn spawn_service_with_state(
         restartable: recipe.options.restart.enabled(),
         restart_wait: recipe.options.restart.restart_wait,
         timeout_us: AtomicU64::new(u64::try_from(recipe.options.call_timeout.as_micros()).unwrap_or(u64::MAX)),
+        io_deadline_us: AtomicU64::new(u64::try_from(recipe.options.io_deadline.as_micros()).unwrap_or(u64::MAX)),
         failed: AtomicBool::new(false),
         given_up: AtomicBool::new(false),
         reason: Mutex::new(None),
@@ -1493,7 +1550,7 @@ fn wait_instance(
         }
         if shared.options_changed.swap(false, Ordering::SeqCst) {
             let o = shared.lock_recipe().options.clone();
-            *liveness = Liveness::new(o.liveness_interval, o.call_timeout, Instant::now());
+            *liveness = liveness_for(&o);
         }
         let sleep = match check_liveness(shared, liveness) {
             Ok(until) => {
@@ -1547,6 +1604,7 @@ fn check_liveness(shared: &Shared, liveness: &mut Liveness) -> Result<Option<Ins
     let pong_seen = c.pong_seen;
     let activity = shared.device.service_activity();
     liveness.note_activity(Instant::now(), activity.asleep, activity.beat);
+    liveness.note_io(activity.in_io);
     // Bounded: at most two steps (a pong seen, then a ping due at once).
     for _ in 0..2 {
         let now = Instant::now();
@@ -1569,6 +1627,11 @@ fn check_liveness(shared: &Shared, liveness: &mut Liveness) -> Result<Option<Ins
     Ok(Some(Instant::now() + supervisor::PONG_CHECK))
 }
 
+/// The liveness check `o` asks for, starting now.
+fn liveness_for(o: &ServiceOptions) -> Liveness {
+    Liveness::new(o.liveness_interval, o.call_timeout, Instant::now()).with_io_deadline(o.io_deadline)
+}
+
 /// The supervisor thread: waits for the instance to fail, then restarts it per the policy.
 fn supervise(shared: &Shared, mut child: ServiceChild, exit_tx: &SyncSender<ExitStatus>) {
     let (options, is_console) = {
@@ -1577,7 +1640,7 @@ fn supervise(shared: &Shared, mut child: ServiceChild, exit_tx: &SyncSender<Exit
     };
     let mut tracker = RestartTracker::new(options.restart);
     let (interval, deadline) = (options.liveness_interval, options.call_timeout);
-    let mut liveness = Liveness::new(interval, deadline, Instant::now());
+    let mut liveness = liveness_for(&options);
     let dev = &shared.device;
     let name = &shared.name;
     // Bounded by the restart policy: every iteration is one failure, and the tracker gives up
@@ -1696,7 +1759,7 @@ fn supervise(shared: &Shared, mut child: ServiceChild, exit_tx: &SyncSender<Exit
                     }
                     child = inst.child;
                     let o = shared.lock_recipe().options.clone();
-                    liveness = Liveness::new(o.liveness_interval, o.call_timeout, Instant::now());
+                    liveness = liveness_for(&o);
                     break;
                 }
                 Err(e) => log::error!("service {name}: restart failed: {}", crate::vmm::chain(&e)),
@@ -1714,7 +1777,7 @@ fn present_failed(shared: &Shared, why: &str) -> Result<ServiceChild, String> {
     let Instance { mut child, control, ring, pidfd } = inst;
     let pid = child.id();
     let reason = bounded_reason(why).to_string();
-    if let Err(e) = control.send(&ControlMsg::EnterFailed { reason }, &[]) {
+    if let Err(e) = control.send_now(&ControlMsg::EnterFailed { reason }, &[]) {
         let _ = child.kill();
         let _ = child.wait();
         return Err(format!("telling pid {pid} to enter the failed state: {e}"));
@@ -1735,7 +1798,8 @@ fn serve_failed(
     deadline: Duration,
 ) -> Option<ExitStatus> {
     let dev = &shared.device;
-    let mut liveness = Liveness::new(interval, deadline, Instant::now());
+    let io_deadline = shared.lock_recipe().options.io_deadline;
+    let mut liveness = Liveness::new(interval, deadline, Instant::now()).with_io_deadline(io_deadline);
     match wait_instance(shared, &mut child, true, &mut liveness) {
         Ok(Ended::Stopped(status)) => {
             let kind = if status.success() { Failure::Orderly } else { Failure::Error };
@@ -1799,6 +1863,8 @@ pub struct BlockSpec {
     pub id: String,
     /// The disk image, opened by the core (read-only when `read_only`).
     pub disk: std::fs::File,
+    /// The image's flush witness (a writable disk; see [`FdRole::DiskWitness`]).
+    pub witness: Option<std::fs::File>,
     /// Read-only disk: `VIRTIO_BLK_F_RO`, writes answered with IOERR.
     pub read_only: bool,
     /// Guest physical address of the device's virtio-mmio window.
@@ -1819,6 +1885,10 @@ pub struct BlockSpec {
     pub queue_size: u16,
     /// Limit on bytes and requests per second.
     pub rate_limit: RateLimit,
+    /// What a host error on a write does.
+    pub write_errors: ipc::control::ErrorPolicy,
+    /// What a host error on a read does.
+    pub read_errors: ipc::control::ErrorPolicy,
 }
 
 fn dup_eventfd(e: &EventFd) -> Result<OwnedFd, ServiceError> {
@@ -1837,6 +1907,7 @@ pub fn spawn_block(
     let BlockSpec {
         id,
         disk,
+        witness,
         read_only,
         mmio_base,
         mmio_len,
@@ -1847,11 +1918,16 @@ pub fn spawn_block(
         irq,
         queue_size,
         rate_limit,
+        write_errors,
+        read_errors,
     } = spec;
     let disk_size = disk.metadata().map_err(os("stat of the disk image"))?.len();
     let num_queues = u16::try_from(queue_notify.len()).unwrap_or(u16::MAX);
     let mut fds =
         vec![(FdRole::GuestMemory, memfd), (FdRole::Disk, OwnedFd::from(disk)), (FdRole::Irq, dup_eventfd(&irq)?)];
+    if let Some(w) = witness {
+        fds.push((FdRole::DiskWitness, OwnedFd::from(w)));
+    }
     for (i, e) in queue_notify.iter().enumerate() {
         let i = u16::try_from(i).unwrap_or(u16::MAX);
         fds.push((FdRole::QueueNotify(i), dup_eventfd(e)?));
@@ -1869,6 +1945,8 @@ pub fn spawn_block(
         num_queues,
         queue_size,
         rate_limit,
+        write_errors,
+        read_errors,
     });
     spawn_virtio(program, name, device, fds, options.into())
 }

@@ -58,7 +58,7 @@ pub enum VmmAction {
     /// `PUT /drives/{id}`.
     PutDrive(DriveConfig),
     /// `PATCH /drives/{id}`, with the new image already opened by the API thread.
-    PatchDrive(DriveUpdate, Option<File>),
+    PatchDrive(DriveUpdate, Option<crate::image::Image>),
     /// `PUT /network-interfaces/{id}`.
     PutNetworkInterface(NetworkInterface),
     /// `PATCH /network-interfaces/{id}`.
@@ -166,6 +166,8 @@ pub struct VmmView {
     pub pid: u32,
     /// Each vCPU's exit counter, once started.
     pub vcpu_exits: Vec<Arc<std::sync::atomic::AtomicU64>>,
+    /// Why Bulkhead paused the VM itself (a disk's error policy), while it stays paused.
+    pub paused_by: Option<String>,
 }
 
 /// The shared, read-mostly view.
@@ -200,6 +202,8 @@ pub struct Vmm {
     signalled: Option<i32>,
     /// The logger's output was set (`PUT /logger`).
     logger_opened: bool,
+    /// Why Bulkhead paused the VM itself, while it stays paused.
+    paused_by: Option<String>,
 }
 
 impl Vmm {
@@ -213,6 +217,7 @@ impl Vmm {
             started: None,
             pid: std::process::id(),
             vcpu_exits: Vec::new(),
+            paused_by: None,
         }));
         Self {
             config,
@@ -224,6 +229,7 @@ impl Vmm {
             stop_deadline: None,
             signalled: None,
             logger_opened: false,
+            paused_by: None,
         }
     }
 
@@ -243,6 +249,7 @@ impl Vmm {
         v.config = self.config.clone();
         v.devices = self.vm.as_ref().map(|vm| vm.registry().clone());
         v.vcpu_exits = self.vm.as_ref().map(RunningVm::vcpu_exits).unwrap_or_default();
+        v.paused_by = self.paused_by.clone();
         if v.started.is_none() && self.vm.is_some() {
             v.started = Some((SystemTime::now(), Instant::now()));
         }
@@ -310,6 +317,7 @@ impl Vmm {
                 if self.state == VmState::Paused {
                     self.running()?.resume(PAUSE_LIMIT).map_err(|e| ActionError::Failed(chain(&e)))?;
                     self.state = VmState::Running;
+                    self.paused_by = None;
                     log::info!("VM resumed");
                 }
             }
@@ -473,6 +481,7 @@ impl Vmm {
     /// Between calls: signals, due injections, the stop deadline, the metrics timer.
     fn tick(&mut self) {
         let signal = crate::launch::take_signal();
+        self.stop_on_io_error();
         match &mut self.vm {
             Some(vm) => {
                 vm.tick();
@@ -498,6 +507,29 @@ impl Vmm {
                 log::warn!("{e}");
             }
         }
+    }
+
+    /// Pauses a running VM whose disk holds a request by its error policy (`werror=stop`,
+    /// ...), so the operator can free space or fix the storage and resume with nothing lost.
+    fn stop_on_io_error(&mut self) {
+        if self.state != VmState::Running {
+            return;
+        }
+        let Some(vm) = &self.vm else { return };
+        let Some(why) = vm.take_io_stop() else { return };
+        match vm.pause(PAUSE_LIMIT) {
+            Ok(()) => {
+                log::error!(
+                    "VM paused: {why}; free space or repair the storage, then resume it (PATCH /vm Resumed, \
+                     bulkhead resume): the request is retried and nothing is lost"
+                );
+                self.state = VmState::Paused;
+                self.paused_by = Some(why);
+            }
+            // The disk's requests stay held (the guest waits on them) until a resume.
+            Err(e) => log::error!("{why}; pausing the VM failed: {}", chain(&e)),
+        }
+        self.publish();
     }
 
     fn finish(&mut self, reason: StopReason) -> StopReason {

@@ -7,6 +7,8 @@
 //! and optionally `StateRegion` (the device's state then survives the process: a new instance
 //! resumes from it and redoes the requests that were in flight).
 //! The set-up's `rate_limit` caps the disk's bytes and requests per second (all queues together).
+//! With `DiskWitness` (writable disks) a FLUSH redone after a restart first asks the witness
+//! whether a writeback error happened that the dead instance may have taken with it.
 //! Opens nothing itself. On `Shutdown` logs its counters (`bulkhead-block[PID]: stats ok=...`)
 //! and exits 0.
 
@@ -31,10 +33,14 @@ fn setup(st: &mut Startup) -> Result<(MmioTransport<Block>, u64, u64), RuntimeEr
     let mut block = Block::new(File::from(disk), cfg.disk_size, cfg.read_only, &cfg.id, cfg.num_queues, cfg.queue_size)
         .map_err(|e| RuntimeError::Device(error_chain(&e)))?;
     block.set_rate_limit(&cfg.rate_limit);
+    block.set_error_policy(cfg.write_errors, cfg.read_errors);
+    if let Some(w) = st.take_fd(FdRole::DiskWitness) {
+        block.set_flush_witness(File::from(w));
+    }
     let (discard, zeroes) = (block.supports_discard(), block.supports_write_zeroes());
     let transport = transport(st, block, fds)?;
     eprintln!(
-        "bulkhead-block[{}]: {} at {:#x}+{:#x} gsi {}: {} sectors{}{}{}, {} queue(s) of {}{}",
+        "bulkhead-block[{}]: {} at {:#x}+{:#x} gsi {}: {} sectors{}{}{}, {} queue(s) of {}, werror={} rerror={}{}",
         std::process::id(),
         st.setup.name,
         cfg.mmio_base,
@@ -46,6 +52,8 @@ fn setup(st: &mut Startup) -> Result<(MmioTransport<Block>, u64, u64), RuntimeEr
         if zeroes { ", write-zeroes" } else { "" },
         cfg.num_queues,
         cfg.queue_size,
+        cfg.write_errors.name(),
+        cfg.read_errors.name(),
         if cfg.rate_limit.is_unlimited() { String::new() } else { format!(", {:?}", cfg.rate_limit) }
     );
     Ok((transport, cfg.mmio_base, cfg.mmio_len))
@@ -58,7 +66,7 @@ pub fn main() -> ExitCode {
         policy: Policy::Block,
         redone_what: "request(s)",
         setup,
-        backend_fd: Block::disk_fd,
+        backend_fds: Block::disk_fds,
         stats: Block::stats_handle,
         handler: BlockHandler::new,
     })

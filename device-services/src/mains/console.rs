@@ -6,6 +6,7 @@
 //! FIFO and pending input survive the process: a new instance restores them (an invalid region is
 //! logged and cleared, and the UART starts fresh). Exits 0 on `Shutdown`.
 
+use std::os::fd::AsRawFd;
 use std::process::ExitCode;
 
 use crate::console::{Console, Restore, UART_PORTS};
@@ -43,6 +44,13 @@ fn run() -> Result<(), RuntimeError> {
             None
         }
     };
+    let mut keep = vec![output.as_raw_fd(), irq.as_raw_fd()];
+    keep.extend(input.as_ref().map(AsRawFd::as_raw_fd));
+    keep.extend(region.as_ref().map(|r| r.fd().as_raw_fd()));
+    st.jail(&keep)?;
+    // Last step of confinement, before any guest data is read: the saved state, which an
+    // earlier instance (driven by the guest) wrote, is decoded only after it.
+    st.seccomp(Policy::Console)?;
     let console = match region {
         None => Console::new(output, input, irq),
         Some(region) => {
@@ -50,28 +58,26 @@ fn run() -> Result<(), RuntimeError> {
                 st.report_failure(&error_chain(&e));
                 RuntimeError::Device(error_chain(&e))
             })?;
-            match restore {
-                Restore::Fresh => {}
-                Restore::Restored { generation, fifo, pending, irq_raised } => eprintln!(
-                    "bulkhead-console[{pid}]: restored UART state generation {generation}: {fifo} byte(s) in the \
-                     FIFO, {pending} pending{}",
-                    if irq_raised { ", interrupt re-raised" } else { "" }
-                ),
-                Restore::Invalid(e) => {
-                    eprintln!(
-                        "bulkhead-console[{pid}]: saved state rejected, starting a fresh UART: {}",
-                        error_chain(&e)
-                    )
-                }
-            }
+            log_restore(pid, &restore);
             console
         }
     };
-    st.jail(&console.raw_fds())?;
-    // Last step of confinement, before any guest data is read.
-    st.seccomp(Policy::Console)?;
     st.serve(console, base, len)?;
     Ok(())
+}
+
+fn log_restore(pid: u32, restore: &Restore) {
+    match restore {
+        Restore::Fresh => {}
+        Restore::Restored { generation, fifo, pending, irq_raised } => eprintln!(
+            "bulkhead-console[{pid}]: restored UART state generation {generation}: {fifo} byte(s) in the FIFO, \
+             {pending} pending{}",
+            if *irq_raised { ", interrupt re-raised" } else { "" }
+        ),
+        Restore::Invalid(e) => {
+            eprintln!("bulkhead-console[{pid}]: saved state rejected, starting a fresh UART: {}", error_chain(e))
+        }
+    }
 }
 
 /// The service's entry point (its binary's `main`, or `bulkhead` started under its name).

@@ -61,7 +61,7 @@ pub fn main() -> ExitCode {
         policy: Policy::Net,
         redone_what: "chain(s)",
         setup,
-        backend_fd: Net::tap_fd,
+        backend_fds: |n: &Net| vec![n.tap_fd()],
         stats: Net::stats_handle,
         handler: NetHandler::new,
     })

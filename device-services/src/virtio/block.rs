@@ -18,7 +18,7 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::rc::Rc;
 use std::time::Duration;
 
-use ipc::control::{IoCounters, RateLimit, RateLimitUpdate};
+use ipc::control::{ErrorPolicy, IoCounters, RateLimit, RateLimitUpdate};
 
 use virtio_bindings::virtio_blk;
 use vm_memory::{Bytes, Permissions, VolatileSlice};
@@ -101,14 +101,27 @@ pub struct BlockStats {
     pub bytes_written: u64,
     /// Times requests had to wait for rate-limit tokens.
     pub throttled: u64,
+    /// Host I/O errors met (EIO, ENOSPC, ...), answered IOERR or held by a stop policy.
+    pub host_errors: u64,
+    /// Times a request was held and the VM stopped by the error policy.
+    pub stops: u64,
 }
 
 impl std::fmt::Display for BlockStats {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "ok={} ioerr={} unsupp={} unanswerable={} bytes_read={} bytes_written={} throttled={}",
-            self.ok, self.ioerr, self.unsupp, self.unanswerable, self.bytes_read, self.bytes_written, self.throttled
+            "ok={} ioerr={} unsupp={} unanswerable={} bytes_read={} bytes_written={} throttled={} host_errors={} \
+             stops={}",
+            self.ok,
+            self.ioerr,
+            self.unsupp,
+            self.unanswerable,
+            self.bytes_read,
+            self.bytes_written,
+            self.throttled,
+            self.host_errors,
+            self.stops
         )
     }
 }
@@ -129,7 +142,49 @@ pub struct Block {
     stats: BlockStats,
     shared: Rc<Cell<BlockStats>>,
     throttle: Throttle,
+    write_errors: ErrorPolicy,
+    read_errors: ErrorPolicy,
+    /// A request the host failed, held by the error policy. No request is taken until the VM
+    /// is resumed ([`Block::release_held`]).
+    held: Option<Held>,
+    /// The flush witness ([`Block::set_flush_witness`]).
+    witness: Option<File>,
 }
+
+/// A held request.
+#[derive(Debug)]
+struct Held {
+    /// What failed, for the core and the operator.
+    reason: String,
+    /// The core was told.
+    told: bool,
+    /// Where the request is: queue, avail position, head.
+    at: Option<(u16, u16, u16)>,
+}
+
+/// What became of a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Handled {
+    /// Answered: the used length (data bytes written into the chain plus the status byte; 0 if
+    /// there was no status byte to write).
+    Used(u32),
+    /// The host failed it and the error policy holds it: not answered, given back to the queue.
+    Held,
+}
+
+/// How an execution ended.
+enum Outcome {
+    Done(u8, u32),
+    Held,
+}
+
+/// Longest turn of queue processing before the service answers its ring again (ns).
+const TURN_BUDGET_NS: u64 = 20_000_000;
+
+/// Host errors logged in full before only every `HOST_ERROR_LOG_EVERY`th one is (a failing disk
+/// must not flood the log).
+const HOST_ERRORS_LOGGED: u64 = 10;
+const HOST_ERROR_LOG_EVERY: u64 = 1000;
 
 fn fallocate(fd: RawFd, mode: libc::c_int, offset: u64, len: u64) -> io::Result<()> {
     let (Ok(off), Ok(len)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else {
@@ -221,7 +276,47 @@ impl Block {
             stats: BlockStats::default(),
             shared: Rc::new(Cell::new(BlockStats::default())),
             throttle: Throttle::unlimited(),
+            write_errors: ErrorPolicy::Report,
+            read_errors: ErrorPolicy::Report,
+            held: None,
+            witness: None,
         })
+    }
+
+    /// What host errors on writes (flushes, discards) and on reads do.
+    pub fn set_error_policy(&mut self, write: ErrorPolicy, read: ErrorPolicy) {
+        self.write_errors = write;
+        self.read_errors = read;
+    }
+
+    /// Whether a request is held.
+    pub fn is_held(&self) -> bool {
+        self.held.is_some()
+    }
+
+    /// A host error on a request: counted, logged (the first ones, then one in
+    /// [`HOST_ERROR_LOG_EVERY`]), then answered IOERR or held as the policy for its direction
+    /// says.
+    fn host_error(&mut self, write: bool, what: &str, sector: u64, e: &io::Error) -> Outcome {
+        self.stats.host_errors += 1;
+        let n = self.stats.host_errors;
+        let policy = if write { self.write_errors } else { self.read_errors };
+        let errno = e.raw_os_error().unwrap_or(libc::EIO);
+        let stop = policy.stops_on(errno);
+        let reason = format!("{what} at sector {sector}: {e}");
+        if n <= HOST_ERRORS_LOGGED || n.is_multiple_of(HOST_ERROR_LOG_EVERY) {
+            eprintln!(
+                "bulkhead-block: host I/O error #{n}: {reason} ({})",
+                if stop { "held: the VM stops until resumed" } else { "IOERR to the guest" }
+            );
+        }
+        if stop {
+            self.stats.stops += 1;
+            self.held = Some(Held { reason, told: false, at: None });
+            Outcome::Held
+        } else {
+            Outcome::Done(S_IOERR, 0)
+        }
     }
 
     /// Capacity in 512-byte sectors.
@@ -272,25 +367,62 @@ impl Block {
         self.disk.as_raw_fd()
     }
 
-    /// Parses and executes one chain; returns the used length (bytes written into the chain).
+    /// The disk's fds to keep open in a jail: the image and its flush witness.
+    pub fn disk_fds(&self) -> Vec<RawFd> {
+        let mut v = vec![self.disk.as_raw_fd()];
+        v.extend(self.witness.as_ref().map(AsRawFd::as_raw_fd));
+        v
+    }
+
+    /// Gives the device the image's flush witness (see the module docs on flushes).
+    pub fn set_flush_witness(&mut self, witness: File) {
+        self.witness = Some(witness);
+    }
+
+    /// A FLUSH: `fdatasync` of the image. When the request is redone after a restart
+    /// (`redone`), the witness is asked first: a writeback error since it was last synced means
+    /// data this flush covers did not reach the disk, even if the image's own description no
+    /// longer says so (the dead instance may have taken the error). After a failed flush the
+    /// witness is synced too, to take the error that was just reported.
+    fn flush(&mut self, redone: bool) -> Outcome {
+        if redone {
+            if let Some(Err(e)) = self.witness.as_ref().map(|w| crate::runtime::io_call(|| w.sync_data())) {
+                return self.host_error(true, "flush redone after a restart (a writeback error happened)", 0, &e);
+            }
+        }
+        match crate::runtime::io_call(|| self.disk.sync_data()) {
+            Ok(()) => Outcome::Done(S_OK, 0),
+            Err(e) => {
+                if let Some(w) = &self.witness {
+                    let _ = crate::runtime::io_call(|| w.sync_data());
+                }
+                self.host_error(true, "flush", 0, &e)
+            }
+        }
+    }
+
+    /// Parses and executes one chain (`redone`: a request found in flight after a restart, or
+    /// held and retried): answered (with the used length: bytes written into the chain), or held
+    /// by the error policy.
     pub fn handle_chain<I: IntoIterator<Item = virtio_queue::desc::split::Descriptor>>(
         &mut self,
         mem: &GuestMem,
         descs: I,
-    ) -> u32 {
+        redone: bool,
+    ) -> Handled {
         let parsed = parse_request(mem, descs, self.capacity);
         let bytes = parsed.as_ref().map_or(0, |r| r.data_len);
         self.throttle.charge(bytes, 1, self.throttle.now());
         let (status, st_addr, written) = match parsed {
-            Ok(req) => {
-                let (st, written) = self.execute(mem, &req);
-                (st, req.status, written)
-            }
+            Ok(req) => match self.execute(mem, &req, redone) {
+                Outcome::Done(st, written) => (st, req.status, written),
+                Outcome::Held => return Handled::Held,
+            },
             Err(e) => match e.status {
                 Some(a) => (S_IOERR, a, 0),
                 None => {
                     self.stats.unanswerable += 1;
-                    return 0;
+                    return Handled::Used(0);
                 }
             },
         };
@@ -301,38 +433,38 @@ impl Block {
         }
         if mem.write_obj(status, st_addr).is_err() {
             self.stats.unanswerable += 1;
-            return 0;
+            return Handled::Used(0);
         }
-        written.saturating_add(1)
+        Handled::Used(written.saturating_add(1))
     }
 
-    /// Executes a parsed request; returns the status and the number of data bytes written into
-    /// guest memory.
-    fn execute(&mut self, mem: &GuestMem, req: &Request) -> (u8, u32) {
+    /// Executes a parsed request: its status and the number of data bytes written into guest
+    /// memory, or held. Errors the guest caused (a bad buffer, a read-only disk) are IOERR;
+    /// errors of the host go through [`host_error`](Self::host_error).
+    fn execute(&mut self, mem: &GuestMem, req: &Request, redone: bool) -> Outcome {
         match req.kind {
             RequestType::In => match self.rw(mem, req, false) {
                 Ok(()) => {
                     self.stats.bytes_read += req.data_len;
-                    (S_OK, u32::try_from(req.data_len).unwrap_or(u32::MAX))
+                    Outcome::Done(S_OK, u32::try_from(req.data_len).unwrap_or(u32::MAX))
                 }
-                Err(_) => (S_IOERR, 0),
+                Err(RwError::Guest) => Outcome::Done(S_IOERR, 0),
+                Err(RwError::Host(e)) => self.host_error(false, "read", req.sector, &e),
             },
             RequestType::Out => {
                 if self.read_only {
-                    return (S_IOERR, 0);
+                    return Outcome::Done(S_IOERR, 0);
                 }
                 match self.rw(mem, req, true) {
                     Ok(()) => {
                         self.stats.bytes_written += req.data_len;
-                        (S_OK, 0)
+                        Outcome::Done(S_OK, 0)
                     }
-                    Err(_) => (S_IOERR, 0),
+                    Err(RwError::Guest) => Outcome::Done(S_IOERR, 0),
+                    Err(RwError::Host(e)) => self.host_error(true, "write", req.sector, &e),
                 }
             }
-            RequestType::Flush => match self.disk.sync_data() {
-                Ok(()) => (S_OK, 0),
-                Err(_) => (S_IOERR, 0),
-            },
+            RequestType::Flush => self.flush(redone),
             RequestType::GetId => {
                 let mut written = 0usize;
                 for s in &req.data {
@@ -341,28 +473,32 @@ impl Block {
                     }
                     let n = (s.len as usize).min(ID_BYTES - written);
                     if mem.write_slice(&self.id[written..written + n], s.addr).is_err() {
-                        return (S_IOERR, 0);
+                        return Outcome::Done(S_IOERR, 0);
                     }
                     written += n;
                 }
-                (S_OK, u32::try_from(written).unwrap_or(0))
+                Outcome::Done(S_OK, u32::try_from(written).unwrap_or(0))
             }
-            RequestType::Discard | RequestType::WriteZeroes => (self.discard(mem, req), 0),
-            RequestType::Unsupported(_) => (S_UNSUPP, 0),
+            RequestType::Discard | RequestType::WriteZeroes => match self.discard(mem, req) {
+                Ok(st) => Outcome::Done(st, 0),
+                Err(e) => self.host_error(true, "discard", req.sector, &e),
+            },
+            RequestType::Unsupported(_) => Outcome::Done(S_UNSUPP, 0),
         }
     }
 
-    fn discard(&mut self, mem: &GuestMem, req: &Request) -> u8 {
+    /// A discard or write-zeroes: its status, or the host's error.
+    fn discard(&mut self, mem: &GuestMem, req: &Request) -> io::Result<u8> {
         let zeroes = req.kind == RequestType::WriteZeroes;
         if self.read_only || (zeroes && !self.supports_write_zeroes()) || (!zeroes && !self.can_punch) {
-            return if self.read_only { S_IOERR } else { S_UNSUPP };
+            return Ok(if self.read_only { S_IOERR } else { S_UNSUPP });
         }
         let mut seg = [0u8; 16];
         let mut filled = 0;
         for s in &req.data {
             let n = s.len as usize;
             if filled + n > seg.len() || mem.read_slice(&mut seg[filled..filled + n], s.addr).is_err() {
-                return S_IOERR;
+                return Ok(S_IOERR);
             }
             filled += n;
         }
@@ -372,46 +508,52 @@ impl Block {
         let flags = u32::from_le_bytes([f0, f1, f2, f3]);
         let allowed = if zeroes { virtio_blk::VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP } else { 0 };
         if flags & !allowed != 0 {
-            return S_UNSUPP;
+            return Ok(S_UNSUPP);
         }
         if num > MAX_DISCARD_SECTORS || sector.checked_add(u64::from(num)).is_none_or(|e| e > self.capacity) {
-            return S_IOERR;
+            return Ok(S_IOERR);
         }
         let (off, len) = (sector * SECTOR, u64::from(num) * SECTOR);
         if len == 0 {
-            return S_OK;
+            return Ok(S_OK);
         }
         let fd = self.disk.as_raw_fd();
         let punch = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
-        let r = if zeroes && self.can_zero {
-            fallocate(fd, libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE, off, len)
-        } else {
-            // A punched hole reads back as zeros, so it also serves WRITE_ZEROES.
-            fallocate(fd, punch, off, len)
-        };
-        if r.is_ok() {
-            S_OK
-        } else {
-            S_IOERR
-        }
+        let r = crate::runtime::io_call(|| {
+            if zeroes && self.can_zero {
+                fallocate(fd, libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE, off, len)
+            } else {
+                // A punched hole reads back as zeros, so it also serves WRITE_ZEROES.
+                fallocate(fd, punch, off, len)
+            }
+        });
+        r.map(|()| S_OK)
     }
 
     /// Reads (`write == false`) or writes the request's sectors between the file and guest
     /// memory with one `preadv`/`pwritev` per request (more only after a short transfer).
-    fn rw(&self, mem: &GuestMem, req: &Request, write: bool) -> io::Result<()> {
+    fn rw(&self, mem: &GuestMem, req: &Request, write: bool) -> Result<(), RwError> {
         let perm = if write { Permissions::Read } else { Permissions::Write };
         let mut slices: Inline<VolatileSlice<'_, ()>> = Inline::with_capacity(req.data.len());
         for s in &req.data {
-            crate::memory::push_slices(mem, s.addr, s.len as usize, perm, &mut slices)
-                .map_err(|_| io::Error::from_raw_os_error(libc::EFAULT))?;
+            crate::memory::push_slices(mem, s.addr, s.len as usize, perm, &mut slices).map_err(|_| RwError::Guest)?;
         }
         let got: usize = slices.iter().map(|s| s.len()).sum();
         if got as u64 != req.data_len || slices.len() > MAX_DESCRIPTORS {
-            return Err(io::Error::from_raw_os_error(libc::EFAULT));
+            return Err(RwError::Guest);
         }
-        let offset = req.sector.checked_mul(SECTOR).ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))?;
-        transfer(self.disk.as_raw_fd(), &slices, offset, write)
+        let offset = req.sector.checked_mul(SECTOR).ok_or(RwError::Guest)?;
+        crate::runtime::io_call(|| transfer(self.disk.as_raw_fd(), &slices, offset, write)).map_err(RwError::Host)
     }
+}
+
+/// Why a read or write failed.
+enum RwError {
+    /// The guest's request does not hold together (buffers outside its memory, an offset past
+    /// the disk): IOERR, whatever the error policy.
+    Guest,
+    /// The host's system call failed.
+    Host(io::Error),
 }
 
 /// Moves all bytes of `slices` from/to the file at `offset`. Bounded: each round moves at least
@@ -495,12 +637,42 @@ impl VirtioDevice for Block {
         false
     }
 
+    /// The reason a request is held, the first time it is asked after the hold began: the
+    /// service tells the core, which pauses the VM.
+    fn take_stop(&mut self) -> Option<String> {
+        match self.held.as_mut() {
+            Some(h) if !h.told => {
+                h.told = true;
+                Some(h.reason.clone())
+            }
+            _ => None,
+        }
+    }
+
+    /// The VM was resumed: ends the hold and says where the held request is (queue, avail
+    /// position, head), for the transport to redo it.
+    fn release_held(&mut self) -> Option<(u16, u16, u16)> {
+        let held = self.held.take()?;
+        eprintln!("bulkhead-block: resumed: retrying the held request ({})", held.reason);
+        held.at
+    }
+
     fn process_queue(&mut self, queue: &mut QueueCtx<'_>) -> Result<usize, DeviceError> {
+        if self.held.is_some() {
+            // Nothing is taken while a request is held: the VM is (being) stopped.
+            return Ok(0);
+        }
         let max = usize::from(queue.size());
         let mem = queue.mem();
         let mut done = 0;
         let mut result = Ok(());
+        // A turn ends early once it has run TURN_BUDGET (slow storage): the service goes back
+        // to its ring and control socket, and the rest of the queue waits for the next turn.
+        let turn_end = ipc::ring::coarse_monotonic_ns().saturating_add(TURN_BUDGET_NS);
         while done < max {
+            if done > 0 && ipc::ring::coarse_monotonic_ns() > turn_end {
+                break;
+            }
             // Not taken from the queue until the limiter admits it.
             if !self.throttle.admit(self.throttle.now()) {
                 break;
@@ -514,7 +686,17 @@ impl VirtioDevice for Block {
                 }
             };
             let head = chain.head_index();
-            let used = self.handle_chain(mem, chain);
+            let used = match self.handle_chain(mem, chain, queue.replaying()) {
+                Handled::Used(used) => used,
+                Handled::Held => {
+                    // Stays in flight (taken, recorded, unanswered): redone from its avail
+                    // position once the VM is resumed, or by the next instance after a crash.
+                    if let Some(h) = self.held.as_mut() {
+                        h.at = Some((queue.index(), queue.last_pos(), head));
+                    }
+                    break;
+                }
+            };
             if let Err(e) = queue.add_used(head, used) {
                 result = Err(e);
                 break;
@@ -527,6 +709,8 @@ impl VirtioDevice for Block {
     }
 
     fn reset(&mut self) {
+        // A request held across a reset is gone with the queues it was on.
+        self.held = None;
         self.throttle.clear_wait();
     }
 }
@@ -589,6 +773,14 @@ impl MmioHandler for BlockHandler {
         self.transport.device().throttle_wait()
     }
 
+    fn take_stop(&mut self) -> Option<String> {
+        self.transport.take_stop()
+    }
+
+    fn resumed(&mut self) {
+        self.transport.resume_held();
+    }
+
     fn redone(&self) -> u64 {
         self.transport.redone()
     }
@@ -606,6 +798,7 @@ impl MmioHandler for BlockHandler {
             bytes_from_guest: s.bytes_written,
             throttled: s.throttled,
             errors: s.ioerr + s.unsupp + s.unanswerable,
+            host_errors: s.host_errors,
         }
     }
 

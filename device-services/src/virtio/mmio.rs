@@ -312,6 +312,25 @@ impl<D: VirtioDevice> MmioTransport<D> {
         self.redone
     }
 
+    /// Why the device holds a request and wants the VM stopped ([`VirtioDevice::take_stop`]).
+    pub fn take_stop(&mut self) -> Option<String> {
+        self.device.take_stop()
+    }
+
+    /// The VM was resumed: a request the device held is redone now, from its avail position (it
+    /// stayed in flight, so the state region still records it), and the queue carries on.
+    pub fn resume_held(&mut self) {
+        let Some((q, pos, head)) = self.device.release_held() else { return };
+        let i = usize::from(q);
+        if !self.running() || i >= self.queues.len() || !self.queues[i].ready() {
+            return;
+        }
+        let resume = self.queues[i].next_avail();
+        self.run_queue(i, Some((VecDeque::from([(pos, head)]), resume)));
+        // Whatever arrived meanwhile.
+        self.run_queue(i, None);
+    }
+
     fn kind(&self) -> DeviceKind {
         DeviceKind::Virtio(u8::try_from(self.device.device_id()).unwrap_or(u8::MAX))
     }

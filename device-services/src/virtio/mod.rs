@@ -92,4 +92,14 @@ pub trait VirtioDevice {
     fn process_queue(&mut self, queue: &mut QueueCtx<'_>) -> Result<usize, DeviceError>;
     /// The driver reset the device: forget negotiated state.
     fn reset(&mut self);
+    /// Why a request is held by the device's error policy, once per hold: the service tells the
+    /// core, which stops the VM. Devices that hold nothing return `None`.
+    fn take_stop(&mut self) -> Option<String> {
+        None
+    }
+    /// The VM was resumed: the hold ends. Returns where the held request is (queue, avail
+    /// position, head): still in flight, the transport redoes it.
+    fn release_held(&mut self) -> Option<(u16, u16, u16)> {
+        None
+    }
 }

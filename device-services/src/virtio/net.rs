@@ -1280,6 +1280,7 @@ impl MmioHandler for NetHandler {
             bytes_from_guest: s.tx_bytes,
             throttled: s.tx_throttled + s.rx_throttled,
             errors: s.tx_dropped + s.tx_errors + s.rx_dropped + s.rx_bad_chains + s.rx_errors,
+            host_errors: s.tx_errors + s.rx_errors,
         }
     }
 

@@ -86,8 +86,8 @@ pub struct ServiceParts<D, S, H> {
     pub redone_what: &'static str,
     /// Builds the transport from the set-up message: `(transport, window base, window length)`.
     pub setup: fn(&mut Startup) -> Result<Placed<D>, RuntimeError>,
-    /// The device's back-end fd (disk, TAP), kept through the jail.
-    pub backend_fd: fn(&D) -> RawFd,
+    /// The device's back-end fds (disk and its flush witness, TAP), kept through the jail.
+    pub backend_fds: fn(&D) -> Vec<RawFd>,
     /// The device's counters, printed at exit.
     pub stats: fn(&D) -> Rc<Cell<S>>,
     /// The handler serving the transport.
@@ -111,7 +111,7 @@ pub fn run_service<D: VirtioDevice, S: Copy + std::fmt::Display, H: MmioHandler>
             }
         };
         let mut keep = transport.raw_fds();
-        keep.push((parts.backend_fd)(transport.device()));
+        keep.extend((parts.backend_fds)(transport.device()));
         keep.extend(memory_fds(transport.memory()));
         st.jail(&keep)?;
         // Last step of confinement, before any guest data is read.

@@ -74,17 +74,19 @@ pub struct QueueCtx<'a> {
     /// A batch was published behind the virtio-queue crate's back (its EVENT_IDX bookkeeping
     /// counts one entry per `add_used`): the driver must be notified regardless.
     force_notify: bool,
+    /// Avail position of the chain [`pop`](Self::pop) returned last.
+    last_pos: u16,
 }
 
 impl<'a> QueueCtx<'a> {
     /// A queue without tracking (tests, or a service without a state region).
     pub fn untracked(index: u16, queue: &'a mut Queue, mem: &'a GuestMem) -> Self {
-        Self { index, queue, mem, tracker: None, redo: None, force_notify: false }
+        Self { index, queue, mem, tracker: None, redo: None, force_notify: false, last_pos: 0 }
     }
 
     /// A tracked queue.
     pub fn tracked(index: u16, queue: &'a mut Queue, mem: &'a GuestMem, tracker: Option<Tracker<'a>>) -> Self {
-        Self { index, queue, mem, tracker, redo: None, force_notify: false }
+        Self { index, queue, mem, tracker, redo: None, force_notify: false, last_pos: 0 }
     }
 
     /// A queue that replays `redo` (avail position, head) in order and then reports no more work;
@@ -97,7 +99,7 @@ impl<'a> QueueCtx<'a> {
         redo: VecDeque<(u16, u16)>,
         resume: u16,
     ) -> Self {
-        Self { index, queue, mem, tracker, redo: Some((redo, resume)), force_notify: false }
+        Self { index, queue, mem, tracker, redo: Some((redo, resume)), force_notify: false, last_pos: 0 }
     }
 
     /// Queue index.
@@ -108,6 +110,17 @@ impl<'a> QueueCtx<'a> {
     /// Guest memory.
     pub fn mem(&self) -> &'a GuestMem {
         self.mem
+    }
+
+    /// Avail position of the chain [`pop`](Self::pop) returned last (to redo it later with
+    /// [`replay`](Self::replay) while it stays in flight).
+    pub fn last_pos(&self) -> u16 {
+        self.last_pos
+    }
+
+    /// Whether this context replays requests found in flight (redo) rather than taking new ones.
+    pub fn replaying(&self) -> bool {
+        self.redo.is_some()
     }
 
     /// Queue size.
@@ -129,6 +142,7 @@ impl<'a> QueueCtx<'a> {
                 it.next()
             };
             self.queue.set_next_avail(resume);
+            self.last_pos = pos;
             return match chain {
                 Some(c) if c.head_index() == head => Ok(Some(c)),
                 _ => Err(qerr(&format!("request in flight at avail {pos} (head {head}) changed"), None)),
@@ -141,6 +155,7 @@ impl<'a> QueueCtx<'a> {
                 None => return Ok(None),
             }
         };
+        self.last_pos = self.queue.next_avail().wrapping_sub(1);
         if let Some(t) = self.tracker.as_mut() {
             let next = self.queue.next_avail();
             let pos = next.wrapping_sub(1);

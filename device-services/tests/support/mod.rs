@@ -420,6 +420,8 @@ pub fn block_device(ram: u64, disk_size: u64, read_only: bool, id: &str, rate_li
         num_queues: 1,
         queue_size: 256,
         rate_limit,
+        write_errors: ipc::control::ErrorPolicy::Report,
+        read_errors: ipc::control::ErrorPolicy::Report,
     })
 }
 

@@ -471,3 +471,41 @@ fn copy_access_copies_every_size_up_to_eight() {
     fill_access(&mut dst, 0xff);
     assert_eq!(dst, [0xff; 5]);
 }
+
+/// A service inside a marked I/O call (a slow flush) keeps the core's call waiting past its
+/// timeout, up to the I/O deadline; the same wait without the mark times out; and a call whose
+/// I/O outlasts the I/O deadline times out too.
+#[test]
+fn a_marked_io_call_extends_the_wait_up_to_the_io_deadline() {
+    let (core, mut svc) = pair(4, Duration::from_micros(50));
+    let marker = svc.io_marker();
+    assert_eq!(core.service_in_io(), None);
+    let h = thread::spawn(move || {
+        {
+            let _io = marker.begin();
+            thread::sleep(Duration::from_millis(300));
+        }
+        svc.serve_for(Duration::from_millis(50), Duration::from_millis(500), echo).expect("serve")
+    });
+    thread::sleep(Duration::from_millis(50));
+    assert!(core.service_in_io().is_some_and(|t| t < Duration::from_secs(1)), "the mark is visible");
+    let req = ExitRequest::read(ExitKind::PioRead, 0x10, 1);
+    let r = core.call_with_io(&req, Duration::from_millis(100), Duration::from_secs(5)).expect("waited for the I/O");
+    expect_echo(&r, 0x10, 1);
+    assert_eq!(h.join().expect("join"), 1);
+    assert_eq!(core.service_in_io(), None, "the mark ends with its guard");
+
+    // No mark: the ordinary timeout.
+    let (core, _svc) = pair(4, Duration::from_micros(50));
+    let err = core.call_with_io(&req, Duration::from_millis(100), Duration::from_secs(5)).expect_err("times out");
+    assert!(matches!(err, IpcError::Timeout(_)));
+
+    // An I/O call longer than the I/O deadline.
+    let (core, svc) = pair(4, Duration::from_micros(50));
+    let marker = svc.io_marker();
+    let _io = marker.begin();
+    let start = Instant::now();
+    let err = core.call_with_io(&req, Duration::from_millis(50), Duration::from_millis(200)).expect_err("times out");
+    assert!(matches!(err, IpcError::Timeout(_)));
+    assert!(start.elapsed() < Duration::from_secs(2), "bounded by the I/O deadline: {:?}", start.elapsed());
+}

@@ -519,13 +519,9 @@ pub fn spawn(program: &super::Program, ctl: BorrowedFd<'_>) -> Result<ServiceChi
     let path = cstring(binary.as_os_str().as_bytes(), "the service path")?;
     let argv0 = cstring(program.argv0.as_bytes(), "the service name")?;
     let args = [argv0, cstring(b"--control-fd", "an argument")?, cstring(b"3", "an argument")?];
-    let mut env = Vec::new();
-    for (k, v) in std::env::vars_os() {
-        let mut kv = k.as_bytes().to_vec();
-        kv.push(b'=');
-        kv.extend_from_slice(v.as_bytes());
-        env.push(cstring(&kv, "an environment variable")?);
-    }
+    // An empty environment: a service reads none, and the core's (paths, tokens, whatever the
+    // operator's shell held) is none of its business.
+    let env: Vec<CString> = Vec::new();
 
     let null =
         std::fs::File::open("/dev/null").map_err(|source| SpawnError::Prepare { what: "open /dev/null", source })?;

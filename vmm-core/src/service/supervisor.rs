@@ -170,9 +170,13 @@ impl Metrics {
 pub struct Liveness {
     interval: Duration,
     deadline: Duration,
+    /// How long one I/O call of the service may take before it counts as hung.
+    io_deadline: Duration,
     state: Probe,
     /// The service's heartbeat at the last look.
     last_beat: Option<u64>,
+    /// How long the service had been inside an I/O call at the last look.
+    in_io: Option<Duration>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -198,7 +202,26 @@ impl Liveness {
     /// A check every `interval` (zero: disabled) with `deadline` for each answer, for an instance
     /// that became ready at `now` (the first ping is due one interval later).
     pub fn new(interval: Duration, deadline: Duration, now: Instant) -> Self {
-        Self { interval, deadline, state: Probe::Idle { next: now + interval }, last_beat: None }
+        Self {
+            interval,
+            deadline,
+            io_deadline: Duration::ZERO,
+            state: Probe::Idle { next: now + interval },
+            last_beat: None,
+            in_io: None,
+        }
+    }
+
+    /// A service inside an I/O call (a slow disk) is not hung until that call has lasted
+    /// `io_deadline`: its ping waits for it (zero: no allowance).
+    pub fn with_io_deadline(mut self, io_deadline: Duration) -> Self {
+        self.io_deadline = io_deadline;
+        self
+    }
+
+    /// What the ring says about the service's current I/O call ([`ipc::IoMarker`]).
+    pub fn note_io(&mut self, in_io: Option<Duration>) {
+        self.in_io = in_io;
     }
 
     /// What the ring says of the service at `now`: asleep on its doorbell (inside `poll`, woken
@@ -245,10 +268,24 @@ impl Liveness {
                     LivenessStep::WaitUntil(next)
                 }
             }
-            Probe::Waiting { sent, .. } if now.duration_since(sent) >= self.deadline => LivenessStep::Missed(format!(
-                "missed liveness deadline: no answer to a ping within {} ms",
-                self.deadline.as_millis()
-            )),
+            // Inside a slow I/O call: the ping is answered once it returns, unless the call
+            // outlasts the I/O deadline.
+            Probe::Waiting { sent, .. }
+                if now.duration_since(sent) >= self.deadline && self.in_io.is_some_and(|t| t < self.io_deadline) =>
+            {
+                LivenessStep::WaitUntil(now + PONG_CHECK * 10)
+            }
+            Probe::Waiting { sent, .. } if now.duration_since(sent) >= self.deadline => match self.in_io {
+                Some(t) => LivenessStep::Missed(format!(
+                    "missed I/O deadline: inside one I/O call for {} ms (limit {} ms)",
+                    t.as_millis(),
+                    self.io_deadline.as_millis()
+                )),
+                None => LivenessStep::Missed(format!(
+                    "missed liveness deadline: no answer to a ping within {} ms",
+                    self.deadline.as_millis()
+                )),
+            },
             // Re-check soon: a pong usually comes back within a millisecond or two.
             Probe::Waiting { sent, .. } => LivenessStep::WaitUntil((now + PONG_CHECK).min(sent + self.deadline)),
         })
@@ -261,6 +298,29 @@ pub const PONG_CHECK: Duration = Duration::from_millis(5);
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_service_inside_slow_io_is_not_hung_until_the_io_deadline() {
+        let b = Instant::now();
+        let mut l = Liveness::new(Duration::from_millis(100), Duration::from_millis(500), b)
+            .with_io_deadline(Duration::from_secs(30));
+        assert_eq!(l.step(at(b, 100), 0), Some(LivenessStep::SendPing));
+        l.sent(1, at(b, 100));
+        // Past the ping deadline, but inside a 2 s flush: keep waiting.
+        l.note_io(Some(Duration::from_secs(2)));
+        assert!(matches!(l.step(at(b, 700), 0), Some(LivenessStep::WaitUntil(_))));
+        // The flush returned and the pong came: alive.
+        l.note_io(None);
+        assert!(matches!(l.step(at(b, 2200), 1), Some(LivenessStep::SendPing | LivenessStep::WaitUntil(_))));
+        // The next ping meets an I/O call past its own deadline: hung.
+        l.sent(2, at(b, 2300));
+        l.note_io(Some(Duration::from_secs(31)));
+        assert!(matches!(l.step(at(b, 2900), 1), Some(LivenessStep::Missed(m)) if m.contains("I/O deadline")));
+        // And without any I/O, the ordinary deadline.
+        let mut l = Liveness::new(Duration::from_millis(100), Duration::from_millis(500), b);
+        l.sent(1, b);
+        assert!(matches!(l.step(at(b, 600), 0), Some(LivenessStep::Missed(m)) if m.contains("liveness deadline")));
+    }
 
     fn at(base: Instant, ms: u64) -> Instant {
         base + Duration::from_millis(ms)

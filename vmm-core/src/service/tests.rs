@@ -338,6 +338,7 @@ fn block_service_serves_its_mmio_window() {
     let spec = BlockSpec {
         id: "vda".into(),
         disk,
+        witness: None,
         read_only: true,
         mmio_base: base,
         mmio_len: 0x1000,
@@ -348,6 +349,8 @@ fn block_service_serves_its_mmio_window() {
         irq: EventFd::new(libc::EFD_NONBLOCK).expect("eventfd"),
         queue_size: 256,
         rate_limit: Default::default(),
+        write_errors: Default::default(),
+        read_errors: Default::default(),
     };
     let (dev, handle) =
         spawn_block(&Program::standalone(bin.clone()), spec, Duration::from_secs(1)).expect("spawn block");
@@ -379,6 +382,7 @@ fn block_service_refuses_memory_its_memfd_does_not_back() {
     let spec = BlockSpec {
         id: String::new(),
         disk,
+        witness: None,
         read_only: true,
         mmio_base: 0xd000_0000,
         mmio_len: 0x1000,
@@ -389,6 +393,8 @@ fn block_service_refuses_memory_its_memfd_does_not_back() {
         irq: EventFd::new(libc::EFD_NONBLOCK).expect("eventfd"),
         queue_size: 256,
         rate_limit: Default::default(),
+        write_errors: Default::default(),
+        read_errors: Default::default(),
     };
     let e = spawn_block(&Program::standalone(bin.clone()), spec, Duration::from_secs(1)).expect_err("must fail");
     assert!(matches!(&e, ServiceError::SetupFailed { reason, .. } if reason.contains("memfd")), "{e:?}");
