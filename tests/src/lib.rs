@@ -161,6 +161,42 @@ pub fn wait_bounded(mut child: Child, limit: Duration) -> Finished {
     Finished { status, stdout: t_out.join().unwrap_or_default(), stderr: t_err.join().unwrap_or_default() }
 }
 
+/// A VMM a test started: killed (SIGKILL) and reaped if the test ends, or panics, without
+/// waiting for it, so a failing test leaves no VM running on the machine.
+#[derive(Debug)]
+pub struct VmChild(Option<Child>);
+
+impl VmChild {
+    /// Spawns `cmd`.
+    pub fn spawn(cmd: &mut Command) -> Self {
+        Self(Some(cmd.spawn().expect("spawn bulkhead")))
+    }
+
+    /// The VMM's pid.
+    pub fn id(&self) -> u32 {
+        self.0.as_ref().map_or(0, Child::id)
+    }
+
+    /// The process, for its pipes and `try_wait`.
+    pub fn child(&mut self) -> &mut Child {
+        self.0.as_mut().expect("a running VM")
+    }
+
+    /// Waits for the VMM (at most `limit`), as [`wait_bounded`].
+    pub fn finish(mut self, limit: Duration) -> Finished {
+        wait_bounded(self.0.take().expect("a running VM"), limit)
+    }
+}
+
+impl Drop for VmChild {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
 /// Runs `bulkhead run args` to completion within `limit`.
 pub fn run_to_end<S: AsRef<std::ffi::OsStr>>(args: &[S], limit: Duration) -> Finished {
     wait_bounded(bulkhead(args).spawn().expect("spawn bulkhead"), limit)

@@ -51,10 +51,12 @@ fn a_hostile_service_cannot_hide_a_hang_or_break_the_core() {
         "--service-deadline-ms",
         "500",
     ];
-    let child =
-        bulkhead(&probe_vm_args(&serial, Some(&disk), "probe.test=ticker probe.n=1000000 probe.delay=20000", &extra))
-            .spawn()
-            .expect("spawn");
+    let child = VmChild::spawn(&mut bulkhead(&probe_vm_args(
+        &serial,
+        Some(&disk),
+        "probe.test=ticker probe.n=1000000 probe.delay=20000",
+        &extra,
+    )));
     assert!(wait_for_serial(&serial, "tick 1\n", Duration::from_secs(30)), "the guest never ticked");
     // The hang is found through the forged pong, more than once (each new instance attacks too).
     let start = Instant::now();
@@ -80,7 +82,7 @@ fn a_hostile_service_cannot_hide_a_hang_or_break_the_core() {
     // Stop it as an operator would; the core exits on its own.
     // SAFETY: kill(2) on our own child's pid.
     unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
-    let r = wait_bounded(child, Duration::from_secs(60));
+    let r = child.finish(Duration::from_secs(60));
     assert!(r.status.code().is_some(), "the core exited (not killed by a signal): {:?}\n{}", r.status, r.stderr);
     assert!(r.stderr.contains("attack sent"), "the stand-in ran its attack:\n{}", r.stderr);
     let hangs = r.stderr.lines().filter(|l| l.contains("missed liveness deadline")).count();

@@ -7,7 +7,7 @@ use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use bulkhead_tests::*;
@@ -21,17 +21,17 @@ fn image(path: &Path, bytes: &[u8]) {
 }
 
 /// A probe VM that halts until it is stopped, with `disk` and `extra` arguments.
-fn idle_vm(serial: &Path, disk: &Path, extra: &[&str]) -> Child {
-    let child = bulkhead(&probe_vm_args(serial, Some(disk), "probe.test=idle", extra)).spawn().expect("spawn");
+fn idle_vm(serial: &Path, disk: &Path, extra: &[&str]) -> VmChild {
+    let child = VmChild::spawn(&mut bulkhead(&probe_vm_args(serial, Some(disk), "probe.test=idle", extra)));
     assert!(wait_for_serial(serial, "idle: halting", LIMIT), "the idle VM never halted");
     child
 }
 
 /// Stops a VM with SIGTERM, as an operator would, and waits for it.
-fn stop(child: Child) -> Finished {
+fn stop(child: VmChild) -> Finished {
     // SAFETY: kill(2) on our own child's pid.
     unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
-    wait_bounded(child, LIMIT)
+    child.finish(LIMIT)
 }
 
 /// One VM holds a writable image: a second VM asking for it (writable or read-only), the same
@@ -86,9 +86,12 @@ fn a_disk_image_belongs_to_one_vm_at_a_time() {
 
     // Free again, and shared read-only.
     let ro = format!("{},ro", disk.display());
-    let a = bulkhead(&probe_vm_args(&dir.join("ro-a.log"), None, "probe.test=idle", &["--disk", ro.as_str()]))
-        .spawn()
-        .expect("spawn");
+    let a = VmChild::spawn(&mut bulkhead(&probe_vm_args(
+        &dir.join("ro-a.log"),
+        None,
+        "probe.test=idle",
+        &["--disk", ro.as_str()],
+    )));
     assert!(wait_for_serial(&dir.join("ro-a.log"), "idle: halting", LIMIT), "first reader");
     let r =
         run_to_end(&probe_vm_args(&dir.join("ro-b.log"), None, "probe.test=hello", &["--disk", ro.as_str()]), LIMIT);
@@ -143,14 +146,12 @@ fn the_api_socket_is_private_and_guarded() {
 
     let sock = dir.join("run").join("vm").join("api.sock");
     let serial = dir.join("serial.log");
-    let child = bulkhead(&probe_vm_args(
+    let child = VmChild::spawn(&mut bulkhead(&probe_vm_args(
         &serial,
         None,
         "probe.test=ticker probe.n=1000000 probe.delay=20000",
         &["--api-sock", sock.to_str().expect("utf8")],
-    ))
-    .spawn()
-    .expect("spawn");
+    )));
     assert!(wait_for_serial(&serial, "tick 1\n", LIMIT), "guest never ticked");
     let mode = |p: &Path| std::fs::metadata(p).expect("stat").permissions().mode() & 0o777;
     assert_eq!(mode(sock.parent().expect("dir")), 0o700, "the directory the core made");
@@ -179,10 +180,10 @@ fn services_get_no_environment_and_a_bounded_heap() {
     let disk = dir.join("disk.img");
     image(&disk, b"");
     let serial = dir.join("serial.log");
-    let child = bulkhead(&probe_vm_args(&serial, Some(&disk), "probe.test=idle", &[]))
-        .env("BULKHEAD_TEST_SECRET", "do-not-leak")
-        .spawn()
-        .expect("spawn");
+    let child = VmChild::spawn(
+        bulkhead(&probe_vm_args(&serial, Some(&disk), "probe.test=idle", &[]))
+            .env("BULKHEAD_TEST_SECRET", "do-not-leak"),
+    );
     assert!(wait_for_serial(&serial, "idle: halting", LIMIT), "the idle VM never halted");
     for binary in ["bulkhead-console", "bulkhead-block"] {
         let svc = service_child(child.id(), binary).unwrap_or_else(|| panic!("no {binary}"));
@@ -215,18 +216,18 @@ fn a_stalled_console_reader_never_stalls_the_guest() {
     let dir = scratch("safety-stall");
     let sock = dir.join("api.sock");
     let log = std::fs::File::create(dir.join("core.log")).expect("log");
-    let mut child = Command::new(bin_dir().join("bulkhead"))
-        .arg("run")
-        .arg("--kernel")
-        .arg(probe())
-        .args(["--serial-input", "none", "--api-sock"])
-        .arg(&sock)
-        .args(["--cmdline", "probe.test=ticker probe.n=100000000 probe.delay=0"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(log)
-        .spawn()
-        .expect("spawn");
+    let mut child = VmChild::spawn(
+        Command::new(bin_dir().join("bulkhead"))
+            .arg("run")
+            .arg("--kernel")
+            .arg(probe())
+            .args(["--serial-input", "none", "--api-sock"])
+            .arg(&sock)
+            .args(["--cmdline", "probe.test=ticker probe.n=100000000 probe.delay=0"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(log),
+    );
     let dropped = wait_until(LIMIT, || console_counter(&sock, "bulkhead_device_errors_total").is_some_and(|n| n > 0));
     let ctx = || std::fs::read_to_string(dir.join("core.log")).unwrap_or_default();
     assert!(dropped, "no output dropped for the stalled reader\n{}", ctx());
@@ -237,7 +238,7 @@ fn a_stalled_console_reader_never_stalls_the_guest() {
     assert_eq!(console_counter(&sock, "bulkhead_device_restarts_total"), Some(0), "{}", ctx());
     // SAFETY: kill(2) on our own child's pid.
     unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
-    let mut out = child.stdout.take().expect("stdout");
+    let mut out = child.child().stdout.take().expect("stdout");
     let mut head = [0u8; 64];
     std::io::Read::read_exact(&mut out, &mut head).expect("the pipe holds the start");
     assert!(head.starts_with(b"probe: start"), "{}", String::from_utf8_lossy(&head));
@@ -245,7 +246,7 @@ fn a_stalled_console_reader_never_stalls_the_guest() {
     let mut status = None;
     assert!(
         wait_until(LIMIT, || {
-            status = child.try_wait().ok().flatten();
+            status = child.child().try_wait().ok().flatten();
             status.is_some()
         }),
         "the core did not stop\n{}",

@@ -100,7 +100,7 @@ fn werror_stop_pauses_the_vm_until_space_is_freed() {
     let sock = dir.join("api.sock");
     let disk = format!("{},werror=stop", image.display());
     let args = ["--disk", disk.as_str(), "--api-sock", sock.to_str().expect("utf8")];
-    let child = bulkhead(&probe_vm_args(&serial, None, VERIFY, &args)).spawn().expect("spawn");
+    let child = VmChild::spawn(&mut bulkhead(&probe_vm_args(&serial, None, VERIFY, &args)));
     let info = || -> serde_json::Value {
         let (_, b) = curl(&sock, "GET", "/", None);
         serde_json::from_str(&b).unwrap_or_default()
@@ -117,7 +117,7 @@ fn werror_stop_pauses_the_vm_until_space_is_freed() {
     fs.resize("16M");
     let (s, b) = curl(&sock, "PATCH", "/vm", Some(r#"{"state": "Resumed"}"#));
     assert_eq!(s, 204, "{b}");
-    let r = wait_bounded(child, LIMIT);
+    let r = child.finish(LIMIT);
     let text = std::fs::read_to_string(&serial).unwrap_or_default();
     assert_eq!(r.status.code(), Some(0), "the guest verified its disk\n{text}\n{}", r.stderr);
     assert!(text.contains("mismatches=0 ioerrs=0"), "{text}");
@@ -142,9 +142,12 @@ fn a_flush_whose_outcome_was_lost_with_its_instance_is_not_acknowledged() {
     let image = fs.path("disk.img");
     // No liveness pings: the only kill is the test's.
     let extra = ["--api-sock", sock.to_str().expect("utf8"), "--service-liveness-ms", "0"];
-    let child = bulkhead(&probe_vm_args(&serial, Some(&image), "probe.test=blk-verify probe.seed=9", &extra))
-        .spawn()
-        .expect("spawn");
+    let child = VmChild::spawn(&mut bulkhead(&probe_vm_args(
+        &serial,
+        Some(&image),
+        "probe.test=blk-verify probe.seed=9",
+        &extra,
+    )));
     // The guest's writes sit in the page cache; its FLUSH writes them back: WRITEs reach the file
     // system and wait there. Kill the service now, inside its fdatasync.
     assert!(
@@ -162,7 +165,7 @@ fn a_flush_whose_outcome_was_lost_with_its_instance_is_not_acknowledged() {
         .expect("pid");
     // SAFETY: kill(2) of the block service's pid, which the core reported.
     assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
-    let r = wait_bounded(child, LIMIT);
+    let r = child.finish(LIMIT);
     let text = std::fs::read_to_string(&serial).unwrap_or_default();
     assert!(fs.counters().get("write_errors").is_some_and(|&n| n > 0), "writeback failed: {:?}", fs.counters());
     assert!(r.stderr.contains("service block-disk0 restarted as pid"), "the instance was replaced\n{}", r.stderr);
@@ -204,7 +207,7 @@ fn an_injected_slow_io_completes_without_a_restart() {
     let sock = dir.join("api.sock");
     let cmdline = "probe.test=blk-verify probe.seed=4 probe.rounds=100000 probe.timeout_ms=600000";
     let extra = ["--api-sock", sock.to_str().expect("utf8"), "--allow-faults"];
-    let child = bulkhead(&probe_vm_args(&serial, Some(&disk), cmdline, &extra)).spawn().expect("spawn");
+    let child = VmChild::spawn(&mut bulkhead(&probe_vm_args(&serial, Some(&disk), cmdline, &extra)));
     assert!(wait_for_serial(&serial, "blk-verify: round 1/", LIMIT), "the guest never verified a round");
     for _ in 0..2 {
         let (s, b) = curl(&sock, "PUT", "/bulkhead/devices/disk0/fault", Some(r#"{"action": "slow-io=2000"}"#));
@@ -217,7 +220,7 @@ fn an_injected_slow_io_completes_without_a_restart() {
     assert_eq!(block["restarts"], 0, "{devices}");
     let (s, b) = curl(&sock, "PUT", "/bulkhead/actions", Some(r#"{"action_type": "Kill"}"#));
     assert_eq!(s, 204, "{b}");
-    let r = wait_bounded(child, LIMIT);
+    let r = child.finish(LIMIT);
     let text = std::fs::read_to_string(&serial).unwrap_or_default();
     assert!(!r.stderr.contains("restarted as pid"), "{}", r.stderr);
     // Whole round lines (the kill may cut the last one short).

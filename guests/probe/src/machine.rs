@@ -23,6 +23,13 @@ pub trait Machine {
     fn tsc(&mut self) -> u64;
     /// Spin-loop hint (`pause`).
     fn pause(&mut self);
+    /// `rep outsb`: all of `bytes` to `port` in one string instruction (one exit that carries
+    /// them all, which a VMM must cope with). By default one `out` per byte.
+    fn out_string(&mut self, port: u16, bytes: &[u8]) {
+        for &b in bytes {
+            self.outb(port, b);
+        }
+    }
     /// `count` back-to-back `in al, dx` from `port`, as tight as possible (one exit each).
     fn in_loop(&mut self, port: u16, count: u64) {
         for _ in 0..count {
@@ -292,6 +299,23 @@ impl Machine for PortIo {
         unsafe {
             core::arch::asm!("out dx, al", in("dx") port, in("al") value,
                 options(nomem, nostack, preserves_flags));
+        }
+    }
+
+    fn out_string(&mut self, port: u16, bytes: &[u8]) {
+        if bytes.is_empty() {
+            return;
+        }
+        // SAFETY: `rep outsb` only reads `bytes.len()` bytes from `bytes` (the direction flag is
+        // clear, as the ABI guarantees) and writes them to the port; see `outb`.
+        unsafe {
+            core::arch::asm!(
+                "rep outsb",
+                in("dx") port,
+                inout("rsi") bytes.as_ptr() => _,
+                inout("rcx") bytes.len() => _,
+                options(readonly, nostack, preserves_flags)
+            );
         }
     }
 

@@ -19,6 +19,7 @@ mod net_reflect;
 #[cfg(test)]
 mod net_tests;
 mod pio_loop;
+mod pio_string;
 mod ticker;
 
 use crate::cmdline::Params;
@@ -37,6 +38,7 @@ pub struct Test {
 pub static TESTS: &[Test] = &[
     hello::TEST,
     pio_loop::TEST,
+    pio_string::TEST,
     ticker::TEST,
     blk_verify::TEST,
     blk_ro::TEST,
