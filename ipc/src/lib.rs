@@ -22,6 +22,6 @@ pub use control::{ControlChannel, ControlError, ControlMsg};
 pub use mirror::{Mirror, MirrorEntry};
 pub use region::{RegionError, SharedRegion};
 pub use ring::{
-    CoreEndpoint, ExitKind, ExitReply, ExitRequest, IoGuard, IoMarker, IpcError, ServiceActivity, ServiceEndpoint,
-    Status, WaitConfig,
+    CoreEndpoint, ExitKind, ExitReply, ExitRequest, IoGuard, IoMarker, IoState, IpcError, ServiceActivity,
+    ServiceEndpoint, Status, WaitConfig,
 };

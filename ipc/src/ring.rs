@@ -67,8 +67,11 @@ const OFF_CORE_SLEEPING: usize = 384;
 const OFF_CORE_CPU: usize = 392;
 const OFF_SERVICE_BEAT: usize = 448;
 const OFF_SERVICE_CPU: usize = 456;
-/// When the service entered the I/O system call it is in (`CLOCK_MONOTONIC` ns + 1; 0: none).
+/// The service's I/O mark: `CLOCK_MONOTONIC` ns + 1 when it entered the I/O call it is in, or
+/// that of when its last one ended with [`IO_ENDED`] set; 0: none yet.
 const OFF_SERVICE_IO_SINCE: usize = 464;
+/// Flag of [`OFF_SERVICE_IO_SINCE`]: the time is when the last I/O call ended.
+const IO_ENDED: u64 = 1 << 63;
 const OFF_SUB_RING: usize = 512;
 /// Most extensions of one call's deadline for the service's I/O calls (one per I/O call that
 /// overlaps the wait: a service that keeps doing slow I/O still answers within this many).
@@ -447,9 +450,20 @@ pub struct ServiceActivity {
     pub asleep: bool,
     /// Its heartbeat, bumped on every turn of its serving loop.
     pub beat: u64,
-    /// How long it has been inside one I/O system call on its back end (a disk write or
-    /// flush), if it is in one ([`IoMarker`]).
-    pub in_io: Option<Duration>,
+    /// Its back-end I/O, as it marks it ([`IoMarker`]).
+    pub io: IoState,
+}
+
+/// What the service says of its back-end I/O calls ([`IoMarker`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum IoState {
+    /// It made none (marked) yet.
+    #[default]
+    None,
+    /// It is inside one, for this long.
+    Inside(Duration),
+    /// Its last one ended this long ago.
+    EndedAgo(Duration),
 }
 
 /// `CLOCK_MONOTONIC` in ns: the clock both processes share.
@@ -505,8 +519,10 @@ impl IoMarker {
 pub struct IoGuard<'a>(&'a IoMarker);
 
 impl Drop for IoGuard<'_> {
+    /// Records when the call ended: a peer that was waiting for it counts its own deadline from
+    /// there (the service still has to get back to its ring).
     fn drop(&mut self) {
-        self.0.word().store(0, Ordering::Release);
+        self.0.word().store(coarse_monotonic_ns().saturating_add(1) | IO_ENDED, Ordering::Release);
     }
 }
 
@@ -644,15 +660,28 @@ impl CoreEndpoint {
         ServiceActivity {
             asleep: self.view.u32_at(OFF_SERVICE_SLEEPING).load(Ordering::Acquire) != 0,
             beat: self.view.u64_at(OFF_SERVICE_BEAT).load(Ordering::Acquire),
-            in_io: self.service_in_io(),
+            io: self.service_io(),
         }
     }
 
-    /// How long the service has been inside an I/O call, if it says it is in one (a value from
-    /// the future counts as just now).
+    /// What the service says of its back-end I/O (a time from the future counts as just now).
+    pub fn service_io(&self) -> IoState {
+        let word = self.view.u64_at(OFF_SERVICE_IO_SINCE).load(Ordering::Acquire);
+        let at = (word & !IO_ENDED).saturating_sub(1);
+        let ago = Duration::from_nanos(monotonic_ns().saturating_sub(at));
+        match (word, word & IO_ENDED != 0) {
+            (0, _) => IoState::None,
+            (_, true) => IoState::EndedAgo(ago),
+            (_, false) => IoState::Inside(ago),
+        }
+    }
+
+    /// How long the service has been inside an I/O call, if it says it is in one.
     pub fn service_in_io(&self) -> Option<Duration> {
-        let since = self.view.u64_at(OFF_SERVICE_IO_SINCE).load(Ordering::Acquire);
-        (since != 0).then(|| Duration::from_nanos(monotonic_ns().saturating_sub(since - 1)))
+        match self.service_io() {
+            IoState::Inside(t) => Some(t),
+            _ => None,
+        }
     }
 
     /// Answers a read from the service's read mirror ([`crate::mirror`]) when it publishes exactly
@@ -749,14 +778,20 @@ impl CoreEndpoint {
             }
             let now = Instant::now();
             if now >= deadline {
-                match self.service_in_io().map(|t| io_deadline.saturating_sub(t)) {
-                    Some(left) if !left.is_zero() && extensions < MAX_IO_EXTENSIONS => {
-                        extensions += 1;
-                        deadline = now + left;
-                        continue;
-                    }
-                    _ => return Err(IpcError::Timeout(timeout)),
+                // Inside an I/O call: wait until it reaches the I/O deadline. Just out of one
+                // that overlapped this wait: the call deadline counts from its end.
+                let left = match self.service_io() {
+                    _ if io_deadline.is_zero() || extensions >= MAX_IO_EXTENSIONS => Duration::ZERO,
+                    IoState::Inside(t) => io_deadline.saturating_sub(t),
+                    IoState::EndedAgo(e) if e < now.duration_since(start) => timeout.saturating_sub(e),
+                    _ => Duration::ZERO,
+                };
+                if left.is_zero() {
+                    return Err(IpcError::Timeout(timeout));
                 }
+                extensions += 1;
+                deadline = now + left;
+                continue;
             }
             if now < spin_until && peer.worth_spinning(&self.view, now, cpu, &self.wait) {
                 std::hint::spin_loop();

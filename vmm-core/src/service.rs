@@ -1604,7 +1604,7 @@ fn check_liveness(shared: &Shared, liveness: &mut Liveness) -> Result<Option<Ins
     let pong_seen = c.pong_seen;
     let activity = shared.device.service_activity();
     liveness.note_activity(Instant::now(), activity.asleep, activity.beat);
-    liveness.note_io(activity.in_io);
+    liveness.note_io(Instant::now(), activity.io);
     // Bounded: at most two steps (a pong seen, then a ping due at once).
     for _ in 0..2 {
         let now = Instant::now();

@@ -177,6 +177,9 @@ pub struct Liveness {
     last_beat: Option<u64>,
     /// How long the service had been inside an I/O call at the last look.
     in_io: Option<Duration>,
+    /// When the service was last inside an I/O call (seen, or as it said when the call ended):
+    /// an outstanding ping's deadline counts from there, since it could not answer before.
+    io_last_seen: Option<Instant>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -209,6 +212,7 @@ impl Liveness {
             state: Probe::Idle { next: now + interval },
             last_beat: None,
             in_io: None,
+            io_last_seen: None,
         }
     }
 
@@ -219,9 +223,34 @@ impl Liveness {
         self
     }
 
-    /// What the ring says about the service's current I/O call ([`ipc::IoMarker`]).
-    pub fn note_io(&mut self, in_io: Option<Duration>) {
-        self.in_io = in_io;
+    /// Whether I/O calls buy time at all (an I/O deadline was set).
+    fn io_allowed(&self) -> bool {
+        !self.io_deadline.is_zero()
+    }
+
+    /// Since when an answer to a ping sent at `sent` is due: `sent`, or the end of an I/O call
+    /// that kept the service busy after it.
+    fn answer_from(&self, sent: Instant) -> Instant {
+        match self.io_last_seen {
+            Some(t) if self.io_allowed() => t.max(sent),
+            _ => sent,
+        }
+    }
+
+    /// What the ring says at `now` about the service's I/O calls ([`ipc::IoMarker`]).
+    pub fn note_io(&mut self, now: Instant, io: ipc::IoState) {
+        let seen = match io {
+            ipc::IoState::None => None,
+            ipc::IoState::Inside(_) => Some(now),
+            ipc::IoState::EndedAgo(e) => now.checked_sub(e),
+        };
+        self.in_io = match io {
+            ipc::IoState::Inside(t) => Some(t),
+            _ => None,
+        };
+        if let Some(t) = seen {
+            self.io_last_seen = Some(self.io_last_seen.map_or(t, |l| l.max(t)));
+        }
     }
 
     /// What the ring says of the service at `now`: asleep on its doorbell (inside `poll`, woken
@@ -268,26 +297,30 @@ impl Liveness {
                     LivenessStep::WaitUntil(next)
                 }
             }
-            // Inside a slow I/O call: the ping is answered once it returns, unless the call
-            // outlasts the I/O deadline.
-            Probe::Waiting { sent, .. }
-                if now.duration_since(sent) >= self.deadline && self.in_io.is_some_and(|t| t < self.io_deadline) =>
-            {
+            // Inside an I/O call past the I/O deadline: hung, whatever the ping.
+            Probe::Waiting { .. } if self.io_allowed() && self.in_io.is_some_and(|t| t >= self.io_deadline) => {
+                LivenessStep::Missed(format!(
+                    "missed I/O deadline: inside one I/O call for {} ms (limit {} ms)",
+                    self.in_io.unwrap_or_default().as_millis(),
+                    self.io_deadline.as_millis()
+                ))
+            }
+            // Inside a slow I/O call: the ping is answered once it returns.
+            Probe::Waiting { .. } if self.io_allowed() && self.in_io.is_some() => {
                 LivenessStep::WaitUntil(now + PONG_CHECK * 10)
             }
-            Probe::Waiting { sent, .. } if now.duration_since(sent) >= self.deadline => match self.in_io {
-                Some(t) => LivenessStep::Missed(format!(
-                    "missed I/O deadline: inside one I/O call for {} ms (limit {} ms)",
-                    t.as_millis(),
-                    self.io_deadline.as_millis()
-                )),
-                None => LivenessStep::Missed(format!(
+            // The deadline counts from the ping, or from the end of an I/O call that kept the
+            // service from answering it.
+            Probe::Waiting { sent, .. } if now.duration_since(self.answer_from(sent)) >= self.deadline => {
+                LivenessStep::Missed(format!(
                     "missed liveness deadline: no answer to a ping within {} ms",
                     self.deadline.as_millis()
-                )),
-            },
+                ))
+            }
             // Re-check soon: a pong usually comes back within a millisecond or two.
-            Probe::Waiting { sent, .. } => LivenessStep::WaitUntil((now + PONG_CHECK).min(sent + self.deadline)),
+            Probe::Waiting { sent, .. } => {
+                LivenessStep::WaitUntil((now + PONG_CHECK).min(self.answer_from(sent) + self.deadline))
+            }
         })
     }
 }
@@ -307,14 +340,23 @@ mod tests {
         assert_eq!(l.step(at(b, 100), 0), Some(LivenessStep::SendPing));
         l.sent(1, at(b, 100));
         // Past the ping deadline, but inside a 2 s flush: keep waiting.
-        l.note_io(Some(Duration::from_secs(2)));
+        l.note_io(at(b, 700), ipc::IoState::Inside(Duration::from_secs(2)));
         assert!(matches!(l.step(at(b, 700), 0), Some(LivenessStep::WaitUntil(_))));
-        // The flush returned and the pong came: alive.
-        l.note_io(None);
-        assert!(matches!(l.step(at(b, 2200), 1), Some(LivenessStep::SendPing | LivenessStep::WaitUntil(_))));
+        // The flush just returned; the service is on its way back to its control socket: the
+        // ping's deadline counts from the end of the flush.
+        l.note_io(at(b, 2200), ipc::IoState::EndedAgo(Duration::from_millis(10)));
+        assert!(matches!(l.step(at(b, 2200), 0), Some(LivenessStep::WaitUntil(_))), "not hung yet");
+        // The pong came: alive.
+        assert!(matches!(l.step(at(b, 2210), 1), Some(LivenessStep::SendPing | LivenessStep::WaitUntil(_))));
+        // No answer for a deadline after the flush ended: hung.
+        let mut l2 = Liveness::new(Duration::from_millis(100), Duration::from_millis(500), b)
+            .with_io_deadline(Duration::from_secs(30));
+        l2.sent(1, b);
+        l2.note_io(at(b, 3000), ipc::IoState::EndedAgo(Duration::from_millis(800)));
+        assert!(matches!(l2.step(at(b, 3000), 0), Some(LivenessStep::Missed(_))));
         // The next ping meets an I/O call past its own deadline: hung.
         l.sent(2, at(b, 2300));
-        l.note_io(Some(Duration::from_secs(31)));
+        l.note_io(at(b, 2900), ipc::IoState::Inside(Duration::from_secs(31)));
         assert!(matches!(l.step(at(b, 2900), 1), Some(LivenessStep::Missed(m)) if m.contains("I/O deadline")));
         // And without any I/O, the ordinary deadline.
         let mut l = Liveness::new(Duration::from_millis(100), Duration::from_millis(500), b);
