@@ -171,6 +171,22 @@ fn the_api_socket_is_private_and_guarded() {
     assert_eq!(devices[0]["restarts"], 0, "nothing was injected: {devices}");
     let _ = stop(child);
     assert!(!sock.exists(), "the socket is removed at exit");
+
+    // Bulkhead's own directory of VM sockets (`--id`) is for root only, whoever made it.
+    let id = format!("safety-{}", std::process::id());
+    let vmm = VmChild::spawn(
+        Command::new(bin_dir().join("bulkhead"))
+            .args(["--id", &id])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped()),
+    );
+    let run_sock = Path::new("/run/bulkhead").join(format!("{id}.sock"));
+    assert!(wait_until(LIMIT, || run_sock.exists()), "no socket at {}", run_sock.display());
+    assert_eq!(mode(Path::new("/run/bulkhead")), 0o700);
+    assert_eq!(mode(&run_sock), 0o600);
+    let _ = stop(vmm);
+    assert!(!run_sock.exists(), "removed at exit");
 }
 
 /// Services start with an empty environment (nothing of the core's) and a bounded data size.

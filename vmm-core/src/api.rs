@@ -90,6 +90,12 @@ impl ApiServer {
             use std::os::unix::fs::DirBuilderExt;
             std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(|e| bind_err(e.to_string()))?;
         }
+        if path.parent() == Some(Path::new(crate::api_client::RUNTIME_DIR)) {
+            // Bulkhead's own directory of VM sockets: for root only, whoever made it.
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(crate::api_client::RUNTIME_DIR, std::fs::Permissions::from_mode(0o700))
+                .map_err(|e| bind_err(e.to_string()))?;
+        }
         remove_stale_socket(path).map_err(bind_err)?;
         let listener = bind_private(path).map_err(|e| bind_err(e.to_string()))?;
         let server = Arc::new(tiny_http::Server::from_listener(listener, None).map_err(|e| bind_err(e.to_string()))?);
