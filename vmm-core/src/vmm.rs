@@ -315,7 +315,13 @@ impl Vmm {
             }
             VmmAction::Resume => {
                 if self.state == VmState::Paused {
-                    self.running()?.resume(PAUSE_LIMIT).map_err(|e| ActionError::Failed(chain(&e)))?;
+                    let vm = self.running()?;
+                    // A hold reported while the VM was paused already is retried by this resume:
+                    // it must not pause the VM again on the next tick.
+                    if let Some(stale) = vm.take_io_stop() {
+                        log::info!("resuming: {stale} (held request retried)");
+                    }
+                    vm.resume(PAUSE_LIMIT).map_err(|e| ActionError::Failed(chain(&e)))?;
                     self.state = VmState::Running;
                     self.paused_by = None;
                     log::info!("VM resumed");
