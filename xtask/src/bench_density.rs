@@ -1,8 +1,9 @@
 //! `cargo xtask bench --only density`: many VMs on one host at once, as a hosting host runs them,
 //! Bulkhead against Firecracker.
 //!
-//! For each count N (`--density 50,100`) and each VMM, every VM with a console and its own 8 MiB
-//! disk (64 MiB of RAM, 1 vCPU):
+//! For each count N (`--density 50,100`) and each VMM, every VM with a console, its own 8 MiB
+//! disk and its own NIC (a TAP each, all in one network namespace the bench makes; without `ip`
+//! or namespaces the NICs are left out and the report says so), 64 MiB of RAM and 1 vCPU:
 //! 1. **idle**: N VMs running `probe.test=idle`, spawned back to back; the time from the first
 //!    spawn until every VM printed its first console line (VMs that never do within the limit are
 //!    counted); then the PSS of all their processes per VM (guest RAM left out, see
@@ -18,8 +19,38 @@ use std::process::Child;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use crate::bench_footprint::{cpu_ns, pss_without_guest_ram, spawn_with, tree, VmSpec, Vmm};
+use crate::bench_footprint::{cpu_ns, pss_without_guest_ram, spawn_with, tree, Nic, VmSpec, Vmm};
+use crate::netns::NetNs;
 use crate::util::BoxError;
+
+/// The VMs' NICs: one TAP per VM in one namespace, with the guest MACs.
+struct Nics {
+    ns: NetNs,
+    taps: Vec<String>,
+    macs: Vec<String>,
+}
+
+impl Nics {
+    /// A namespace with `n` TAPs `bhdn0`, `bhdn1`, ... up.
+    fn new(n: usize) -> Result<Self, BoxError> {
+        crate::util::ensure_packages(&[("ip", "iproute2")])?;
+        let ns = NetNs::new("bhdn-")?;
+        let mut taps = Vec::with_capacity(n);
+        let mut macs = Vec::with_capacity(n);
+        for i in 0..n {
+            let tap = format!("bhdn{i}");
+            ns.ip(&["tuntap", "add", "dev", &tap, "mode", "tap", "vnet_hdr"])?;
+            ns.ip(&["link", "set", &tap, "up"])?;
+            taps.push(tap);
+            macs.push(format!("02:bd:00:00:{:02x}:{:02x}", (i >> 8) & 0xff, i & 0xff));
+        }
+        Ok(Self { ns, taps, macs })
+    }
+
+    fn nic(&self, i: usize) -> Option<Nic<'_>> {
+        Some(Nic { ns: &self.ns, tap: self.taps.get(i)?, mac: self.macs.get(i)? })
+    }
+}
 
 /// How long N VMs get to print their first line, or to finish their verify.
 const LIMIT: Duration = Duration::from_secs(300);
@@ -65,14 +96,16 @@ fn start(
     exe: &Path,
     probe: &Path,
     disks: &[PathBuf],
+    nics: Option<&Nics>,
     dir: &Path,
     cmdline: &str,
 ) -> Result<(Fleet, Lines), BoxError> {
     let (tx, rx) = mpsc::channel();
     let mut fleet = Fleet(Vec::with_capacity(disks.len()));
     for (i, disk) in disks.iter().enumerate() {
+        let nic = nics.and_then(|n| n.nic(i));
         let mut child =
-            spawn_with(VmSpec { vmm, exe, probe, disk: Some(disk), nic: None, dir }, cmdline, &format!("density-{i}"))?;
+            spawn_with(VmSpec { vmm, exe, probe, disk: Some(disk), nic, dir }, cmdline, &format!("density-{i}"))?;
         let out = child.stdout.take().ok_or("no stdout")?;
         let tx = tx.clone();
         std::thread::spawn(move || {
@@ -88,10 +121,17 @@ fn start(
     Ok((fleet, rx))
 }
 
-fn idle(vmm: Vmm, exe: &Path, probe: &Path, disks: &[PathBuf], dir: &Path) -> Result<Idle, BoxError> {
+fn idle(
+    vmm: Vmm,
+    exe: &Path,
+    probe: &Path,
+    disks: &[PathBuf],
+    nics: Option<&Nics>,
+    dir: &Path,
+) -> Result<Idle, BoxError> {
     let n = disks.len();
     let t0 = Instant::now();
-    let (fleet, rx) = start(vmm, exe, probe, disks, dir, "probe.test=idle")?;
+    let (fleet, rx) = start(vmm, exe, probe, disks, nics, dir, "probe.test=idle")?;
     let mut first = vec![None; n];
     let mut halted = 0;
     let deadline = t0 + LIMIT;
@@ -117,10 +157,17 @@ fn idle(vmm: Vmm, exe: &Path, probe: &Path, disks: &[PathBuf], dir: &Path) -> Re
     Ok(Idle { started, all_first_line, pss_kib_per_vm: per(pss), idle_cpu_ms_per_vm: per(cpu) as f64 / 1e6 })
 }
 
-fn work(vmm: Vmm, exe: &Path, probe: &Path, disks: &[PathBuf], dir: &Path) -> Result<Work, BoxError> {
+fn work(
+    vmm: Vmm,
+    exe: &Path,
+    probe: &Path,
+    disks: &[PathBuf],
+    nics: Option<&Nics>,
+    dir: &Path,
+) -> Result<Work, BoxError> {
     let t0 = Instant::now();
     let cmdline = "probe.test=blk-verify probe.seed=3 probe.rounds=1 probe.timeout_ms=60000";
-    let (mut fleet, rx) = start(vmm, exe, probe, disks, dir, cmdline)?;
+    let (mut fleet, rx) = start(vmm, exe, probe, disks, nics, dir, cmdline)?;
     let mut passed = 0;
     let mut last = Duration::ZERO;
     let deadline = t0 + LIMIT;
@@ -157,8 +204,17 @@ pub fn bench(bin: &Path, probe: &Path, counts: &[usize]) -> Result<(), BoxError>
         Some(p) => vmms.push((Vmm::Firecracker, p)),
         None => println!("# Firecracker not found (../shared/peers/firecracker, $BULKHEAD_FIRECRACKER): Bulkhead only"),
     }
+    let most = counts.iter().copied().max().unwrap_or(0);
+    let nics = match Nics::new(most) {
+        Ok(n) => Some(n),
+        Err(e) => {
+            println!("# no network namespace for the VMs' NICs ({e}): console and disk only");
+            None
+        }
+    };
     println!(
-        "# density: N VMs at once (console + own 8 MiB disk, {} MiB, 1 vCPU each), `idle` then `blk-verify`",
+        "# density: N VMs at once (console + own 8 MiB disk{}, {} MiB, 1 vCPU each), `idle` then `blk-verify`",
+        if nics.is_some() { " + own NIC on its own TAP" } else { "" },
         crate::bench_footprint::MEM_MIB
     );
     println!("| VMM | N | started | all first lines after | PSS per VM KiB | idle CPU per VM per 10 s | blk-verify passed | last verdict after |");
@@ -171,12 +227,12 @@ pub fn bench(bin: &Path, probe: &Path, counts: &[usize]) -> Result<(), BoxError>
                 std::fs::File::create(d)?.set_len(8 << 20)?;
             }
             eprintln!("bench: density {vmm:?} N={n}: idle");
-            let i = idle(*vmm, exe, probe, &disks, &dir)?;
+            let i = idle(*vmm, exe, probe, &disks, nics.as_ref(), &dir)?;
             for d in &disks {
                 std::fs::File::create(d)?.set_len(8 << 20)?;
             }
             eprintln!("bench: density {vmm:?} N={n}: blk-verify");
-            let w = work(*vmm, exe, probe, &disks, &dir)?;
+            let w = work(*vmm, exe, probe, &disks, nics.as_ref(), &dir)?;
             println!(
                 "| {vmm:?} | {n} | {}/{n} | {} | {} | {:.1} ms | {}/{n} | {:.1} s |",
                 i.started,

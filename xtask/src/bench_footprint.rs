@@ -59,10 +59,13 @@ const TAP: &str = "bhfp0";
 /// The guest's MAC on that TAP.
 const GUEST_MAC: &str = "02:bb:00:00:00:11";
 
-/// A NIC for [`spawn_with`]: the VMM runs inside `ns` and attaches to its TAP [`TAP`].
+/// A NIC for [`spawn_with`]: the VMM runs inside `ns` and attaches to its TAP `tap` with the
+/// guest MAC `mac`.
 #[derive(Clone, Copy)]
 pub(crate) struct Nic<'a> {
-    ns: &'a NetNs,
+    pub ns: &'a NetNs,
+    pub tap: &'a str,
+    pub mac: &'a str,
 }
 
 /// One run's figures.
@@ -182,8 +185,8 @@ pub(crate) fn spawn_with(vm: VmSpec<'_>, cmdline: &str, tag: &str) -> Result<Chi
             if let Some(d) = disk {
                 c.arg("--disk").arg(d);
             }
-            if nic.is_some() {
-                c.args(["--net", &format!("tap={TAP},mac={GUEST_MAC}")]);
+            if let Some(n) = nic {
+                c.args(["--net", &format!("tap={},mac={}", n.tap, n.mac)]);
             }
             c
         }
@@ -195,7 +198,7 @@ pub(crate) fn spawn_with(vm: VmSpec<'_>, cmdline: &str, tag: &str) -> Result<Chi
             cmdline,
             MEM_MIB,
             disk,
-            nic.map(|_| (TAP, GUEST_MAC)),
+            nic.map(|n| (n.tap, n.mac)),
         )?,
     };
     // `ip netns exec` execs the VMM: the child's pid is the VMM's.
@@ -284,7 +287,7 @@ pub fn bench(bin: &Path, probe: &Path, runs: usize) -> Result<(), BoxError> {
             for (vmm, exe) in &vmms {
                 let d = (devices != Devices::Console).then_some(disk.as_path());
                 let nic = match (&ns, devices) {
-                    (Ok(ns), Devices::ConsoleDiskNic) => Some(Nic { ns }),
+                    (Ok(ns), Devices::ConsoleDiskNic) => Some(Nic { ns, tap: TAP, mac: GUEST_MAC }),
                     _ => None,
                 };
                 let s = one_run(VmSpec { vmm: *vmm, exe, probe, disk: d, nic, dir: &dir })?;
