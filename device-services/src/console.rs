@@ -299,14 +299,6 @@ impl Console {
         Ok((console, restore))
     }
 
-    /// Fds the console needs to keep open (output, input, irq, state region).
-    pub fn raw_fds(&self) -> Vec<RawFd> {
-        let mut v = vec![self.serial.writer().raw_fd(), self.serial.interrupt_evt().eventfd().as_raw_fd()];
-        v.extend(self.input.as_ref().map(|f| f.as_raw_fd()));
-        v.extend(self.state.as_ref().map(|r| r.fd().as_raw_fd()));
-        v
-    }
-
     /// Input bytes read but not yet in the UART's FIFO.
     pub fn pending_input(&self) -> usize {
         self.pending.len()

@@ -345,7 +345,7 @@ fn mirror_offset(capacity: u32) -> usize {
 
 /// Raw view of the ring inside a region. All accessors stay within the mapping because the
 /// capacity was checked against the region size at construction.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct RingView {
     region: Arc<SharedRegion>,
     cap: u64,
@@ -495,15 +495,12 @@ fn clock_ns(clock: libc::clockid_t) -> u64 {
 /// deadline, which the core bounds.
 #[derive(Debug, Clone)]
 pub struct IoMarker {
-    region: Arc<SharedRegion>,
+    view: RingView,
 }
 
 impl IoMarker {
     fn word(&self) -> &AtomicU64 {
-        // SAFETY: OFF_SERVICE_IO_SINCE is an 8-aligned header offset below OFF_SUB_RING inside
-        // the mapping (at least one page), which `self.region` keeps alive; both processes only
-        // access it atomically.
-        unsafe { &*self.region.as_ptr().add(OFF_SERVICE_IO_SINCE).cast::<AtomicU64>() }
+        self.view.u64_at(OFF_SERVICE_IO_SINCE)
     }
 
     /// Marks the start of an I/O call; the mark ends when the guard drops. (The coarse clock:
@@ -875,7 +872,7 @@ pub struct ServiceEndpoint {
 impl ServiceEndpoint {
     /// The marker a device uses around its slow back-end calls ([`IoMarker`]).
     pub fn io_marker(&self) -> IoMarker {
-        IoMarker { region: self.view.region.clone() }
+        IoMarker { view: self.view.clone() }
     }
 
     /// Attaches to a ring the core created: maps `region_fd` (exactly `region_len` bytes), checks

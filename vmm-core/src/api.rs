@@ -605,10 +605,10 @@ fn patch_drive(ctx: &Ctx, update: DriveUpdate) -> Reply {
                     None => return Reply::error(format!("no drive `{}`", update.drive_id)),
                 }
             };
-            match crate::launch::open_image(path, read_only) {
+            match crate::image::open(path, read_only) {
                 Ok(f) => Some(f),
                 // The drive's own (locked) image named again: nothing to swap.
-                Err(crate::launch::LaunchError::Image(crate::image::ImageError::Locked { .. }))
+                Err(crate::image::ImageError::Locked { .. })
                     if current.as_deref().is_some_and(|c| same_image(path, c)) =>
                 {
                     return Reply::error(format!(

@@ -308,17 +308,12 @@ struct PlannedDisk {
     slot: MmioSlot,
 }
 
-/// Opens and locks a drive's image, with its flush witness ([`crate::image::open`]).
-pub fn open_image(path: &Path, read_only: bool) -> Result<crate::image::Image, LaunchError> {
-    Ok(crate::image::open(path, read_only)?)
-}
-
 /// Opens every drive's image and gives each a virtio-mmio slot.
 fn plan_disks(config: &VmConfig, mmio: &mut MmioAllocator) -> Result<Vec<PlannedDisk>, LaunchError> {
     let mut planned = Vec::new();
     for drive in &config.drives {
         let path = drive.path_on_host.clone().unwrap_or_default();
-        let image = open_image(&path, drive.read_only())?;
+        let image = crate::image::open(&path, drive.read_only())?;
         planned.push(PlannedDisk { drive: drive.clone(), image, slot: mmio.allocate()? });
     }
     Ok(planned)

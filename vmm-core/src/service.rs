@@ -772,6 +772,16 @@ impl Shared {
         self.ctl.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// The control side if no one else holds it (a poisoned lock is taken over), without
+    /// waiting.
+    fn try_lock_ctl(&self) -> Option<std::sync::MutexGuard<'_, Ctl>> {
+        match self.ctl.try_lock() {
+            Ok(c) => Some(c),
+            Err(std::sync::TryLockError::Poisoned(e)) => Some(e.into_inner()),
+            Err(std::sync::TryLockError::WouldBlock) => None,
+        }
+    }
+
     fn lock_recipe(&self) -> std::sync::MutexGuard<'_, Recipe> {
         self.recipe.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -999,11 +1009,7 @@ impl ServiceRef {
     /// policy, [`ControlMsg::IoStopped`]), once. Reads what the control channel has queued if no
     /// one else is using it; never waits.
     pub fn take_io_stop(&self) -> Option<String> {
-        let mut ctl = match self.0.ctl.try_lock() {
-            Ok(c) => c,
-            Err(std::sync::TryLockError::Poisoned(e)) => e.into_inner(),
-            Err(std::sync::TryLockError::WouldBlock) => return None,
-        };
+        let mut ctl = self.0.try_lock_ctl()?;
         ctl.drain(&self.0.name);
         ctl.io_stop.take()
     }
@@ -1590,11 +1596,7 @@ fn check_liveness(shared: &Shared, liveness: &mut Liveness) -> Result<Option<Ins
     if !liveness.enabled() {
         return Ok(None);
     }
-    let mut ctl = match shared.ctl.try_lock() {
-        Ok(c) => Some(c),
-        Err(std::sync::TryLockError::Poisoned(e)) => Some(e.into_inner()),
-        Err(std::sync::TryLockError::WouldBlock) => None,
-    };
+    let mut ctl = shared.try_lock_ctl();
     let Some(c) = ctl.as_mut() else {
         // A stats request holds the channel (bounded by its timeout) and notes the pongs it
         // reads: decide once it is done.

@@ -89,17 +89,21 @@ impl Drop for Fleet {
     }
 }
 
-/// Starts `n` VMs running `cmdline`, each on its own disk; forwards `(vm, when, line)` of their
-/// console output to the returned receiver.
-fn start(
+/// The VMs of one phase: which VMM, its executable, the guest, one disk (and NIC) per VM.
+#[derive(Clone, Copy)]
+struct FleetSpec<'a> {
     vmm: Vmm,
-    exe: &Path,
-    probe: &Path,
-    disks: &[PathBuf],
-    nics: Option<&Nics>,
-    dir: &Path,
-    cmdline: &str,
-) -> Result<(Fleet, Lines), BoxError> {
+    exe: &'a Path,
+    probe: &'a Path,
+    disks: &'a [PathBuf],
+    nics: Option<&'a Nics>,
+    dir: &'a Path,
+}
+
+/// Starts one VM per disk of `f`, running `cmdline`; forwards `(vm, when, line)` of their
+/// console output to the returned receiver.
+fn start(f: FleetSpec<'_>, cmdline: &str) -> Result<(Fleet, Lines), BoxError> {
+    let FleetSpec { vmm, exe, probe, disks, nics, dir } = f;
     let (tx, rx) = mpsc::channel();
     let mut fleet = Fleet(Vec::with_capacity(disks.len()));
     for (i, disk) in disks.iter().enumerate() {
@@ -121,17 +125,10 @@ fn start(
     Ok((fleet, rx))
 }
 
-fn idle(
-    vmm: Vmm,
-    exe: &Path,
-    probe: &Path,
-    disks: &[PathBuf],
-    nics: Option<&Nics>,
-    dir: &Path,
-) -> Result<Idle, BoxError> {
-    let n = disks.len();
+fn idle(f: FleetSpec<'_>) -> Result<Idle, BoxError> {
+    let n = f.disks.len();
     let t0 = Instant::now();
-    let (fleet, rx) = start(vmm, exe, probe, disks, nics, dir, "probe.test=idle")?;
+    let (fleet, rx) = start(f, "probe.test=idle")?;
     let mut first = vec![None; n];
     let mut halted = 0;
     let deadline = t0 + LIMIT;
@@ -157,22 +154,15 @@ fn idle(
     Ok(Idle { started, all_first_line, pss_kib_per_vm: per(pss), idle_cpu_ms_per_vm: per(cpu) as f64 / 1e6 })
 }
 
-fn work(
-    vmm: Vmm,
-    exe: &Path,
-    probe: &Path,
-    disks: &[PathBuf],
-    nics: Option<&Nics>,
-    dir: &Path,
-) -> Result<Work, BoxError> {
+fn work(f: FleetSpec<'_>) -> Result<Work, BoxError> {
     let t0 = Instant::now();
     let cmdline = "probe.test=blk-verify probe.seed=3 probe.rounds=1 probe.timeout_ms=60000";
-    let (mut fleet, rx) = start(vmm, exe, probe, disks, nics, dir, cmdline)?;
+    let (mut fleet, rx) = start(f, cmdline)?;
     let mut passed = 0;
     let mut last = Duration::ZERO;
     let deadline = t0 + LIMIT;
     let mut verdicts = 0;
-    while verdicts < disks.len() {
+    while verdicts < f.disks.len() {
         let Ok((_, at, line)) = rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) else { break };
         if line.contains("probe: verdict") {
             verdicts += 1;
@@ -227,12 +217,13 @@ pub fn bench(bin: &Path, probe: &Path, counts: &[usize]) -> Result<(), BoxError>
                 std::fs::File::create(d)?.set_len(8 << 20)?;
             }
             eprintln!("bench: density {vmm:?} N={n}: idle");
-            let i = idle(*vmm, exe, probe, &disks, nics.as_ref(), &dir)?;
+            let fleet = FleetSpec { vmm: *vmm, exe, probe, disks: &disks, nics: nics.as_ref(), dir: &dir };
+            let i = idle(fleet)?;
             for d in &disks {
                 std::fs::File::create(d)?.set_len(8 << 20)?;
             }
             eprintln!("bench: density {vmm:?} N={n}: blk-verify");
-            let w = work(*vmm, exe, probe, &disks, nics.as_ref(), &dir)?;
+            let w = work(fleet)?;
             println!(
                 "| {vmm:?} | {n} | {}/{n} | {} | {} | {:.1} ms | {}/{n} | {:.1} s |",
                 i.started,

@@ -168,7 +168,8 @@ pub enum Handled {
     /// Answered: the used length (data bytes written into the chain plus the status byte; 0 if
     /// there was no status byte to write).
     Used(u32),
-    /// The host failed it and the error policy holds it: not answered, given back to the queue.
+    /// The host failed it and the error policy holds it: not answered; it stays in flight
+    /// (recorded in the state region) and is redone from its avail position on resume.
     Held,
 }
 
@@ -289,11 +290,6 @@ impl Block {
         self.read_errors = read;
     }
 
-    /// Whether a request is held.
-    pub fn is_held(&self) -> bool {
-        self.held.is_some()
-    }
-
     /// A host error on a request: counted, logged (the first ones, then one in
     /// [`HOST_ERROR_LOG_EVERY`]), then answered IOERR or held as the policy for its direction
     /// says.
@@ -360,11 +356,6 @@ impl Block {
     /// it can go now).
     pub fn throttle_wait(&self) -> Option<Duration> {
         self.throttle.wake_after(self.throttle.now())
-    }
-
-    /// The disk's fd (to keep open in a jail).
-    pub fn disk_fd(&self) -> RawFd {
-        self.disk.as_raw_fd()
     }
 
     /// The disk's fds to keep open in a jail: the image and its flush witness.
