@@ -449,11 +449,13 @@ impl PioHandler for Console {
     }
 
     /// Every register but RBR (a read pops the FIFO) and IIR (a read clears the THR-empty
-    /// interrupt): the line status polled before each byte a driver writes, and the rest.
+    /// interrupt): the line status polled before each byte a driver writes, and the rest. Writes
+    /// to THR (or DLL) may be posted: a byte to send changes nothing but the UART.
     fn mirrored(&mut self, out: &mut Vec<MirrorEntry>) {
         for off in MIRRORED {
             out.push(MirrorEntry::new(u64::from(off), &[self.serial.read(off)]));
         }
+        out.push(MirrorEntry::posted_write(0, 1));
     }
 
     fn attach_mirror(&mut self, mirror: Mirror) {
@@ -608,8 +610,11 @@ mod tests {
         c.attach_mirror(mirror.clone());
         let mut v = Vec::new();
         c.mirrored(&mut v);
-        let offs: Vec<u64> = v.iter().map(|e| e.addr).collect();
+        let offs: Vec<u64> = v.iter().filter(|e| e.flags == 0).map(|e| e.addr).collect();
         assert_eq!(offs, vec![1, 3, 4, 5, 6, 7], "never RBR (0) or IIR (2)");
+        let posted: Vec<(u64, u32)> =
+            v.iter().filter(|e| e.flags == ipc::mirror::POSTED_WRITE).map(|e| (e.addr, e.len)).collect();
+        assert_eq!(posted, vec![(0, 1)], "THR writes may be posted, nothing else");
         let lsr = |v: &[MirrorEntry]| v.iter().find(|e| e.addr == 5).map(|e| e.data[0]).expect("LSR");
         assert_eq!(lsr(&v) & 1, 0, "no data ready yet");
         mirror.publish(&v);

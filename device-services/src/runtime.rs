@@ -192,11 +192,14 @@ pub trait MmioHandler {
         IoCounters::default()
     }
     /// Registers whose read has no side effect, with the value a read returns now, for the read
-    /// mirror ([`ipc::mirror`]), at offsets into the window. Asked after every access, event and
-    /// poll that did work; the default mirrors nothing.
+    /// mirror ([`ipc::mirror`]), at offsets into the window, and the registers whose writes may
+    /// be posted ([`MirrorEntry::posted_write`]: writes that change nothing but the device's own
+    /// registers). Asked after every access, event and poll that did work; the default mirrors
+    /// nothing.
     fn mirrored(&mut self, _out: &mut Vec<MirrorEntry>) {}
-    /// The read mirror, given once before serving: invalidate it before raising an interrupt
-    /// that follows a change of a mirrored value made outside an access.
+    /// The read mirror, given once before serving: before raising an interrupt that follows a
+    /// change of a mirrored value made outside an access, rewrite the value in place
+    /// ([`Mirror::update`], at its offset into the window) or invalidate the table.
     fn attach_mirror(&mut self, _mirror: Mirror) {}
 }
 
@@ -297,7 +300,7 @@ impl<H: PioHandler> Dispatch for PioDispatch<H> {
         to_window(out, start, u64::from(self.base), u64::from(self.len));
     }
     fn attach_mirror(&mut self, mirror: Mirror) {
-        self.handler.attach_mirror(mirror);
+        self.handler.attach_mirror(mirror.based(u64::from(self.base)));
     }
     fn poll(&mut self) -> Result<bool, RuntimeError> {
         Ok(false)
@@ -354,7 +357,7 @@ impl<H: MmioHandler> Dispatch for MmioDispatch<H> {
         to_window(out, start, self.base, self.len);
     }
     fn attach_mirror(&mut self, mirror: Mirror) {
-        self.handler.attach_mirror(mirror);
+        self.handler.attach_mirror(mirror.based(self.base));
     }
     fn wake_after(&self) -> Option<Duration> {
         self.handler.wake_after()
@@ -540,6 +543,7 @@ impl Startup {
             paused: false,
             mirror_now: Vec::new(),
             mirror_published: Vec::new(),
+            mirror_generation: u64::MAX,
             spin: SpinClock::default(),
         };
         let mirror = server.ring.mirror().clone();
@@ -576,6 +580,9 @@ struct Server<H> {
     mirror_now: Vec<MirrorEntry>,
     /// What the read mirror holds when it is valid (a fresh ring's zeroed table holds none).
     mirror_published: Vec<MirrorEntry>,
+    /// The table's generation right after that publish: a device that rewrote a value in place
+    /// since ([`Mirror::update`]) moved it, and the table is published again.
+    mirror_generation: u64,
     /// The idle spin's time, reported apart from request work.
     spin: SpinClock,
 }
@@ -625,15 +632,7 @@ impl<H: Dispatch> Server<H> {
                 }
             }
             self.ring.beat();
-            let mut did = false;
-            while let Some(inc) = self.ring.next_request()? {
-                let reply = self.dispatch(&inc);
-                // Before the completion: a read the core answers from the mirror afterwards must
-                // see this access's effect.
-                self.publish_mirror();
-                self.answer(&inc, &reply)?;
-                did = true;
-            }
+            let mut did = self.serve_queued()?;
             if self.handler.poll()? {
                 self.publish_mirror();
                 did = true;
@@ -758,7 +757,9 @@ impl<H: Dispatch> Server<H> {
             }
             ControlMsg::Pause { token } => {
                 // Called between iterations of the serve loop: the work in hand is done and the
-                // state region records it.
+                // state region records it. The core paused the vCPUs first, so what is left on
+                // the ring is posted writes: applied now, so the paused state includes them.
+                self.serve_queued()?;
                 self.paused = true;
                 self.control.send(&ControlMsg::Paused { token }, &[])?;
                 Ok(Flow::Continue)
@@ -809,12 +810,28 @@ impl<H: Dispatch> Server<H> {
         if self.faults.slow.is_zero() && !self.faults.corrupt_next {
             self.handler.mirrored(&mut self.mirror_now);
         }
-        if mirror.is_valid() && self.mirror_published == self.mirror_now {
+        if mirror.generation() == self.mirror_generation && self.mirror_published == self.mirror_now {
             return;
         }
         mirror.publish(&self.mirror_now);
+        self.mirror_generation = mirror.generation();
         // The two buffers trade places: no allocation per publish.
         std::mem::swap(&mut self.mirror_published, &mut self.mirror_now);
+    }
+
+    /// Serves the requests queued on the ring, in order; returns whether there were any. A
+    /// request taken from the ring is always answered, each after the mirror shows its effect.
+    fn serve_queued(&mut self) -> Result<bool, RuntimeError> {
+        let mut did = false;
+        while let Some(inc) = self.ring.next_request()? {
+            let reply = self.dispatch(&inc);
+            // Before the completion: a read the core answers from the mirror afterwards must
+            // see this access's effect.
+            self.publish_mirror();
+            self.answer(&inc, &reply)?;
+            did = true;
+        }
+        Ok(did)
     }
 
     /// Completes `inc` with `reply`, applying the injected `slow` and `corrupt-reply` faults.

@@ -646,6 +646,10 @@ pub struct ServiceMetrics {
     pub exits_forwarded: u64,
     /// Reads answered from the service's read mirror, without a round trip.
     pub exits_mirrored: u64,
+    /// Writes posted to the service without the vCPU waiting (not counted in
+    /// `exits_forwarded`).
+    #[serde(default)]
+    pub exits_posted: u64,
     /// Exits in flight at a failure, completed against the next instance.
     pub exits_redone: u64,
     /// Device requests (block requests, net chains) an instance found in flight in the state

@@ -14,9 +14,19 @@
 //! |---|---|
 //! | 0 | sequence (`u64`): even = the table is valid, odd = being rewritten or invalidated |
 //! | 8 | number of entries (`u32`, at most [`MIRROR_SLOTS`]) |
-//! | 64 | [`MIRROR_SLOTS`] × entry: address `u64`, size `u32`, pad `u32`, value `[u8; 8]` |
+//! | 64 | [`MIRROR_SLOTS`] × entry: address `u64`, size `u32`, flags `u32`, value `[u8; 8]` |
+//!
+//! An entry with flags 0 is a register value. An entry with [`POSTED_WRITE`] carries no value:
+//! it says that a write of exactly that address and size changes nothing but the device's own
+//! registers (an interrupt acknowledge, a byte for a UART to send), so the core may *post* it:
+//! queue it on the ring and let the vCPU go on without waiting for the completion. The ring
+//! keeps requests in order and the core answers no read from the table while a request of its
+//! own is outstanding, so every later access still sees the write's effect.
 //!
 //! Protocol (a sequence lock, one writer: the service's serving thread):
+//! - A change the service makes outside a request may instead rewrite one value in place
+//!   ([`Mirror::update`]): the table stays valid, so a read is still answered while the service
+//!   is busy (inside a slow disk call) right after it raised an interrupt.
 //! - The service publishes the table after handling every request and *before* completing it, so
 //!   a read the core answers after a completion sees the effect of every write completed before.
 //! - Anything that changes a mirrored value outside a request (input arriving, a timer) first
@@ -54,13 +64,16 @@ pub struct MirrorEntry {
     pub addr: u64,
     /// Access size: 1, 2, 4 or 8.
     pub len: u32,
-    /// Zero.
-    pub pad: u32,
+    /// 0 for a register value, or [`POSTED_WRITE`].
+    pub flags: u32,
     /// The value a read returns (first `len` bytes).
     pub data: [u8; 8],
 }
 
 const _: () = assert!(std::mem::size_of::<MirrorEntry>() == ENTRY_BYTES);
+
+/// [`MirrorEntry::flags`]: writes of this address and size may be posted (the entry has no value).
+pub const POSTED_WRITE: u32 = 1;
 
 impl MirrorEntry {
     /// A `data.len()`-byte register at `addr` (1, 2, 4 or 8 bytes; longer data is cut to 8).
@@ -68,7 +81,12 @@ impl MirrorEntry {
         let mut d = [0u8; 8];
         let n = data.len().min(8);
         d[..n].copy_from_slice(&data[..n]);
-        Self { addr, len: u32::try_from(n).unwrap_or(8), pad: 0, data: d }
+        Self { addr, len: u32::try_from(n).unwrap_or(8), flags: 0, data: d }
+    }
+
+    /// Declares that `len`-byte writes at `addr` may be posted ([`POSTED_WRITE`]).
+    pub fn posted_write(addr: u64, len: u32) -> Self {
+        Self { addr, len, flags: POSTED_WRITE, data: [0; 8] }
     }
 }
 
@@ -77,13 +95,15 @@ impl MirrorEntry {
 pub struct Mirror {
     region: Arc<SharedRegion>,
     off: usize,
+    /// Added to the address given to [`update`](Self::update) (see [`based`](Self::based)).
+    base: u64,
 }
 
 impl Mirror {
     /// The table at `off` in `region`; `None` if it does not fit or `off` is not 64-byte aligned.
     pub(crate) fn new(region: Arc<SharedRegion>, off: usize) -> Option<Self> {
         let end = off.checked_add(MIRROR_BYTES)?;
-        (off.is_multiple_of(64) && end <= region.len()).then_some(Self { region, off })
+        (off.is_multiple_of(64) && end <= region.len()).then_some(Self { region, off, base: 0 })
     }
 
     /// A table in a region of its own (for a device tested without a ring).
@@ -92,7 +112,14 @@ impl Mirror {
     /// Creating or mapping the memfd failed.
     pub fn standalone(name: &str) -> Result<Self, crate::region::RegionError> {
         let region = Arc::new(SharedRegion::create(name, MIRROR_BYTES.div_ceil(4096) * 4096)?);
-        Ok(Self { region, off: 0 })
+        Ok(Self { region, off: 0, base: 0 })
+    }
+
+    /// This table, for a device that names its registers by offset into a window at `base`:
+    /// [`update`](Self::update) adds `base` to the address it is given.
+    #[must_use]
+    pub fn based(&self, base: u64) -> Self {
+        Self { base, ..self.clone() }
     }
 
     fn seq(&self) -> &AtomicU64 {
@@ -116,6 +143,18 @@ impl Mirror {
     /// Core side: the published value of a `len`-byte read at `addr`, if the table is valid and
     /// holds exactly that register.
     pub fn lookup(&self, addr: u64, len: u32) -> Option<[u8; 8]> {
+        self.find(addr, len, 0).flatten()
+    }
+
+    /// Core side: whether the table is valid and says that a `len`-byte write at `addr` may be
+    /// posted ([`POSTED_WRITE`]).
+    pub fn posts_write(&self, addr: u64, len: u32) -> bool {
+        matches!(self.find(addr, len, POSTED_WRITE), Some(Some(_)))
+    }
+
+    /// A consistent read of the entry for `(addr, len, flags)`: `None` if the table was not
+    /// stable (invalid, or rewritten during every try), `Some(None)` if it holds no such entry.
+    fn find(&self, addr: u64, len: u32, flags: u32) -> Option<Option<[u8; 8]>> {
         for _ in 0..READ_TRIES {
             let s1 = self.seq().load(Ordering::Acquire);
             if s1 & 1 == 1 {
@@ -127,14 +166,14 @@ impl Mirror {
                 // SAFETY: inside the table (i < MIRROR_SLOTS); a volatile copy, validated by the
                 // sequence check below before it is used.
                 let e = unsafe { self.entry_ptr(i).read_volatile() };
-                if e.addr == addr && e.len == len {
+                if e.addr == addr && e.len == len && e.flags == flags {
                     found = Some(e.data);
                     break;
                 }
             }
             fence(Ordering::Acquire);
             if self.seq().load(Ordering::Relaxed) == s1 {
-                return found;
+                return Some(found);
             }
         }
         None
@@ -155,6 +194,45 @@ impl Mirror {
         }
         self.count().store(u32::try_from(n).unwrap_or(0), Ordering::Relaxed);
         seq.store(odd.wrapping_add(1), Ordering::Release);
+    }
+
+    /// Service side: rewrites the value of the register at `base + addr` (see
+    /// [`based`](Self::based)) in place, `data.len()` bytes, keeping the table valid. Returns
+    /// false, having invalidated the table, if it holds no such register; a table already
+    /// invalid stays so (the next [`publish`](Self::publish) makes it valid).
+    pub fn update(&self, addr: u64, data: &[u8]) -> bool {
+        let addr = self.base.wrapping_add(addr);
+        let len = u32::try_from(data.len()).unwrap_or(u32::MAX);
+        let seq = self.seq();
+        let s0 = seq.load(Ordering::Relaxed);
+        let n = usize::try_from(self.count().load(Ordering::Relaxed)).unwrap_or(usize::MAX).min(MIRROR_SLOTS);
+        // One writer (this thread): the entries do not change under us.
+        let Some(i) = (0..n).find(|&i| {
+            // SAFETY: inside the table (i < MIRROR_SLOTS), written only by this thread.
+            let e = unsafe { self.entry_ptr(i).read_volatile() };
+            e.addr == addr && e.len == len && e.flags == 0
+        }) else {
+            self.invalidate();
+            return false;
+        };
+        let new = MirrorEntry::new(addr, data);
+        if s0 & 1 == 1 {
+            // SAFETY: as above; readers ignore an odd table.
+            unsafe { self.entry_ptr(i).write_volatile(new) };
+            return true;
+        }
+        seq.store(s0 | 1, Ordering::Relaxed);
+        fence(Ordering::Release);
+        // SAFETY: as above; readers that overlap this write see the odd sequence, or a changed one.
+        unsafe { self.entry_ptr(i).write_volatile(new) };
+        seq.store(s0.wrapping_add(2), Ordering::Release);
+        fence(Ordering::SeqCst);
+        true
+    }
+
+    /// Service side: a number that changes whenever the table does (its sequence).
+    pub fn generation(&self) -> u64 {
+        self.seq().load(Ordering::Acquire)
     }
 
     /// Service side: marks the table invalid until the next [`publish`](Self::publish). Call
@@ -210,6 +288,38 @@ mod tests {
         assert_eq!(core.lookup(0x3fd, 1), None);
         svc.publish(&[MirrorEntry::new(0x3fd, &[0x61])]);
         assert_eq!(core.lookup(0x3fd, 1).map(|d| d[0]), Some(0x61));
+    }
+
+    #[test]
+    fn posted_write_entries_are_no_read_values() {
+        let (core, svc) = mirror();
+        svc.publish(&[MirrorEntry::posted_write(0x1064, 4), MirrorEntry::new(0x1060, &1u32.to_le_bytes())]);
+        assert!(core.posts_write(0x1064, 4));
+        assert!(!core.posts_write(0x1064, 2), "other size");
+        assert!(!core.posts_write(0x1060, 4), "a value entry allows no posting");
+        assert_eq!(core.lookup(0x1064, 4), None, "a posting entry answers no read");
+        svc.invalidate();
+        assert!(!core.posts_write(0x1064, 4), "an invalid table allows no posting");
+    }
+
+    #[test]
+    fn update_rewrites_one_value_and_keeps_the_table_valid() {
+        let (core, svc) = mirror();
+        svc.publish(&[MirrorEntry::new(0x1060, &0u32.to_le_bytes()), MirrorEntry::new(0x1070, &[7, 0, 0, 0])]);
+        let g = svc.generation();
+        let based = svc.based(0x1000);
+        assert!(based.update(0x60, &1u32.to_le_bytes()));
+        assert!(core.is_valid());
+        assert_ne!(svc.generation(), g, "the generation moves");
+        assert_eq!(core.lookup(0x1060, 4).map(|d| d[0]), Some(1));
+        assert_eq!(core.lookup(0x1070, 4).map(|d| d[0]), Some(7), "the others stay");
+        // A register the table does not hold: invalid until republished.
+        assert!(!based.update(0x64, &1u32.to_le_bytes()));
+        assert!(!core.is_valid());
+        // An invalid table stays invalid across an update.
+        assert!(based.update(0x60, &3u32.to_le_bytes()));
+        assert!(!core.is_valid());
+        assert_eq!(core.lookup(0x1060, 4), None);
     }
 
     #[test]

@@ -30,6 +30,15 @@
 //! "index store → flag load", so one of the two always sees the other: no lost wake-up, and no
 //! syscall on the fast path when the peer spins.
 //!
+//! Posted writes: a write the service's read mirror declares postable ([`crate::mirror`]) is
+//! submitted like any request, but the caller does not wait for it ([`CoreEndpoint::post`]). The
+//! core remembers it until its completion arrives; completions come in submission order, so the
+//! completions of posted writes are consumed, and checked (sequence, length), ahead of the one a
+//! later call waits for, or whenever the core looks at the mirror. At most [`MAX_POSTED`] are
+//! outstanding, the mirror answers no read while any is, and when an instance dies those not
+//! completed are handed to the next one ([`CoreEndpoint::take_posted`], then
+//! [`CoreEndpoint::adopt`] on the new ring before it starts serving), so none is lost.
+//!
 //! Spinning only pays while the peer is on a CPU: on a busy host a spinning waiter burns the time
 //! slice its peer needs (both on one CPU) or waits out the peer's preemption (on another). So each
 //! side publishes where it runs (its CPU and, for the service, a heartbeat bumped on every turn of
@@ -76,6 +85,9 @@ const OFF_SUB_RING: usize = 512;
 /// Most extensions of one call's deadline for the service's I/O calls (one per I/O call that
 /// overlaps the wait: a service that keeps doing slow I/O still answers within this many).
 const MAX_IO_EXTENSIONS: u32 = 4;
+/// Most posted writes outstanding on one ring ([`CoreEndpoint::post`]); past that a write waits
+/// like any other access (and with it, for all those before it).
+pub const MAX_POSTED: usize = 16;
 const PAGE: usize = 4096;
 
 /// Kind of a forwarded exit.
@@ -571,6 +583,15 @@ struct CoreState {
     sub_prod: u64,
     comp_cons: u64,
     broken: bool,
+    /// Posted writes not completed yet, oldest first (their completions come first).
+    posted: std::collections::VecDeque<Posted>,
+}
+
+/// A write submitted without waiting for its completion.
+#[derive(Debug, Clone, Copy)]
+struct Posted {
+    seq: u64,
+    req: ExitRequest,
 }
 
 /// The core's end of a ring: submits exits and waits for their completions.
@@ -605,7 +626,13 @@ impl CoreEndpoint {
             mirror,
             view,
             capacity,
-            state: Mutex::new(CoreState { next_seq: 1, sub_prod: 0, comp_cons: 0, broken: false }),
+            state: Mutex::new(CoreState {
+                next_seq: 1,
+                sub_prod: 0,
+                comp_cons: 0,
+                broken: false,
+                posted: std::collections::VecDeque::new(),
+            }),
             sub_bell,
             comp_bell,
             aborted: AtomicBool::new(false),
@@ -688,13 +715,91 @@ impl CoreEndpoint {
             return None;
         }
         // Another vCPU's request in flight: its effect may not be published yet; forward.
-        let st = self.state.try_lock().ok()?;
-        if st.broken || st.sub_prod != st.comp_cons {
+        let mut st = self.state.try_lock().ok()?;
+        if st.broken {
+            return None;
+        }
+        // Posted writes the service has completed since: consumed now, so that they do not keep
+        // every read forwarded.
+        if self.reap(&mut st).is_err() {
+            st.broken = true;
+            return None;
+        }
+        if st.sub_prod != st.comp_cons {
             return None;
         }
         let data = self.mirror.lookup(req.addr, req.len)?;
         drop(st);
         Some(ExitReply { status: Status::Ok, data })
+    }
+
+    /// Posts a write the service's mirror declares postable ([`crate::mirror::POSTED_WRITE`]):
+    /// submits it and returns without waiting for its completion. `Ok(false)`: not posted (a
+    /// read, not declared postable, or [`MAX_POSTED`] outstanding already); make it a
+    /// [`call`](Self::call), which also waits for every posted write before it. Errors as
+    /// [`call`](Self::call)'s, and then the write was not submitted.
+    pub fn post(&self, req: &ExitRequest) -> Result<bool, IpcError> {
+        if req.kind.is_read() || !valid_len(req.len) || !self.mirror.posts_write(req.addr, req.len) {
+            return Ok(false);
+        }
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if self.is_aborted() {
+            return Err(IpcError::Aborted);
+        }
+        if st.broken {
+            return Err(IpcError::Broken);
+        }
+        let res = self.reap(&mut st).and_then(|()| {
+            // Room for one call behind the posted writes, always.
+            let outstanding = st.sub_prod.wrapping_sub(st.comp_cons);
+            if st.posted.len() >= MAX_POSTED || outstanding.saturating_add(2) > self.view.cap {
+                return Ok(false);
+            }
+            let (seq, _) = self.submit(&mut st, req)?;
+            st.posted.push_back(Posted { seq, req: *req });
+            Ok(true)
+        });
+        if res.is_err() {
+            st.broken = true;
+        }
+        res
+    }
+
+    /// Posted writes not completed, oldest first, taken away: after [`abort`](Self::abort), for
+    /// the next instance to [`adopt`](Self::adopt).
+    pub fn take_posted(&self) -> Vec<ExitRequest> {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        st.posted.drain(..).map(|p| p.req).collect()
+    }
+
+    /// Submits `reqs` (a dead instance's posted writes, [`take_posted`](Self::take_posted)) as
+    /// posted writes on this fresh ring, before its service starts serving: they are the first
+    /// requests it takes. At most [`MAX_POSTED`] (a dead ring never holds more); the rest, and
+    /// any that do not fit, are dropped. Returns how many were submitted.
+    pub fn adopt(&self, reqs: &[ExitRequest]) -> usize {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let mut n = 0;
+        for req in reqs.iter().take(MAX_POSTED) {
+            if req.kind.is_read() || !valid_len(req.len) {
+                continue;
+            }
+            if st.sub_prod.wrapping_sub(st.comp_cons).saturating_add(2) > self.view.cap {
+                break;
+            }
+            match self.submit(&mut st, req) {
+                Ok((seq, _)) => {
+                    st.posted.push_back(Posted { seq, req: *req });
+                    n += 1;
+                }
+                Err(_) => break,
+            }
+        }
+        n
+    }
+
+    /// Posted writes outstanding (submitted, completion not consumed yet).
+    pub fn posted_outstanding(&self) -> usize {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).posted.len()
     }
 
     /// Forwards one exit and waits at most `timeout` for its completion.
@@ -741,24 +846,7 @@ impl CoreEndpoint {
         // Each extension ends where the service's current I/O call reaches `io_deadline`, and is
         // granted only while that point lies ahead: at most one per I/O call, each bounded.
         let mut extensions = 0u32;
-        // Our own bookkeeping guarantees at most `cap` requests are outstanding, so we never need
-        // to trust the service's consumer index to find space.
-        if st.sub_prod.wrapping_sub(st.comp_cons) >= self.view.cap {
-            return Err(protocol("submission ring full"));
-        }
-        let seq = st.next_seq;
-        st.next_seq = st.next_seq.wrapping_add(1);
-        let rec = ExitRecord { seq, kind: req.kind as u32, len: req.len, addr: req.addr, data: req.data };
-        // SAFETY: `sub_ptr` points inside the mapping at an aligned slot the service does not
-        // consume until the producer index below is published.
-        unsafe { self.view.sub_ptr(st.sub_prod).write_volatile(rec) };
-        st.sub_prod = st.sub_prod.wrapping_add(1);
-        self.view.u64_at(OFF_SUB_PROD).store(st.sub_prod, Ordering::Release);
-        fence(Ordering::SeqCst);
-        let rang = self.view.u32_at(OFF_SERVICE_SLEEPING).load(Ordering::SeqCst) != 0;
-        if rang {
-            self.sub_bell.write(1).map_err(IpcError::Doorbell)?;
-        }
+        let (seq, rang) = self.submit(st, req)?;
 
         let spin_until = start + self.wait.spin;
         let comp_prod = self.view.u64_at(OFF_COMP_PROD);
@@ -809,7 +897,33 @@ impl CoreEndpoint {
         }
     }
 
-    fn try_complete(&self, st: &mut CoreState, seq: u64, req: &ExitRequest) -> Result<Option<ExitReply>, IpcError> {
+    /// Writes `req` into the next submission slot and publishes it; rings the service if it
+    /// sleeps. Returns the request's sequence number and whether the bell was rung.
+    fn submit(&self, st: &mut CoreState, req: &ExitRequest) -> Result<(u64, bool), IpcError> {
+        // Our own bookkeeping guarantees at most `cap` requests are outstanding, so we never need
+        // to trust the service's consumer index to find space.
+        if st.sub_prod.wrapping_sub(st.comp_cons) >= self.view.cap {
+            return Err(protocol("submission ring full"));
+        }
+        let seq = st.next_seq;
+        st.next_seq = st.next_seq.wrapping_add(1);
+        let rec = ExitRecord { seq, kind: req.kind as u32, len: req.len, addr: req.addr, data: req.data };
+        // SAFETY: `sub_ptr` points inside the mapping at an aligned slot the service does not
+        // consume until the producer index below is published.
+        unsafe { self.view.sub_ptr(st.sub_prod).write_volatile(rec) };
+        st.sub_prod = st.sub_prod.wrapping_add(1);
+        self.view.u64_at(OFF_SUB_PROD).store(st.sub_prod, Ordering::Release);
+        fence(Ordering::SeqCst);
+        let rang = self.view.u32_at(OFF_SERVICE_SLEEPING).load(Ordering::SeqCst) != 0;
+        if rang {
+            self.sub_bell.write(1).map_err(IpcError::Doorbell)?;
+        }
+        Ok((seq, rang))
+    }
+
+    /// The next completion the service published, if any, consumed (its index validated, its
+    /// record copied; the caller checks the record).
+    fn next_completion(&self, st: &mut CoreState) -> Result<Option<CompletionRecord>, IpcError> {
         let cp = self.view.u64_at(OFF_COMP_PROD).load(Ordering::Acquire);
         if cp == st.comp_cons {
             return Ok(None);
@@ -822,11 +936,38 @@ impl CoreEndpoint {
                 st.comp_cons
             )));
         }
-        // SAFETY: the slot is inside the mapping; the volatile copy takes a snapshot we validate
-        // below, whatever the service writes concurrently.
+        // SAFETY: the slot is inside the mapping; the volatile copy takes a snapshot the caller
+        // validates, whatever the service writes concurrently.
         let rec = unsafe { self.view.comp_ptr(st.comp_cons).read_volatile() };
         st.comp_cons = st.comp_cons.wrapping_add(1);
         self.view.u64_at(OFF_COMP_CONS).store(st.comp_cons, Ordering::Release);
+        Ok(Some(rec))
+    }
+
+    /// Consumes the completions of posted writes the service has published, oldest first,
+    /// checking each against the write it completes. Bounded by the posted writes outstanding.
+    fn reap(&self, st: &mut CoreState) -> Result<(), IpcError> {
+        while let Some(front) = st.posted.front().copied() {
+            let Some(rec) = self.next_completion(st)? else { break };
+            if rec.seq != front.seq {
+                return Err(protocol(format!("completion seq {} for posted write {}", rec.seq, front.seq)));
+            }
+            if rec.len != front.req.len {
+                return Err(protocol(format!("completion len {} for posted write of {}", rec.len, front.req.len)));
+            }
+            Status::from_raw(rec.status).ok_or_else(|| protocol(format!("unknown status {}", rec.status)))?;
+            st.posted.pop_front();
+        }
+        Ok(())
+    }
+
+    fn try_complete(&self, st: &mut CoreState, seq: u64, req: &ExitRequest) -> Result<Option<ExitReply>, IpcError> {
+        // Posted writes were submitted before this request: their completions come first.
+        self.reap(st)?;
+        if !st.posted.is_empty() {
+            return Ok(None);
+        }
+        let Some(rec) = self.next_completion(st)? else { return Ok(None) };
         if rec.seq != seq {
             return Err(protocol(format!("completion seq {} for request {seq}", rec.seq)));
         }

@@ -231,3 +231,58 @@ fn an_injected_slow_io_completes_without_a_restart() {
     let slowed = r.stderr.lines().filter(|l| l.contains("injecting fault SlowIo")).count();
     assert_eq!(slowed, 2, "both slow calls reached the service:\n{}", r.stderr);
 }
+
+/// One `blk-stall` round line: `(flush_cycles, isr_cycles, ack_cycles, pending, status)`.
+fn stall_round(line: &str) -> Option<(u64, u64, u64, u64, u64)> {
+    let field = |key: &str| -> Option<u64> {
+        line.split_whitespace().find_map(|w| w.strip_prefix(key)).and_then(|v| v.parse().ok())
+    };
+    Some((field("flush_cycles=")?, field("isr_cycles=")?, field("ack_cycles=")?, field("pending=")?, field("status=")?))
+}
+
+/// While the block service sits in a slow disk call (a flush slowed by 2 s), the guest's
+/// interrupt handler does not wait for it: InterruptStatus is answered from the read mirror
+/// (rewritten in place when the device raised its last interrupt) and the InterruptACK write is
+/// posted. Without either, that access waits until the call ends.
+#[test]
+fn register_accesses_during_a_slow_flush_do_not_wait_for_it() {
+    let dir = scratch("storage-stall");
+    let disk = dir.join("disk.img");
+    std::fs::File::create(&disk).expect("create").set_len(8 << 20).expect("size");
+    let serial = dir.join("serial.log");
+    let sock = dir.join("api.sock");
+    let cmdline = "probe.test=blk-stall probe.rounds=1000000 probe.timeout_ms=600000";
+    let extra = ["--api-sock", sock.to_str().expect("utf8"), "--allow-faults"];
+    let child = VmChild::spawn(&mut bulkhead(&probe_vm_args(&serial, Some(&disk), cmdline, &extra)));
+    assert!(wait_for_serial(&serial, "blk-stall: round 3/", LIMIT), "the guest never flushed");
+    let (s, b) = curl(&sock, "PUT", "/bulkhead/devices/disk0/fault", Some(r#"{"action": "slow-io=2000"}"#));
+    assert_eq!(s, 200, "{b}");
+    // The slowed round and a few after it.
+    let rounds = |t: &str| t.lines().filter_map(stall_round).collect::<Vec<_>>();
+    let slowed = |t: &str| {
+        let r = rounds(t);
+        let mut f: Vec<u64> = r.iter().map(|x| x.0).collect();
+        f.sort_unstable();
+        let median = f.get(f.len() / 2).copied().unwrap_or(u64::MAX);
+        r.iter().position(|x| x.0 > median.saturating_mul(20)).filter(|&i| i + 3 < r.len())
+    };
+    let seen = wait_until(LIMIT, || slowed(&std::fs::read_to_string(&serial).unwrap_or_default()).is_some());
+    let (_, devices) = curl(&sock, "GET", "/bulkhead/devices", None);
+    let (s, b) = curl(&sock, "PUT", "/bulkhead/actions", Some(r#"{"action_type": "Kill"}"#));
+    assert_eq!(s, 204, "{b}");
+    let r = child.finish(LIMIT);
+    let text = std::fs::read_to_string(&serial).unwrap_or_default();
+    assert!(seen, "no round took 20 times the median: the slow flush never came\n{text}\n{}", r.stderr);
+    let all = rounds(&text);
+    let i = slowed(&text).expect("slowed round");
+    let (flush, isr, ack, pending, status) = all[i];
+    assert_eq!((pending, status), (1, 0), "the accesses came while the flush was in flight, which then succeeded");
+    assert!(isr.saturating_mul(10) < flush, "the InterruptStatus read waited for the slow call: {:?}\n{text}", all[i]);
+    assert!(ack.saturating_mul(10) < flush, "the InterruptACK write waited for the slow call: {:?}\n{text}", all[i]);
+    assert!(all.iter().all(|x| x.4 == 0), "every flush succeeded\n{text}");
+    let devices: serde_json::Value = serde_json::from_str(&devices).expect("json");
+    let block = devices.as_array().and_then(|a| a.iter().find(|d| d["kind"] == "block")).cloned().unwrap_or_default();
+    assert_eq!(block["restarts"], 0, "{devices}");
+    assert!(block["exits_posted"].as_u64().unwrap_or(0) >= 3, "acknowledgements were posted: {devices}");
+    assert!(!r.stderr.contains("restarted as pid"), "{}", r.stderr);
+}

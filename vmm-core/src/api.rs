@@ -1,8 +1,8 @@
 //! The HTTP API on a Unix socket: a compatible subset of Firecracker's, plus Bulkhead's own
 //! endpoints under `/bulkhead/` (docs/API.md lists every one).
 //!
-//! HTTP is `tiny_http`'s; bodies are JSON (serde), at most [`MAX_BODY`] bytes. A few worker
-//! threads serve connections concurrently. Requests that change the VM become a
+//! HTTP is [`crate::http`]'s (hyper, one thread per connection, the peer's credentials checked);
+//! bodies are JSON (serde), at most [`MAX_BODY`] bytes. Requests that change the VM become a
 //! [`VmmAction`] sent to the VMM thread, which applies them in order; reads are answered from
 //! the [`VmmView`] the VMM publishes and from the devices' live counters, so a slow action (a
 //! pause waiting for its acknowledgements) never holds up a `GET` or another client, and no
@@ -10,9 +10,8 @@
 //! Firecracker answers.
 
 use std::fmt::Write as _;
-use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -25,17 +24,14 @@ use crate::config::{
     BootSource, DriveConfig, DriveUpdate, LoggerConfig, MachineConfig, MachineConfigUpdate, MetricsConfig,
     NetworkInterface, NetworkInterfaceUpdate, RestartCap,
 };
+use crate::http::{Handler, HttpRequest, HttpServer, PeerPolicy, Verb};
 use crate::service::SupervisionUpdate;
 use crate::vmm::{ApiCall, SharedView, VmmAction, VmmView};
 
 /// Largest request body accepted (Firecracker's default).
 pub const MAX_BODY: usize = 51_200;
-/// Worker threads serving connections.
-const WORKERS: usize = 4;
 /// Longest wait for the VMM thread to apply an action.
 const ACTION_TIMEOUT: Duration = Duration::from_secs(60);
-/// How often a worker looks at the stop flag.
-const POLL: Duration = Duration::from_millis(100);
 /// The name `GET /` reports.
 pub const APP_NAME: &str = "Bulkhead";
 /// Bulkhead's version.
@@ -55,16 +51,14 @@ pub enum ApiError {
         /// Why.
         reason: String,
     },
-    /// A worker thread could not be started.
-    #[error("spawning an API thread")]
-    Thread(#[source] std::io::Error),
+    /// The HTTP server could not be started.
+    #[error("starting the API server")]
+    Http(#[source] crate::http::HttpError),
 }
 
-/// A running API server. Dropping it stops the workers; the last of them closes the server and
-/// the first removes the socket file (the main thread's seccomp filter allows neither).
+/// A running API server. Dropping it stops it and removes the socket file.
 pub struct ApiServer {
-    stop: Arc<AtomicBool>,
-    workers: Vec<std::thread::JoinHandle<()>>,
+    _http: HttpServer,
     path: PathBuf,
 }
 
@@ -83,7 +77,8 @@ struct Ctx {
 
 impl ApiServer {
     /// Listens on `path` (a stale socket file there is replaced; one a live VMM answers on is
-    /// refused) and serves `view`, sending actions to `actions`.
+    /// refused) and serves `view`, sending actions to `actions`. Only root and this process's
+    /// effective uid get answers ([`PeerPolicy::own_uid`]).
     pub fn start(path: &Path, view: SharedView, actions: Sender<ApiCall>) -> Result<Self, ApiError> {
         let bind_err = |reason: String| ApiError::Bind { path: path.to_path_buf(), reason };
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty() && !d.exists()) {
@@ -98,30 +93,15 @@ impl ApiServer {
         }
         remove_stale_socket(path).map_err(bind_err)?;
         let listener = bind_private(path).map_err(|e| bind_err(e.to_string()))?;
-        let server = Arc::new(tiny_http::Server::from_listener(listener, None).map_err(|e| bind_err(e.to_string()))?);
-        let stop = Arc::new(AtomicBool::new(false));
         let ctx = Ctx { view, actions };
-        let mut workers = Vec::new();
-        for i in 0..WORKERS {
-            let (srv, flag, c) = (server.clone(), stop.clone(), ctx.clone());
-            let owned_path = (i == 0).then(|| path.to_path_buf());
-            let spawned = std::thread::Builder::new().name(format!("api{i}")).spawn(move || {
-                serve(&srv, &flag, &c);
-                if let Some(p) = owned_path {
-                    let _ = std::fs::remove_file(p);
-                }
-            });
-            match spawned {
-                Ok(w) => workers.push(w),
-                Err(e) => {
-                    // Those already running stop (and remove the socket) on drop.
-                    drop(Self { stop, workers, path: path.to_path_buf() });
-                    return Err(ApiError::Thread(e));
-                }
-            }
-        }
+        let handler: Arc<Handler> = Arc::new(move |req: &HttpRequest| route(&req.verb, &req.path, &req.body, &ctx));
+        let http =
+            HttpServer::start(listener, path.to_path_buf(), handler, PeerPolicy::own_uid(), MAX_BODY).map_err(|e| {
+                let _ = std::fs::remove_file(path);
+                ApiError::Http(e)
+            })?;
         log::info!("API listening at {}", path.display());
-        Ok(Self { stop, workers, path: path.to_path_buf() })
+        Ok(Self { _http: http, path: path.to_path_buf() })
     }
 }
 
@@ -179,51 +159,6 @@ fn private_dir(parent: &Path) -> std::io::Result<PathBuf> {
     Err(last.unwrap_or_else(|| std::io::Error::other("no directory created")))
 }
 
-impl Drop for ApiServer {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        // Each worker sees the flag within one POLL.
-        for w in self.workers.drain(..) {
-            let _ = w.join();
-        }
-    }
-}
-
-fn serve(server: &tiny_http::Server, stop: &AtomicBool, ctx: &Ctx) {
-    while !stop.load(Ordering::SeqCst) {
-        let mut req = match server.recv_timeout(POLL) {
-            Ok(Some(r)) => r,
-            Ok(None) => continue,
-            Err(_) => return,
-        };
-        let reply = match read_body(&mut req) {
-            Ok(body) => route(req.method(), req.url(), &body, ctx),
-            Err(r) => r,
-        };
-        let _ = req.respond(reply.into_response());
-    }
-}
-
-/// Reads the body, at most [`MAX_BODY`] bytes.
-fn read_body(req: &mut tiny_http::Request) -> Result<Vec<u8>, Reply> {
-    let too_big = |n: usize| {
-        Reply::error(format!("Request payload with size {n} is larger than the limit of {MAX_BODY} allowed by server."))
-    };
-    if let Some(n) = req.body_length().filter(|&n| n > MAX_BODY) {
-        return Err(too_big(n));
-    }
-    let mut body = Vec::new();
-    let limit = u64::try_from(MAX_BODY + 1).unwrap_or(u64::MAX);
-    req.as_reader()
-        .take(limit)
-        .read_to_end(&mut body)
-        .map_err(|e| Reply::error(format!("cannot read the request body: {e}")))?;
-    if body.len() > MAX_BODY {
-        return Err(too_big(body.len()));
-    }
-    Ok(body)
-}
-
 /// An answer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Reply {
@@ -249,19 +184,13 @@ impl Reply {
 
     /// A 400 with Firecracker's error body.
     pub fn error(msg: impl Into<String>) -> Self {
-        let body = serde_json::json!({ "fault_message": msg.into() }).to_string();
-        Self { status: 400, body, content_type: "application/json" }
+        Self::fault(400, msg)
     }
 
-    fn into_response(self) -> tiny_http::Response<std::io::Cursor<Vec<u8>>> {
-        let mut r = tiny_http::Response::from_data(self.body.into_bytes()).with_status_code(self.status);
-        if let Ok(h) = tiny_http::Header::from_bytes(&b"Content-Type"[..], self.content_type.as_bytes()) {
-            r.add_header(h);
-        }
-        if let Ok(h) = tiny_http::Header::from_bytes(&b"Server"[..], &b"Bulkhead API"[..]) {
-            r.add_header(h);
-        }
-        r
+    /// Status `status` with Firecracker's error body.
+    pub fn fault(status: u16, msg: impl Into<String>) -> Self {
+        let body = serde_json::json!({ "fault_message": msg.into() }).to_string();
+        Self { status, body, content_type: "application/json" }
     }
 }
 
@@ -339,8 +268,8 @@ const NOT_YET: &[(&str, &str)] = &[
 ];
 
 /// Answers one request: a pure function of the request and the VMM (through `ctx`).
-fn route(method: &tiny_http::Method, url: &str, body: &[u8], ctx: &Ctx) -> Reply {
-    use tiny_http::Method::{Get, Patch, Put};
+fn route(method: &Verb, url: &str, body: &[u8], ctx: &Ctx) -> Reply {
+    use Verb::{Get, Patch, Put};
     let path = url.split('?').next().unwrap_or("");
     let parts: Vec<&str> = path.trim_matches('/').split('/').filter(|p| !p.is_empty()).collect();
     let invalid = || Reply::error(format!("Invalid request method and/or path: {method} {}.", path.trim_matches('/')));
@@ -654,6 +583,8 @@ pub struct DeviceInfo {
     pub exits_forwarded: u64,
     /// Reads answered in the core from the service's read mirror.
     pub exits_mirrored: u64,
+    /// Writes posted to the service without the vCPU waiting for it.
+    pub exits_posted: u64,
     /// Restart cap in force (`N/SECS`).
     pub restart_max: String,
     /// Immediate restarts tolerated (`N/SECS`).
@@ -683,6 +614,7 @@ fn devices(v: &VmmView) -> Vec<DeviceInfo> {
                 requests_redone: m.requests_redone,
                 exits_forwarded: m.exits_forwarded,
                 exits_mirrored: m.exits_mirrored,
+                exits_posted: m.exits_posted,
                 restart_max: format!("{}/{}", sup.restart_max.0, sup.restart_max.1.as_secs()),
                 restart_burst: format!("{}/{}", sup.restart_burst.0, sup.restart_burst.1.as_secs()),
                 service_liveness_ms: ms(sup.liveness_interval),
@@ -714,11 +646,12 @@ pub fn prometheus(v: &VmmView) -> String {
     }
     let Some(reg) = &v.devices else { return out };
     type Metric = (&'static str, &'static str, &'static str);
-    const METRICS: [Metric; 12] = [
+    const METRICS: [Metric; 13] = [
         ("bulkhead_device_restarts_total", "counter", "Times the device's service was restarted."),
         ("bulkhead_device_failed", "gauge", "Whether the device failed for good."),
         ("bulkhead_exits_forwarded_total", "counter", "Exits forwarded to the service."),
         ("bulkhead_exits_mirrored_total", "counter", "Reads answered in the core from the service's read mirror."),
+        ("bulkhead_exits_posted_total", "counter", "Writes posted to the service without the vCPU waiting."),
         ("bulkhead_exits_redone_total", "counter", "Exits in flight at a failure, completed by the next instance."),
         ("bulkhead_requests_redone_total", "counter", "Device requests a new instance found in flight and redid."),
         (
@@ -740,7 +673,7 @@ pub fn prometheus(v: &VmmView) -> String {
             "Host I/O errors (EIO, ENOSPC, ...) the device met, reported to the guest or held (current instance).",
         ),
     ];
-    let mut rows: Vec<[u64; 12]> = Vec::new();
+    let mut rows: Vec<[u64; 13]> = Vec::new();
     let mut labels = Vec::new();
     let mut histograms = Vec::new();
     for (d, svc) in reg.iter() {
@@ -752,6 +685,7 @@ pub fn prometheus(v: &VmmView) -> String {
             u64::from(m.failed.is_some()),
             m.exits_forwarded,
             m.exits_mirrored,
+            m.exits_posted,
             m.exits_redone,
             m.requests_redone,
             io.requests,
@@ -864,7 +798,7 @@ mod tests {
     }
 
     fn req(ctx: &Ctx, method: &str, url: &str, body: &str) -> Reply {
-        let m: tiny_http::Method = method.parse().expect("method");
+        let m: Verb = method.parse().expect("method");
         route(&m, url, body.as_bytes(), ctx)
     }
 

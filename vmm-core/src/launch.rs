@@ -869,12 +869,13 @@ impl RunningVm {
             // The current instance's idle spin (the time it waited for requests on a CPU).
             let spin = own.map_or_else(|| "n/a".to_string(), |s| format!("{:.1} ms", s.idle_spin_ns as f64 / 1e6));
             log::info!(
-                "service {} (pid {}): {} exits forwarded, {} reads mirrored, {} rejected, {} failures, cpu {cpu}, \
-                 idle spin {spin}",
+                "service {} (pid {}): {} exits forwarded, {} reads mirrored, {} writes posted, {} rejected, {} failures, \
+                 cpu {cpu}, idle spin {spin}",
                 service.name(),
                 service.pid(),
                 stats.forwarded,
                 stats.mirrored,
+                stats.posted,
                 stats.rejected,
                 stats.failures
             );

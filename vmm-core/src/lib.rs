@@ -13,6 +13,7 @@ pub mod control;
 pub mod devices;
 pub mod faults;
 pub mod host;
+pub mod http;
 pub mod image;
 pub mod launch;
 pub mod logger;

@@ -266,6 +266,9 @@ pub struct RemoteStats {
     pub forwarded: u64,
     /// Reads answered from the service's read mirror, without a round trip.
     pub mirrored: u64,
+    /// Writes posted: queued on the ring without the vCPU waiting for the service (those the
+    /// service declares postable, [`ipc::mirror::POSTED_WRITE`]).
+    pub posted: u64,
     /// Accesses the service answered with a rejection (reads saw all-ones).
     pub rejected: u64,
     /// Accesses completed with the failure value because the service had failed.
@@ -356,6 +359,7 @@ pub struct RemoteDevice {
     reason: Mutex<Option<String>>,
     forwarded: AtomicU64,
     mirrored: AtomicU64,
+    posted: AtomicU64,
     rejected: AtomicU64,
     failures: AtomicU64,
     redone: AtomicU64,
@@ -391,6 +395,7 @@ impl RemoteDevice {
         RemoteStats {
             forwarded: self.forwarded.load(Ordering::Relaxed),
             mirrored: self.mirrored.load(Ordering::Relaxed),
+            posted: self.posted.load(Ordering::Relaxed),
             rejected: self.rejected.load(Ordering::Relaxed),
             failures: self.failures.load(Ordering::Relaxed),
             redone: self.redone.load(Ordering::Relaxed),
@@ -511,11 +516,29 @@ impl RemoteDevice {
             // service would have, with no round trip.
             if let Some(reply) = ring.read_mirror(&req) {
                 self.mirrored.fetch_add(1, Ordering::Relaxed);
+                if attempt > 0 {
+                    self.redone.fetch_add(1, Ordering::Relaxed);
+                }
                 return Some(reply.data);
             }
             let timeout = Duration::from_micros(self.timeout_us.load(Ordering::Relaxed));
             let io_deadline = Duration::from_micros(self.io_deadline_us.load(Ordering::Relaxed));
-            match ring.call_with_io(&req, timeout, io_deadline) {
+            // A write that changes only the service's own registers (it says which): queued,
+            // and the vCPU goes on. Ordered before every later access on this ring, carried to
+            // the next instance if this one dies before taking it.
+            let posted = if kind.is_read() { Ok(false) } else { ring.post(&req) };
+            let result = match posted {
+                Ok(true) => {
+                    self.posted.fetch_add(1, Ordering::Relaxed);
+                    if attempt > 0 {
+                        self.redone.fetch_add(1, Ordering::Relaxed);
+                    }
+                    return Some([0; 8]);
+                }
+                Ok(false) => ring.call_with_io(&req, timeout, io_deadline),
+                Err(e) => Err(e),
+            };
+            match result {
                 Ok(reply) => {
                     self.forwarded.fetch_add(1, Ordering::Relaxed);
                     if attempt > 0 {
@@ -998,6 +1021,7 @@ impl ServiceRef {
             max_restart_us: summary.map(|s| us(s.2)),
             exits_forwarded: stats.forwarded,
             exits_mirrored: stats.mirrored,
+            exits_posted: stats.posted,
             exits_redone: stats.redone,
             requests_redone: m.redone_by_earlier.saturating_add(self.0.lock_ctl().redone_seen),
             exits_failed: stats.failures,
@@ -1363,17 +1387,24 @@ struct Instance {
     control: ControlChannel,
     ring: Arc<CoreEndpoint>,
     pidfd: OwnedFd,
+    /// Posted writes of the failed instance queued on its ring first.
+    adopted: usize,
 }
 
 /// Starts one instance of `recipe` with a fresh ring: spawn, set-up, wait for `Ready`. Kills and
-/// reaps the child on any failure.
-fn start_instance(recipe: &Recipe) -> Result<Instance, ServiceError> {
+/// reaps the child on any failure. `carried`: posted writes a dead instance never took, queued
+/// on the new ring before the instance starts, so they are the first requests it serves.
+fn start_instance(recipe: &Recipe, carried: &[ExitRequest]) -> Result<Instance, ServiceError> {
     let Recipe { name, program, device, fds, options } = recipe;
     let ring = CoreEndpoint::create(
         &format!("bulkhead-{name}-ring"),
         options.ring_capacity,
         WaitConfig { spin: options.core_spin, ..WaitConfig::default() },
     )?;
+    let adopted = ring.adopt(carried);
+    if adopted < carried.len() {
+        log::warn!("service {name}: {} posted writes of the failed instance dropped", carried.len() - adopted);
+    }
     let (control, child_ctl) =
         ControlChannel::pair().map_err(|source| ServiceError::Control { name: name.clone(), source })?;
     let child_ctl = child_ctl.into_fd();
@@ -1436,7 +1467,7 @@ fn start_instance(recipe: &Recipe) -> Result<Instance, ServiceError> {
     if let Err(e) = ready {
         return Err(abort(&mut child, e));
     }
-    Ok(Instance { child, control, ring: Arc::new(ring), pidfd })
+    Ok(Instance { child, control, ring: Arc::new(ring), pidfd, adopted })
 }
 
 /// Spawns a service, hands it its ring and fds, waits for `Ready` and starts its supervisor
@@ -1459,7 +1490,7 @@ fn spawn_service_with_state(
     // The first instance starts on the caller's thread (set-up errors reach the caller); later
     // ones on the supervisor thread (their parent-death signal is tied to it, and it lives as
     // long as the service).
-    let Instance { mut child, control, ring, pidfd } = start_instance(&recipe)?;
+    let Instance { mut child, control, ring, pidfd, .. } = start_instance(&recipe, &[])?;
     let pid = child.id();
     let inbox = match Inbox::new() {
         Ok(i) => Arc::new(i),
@@ -1484,6 +1515,7 @@ fn spawn_service_with_state(
         reason: Mutex::new(None),
         forwarded: AtomicU64::new(0),
         mirrored: AtomicU64::new(0),
+        posted: AtomicU64::new(0),
         rejected: AtomicU64::new(0),
         failures: AtomicU64::new(0),
         redone: AtomicU64::new(0),
@@ -1682,8 +1714,13 @@ fn supervise(shared: &Shared, mut child: ServiceChild, exit_tx: &SyncSender<Exit
             return;
         }
         shared.metrics.lock().unwrap_or_else(|e| e.into_inner()).last_failure = Some(why.clone());
-        // Wake accesses blocked on the dead instance's ring: they wait for the next one.
-        dev.lock_current().ring.abort();
+        // Wake accesses blocked on the dead instance's ring: they wait for the next one. The
+        // writes posted to it that it never completed go to the next instance.
+        let carried = {
+            let cur = dev.lock_current();
+            cur.ring.abort();
+            cur.ring.take_posted()
+        };
         let sep = if kind == Failure::Seccomp { "" } else { "failed: " };
         log::error!("service {name} (pid {pid}) {sep}{why}; restarting it");
         // Bounded: each round is one more failure for the tracker, which gives up past the cap.
@@ -1726,7 +1763,7 @@ fn supervise(shared: &Shared, mut child: ServiceChild, exit_tx: &SyncSender<Exit
                 return;
             }
             let generation = dev.generation() + 1;
-            let started = start_instance(&shared.lock_recipe());
+            let started = start_instance(&shared.lock_recipe(), &carried);
             match started {
                 Ok(inst) => {
                     let new_pid = inst.child.id();
@@ -1751,6 +1788,9 @@ fn supervise(shared: &Shared, mut child: ServiceChild, exit_tx: &SyncSender<Exit
                          after the failure of pid {pid}",
                         latency.as_secs_f64() * 1e3
                     );
+                    // The carried posted writes are exits in flight at the failure that the new
+                    // instance completes.
+                    dev.redone.fetch_add(inst.adopted as u64, Ordering::Relaxed);
                     dev.install(inst.ring, new_pid);
                     // Paused while this instance started: pause it too (a pause that came after
                     // the swap above reached it already; pausing twice is harmless).
@@ -1774,9 +1814,10 @@ fn supervise(shared: &Shared, mut child: ServiceChild, exit_tx: &SyncSender<Exit
 /// region included), tells it to present the failed device (`EnterFailed`), swaps it in and logs
 /// the failure once. Returns the instance, or why it could not be done (the child is then reaped).
 fn present_failed(shared: &Shared, why: &str) -> Result<ServiceChild, String> {
-    let started = start_instance(&shared.lock_recipe());
+    // Writes posted to the instance that failed are not carried: the device fails anyway.
+    let started = start_instance(&shared.lock_recipe(), &[]);
     let inst = started.map_err(|e| format!("starting a last instance failed: {}", crate::vmm::chain(&e)))?;
-    let Instance { mut child, control, ring, pidfd } = inst;
+    let Instance { mut child, control, ring, pidfd, .. } = inst;
     let pid = child.id();
     let reason = bounded_reason(why).to_string();
     if let Err(e) = control.send_now(&ControlMsg::EnterFailed { reason }, &[]) {

@@ -241,8 +241,13 @@ pub struct MmioTransport<D> {
     redone: u64,
     /// Failed for good ([`enter_failed`](Self::enter_failed)): queues are never used again.
     failed: bool,
-    /// The read mirror, invalidated before every interrupt.
+    /// The read mirror: InterruptStatus and Status rewritten in place before every interrupt.
     mirror: Option<Mirror>,
+    /// Interrupt bits held back while the device restores ([`restore`](Self::restore)): raised
+    /// on the first [`poll`](MmioHandler::poll), after the runtime has served the requests
+    /// queued on the ring before this instance started (the previous instance's posted
+    /// acknowledgements, which must not clear them).
+    deferred_irq: Option<u32>,
 }
 
 /// Most complaints about driver errors logged (then silence).
@@ -293,6 +298,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
             redone: 0,
             failed: false,
             mirror: None,
+            deferred_irq: None,
         })
     }
 
@@ -406,6 +412,8 @@ impl<D: VirtioDevice> MmioTransport<D> {
     /// call it once confined.
     pub fn restore(&mut self) -> Restored {
         let Some(st) = self.state.as_mut() else { return Restored::NoRegion };
+        // Interrupts raised from here on wait for the first poll (see `deferred_irq`).
+        self.deferred_irq = Some(0);
         let kind = DeviceKind::Virtio(u8::try_from(self.device.device_id()).unwrap_or(u8::MAX));
         let loaded = st.load(kind);
         let saved = match loaded {
@@ -677,12 +685,19 @@ impl<D: VirtioDevice> MmioTransport<D> {
     }
 
     fn signal(&mut self, bits: u32) {
+        if let Some(held) = self.deferred_irq.as_mut() {
+            *held |= bits;
+            return;
+        }
         self.interrupt_status |= bits;
         self.stats.interrupts += 1;
-        // The guest's handler reads InterruptStatus first: not the published value from before
-        // this change (the runtime republishes once this turn of work is done).
+        // The guest's handler reads InterruptStatus first: it must see this change. Rewritten
+        // in place (with Status, which a reset request changes), the table stays valid, so the
+        // core still answers that read while this thread is busy, e.g. inside a slow disk call.
         if let Some(m) = &self.mirror {
-            m.invalidate();
+            if m.update(reg::INTERRUPT_STATUS, &self.interrupt_status.to_le_bytes()) {
+                m.update(reg::STATUS, &self.status.to_le_bytes());
+            }
         }
         if let Err(e) = self.irq.write(1) {
             if !self.irq_failed {
@@ -1074,6 +1089,8 @@ impl<D: VirtioDevice> MmioHandler for MmioTransport<D> {
                 out.push(MirrorEntry::new(off, &v.to_le_bytes()));
             }
         }
+        // An acknowledgement changes nothing but InterruptStatus: the core may post it.
+        out.push(MirrorEntry::posted_write(reg::INTERRUPT_ACK, 4));
     }
 
     fn attach_mirror(&mut self, mirror: Mirror) {
@@ -1098,10 +1115,16 @@ impl<D: VirtioDevice> MmioHandler for MmioTransport<D> {
     }
 
     fn poll(&mut self) -> Result<bool, RuntimeError> {
-        if !self.running() {
-            return Ok(false);
-        }
         let mut did = false;
+        if let Some(bits) = self.deferred_irq.take() {
+            if bits != 0 {
+                self.signal(bits);
+                did = true;
+            }
+        }
+        if !self.running() {
+            return Ok(did);
+        }
         for i in 0..self.queues.len() {
             if !self.has_work(i) {
                 continue;
@@ -1209,11 +1232,12 @@ mod tests {
         wr(t, reg::QUEUE_READY, 1);
     }
 
-    /// The mirror carries every readable register with the value a read returns, and an
-    /// interrupt is raised only after the mirror was invalidated: the guest's handler then reads
-    /// the new InterruptStatus, never the published zero.
+    /// The mirror carries every readable register with the value a read returns, and declares
+    /// InterruptACK postable; an interrupt is raised only after InterruptStatus (and Status) were
+    /// rewritten in place: the guest's handler then reads the new value, never the published
+    /// zero, and the table stays valid for reads while the service is busy.
     #[test]
-    fn mirror_carries_the_registers_and_is_invalidated_before_an_interrupt() {
+    fn mirror_carries_the_registers_and_is_updated_before_an_interrupt() {
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10000)]).expect("memory");
         let notify = EventFd::new(EFD_NONBLOCK).expect("eventfd");
         let irq = EventFd::new(EFD_NONBLOCK).expect("eventfd");
@@ -1226,7 +1250,10 @@ mod tests {
         wr(&mut t, reg::STATUS, st | status::DRIVER_OK);
         let mut v = Vec::new();
         MmioHandler::mirrored(&mut t, &mut v);
-        assert_eq!(v.len(), MIRRORED.len());
+        assert_eq!(v.len(), MIRRORED.len() + 1);
+        let posted: Vec<u64> = v.iter().filter(|e| e.flags == ipc::mirror::POSTED_WRITE).map(|e| e.addr).collect();
+        assert_eq!(posted, vec![reg::INTERRUPT_ACK]);
+        v.retain(|e| e.flags == 0);
         for e in &v {
             assert_eq!(e.len, 4);
             let want = rd(&mut t, e.addr);
@@ -1240,7 +1267,10 @@ mod tests {
         // device, a configuration-change interrupt).
         MmioHandler::enter_failed(&mut t, "restart cap reached");
         assert!(irq_seen.read().expect("interrupt") >= 1);
-        assert!(!mirror.is_valid(), "interrupt raised with InterruptStatus 0 still published");
+        assert!(mirror.is_valid(), "rewritten in place, not invalidated");
+        let published = |off: u64| mirror.lookup(off, 4).map(|d| u32::from_le_bytes([d[0], d[1], d[2], d[3]]));
+        assert_eq!(published(reg::INTERRUPT_STATUS), Some(INT_CONFIG), "the new InterruptStatus is published");
+        assert_eq!(published(reg::STATUS), Some(rd(&mut t, reg::STATUS)), "and the new Status (NEEDS_RESET)");
         v.clear();
         MmioHandler::mirrored(&mut t, &mut v);
         assert_eq!(isr(&v).map(|b| u32::from(b) & INT_CONFIG), Some(INT_CONFIG));
@@ -1401,6 +1431,29 @@ mod tests {
         let len: u32 = mem.read_obj(GuestAddress(USED + 4 + 8 + 4)).expect("len");
         assert_eq!(len, 100);
         assert!(irq.read().expect("interrupt") >= 1);
+    }
+
+    /// A restarted instance redoes what was in flight, but raises the interrupt only on its first
+    /// poll, after the runtime served what waited on the ring: an acknowledgement the guest
+    /// posted to the dead instance (carried to this one) clears the old bits, never the new one.
+    #[test]
+    fn a_restored_device_interrupts_after_the_carried_acknowledgements() {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10000)]).expect("memory");
+        let region = StateRegion::create("restore-ack").expect("region");
+        let keep = region.fd().try_clone_to_owned().expect("dup");
+        let (mut t, _irq) = batch_rig(true, &mem, region);
+        bring_up(&mut t, &mem);
+        assert!(!MmioHandler::poll(&mut t).expect("poll"));
+        drop(t);
+        let (mut t, irq) = batch_rig(false, &mem, StateRegion::from_fd(keep).expect("region"));
+        assert_eq!(t.restore(), Restored::Resumed { redone: 3 });
+        assert_eq!(used_idx(&mem), 3, "redone at once");
+        assert!(irq.read().is_err(), "no interrupt before the first poll");
+        // The guest's acknowledgement of the dead instance's interrupt, served first.
+        wr_b(&mut t, reg::INTERRUPT_ACK, INT_VRING | INT_CONFIG);
+        assert!(MmioHandler::poll(&mut t).expect("poll"), "the held interrupt is work");
+        assert!(irq.read().expect("interrupt") >= 1);
+        assert_eq!(rd_b(&mut t, reg::INTERRUPT_STATUS) & INT_VRING, INT_VRING, "the redone completions' bit stands");
     }
 
     #[test]

@@ -509,3 +509,95 @@ fn a_marked_io_call_extends_the_wait_up_to_the_io_deadline() {
     assert!(matches!(err, IpcError::Timeout(_)));
     assert!(start.elapsed() < Duration::from_secs(2), "bounded by the I/O deadline: {:?}", start.elapsed());
 }
+
+/// Serves whatever is queued right now (no waiting), with `echo`; returns the requests seen.
+fn serve_queued(svc: &mut ServiceEndpoint) -> Vec<ExitRequest> {
+    let mut seen = Vec::new();
+    while let Some(inc) = svc.next_request().expect("next") {
+        let req = inc.request.expect("valid");
+        svc.complete(&inc, &echo(&req)).expect("complete");
+        seen.push(req);
+    }
+    seen
+}
+
+fn ack(v: u8) -> ExitRequest {
+    ExitRequest::write(ExitKind::MmioWrite, 0x1064, &[v, 0, 0, 0]).expect("write")
+}
+
+#[test]
+fn only_declared_writes_are_posted_and_a_later_call_waits_for_them() {
+    let (core, mut svc) = pair(64, Duration::from_micros(50));
+    assert!(!core.post(&ack(1)).expect("post"), "nothing declared: not posted");
+    svc.mirror().publish(&[
+        crate::mirror::MirrorEntry::posted_write(0x1064, 4),
+        crate::mirror::MirrorEntry::new(0x1060, &[5, 0, 0, 0]),
+    ]);
+    assert!(!core.post(&ExitRequest::read(ExitKind::MmioRead, 0x1064, 4)).expect("post"), "reads are never posted");
+    assert!(!core.post(&ExitRequest::write(ExitKind::MmioWrite, 0x1064, &[1, 0]).expect("w")).expect("post"));
+    let read = ExitRequest::read(ExitKind::MmioRead, 0x1060, 4);
+    assert!(core.read_mirror(&read).is_some(), "nothing outstanding: the mirror answers");
+    // Posted: returns at once although nobody serves the ring.
+    assert!(core.post(&ack(1)).expect("post"));
+    assert!(core.post(&ack(2)).expect("post"));
+    assert_eq!(core.posted_outstanding(), 2);
+    assert!(core.read_mirror(&read).is_none(), "a posted write outstanding: reads are forwarded");
+    // The service takes them in order; the mirror answers again once their completions are in.
+    let seen = serve_queued(&mut svc);
+    assert_eq!(seen.iter().map(|r| r.data[0]).collect::<Vec<_>>(), vec![1, 2]);
+    assert!(core.read_mirror(&read).is_some(), "completions consumed by the mirror read");
+    assert_eq!(core.posted_outstanding(), 0);
+    // A call behind posted writes gets its own completion, after theirs.
+    assert!(core.post(&ack(3)).expect("post"));
+    let stop = Arc::new(AtomicBool::new(false));
+    let h = spawn_service(svc, stop.clone(), Duration::from_micros(200));
+    let r = core.call(&ExitRequest::read(ExitKind::MmioRead, 0x2000, 4), Duration::from_secs(5)).expect("call");
+    expect_echo(&r, 0x2000, 4);
+    assert_eq!(core.posted_outstanding(), 0);
+    stop.store(true, Ordering::SeqCst);
+    assert_eq!(h.join().expect("join"), 2);
+}
+
+#[test]
+fn posted_writes_are_bounded_and_carried_to_the_next_ring_in_order() {
+    let (core, svc) = pair(64, Duration::from_micros(50));
+    svc.mirror().publish(&[crate::mirror::MirrorEntry::posted_write(0x1064, 4)]);
+    let mut posted = 0u8;
+    for v in 0..40u8 {
+        if core.post(&ack(v)).expect("post") {
+            posted += 1;
+        }
+    }
+    assert_eq!(usize::from(posted), MAX_POSTED, "at most MAX_POSTED outstanding; the rest are calls");
+    // The instance dies: what it never completed goes to the next ring, first in line.
+    core.abort();
+    assert!(matches!(core.post(&ack(99)), Err(IpcError::Aborted)));
+    let carried = core.take_posted();
+    assert_eq!(carried.len(), MAX_POSTED);
+    drop(svc);
+    let (next, mut next_svc) = pair(64, Duration::from_micros(50));
+    assert_eq!(next.adopt(&carried), MAX_POSTED);
+    let seen = serve_queued(&mut next_svc);
+    assert_eq!(seen.iter().map(|r| r.data[0]).collect::<Vec<_>>(), (0..16u8).collect::<Vec<_>>());
+    // Their completions are consumed before a later call's.
+    let stop = Arc::new(AtomicBool::new(false));
+    let h = spawn_service(next_svc, stop.clone(), Duration::from_micros(200));
+    let r = next.call(&ExitRequest::read(ExitKind::MmioRead, 0x10, 2), Duration::from_secs(5)).expect("call");
+    expect_echo(&r, 0x10, 2);
+    stop.store(true, Ordering::SeqCst);
+    h.join().expect("join");
+}
+
+#[test]
+fn a_forged_completion_of_a_posted_write_breaks_the_ring() {
+    let (core, mut svc) = pair(64, Duration::from_micros(50));
+    svc.mirror().publish(&[crate::mirror::MirrorEntry::posted_write(0x1064, 4)]);
+    assert!(core.post(&ack(1)).expect("post"));
+    let inc = svc.next_request().expect("next").expect("queued");
+    let forged = Incoming { seq: inc.seq.wrapping_add(7), ..inc };
+    svc.complete(&forged, &ExitReply::ok(&[])).expect("complete");
+    let read = ExitRequest::read(ExitKind::MmioRead, 0x1060, 4);
+    assert!(core.read_mirror(&read).is_none());
+    assert!(matches!(core.call(&read, Duration::from_millis(100)), Err(IpcError::Broken)));
+    assert!(matches!(core.post(&ack(2)), Err(IpcError::Broken)));
+}

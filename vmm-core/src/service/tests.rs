@@ -148,7 +148,10 @@ fn console_output_then_sigkill_fails_fast_and_once() {
     }
     assert_eq!(read_out(&mut c.out, 3), b"hi\n");
     assert_eq!(inb(&c.dev, IIR), IIR_IDLE, "IIR after reset");
-    assert_eq!(c.dev.stats().forwarded, 4);
+    // The bytes to THR are posted writes (but one that meets the mirror mid-republish is a round
+    // trip); the IIR read makes the round trip, after them.
+    let s = c.dev.stats();
+    assert!(s.forwarded + s.posted == 4 && s.posted >= 1 && s.forwarded >= 1, "{s:?}");
     let stats = c.handle.stats(Duration::from_secs(2)).expect("ping");
     assert_eq!(stats.requests, 4);
 

@@ -5,6 +5,7 @@ mod blk_bench;
 mod blk_check;
 pub mod blk_common;
 mod blk_ro;
+mod blk_stall;
 #[cfg(test)]
 mod blk_tests;
 mod blk_verify;
@@ -44,6 +45,7 @@ pub static TESTS: &[Test] = &[
     blk_ro::TEST,
     blk_bench::TEST,
     blk_check::TEST,
+    blk_stall::TEST,
     net_info::TEST,
     net_echo::TEST,
     net_reflect::TEST,

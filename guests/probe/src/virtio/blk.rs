@@ -388,6 +388,11 @@ impl Blk {
         self.t.notify(m, 0);
     }
 
+    /// The device's register window (for tests that touch registers themselves).
+    pub fn transport(&self) -> &Transport {
+        &self.t
+    }
+
     /// Requests in flight.
     pub fn in_flight(&self) -> usize {
         self.in_flight
