@@ -359,6 +359,12 @@ fn route(method: &Verb, url: &str, body: &[u8], ctx: &Ctx) -> Reply {
             Err(r) => r,
         },
         (Get, ["bulkhead", "devices"]) => Reply::json(&devices(&view(ctx))),
+        (Get, ["bulkhead", "isolation"]) => {
+            let v = view(ctx);
+            let services: Vec<(String, u32)> =
+                v.devices.iter().flat_map(|reg| reg.iter().map(|(d, svc)| (d.service.clone(), svc.pid()))).collect();
+            Reply::json(&crate::isolation::report(&v.id, &services))
+        }
         (Get, ["bulkhead", "metrics"]) => {
             Reply { status: 200, body: prometheus(&view(ctx)), content_type: "text/plain; version=0.0.4" }
         }

@@ -90,6 +90,18 @@ pub enum Command {
     Fault(FaultArgs),
     /// Print the supervision metrics of a running VM's services.
     Stats(VmRef),
+    /// Print what confines each process of a running VM, as the kernel reports it.
+    Inspect(InspectArgs),
+}
+
+/// `bulkhead inspect`.
+#[derive(Debug, Args, Clone)]
+pub struct InspectArgs {
+    /// The VM: its id (socket `/run/bulkhead/ID.sock`) or a socket path.
+    pub vm: String,
+    /// The API's JSON (`GET /bulkhead/isolation`) instead of text.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// A VM named on the command line.
@@ -656,6 +668,10 @@ mod tests {
         assert_eq!((f.vm.as_str(), f.device.as_str(), f.action), ("vm1", "console", Some(FaultAction::Slow { ms: 5 })));
         assert!(parse(&["fault", "vm1", "console", "explode"]).is_err());
         assert!(matches!(parse(&["stats", "vm1"]).expect("parse").command, Command::Stats(_)));
+        assert!(matches!(
+            parse(&["inspect", "vm1", "--json"]).expect("parse").command,
+            Command::Inspect(InspectArgs { json: true, .. })
+        ));
     }
 
     #[test]

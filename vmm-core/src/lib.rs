@@ -15,6 +15,7 @@ pub mod faults;
 pub mod host;
 pub mod http;
 pub mod image;
+pub mod isolation;
 pub mod launch;
 pub mod logger;
 pub mod memory;

@@ -50,6 +50,7 @@ fn main() -> ExitCode {
         Some(Command::Stop(s)) => stop_gracefully(&s),
         Some(Command::Fault(f)) => fault(&f),
         Some(Command::Stats(v)) => stats(&v.vm),
+        Some(Command::Inspect(a)) => inspect(&a.vm, a.json),
     }
 }
 
@@ -327,6 +328,28 @@ fn fault(f: &FaultArgs) -> ExitCode {
 }
 
 /// `bulkhead stats VM`: one line per device.
+/// `bulkhead inspect ID [--json]`: `GET /bulkhead/isolation`, as JSON or as text.
+fn inspect(vm: &str, json: bool) -> ExitCode {
+    let answer = match call(vm, "GET", "/bulkhead/isolation", None) {
+        Ok(a) => a,
+        Err(code) => return code,
+    };
+    if json {
+        println!("{}", answer.body);
+        return ExitCode::SUCCESS;
+    }
+    match serde_json::from_str::<vmm_core::isolation::IsolationReport>(&answer.body) {
+        Ok(r) => {
+            print!("{}", vmm_core::isolation::render(&r));
+            ExitCode::SUCCESS
+        }
+        Err(_) => {
+            eprintln!("bulkhead: error: malformed answer: {}", answer.body);
+            ExitCode::from(EX_UNAVAILABLE)
+        }
+    }
+}
+
 fn stats(vm: &str) -> ExitCode {
     let answer = match call(vm, "GET", "/bulkhead/devices", None) {
         Ok(a) => a,
