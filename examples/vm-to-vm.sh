@@ -108,9 +108,9 @@ ip -n "$netns" link set br0 up
 echo "vm-to-vm: namespace $netns: bridge br0 with tap-a ($mac_a) and tap-b ($mac_b)"
 
 start=$(date +%s%N)
-ip netns exec "$netns" "$bulkhead" run --kernel "$kernel_a" --serial-input none --serial-output "$work/a.serial" \
+nsenter --net="/var/run/netns/$netns" "$bulkhead" run --kernel "$kernel_a" --serial-input none --serial-output "$work/a.serial" \
     --net "tap=tap-a,mac=$mac_a" --cmdline "$cmdline_a" "${args_a[@]}" </dev/null >"$work/a.log" 2>&1 &
-pid_a=$! # ip execs bulkhead: this is bulkhead's pid
+pid_a=$! # nsenter execs bulkhead: this is bulkhead's pid
 if [ -n "$ready_a" ]; then
     for _ in $(seq 1 200); do
         grep -qF "$ready_a" "$work/a.serial" 2>/dev/null && break
@@ -118,7 +118,7 @@ if [ -n "$ready_a" ]; then
         sleep 0.05
     done
 fi
-ip netns exec "$netns" "$bulkhead" run --kernel "$kernel_b" --serial-input none --serial-output "$work/b.serial" \
+nsenter --net="/var/run/netns/$netns" "$bulkhead" run --kernel "$kernel_b" --serial-input none --serial-output "$work/b.serial" \
     --net "tap=tap-b,mac=$mac_b" --cmdline "$cmdline_b" "${args_b[@]}" </dev/null >"$work/b.log" 2>&1 &
 pid_b=$!
 

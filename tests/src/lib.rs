@@ -272,6 +272,11 @@ pub fn children_of(parent: u32) -> Vec<ProcInfo> {
     v
 }
 
+/// The service processes among the children of `core` (not its cgroup keeper).
+pub fn services_of(core: u32) -> Vec<ProcInfo> {
+    children_of(core).into_iter().filter(|p| !p.runs("bulkhead-cgroup-keeper")).collect()
+}
+
 /// Polls `cond` every 20 ms for at most `limit`; returns whether it became true.
 pub fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
     let start = Instant::now();

@@ -199,7 +199,7 @@ fn a_paused_vm_stands_still_then_finishes() {
     assert!(wait_for_serial(&serial, "blk-verify: round 3/", Duration::from_secs(60)), "guest never reached round 3");
     assert_eq!(curl(&sock, "PATCH", "/vm", Some(r#"{"state": "Paused"}"#)).0, 204);
     assert!(curl(&sock, "GET", "/", None).1.contains("\"Paused\""));
-    let services: Vec<u32> = children_of(core).iter().map(|p| p.pid).collect();
+    let services: Vec<u32> = services_of(core).iter().map(|p| p.pid).collect();
     assert_eq!(services.len(), 2, "console and block");
     let snapshot = || (std::fs::read(&image).expect("image"), std::fs::read(&serial).expect("serial"));
     let cpu = || services.iter().map(|&p| cpu_ns(p)).sum::<u64>();

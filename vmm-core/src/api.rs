@@ -26,7 +26,7 @@ use crate::config::{
 };
 use crate::http::{Handler, HttpRequest, HttpServer, PeerPolicy, Verb};
 use crate::service::SupervisionUpdate;
-use crate::vmm::{ApiCall, SharedView, VmmAction, VmmView};
+use crate::vmm::{ApiCall, SharedView, VmState, VmmAction, VmmView};
 
 /// Largest request body accepted (Firecracker's default).
 pub const MAX_BODY: usize = 51_200;
@@ -359,6 +359,11 @@ fn route(method: &Verb, url: &str, body: &[u8], ctx: &Ctx) -> Reply {
             Err(r) => r,
         },
         (Get, ["bulkhead", "devices"]) => Reply::json(&devices(&view(ctx))),
+        (Get, ["bulkhead", "resources"]) => Reply::json(&resources(&view(ctx))),
+        (Patch, ["bulkhead", "resources"]) => match parse::<crate::cgroup::Resources>(body) {
+            Ok(r) => patch_resources(ctx, &r),
+            Err(r) => r,
+        },
         (Get, ["bulkhead", "isolation"]) => {
             let v = view(ctx);
             let services: Vec<(String, u32)> =
@@ -434,6 +439,48 @@ pub struct VmSummary {
     /// Why Bulkhead paused the VM itself, while it is paused for that.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub state_reason: Option<String>,
+}
+
+/// `GET /bulkhead/resources`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResourcesInfo {
+    /// `v1`, `v2`, or `null` when the VM has no cgroup (not started, `--no-cgroup`, not root).
+    pub cgroup: Option<String>,
+    /// The VM's cgroup, one directory per hierarchy.
+    pub paths: Vec<PathBuf>,
+    /// The settings in force (before the start: those it will start with).
+    pub resources: crate::cgroup::Resources,
+}
+
+fn resources(v: &VmmView) -> ResourcesInfo {
+    match v.cgroup.as_ref().and_then(|cg| cg.describe().map(|d| (d, cg.resources()))) {
+        Some(((version, paths), resources)) => ResourcesInfo {
+            cgroup: Some(match version {
+                crate::cgroup::Version::V1 => "v1".into(),
+                crate::cgroup::Version::V2 => "v2".into(),
+            }),
+            paths,
+            resources,
+        },
+        None => ResourcesInfo { cgroup: None, paths: Vec::new(), resources: v.config.bulkhead.cgroup.resources },
+    }
+}
+
+/// `PATCH /bulkhead/resources`: live on a running VM's cgroup (on this thread: the VMM thread's
+/// filter allows no cgroup writes), into the configuration before the start.
+fn patch_resources(ctx: &Ctx, update: &crate::cgroup::Resources) -> Reply {
+    let v = view(ctx);
+    match (&v.cgroup, v.state) {
+        (Some(cg), _) => {
+            let ram = v.config.machine_config.mem_size_mib.saturating_mul(1 << 20);
+            match cg.update(update, ram) {
+                Ok(_) => Reply::no_content(),
+                Err(e) => Reply::error(e.to_string()),
+            }
+        }
+        (None, VmState::NotStarted) => act(ctx, VmmAction::PatchResources(*update)),
+        (None, _) => Reply::error("The VM has no cgroup of its own (--no-cgroup, or not started as root)."),
+    }
 }
 
 fn vm_summary(v: &VmmView) -> VmSummary {
@@ -790,6 +837,7 @@ mod tests {
             pid: 1,
             vcpu_exits: Vec::new(),
             paused_by: None,
+            cgroup: None,
         }));
         let (tx, rx) = crossbeam_channel::unbounded::<ApiCall>();
         let seen = Arc::new(std::sync::Mutex::new(Vec::new()));

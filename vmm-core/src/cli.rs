@@ -45,6 +45,12 @@ pub struct VmmArgs {
     /// Accept fault injection over the API (off by default).
     #[arg(long)]
     pub allow_faults: bool,
+    /// Create the VM's cgroup under this path of each hierarchy (default: where bulkhead runs).
+    #[arg(long, value_name = "PATH")]
+    pub cgroup_parent: Option<String>,
+    /// No cgroup for the VM.
+    #[arg(long)]
+    pub no_cgroup: bool,
     /// Print the version and exit.
     #[arg(long)]
     pub version: bool,
@@ -92,6 +98,47 @@ pub enum Command {
     Stats(VmRef),
     /// Print what confines each process of a running VM, as the kernel reports it.
     Inspect(InspectArgs),
+    /// Change a running VM's CPU, memory, process and I/O settings (its cgroup), live.
+    Set(SetArgs),
+}
+
+/// `bulkhead set`.
+#[derive(Debug, Args, Clone)]
+pub struct SetArgs {
+    /// The VM: its id (socket `/run/bulkhead/ID.sock`) or a socket path.
+    pub vm: String,
+    /// CPU weight against other VMs, 1–10000.
+    #[arg(long, value_name = "N")]
+    pub cpu_weight: Option<u32>,
+    /// CPU limit: µs of CPU time per period.
+    #[arg(long, value_name = "US")]
+    pub cpu_quota_us: Option<u64>,
+    /// The period of the CPU limit, µs.
+    #[arg(long, value_name = "US")]
+    pub cpu_period_us: Option<u64>,
+    /// Memory limit, guest RAM included (bytes; K, M, G suffixes).
+    #[arg(long, value_name = "BYTES", value_parser = parse_bytes)]
+    pub memory_max: Option<u64>,
+    /// Most processes and threads.
+    #[arg(long, value_name = "N")]
+    pub pids_max: Option<u64>,
+    /// Block I/O weight, 1–10000.
+    #[arg(long, value_name = "N")]
+    pub io_weight: Option<u32>,
+}
+
+impl SetArgs {
+    /// The update these arguments describe.
+    pub fn resources(&self) -> crate::cgroup::Resources {
+        crate::cgroup::Resources {
+            cpu_weight: self.cpu_weight,
+            cpu_quota_us: self.cpu_quota_us,
+            cpu_period_us: self.cpu_period_us,
+            memory_max: self.memory_max,
+            pids_max: self.pids_max,
+            io_weight: self.io_weight,
+        }
+    }
 }
 
 /// `bulkhead inspect`.
@@ -254,6 +301,57 @@ pub struct RunArgs {
     /// Log level: error, warn, info, debug, trace.
     #[arg(long, value_name = "LEVEL", default_value = "info", value_parser = parse_level)]
     pub log_level: log::LevelFilter,
+    /// The VM's cgroup and what it may use.
+    #[command(flatten)]
+    pub cgroup: CgroupArgs,
+}
+
+/// The VM's cgroup, on the command line (`bulkhead run`; the API VMM takes `--cgroup-parent`
+/// and `--no-cgroup`, and the rest in its configuration).
+#[derive(Debug, Args, Clone, Default)]
+pub struct CgroupArgs {
+    /// CPU weight against other VMs, 1–10000 (100 is the default share).
+    #[arg(long, value_name = "N")]
+    pub cpu_weight: Option<u32>,
+    /// CPU limit: this many µs of CPU time per period (e.g. 50000 = half a CPU).
+    #[arg(long, value_name = "US")]
+    pub cpu_quota_us: Option<u64>,
+    /// The period of the CPU limit, 1000–1000000 µs (default 100000).
+    #[arg(long, value_name = "US")]
+    pub cpu_period_us: Option<u64>,
+    /// Memory limit of the whole VM, guest RAM included (bytes; K, M, G suffixes).
+    #[arg(long, value_name = "BYTES", value_parser = parse_bytes)]
+    pub memory_max: Option<u64>,
+    /// Most processes and threads of the VM.
+    #[arg(long, value_name = "N")]
+    pub pids_max: Option<u64>,
+    /// Block I/O weight, 1–10000 (where the host has the controller).
+    #[arg(long, value_name = "N")]
+    pub io_weight: Option<u32>,
+    /// Create the VM's cgroup under this path of each hierarchy (default: where bulkhead runs).
+    #[arg(long, value_name = "PATH")]
+    pub cgroup_parent: Option<String>,
+    /// No cgroup for this VM.
+    #[arg(long)]
+    pub no_cgroup: bool,
+}
+
+impl CgroupArgs {
+    /// The configuration these arguments describe.
+    pub fn to_config(&self) -> crate::config::CgroupConfig {
+        crate::config::CgroupConfig {
+            disabled: self.no_cgroup,
+            parent: self.cgroup_parent.clone(),
+            resources: crate::cgroup::Resources {
+                cpu_weight: self.cpu_weight,
+                cpu_quota_us: self.cpu_quota_us,
+                cpu_period_us: self.cpu_period_us,
+                memory_max: self.memory_max,
+                pids_max: self.pids_max,
+                io_weight: self.io_weight,
+            },
+        }
+    }
 }
 
 impl RunArgs {
@@ -320,6 +418,7 @@ impl RunArgs {
                 service_dir: self.service_dir.clone(),
                 insecure_no_sandbox: self.insecure_no_sandbox,
                 allow_faults: self.allow_faults,
+                cgroup: self.cgroup.to_config(),
             },
             ..VmConfig::default()
         }
@@ -668,6 +767,11 @@ mod tests {
         assert_eq!((f.vm.as_str(), f.device.as_str(), f.action), ("vm1", "console", Some(FaultAction::Slow { ms: 5 })));
         assert!(parse(&["fault", "vm1", "console", "explode"]).is_err());
         assert!(matches!(parse(&["stats", "vm1"]).expect("parse").command, Command::Stats(_)));
+        let Command::Set(s) = parse(&["set", "vm1", "--cpu-weight", "300", "--memory-max", "1G"]).expect("set").command
+        else {
+            panic!("set")
+        };
+        assert_eq!((s.resources().cpu_weight, s.resources().memory_max), (Some(300), Some(1 << 30)));
         assert!(matches!(
             parse(&["inspect", "vm1", "--json"]).expect("parse").command,
             Command::Inspect(InspectArgs { json: true, .. })

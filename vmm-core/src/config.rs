@@ -852,6 +852,32 @@ pub struct BulkheadConfig {
     /// and need no permission.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub allow_faults: bool,
+    /// The VM's cgroup: where, and what it may use.
+    #[serde(default, skip_serializing_if = "CgroupConfig::is_default")]
+    pub cgroup: CgroupConfig,
+}
+
+/// The VM's cgroup ([`crate::cgroup`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CgroupConfig {
+    /// No cgroup for this VM (it then shares its parent's, unbounded).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub disabled: bool,
+    /// Where to create it, a path inside each hierarchy (default: the cgroup `bulkhead`
+    /// started in).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<String>,
+    /// Its settings.
+    #[serde(default)]
+    pub resources: crate::cgroup::Resources,
+}
+
+impl CgroupConfig {
+    /// Whether nothing is set (then it is left out of a serialized configuration).
+    pub fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
 }
 
 /// A whole VM.

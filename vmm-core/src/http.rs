@@ -36,8 +36,12 @@ use hyper::{Request, Response, StatusCode};
 
 use crate::api::Reply;
 
-/// Connections served at once; more are closed at accept (and logged).
-pub const MAX_CONNECTIONS: usize = 16;
+/// Connections served at once. When all are open, the oldest one idle for [`EVICT_IDLE`] is
+/// closed for a new one; if none is, the new one waits up to [`EVICT_IDLE`] for one to be.
+pub const MAX_CONNECTIONS: usize = 64;
+/// How long a connection must have been idle (no request in progress, none started) before it
+/// may be closed to make room.
+pub const EVICT_IDLE: Duration = Duration::from_secs(1);
 /// A connection that sends nothing for this long is closed.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// A reply the peer does not take within this long is abandoned with its connection.
@@ -144,8 +148,32 @@ struct Open {
 struct Conn {
     /// A clone of its stream (shutting it down ends the connection).
     stream: UnixStream,
-    /// Inside the handler: its request is being answered.
-    busy: Arc<AtomicBool>,
+    /// Its activity, shared with its thread.
+    activity: Arc<Activity>,
+}
+
+/// Whether a connection is answering a request, and when it last started or finished one.
+#[derive(Debug)]
+struct Activity {
+    busy: AtomicBool,
+    since: Mutex<std::time::Instant>,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Self { busy: AtomicBool::new(false), since: Mutex::new(std::time::Instant::now()) }
+    }
+
+    fn set(&self, busy: bool) {
+        self.busy.store(busy, Ordering::SeqCst);
+        *self.since.lock().unwrap_or_else(|e| e.into_inner()) = std::time::Instant::now();
+    }
+
+    /// Idle (no request in progress) for at least [`EVICT_IDLE`].
+    fn evictable(&self) -> bool {
+        !self.busy.load(Ordering::SeqCst)
+            && self.since.lock().unwrap_or_else(|e| e.into_inner()).elapsed() >= EVICT_IDLE
+    }
 }
 
 impl Open {
@@ -154,21 +182,31 @@ impl Open {
     }
 
     /// Registers a connection (a clone of its stream). When [`MAX_CONNECTIONS`] are open, the
-    /// oldest one that is not inside a request (silent, or between requests: HTTP lets a server
-    /// close those) is closed to make room; `None` if every one is answering a request.
-    fn admit(&self, stream: &UnixStream) -> Option<(u64, Arc<AtomicBool>)> {
-        let mut open = self.lock();
-        if open.len() >= MAX_CONNECTIONS {
-            let idle = open.iter().filter(|(_, c)| !c.busy.load(Ordering::SeqCst)).map(|(id, _)| *id).min()?;
-            if let Some(c) = open.remove(&idle) {
-                let _ = c.stream.shutdown(std::net::Shutdown::Both);
+    /// oldest one idle for [`EVICT_IDLE`] (silent, or between requests: HTTP lets a server close
+    /// those) is closed to make room, waiting up to [`EVICT_IDLE`] for one to become so; `None`
+    /// if none did.
+    fn admit(&self, stream: &UnixStream) -> Option<(u64, Arc<Activity>)> {
+        let deadline = std::time::Instant::now() + EVICT_IDLE + POLL;
+        loop {
+            let mut open = self.lock();
+            if open.len() < MAX_CONNECTIONS {
+                let clone = stream.try_clone().ok()?;
+                let id = self.next.fetch_add(1, Ordering::Relaxed);
+                let activity = Arc::new(Activity::new());
+                open.insert(id, Conn { stream: clone, activity: activity.clone() });
+                return Some((id, activity));
             }
+            let idle = open.iter().filter(|(_, c)| c.activity.evictable()).map(|(id, _)| *id).min();
+            if let Some(c) = idle.and_then(|id| open.remove(&id)) {
+                let _ = c.stream.shutdown(std::net::Shutdown::Both);
+                continue;
+            }
+            drop(open);
+            if std::time::Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
         }
-        let clone = stream.try_clone().ok()?;
-        let id = self.next.fetch_add(1, Ordering::Relaxed);
-        let busy = Arc::new(AtomicBool::new(false));
-        open.insert(id, Conn { stream: clone, busy: busy.clone() });
-        Some((id, busy))
     }
 
     fn remove(&self, id: u64) {
@@ -304,13 +342,13 @@ fn admit(stream: UnixStream, shared: &Arc<Shared>) {
         crate::warn_limited!("API: setting up a connection: {e}");
         return;
     }
-    let Some((id, busy)) = shared.open.admit(&stream) else {
-        crate::warn_limited!("API: {MAX_CONNECTIONS} connections are answering requests; closing a new one");
+    let Some((id, activity)) = shared.open.admit(&stream) else {
+        crate::warn_limited!("API: {MAX_CONNECTIONS} connections are busy; closing a new one");
         return;
     };
     let s = shared.clone();
     let spawned = std::thread::Builder::new().name("api-conn".into()).spawn(move || {
-        serve_connection(stream, &s, refusal, &busy);
+        serve_connection(stream, &s, refusal, &activity);
         s.open.remove(id);
     });
     if let Err(e) = spawned {
@@ -321,15 +359,15 @@ fn admit(stream: UnixStream, shared: &Arc<Shared>) {
 
 /// Serves one connection until the peer closes it, goes silent, or the server stops. A refused
 /// peer gets `403` with `refusal` for every request.
-fn serve_connection(stream: UnixStream, shared: &Arc<Shared>, refusal: Option<String>, busy: &Arc<AtomicBool>) {
+fn serve_connection(stream: UnixStream, shared: &Arc<Shared>, refusal: Option<String>, activity: &Arc<Activity>) {
     let s = shared.clone();
-    let busy = busy.clone();
+    let busy = activity.clone();
     let service = hyper::service::service_fn(move |req: Request<Incoming>| {
         let s = s.clone();
         let refusal = refusal.clone();
         let busy = busy.clone();
         async move {
-            busy.store(true, Ordering::SeqCst);
+            busy.set(true);
             let reply = match refusal {
                 Some(why) => Reply::fault(403, why),
                 None => match read_request(req, s.max_body).await {
@@ -337,7 +375,7 @@ fn serve_connection(stream: UnixStream, shared: &Arc<Shared>, refusal: Option<St
                     Err(reply) => reply,
                 },
             };
-            busy.store(false, Ordering::SeqCst);
+            busy.set(false);
             Ok::<_, Infallible>(into_response(reply))
         }
     });
@@ -555,9 +593,10 @@ mod tests {
     fn silent_clients_do_not_hold_up_the_others() {
         let dir = tempfile::tempdir().expect("dir");
         let (_srv, path) = server(dir.path(), PeerPolicy::own_uid());
-        // More than the server keeps: the oldest silent ones are closed to make room.
+        // More than the server keeps: once idle long enough, the oldest silent ones are closed
+        // to make room.
         let silent: Vec<UnixStream> =
-            (0..MAX_CONNECTIONS + 8).map(|_| UnixStream::connect(&path).expect("connect")).collect();
+            (0..MAX_CONNECTIONS + 2).map(|_| UnixStream::connect(&path).expect("connect")).collect();
         for _ in 0..3 {
             let r = exchange(&path, "GET /x HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
             assert!(r.starts_with("HTTP/1.1 200") && r.ends_with("GET /x "), "{r}");

@@ -55,6 +55,9 @@ pub const NET_QUEUE_SIZE: u16 = 256;
 /// Errors from `bulkhead run`.
 #[derive(Debug, thiserror::Error)]
 pub enum LaunchError {
+    /// The VM's cgroup.
+    #[error(transparent)]
+    Cgroup(crate::cgroup::CgroupError),
     /// Guest memory.
     #[error(transparent)]
     Memory(#[from] crate::memory::MemoryError),
@@ -346,6 +349,7 @@ struct Wiring<'a> {
     vm: &'a VmFd,
     ram: &'a GuestRam,
     buses: &'a mut Buses,
+    cgroup: Option<&'a Arc<crate::cgroup::KeptCgroup>>,
 }
 
 impl Wiring<'_> {
@@ -370,7 +374,7 @@ impl Wiring<'_> {
             write_errors: drive.werror,
             read_errors: drive.rerror,
         };
-        let (device, handle) = service::spawn_block(&binary, spec, service_options(self.config))?;
+        let (device, handle) = service::spawn_block(&binary, spec, service_options(self.config, self.cgroup))?;
         self.buses.mmio.insert(slot.base, slot.len, device)?;
         log::info!(
             "disk{index}: {}{} at {:#x} (GSI {}) served by pid {} (drive {})",
@@ -412,7 +416,7 @@ impl Wiring<'_> {
             rx_rate_limit: rate_limit(iface.rx_rate_limiter.as_ref()),
             tx_rate_limit: rate_limit(iface.tx_rate_limiter.as_ref()),
         };
-        let (device, handle) = service::spawn_net(&binary, net_spec, service_options(self.config))?;
+        let (device, handle) = service::spawn_net(&binary, net_spec, service_options(self.config, self.cgroup))?;
         self.buses.mmio.insert(slot.base, slot.len, device)?;
         log::info!(
             "net{index}: TAP {tap_name}, MAC {} at {:#x} (GSI {}) served by pid {} (interface {})",
@@ -431,7 +435,7 @@ impl Wiring<'_> {
         let irq = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(os("eventfd"))?;
         self.vm.register_irqfd(&irq, COM1_GSI).map_err(|source| LaunchError::Kvm { what: "KVM_IRQFD", source })?;
         let (device, handle) =
-            service::spawn_console(&binary, output, input, irq, COM1_BASE, service_options(self.config))?;
+            service::spawn_console(&binary, output, input, irq, COM1_BASE, service_options(self.config, self.cgroup))?;
         self.buses.pio.insert(u64::from(COM1_BASE), COM1_LEN, device)?;
         Ok(handle)
     }
@@ -465,9 +469,10 @@ fn default_mac(index: usize) -> [u8; 6] {
 
 /// Service tuning from the supervision settings: the per-exit deadline, the liveness check and
 /// the restart policy.
-fn service_options(config: &VmConfig) -> service::ServiceOptions {
+fn service_options(config: &VmConfig, cgroup: Option<&Arc<crate::cgroup::KeptCgroup>>) -> service::ServiceOptions {
     let s = &config.bulkhead.supervision;
     service::ServiceOptions {
+        cgroup: cgroup.cloned(),
         call_timeout: Duration::from_millis(s.service_deadline_ms),
         liveness_interval: Duration::from_millis(s.service_liveness_ms),
         io_deadline: Duration::from_millis(s.service_io_deadline_ms),
@@ -544,6 +549,8 @@ pub struct RunningVm {
     _buses: Arc<Buses>,
     _vm: VmFd,
     _ram: GuestRam,
+    /// Last: dropped once the services are gone and guest RAM is unmapped.
+    cgroup: Option<Arc<crate::cgroup::KeptCgroup>>,
 }
 
 impl std::fmt::Debug for RunningVm {
@@ -552,8 +559,8 @@ impl std::fmt::Debug for RunningVm {
     }
 }
 
-/// Builds and starts the VM `config` describes (validated here first).
-pub fn build(config: &VmConfig) -> Result<RunningVm, LaunchError> {
+/// Builds and starts the VM `config` describes (validated here first), known as `id`.
+pub fn build(id: &str, config: &VmConfig) -> Result<RunningVm, LaunchError> {
     config.validate()?;
     let boot_source = config.boot_source.as_ref().ok_or(ConfigError::NoBootSource)?;
     // Cheap checks on user input first, so nothing is created when they fail.
@@ -591,6 +598,11 @@ pub fn build(config: &VmConfig) -> Result<RunningVm, LaunchError> {
     if let Some(t) = machine.cpu_template.as_deref().filter(|t| *t != "None") {
         log::warn!("cpu_template {t} is not applied: the guest sees the host's CPU features (minus the PVM masks)");
     }
+    // The VM's cgroup before guest RAM exists, so the RAM is charged to the VM; the services go
+    // into it as they start.
+    let cgroup = crate::cgroup::for_vm(id, &config.bulkhead.cgroup, machine.mem_size_mib.saturating_mul(1 << 20))
+        .map_err(LaunchError::Cgroup)?
+        .map(Arc::new);
     let ram = GuestRam::new(machine.mem_size_mib)?;
     let kvm = vm::open_kvm()?;
     let vm = vm::create_vm(&kvm, &ram)?;
@@ -602,7 +614,7 @@ pub fn build(config: &VmConfig) -> Result<RunningVm, LaunchError> {
     // drops those already started, which shuts them down.
     let mut services = Vec::new();
     {
-        let mut w = Wiring { config, vm: &vm, ram: &ram, buses: &mut buses };
+        let mut w = Wiring { config, vm: &vm, ram: &ram, buses: &mut buses, cgroup: cgroup.as_ref() };
         services.push(w.start_console()?);
         for (i, disk) in disks.into_iter().enumerate() {
             services.push(w.start_disk(i, disk)?);
@@ -684,6 +696,7 @@ pub fn build(config: &VmConfig) -> Result<RunningVm, LaunchError> {
         _buses: buses,
         _vm: vm,
         _ram: ram,
+        cgroup,
     })
 }
 
@@ -707,6 +720,19 @@ pub fn install_signal_handlers() -> Result<(), LaunchError> {
 }
 
 impl RunningVm {
+    /// From now on this thread may not touch the VM's cgroup files (its seccomp filter): the
+    /// keeper removes the cgroup once the core has exited ([`crate::cgroup::KeptCgroup::seal`]).
+    pub fn seal_cgroup(&self) {
+        if let Some(cg) = &self.cgroup {
+            cg.seal();
+        }
+    }
+
+    /// The VM's cgroup, if it has one.
+    pub fn cgroup(&self) -> Option<&Arc<crate::cgroup::KeptCgroup>> {
+        self.cgroup.as_ref()
+    }
+
     /// The devices.
     pub fn registry(&self) -> &DeviceRegistry {
         &self.registry

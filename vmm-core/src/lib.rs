@@ -7,6 +7,7 @@ pub mod api_client;
 pub mod arch;
 pub mod boot;
 pub mod bus;
+pub mod cgroup;
 pub mod cli;
 pub mod config;
 pub mod control;

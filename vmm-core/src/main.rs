@@ -30,6 +30,9 @@ fn main() -> ExitCode {
     // Started as a service (`argv[0]` = `bulkhead-console`, ...): the core spawns its own
     // executable so every process of a VM shares one file's text pages.
     let argv0 = std::env::args_os().next().unwrap_or_default();
+    if Path::new(&argv0).file_name().is_some_and(|n| n == vmm_core::cgroup::KEEPER_NAME) {
+        return vmm_core::cgroup::keeper_main();
+    }
     if let Some(service) =
         std::path::Path::new(&argv0).file_name().and_then(|n| n.to_str()).and_then(device_services::mains::by_name)
     {
@@ -51,6 +54,13 @@ fn main() -> ExitCode {
         Some(Command::Fault(f)) => fault(&f),
         Some(Command::Stats(v)) => stats(&v.vm),
         Some(Command::Inspect(a)) => inspect(&a.vm, a.json),
+        Some(Command::Set(a)) => match serde_json::to_string(&a.resources()) {
+            Ok(body) => simple(&a.vm, "PATCH", "/bulkhead/resources", &body, "resources set"),
+            Err(e) => {
+                eprintln!("bulkhead: error: {e}");
+                ExitCode::from(1)
+            }
+        },
     }
 }
 
@@ -147,6 +157,10 @@ fn serve_api(args: &VmmArgs) -> ExitCode {
     };
     let mut config = config;
     config.bulkhead.allow_faults |= args.allow_faults;
+    config.bulkhead.cgroup.disabled |= args.no_cgroup;
+    if args.cgroup_parent.is_some() {
+        config.bulkhead.cgroup.parent.clone_from(&args.cgroup_parent);
+    }
     drive(Vmm::new(&id, config), sock.as_deref(), args.config_file.is_some())
 }
 

@@ -58,6 +58,15 @@ pub use supervisor::{Decision, Liveness, LivenessStep, Metrics, RestartPolicy, R
 /// Errors starting or managing a service.
 #[derive(Debug, thiserror::Error)]
 pub enum ServiceError {
+    /// The instance could not be moved into the VM's cgroup.
+    #[error("service {name}: placing it in the VM's cgroup")]
+    Cgroup {
+        /// Service name.
+        name: String,
+        /// Why.
+        #[source]
+        source: crate::cgroup::CgroupError,
+    },
     /// The binary does not exist or is not an executable file.
     #[error("service binary {} not found or not executable", path.display())]
     BinaryMissing {
@@ -182,6 +191,9 @@ pub struct ServiceOptions {
     /// [`ipc::IoMarker`]) may take before the service counts as hung. Meanwhile forwarded exits
     /// and pings wait for it rather than failing at [`call_timeout`](Self::call_timeout).
     pub io_deadline: Duration,
+    /// The VM's cgroup: every instance is moved into its child group named after the service,
+    /// before it is handed its set-up.
+    pub cgroup: Option<Arc<crate::cgroup::KeptCgroup>>,
 }
 
 impl From<Duration> for ServiceOptions {
@@ -202,6 +214,7 @@ impl Default for ServiceOptions {
             restart: RestartPolicy::DISABLED,
             liveness_interval: Duration::ZERO,
             io_deadline: Duration::from_secs(30),
+            cgroup: None,
         }
     }
 }
@@ -1431,6 +1444,12 @@ fn start_instance(recipe: &Recipe, carried: &[ExitRequest]) -> Result<Instance, 
         Ok(p) => p,
         Err(e) => return Err(abort(&mut child, ServiceError::Os { what: "dup of the pidfd", source: e })),
     };
+    // Into the VM's cgroup before it reads anything: a service outside it escapes the VM's limits.
+    if let Some(cg) = &options.cgroup {
+        if let Err(source) = cg.place(name, pid) {
+            return Err(abort(&mut child, ServiceError::Cgroup { name: name.clone(), source }));
+        }
+    }
 
     let mut roles = vec![FdRole::Ring, FdRole::SubmitBell, FdRole::CompleteBell];
     let mut borrowed = vec![ring.region_fd(), ring.submit_bell(), ring.complete_bell()];

@@ -84,6 +84,9 @@ pub enum VmmAction {
     },
     /// `bulkhead kill`: stop now.
     Kill,
+    /// `PATCH /bulkhead/resources` before the start: the VM's cgroup settings (a running VM's
+    /// are changed live by the API thread).
+    PatchResources(crate::cgroup::Resources),
 }
 
 impl VmmAction {
@@ -98,6 +101,7 @@ impl VmmAction {
                 | Self::PutNetworkInterface(_)
                 | Self::PutLogger(..)
                 | Self::PutMetrics(..)
+                | Self::PatchResources(_)
         )
     }
 }
@@ -168,6 +172,8 @@ pub struct VmmView {
     pub vcpu_exits: Vec<Arc<std::sync::atomic::AtomicU64>>,
     /// Why Bulkhead paused the VM itself (a disk's error policy), while it stays paused.
     pub paused_by: Option<String>,
+    /// The running VM's cgroup, if it has one.
+    pub cgroup: Option<Arc<crate::cgroup::KeptCgroup>>,
 }
 
 /// The shared, read-mostly view.
@@ -218,6 +224,7 @@ impl Vmm {
             pid: std::process::id(),
             vcpu_exits: Vec::new(),
             paused_by: None,
+            cgroup: None,
         }));
         Self {
             config,
@@ -250,6 +257,7 @@ impl Vmm {
         v.devices = self.vm.as_ref().map(|vm| vm.registry().clone());
         v.vcpu_exits = self.vm.as_ref().map(RunningVm::vcpu_exits).unwrap_or_default();
         v.paused_by = self.paused_by.clone();
+        v.cgroup = self.vm.as_ref().and_then(|vm| vm.cgroup().cloned());
         if v.started.is_none() && self.vm.is_some() {
             v.started = Some((SystemTime::now(), Instant::now()));
         }
@@ -288,6 +296,12 @@ impl Vmm {
                 let m = self.config.machine_config.updated(&u);
                 m.validate()?;
                 self.config.machine_config = m;
+            }
+            VmmAction::PatchResources(r) => {
+                let next = self.config.bulkhead.cgroup.resources.merged(&r);
+                next.validate(self.config.machine_config.mem_size_mib.saturating_mul(1 << 20))
+                    .map_err(|e| ActionError::Failed(e.to_string()))?;
+                self.config.bulkhead.cgroup.resources = next;
             }
             VmmAction::PutDrive(d) => self.config.put_drive(d)?,
             VmmAction::PutNetworkInterface(n) => self.config.put_network_interface(n)?,
@@ -412,7 +426,8 @@ impl Vmm {
                 self.apply(VmmAction::PutLogger(l, file))?;
             }
         }
-        let vm = crate::launch::build(&self.config).map_err(|e| match e {
+        let id = self.view.read().unwrap_or_else(|e| e.into_inner()).id.clone();
+        let vm = crate::launch::build(&id, &self.config).map_err(|e| match e {
             LaunchError::Config(c) => ActionError::Config(c),
             other => ActionError::Start(chain(&other)),
         })?;
@@ -422,6 +437,9 @@ impl Vmm {
         // the services' supervisor threads and the API's workers were created before and stay
         // unfiltered, because processes they start would inherit a filter too
         // (docs/SECURITY.md). What needs more (opening a new image) is done by the API thread.
+        // The filter allows no cgroup file writes: from now on the keeper removes the VM's
+        // cgroup, once this process has exited.
+        vm.seal_cgroup();
         if let Err(e) = bulkhead_policies::install(bulkhead_policies::Policy::CoreMain) {
             vm.stop(StopReason::InternalError(format!("cannot install the main thread's seccomp filter: {e}")));
         }

@@ -3,7 +3,7 @@
 //!
 //! Per run and VMM, for a VM with a console only, one with a console and a disk, and one with a
 //! console, a disk and a NIC (a TAP in a network namespace the bench makes and deletes; the VMM
-//! runs in it through `ip netns exec`; the row is left out where no namespace can be made):
+//! runs in it through `nsenter --net`; the row is left out where no namespace can be made):
 //! - **start time**: from spawning the VMM process (`bulkhead run ...`, `firecracker --no-api
 //!   --config-file ...`) to the guest's first console line, every service spawned and jailed;
 //! - **memory**: once the guest (`probe.test=idle`) has halted, the PSS of every process of the VM
@@ -201,7 +201,7 @@ pub(crate) fn spawn_with(vm: VmSpec<'_>, cmdline: &str, tag: &str) -> Result<Chi
             nic.map(|n| (n.tap, n.mac)),
         )?,
     };
-    // `ip netns exec` execs the VMM: the child's pid is the VMM's.
+    // `nsenter` execs the VMM: the child's pid is the VMM's.
     let mut cmd = match nic {
         Some(n) => n.ns.command(&cmd),
         None => cmd,

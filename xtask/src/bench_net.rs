@@ -337,7 +337,7 @@ pub struct NetRun<'a> {
 }
 
 /// The command that boots the probe's net-bench under `peer` inside the namespace
-/// (`ip netns exec NS ...`, which execs: the child's pid is the VMM's).
+/// (`nsenter --net=... ...`, which execs: the child's pid is the VMM's).
 fn command_for(peer: Peer, r: &NetRun<'_>, site: &Site<'_>, size: usize) -> Result<Command, BoxError> {
     let mac = PEER_MAC.map(|b| format!("{b:02x}")).join(":");
     let cmdline = format!(

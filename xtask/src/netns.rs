@@ -53,10 +53,12 @@ impl NetNs {
     }
 
     /// `inner` (program and arguments; nothing else of it is kept) run inside the namespace:
-    /// `ip netns exec NAME program args...`, which execs, so the child's pid is `inner`'s.
+    /// `nsenter --net=/var/run/netns/NAME program args...`, which execs, so the child's pid is
+    /// `inner`'s. Only the network namespace changes (`ip netns exec` also mounts a sysfs of its
+    /// own over /sys, hiding the cgroup file systems a VMM puts its VM's cgroup in).
     pub fn command(&self, inner: &Command) -> Command {
-        let mut c = Command::new("ip");
-        c.args(["netns", "exec", &self.name]).arg(inner.get_program()).args(inner.get_args());
+        let mut c = Command::new("nsenter");
+        c.arg(format!("--net={}", self.path())).arg(inner.get_program()).args(inner.get_args());
         c
     }
 

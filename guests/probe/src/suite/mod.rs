@@ -21,6 +21,7 @@ mod net_reflect;
 mod net_tests;
 mod pio_loop;
 mod pio_string;
+mod spin;
 mod ticker;
 
 use crate::cmdline::Params;
@@ -52,6 +53,7 @@ pub static TESTS: &[Test] = &[
     net_bench::TEST,
     kbd::TEST,
     idle::TEST,
+    spin::TEST,
 ];
 
 /// The test called `name`.

@@ -1,0 +1,931 @@
+//! One cgroup per VM: the core and each of its services in child groups of it, so the VM's CPU,
+//! memory, process count and I/O can be bounded and weighed against other VMs, and each process's
+//! share read apart.
+//!
+//! Both cgroup versions. **v2** (one unified hierarchy) is used when it offers the `cpu`,
+//! `memory` and `pids` controllers where `bulkhead` starts; otherwise **v1**, which needs a
+//! hierarchy for each of `cpu`, `cpuacct`, `memory` and `pids` (`blkio` is used when mounted).
+//! A host without them is named in one error ([`CgroupError::Missing`]).
+//!
+//! Layout, under the parent (the cgroup `bulkhead` started in, per hierarchy, or
+//! `--cgroup-parent`), never moving any process but the VM's own:
+//!
+//! ```text
+//! <parent>/bulkhead-<id>/          the VM: its limits and weight
+//! <parent>/bulkhead-<id>/vmm       the core (v2 lets only leaves hold processes)
+//! <parent>/bulkhead-<id>/<service> each service
+//! ```
+//!
+//! The settings are data ([`Resources`]); turning them into file writes is a pure function
+//! ([`Resources::writes`]), tested for both versions; [`VmCgroup`] does the writes.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Errors of this module.
+#[derive(Debug, thiserror::Error)]
+pub enum CgroupError {
+    /// The host lacks what a per-VM cgroup needs.
+    #[error("cgroups: {0}")]
+    Missing(String),
+    /// A setting is out of range or does not fit the VM.
+    #[error("cgroup setting: {0}")]
+    Invalid(String),
+    /// A cgroup file could not be read or written.
+    #[error("cgroup {}", path.display())]
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> CgroupError + '_ {
+    move |source| CgroupError::Io { path: path.to_path_buf(), source }
+}
+
+/// Which cgroup version the host gives us.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Version {
+    /// One hierarchy per controller.
+    V1,
+    /// The unified hierarchy.
+    V2,
+}
+
+/// The smallest and largest CPU weight (cgroup v2's `cpu.weight` range; 100 is the default).
+pub const WEIGHT_RANGE: (u32, u32) = (1, 10_000);
+/// Memory the VM needs beyond guest RAM (the core, its services, page tables), checked against a
+/// memory limit.
+pub const MEMORY_OVERHEAD: u64 = 64 << 20;
+
+/// What the VM may use, and its weight against other VMs. `None`: not set (the kernel's default,
+/// or unchanged by a live update).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Resources {
+    /// CPU weight, 1–10000 (100: the default share). v1: `cpu.shares` = weight × 1024 / 100.
+    #[serde(default)]
+    pub cpu_weight: Option<u32>,
+    /// CPU limit: `cpu_quota_us` of CPU time per `cpu_period_us` (both together), e.g.
+    /// 50000/100000 for half a CPU.
+    #[serde(default)]
+    pub cpu_quota_us: Option<u64>,
+    /// The period of the CPU limit, 1000–1000000 µs (default 100000).
+    #[serde(default)]
+    pub cpu_period_us: Option<u64>,
+    /// Memory limit in bytes, guest RAM included.
+    #[serde(default)]
+    pub memory_max: Option<u64>,
+    /// Most processes and threads.
+    #[serde(default)]
+    pub pids_max: Option<u64>,
+    /// Block I/O weight, 1–10000 (v1 `blkio.weight` 10–1000 scaled; only where the controller
+    /// exists).
+    #[serde(default)]
+    pub io_weight: Option<u32>,
+}
+
+/// One write of a setting: the controller it belongs to (for v1, the hierarchy), the file name
+/// and the value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Write {
+    /// `cpu`, `memory`, `pids`, `io` (v1: `blkio`).
+    pub controller: &'static str,
+    /// The file, e.g. `cpu.weight`.
+    pub file: &'static str,
+    /// What is written.
+    pub value: String,
+}
+
+impl Resources {
+    /// Checks the ranges, and that a memory limit covers `guest_ram` plus [`MEMORY_OVERHEAD`].
+    pub fn validate(&self, guest_ram: u64) -> Result<(), CgroupError> {
+        let bad = |m: String| Err(CgroupError::Invalid(m));
+        if let Some(w) = self.cpu_weight.filter(|w| !(WEIGHT_RANGE.0..=WEIGHT_RANGE.1).contains(w)) {
+            return bad(format!("cpu_weight {w} is outside {}–{}", WEIGHT_RANGE.0, WEIGHT_RANGE.1));
+        }
+        if let Some(w) = self.io_weight.filter(|w| !(WEIGHT_RANGE.0..=WEIGHT_RANGE.1).contains(w)) {
+            return bad(format!("io_weight {w} is outside {}–{}", WEIGHT_RANGE.0, WEIGHT_RANGE.1));
+        }
+        if let Some(p) = self.cpu_period_us.filter(|p| !(1_000..=1_000_000).contains(p)) {
+            return bad(format!("cpu_period_us {p} is outside 1000–1000000"));
+        }
+        if let Some(q) = self.cpu_quota_us.filter(|q| *q < 1_000) {
+            return bad(format!("cpu_quota_us {q} is below 1000"));
+        }
+        if let Some(m) = self.memory_max {
+            let need = guest_ram.saturating_add(MEMORY_OVERHEAD);
+            if m < need {
+                return bad(format!(
+                    "memory_max {m} bytes is below what the VM needs: {} MiB of guest RAM plus {} MiB for the \
+                     core and its services ({need} bytes)",
+                    guest_ram >> 20,
+                    MEMORY_OVERHEAD >> 20
+                ));
+            }
+        }
+        if self.pids_max == Some(0) {
+            return bad("pids_max 0 leaves no room for the VM's own processes".into());
+        }
+        Ok(())
+    }
+
+    /// `self` with the fields `update` sets replaced.
+    #[must_use]
+    pub fn merged(&self, update: &Resources) -> Resources {
+        Resources {
+            cpu_weight: update.cpu_weight.or(self.cpu_weight),
+            cpu_quota_us: update.cpu_quota_us.or(self.cpu_quota_us),
+            cpu_period_us: update.cpu_period_us.or(self.cpu_period_us),
+            memory_max: update.memory_max.or(self.memory_max),
+            pids_max: update.pids_max.or(self.pids_max),
+            io_weight: update.io_weight.or(self.io_weight),
+        }
+    }
+
+    /// The file writes that apply the fields set, for `version`.
+    pub fn writes(&self, version: Version) -> Vec<Write> {
+        let w = |controller, file, value: String| Write { controller, file, value };
+        let mut out = Vec::new();
+        let period = self.cpu_period_us.unwrap_or(100_000);
+        match version {
+            Version::V2 => {
+                if let Some(x) = self.cpu_weight {
+                    out.push(w("cpu", "cpu.weight", x.to_string()));
+                }
+                if self.cpu_quota_us.is_some() || self.cpu_period_us.is_some() {
+                    let quota = self.cpu_quota_us.map_or_else(|| "max".to_string(), |q| q.to_string());
+                    out.push(w("cpu", "cpu.max", format!("{quota} {period}")));
+                }
+                if let Some(m) = self.memory_max {
+                    out.push(w("memory", "memory.max", m.to_string()));
+                }
+                if let Some(p) = self.pids_max {
+                    out.push(w("pids", "pids.max", p.to_string()));
+                }
+                if let Some(x) = self.io_weight {
+                    out.push(w("io", "io.weight", format!("default {x}")));
+                }
+            }
+            Version::V1 => {
+                if let Some(x) = self.cpu_weight {
+                    // 100 (the v2 default) is 1024 shares (the v1 default); at least 2.
+                    let shares = (u64::from(x) * 1024 / 100).max(2);
+                    out.push(w("cpu", "cpu.shares", shares.to_string()));
+                }
+                if self.cpu_quota_us.is_some() || self.cpu_period_us.is_some() {
+                    out.push(w("cpu", "cpu.cfs_period_us", period.to_string()));
+                    let quota = self.cpu_quota_us.map_or_else(|| "-1".to_string(), |q| q.to_string());
+                    out.push(w("cpu", "cpu.cfs_quota_us", quota));
+                }
+                if let Some(m) = self.memory_max {
+                    out.push(w("memory", "memory.limit_in_bytes", m.to_string()));
+                }
+                if let Some(p) = self.pids_max {
+                    out.push(w("pids", "pids.max", p.to_string()));
+                }
+                if let Some(x) = self.io_weight {
+                    // 1–10000 onto blkio's 10–1000.
+                    let v = (u64::from(x) / 10).clamp(10, 1000);
+                    out.push(w("io", "blkio.weight", v.to_string()));
+                }
+            }
+        }
+        out
+    }
+}
+
+/// A mount of a cgroup file system, from `/proc/self/mountinfo`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CgroupMount {
+    /// Where it is mounted.
+    pub mount_point: PathBuf,
+    /// The path inside the hierarchy that is mounted there (`/` normally).
+    pub root: String,
+    /// `cgroup2`, or for v1 the controllers it carries.
+    pub controllers: Vec<String>,
+    /// Whether it is the unified (v2) hierarchy.
+    pub unified: bool,
+}
+
+/// The cgroup mounts in a `mountinfo` text.
+pub fn parse_mountinfo(text: &str) -> Vec<CgroupMount> {
+    let mut out = Vec::new();
+    for line in text.lines() {
+        let Some((left, right)) = line.split_once(" - ") else { continue };
+        let fields: Vec<&str> = left.split_whitespace().collect();
+        let right: Vec<&str> = right.split_whitespace().collect();
+        let (Some(root), Some(mount_point), Some(fstype)) = (fields.get(3), fields.get(4), right.first()) else {
+            continue;
+        };
+        let options = right.get(2).copied().unwrap_or("");
+        let unified = *fstype == "cgroup2";
+        if !unified && *fstype != "cgroup" {
+            continue;
+        }
+        let controllers = if unified {
+            Vec::new()
+        } else {
+            options.split(',').filter(|o| !matches!(*o, "rw" | "ro") && !o.contains('=')).map(str::to_string).collect()
+        };
+        out.push(CgroupMount {
+            mount_point: PathBuf::from(unescape(mount_point)),
+            root: (*root).to_string(),
+            controllers,
+            unified,
+        });
+    }
+    out
+}
+
+/// `mountinfo` escapes spaces and a few other bytes as `\ooo`.
+fn unescape(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\' {
+            if let Some(v) = s.get(i + 1..i + 4).and_then(|o| u8::from_str_radix(o, 8).ok()) {
+                out.push(v);
+                i += 4;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// This process's cgroup per hierarchy, from `/proc/self/cgroup`: the controllers of each line
+/// (empty for v2's `0::`) and the path.
+pub fn parse_proc_cgroup(text: &str) -> Vec<(Vec<String>, String)> {
+    text.lines()
+        .filter_map(|l| {
+            let mut parts = l.splitn(3, ':');
+            let (_, ctrls, path) = (parts.next()?, parts.next()?, parts.next()?);
+            let ctrls = ctrls.split(',').filter(|c| !c.is_empty() && !c.contains('=')).map(str::to_string).collect();
+            Some((ctrls, path.to_string()))
+        })
+        .collect()
+}
+
+/// Where each controller the VM uses lives: the directory of the cgroup to create the VM's under.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Layout {
+    /// The version in use.
+    pub version: Version,
+    /// For v2, one entry `""`; for v1, one per controller (`cpu`, `cpuacct`, `memory`, `pids`,
+    /// and `blkio` if mounted): the parent directory.
+    pub parents: BTreeMap<String, PathBuf>,
+}
+
+/// The v1 controllers a VM needs.
+const V1_NEEDED: [&str; 4] = ["cpu", "cpuacct", "memory", "pids"];
+/// The v2 controllers a VM needs.
+const V2_NEEDED: [&str; 3] = ["cpu", "memory", "pids"];
+
+impl Layout {
+    /// Chooses the version and the parents from the mounts, this process's cgroups and what a
+    /// v2 parent offers (`controllers_at(dir)` reads its `cgroup.controllers`). `parent`: a path
+    /// inside each hierarchy (`--cgroup-parent`) instead of the one this process is in.
+    pub fn detect(
+        mounts: &[CgroupMount],
+        own: &[(Vec<String>, String)],
+        parent: Option<&str>,
+        controllers_at: impl Fn(&Path) -> Option<String>,
+    ) -> Result<Self, CgroupError> {
+        let inside = |mount: &CgroupMount, own_path: &str| -> PathBuf {
+            let rel = parent.unwrap_or(own_path);
+            // The mount shows the hierarchy from `root` down: strip it from the path.
+            let rel = rel.strip_prefix(mount.root.trim_end_matches('/')).unwrap_or(rel);
+            mount.mount_point.join(rel.trim_start_matches('/'))
+        };
+        if let Some(m) = mounts.iter().find(|m| m.unified) {
+            let own_path = own.iter().find(|(c, _)| c.is_empty()).map_or("/", |(_, p)| p.as_str());
+            let dir = inside(m, own_path);
+            let offered = controllers_at(&dir).unwrap_or_default();
+            let offered: Vec<&str> = offered.split_whitespace().collect();
+            if V2_NEEDED.iter().all(|c| offered.contains(c)) {
+                return Ok(Self { version: Version::V2, parents: BTreeMap::from([(String::new(), dir)]) });
+            }
+        }
+        let mut parents = BTreeMap::new();
+        let mut missing = Vec::new();
+        for c in V1_NEEDED.iter().chain(std::iter::once(&"blkio")) {
+            let Some(m) = mounts.iter().find(|m| !m.unified && m.controllers.iter().any(|x| x == c)) else {
+                if *c != "blkio" {
+                    missing.push(*c);
+                }
+                continue;
+            };
+            let own_path = own.iter().find(|(cs, _)| cs.iter().any(|x| x == c)).map_or("/", |(_, p)| p.as_str());
+            parents.insert((*c).to_string(), inside(m, own_path));
+        }
+        if !missing.is_empty() {
+            return Err(CgroupError::Missing(format!(
+                "no cgroup v2 hierarchy offering {} here, and no v1 hierarchy for {} (mount them, or start \
+                 bulkhead with --no-cgroup)",
+                V2_NEEDED.join(", "),
+                missing.join(", ")
+            )));
+        }
+        Ok(Self { version: Version::V1, parents })
+    }
+
+    /// Reads this host's mounts and this process's cgroups, and [`detect`](Self::detect)s. A
+    /// mount namespace that shows no cgroup file system at all is named as such.
+    pub fn of_host(parent: Option<&str>) -> Result<Self, CgroupError> {
+        let mountinfo =
+            std::fs::read_to_string("/proc/self/mountinfo").map_err(io_err(Path::new("/proc/self/mountinfo")))?;
+        let own = std::fs::read_to_string("/proc/self/cgroup").map_err(io_err(Path::new("/proc/self/cgroup")))?;
+        let mounts = parse_mountinfo(&mountinfo);
+        if mounts.is_empty() {
+            return Err(CgroupError::Missing(
+                "no cgroup file system is mounted in this mount namespace (`ip netns exec` mounts a sysfs of its \
+                 own over /sys): enter a network namespace with `nsenter --net=/var/run/netns/NAME` instead, \
+                 mount the cgroup hierarchies, or start bulkhead with --no-cgroup"
+                    .into(),
+            ));
+        }
+        Self::detect(&mounts, &parse_proc_cgroup(&own), parent, |dir| {
+            std::fs::read_to_string(dir.join("cgroup.controllers")).ok()
+        })
+    }
+
+    /// The directory of `controller` (`cpu`, `memory`, `pids`, `io`/`blkio`, `cpuacct`) for the
+    /// VM group `group`, if the host has it.
+    fn dir(&self, controller: &str, group: &Path) -> Option<PathBuf> {
+        match self.version {
+            Version::V2 => self.parents.get("").map(|p| p.join(group)),
+            Version::V1 => {
+                let c = if controller == "io" { "blkio" } else { controller };
+                self.parents.get(c).map(|p| p.join(group))
+            }
+        }
+    }
+
+    /// Every directory of the VM group `group` (one per hierarchy).
+    fn dirs(&self, group: &Path) -> Vec<PathBuf> {
+        self.parents.values().map(|p| p.join(group)).collect()
+    }
+}
+
+/// The id of a VMM started without `--id` (Firecracker's): many may run at once.
+pub const ANONYMOUS_ID: &str = "anonymous-instance";
+
+/// The name of the VM's group under the parent: `bulkhead-ID`, and for a VMM without an id of
+/// its own (`anonymous-instance`) `bulkhead-anonymous-instance-PID`.
+pub fn group_name(vm_id: &str) -> PathBuf {
+    // Ids are checked at start (`[A-Za-z0-9_-]`); anything else is replaced, never a path.
+    let safe: String =
+        vm_id.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' }).collect();
+    if vm_id == ANONYMOUS_ID {
+        return PathBuf::from(format!("bulkhead-{safe}-{}", std::process::id()));
+    }
+    PathBuf::from(format!("bulkhead-{safe}"))
+}
+
+/// The child group of the core.
+pub const CORE_CHILD: &str = "vmm";
+
+/// A VM's cgroup, created and owned by its core. Removing it is the keeper's job
+/// ([`remove_group`]), which runs outside it and outlives the core.
+#[derive(Debug)]
+pub struct VmCgroup {
+    layout: Layout,
+    group: PathBuf,
+    resources: Resources,
+}
+
+impl VmCgroup {
+    /// Creates the VM's group under the layout's parents (a stale, empty one left by a VM of
+    /// the same id that crashed is removed first; one holding processes is refused, and so is
+    /// one that appears meanwhile: `mkdir` never reuses a directory), moves the
+    /// calling process (the core) into its `vmm` child, enables the controllers for the children
+    /// (v2) and applies `resources`.
+    pub fn create(layout: Layout, vm_id: &str, resources: &Resources) -> Result<Self, CgroupError> {
+        let group = group_name(vm_id);
+        for dir in layout.dirs(&group) {
+            if dir.exists() && !remove_group(&dir) {
+                return Err(CgroupError::Invalid(format!(
+                    "{} exists and holds processes: another VM with id {vm_id} runs on this host",
+                    dir.display()
+                )));
+            }
+        }
+        let cg = Self { layout, group, resources: Resources::default() };
+        let result = cg.build(resources);
+        match result {
+            Ok(()) => Ok(Self { resources: *resources, ..cg }),
+            Err(e) => {
+                cg.leave();
+                for dir in cg.layout.dirs(&cg.group) {
+                    remove_group(&dir);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    fn build(&self, resources: &Resources) -> Result<(), CgroupError> {
+        for dir in self.layout.dirs(&self.group) {
+            std::fs::create_dir(&dir).map_err(io_err(&dir))?;
+            let core = dir.join(CORE_CHILD);
+            std::fs::create_dir(&core).map_err(io_err(&core))?;
+        }
+        self.place(CORE_CHILD, std::process::id())?;
+        if self.layout.version == Version::V2 {
+            let parent = &self.layout.parents[""];
+            let offered = std::fs::read_to_string(parent.join("cgroup.controllers")).unwrap_or_default();
+            let enable: Vec<String> = ["cpu", "memory", "pids", "io"]
+                .iter()
+                .filter(|c| offered.split_whitespace().any(|o| o == **c))
+                .map(|c| format!("+{c}"))
+                .collect();
+            let line = enable.join(" ");
+            for dir in [parent.clone(), parent.join(&self.group)] {
+                let f = dir.join("cgroup.subtree_control");
+                std::fs::write(&f, &line).map_err(|source| {
+                    if source.raw_os_error() == Some(libc::EBUSY) {
+                        CgroupError::Missing(format!(
+                            "{} holds other processes, so its controllers cannot be handed down (cgroup v2 \
+                             lets only leaves hold processes): give bulkhead a cgroup of its own (systemd \
+                             Delegate=yes) or name one with --cgroup-parent",
+                            dir.display()
+                        ))
+                    } else {
+                        CgroupError::Io { path: f.clone(), source }
+                    }
+                })?;
+            }
+        }
+        self.write(resources)
+    }
+
+    /// Moves the core back to the parent (v1 only: under v2 a parent with controllers handed
+    /// down holds no process, and the keeper removes the group once the core is gone).
+    fn leave(&self) {
+        if self.layout.version == Version::V1 {
+            for parent in self.layout.parents.values() {
+                let _ = std::fs::write(parent.join("cgroup.procs"), std::process::id().to_string());
+            }
+        }
+    }
+
+    fn write(&self, r: &Resources) -> Result<(), CgroupError> {
+        for w in r.writes(self.layout.version) {
+            let Some(dir) = self.layout.dir(w.controller, &self.group) else {
+                if w.controller == "io" {
+                    log::warn!("cgroup: no I/O controller on this host: io_weight is not applied");
+                    continue;
+                }
+                return Err(CgroupError::Missing(format!("no {} controller for {}", w.controller, w.file)));
+            };
+            let f = dir.join(w.file);
+            std::fs::write(&f, &w.value).map_err(io_err(&f))?;
+        }
+        Ok(())
+    }
+
+    /// Creates the child group `name` (a service) and moves `pid` into it.
+    pub fn place(&self, name: &str, pid: u32) -> Result<(), CgroupError> {
+        for dir in self.layout.dirs(&self.group) {
+            let child = dir.join(name);
+            if !child.exists() {
+                std::fs::create_dir(&child).map_err(io_err(&child))?;
+            }
+            let procs = child.join("cgroup.procs");
+            std::fs::write(&procs, pid.to_string()).map_err(io_err(&procs))?;
+        }
+        Ok(())
+    }
+
+    /// Applies `update` live (fields not set stay as they are) after checking the result
+    /// against `guest_ram`. Returns the settings now in force.
+    pub fn update(&mut self, update: &Resources, guest_ram: u64) -> Result<Resources, CgroupError> {
+        let next = self.resources.merged(update);
+        next.validate(guest_ram)?;
+        self.write(update)?;
+        self.resources = next;
+        Ok(next)
+    }
+
+    /// The settings in force.
+    pub fn resources(&self) -> Resources {
+        self.resources
+    }
+
+    /// The cgroup version in use.
+    pub fn version(&self) -> Version {
+        self.layout.version
+    }
+
+    /// The VM group's directories, one per hierarchy (what the keeper removes).
+    pub fn dirs(&self) -> Vec<PathBuf> {
+        self.layout.dirs(&self.group)
+    }
+}
+
+/// The `argv[0]` of the keeper: the core's own executable started under this name runs
+/// [`keeper_main`].
+pub const KEEPER_NAME: &str = "bulkhead-cgroup-keeper";
+
+/// How long the keeper waits for the VM's processes to end after the core is gone, before it
+/// kills what is left.
+const KEEPER_GRACE: Duration = Duration::from_secs(5);
+
+/// A VM's cgroup with its keeper: the process that removes the cgroup once the core is gone,
+/// however it ended (a normal stop, a crash, `kill -9`, the OOM killer), and says so if the OOM
+/// killer was involved. It is the core's child, started before the core moves into the VM's
+/// group (so it stays where `bulkhead` started), waits for the end of a pipe whose other end only
+/// the core holds, and ignores the terminal's signals.
+#[derive(Debug)]
+pub struct KeptCgroup {
+    /// `None` until the group exists (and if creating it failed).
+    cgroup: std::sync::Mutex<Option<VmCgroup>>,
+    keeper: std::sync::Mutex<Option<std::process::Child>>,
+    /// Set once the core's main thread is narrowed: from then on only the keeper cleans up.
+    sealed: std::sync::atomic::AtomicBool,
+}
+
+impl KeptCgroup {
+    /// Starts the keeper, then creates the VM's group ([`VmCgroup::create`]).
+    pub fn start(layout: Layout, vm_id: &str, resources: &Resources) -> Result<Self, CgroupError> {
+        let group = group_name(vm_id);
+        let mut cmd = std::process::Command::new("/proc/self/exe");
+        std::os::unix::process::CommandExt::arg0(&mut cmd, KEEPER_NAME);
+        cmd.arg("--vm").arg(vm_id);
+        for dir in layout.dirs(&group) {
+            cmd.arg("--dir").arg(dir);
+        }
+        if let Some(m) = layout.dir("memory", &group) {
+            cmd.arg("--memory").arg(m).arg("--version").arg(match layout.version {
+                Version::V1 => "1",
+                Version::V2 => "2",
+            });
+        }
+        cmd.stdin(std::process::Stdio::piped()).stdout(std::process::Stdio::null());
+        let keeper = cmd.spawn().map_err(io_err(Path::new("/proc/self/exe")))?;
+        let _ = group;
+        let kept = Self {
+            cgroup: std::sync::Mutex::new(None),
+            keeper: std::sync::Mutex::new(Some(keeper)),
+            sealed: std::sync::atomic::AtomicBool::new(false),
+        };
+        // On failure, dropping `kept` tells the keeper to leave everything as it is.
+        let cg = VmCgroup::create(layout, vm_id, resources)?;
+        *kept.lock() = Some(cg);
+        Ok(kept)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<VmCgroup>> {
+        self.cgroup.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn with<T>(&self, f: impl FnOnce(&mut VmCgroup) -> Result<T, CgroupError>) -> Result<T, CgroupError> {
+        match self.lock().as_mut() {
+            Some(cg) => f(cg),
+            None => Err(CgroupError::Missing("the VM's cgroup was not created".into())),
+        }
+    }
+
+    /// Moves a service's process into its child group.
+    pub fn place(&self, name: &str, pid: u32) -> Result<(), CgroupError> {
+        self.with(|cg| cg.place(name, pid))
+    }
+
+    /// Applies `update` live ([`VmCgroup::update`]).
+    pub fn update(&self, update: &Resources, guest_ram: u64) -> Result<Resources, CgroupError> {
+        self.with(|cg| cg.update(update, guest_ram))
+    }
+
+    /// The settings in force.
+    pub fn resources(&self) -> Resources {
+        self.lock().as_ref().map(VmCgroup::resources).unwrap_or_default()
+    }
+
+    /// The version and the VM group's directories.
+    pub fn describe(&self) -> Option<(Version, Vec<PathBuf>)> {
+        self.lock().as_ref().map(|cg| (cg.version(), cg.dirs()))
+    }
+
+    /// From now on the dropping thread may not touch files (its seccomp filter): the keeper
+    /// alone removes the group, once the core has exited.
+    pub fn seal(&self) {
+        self.sealed.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Drop for KeptCgroup {
+    /// Before [`seal`](Self::seal) (a start that failed): moves the core out, removes the
+    /// group, tells the keeper to leave (one byte on its pipe: it then touches nothing) and
+    /// reaps it. After: nothing (the keeper sees the core's end).
+    fn drop(&mut self) {
+        if self.sealed.load(std::sync::atomic::Ordering::SeqCst) {
+            // The pipe's end stays open until the process exits.
+            if let Some(k) = self.keeper.get_mut().unwrap_or_else(|e| e.into_inner()).take() {
+                std::mem::forget(k);
+            }
+            return;
+        }
+        if let Some(cg) = self.cgroup.get_mut().unwrap_or_else(|e| e.into_inner()).take() {
+            cg.leave();
+            for dir in cg.dirs() {
+                remove_group(&dir);
+            }
+        }
+        if let Some(mut k) = self.keeper.get_mut().unwrap_or_else(|e| e.into_inner()).take() {
+            if let Some(mut pipe) = k.stdin.take() {
+                let _ = std::io::Write::write_all(&mut pipe, b"x");
+            }
+            let deadline = std::time::Instant::now() + Duration::from_secs(2);
+            while std::time::Instant::now() < deadline {
+                if !matches!(k.try_wait(), Ok(None)) {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            let _ = k.kill();
+            let _ = k.wait();
+        }
+    }
+}
+
+/// The processes in `dir` and its children (two levels), as the kernel lists them.
+fn procs_in(dir: &Path) -> Vec<u32> {
+    let read = |d: &Path| -> Vec<u32> {
+        std::fs::read_to_string(d.join("cgroup.procs"))
+            .map(|t| t.lines().filter_map(|l| l.trim().parse().ok()).collect())
+            .unwrap_or_default()
+    };
+    let mut out = read(dir);
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                out.extend(read(&e.path()));
+            }
+        }
+    }
+    out
+}
+
+/// The `oom_kill` count of a memory group (v2 `memory.events`, v1 `memory.oom_control`).
+fn oom_kills(memory: &Path, version: &str) -> u64 {
+    let file = if version == "2" { "memory.events" } else { "memory.oom_control" };
+    std::fs::read_to_string(memory.join(file))
+        .ok()
+        .and_then(|t| t.lines().find_map(|l| l.strip_prefix("oom_kill ").and_then(|n| n.trim().parse().ok())))
+        .unwrap_or(0)
+}
+
+/// The keeper ([`KeptCgroup`]): `bulkhead-cgroup-keeper --vm ID --dir DIR... [--memory DIR
+/// --version 1|2]`, its stdin the pipe the core holds. Returns its exit status.
+pub fn keeper_main() -> std::process::ExitCode {
+    use std::io::Read as _;
+    for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGPIPE] {
+        // SAFETY: setting a signal's disposition to SIG_IGN; no handler runs.
+        unsafe { libc::signal(sig, libc::SIG_IGN) };
+    }
+    let mut args = std::env::args().skip(1);
+    let (mut vm, mut dirs, mut memory, mut version) = (String::new(), Vec::new(), None, String::from("1"));
+    while let Some(a) = args.next() {
+        let v = args.next().unwrap_or_default();
+        match a.as_str() {
+            "--vm" => vm = v,
+            "--dir" => dirs.push(PathBuf::from(v)),
+            "--memory" => memory = Some(PathBuf::from(v)),
+            "--version" => version = v,
+            other => {
+                eprintln!("{KEEPER_NAME}: unknown argument {other:?}");
+                return std::process::ExitCode::from(2);
+            }
+        }
+    }
+    // Until the core is gone: its end of the pipe closes when it exits, however it ends. A byte
+    // instead means the core removed what it made itself (a start that failed): leave.
+    let mut buf = [0u8; 64];
+    let mut stdin = std::io::stdin();
+    loop {
+        match stdin.read(&mut buf) {
+            Ok(0) => break,
+            Ok(_) => return std::process::ExitCode::SUCCESS,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => break,
+        }
+    }
+    // The services die with the core (PR_SET_PDEATHSIG); what is left after the grace is
+    // killed: they are this VM's own processes.
+    let deadline = std::time::Instant::now() + KEEPER_GRACE;
+    while dirs.iter().any(|d| !procs_in(d).is_empty()) && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    for d in &dirs {
+        for pid in procs_in(d) {
+            if let Ok(p) = i32::try_from(pid) {
+                // SAFETY: kill(2) with a pid the kernel lists in this VM's own cgroup.
+                unsafe { libc::kill(p, libc::SIGKILL) };
+            }
+        }
+    }
+    if let Some(m) = &memory {
+        let n = oom_kills(m, &version);
+        if n > 0 {
+            let limit =
+                std::fs::read_to_string(m.join(if version == "2" { "memory.max" } else { "memory.limit_in_bytes" }))
+                    .unwrap_or_default();
+            eprintln!(
+                "bulkhead: VM {vm}: ended by the kernel's OOM killer in its cgroup ({n} process(es) killed; memory \
+                 limit {} bytes)",
+                limit.trim()
+            );
+        }
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    loop {
+        let left: Vec<&PathBuf> = dirs.iter().filter(|d| !remove_group(d)).collect();
+        if left.is_empty() {
+            return std::process::ExitCode::SUCCESS;
+        }
+        if std::time::Instant::now() >= deadline {
+            for d in left {
+                eprintln!("{KEEPER_NAME}: VM {vm}: could not remove {}", d.display());
+            }
+            return std::process::ExitCode::from(1);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The VM's cgroup as `config` asks for it: `None` when disabled or when not running as root
+/// (said in the log); an error naming what the host lacks otherwise.
+pub fn for_vm(
+    vm_id: &str,
+    config: &crate::config::CgroupConfig,
+    guest_ram: u64,
+) -> Result<Option<KeptCgroup>, CgroupError> {
+    config.resources.validate(guest_ram)?;
+    if config.disabled {
+        log::info!("cgroup: off for this VM (--no-cgroup)");
+        return Ok(None);
+    }
+    if !nix::unistd::geteuid().is_root() {
+        log::info!("cgroup: not running as root: the VM gets no cgroup of its own");
+        return Ok(None);
+    }
+    let layout = Layout::of_host(config.parent.as_deref())?;
+    let kept = KeptCgroup::start(layout, vm_id, &config.resources)?;
+    let (version, dirs) = kept.describe().unwrap_or((Version::V1, Vec::new()));
+    log::info!(
+        "cgroup {}: {}",
+        match version {
+            Version::V1 => "v1",
+            Version::V2 => "v2",
+        },
+        dirs.iter().map(|d| d.display().to_string()).collect::<Vec<_>>().join(" ")
+    );
+    Ok(Some(kept))
+}
+
+/// Removes the group `dir` and its children, deepest first; only empty groups can go (the
+/// kernel refuses the others). Returns whether `dir` is gone. Bounded: two levels.
+pub fn remove_group(dir: &Path) -> bool {
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                let _ = std::fs::remove_dir(e.path());
+            }
+        }
+    }
+    let _ = std::fs::remove_dir(dir);
+    !dir.exists()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MOUNTINFO: &str = "31 23 0:28 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw,mode=755
+32 31 0:29 / /sys/fs/cgroup/cpu rw,relatime - cgroup cgroup rw,cpu
+33 31 0:30 / /sys/fs/cgroup/cpuacct rw,relatime - cgroup cgroup rw,cpuacct
+35 31 0:32 / /sys/fs/cgroup/memory rw,relatime - cgroup cgroup rw,memory
+38 31 0:35 / /sys/fs/cgroup/blkio rw,relatime - cgroup cgroup rw,blkio
+39 31 0:36 / /sys/fs/cgroup/pids rw,relatime - cgroup cgroup rw,pids
+40 31 0:37 / /sys/fs/cgroup/systemd rw,relatime - cgroup cgroup rw,name=systemd
+41 31 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw
+";
+    const OWN: &str = "9:name=systemd:/\n8:pids:/\n7:blkio:/\n4:memory:/process_api/abc\n2:cpuacct:/\n1:cpu:/\n0::/\n";
+
+    #[test]
+    fn v1_is_chosen_when_v2_offers_no_controllers() {
+        let mounts = parse_mountinfo(MOUNTINFO);
+        assert_eq!(mounts.len(), 7, "{mounts:?}");
+        let l = Layout::detect(&mounts, &parse_proc_cgroup(OWN), None, |_| Some(String::new())).expect("layout");
+        assert_eq!(l.version, Version::V1);
+        assert_eq!(l.parents["cpu"], PathBuf::from("/sys/fs/cgroup/cpu"));
+        assert_eq!(l.parents["memory"], PathBuf::from("/sys/fs/cgroup/memory/process_api/abc"), "where we run");
+        assert_eq!(l.parents["blkio"], PathBuf::from("/sys/fs/cgroup/blkio"));
+        let g = group_name("vm1");
+        assert_eq!(l.dir("io", &g), Some(PathBuf::from("/sys/fs/cgroup/blkio/bulkhead-vm1")));
+        // --cgroup-parent replaces where we run, in every hierarchy.
+        let l = Layout::detect(&mounts, &parse_proc_cgroup(OWN), Some("/hosting"), |_| None).expect("layout");
+        assert_eq!(l.parents["memory"], PathBuf::from("/sys/fs/cgroup/memory/hosting"));
+    }
+
+    #[test]
+    fn v2_is_chosen_when_it_offers_the_controllers() {
+        let mounts = parse_mountinfo("41 31 0:38 / /sys/fs/cgroup rw - cgroup2 cgroup2 rw\n");
+        let own = parse_proc_cgroup("0::/system.slice/bulkhead.service\n");
+        let l = Layout::detect(&mounts, &own, None, |d| {
+            (d == Path::new("/sys/fs/cgroup/system.slice/bulkhead.service")).then(|| "cpuset cpu io memory pids".into())
+        })
+        .expect("layout");
+        assert_eq!(l.version, Version::V2);
+        assert_eq!(
+            l.dir("memory", &group_name("a")),
+            Some(PathBuf::from("/sys/fs/cgroup/system.slice/bulkhead.service/bulkhead-a"))
+        );
+    }
+
+    #[test]
+    fn a_host_without_controllers_is_named_in_one_error() {
+        let mounts = parse_mountinfo("41 31 0:38 / /sys/fs/cgroup rw - cgroup2 cgroup2 rw\n");
+        let e = Layout::detect(&mounts, &parse_proc_cgroup("0::/\n"), None, |_| Some("cpu".into())).expect_err("none");
+        let m = e.to_string();
+        assert!(m.contains("cpu, memory, pids") && m.contains("cpu, cpuacct, memory, pids"), "{m}");
+    }
+
+    #[test]
+    fn settings_become_the_files_of_each_version() {
+        let r = Resources {
+            cpu_weight: Some(300),
+            cpu_quota_us: Some(50_000),
+            cpu_period_us: None,
+            memory_max: Some(256 << 20),
+            pids_max: Some(64),
+            io_weight: Some(500),
+        };
+        let v2: Vec<(&str, String)> = r.writes(Version::V2).into_iter().map(|w| (w.file, w.value)).collect();
+        assert_eq!(
+            v2,
+            vec![
+                ("cpu.weight", "300".into()),
+                ("cpu.max", "50000 100000".into()),
+                ("memory.max", (256u64 << 20).to_string()),
+                ("pids.max", "64".into()),
+                ("io.weight", "default 500".into()),
+            ]
+        );
+        let v1: Vec<(&str, String)> = r.writes(Version::V1).into_iter().map(|w| (w.file, w.value)).collect();
+        assert_eq!(
+            v1,
+            vec![
+                ("cpu.shares", "3072".into()),
+                ("cpu.cfs_period_us", "100000".into()),
+                ("cpu.cfs_quota_us", "50000".into()),
+                ("memory.limit_in_bytes", (256u64 << 20).to_string()),
+                ("pids.max", "64".into()),
+                ("blkio.weight", "50".into()),
+            ]
+        );
+        assert!(Resources::default().writes(Version::V2).is_empty(), "nothing set, nothing written");
+        let period_only = Resources { cpu_period_us: Some(20_000), ..Resources::default() };
+        assert_eq!(period_only.writes(Version::V2)[0].value, "max 20000");
+        assert_eq!(period_only.writes(Version::V1)[1].value, "-1");
+    }
+
+    #[test]
+    fn settings_are_checked_against_the_vm() {
+        let ram = 128 << 20;
+        assert!(Resources::default().validate(ram).is_ok());
+        let low = Resources { memory_max: Some(150 << 20), ..Resources::default() };
+        let m = low.validate(ram).expect_err("below RAM + overhead").to_string();
+        assert!(m.contains("128 MiB of guest RAM plus 64 MiB"), "{m}");
+        assert!(Resources { memory_max: Some(192 << 20), ..Resources::default() }.validate(ram).is_ok());
+        for bad in [
+            Resources { cpu_weight: Some(0), ..Resources::default() },
+            Resources { cpu_weight: Some(10_001), ..Resources::default() },
+            Resources { cpu_period_us: Some(999), ..Resources::default() },
+            Resources { cpu_quota_us: Some(10), ..Resources::default() },
+            Resources { pids_max: Some(0), ..Resources::default() },
+            Resources { io_weight: Some(0), ..Resources::default() },
+        ] {
+            assert!(bad.validate(ram).is_err(), "{bad:?}");
+        }
+        let merged = Resources { cpu_weight: Some(100), pids_max: Some(10), ..Resources::default() }
+            .merged(&Resources { cpu_weight: Some(300), ..Resources::default() });
+        assert_eq!((merged.cpu_weight, merged.pids_max), (Some(300), Some(10)));
+    }
+
+    #[test]
+    fn escaped_mount_points_are_read() {
+        let m = parse_mountinfo("41 31 0:38 / /mnt/my\\040cgroups rw - cgroup2 cgroup2 rw\n");
+        assert_eq!(m[0].mount_point, PathBuf::from("/mnt/my cgroups"));
+    }
+}
