@@ -54,8 +54,21 @@ fn start(dir: &Path, extra: &[&str]) -> (VmChild, PathBuf) {
 #[test]
 fn a_vm_runs_in_its_own_cgroup_with_its_settings_changed_live_and_removed_at_the_end() {
     let dir = scratch("cgroup-life");
-    let (child, sock) =
-        start(&dir, &["--cpu-weight", "300", "--memory-max", "512M", "--pids-max", "256", "--cpu-quota-us", "150000"]);
+    let (child, sock) = start(
+        &dir,
+        &[
+            "--cpu-weight",
+            "300",
+            "--memory-max",
+            "512M",
+            "--pids-max",
+            "256",
+            "--cpu-quota-us",
+            "150000",
+            "--vcpu-affinity",
+            "1",
+        ],
+    );
     let (version, paths, info) = resources(&sock);
     assert!(version == "v1" || version == "v2", "{info}");
     assert!(!paths.is_empty() && paths.iter().all(|p| p.is_dir()), "{info}");
@@ -69,6 +82,20 @@ fn a_vm_runs_in_its_own_cgroup_with_its_settings_changed_live_and_removed_at_the
     let quota = setting(&version, &paths, ("cpu", "cpu.cfs_quota_us"), "cpu.max");
     assert!(quota.starts_with("150000"), "{quota}");
     assert_eq!(info["resources"]["cpu_weight"], 300, "{info}");
+    let (vm_cpu, core_cpu) = (info["cpu_ns"].as_u64().unwrap_or(0), info["core_cpu_ns"].as_u64().unwrap_or(0));
+    assert!(core_cpu > 0 && vm_cpu >= core_cpu, "CPU of the VM and of its core, from the cgroup: {info}");
+    // Each service's CPU, apart, in the device list and in `bulkhead stats`.
+    let (_, devices) = curl(&sock, "GET", "/bulkhead/devices", None);
+    let devices: Value = serde_json::from_str(&devices).expect("json");
+    assert!(
+        devices
+            .as_array()
+            .is_some_and(|a| a.len() == 2 && a.iter().all(|d| d["cpu_ns"].as_u64().is_some_and(|n| n > 0))),
+        "{devices}"
+    );
+    let out = bulkhead_cli(&["stats", sock.to_str().expect("utf8")]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.lines().filter(|l| l.contains(", cpu ") && l.contains(" ms")).count() == 2, "{text}");
 
     // The core in `vmm`, each service in its own child, as the kernel says.
     let (_, iso) = curl(&sock, "GET", "/bulkhead/isolation", None);
@@ -105,6 +132,30 @@ fn a_vm_runs_in_its_own_cgroup_with_its_settings_changed_live_and_removed_at_the
     let out = bulkhead_cli(&["set", sock.to_str().expect("utf8"), "--cpu-weight", "200"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(weight(&version, &paths), if version == "v2" { "200" } else { "2048" });
+
+    // The vCPU thread's CPUs, at start and live, as the kernel reports them.
+    let vcpu_cpus = || {
+        let (_, iso) = curl(&sock, "GET", "/bulkhead/isolation", None);
+        let iso: Value = serde_json::from_str(&iso).expect("json");
+        let core = iso["processes"].as_array().and_then(|ps| ps.iter().find(|p| p["role"] == "core")).cloned();
+        let threads = core.map(|c| c["threads"].clone()).unwrap_or_default();
+        threads
+            .as_array()
+            .and_then(|ts| ts.iter().find(|t| t["status"]["name"] == "vcpu0"))
+            .map(|t| t["status"]["cpus_allowed"].as_str().unwrap_or_default().to_string())
+            .unwrap_or_default()
+    };
+    assert_eq!(vcpu_cpus(), "1", "--vcpu-affinity 1");
+    let (s, b) = curl(&sock, "PATCH", "/bulkhead/resources", Some(r#"{"vcpu_affinity": ["0"]}"#));
+    assert_eq!(s, 204, "{b}");
+    assert_eq!(vcpu_cpus(), "0");
+    let (s, b) = curl(&sock, "PATCH", "/bulkhead/resources", Some(r#"{"vcpu_affinity": ["7-3"]}"#));
+    assert_eq!(s, 400, "{b}");
+    assert_eq!(vcpu_cpus(), "0", "a refused list changes nothing");
+    let out = bulkhead_cli(&["set", sock.to_str().expect("utf8"), "--vcpu-affinity", "0-1"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(vcpu_cpus(), "0-1");
+    assert_eq!(resources(&sock).2["resources"]["vcpu_affinity"], serde_json::json!(["0-1"]));
 
     let (s, b) = curl(&sock, "PUT", "/bulkhead/actions", Some(r#"{"action_type": "Kill"}"#));
     assert_eq!(s, 204, "{b}");

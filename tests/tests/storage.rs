@@ -280,6 +280,7 @@ fn register_accesses_during_a_slow_flush_do_not_wait_for_it() {
     assert!(isr.saturating_mul(10) < flush, "the InterruptStatus read waited for the slow call: {:?}\n{text}", all[i]);
     assert!(ack.saturating_mul(10) < flush, "the InterruptACK write waited for the slow call: {:?}\n{text}", all[i]);
     assert!(all.iter().all(|x| x.4 == 0), "every flush succeeded\n{text}");
+    eprintln!("slowed round: flush {flush} cycles, InterruptStatus read {isr}, InterruptACK write {ack}");
     let devices: serde_json::Value = serde_json::from_str(&devices).expect("json");
     let block = devices.as_array().and_then(|a| a.iter().find(|d| d["kind"] == "block")).cloned().unwrap_or_default();
     assert_eq!(block["restarts"], 0, "{devices}");

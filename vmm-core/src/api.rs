@@ -450,6 +450,10 @@ pub struct ResourcesInfo {
     pub paths: Vec<PathBuf>,
     /// The settings in force (before the start: those it will start with).
     pub resources: crate::cgroup::Resources,
+    /// CPU time the whole VM has used, in ns (`null` without a cgroup).
+    pub cpu_ns: Option<u64>,
+    /// Of which the core (its `vmm` child group).
+    pub core_cpu_ns: Option<u64>,
 }
 
 fn resources(v: &VmmView) -> ResourcesInfo {
@@ -461,26 +465,47 @@ fn resources(v: &VmmView) -> ResourcesInfo {
             }),
             paths,
             resources,
+            cpu_ns: v.cgroup.as_ref().and_then(|cg| cg.cpu_ns(None)),
+            core_cpu_ns: v.cgroup.as_ref().and_then(|cg| cg.cpu_ns(Some(crate::cgroup::CORE_CHILD))),
         },
-        None => ResourcesInfo { cgroup: None, paths: Vec::new(), resources: v.config.bulkhead.cgroup.resources },
+        None => ResourcesInfo {
+            cgroup: None,
+            paths: Vec::new(),
+            resources: v.config.bulkhead.cgroup.resources.clone(),
+            cpu_ns: None,
+            core_cpu_ns: None,
+        },
     }
 }
 
-/// `PATCH /bulkhead/resources`: live on a running VM's cgroup (on this thread: the VMM thread's
-/// filter allows no cgroup writes), into the configuration before the start.
+/// `PATCH /bulkhead/resources`: live on a running VM's cgroup and vCPU threads (on this thread:
+/// the VMM thread's filter allows neither cgroup writes nor `sched_setaffinity`), into the
+/// configuration before the start. Checked in full first: a refused update changes nothing.
 fn patch_resources(ctx: &Ctx, update: &crate::cgroup::Resources) -> Reply {
     let v = view(ctx);
-    match (&v.cgroup, v.state) {
-        (Some(cg), _) => {
-            let ram = v.config.machine_config.mem_size_mib.saturating_mul(1 << 20);
-            match cg.update(update, ram) {
-                Ok(_) => Reply::no_content(),
-                Err(e) => Reply::error(e.to_string()),
-            }
-        }
-        (None, VmState::NotStarted) => act(ctx, VmmAction::PatchResources(*update)),
-        (None, _) => Reply::error("The VM has no cgroup of its own (--no-cgroup, or not started as root)."),
+    if v.state == VmState::NotStarted {
+        return act(ctx, VmmAction::PatchResources(update.clone()));
     }
+    let ram = v.config.machine_config.mem_size_mib.saturating_mul(1 << 20);
+    if let Err(e) = update.validate(ram) {
+        return Reply::error(e.to_string());
+    }
+    if update.sets_cgroup() && v.cgroup.is_none() {
+        return Reply::error("The VM has no cgroup of its own (--no-cgroup, or not started as root).");
+    }
+    // The pinning first: it is what fails on a host's own terms (CPUs offline).
+    if let Some(lists) = &update.vcpu_affinity {
+        if let Err(e) = crate::cgroup::pin_vcpus(lists) {
+            return Reply::error(e.to_string());
+        }
+    }
+    if let Some(cg) = &v.cgroup {
+        match cg.update(update, ram) {
+            Ok(_) => {}
+            Err(e) => return Reply::error(e.to_string()),
+        }
+    }
+    Reply::no_content()
 }
 
 fn vm_summary(v: &VmmView) -> VmSummary {
@@ -622,6 +647,9 @@ pub struct DeviceInfo {
     pub service: String,
     /// The current instance's pid.
     pub pid: u32,
+    /// CPU time the service's cgroup has used (every instance), in ns; `null` without a cgroup.
+    #[serde(default)]
+    pub cpu_ns: Option<u64>,
     /// `serving`, `paused`, `restarting` or `failed`.
     pub state: String,
     /// Restarts so far.
@@ -660,6 +688,7 @@ fn devices(v: &VmmView) -> Vec<DeviceInfo> {
                 kind: d.kind.to_string(),
                 service: d.service.clone(),
                 pid: svc.pid(),
+                cpu_ns: v.cgroup.as_ref().and_then(|cg| cg.cpu_ns(Some(&d.service))),
                 state: svc.state().as_str().into(),
                 restarts: m.restarts,
                 last_failure: svc.last_failure(),

@@ -66,7 +66,7 @@ pub const MEMORY_OVERHEAD: u64 = 64 << 20;
 
 /// What the VM may use, and its weight against other VMs. `None`: not set (the kernel's default,
 /// or unchanged by a live update).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Resources {
     /// CPU weight, 1–10000 (100: the default share). v1: `cpu.shares` = weight × 1024 / 100.
@@ -89,6 +89,11 @@ pub struct Resources {
     /// exists).
     #[serde(default)]
     pub io_weight: Option<u32>,
+    /// The CPUs each vCPU thread may run on: entry i (a CPU list such as `2`, `0-3` or `0,2`)
+    /// for vCPU i, the entries cycled when there are fewer than vCPUs. Not a cgroup setting:
+    /// applied to the vCPU threads (`sched_setaffinity`), with or without a cgroup.
+    #[serde(default)]
+    pub vcpu_affinity: Option<Vec<String>>,
 }
 
 /// One write of a setting: the controller it belongs to (for v1, the hierarchy), the file name
@@ -133,7 +138,20 @@ impl Resources {
         if self.pids_max == Some(0) {
             return bad("pids_max 0 leaves no room for the VM's own processes".into());
         }
+        if let Some(lists) = &self.vcpu_affinity {
+            if lists.is_empty() {
+                return bad("vcpu_affinity needs at least one CPU list".into());
+            }
+            for l in lists {
+                parse_cpu_list(l).map_err(CgroupError::Invalid)?;
+            }
+        }
         Ok(())
+    }
+
+    /// Whether a field other than `vcpu_affinity` is set (something for the cgroup).
+    pub fn sets_cgroup(&self) -> bool {
+        Resources { vcpu_affinity: None, ..self.clone() } != Resources::default()
     }
 
     /// `self` with the fields `update` sets replaced.
@@ -146,6 +164,7 @@ impl Resources {
             memory_max: update.memory_max.or(self.memory_max),
             pids_max: update.pids_max.or(self.pids_max),
             io_weight: update.io_weight.or(self.io_weight),
+            vcpu_affinity: update.vcpu_affinity.clone().or_else(|| self.vcpu_affinity.clone()),
         }
     }
 
@@ -380,6 +399,48 @@ impl Layout {
 /// The id of a VMM started without `--id` (Firecracker's): many may run at once.
 pub const ANONYMOUS_ID: &str = "anonymous-instance";
 
+/// The CPUs of a CPU list: comma-separated CPU numbers and ranges (`0-3,8`), each below 1024.
+pub fn parse_cpu_list(s: &str) -> Result<Vec<usize>, String> {
+    let bad = || format!("CPU list {s:?}: expected CPU numbers and ranges such as 2, 0-3 or 0,2-3, each below 1024");
+    let mut out = Vec::new();
+    for item in s.split(',') {
+        let (a, b) = item.trim().split_once('-').unwrap_or((item.trim(), item.trim()));
+        let (a, b): (usize, usize) = (a.trim().parse().map_err(|_| bad())?, b.trim().parse().map_err(|_| bad())?);
+        if a > b || b >= 1024 {
+            return Err(bad());
+        }
+        out.extend(a..=b);
+    }
+    out.sort_unstable();
+    out.dedup();
+    Ok(out)
+}
+
+/// Pins the vCPU threads of this process (named `vcpuN`) to the CPU lists `lists` (vCPU i to
+/// `lists[i % len]`). Returns how many threads were pinned.
+pub fn pin_vcpus(lists: &[String]) -> Result<usize, CgroupError> {
+    let sets = lists.iter().map(|l| parse_cpu_list(l)).collect::<Result<Vec<_>, _>>().map_err(CgroupError::Invalid)?;
+    if sets.is_empty() {
+        return Ok(0);
+    }
+    let tasks = Path::new("/proc/self/task");
+    let mut pinned = 0;
+    for e in std::fs::read_dir(tasks).map_err(io_err(tasks))?.flatten() {
+        let Some(tid) = e.file_name().to_str().and_then(|t| t.parse::<i32>().ok()) else { continue };
+        let comm = std::fs::read_to_string(e.path().join("comm")).unwrap_or_default();
+        let Some(index) = comm.trim().strip_prefix("vcpu").and_then(|n| n.parse::<usize>().ok()) else { continue };
+        let mut set = nix::sched::CpuSet::new();
+        for &cpu in &sets[index % sets.len()] {
+            set.set(cpu).map_err(|e| CgroupError::Invalid(format!("CPU {cpu}: {e}")))?;
+        }
+        nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(tid), &set).map_err(|e| {
+            CgroupError::Invalid(format!("pinning vcpu{index} to CPUs {}: {e}", lists[index % lists.len()]))
+        })?;
+        pinned += 1;
+    }
+    Ok(pinned)
+}
+
 /// The name of the VM's group under the parent: `bulkhead-ID`, and for a VMM without an id of
 /// its own (`anonymous-instance`) `bulkhead-anonymous-instance-PID`.
 pub fn group_name(vm_id: &str) -> PathBuf {
@@ -423,7 +484,7 @@ impl VmCgroup {
         let cg = Self { layout, group, resources: Resources::default() };
         let result = cg.build(resources);
         match result {
-            Ok(()) => Ok(Self { resources: *resources, ..cg }),
+            Ok(()) => Ok(Self { resources: resources.clone(), ..cg }),
             Err(e) => {
                 cg.leave();
                 for dir in cg.layout.dirs(&cg.group) {
@@ -513,13 +574,13 @@ impl VmCgroup {
         let next = self.resources.merged(update);
         next.validate(guest_ram)?;
         self.write(update)?;
-        self.resources = next;
+        self.resources = next.clone();
         Ok(next)
     }
 
     /// The settings in force.
     pub fn resources(&self) -> Resources {
-        self.resources
+        self.resources.clone()
     }
 
     /// The cgroup version in use.
@@ -530,6 +591,23 @@ impl VmCgroup {
     /// The VM group's directories, one per hierarchy (what the keeper removes).
     pub fn dirs(&self) -> Vec<PathBuf> {
         self.layout.dirs(&self.group)
+    }
+
+    /// CPU time used by the child group `child` (a service, or [`CORE_CHILD`]), or by the whole
+    /// VM when `None`, in ns: v1 `cpuacct.usage`, v2 `cpu.stat` `usage_usec`.
+    pub fn cpu_ns(&self, child: Option<&str>) -> Option<u64> {
+        let group = child.map_or_else(|| self.group.clone(), |c| self.group.join(c));
+        match self.layout.version {
+            Version::V2 => {
+                let stat = std::fs::read_to_string(self.layout.dir("cpu", &group)?.join("cpu.stat")).ok()?;
+                let us: u64 = stat.lines().find_map(|l| l.strip_prefix("usage_usec "))?.trim().parse().ok()?;
+                Some(us.saturating_mul(1000))
+            }
+            Version::V1 => {
+                let dir = self.layout.dir("cpuacct", &group)?;
+                std::fs::read_to_string(dir.join("cpuacct.usage")).ok()?.trim().parse().ok()
+            }
+        }
     }
 }
 
@@ -609,6 +687,11 @@ impl KeptCgroup {
     /// The settings in force.
     pub fn resources(&self) -> Resources {
         self.lock().as_ref().map(VmCgroup::resources).unwrap_or_default()
+    }
+
+    /// CPU time of a child group or the whole VM ([`VmCgroup::cpu_ns`]).
+    pub fn cpu_ns(&self, child: Option<&str>) -> Option<u64> {
+        self.lock().as_ref()?.cpu_ns(child)
     }
 
     /// The version and the VM group's directories.
@@ -870,6 +953,7 @@ mod tests {
             memory_max: Some(256 << 20),
             pids_max: Some(64),
             io_weight: Some(500),
+            vcpu_affinity: Some(vec!["1".into()]),
         };
         let v2: Vec<(&str, String)> = r.writes(Version::V2).into_iter().map(|w| (w.file, w.value)).collect();
         assert_eq!(
@@ -921,6 +1005,23 @@ mod tests {
         let merged = Resources { cpu_weight: Some(100), pids_max: Some(10), ..Resources::default() }
             .merged(&Resources { cpu_weight: Some(300), ..Resources::default() });
         assert_eq!((merged.cpu_weight, merged.pids_max), (Some(300), Some(10)));
+        for bad in [vec![], vec!["x".to_string()], vec!["3-1".into()], vec!["1024".into()]] {
+            assert!(
+                Resources { vcpu_affinity: Some(bad.clone()), ..Resources::default() }.validate(ram).is_err(),
+                "{bad:?}"
+            );
+        }
+        let pinned = Resources { vcpu_affinity: Some(vec!["0-1".into()]), ..Resources::default() };
+        assert!(pinned.validate(ram).is_ok() && !pinned.sets_cgroup());
+        assert!(Resources { cpu_weight: Some(5), ..Resources::default() }.sets_cgroup());
+    }
+
+    #[test]
+    fn cpu_lists() {
+        assert_eq!(parse_cpu_list("2"), Ok(vec![2]));
+        assert_eq!(parse_cpu_list("0-3,8"), Ok(vec![0, 1, 2, 3, 8]));
+        assert_eq!(parse_cpu_list(" 1 , 1-2"), Ok(vec![1, 2]));
+        assert!(parse_cpu_list("").is_err() && parse_cpu_list("2-").is_err() && parse_cpu_list("-1").is_err());
     }
 
     #[test]

@@ -125,6 +125,10 @@ pub struct SetArgs {
     /// Block I/O weight, 1–10000.
     #[arg(long, value_name = "N")]
     pub io_weight: Option<u32>,
+    /// The CPUs of each vCPU thread: `CPUS[;CPUS...]`, entry i for vCPU i (cycled), each a CPU
+    /// list such as `2`, `0-3` or `0,2`.
+    #[arg(long, value_name = "CPUS[;CPUS...]")]
+    pub vcpu_affinity: Option<String>,
 }
 
 impl SetArgs {
@@ -137,8 +141,14 @@ impl SetArgs {
             memory_max: self.memory_max,
             pids_max: self.pids_max,
             io_weight: self.io_weight,
+            vcpu_affinity: self.vcpu_affinity.as_deref().map(split_affinity),
         }
     }
+}
+
+/// `CPUS[;CPUS...]` as one CPU list per vCPU.
+fn split_affinity(s: &str) -> Vec<String> {
+    s.split(';').map(|l| l.trim().to_string()).collect()
 }
 
 /// `bulkhead inspect`.
@@ -328,6 +338,10 @@ pub struct CgroupArgs {
     /// Block I/O weight, 1–10000 (where the host has the controller).
     #[arg(long, value_name = "N")]
     pub io_weight: Option<u32>,
+    /// The CPUs of each vCPU thread: `CPUS[;CPUS...]`, entry i for vCPU i (cycled), each a CPU
+    /// list such as `2`, `0-3` or `0,2`.
+    #[arg(long, value_name = "CPUS[;CPUS...]")]
+    pub vcpu_affinity: Option<String>,
     /// Create the VM's cgroup under this path of each hierarchy (default: where bulkhead runs).
     #[arg(long, value_name = "PATH")]
     pub cgroup_parent: Option<String>,
@@ -349,6 +363,7 @@ impl CgroupArgs {
                 memory_max: self.memory_max,
                 pids_max: self.pids_max,
                 io_weight: self.io_weight,
+                vcpu_affinity: self.vcpu_affinity.as_deref().map(split_affinity),
             },
         }
     }

@@ -252,7 +252,28 @@ struct Shared {
     policy: PeerPolicy,
     max_body: usize,
     open: Arc<Open>,
+    /// Hands a connection to an idle connection thread (a rendezvous: only a thread waiting
+    /// takes it; otherwise a new thread is started).
+    handoff: crossbeam_channel::Sender<Accepted>,
+    /// The idle threads' end.
+    waiting: crossbeam_channel::Receiver<Accepted>,
+    /// Connection threads idle, waiting for a connection (at most [`IDLE_THREADS`]).
+    idle: std::sync::atomic::AtomicUsize,
+    /// Set when the server stops: idle threads exit.
+    stop: Arc<AtomicBool>,
 }
+
+/// A connection accepted and admitted, on its way to a thread.
+struct Accepted {
+    id: u64,
+    stream: UnixStream,
+    refusal: Option<String>,
+    activity: Arc<Activity>,
+}
+
+/// Connection threads kept waiting once their connection ended, so that the next connection
+/// does not pay for a new thread.
+const IDLE_THREADS: usize = 4;
 
 impl HttpServer {
     /// Serves `listener` (bound at `path`, removed when the server stops) with `handler`,
@@ -266,7 +287,17 @@ impl HttpServer {
     ) -> Result<Self, HttpError> {
         listener.set_nonblocking(true).map_err(HttpError::Listener)?;
         let stop = Arc::new(AtomicBool::new(false));
-        let shared = Arc::new(Shared { handler, policy, max_body, open: Arc::new(Open::default()) });
+        let (handoff, waiting) = crossbeam_channel::bounded(0);
+        let shared = Arc::new(Shared {
+            handler,
+            policy,
+            max_body,
+            open: Arc::new(Open::default()),
+            handoff,
+            waiting,
+            idle: std::sync::atomic::AtomicUsize::new(0),
+            stop: stop.clone(),
+        });
         let flag = stop.clone();
         let acceptor = std::thread::Builder::new()
             .name("api".into())
@@ -346,14 +377,36 @@ fn admit(stream: UnixStream, shared: &Arc<Shared>) {
         crate::warn_limited!("API: {MAX_CONNECTIONS} connections are busy; closing a new one");
         return;
     };
+    // An idle connection thread takes it, or a new one is started.
+    let accepted = match shared.handoff.try_send(Accepted { id, stream, refusal, activity }) {
+        Ok(()) => return,
+        Err(e) => e.into_inner(),
+    };
     let s = shared.clone();
-    let spawned = std::thread::Builder::new().name("api-conn".into()).spawn(move || {
-        serve_connection(stream, &s, refusal, &activity);
-        s.open.remove(id);
-    });
+    let spawned = std::thread::Builder::new().name("api-conn".into()).spawn(move || connection_thread(&s, accepted));
     if let Err(e) = spawned {
         shared.open.remove(id);
         crate::warn_limited!("API: no thread for a connection: {e}");
+    }
+}
+
+/// Serves `first`, then, while fewer than [`IDLE_THREADS`] others wait, waits for the next
+/// connection (until the server stops).
+fn connection_thread(shared: &Arc<Shared>, first: Accepted) {
+    use std::sync::atomic::Ordering::SeqCst;
+    let mut next = Some(first);
+    while let Some(Accepted { id, stream, refusal, activity }) = next.take() {
+        serve_connection(stream, shared, refusal, &activity);
+        shared.open.remove(id);
+        if shared.idle.fetch_add(1, SeqCst) >= IDLE_THREADS {
+            shared.idle.fetch_sub(1, SeqCst);
+            return;
+        }
+        // Bounded: each turn looks at the stop flag.
+        while next.is_none() && !shared.stop.load(SeqCst) {
+            next = shared.waiting.recv_timeout(POLL).ok();
+        }
+        shared.idle.fetch_sub(1, SeqCst);
     }
 }
 

@@ -83,6 +83,9 @@ pub struct TaskStatus {
     pub seccomp: String,
     /// Filters stacked on the task.
     pub seccomp_filters: u32,
+    /// The CPUs it may run on (`Cpus_allowed_list`).
+    #[serde(default)]
+    pub cpus_allowed: String,
 }
 
 impl TaskStatus {
@@ -173,6 +176,7 @@ pub fn parse_status(text: &str) -> TaskStatus {
                 .into();
             }
             "Seccomp_filters" => s.seccomp_filters = value.parse().unwrap_or(0),
+            "Cpus_allowed_list" => s.cpus_allowed = value.to_string(),
             _ => {}
         }
     }
@@ -373,8 +377,15 @@ pub fn render(r: &IsolationReport) -> String {
             let ts = &t.status;
             let _ = writeln!(
                 out,
-                "    {} {}: uid {} caps {} no_new_privs {} seccomp {} ({})",
-                t.tid, ts.name, ts.uid[1], ts.cap_effective, ts.no_new_privs, ts.seccomp, ts.seccomp_filters
+                "    {} {}: uid {} caps {} no_new_privs {} seccomp {} ({}) cpus {}",
+                t.tid,
+                ts.name,
+                ts.uid[1],
+                ts.cap_effective,
+                ts.no_new_privs,
+                ts.seccomp,
+                ts.seccomp_filters,
+                ts.cpus_allowed
             );
         }
         for e in &p.errors {
@@ -392,7 +403,7 @@ mod tests {
         "Name:\tbulkhead-consol\nUmask:\t0022\nState:\tS (sleeping)\nUid:\t100000\t100000\t100000\t100000\n\
 Gid:\t100000\t100000\t100000\t100000\nCapInh:\t0000000000000000\nCapPrm:\t0000000000000000\n\
 CapEff:\t0000000000000000\nCapBnd:\t0000000000000000\nCapAmb:\t0000000000000000\nNoNewPrivs:\t1\n\
-Seccomp:\t2\nSeccomp_filters:\t1\nSpeculation_Store_Bypass:\tthread vulnerable\n";
+Seccomp:\t2\nSeccomp_filters:\t1\nSpeculation_Store_Bypass:\tthread vulnerable\nCpus_allowed_list:\t0-1\n";
 
     #[test]
     fn status_fields_are_read() {
@@ -402,6 +413,7 @@ Seccomp:\t2\nSeccomp_filters:\t1\nSpeculation_Store_Bypass:\tthread vulnerable\n
         assert_eq!(s.gid, [100_000; 4]);
         assert!(s.no_capabilities() && s.no_new_privs);
         assert_eq!((s.seccomp.as_str(), s.seccomp_filters), ("filter", 1));
+        assert_eq!(s.cpus_allowed, "0-1");
         let root = parse_status("Uid:\t0\t0\t0\t0\nCapEff:\t000001ffffffffff\nNoNewPrivs:\t0\nSeccomp:\t0\n");
         assert!(!root.no_capabilities() && !root.no_new_privs);
         assert_eq!((root.uid[1], root.seccomp.as_str()), (0, "disabled"));

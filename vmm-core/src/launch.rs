@@ -681,6 +681,10 @@ pub fn build(id: &str, config: &VmConfig) -> Result<RunningVm, LaunchError> {
     for fd in fds {
         vcpus.spawn(fd, buses.clone(), stop.clone()).map_err(LaunchError::Vcpu)?;
     }
+    if let Some(lists) = &config.bulkhead.cgroup.resources.vcpu_affinity {
+        let n = crate::cgroup::pin_vcpus(lists).map_err(LaunchError::Cgroup)?;
+        log::info!("vCPU affinity: {n} vCPU thread(s) pinned to CPUs {}", lists.join(";"));
+    }
     Ok(RunningVm {
         vcpus,
         faults,

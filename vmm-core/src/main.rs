@@ -374,8 +374,9 @@ fn stats(vm: &str) -> ExitCode {
         return ExitCode::from(EX_UNAVAILABLE);
     };
     for d in devices {
+        let cpu = d.cpu_ns.map_or_else(String::new, |ns| format!(", cpu {:.1} ms", ns as f64 / 1e6));
         println!(
-            "service {} (pid {}): {} restarts, {} exits forwarded, {} device requests redone, {}{}",
+            "service {} (pid {}): {} restarts, {} exits forwarded, {} device requests redone{cpu}, {}{}",
             d.service,
             d.pid,
             d.restarts,

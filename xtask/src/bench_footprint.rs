@@ -12,6 +12,9 @@
 //!   and per process;
 //! - **idle CPU**: user + system time of all those processes over 2 s of a halted guest.
 //!
+//! Bulkhead runs twice per round: as users run it (with the VM's cgroup and its keeper) and with
+//! `--no-cgroup`, so what the cgroup costs is measured in the same run.
+//!
 //! Firecracker is `../shared/peers/firecracker` (or `$BULKHEAD_FIRECRACKER`); without it the
 //! Bulkhead rows stand alone and say so.
 
@@ -33,6 +36,8 @@ const IDLE_WINDOW: Duration = Duration::from_secs(2);
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
 pub(crate) enum Vmm {
     Bulkhead,
+    /// Bulkhead with `--no-cgroup`: what the VM's cgroup (and its keeper) costs, same run.
+    BulkheadNoCgroup,
     Firecracker,
 }
 
@@ -176,7 +181,7 @@ pub(crate) struct VmSpec<'a> {
 pub(crate) fn spawn_with(vm: VmSpec<'_>, cmdline: &str, tag: &str) -> Result<Child, BoxError> {
     let VmSpec { vmm, exe, probe, disk, nic, dir } = vm;
     let cmd = match vmm {
-        Vmm::Bulkhead => {
+        Vmm::Bulkhead | Vmm::BulkheadNoCgroup => {
             let mut c = Command::new(exe);
             c.args(["run", "--serial-input", "none", "--log-level", "warn", "--mem", &MEM_MIB.to_string()])
                 .arg("--kernel")
@@ -187,6 +192,9 @@ pub(crate) fn spawn_with(vm: VmSpec<'_>, cmdline: &str, tag: &str) -> Result<Chi
             }
             if let Some(n) = nic {
                 c.args(["--net", &format!("tap={},mac={}", n.tap, n.mac)]);
+            }
+            if vmm == Vmm::BulkheadNoCgroup {
+                c.arg("--no-cgroup");
             }
             c
         }
@@ -264,7 +272,8 @@ pub fn bench(bin: &Path, probe: &Path, runs: usize) -> Result<(), BoxError> {
     std::fs::create_dir_all(&dir)?;
     let disk = dir.join("disk.img");
     std::fs::File::create(&disk)?.set_len(8 << 20)?;
-    let mut vmms: Vec<(Vmm, PathBuf)> = vec![(Vmm::Bulkhead, bin.join("bulkhead"))];
+    let mut vmms: Vec<(Vmm, PathBuf)> =
+        vec![(Vmm::Bulkhead, bin.join("bulkhead")), (Vmm::BulkheadNoCgroup, bin.join("bulkhead"))];
     match crate::bench_api::firecracker() {
         Some(p) => vmms.push((Vmm::Firecracker, p)),
         None => println!("# Firecracker not found (../shared/peers/firecracker, $BULKHEAD_FIRECRACKER): Bulkhead only"),
@@ -326,6 +335,16 @@ pub fn bench(bin: &Path, probe: &Path, runs: usize) -> Result<(), BoxError> {
         medians.insert((*devices, *vmm), (median_f(&start), median_f(&pss)));
     }
     for &devices in &rows {
+        if let (Some(b), Some(n)) =
+            (medians.get(&(devices, Vmm::Bulkhead)), medians.get(&(devices, Vmm::BulkheadNoCgroup)))
+        {
+            println!(
+                "footprint {}: the VM's cgroup costs {:+.2} ms of start time and {:+.0} KiB of PSS (with / without)",
+                devices.label(),
+                b.0 - n.0,
+                b.1 - n.1
+            );
+        }
         if let (Some(b), Some(f)) = (medians.get(&(devices, Vmm::Bulkhead)), medians.get(&(devices, Vmm::Firecracker)))
         {
             println!(
