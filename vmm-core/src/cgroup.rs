@@ -458,7 +458,7 @@ pub const CORE_CHILD: &str = "vmm";
 
 /// A VM's cgroup, created and owned by its core. Removing it is the keeper's job
 /// ([`remove_group`]), which runs outside it and outlives the core.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct VmCgroup {
     layout: Layout,
     group: PathBuf,
@@ -472,6 +472,19 @@ impl VmCgroup {
     /// calling process (the core) into its `vmm` child, enables the controllers for the children
     /// (v2) and applies `resources`.
     pub fn create(layout: Layout, vm_id: &str, resources: &Resources) -> Result<Self, CgroupError> {
+        let cg = Self::create_dirs(layout, vm_id, resources)?;
+        match cg.settle(resources) {
+            Ok(()) => Ok(cg),
+            Err(e) => {
+                cg.remove();
+                Err(e)
+            }
+        }
+    }
+
+    /// The first half of [`create`](Self::create): the directories only (fast). The second,
+    /// [`settle`](Self::settle), moves the core in, which the kernel may make slow.
+    fn create_dirs(layout: Layout, vm_id: &str, resources: &Resources) -> Result<Self, CgroupError> {
         let group = group_name(vm_id);
         for dir in layout.dirs(&group) {
             if dir.exists() && !remove_group(&dir) {
@@ -481,26 +494,32 @@ impl VmCgroup {
                 )));
             }
         }
-        let cg = Self { layout, group, resources: Resources::default() };
-        let result = cg.build(resources);
-        match result {
-            Ok(()) => Ok(Self { resources: resources.clone(), ..cg }),
+        let cg = Self { layout, group, resources: resources.clone() };
+        let made = cg.layout.dirs(&cg.group).iter().try_for_each(|dir| {
+            std::fs::create_dir(dir).map_err(io_err(dir))?;
+            let core = dir.join(CORE_CHILD);
+            std::fs::create_dir(&core).map_err(io_err(&core))
+        });
+        match made {
+            Ok(()) => Ok(cg),
             Err(e) => {
-                cg.leave();
-                for dir in cg.layout.dirs(&cg.group) {
-                    remove_group(&dir);
-                }
+                cg.remove();
                 Err(e)
             }
         }
     }
 
-    fn build(&self, resources: &Resources) -> Result<(), CgroupError> {
-        for dir in self.layout.dirs(&self.group) {
-            std::fs::create_dir(&dir).map_err(io_err(&dir))?;
-            let core = dir.join(CORE_CHILD);
-            std::fs::create_dir(&core).map_err(io_err(&core))?;
+    /// Moves the core out (v1) and removes what was made.
+    fn remove(&self) {
+        self.leave();
+        for dir in self.dirs() {
+            remove_group(&dir);
         }
+    }
+
+    /// Moves the core into its child group, hands the controllers down (v2) and applies
+    /// `resources`.
+    fn settle(&self, resources: &Resources) -> Result<(), CgroupError> {
         self.place(CORE_CHILD, std::process::id())?;
         if self.layout.version == Version::V2 {
             let parent = &self.layout.parents[""];
@@ -628,6 +647,12 @@ const KEEPER_GRACE: Duration = Duration::from_secs(5);
 pub struct KeptCgroup {
     /// `None` until the group exists (and if creating it failed).
     cgroup: std::sync::Mutex<Option<VmCgroup>>,
+    /// The core's move into the group, under way on a thread of its own (the first move of a
+    /// burst waits for an RCU grace period in the kernel, ~10 ms): start-up goes on meanwhile,
+    /// and [`settle`](Self::settle) waits for it before the guest's kernel is loaded.
+    settling: std::sync::Mutex<Option<std::thread::JoinHandle<Result<(), CgroupError>>>>,
+    /// Services started while the core's move was under way: moved by `settle`, in one burst.
+    pending: std::sync::Mutex<Vec<(String, u32)>>,
     keeper: std::sync::Mutex<Option<std::process::Child>>,
     /// Set once the core's main thread is narrowed: from then on only the keeper cleans up.
     sealed: std::sync::atomic::AtomicBool,
@@ -654,13 +679,37 @@ impl KeptCgroup {
         let _ = group;
         let kept = Self {
             cgroup: std::sync::Mutex::new(None),
+            settling: std::sync::Mutex::new(None),
+            pending: std::sync::Mutex::new(Vec::new()),
             keeper: std::sync::Mutex::new(Some(keeper)),
             sealed: std::sync::atomic::AtomicBool::new(false),
         };
         // On failure, dropping `kept` tells the keeper to leave everything as it is.
-        let cg = VmCgroup::create(layout, vm_id, resources)?;
+        let cg = VmCgroup::create_dirs(layout, vm_id, resources)?;
+        let (mover, r) = (cg.clone(), resources.clone());
+        let thread = std::thread::Builder::new().name("cgroup-settle".into()).spawn(move || mover.settle(&r));
         *kept.lock() = Some(cg);
+        match thread {
+            Ok(t) => *kept.settling.lock().unwrap_or_else(|e| e.into_inner()) = Some(t),
+            // No thread: do it here.
+            Err(_) => kept.with(|cg| cg.settle(resources))?,
+        }
         Ok(kept)
+    }
+
+    /// Waits for the core's move (see `settling`), then moves the services started meanwhile
+    /// into their groups. Call before the guest's memory is written (the pages are charged to
+    /// the group the writer is in) and before the guest runs.
+    pub fn settle(&self) -> Result<(), CgroupError> {
+        let handle = self.settling.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(h) = handle {
+            h.join().map_err(|_| CgroupError::Missing("the thread moving the core into its cgroup died".into()))??;
+        }
+        let pending = std::mem::take(&mut *self.pending.lock().unwrap_or_else(|e| e.into_inner()));
+        for (name, pid) in pending {
+            self.with(|cg| cg.place(&name, pid))?;
+        }
+        Ok(())
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Option<VmCgroup>> {
@@ -674,8 +723,13 @@ impl KeptCgroup {
         }
     }
 
-    /// Moves a service's process into its child group.
+    /// Moves a service's process into its child group; while the core's own move is under way,
+    /// notes it for [`settle`](Self::settle) instead.
     pub fn place(&self, name: &str, pid: u32) -> Result<(), CgroupError> {
+        if self.settling.lock().unwrap_or_else(|e| e.into_inner()).is_some() {
+            self.pending.lock().unwrap_or_else(|e| e.into_inner()).push((name.to_string(), pid));
+            return Ok(());
+        }
         self.with(|cg| cg.place(name, pid))
     }
 
@@ -718,11 +772,12 @@ impl Drop for KeptCgroup {
             }
             return;
         }
+        // A move still under way ends first: nothing is removed under it.
+        if let Some(h) = self.settling.get_mut().unwrap_or_else(|e| e.into_inner()).take() {
+            let _ = h.join();
+        }
         if let Some(cg) = self.cgroup.get_mut().unwrap_or_else(|e| e.into_inner()).take() {
-            cg.leave();
-            for dir in cg.dirs() {
-                remove_group(&dir);
-            }
+            cg.remove();
         }
         if let Some(mut k) = self.keeper.get_mut().unwrap_or_else(|e| e.into_inner()).take() {
             if let Some(mut pipe) = k.stdin.take() {

@@ -624,6 +624,11 @@ pub fn build(id: &str, config: &VmConfig) -> Result<RunningVm, LaunchError> {
         }
     }
     let registry = DeviceRegistry::new(plan, services.iter().map(service::ServiceHandle::remote).collect());
+    // The core in its cgroup (the move ran alongside the above) and the services in theirs,
+    // before guest memory is written: its pages are charged to the VM.
+    if let Some(cg) = &cgroup {
+        cg.settle().map_err(LaunchError::Cgroup)?;
+    }
 
     let kernel = boot::load_kernel(ram.memory(), &boot_source.kernel_image_path)?;
     let initrd = match &boot_source.initrd_path {
