@@ -417,6 +417,20 @@ pub fn parse_cpu_list(s: &str) -> Result<Vec<usize>, String> {
 }
 
 /// Pins the vCPU threads of this process (named `vcpuN`) to the CPU lists `lists` (vCPU i to
+/// `lists[i % len]`), waiting (up to a second) until `expect` of them carry their names: a
+/// thread names itself once it runs. Returns how many threads were pinned.
+pub fn pin_vcpus_expecting(lists: &[String], expect: usize) -> Result<usize, CgroupError> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(1);
+    loop {
+        let n = pin_vcpus(lists)?;
+        if n >= expect || std::time::Instant::now() >= deadline {
+            return Ok(n);
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// Pins the vCPU threads of this process (named `vcpuN`) to the CPU lists `lists` (vCPU i to
 /// `lists[i % len]`). Returns how many threads were pinned.
 pub fn pin_vcpus(lists: &[String]) -> Result<usize, CgroupError> {
     let sets = lists.iter().map(|l| parse_cpu_list(l)).collect::<Result<Vec<_>, _>>().map_err(CgroupError::Invalid)?;
@@ -814,6 +828,36 @@ fn procs_in(dir: &Path) -> Vec<u32> {
     out
 }
 
+/// SIGKILLs `pid` if it still is in a cgroup named `group`: checked through a pidfd, so a pid
+/// reused meanwhile by another process is never signalled.
+fn kill_if_in_group(pid: u32, group: &str) {
+    let Ok(p) = libc::pid_t::try_from(pid) else { return };
+    // SAFETY: pidfd_open(2) with a pid and no flags; the result is checked and owned below.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, p, 0) };
+    let Ok(fd) = std::os::fd::RawFd::try_from(fd) else { return };
+    if fd < 0 {
+        return;
+    }
+    // SAFETY: `fd` is a fresh pidfd this function owns.
+    let pidfd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    // The pidfd pins the process: if /proc shows it in the group now, the signal reaches it.
+    let inside = std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
+        .is_ok_and(|t| t.lines().any(|l| l.split('/').any(|part| part == group)));
+    if inside {
+        use std::os::fd::AsRawFd;
+        // SAFETY: pidfd_send_signal(2) on a pidfd we own, SIGKILL, no siginfo, no flags.
+        unsafe {
+            libc::syscall(
+                libc::SYS_pidfd_send_signal,
+                pidfd.as_raw_fd(),
+                libc::SIGKILL,
+                std::ptr::null::<libc::siginfo_t>(),
+                0,
+            )
+        };
+    }
+}
+
 /// The `oom_kill` count of a memory group (v2 `memory.events`, v1 `memory.oom_control`).
 fn oom_kills(memory: &Path, version: &str) -> u64 {
     let file = if version == "2" { "memory.events" } else { "memory.oom_control" };
@@ -864,12 +908,10 @@ pub fn keeper_main() -> std::process::ExitCode {
     while dirs.iter().any(|d| !procs_in(d).is_empty()) && std::time::Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(10));
     }
+    let group = dirs.first().and_then(|d| d.file_name()).map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     for d in &dirs {
         for pid in procs_in(d) {
-            if let Ok(p) = i32::try_from(pid) {
-                // SAFETY: kill(2) with a pid the kernel lists in this VM's own cgroup.
-                unsafe { libc::kill(p, libc::SIGKILL) };
-            }
+            kill_if_in_group(pid, &group);
         }
     }
     if let Some(m) = &memory {

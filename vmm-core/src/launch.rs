@@ -687,7 +687,8 @@ pub fn build(id: &str, config: &VmConfig) -> Result<RunningVm, LaunchError> {
         vcpus.spawn(fd, buses.clone(), stop.clone()).map_err(LaunchError::Vcpu)?;
     }
     if let Some(lists) = &config.bulkhead.cgroup.resources.vcpu_affinity {
-        let n = crate::cgroup::pin_vcpus(lists).map_err(LaunchError::Cgroup)?;
+        let n =
+            crate::cgroup::pin_vcpus_expecting(lists, usize::from(machine.vcpu_count)).map_err(LaunchError::Cgroup)?;
         log::info!("vCPU affinity: {n} vCPU thread(s) pinned to CPUs {}", lists.join(";"));
     }
     Ok(RunningVm {
