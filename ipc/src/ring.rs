@@ -749,16 +749,7 @@ impl CoreEndpoint {
         if st.broken {
             return Err(IpcError::Broken);
         }
-        let res = self.reap(&mut st).and_then(|()| {
-            // Room for one call behind the posted writes, always.
-            let outstanding = st.sub_prod.wrapping_sub(st.comp_cons);
-            if st.posted.len() >= MAX_POSTED || outstanding.saturating_add(2) > self.view.cap {
-                return Ok(false);
-            }
-            let (seq, _) = self.submit(&mut st, req)?;
-            st.posted.push_back(Posted { seq, req: *req });
-            Ok(true)
-        });
+        let res = self.reap(&mut st).and_then(|()| self.submit_posted(&mut st, req));
         if res.is_err() {
             st.broken = true;
         }
@@ -779,22 +770,25 @@ impl CoreEndpoint {
     pub fn adopt(&self, reqs: &[ExitRequest]) -> usize {
         let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
         let mut n = 0;
-        for req in reqs.iter().take(MAX_POSTED) {
-            if req.kind.is_read() || !valid_len(req.len) {
-                continue;
-            }
-            if st.sub_prod.wrapping_sub(st.comp_cons).saturating_add(2) > self.view.cap {
+        for req in reqs.iter().filter(|r| !r.kind.is_read() && valid_len(r.len)) {
+            if !matches!(self.submit_posted(&mut st, req), Ok(true)) {
                 break;
             }
-            match self.submit(&mut st, req) {
-                Ok((seq, _)) => {
-                    st.posted.push_back(Posted { seq, req: *req });
-                    n += 1;
-                }
-                Err(_) => break,
-            }
+            n += 1;
         }
         n
+    }
+
+    /// Submits `req` as a posted write if there is room: fewer than [`MAX_POSTED`] outstanding,
+    /// and always room for one call behind them. `Ok(false)`: no room, nothing submitted.
+    fn submit_posted(&self, st: &mut CoreState, req: &ExitRequest) -> Result<bool, IpcError> {
+        let outstanding = st.sub_prod.wrapping_sub(st.comp_cons);
+        if st.posted.len() >= MAX_POSTED || outstanding.saturating_add(2) > self.view.cap {
+            return Ok(false);
+        }
+        let (seq, _) = self.submit(st, req)?;
+        st.posted.push_back(Posted { seq, req: *req });
+        Ok(true)
     }
 
     /// Posted writes outstanding (submitted, completion not consumed yet).

@@ -459,10 +459,7 @@ pub struct ResourcesInfo {
 fn resources(v: &VmmView) -> ResourcesInfo {
     match v.cgroup.as_ref().and_then(|cg| cg.describe().map(|d| (d, cg.resources()))) {
         Some(((version, paths), resources)) => ResourcesInfo {
-            cgroup: Some(match version {
-                crate::cgroup::Version::V1 => "v1".into(),
-                crate::cgroup::Version::V2 => "v2".into(),
-            }),
+            cgroup: Some(version.name().into()),
             paths,
             resources,
             cpu_ns: v.cgroup.as_ref().and_then(|cg| cg.cpu_ns(None)),
@@ -881,7 +878,7 @@ mod tests {
     }
 
     fn req(ctx: &Ctx, method: &str, url: &str, body: &str) -> Reply {
-        let m: Verb = method.parse().expect("method");
+        let m = Verb::from(method);
         route(&m, url, body.as_bytes(), ctx)
     }
 

@@ -58,6 +58,16 @@ pub enum Version {
     V2,
 }
 
+impl Version {
+    /// `v1` or `v2`, as the API, the log and the keeper's arguments say it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::V1 => "v1",
+            Self::V2 => "v2",
+        }
+    }
+}
+
 /// The smallest and largest CPU weight (cgroup v2's `cpu.weight` range; 100 is the default).
 pub const WEIGHT_RANGE: (u32, u32) = (1, 10_000);
 /// Memory the VM needs beyond guest RAM (the core, its services, page tables), checked against a
@@ -480,25 +490,12 @@ pub struct VmCgroup {
 }
 
 impl VmCgroup {
-    /// Creates the VM's group under the layout's parents (a stale, empty one left by a VM of
-    /// the same id that crashed is removed first; one holding processes is refused, and so is
-    /// one that appears meanwhile: `mkdir` never reuses a directory), moves the
-    /// calling process (the core) into its `vmm` child, enables the controllers for the children
-    /// (v2) and applies `resources`.
-    pub fn create(layout: Layout, vm_id: &str, resources: &Resources) -> Result<Self, CgroupError> {
-        let cg = Self::create_dirs(layout, vm_id, resources)?;
-        match cg.settle(resources) {
-            Ok(()) => Ok(cg),
-            Err(e) => {
-                cg.remove();
-                Err(e)
-            }
-        }
-    }
-
-    /// The first half of [`create`](Self::create): the directories only (fast). The second,
-    /// [`settle`](Self::settle), moves the core in, which the kernel may make slow.
-    fn create_dirs(layout: Layout, vm_id: &str, resources: &Resources) -> Result<Self, CgroupError> {
+    /// Creates the VM's group under the layout's parents, the directories only (fast): a
+    /// stale, empty one left by a VM of the same id that crashed is removed first; one holding
+    /// processes is refused, and so is one that appears meanwhile (`mkdir` never reuses a
+    /// directory). [`settle`](Self::settle) then moves the core in, which the kernel may make
+    /// slow.
+    fn create(layout: Layout, vm_id: &str, resources: &Resources) -> Result<Self, CgroupError> {
         let group = group_name(vm_id);
         for dir in layout.dirs(&group) {
             if dir.exists() && !remove_group(&dir) {
@@ -673,7 +670,8 @@ pub struct KeptCgroup {
 }
 
 impl KeptCgroup {
-    /// Starts the keeper, then creates the VM's group ([`VmCgroup::create`]).
+    /// Starts the keeper, then creates the VM's group ([`VmCgroup::create`]) and starts moving
+    /// the core into it (see `settling`).
     pub fn start(layout: Layout, vm_id: &str, resources: &Resources) -> Result<Self, CgroupError> {
         let group = group_name(vm_id);
         let mut cmd = std::process::Command::new("/proc/self/exe");
@@ -683,14 +681,10 @@ impl KeptCgroup {
             cmd.arg("--dir").arg(dir);
         }
         if let Some(m) = layout.dir("memory", &group) {
-            cmd.arg("--memory").arg(m).arg("--version").arg(match layout.version {
-                Version::V1 => "1",
-                Version::V2 => "2",
-            });
+            cmd.arg("--memory").arg(m).arg("--version").arg(layout.version.name());
         }
         cmd.stdin(std::process::Stdio::piped()).stdout(std::process::Stdio::null());
         let keeper = cmd.spawn().map_err(io_err(Path::new("/proc/self/exe")))?;
-        let _ = group;
         let kept = Self {
             cgroup: std::sync::Mutex::new(None),
             settling: std::sync::Mutex::new(None),
@@ -699,7 +693,7 @@ impl KeptCgroup {
             sealed: std::sync::atomic::AtomicBool::new(false),
         };
         // On failure, dropping `kept` tells the keeper to leave everything as it is.
-        let cg = VmCgroup::create_dirs(layout, vm_id, resources)?;
+        let cg = VmCgroup::create(layout, vm_id, resources)?;
         let (mover, r) = (cg.clone(), resources.clone());
         let thread = std::thread::Builder::new().name("cgroup-settle".into()).spawn(move || mover.settle(&r));
         *kept.lock() = Some(cg);
@@ -860,7 +854,7 @@ fn kill_if_in_group(pid: u32, group: &str) {
 
 /// The `oom_kill` count of a memory group (v2 `memory.events`, v1 `memory.oom_control`).
 fn oom_kills(memory: &Path, version: &str) -> u64 {
-    let file = if version == "2" { "memory.events" } else { "memory.oom_control" };
+    let file = if version == Version::V2.name() { "memory.events" } else { "memory.oom_control" };
     std::fs::read_to_string(memory.join(file))
         .ok()
         .and_then(|t| t.lines().find_map(|l| l.strip_prefix("oom_kill ").and_then(|n| n.trim().parse().ok())))
@@ -868,7 +862,7 @@ fn oom_kills(memory: &Path, version: &str) -> u64 {
 }
 
 /// The keeper ([`KeptCgroup`]): `bulkhead-cgroup-keeper --vm ID --dir DIR... [--memory DIR
-/// --version 1|2]`, its stdin the pipe the core holds. Returns its exit status.
+/// --version v1|v2]`, its stdin the pipe the core holds. Returns its exit status.
 pub fn keeper_main() -> std::process::ExitCode {
     use std::io::Read as _;
     for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGPIPE] {
@@ -876,7 +870,7 @@ pub fn keeper_main() -> std::process::ExitCode {
         unsafe { libc::signal(sig, libc::SIG_IGN) };
     }
     let mut args = std::env::args().skip(1);
-    let (mut vm, mut dirs, mut memory, mut version) = (String::new(), Vec::new(), None, String::from("1"));
+    let (mut vm, mut dirs, mut memory, mut version) = (String::new(), Vec::new(), None, Version::V1.name().to_string());
     while let Some(a) = args.next() {
         let v = args.next().unwrap_or_default();
         match a.as_str() {
@@ -917,9 +911,12 @@ pub fn keeper_main() -> std::process::ExitCode {
     if let Some(m) = &memory {
         let n = oom_kills(m, &version);
         if n > 0 {
-            let limit =
-                std::fs::read_to_string(m.join(if version == "2" { "memory.max" } else { "memory.limit_in_bytes" }))
-                    .unwrap_or_default();
+            let limit = std::fs::read_to_string(m.join(if version == Version::V2.name() {
+                "memory.max"
+            } else {
+                "memory.limit_in_bytes"
+            }))
+            .unwrap_or_default();
             eprintln!(
                 "bulkhead: VM {vm}: ended by the kernel's OOM killer in its cgroup ({n} process(es) killed; memory \
                  limit {} bytes)",
@@ -964,10 +961,7 @@ pub fn for_vm(
     let (version, dirs) = kept.describe().unwrap_or((Version::V1, Vec::new()));
     log::info!(
         "cgroup {}: {}",
-        match version {
-            Version::V1 => "v1",
-            Version::V2 => "v2",
-        },
+        version.name(),
         dirs.iter().map(|d| d.display().to_string()).collect::<Vec<_>>().join(" ")
     );
     Ok(Some(kept))

@@ -45,12 +45,9 @@ pub struct VmmArgs {
     /// Accept fault injection over the API (off by default).
     #[arg(long)]
     pub allow_faults: bool,
-    /// Create the VM's cgroup under this path of each hierarchy (default: where bulkhead runs).
-    #[arg(long, value_name = "PATH")]
-    pub cgroup_parent: Option<String>,
-    /// No cgroup for the VM.
-    #[arg(long)]
-    pub no_cgroup: bool,
+    /// Where the VM's cgroup goes, or none.
+    #[command(flatten)]
+    pub cgroup: CgroupPlacementArgs,
     /// Print the version and exit.
     #[arg(long)]
     pub version: bool,
@@ -107,22 +104,30 @@ pub enum Command {
 pub struct SetArgs {
     /// The VM: its id (socket `/run/bulkhead/ID.sock`) or a socket path.
     pub vm: String,
-    /// CPU weight against other VMs, 1–10000.
+    /// The settings to change.
+    #[command(flatten)]
+    pub resources: ResourceArgs,
+}
+
+/// What a VM may use, on the command line: `bulkhead run` at start, `bulkhead set` live.
+#[derive(Debug, Args, Clone, Default)]
+pub struct ResourceArgs {
+    /// CPU weight against other VMs, 1–10000 (100 is the default share).
     #[arg(long, value_name = "N")]
     pub cpu_weight: Option<u32>,
-    /// CPU limit: µs of CPU time per period.
+    /// CPU limit: this many µs of CPU time per period (e.g. 50000 = half a CPU).
     #[arg(long, value_name = "US")]
     pub cpu_quota_us: Option<u64>,
-    /// The period of the CPU limit, µs.
+    /// The period of the CPU limit, 1000–1000000 µs (default 100000).
     #[arg(long, value_name = "US")]
     pub cpu_period_us: Option<u64>,
-    /// Memory limit, guest RAM included (bytes; K, M, G suffixes).
+    /// Memory limit of the whole VM, guest RAM included (bytes; K, M, G suffixes).
     #[arg(long, value_name = "BYTES", value_parser = parse_bytes)]
     pub memory_max: Option<u64>,
-    /// Most processes and threads.
+    /// Most processes and threads of the VM.
     #[arg(long, value_name = "N")]
     pub pids_max: Option<u64>,
-    /// Block I/O weight, 1–10000.
+    /// Block I/O weight, 1–10000 (where the host has the controller).
     #[arg(long, value_name = "N")]
     pub io_weight: Option<u32>,
     /// The CPUs of each vCPU thread: `CPUS[;CPUS...]`, entry i for vCPU i (cycled), each a CPU
@@ -131,9 +136,9 @@ pub struct SetArgs {
     pub vcpu_affinity: Option<String>,
 }
 
-impl SetArgs {
-    /// The update these arguments describe.
-    pub fn resources(&self) -> crate::cgroup::Resources {
+impl ResourceArgs {
+    /// The settings these arguments describe (those not given stay unset).
+    pub fn to_resources(&self) -> crate::cgroup::Resources {
         crate::cgroup::Resources {
             cpu_weight: self.cpu_weight,
             cpu_quota_us: self.cpu_quota_us,
@@ -316,32 +321,21 @@ pub struct RunArgs {
     pub cgroup: CgroupArgs,
 }
 
-/// The VM's cgroup, on the command line (`bulkhead run`; the API VMM takes `--cgroup-parent`
-/// and `--no-cgroup`, and the rest in its configuration).
+/// The VM's cgroup, on the command line (`bulkhead run`; the API VMM takes the placement only,
+/// and the settings in its configuration).
 #[derive(Debug, Args, Clone, Default)]
 pub struct CgroupArgs {
-    /// CPU weight against other VMs, 1–10000 (100 is the default share).
-    #[arg(long, value_name = "N")]
-    pub cpu_weight: Option<u32>,
-    /// CPU limit: this many µs of CPU time per period (e.g. 50000 = half a CPU).
-    #[arg(long, value_name = "US")]
-    pub cpu_quota_us: Option<u64>,
-    /// The period of the CPU limit, 1000–1000000 µs (default 100000).
-    #[arg(long, value_name = "US")]
-    pub cpu_period_us: Option<u64>,
-    /// Memory limit of the whole VM, guest RAM included (bytes; K, M, G suffixes).
-    #[arg(long, value_name = "BYTES", value_parser = parse_bytes)]
-    pub memory_max: Option<u64>,
-    /// Most processes and threads of the VM.
-    #[arg(long, value_name = "N")]
-    pub pids_max: Option<u64>,
-    /// Block I/O weight, 1–10000 (where the host has the controller).
-    #[arg(long, value_name = "N")]
-    pub io_weight: Option<u32>,
-    /// The CPUs of each vCPU thread: `CPUS[;CPUS...]`, entry i for vCPU i (cycled), each a CPU
-    /// list such as `2`, `0-3` or `0,2`.
-    #[arg(long, value_name = "CPUS[;CPUS...]")]
-    pub vcpu_affinity: Option<String>,
+    /// What the VM may use.
+    #[command(flatten)]
+    pub resources: ResourceArgs,
+    /// Where its cgroup goes, or none.
+    #[command(flatten)]
+    pub placement: CgroupPlacementArgs,
+}
+
+/// Where the VM's cgroup goes (`bulkhead run` and the API VMM).
+#[derive(Debug, Args, Clone, Default)]
+pub struct CgroupPlacementArgs {
     /// Create the VM's cgroup under this path of each hierarchy (default: where bulkhead runs).
     #[arg(long, value_name = "PATH")]
     pub cgroup_parent: Option<String>,
@@ -354,17 +348,9 @@ impl CgroupArgs {
     /// The configuration these arguments describe.
     pub fn to_config(&self) -> crate::config::CgroupConfig {
         crate::config::CgroupConfig {
-            disabled: self.no_cgroup,
-            parent: self.cgroup_parent.clone(),
-            resources: crate::cgroup::Resources {
-                cpu_weight: self.cpu_weight,
-                cpu_quota_us: self.cpu_quota_us,
-                cpu_period_us: self.cpu_period_us,
-                memory_max: self.memory_max,
-                pids_max: self.pids_max,
-                io_weight: self.io_weight,
-                vcpu_affinity: self.vcpu_affinity.as_deref().map(split_affinity),
-            },
+            disabled: self.placement.no_cgroup,
+            parent: self.placement.cgroup_parent.clone(),
+            resources: self.resources.to_resources(),
         }
     }
 }
@@ -786,7 +772,8 @@ mod tests {
         else {
             panic!("set")
         };
-        assert_eq!((s.resources().cpu_weight, s.resources().memory_max), (Some(300), Some(1 << 30)));
+        let r = s.resources.to_resources();
+        assert_eq!((r.cpu_weight, r.memory_max), (Some(300), Some(1 << 30)));
         assert!(matches!(
             parse(&["inspect", "vm1", "--json"]).expect("parse").command,
             Command::Inspect(InspectArgs { json: true, .. })

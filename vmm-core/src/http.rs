@@ -75,15 +75,14 @@ pub enum Verb {
     Other(String),
 }
 
-impl std::str::FromStr for Verb {
-    type Err = Infallible;
-    fn from_str(s: &str) -> Result<Self, Infallible> {
-        Ok(match s {
+impl From<&str> for Verb {
+    fn from(s: &str) -> Self {
+        match s {
             "GET" => Self::Get,
             "PUT" => Self::Put,
             "PATCH" => Self::Patch,
             other => Self::Other(other.to_string()),
-        })
+        }
     }
 }
 
@@ -463,7 +462,7 @@ async fn read_request(req: Request<Incoming>, max_body: usize) -> Result<HttpReq
     if let Some(n) = declared.filter(|&n| n > max_body) {
         return Err(too_big(n));
     }
-    let verb = req.method().as_str().parse().unwrap_or(Verb::Other(String::new()));
+    let verb = Verb::from(req.method().as_str());
     let path = req.uri().path().to_string();
     let body = match Limited::new(req.into_body(), max_body).collect().await {
         Ok(b) => b.to_bytes().to_vec(),

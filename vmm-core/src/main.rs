@@ -54,7 +54,7 @@ fn main() -> ExitCode {
         Some(Command::Fault(f)) => fault(&f),
         Some(Command::Stats(v)) => stats(&v.vm),
         Some(Command::Inspect(a)) => inspect(&a.vm, a.json),
-        Some(Command::Set(a)) => match serde_json::to_string(&a.resources()) {
+        Some(Command::Set(a)) => match serde_json::to_string(&a.resources.to_resources()) {
             Ok(body) => simple(&a.vm, "PATCH", "/bulkhead/resources", &body, "resources set"),
             Err(e) => {
                 eprintln!("bulkhead: error: {e}");
@@ -157,9 +157,9 @@ fn serve_api(args: &VmmArgs) -> ExitCode {
     };
     let mut config = config;
     config.bulkhead.allow_faults |= args.allow_faults;
-    config.bulkhead.cgroup.disabled |= args.no_cgroup;
-    if args.cgroup_parent.is_some() {
-        config.bulkhead.cgroup.parent.clone_from(&args.cgroup_parent);
+    config.bulkhead.cgroup.disabled |= args.cgroup.no_cgroup;
+    if args.cgroup.cgroup_parent.is_some() {
+        config.bulkhead.cgroup.parent.clone_from(&args.cgroup.cgroup_parent);
     }
     drive(Vmm::new(&id, config), sock.as_deref(), args.config_file.is_some())
 }

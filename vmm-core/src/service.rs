@@ -525,13 +525,17 @@ impl RemoteDevice {
                 let cur = self.lock_current();
                 (cur.ring.clone(), cur.generation)
             };
-            // A register the service publishes (no read side effect): answered here, as the
-            // service would have, with no round trip.
-            if let Some(reply) = ring.read_mirror(&req) {
-                self.mirrored.fetch_add(1, Ordering::Relaxed);
+            // Counts an access answered by `how`; one answered by a later instance is redone.
+            let answered = |how: &AtomicU64| {
+                how.fetch_add(1, Ordering::Relaxed);
                 if attempt > 0 {
                     self.redone.fetch_add(1, Ordering::Relaxed);
                 }
+            };
+            // A register the service publishes (no read side effect): answered here, as the
+            // service would have, with no round trip.
+            if let Some(reply) = ring.read_mirror(&req) {
+                answered(&self.mirrored);
                 return Some(reply.data);
             }
             let timeout = Duration::from_micros(self.timeout_us.load(Ordering::Relaxed));
@@ -542,10 +546,7 @@ impl RemoteDevice {
             let posted = if kind.is_read() { Ok(false) } else { ring.post(&req) };
             let result = match posted {
                 Ok(true) => {
-                    self.posted.fetch_add(1, Ordering::Relaxed);
-                    if attempt > 0 {
-                        self.redone.fetch_add(1, Ordering::Relaxed);
-                    }
+                    answered(&self.posted);
                     return Some([0; 8]);
                 }
                 Ok(false) => ring.call_with_io(&req, timeout, io_deadline),
@@ -553,10 +554,7 @@ impl RemoteDevice {
             };
             match result {
                 Ok(reply) => {
-                    self.forwarded.fetch_add(1, Ordering::Relaxed);
-                    if attempt > 0 {
-                        self.redone.fetch_add(1, Ordering::Relaxed);
-                    }
+                    answered(&self.forwarded);
                     if reply.status == Status::Rejected {
                         self.rejected.fetch_add(1, Ordering::Relaxed);
                         return None;
