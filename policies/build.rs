@@ -20,6 +20,10 @@ const POLICIES: &[(&str, &[&str])] = &[
     ("net", &["common.json", "net.json"]),
     ("vcpu", &["vcpu.json"]),
     ("core-main", &["core-main.json"]),
+    ("core-api", &["core-api.json"]),
+    ("core-supervisor", &["core-supervisor.json"]),
+    ("core-faults", &["core-faults.json"]),
+    ("no-clone3", &["no-clone3.json"]),
 ];
 
 const UNISTD: &str = "/usr/include/x86_64-linux-gnu/asm/unistd_64.h";
@@ -105,10 +109,12 @@ fn read_filter(path: &Path) -> Map<String, Value> {
 fn merge(name: &str, files: &[PathBuf]) -> Value {
     let mut rules: Vec<Value> = Vec::new();
     let mut mismatch = None;
+    let mut matched = None;
     for f in files {
         let filter = read_filter(f);
         // The last file (the service's own) decides the default action.
         mismatch = filter.get("mismatch_action").cloned().or(mismatch);
+        matched = filter.get("match_action").cloned().or(matched);
         let list =
             filter.get("filter").and_then(Value::as_array).unwrap_or_else(|| panic!("{}: no filter list", f.display()));
         rules.extend(list.iter().cloned());
@@ -132,7 +138,7 @@ fn merge(name: &str, files: &[PathBuf]) -> Value {
         .collect();
     json!({ name: {
         "mismatch_action": mismatch.unwrap_or_else(|| panic!("policy {name}: no mismatch_action")),
-        "match_action": "allow",
+        "match_action": matched.unwrap_or_else(|| json!("allow")),
         "filter": rules,
     }})
 }

@@ -951,6 +951,10 @@ pub fn attempt_forbidden(action: ForbiddenAction) -> std::io::Result<libc::c_lon
                 )
             })
         }
+        ForbiddenAction::SignalAll => {
+            // SAFETY: kill takes integers only.
+            check(unsafe { libc::syscall(libc::SYS_kill, -1, libc::SIGKILL) })
+        }
         ForbiddenAction::WriteOutsideRoot => {
             let flags = libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC | libc::O_CLOEXEC;
             // SAFETY: openat with a NUL-terminated static path, integer flags and mode.

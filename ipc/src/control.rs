@@ -676,17 +676,20 @@ pub enum ForbiddenAction {
     Mount,
     /// Create and write `/tmp/bulkhead-escape` (outside the service's root).
     WriteOutsideRoot,
+    /// `kill(-1, SIGKILL)`: every process the service may signal (another VM's, its core).
+    SignalAll,
 }
 
 impl ForbiddenAction {
     /// Every action.
-    pub const ALL: [ForbiddenAction; 6] = [
+    pub const ALL: [ForbiddenAction; 7] = [
         ForbiddenAction::OpenHostFile,
         ForbiddenAction::Execve,
         ForbiddenAction::InetSocket,
         ForbiddenAction::Ptrace,
         ForbiddenAction::Mount,
         ForbiddenAction::WriteOutsideRoot,
+        ForbiddenAction::SignalAll,
     ];
 }
 
@@ -760,14 +763,34 @@ impl ControlChannel {
     }
 
     fn send_with(&self, msg: &ControlMsg, fds: &[BorrowedFd<'_>], flags: MsgFlags) -> Result<(), ControlError> {
+        self.send_bytes_with(&encode(msg)?, fds, flags)
+    }
+
+    /// Sends another protocol's encoded message (at most [`MAX_MSG_SIZE`] bytes) with `fds`,
+    /// waiting while the peer's queue is full: the same framing as [`send`](Self::send).
+    pub fn send_bytes(&self, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> Result<(), ControlError> {
+        if bytes.len() > MAX_MSG_SIZE {
+            return Err(ControlError::TooLarge);
+        }
+        self.send_bytes_with(bytes, fds, MsgFlags::MSG_NOSIGNAL)
+    }
+
+    /// [`send_bytes`](Self::send_bytes) without ever waiting (as [`send_now`](Self::send_now)).
+    pub fn send_bytes_now(&self, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> Result<(), ControlError> {
+        if bytes.len() > MAX_MSG_SIZE {
+            return Err(ControlError::TooLarge);
+        }
+        self.send_bytes_with(bytes, fds, MsgFlags::MSG_NOSIGNAL | MsgFlags::MSG_DONTWAIT)
+    }
+
+    fn send_bytes_with(&self, bytes: &[u8], fds: &[BorrowedFd<'_>], flags: MsgFlags) -> Result<(), ControlError> {
         if fds.len() > MAX_FDS {
             return Err(ControlError::TooManyFds(fds.len()));
         }
-        let bytes = encode(msg)?;
         let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
         let rights = [ControlMessage::ScmRights(&raw)];
         let cmsgs: &[ControlMessage<'_>] = if raw.is_empty() { &[] } else { &rights };
-        let iov = [IoSlice::new(&bytes)];
+        let iov = [IoSlice::new(bytes)];
         sendmsg::<()>(self.fd.as_raw_fd(), &iov, cmsgs, flags, None).map_err(|e| {
             if e == nix::Error::EAGAIN {
                 ControlError::Full
@@ -790,6 +813,22 @@ impl ControlChannel {
 
     /// Receives one message that is already queued (returns [`ControlError::Timeout`] if none).
     pub fn recv_now(&self) -> Result<(ControlMsg, Vec<OwnedFd>), ControlError> {
+        let (bytes, fds) = self.recv_bytes_now()?;
+        Ok((decode(&bytes)?, fds))
+    }
+
+    /// [`recv`](Self::recv) for another protocol: the message's bytes (bounded by
+    /// [`MAX_MSG_SIZE`], checked for truncation) and its fds, for the caller to decode.
+    pub fn recv_bytes(&self, deadline: Instant) -> Result<(Vec<u8>, Vec<OwnedFd>), ControlError> {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let ready = wait::wait_readable(self.fd.as_fd(), left).map_err(|e| ControlError::Recv(io_to_nix(&e)))?;
+        if !ready {
+            return Err(ControlError::Timeout);
+        }
+        self.recv_bytes_now()
+    }
+
+    fn recv_bytes_now(&self) -> Result<(Vec<u8>, Vec<OwnedFd>), ControlError> {
         // The next message's length first (`MSG_PEEK | MSG_TRUNC` returns a datagram's full
         // length and leaves it, fds included, queued), so a buffer of its size does: most are a
         // few dozen bytes, and a zeroed 64 KiB buffer per message (a liveness ping every 250 ms)
@@ -853,8 +892,8 @@ impl ControlChannel {
         if fds.len() > MAX_FDS {
             return Err(ControlError::TooManyFds(fds.len()));
         }
-        let msg = decode(&buf[..len])?;
-        Ok((msg, fds))
+        buf.truncate(len);
+        Ok((buf, fds))
     }
 
     /// Sends raw bytes (tests of a hostile peer use this to send garbage).

@@ -65,6 +65,15 @@ pub enum Policy {
     /// started and restarted by supervisor threads created during set-up, which stay unfiltered
     /// because a filter is inherited by the processes a thread creates).
     CoreMain,
+    /// The core's API threads (the acceptor and one per connection), from their start: HTTP on
+    /// the API socket, control messages to services and the helper, the output files the API
+    /// opens, vCPU pinning; no process creation, no exec.
+    CoreApi,
+    /// A service's supervisor thread in the core, from its start: rings, doorbells, control
+    /// sockets, restarts through the VM's helper (which creates the processes), reaping.
+    CoreSupervisor,
+    /// The core's fault-schedule thread: control messages and kills of services.
+    CoreFaults,
 }
 
 macro_rules! embedded {
@@ -78,7 +87,16 @@ macro_rules! embedded {
 
 impl Policy {
     /// Every policy.
-    pub const ALL: [Policy; 5] = [Policy::Console, Policy::Block, Policy::Net, Policy::CoreVcpu, Policy::CoreMain];
+    pub const ALL: [Policy; 8] = [
+        Policy::Console,
+        Policy::Block,
+        Policy::Net,
+        Policy::CoreVcpu,
+        Policy::CoreMain,
+        Policy::CoreApi,
+        Policy::CoreSupervisor,
+        Policy::CoreFaults,
+    ];
 
     /// The policy's name (its JSON key).
     pub fn name(self) -> &'static str {
@@ -88,6 +106,9 @@ impl Policy {
             Policy::Net => "net",
             Policy::CoreVcpu => "vcpu",
             Policy::CoreMain => "core-main",
+            Policy::CoreApi => "core-api",
+            Policy::CoreSupervisor => "core-supervisor",
+            Policy::CoreFaults => "core-faults",
         }
     }
 
@@ -98,6 +119,9 @@ impl Policy {
             Policy::Net => embedded!("net"),
             Policy::CoreVcpu => embedded!("vcpu"),
             Policy::CoreMain => embedded!("core-main"),
+            Policy::CoreApi => embedded!("core-api"),
+            Policy::CoreSupervisor => embedded!("core-supervisor"),
+            Policy::CoreFaults => embedded!("core-faults"),
         }
     }
 
@@ -194,6 +218,32 @@ impl Action {
 pub fn install(policy: Policy) -> Result<(), PolicyError> {
     let prog = policy.program()?;
     seccompiler::apply_filter(&prog).map_err(|source| PolicyError::Install { name: policy.name(), source })
+}
+
+/// Stacks, on the calling thread, a filter that answers `clone3` with `ENOSYS` and allows
+/// everything else: glibc then creates threads with `clone(2)`, whose flags a thread's own
+/// policy can check (`clone3` passes its flags in memory, which seccomp cannot read). For core
+/// threads that create threads after their filter is in place (the API's).
+pub fn install_no_clone3() -> Result<(), PolicyError> {
+    let prog = no_clone3_program()?;
+    seccompiler::apply_filter(&prog).map_err(|source| PolicyError::Install { name: "no-clone3", source })
+}
+
+/// The program [`install_no_clone3`] loads.
+pub fn no_clone3_program() -> Result<Vec<sock_filter>, PolicyError> {
+    let bytes = include_bytes!(concat!(env!("OUT_DIR"), "/no-clone3.bpf")).as_slice();
+    if bytes.is_empty() || !bytes.len().is_multiple_of(8) {
+        return Err(PolicyError::Malformed("no-clone3"));
+    }
+    Ok(bytes
+        .chunks_exact(8)
+        .map(|c| sock_filter {
+            code: u16::from_le_bytes([c[0], c[1]]),
+            jt: c[2],
+            jf: c[3],
+            k: u32::from_le_bytes([c[4], c[5], c[6], c[7]]),
+        })
+        .collect())
 }
 
 /// Name of x86_64 syscall `nr`, if it has one.

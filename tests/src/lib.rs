@@ -272,9 +272,26 @@ pub fn children_of(parent: u32) -> Vec<ProcInfo> {
     v
 }
 
-/// The service processes among the children of `core` (not its cgroup keeper).
+/// The service processes among the children of `core` (not its privileged helper).
 pub fn services_of(core: u32) -> Vec<ProcInfo> {
-    children_of(core).into_iter().filter(|p| !p.runs("bulkhead-cgroup-keeper")).collect()
+    children_of(core).into_iter().filter(|p| !p.runs("bulkhead-helper")).collect()
+}
+
+/// The `(uid, gid)` the core `pid` runs as once its VM is built: as root, the VM's own ids
+/// after the core's drop (waited for, at most 10 s); otherwise the caller's.
+pub fn core_ids(pid: u32) -> (u32, u32) {
+    let read = || -> Option<(u32, u32)> {
+        let st = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        let first = |key: &str| -> Option<u32> {
+            st.lines().find_map(|l| l.strip_prefix(key))?.split_whitespace().next()?.parse().ok()
+        };
+        Some((first("Uid:")?, first("Gid:")?))
+    };
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        wait_until(Duration::from_secs(10), || read().is_some_and(|(u, _)| u != 0));
+    }
+    read().unwrap_or((u32::MAX, u32::MAX))
 }
 
 /// Polls `cond` every 20 ms for at most `limit`; returns whether it became true.

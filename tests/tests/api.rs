@@ -414,7 +414,16 @@ fn patch_drive_path_swaps_the_image_under_the_running_guest() {
     let child = bulkhead(&args).spawn().expect("spawn");
     // Let the guest read the old image a few times first.
     std::thread::sleep(Duration::from_millis(500));
+    // The jailed core opens the new image as the VM's uid (as with Firecracker's jailer, the
+    // operator gives it access): refused until then, with the uid named.
     let body = serde_json::json!({ "drive_id": "data", "path_on_host": new }).to_string();
+    let uid = core_ids(child.id()).0;
+    if uid != 0 {
+        let (s, b) = curl(&sock, "PATCH", "/drives/data", Some(&body));
+        assert_eq!(s, 400, "{b}");
+        assert!(b.contains(&format!("runs as uid {uid}")), "{b}");
+        std::os::unix::fs::chown(&new, Some(uid), None).expect("chown the new image");
+    }
     let (s, b) = curl(&sock, "PATCH", "/drives/data", Some(&body));
     assert_eq!(s, 204, "{b}");
     let (_, cfg) = curl(&sock, "GET", "/vm/config", None);

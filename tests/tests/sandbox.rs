@@ -60,9 +60,15 @@ fn assert_jailed(core: u32, pid: u32, what: &str, declared: &[String], file_size
         assert_eq!(st[cap], "0000000000000000", "{cap} of {ctx}");
     }
     if is_root() {
-        // Real, effective, saved and filesystem ids, seen from the core's namespace.
-        assert_eq!(st["Uid"].split_whitespace().collect::<Vec<_>>(), ["65534"; 4], "{ctx}");
-        assert_eq!(st["Gid"].split_whitespace().collect::<Vec<_>>(), ["65534"; 4], "{ctx}");
+        // Real, effective, saved and filesystem ids, seen from the host: the VM's service ids,
+        // the pair after the jailed core's own (neither root nor the core's).
+        let core_st = status(core);
+        let core_uid: u32 = core_st["Uid"].split_whitespace().next().and_then(|u| u.parse().ok()).expect("core uid");
+        let core_gid: u32 = core_st["Gid"].split_whitespace().next().and_then(|g| g.parse().ok()).expect("core gid");
+        assert_ne!(core_uid, 0, "the core still runs as root: {core_st:?}");
+        let (uid, gid) = ((core_uid + 1).to_string(), (core_gid + 1).to_string());
+        assert_eq!(st["Uid"].split_whitespace().collect::<Vec<_>>(), [uid.as_str(); 4], "{ctx}");
+        assert_eq!(st["Gid"].split_whitespace().collect::<Vec<_>>(), [gid.as_str(); 4], "{ctx}");
         assert_eq!(st["Groups"], "", "supplementary groups of {ctx}");
     }
     // pid 1 of its own PID namespace, and still the core's direct child.

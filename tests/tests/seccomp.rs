@@ -13,13 +13,14 @@ const LIMIT: Duration = Duration::from_secs(120);
 const ESCAPE: &str = "/tmp/bulkhead-escape";
 
 /// Action flag value and the syscall it must be stopped at, with its x86_64 number.
-const ACTIONS: [(&str, &str, u32); 6] = [
+const ACTIONS: [(&str, &str, u32); 7] = [
     ("open-host-file", "openat", 257),
     ("execve", "execve", 59),
     ("inet-socket", "socket", 41),
     ("ptrace", "ptrace", 101),
     ("mount", "mount", 165),
     ("write-outside-root", "openat", 257),
+    ("signal-all", "kill", 62),
 ];
 
 fn action(name: &str) -> (&'static str, &'static str, u32) {
@@ -114,6 +115,7 @@ per_action! {
     console_ptrace, block_ptrace: "ptrace";
     console_mount, block_mount: "mount";
     console_write_outside_root, block_write_outside_root: "write-outside-root";
+    console_signal_all, block_signal_all: "signal-all";
 }
 
 #[test]

@@ -79,7 +79,12 @@ impl ApiServer {
     /// Listens on `path` (a stale socket file there is replaced; one a live VMM answers on is
     /// refused) and serves `view`, sending actions to `actions`. Only root and this process's
     /// effective uid get answers ([`PeerPolicy::own_uid`]).
-    pub fn start(path: &Path, view: SharedView, actions: Sender<ApiCall>) -> Result<Self, ApiError> {
+    pub fn start(
+        path: &Path,
+        view: SharedView,
+        actions: Sender<ApiCall>,
+        confine: Option<bulkhead_policies::Policy>,
+    ) -> Result<Self, ApiError> {
         let bind_err = |reason: String| ApiError::Bind { path: path.to_path_buf(), reason };
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty() && !d.exists()) {
             use std::os::unix::fs::DirBuilderExt;
@@ -96,13 +101,23 @@ impl ApiServer {
         let ctx = Ctx { view, actions };
         let handler: Arc<Handler> = Arc::new(move |req: &HttpRequest| route(&req.verb, &req.path, &req.body, &ctx));
         let http =
-            HttpServer::start(listener, path.to_path_buf(), handler, PeerPolicy::own_uid(), MAX_BODY).map_err(|e| {
+            HttpServer::start(listener, path.to_path_buf(), handler, PeerPolicy::own_uid(), MAX_BODY, confine).map_err(|e| {
                 let _ = std::fs::remove_file(path);
                 ApiError::Http(e)
             })?;
+        *SOCKET.lock().unwrap_or_else(|e| e.into_inner()) = Some(path.to_path_buf());
         log::info!("API listening at {}", path.display());
         Ok(Self { _http: http, path: path.to_path_buf() })
     }
+}
+
+/// The socket this process serves its API on (the VM's helper removes it once the jailed core,
+/// which may no longer write the socket's directory, has exited).
+static SOCKET: std::sync::Mutex<Option<PathBuf>> = std::sync::Mutex::new(None);
+
+/// The path of this process's API socket, if it serves one.
+pub fn socket_path() -> Option<PathBuf> {
+    SOCKET.lock().unwrap_or_else(|e| e.into_inner()).clone()
 }
 
 /// Clears the way for a socket at `path`: nothing there, or a socket nobody answers on (left by
@@ -368,7 +383,14 @@ fn route(method: &Verb, url: &str, body: &[u8], ctx: &Ctx) -> Reply {
             let v = view(ctx);
             let services: Vec<(String, u32)> =
                 v.devices.iter().flat_map(|reg| reg.iter().map(|(d, svc)| (d.service.clone(), svc.pid()))).collect();
-            Reply::json(&crate::isolation::report(&v.id, &services))
+            // The jailed core may not read its services' fds and namespaces: its helper reads them.
+            match crate::helper::current() {
+                Some(h) => match h.report(&v.id, &services) {
+                    Ok(r) => Reply::json(&r),
+                    Err(e) => Reply::error(crate::vmm::chain(&e)),
+                },
+                None => Reply::json(&crate::isolation::report(&v.id, &services)),
+            }
         }
         (Get, ["bulkhead", "metrics"]) => {
             Reply { status: 200, body: prometheus(&view(ctx)), content_type: "text/plain; version=0.0.4" }

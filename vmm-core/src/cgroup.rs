@@ -59,7 +59,7 @@ pub enum Version {
 }
 
 impl Version {
-    /// `v1` or `v2`, as the API, the log and the keeper's arguments say it.
+    /// `v1` or `v2`, as the API and the log say it.
     pub fn name(self) -> &'static str {
         match self {
             Self::V1 => "v1",
@@ -306,7 +306,7 @@ pub fn parse_proc_cgroup(text: &str) -> Vec<(Vec<String>, String)> {
 }
 
 /// Where each controller the VM uses lives: the directory of the cgroup to create the VM's under.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Layout {
     /// The version in use.
     pub version: Version,
@@ -468,11 +468,16 @@ pub fn pin_vcpus(lists: &[String]) -> Result<usize, CgroupError> {
 /// The name of the VM's group under the parent: `bulkhead-ID`, and for a VMM without an id of
 /// its own (`anonymous-instance`) `bulkhead-anonymous-instance-PID`.
 pub fn group_name(vm_id: &str) -> PathBuf {
+    group_name_of(vm_id, std::process::id())
+}
+
+/// [`group_name`] of the VM whose core is `core` (the helper checks the core's requests so).
+pub fn group_name_of(vm_id: &str, core: u32) -> PathBuf {
     // Ids are checked at start (`[A-Za-z0-9_-]`); anything else is replaced, never a path.
     let safe: String =
         vm_id.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' }).collect();
     if vm_id == ANONYMOUS_ID {
-        return PathBuf::from(format!("bulkhead-{safe}-{}", std::process::id()));
+        return PathBuf::from(format!("bulkhead-{safe}-{core}"));
     }
     PathBuf::from(format!("bulkhead-{safe}"))
 }
@@ -480,9 +485,9 @@ pub fn group_name(vm_id: &str) -> PathBuf {
 /// The child group of the core.
 pub const CORE_CHILD: &str = "vmm";
 
-/// A VM's cgroup, created and owned by its core. Removing it is the keeper's job
-/// ([`remove_group`]), which runs outside it and outlives the core.
-#[derive(Debug, Clone)]
+/// A VM's cgroup, created and owned by its core. Removing it is the helper's job
+/// ([`clean_up_after`]), which runs outside it and outlives the core.
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct VmCgroup {
     layout: Layout,
     group: PathBuf,
@@ -561,7 +566,7 @@ impl VmCgroup {
     }
 
     /// Moves the core back to the parent (v1 only: under v2 a parent with controllers handed
-    /// down holds no process, and the keeper removes the group once the core is gone).
+    /// down holds no process, and the helper removes the group once the core is gone).
     fn leave(&self) {
         if self.layout.version == Version::V1 {
             for parent in self.layout.parents.values() {
@@ -613,12 +618,17 @@ impl VmCgroup {
         self.resources.clone()
     }
 
+    /// The group's path below the parents (`bulkhead-ID`).
+    pub fn group(&self) -> &Path {
+        &self.group
+    }
+
     /// The cgroup version in use.
     pub fn version(&self) -> Version {
         self.layout.version
     }
 
-    /// The VM group's directories, one per hierarchy (what the keeper removes).
+    /// The VM group's directories, one per hierarchy (what the helper removes).
     pub fn dirs(&self) -> Vec<PathBuf> {
         self.layout.dirs(&self.group)
     }
@@ -641,19 +651,11 @@ impl VmCgroup {
     }
 }
 
-/// The `argv[0]` of the keeper: the core's own executable started under this name runs
-/// [`keeper_main`].
-pub const KEEPER_NAME: &str = "bulkhead-cgroup-keeper";
-
-/// How long the keeper waits for the VM's processes to end after the core is gone, before it
-/// kills what is left.
-const KEEPER_GRACE: Duration = Duration::from_secs(5);
-
-/// A VM's cgroup with its keeper: the process that removes the cgroup once the core is gone,
-/// however it ended (a normal stop, a crash, `kill -9`, the OOM killer), and says so if the OOM
-/// killer was involved. It is the core's child, started before the core moves into the VM's
-/// group (so it stays where `bulkhead` started), waits for the end of a pipe whose other end only
-/// the core holds, and ignores the terminal's signals.
+/// A VM's cgroup, its core's side. The VM's helper ([`crate::helper`]) removes it once the core
+/// is gone, however it ended (a normal stop, a crash, `kill -9`, the OOM killer), and says so if
+/// the OOM killer was involved: the helper is started before the core moves into the group, so
+/// it stays where `bulkhead` started. Once the core has dropped its privileges, the moves of
+/// restarted services and live setting changes go through the helper too.
 #[derive(Debug)]
 pub struct KeptCgroup {
     /// `None` until the group exists (and if creating it failed).
@@ -664,39 +666,30 @@ pub struct KeptCgroup {
     settling: std::sync::Mutex<Option<std::thread::JoinHandle<Result<(), CgroupError>>>>,
     /// Services started while the core's move was under way: moved by `settle`, in one burst.
     pending: std::sync::Mutex<Vec<(String, u32)>>,
-    keeper: std::sync::Mutex<Option<std::process::Child>>,
-    /// Set once the core's main thread is narrowed: from then on only the keeper cleans up.
-    sealed: std::sync::atomic::AtomicBool,
+    helper: std::sync::Arc<crate::helper::Helper>,
 }
 
 impl KeptCgroup {
-    /// Starts the keeper, then creates the VM's group ([`VmCgroup::create`]) and starts moving
-    /// the core into it (see `settling`).
-    pub fn start(layout: Layout, vm_id: &str, resources: &Resources) -> Result<Self, CgroupError> {
-        let group = group_name(vm_id);
-        let mut cmd = std::process::Command::new("/proc/self/exe");
-        std::os::unix::process::CommandExt::arg0(&mut cmd, KEEPER_NAME);
-        cmd.arg("--vm").arg(vm_id);
-        for dir in layout.dirs(&group) {
-            cmd.arg("--dir").arg(dir);
-        }
-        if let Some(m) = layout.dir("memory", &group) {
-            cmd.arg("--memory").arg(m).arg("--version").arg(layout.version.name());
-        }
-        cmd.stdin(std::process::Stdio::piped()).stdout(std::process::Stdio::null());
-        let keeper = cmd.spawn().map_err(io_err(Path::new("/proc/self/exe")))?;
+    /// Creates the VM's group ([`VmCgroup::create`]), hands it to the helper (which removes it
+    /// once the core is gone) and starts moving the core into it (see `settling`).
+    pub fn start(
+        layout: Layout,
+        vm_id: &str,
+        resources: &Resources,
+        helper: std::sync::Arc<crate::helper::Helper>,
+    ) -> Result<Self, CgroupError> {
         let kept = Self {
             cgroup: std::sync::Mutex::new(None),
             settling: std::sync::Mutex::new(None),
             pending: std::sync::Mutex::new(Vec::new()),
-            keeper: std::sync::Mutex::new(Some(keeper)),
-            sealed: std::sync::atomic::AtomicBool::new(false),
+            helper,
         };
-        // On failure, dropping `kept` tells the keeper to leave everything as it is.
         let cg = VmCgroup::create(layout, vm_id, resources)?;
-        let (mover, r) = (cg.clone(), resources.clone());
+        *kept.lock() = Some(cg.clone());
+        // From here on, dropping `kept` removes the group (a start that failed).
+        kept.helper.adopt_cgroup(&cg).map_err(|e| CgroupError::Missing(crate::vmm::chain(&e)))?;
+        let (mover, r) = (cg, resources.clone());
         let thread = std::thread::Builder::new().name("cgroup-settle".into()).spawn(move || mover.settle(&r));
-        *kept.lock() = Some(cg);
         match thread {
             Ok(t) => *kept.settling.lock().unwrap_or_else(|e| e.into_inner()) = Some(t),
             // No thread: do it here.
@@ -732,18 +725,26 @@ impl KeptCgroup {
     }
 
     /// Moves a service's process into its child group; while the core's own move is under way,
-    /// notes it for [`settle`](Self::settle) instead.
+    /// notes it for [`settle`](Self::settle) instead. Otherwise the helper does it: a restart
+    /// happens on a supervisor thread, whose filter allows no cgroup writes, and after the drop
+    /// the core may not write the cgroup's files anyway.
     pub fn place(&self, name: &str, pid: u32) -> Result<(), CgroupError> {
         if self.settling.lock().unwrap_or_else(|e| e.into_inner()).is_some() {
             self.pending.lock().unwrap_or_else(|e| e.into_inner()).push((name.to_string(), pid));
             return Ok(());
         }
-        self.with(|cg| cg.place(name, pid))
+        self.helper.place(name, pid)
     }
 
-    /// Applies `update` live ([`VmCgroup::update`]).
+    /// Applies `update` live ([`VmCgroup::update`], done by the helper, which holds the VM's
+    /// cgroup; the core only keeps what is in force).
     pub fn update(&self, update: &Resources, guest_ram: u64) -> Result<Resources, CgroupError> {
-        self.with(|cg| cg.update(update, guest_ram))
+        let next = self.helper.update(update, guest_ram)?;
+        self.with(|cg| {
+            cg.resources = next.clone();
+            Ok(())
+        })?;
+        Ok(next)
     }
 
     /// The settings in force.
@@ -760,24 +761,14 @@ impl KeptCgroup {
     pub fn describe(&self) -> Option<(Version, Vec<PathBuf>)> {
         self.lock().as_ref().map(|cg| (cg.version(), cg.dirs()))
     }
-
-    /// From now on the dropping thread may not touch files (its seccomp filter): the keeper
-    /// alone removes the group, once the core has exited.
-    pub fn seal(&self) {
-        self.sealed.store(true, std::sync::atomic::Ordering::SeqCst);
-    }
 }
 
 impl Drop for KeptCgroup {
-    /// Before [`seal`](Self::seal) (a start that failed): moves the core out, removes the
-    /// group, tells the keeper to leave (one byte on its pipe: it then touches nothing) and
-    /// reaps it. After: nothing (the keeper sees the core's end).
+    /// Before the helper is sealed (a start that failed): moves the core out and removes the
+    /// group (the helper is told to leave it alone). After: nothing (the helper sees the core's
+    /// end).
     fn drop(&mut self) {
-        if self.sealed.load(std::sync::atomic::Ordering::SeqCst) {
-            // The pipe's end stays open until the process exits.
-            if let Some(k) = self.keeper.get_mut().unwrap_or_else(|e| e.into_inner()).take() {
-                std::mem::forget(k);
-            }
+        if self.helper.is_sealed() {
             return;
         }
         // A move still under way ends first: nothing is removed under it.
@@ -786,20 +777,6 @@ impl Drop for KeptCgroup {
         }
         if let Some(cg) = self.cgroup.get_mut().unwrap_or_else(|e| e.into_inner()).take() {
             cg.remove();
-        }
-        if let Some(mut k) = self.keeper.get_mut().unwrap_or_else(|e| e.into_inner()).take() {
-            if let Some(mut pipe) = k.stdin.take() {
-                let _ = std::io::Write::write_all(&mut pipe, b"x");
-            }
-            let deadline = std::time::Instant::now() + Duration::from_secs(2);
-            while std::time::Instant::now() < deadline {
-                if !matches!(k.try_wait(), Ok(None)) {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            let _ = k.kill();
-            let _ = k.wait();
         }
     }
 }
@@ -838,85 +815,40 @@ fn kill_if_in_group(pid: u32, group: &str) {
     let inside = std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
         .is_ok_and(|t| t.lines().any(|l| l.split('/').any(|part| part == group)));
     if inside {
-        use std::os::fd::AsRawFd;
-        // SAFETY: pidfd_send_signal(2) on a pidfd we own, SIGKILL, no siginfo, no flags.
-        unsafe {
-            libc::syscall(
-                libc::SYS_pidfd_send_signal,
-                pidfd.as_raw_fd(),
-                libc::SIGKILL,
-                std::ptr::null::<libc::siginfo_t>(),
-                0,
-            )
-        };
+        let _ = crate::service::pidfd_signal_kill(std::os::fd::AsFd::as_fd(&pidfd));
     }
 }
 
 /// The `oom_kill` count of a memory group (v2 `memory.events`, v1 `memory.oom_control`).
-fn oom_kills(memory: &Path, version: &str) -> u64 {
-    let file = if version == Version::V2.name() { "memory.events" } else { "memory.oom_control" };
+fn oom_kills(memory: &Path, version: Version) -> u64 {
+    let file = if version == Version::V2 { "memory.events" } else { "memory.oom_control" };
     std::fs::read_to_string(memory.join(file))
         .ok()
         .and_then(|t| t.lines().find_map(|l| l.strip_prefix("oom_kill ").and_then(|n| n.trim().parse().ok())))
         .unwrap_or(0)
 }
 
-/// The keeper ([`KeptCgroup`]): `bulkhead-cgroup-keeper --vm ID --dir DIR... [--memory DIR
-/// --version v1|v2]`, its stdin the pipe the core holds. Returns its exit status.
-pub fn keeper_main() -> std::process::ExitCode {
-    use std::io::Read as _;
-    for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGPIPE] {
-        // SAFETY: setting a signal's disposition to SIG_IGN; no handler runs.
-        unsafe { libc::signal(sig, libc::SIG_IGN) };
-    }
-    let mut args = std::env::args().skip(1);
-    let (mut vm, mut dirs, mut memory, mut version) = (String::new(), Vec::new(), None, Version::V1.name().to_string());
-    while let Some(a) = args.next() {
-        let v = args.next().unwrap_or_default();
-        match a.as_str() {
-            "--vm" => vm = v,
-            "--dir" => dirs.push(PathBuf::from(v)),
-            "--memory" => memory = Some(PathBuf::from(v)),
-            "--version" => version = v,
-            other => {
-                eprintln!("{KEEPER_NAME}: unknown argument {other:?}");
-                return std::process::ExitCode::from(2);
-            }
-        }
-    }
-    // Until the core is gone: its end of the pipe closes when it exits, however it ends. A byte
-    // instead means the core removed what it made itself (a start that failed): leave.
-    let mut buf = [0u8; 64];
-    let mut stdin = std::io::stdin();
-    loop {
-        match stdin.read(&mut buf) {
-            Ok(0) => break,
-            Ok(_) => return std::process::ExitCode::SUCCESS,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(_) => break,
-        }
-    }
-    // The services die with the core (PR_SET_PDEATHSIG); what is left after the grace is
-    // killed: they are this VM's own processes.
-    let deadline = std::time::Instant::now() + KEEPER_GRACE;
+/// What the helper does with the VM's cgroup once the core is gone: waits up to `grace` for the
+/// VM's processes to end (services die with the core), kills what is left of the VM's own
+/// group, says so if the kernel's OOM killer acted in it, and removes the group. Returns
+/// whether the group is gone.
+pub fn clean_up_after(vm: &str, cg: &VmCgroup, grace: Duration) -> bool {
+    let dirs = cg.dirs();
+    let deadline = std::time::Instant::now() + grace;
     while dirs.iter().any(|d| !procs_in(d).is_empty()) && std::time::Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(10));
     }
-    let group = dirs.first().and_then(|d| d.file_name()).map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let group = cg.group.to_string_lossy().into_owned();
     for d in &dirs {
         for pid in procs_in(d) {
             kill_if_in_group(pid, &group);
         }
     }
-    if let Some(m) = &memory {
-        let n = oom_kills(m, &version);
+    if let Some(m) = cg.layout.dir("memory", &cg.group) {
+        let n = oom_kills(&m, cg.version());
         if n > 0 {
-            let limit = std::fs::read_to_string(m.join(if version == Version::V2.name() {
-                "memory.max"
-            } else {
-                "memory.limit_in_bytes"
-            }))
-            .unwrap_or_default();
+            let file = if cg.version() == Version::V2 { "memory.max" } else { "memory.limit_in_bytes" };
+            let limit = std::fs::read_to_string(m.join(file)).unwrap_or_default();
             eprintln!(
                 "bulkhead: VM {vm}: ended by the kernel's OOM killer in its cgroup ({n} process(es) killed; memory \
                  limit {} bytes)",
@@ -928,13 +860,13 @@ pub fn keeper_main() -> std::process::ExitCode {
     loop {
         let left: Vec<&PathBuf> = dirs.iter().filter(|d| !remove_group(d)).collect();
         if left.is_empty() {
-            return std::process::ExitCode::SUCCESS;
+            return true;
         }
         if std::time::Instant::now() >= deadline {
             for d in left {
-                eprintln!("{KEEPER_NAME}: VM {vm}: could not remove {}", d.display());
+                eprintln!("bulkhead-helper: VM {vm}: could not remove {}", d.display());
             }
-            return std::process::ExitCode::from(1);
+            return false;
         }
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -946,18 +878,19 @@ pub fn for_vm(
     vm_id: &str,
     config: &crate::config::CgroupConfig,
     guest_ram: u64,
+    helper: Option<&std::sync::Arc<crate::helper::Helper>>,
 ) -> Result<Option<KeptCgroup>, CgroupError> {
     config.resources.validate(guest_ram)?;
     if config.disabled {
         log::info!("cgroup: off for this VM (--no-cgroup)");
         return Ok(None);
     }
-    if !nix::unistd::geteuid().is_root() {
+    let Some(helper) = helper.filter(|_| nix::unistd::geteuid().is_root()) else {
         log::info!("cgroup: not running as root: the VM gets no cgroup of its own");
         return Ok(None);
-    }
+    };
     let layout = Layout::of_host(config.parent.as_deref())?;
-    let kept = KeptCgroup::start(layout, vm_id, &config.resources)?;
+    let kept = KeptCgroup::start(layout, vm_id, &config.resources, helper.clone())?;
     let (version, dirs) = kept.describe().unwrap_or((Version::V1, Vec::new()));
     log::info!(
         "cgroup {}: {}",

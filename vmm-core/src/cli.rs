@@ -48,6 +48,9 @@ pub struct VmmArgs {
     /// Where the VM's cgroup goes, or none.
     #[command(flatten)]
     pub cgroup: CgroupPlacementArgs,
+    /// The core's jail.
+    #[command(flatten)]
+    pub jail: JailArgs,
     /// Print the version and exit.
     #[arg(long)]
     pub version: bool,
@@ -275,7 +278,7 @@ pub struct RunArgs {
     /// Fault injection for tests: `SERVICE:ACTION@MS` tells a service, MS milliseconds after the
     /// guest starts, to attempt a forbidden action (its seccomp filter should kill it). SERVICE is
     /// `console`, `block` (the first disk), `blockN`, `net` or `netN`; ACTION is one of `open-host-file`,
-    /// `execve`, `inet-socket`, `ptrace`, `mount`, `write-outside-root`. Repeatable.
+    /// `execve`, `inet-socket`, `ptrace`, `mount`, `write-outside-root`, `signal-all`. Repeatable.
     #[arg(long = "inject-forbidden", value_name = "SERVICE:ACTION@MS", value_parser = InjectSpec::parse)]
     pub inject_forbidden: Vec<InjectSpec>,
     /// Start the device services even when this host cannot create some of their namespaces
@@ -319,6 +322,35 @@ pub struct RunArgs {
     /// The VM's cgroup and what it may use.
     #[command(flatten)]
     pub cgroup: CgroupArgs,
+    /// The core's jail.
+    #[command(flatten)]
+    pub jail: JailArgs,
+}
+
+/// The core's jail on the command line (`bulkhead run` and the API VMM).
+#[derive(Debug, Args, Clone, Default)]
+pub struct JailArgs {
+    /// The core's uid once the VM is built (its services get UID+1). Default: a free pair from
+    /// --id-range.
+    #[arg(long, value_name = "UID")]
+    pub uid: Option<u32>,
+    /// The core's gid (its services get GID+1; default: the uid).
+    #[arg(long, value_name = "GID", requires = "uid")]
+    pub gid: Option<u32>,
+    /// Where VM ids are taken from, two per VM (default 1500000000-1500999999).
+    #[arg(long, value_name = "FIRST-LAST", value_parser = crate::jail::IdRange::parse)]
+    pub id_range: Option<crate::jail::IdRange>,
+    /// INSECURE: the core keeps root and every capability for its whole life (its services are
+    /// still jailed). For debugging only.
+    #[arg(long)]
+    pub no_jail: bool,
+}
+
+impl JailArgs {
+    /// The configuration these arguments describe.
+    pub fn to_config(&self) -> crate::jail::JailConfig {
+        crate::jail::JailConfig { disabled: self.no_jail, uid: self.uid, gid: self.gid, id_range: self.id_range }
+    }
 }
 
 /// The VM's cgroup, on the command line (`bulkhead run`; the API VMM takes the placement only,
@@ -420,6 +452,7 @@ impl RunArgs {
                 insecure_no_sandbox: self.insecure_no_sandbox,
                 allow_faults: self.allow_faults,
                 cgroup: self.cgroup.to_config(),
+                jail: self.jail.to_config(),
             },
             ..VmConfig::default()
         }

@@ -803,6 +803,7 @@ fn forbidden_action(s: &str) -> Option<ForbiddenAction> {
         "ptrace" => ForbiddenAction::Ptrace,
         "mount" => ForbiddenAction::Mount,
         "write-outside-root" => ForbiddenAction::WriteOutsideRoot,
+        "signal-all" => ForbiddenAction::SignalAll,
         _ => return None,
     })
 }
@@ -815,6 +816,7 @@ fn forbidden_action_name(a: ForbiddenAction) -> &'static str {
         ForbiddenAction::Ptrace => "ptrace",
         ForbiddenAction::Mount => "mount",
         ForbiddenAction::WriteOutsideRoot => "write-outside-root",
+        ForbiddenAction::SignalAll => "signal-all",
     }
 }
 
@@ -855,6 +857,9 @@ pub struct BulkheadConfig {
     /// The VM's cgroup: where, and what it may use.
     #[serde(default, skip_serializing_if = "CgroupConfig::is_default")]
     pub cgroup: CgroupConfig,
+    /// The core's jail: its ids, or none.
+    #[serde(default, skip_serializing_if = "crate::jail::JailConfig::is_default")]
+    pub jail: crate::jail::JailConfig,
 }
 
 /// The VM's cgroup ([`crate::cgroup`]).
@@ -1097,6 +1102,7 @@ impl VmConfig {
             return Err(ConfigError::Invalid(format!("console input must be `stdin` or `none`, not `{}`", c.input)));
         }
         self.bulkhead.supervision.validate()?;
+        self.bulkhead.jail.validate().map_err(|e| ConfigError::Invalid(e.to_string()))?;
         let plan = self.plan();
         let unknown = |what: String, device: &str| ConfigError::UnknownDevice {
             what,

@@ -187,7 +187,7 @@ pub struct ScheduleThread {
 impl ScheduleThread {
     /// Starts the thread for `schedules`, each with the service of the device it names; `None`
     /// when there is nothing to schedule.
-    pub fn start(schedules: Vec<(ServiceRef, FaultSchedule)>) -> Result<Option<Self>, FaultError> {
+    pub fn start(schedules: Vec<(ServiceRef, FaultSchedule)>, confine: bool) -> Result<Option<Self>, FaultError> {
         if schedules.is_empty() {
             return Ok(None);
         }
@@ -195,7 +195,12 @@ impl ScheduleThread {
         let flag = stop.clone();
         let thread = std::thread::Builder::new()
             .name("faults".into())
-            .spawn(move || run_schedules(&schedules, &flag))
+            .spawn(move || {
+                if confine {
+                    crate::jail::confine_or_abort(bulkhead_policies::Policy::CoreFaults);
+                }
+                run_schedules(&schedules, &flag)
+            })
             .map_err(|e| FaultError::Thread("fault schedule", e))?;
         Ok(Some(Self { stop, thread: Some(thread) }))
     }

@@ -283,6 +283,7 @@ impl HttpServer {
         handler: Arc<Handler>,
         policy: PeerPolicy,
         max_body: usize,
+        confine: Option<bulkhead_policies::Policy>,
     ) -> Result<Self, HttpError> {
         listener.set_nonblocking(true).map_err(HttpError::Listener)?;
         let stop = Arc::new(AtomicBool::new(false));
@@ -301,6 +302,10 @@ impl HttpServer {
         let acceptor = std::thread::Builder::new()
             .name("api".into())
             .spawn(move || {
+                // The connection threads this one creates inherit its filter.
+                if let Some(p) = confine {
+                    crate::jail::confine_or_abort(p);
+                }
                 accept_loop(&listener, &flag, &shared);
                 drop(listener);
                 let _ = std::fs::remove_file(&path);
@@ -611,7 +616,7 @@ mod tests {
             body: format!("{} {} {}", r.verb, r.path, String::from_utf8_lossy(&r.body)),
             content_type: "text/plain",
         });
-        (HttpServer::start(listener, path.clone(), handler, policy, 64).expect("start"), path)
+        (HttpServer::start(listener, path.clone(), handler, policy, 64, None).expect("start"), path)
     }
 
     fn exchange(path: &std::path::Path, request: &str) -> String {

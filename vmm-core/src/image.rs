@@ -35,6 +35,19 @@ pub enum ImageError {
         #[source]
         source: io::Error,
     },
+    /// The jailed core may not open the image (after the VM is built it runs as the VM's uid).
+    #[error(
+        "cannot use disk image {path}: permission denied to the VM's core, which runs as uid {uid} gid {gid} \
+         once the VM is built (give that uid access to the file, as with Firecracker's jailer)"
+    )]
+    Jailed {
+        /// The path given.
+        path: PathBuf,
+        /// The core's uid.
+        uid: u32,
+        /// The core's gid.
+        gid: u32,
+    },
     /// The path is not a regular file.
     #[error("cannot use disk image {path}: not a regular file")]
     NotAFile {
@@ -95,7 +108,14 @@ fn same_inode(a: &File, b: &File) -> bool {
 /// medium yet.
 pub fn open_file(path: &Path, read_only: bool) -> Result<File, ImageError> {
     let err = |source| ImageError::Open { path: path.to_path_buf(), source };
-    let file = OpenOptions::new().read(true).write(!read_only).open(path).map_err(err)?;
+    let file = OpenOptions::new().read(true).write(!read_only).open(path).map_err(|e| {
+        let uid = nix::unistd::getuid().as_raw();
+        if e.kind() == io::ErrorKind::PermissionDenied && uid != 0 && crate::helper::current().is_some() {
+            ImageError::Jailed { path: path.to_path_buf(), uid, gid: nix::unistd::getgid().as_raw() }
+        } else {
+            err(e)
+        }
+    })?;
     let meta = file.metadata().map_err(err)?;
     if !meta.is_file() {
         return Err(ImageError::NotAFile { path: path.to_path_buf() });

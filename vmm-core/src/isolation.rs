@@ -313,8 +313,14 @@ pub fn inspect(role: &str, pid: u32, host: &BTreeMap<String, String>) -> Process
 /// The report of a VM whose core is this process and whose services are `services` (role and
 /// pid of each).
 pub fn report(vm: &str, services: &[(String, u32)]) -> IsolationReport {
+    report_of(vm, std::process::id(), services)
+}
+
+/// The report of a VM whose core is `core` and whose services are `services` (what the VM's
+/// helper reads, as the jailed core may not read its services' `/proc` entries).
+pub fn report_of(vm: &str, core: u32, services: &[(String, u32)]) -> IsolationReport {
     let host = host_namespaces();
-    let mut processes = vec![inspect("core", std::process::id(), &host)];
+    let mut processes = vec![inspect("core", core, &host)];
     processes.extend(services.iter().map(|(role, pid)| inspect(role, *pid, &host)));
     IsolationReport { vm: vm.to_string(), host_namespaces: host, processes }
 }

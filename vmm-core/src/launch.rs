@@ -55,6 +55,12 @@ pub const NET_QUEUE_SIZE: u16 = 256;
 /// Errors from `bulkhead run`.
 #[derive(Debug, thiserror::Error)]
 pub enum LaunchError {
+    /// The core's jail.
+    #[error("jail")]
+    Jail(#[source] crate::jail::JailError),
+    /// The VM's privileged helper.
+    #[error("privileged helper")]
+    Helper(#[source] Box<crate::helper::HelperError>),
     /// The VM's cgroup.
     #[error(transparent)]
     Cgroup(crate::cgroup::CgroupError),
@@ -350,6 +356,7 @@ struct Wiring<'a> {
     ram: &'a GuestRam,
     buses: &'a mut Buses,
     cgroup: Option<&'a Arc<crate::cgroup::KeptCgroup>>,
+    helper: Option<&'a Arc<crate::helper::Helper>>,
 }
 
 impl Wiring<'_> {
@@ -374,7 +381,7 @@ impl Wiring<'_> {
             write_errors: drive.werror,
             read_errors: drive.rerror,
         };
-        let (device, handle) = service::spawn_block(&binary, spec, service_options(self.config, self.cgroup))?;
+        let (device, handle) = service::spawn_block(&binary, spec, service_options(self.config, self.cgroup, self.helper))?;
         self.buses.mmio.insert(slot.base, slot.len, device)?;
         log::info!(
             "disk{index}: {}{} at {:#x} (GSI {}) served by pid {} (drive {})",
@@ -416,7 +423,7 @@ impl Wiring<'_> {
             rx_rate_limit: rate_limit(iface.rx_rate_limiter.as_ref()),
             tx_rate_limit: rate_limit(iface.tx_rate_limiter.as_ref()),
         };
-        let (device, handle) = service::spawn_net(&binary, net_spec, service_options(self.config, self.cgroup))?;
+        let (device, handle) = service::spawn_net(&binary, net_spec, service_options(self.config, self.cgroup, self.helper))?;
         self.buses.mmio.insert(slot.base, slot.len, device)?;
         log::info!(
             "net{index}: TAP {tap_name}, MAC {} at {:#x} (GSI {}) served by pid {} (interface {})",
@@ -435,7 +442,7 @@ impl Wiring<'_> {
         let irq = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(os("eventfd"))?;
         self.vm.register_irqfd(&irq, COM1_GSI).map_err(|source| LaunchError::Kvm { what: "KVM_IRQFD", source })?;
         let (device, handle) =
-            service::spawn_console(&binary, output, input, irq, COM1_BASE, service_options(self.config, self.cgroup))?;
+            service::spawn_console(&binary, output, input, irq, COM1_BASE, service_options(self.config, self.cgroup, self.helper))?;
         self.buses.pio.insert(u64::from(COM1_BASE), COM1_LEN, device)?;
         Ok(handle)
     }
@@ -469,10 +476,15 @@ fn default_mac(index: usize) -> [u8; 6] {
 
 /// Service tuning from the supervision settings: the per-exit deadline, the liveness check and
 /// the restart policy.
-fn service_options(config: &VmConfig, cgroup: Option<&Arc<crate::cgroup::KeptCgroup>>) -> service::ServiceOptions {
+fn service_options(
+    config: &VmConfig,
+    cgroup: Option<&Arc<crate::cgroup::KeptCgroup>>,
+    helper: Option<&Arc<crate::helper::Helper>>,
+) -> service::ServiceOptions {
     let s = &config.bulkhead.supervision;
     service::ServiceOptions {
         cgroup: cgroup.cloned(),
+        helper: helper.cloned(),
         call_timeout: Duration::from_millis(s.service_deadline_ms),
         liveness_interval: Duration::from_millis(s.service_liveness_ms),
         io_deadline: Duration::from_millis(s.service_io_deadline_ms),
@@ -549,8 +561,12 @@ pub struct RunningVm {
     _buses: Arc<Buses>,
     _vm: VmFd,
     _ram: GuestRam,
-    /// Last: dropped once the services are gone and guest RAM is unmapped.
+    /// Dropped once the services are gone and guest RAM is unmapped.
     cgroup: Option<Arc<crate::cgroup::KeptCgroup>>,
+    /// The VM's helper: after the drop, its channel stays open until the process exits.
+    _helper: Option<Arc<crate::helper::Helper>>,
+    /// The VM's ids, held until the process exits (the helper holds them too).
+    _lease: Option<crate::jail::IdLease>,
 }
 
 impl std::fmt::Debug for RunningVm {
@@ -598,11 +614,18 @@ pub fn build(id: &str, config: &VmConfig) -> Result<RunningVm, LaunchError> {
     if let Some(t) = machine.cpu_template.as_deref().filter(|t| *t != "None") {
         log::warn!("cpu_template {t} is not applied: the guest sees the host's CPU features (minus the PVM masks)");
     }
-    // The VM's cgroup before guest RAM exists, so the RAM is charged to the VM; the services go
-    // into it as they start.
-    let cgroup = crate::cgroup::for_vm(id, &config.bulkhead.cgroup, machine.mem_size_mib.saturating_mul(1 << 20))
-        .map_err(LaunchError::Cgroup)?
-        .map(Arc::new);
+    // The VM's ids and its privileged helper (as root), which creates its services and keeps
+    // its cgroup; then the cgroup, before guest RAM exists, so the RAM is charged to the VM
+    // (the services go into it as they start).
+    let (lease, helper) = start_helper(id, config)?;
+    let cgroup = crate::cgroup::for_vm(
+        id,
+        &config.bulkhead.cgroup,
+        machine.mem_size_mib.saturating_mul(1 << 20),
+        helper.as_ref(),
+    )
+    .map_err(LaunchError::Cgroup)?
+    .map(Arc::new);
     let ram = GuestRam::new(machine.mem_size_mib)?;
     let kvm = vm::open_kvm()?;
     let vm = vm::create_vm(&kvm, &ram)?;
@@ -614,7 +637,14 @@ pub fn build(id: &str, config: &VmConfig) -> Result<RunningVm, LaunchError> {
     // drops those already started, which shuts them down.
     let mut services = Vec::new();
     {
-        let mut w = Wiring { config, vm: &vm, ram: &ram, buses: &mut buses, cgroup: cgroup.as_ref() };
+        let mut w = Wiring {
+            config,
+            vm: &vm,
+            ram: &ram,
+            buses: &mut buses,
+            cgroup: cgroup.as_ref(),
+            helper: helper.as_ref(),
+        };
         services.push(w.start_console()?);
         for (i, disk) in disks.into_iter().enumerate() {
             services.push(w.start_disk(i, disk)?);
@@ -656,7 +686,8 @@ pub fn build(id: &str, config: &VmConfig) -> Result<RunningVm, LaunchError> {
         .iter()
         .filter_map(|f| registry.resolve(&f.device).map(|(_, svc)| (svc.clone(), f.clone())))
         .collect();
-    let faults = crate::faults::ScheduleThread::start(schedules).map_err(|e| LaunchError::Api(Box::new(e)))?;
+    let faults = crate::faults::ScheduleThread::start(schedules, helper.is_some())
+        .map_err(|e| LaunchError::Api(Box::new(e)))?;
     let injections = config
         .bulkhead
         .inject_forbidden
@@ -680,6 +711,9 @@ pub fn build(id: &str, config: &VmConfig) -> Result<RunningVm, LaunchError> {
         .map_err(|e| LaunchError::Os { what: "installing the vCPU kick handler", source: e.into() })?;
     install_signal_handlers()?;
     let terminal = if config.console_reads_stdin() { RawTerminal::enter() } else { RawTerminal(None) };
+
+    // Everything that needs root is done: the core drops it before any vCPU thread exists.
+    jail_core(config, lease.as_ref(), helper.as_deref(), services.len())?;
 
     let buses = Arc::new(buses);
     let mut vcpus = vcpu::VcpuSet::default();
@@ -707,7 +741,81 @@ pub fn build(id: &str, config: &VmConfig) -> Result<RunningVm, LaunchError> {
         _vm: vm,
         _ram: ram,
         cgroup,
+        _helper: helper,
+        _lease: lease,
     })
+}
+
+/// As root: takes the VM's ids ([`crate::jail::lease`]) and starts its helper
+/// ([`crate::helper`]). Otherwise neither (said in the log): the core then creates its services
+/// itself, as the user it runs as.
+fn start_helper(
+    id: &str,
+    config: &VmConfig,
+) -> Result<(Option<crate::jail::IdLease>, Option<Arc<crate::helper::Helper>>), LaunchError> {
+    if !nix::unistd::geteuid().is_root() {
+        log::info!(
+            "not started as root: no jail for the core (it keeps the ids it runs with), no per-VM ids for \
+             the services, no cgroup"
+        );
+        return Ok((None, None));
+    }
+    let lease = crate::jail::lease(&config.bulkhead.jail).map_err(LaunchError::Jail)?;
+    let mut programs = vec![service_program(config, "bulkhead-console")?];
+    if !config.drives.is_empty() {
+        programs.push(service_program(config, "bulkhead-block")?);
+    }
+    if !config.network_interfaces.is_empty() {
+        programs.push(service_program(config, "bulkhead-net")?);
+    }
+    let setup = crate::helper::HelperSetup {
+        vm_id: id.to_string(),
+        service_ids: Some(lease.ids.service),
+        insecure_no_sandbox: config.bulkhead.insecure_no_sandbox,
+        programs,
+        api_socket: crate::api::socket_path(),
+    };
+    let holds: Vec<_> = lease.holds.iter().map(std::os::fd::AsFd::as_fd).collect();
+    let helper = crate::helper::Helper::start(&setup, &holds).map_err(|e| LaunchError::Helper(Box::new(e)))?;
+    log::info!(
+        "jail: VM ids core {}:{} services {}:{}; privileged helper pid {}",
+        lease.ids.core.0,
+        lease.ids.core.1,
+        lease.ids.service.0,
+        lease.ids.service.1,
+        helper.pid()
+    );
+    Ok((Some(lease), Some(helper)))
+}
+
+/// Drops the core's privileges ([`crate::jail::drop_privileges`]) unless the jail is off (then
+/// says so loudly), and seals the helper: from now on it alone acts with privileges.
+fn jail_core(
+    config: &VmConfig,
+    lease: Option<&crate::jail::IdLease>,
+    helper: Option<&crate::helper::Helper>,
+    services: usize,
+) -> Result<(), LaunchError> {
+    let (Some(lease), Some(helper)) = (lease, helper) else { return Ok(()) };
+    if config.bulkhead.jail.disabled {
+        log::warn!(
+            "INSECURE (--no-jail): the core keeps uid 0 and every capability for its whole life; a guest \
+             that escapes into it owns the host"
+        );
+        return Ok(());
+    }
+    let vcpus = u64::from(config.machine_config.vcpu_count);
+    let limits = crate::jail::CoreLimits::for_vm(vcpus, services as u64);
+    crate::jail::drop_privileges(&lease.ids, &limits).map_err(LaunchError::Jail)?;
+    helper.seal();
+    log::info!(
+        "jail: core runs as {}:{} with no capabilities, no_new_privs, not dumpable, at most {} fds and {} tasks",
+        lease.ids.core.0,
+        lease.ids.core.1,
+        limits.open_files,
+        limits.tasks
+    );
+    Ok(())
 }
 
 /// The termination signal (SIGINT, SIGTERM, SIGHUP) received since the handlers were
@@ -731,10 +839,10 @@ pub fn install_signal_handlers() -> Result<(), LaunchError> {
 
 impl RunningVm {
     /// From now on this thread may not touch the VM's cgroup files (its seccomp filter): the
-    /// keeper removes the cgroup once the core has exited ([`crate::cgroup::KeptCgroup::seal`]).
-    pub fn seal_cgroup(&self) {
-        if let Some(cg) = &self.cgroup {
-            cg.seal();
+    /// helper removes the cgroup once the core has exited ([`crate::helper::Helper::seal`]).
+    pub fn seal_helper(&self) {
+        if let Some(h) = &self._helper {
+            h.seal();
         }
     }
 

@@ -30,8 +30,8 @@ fn main() -> ExitCode {
     // Started as a service (`argv[0]` = `bulkhead-console`, ...): the core spawns its own
     // executable so every process of a VM shares one file's text pages.
     let argv0 = std::env::args_os().next().unwrap_or_default();
-    if Path::new(&argv0).file_name().is_some_and(|n| n == vmm_core::cgroup::KEEPER_NAME) {
-        return vmm_core::cgroup::keeper_main();
+    if Path::new(&argv0).file_name().is_some_and(|n| n == vmm_core::helper::HELPER_NAME) {
+        return vmm_core::helper::helper_main();
     }
     if let Some(service) =
         std::path::Path::new(&argv0).file_name().and_then(|n| n.to_str()).and_then(device_services::mains::by_name)
@@ -104,7 +104,8 @@ fn signal_handlers() -> bool {
 fn drive(mut vmm: Vmm, sock: Option<&Path>, start_now: bool) -> ExitCode {
     let (tx, rx) = crossbeam_channel::unbounded();
     let api = match sock {
-        Some(p) => match ApiServer::start(p, vmm.view(), tx) {
+        // Its threads run under their own filter from the start (docs/SECURITY.md).
+        Some(p) => match ApiServer::start(p, vmm.view(), tx, Some(bulkhead_policies::Policy::CoreApi)) {
             Ok(s) => Some(s),
             Err(e) => {
                 eprintln!("bulkhead: error: {}", chain(&e));
@@ -160,6 +161,10 @@ fn serve_api(args: &VmmArgs) -> ExitCode {
     config.bulkhead.cgroup.disabled |= args.cgroup.no_cgroup;
     if args.cgroup.cgroup_parent.is_some() {
         config.bulkhead.cgroup.parent.clone_from(&args.cgroup.cgroup_parent);
+    }
+    let jail = args.jail.to_config();
+    if jail != vmm_core::jail::JailConfig::default() {
+        config.bulkhead.jail = vmm_core::jail::JailConfig { disabled: jail.disabled || config.bulkhead.jail.disabled, ..jail };
     }
     drive(Vmm::new(&id, config), sock.as_deref(), args.config_file.is_some())
 }

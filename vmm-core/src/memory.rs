@@ -99,6 +99,16 @@ impl GuestRam {
             ranges.push((GuestAddress(gpa), len, Some(FileOffset::new(dup, off))));
         }
         let memory = GuestMemoryMmap::from_ranges_with_files(ranges).map_err(MemoryError::Map)?;
+        // Guest RAM stays out of a core dump of the core (the guest's secrets are not the
+        // host's to keep; and a dump of GiBs would stall the host). Advice only: a kernel that
+        // refuses it changes nothing else.
+        for r in memory.iter() {
+            if let (Ok(p), Ok(len)) = (memory.get_host_address(r.start_addr()), usize::try_from(r.len())) {
+                // SAFETY: madvise on a range this GuestMemoryMmap mapped and keeps mapped;
+                // MADV_DONTDUMP only changes the dump flag of the VMA, never its contents.
+                unsafe { libc::madvise(p.cast(), len, libc::MADV_DONTDUMP) };
+            }
+        }
         Ok(Self { memory, file, size })
     }
 

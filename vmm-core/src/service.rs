@@ -194,6 +194,9 @@ pub struct ServiceOptions {
     /// The VM's cgroup: every instance is moved into its child group named after the service,
     /// before it is handed its set-up.
     pub cgroup: Option<Arc<crate::cgroup::KeptCgroup>>,
+    /// The VM's privileged helper, which creates the instances (with the VM's service ids)
+    /// when the core runs as root; `None`: the core creates them itself.
+    pub helper: Option<Arc<crate::helper::Helper>>,
 }
 
 impl From<Duration> for ServiceOptions {
@@ -215,6 +218,7 @@ impl Default for ServiceOptions {
             liveness_interval: Duration::ZERO,
             io_deadline: Duration::from_secs(30),
             cgroup: None,
+            helper: None,
         }
     }
 }
@@ -225,7 +229,7 @@ impl Default for ServiceOptions {
 /// `bulkhead-block` or `bulkhead-net` (it dispatches on `argv[0]`): then the core and every
 /// service of every VM map one file and share its text pages. With `--service-dir`, stand-alone
 /// service binaries from that directory, each under its own path.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Program {
     /// The executable.
     pub path: PathBuf,
@@ -947,7 +951,8 @@ impl ServiceRef {
 
     /// Sends `SIGKILL` to the current instance (through its pidfd).
     pub fn kill(&self) -> Result<(), ServiceError> {
-        pidfd_kill(self.0.lock_ctl().pidfd.as_fd()).map_err(os("pidfd_send_signal"))
+        let ctl = self.0.lock_ctl();
+        kill_service(ctl.pid, ctl.pidfd.as_fd()).map_err(os("pidfd_send_signal"))
     }
 
     /// Fault injection: tells the current instance to attempt a forbidden action (its filter
@@ -968,7 +973,7 @@ impl ServiceRef {
         log::warn!("fault injection: {action} into service {} (pid {pid})", self.0.name);
         let send = |msg: ControlMsg| ctl.control.send_now(&msg, &[]).map_err(|e| self.0.control_error(e));
         match action {
-            FaultAction::Kill => pidfd_kill(ctl.pidfd.as_fd()).map_err(os("pidfd_send_signal"))?,
+            FaultAction::Kill => kill_service(ctl.pid, ctl.pidfd.as_fd()).map_err(os("pidfd_send_signal"))?,
             FaultAction::Crash => send(ControlMsg::InjectFault(ServiceFault::Crash))?,
             FaultAction::Abort => send(ControlMsg::InjectFault(ServiceFault::Abort))?,
             FaultAction::Segv => send(ControlMsg::InjectFault(ServiceFault::Segv))?,
@@ -982,7 +987,7 @@ impl ServiceRef {
                     return Err(ServiceError::NoStateRegion { name: self.0.name.clone() });
                 };
                 corrupt_state(state.as_fd()).map_err(os("corrupting the state region"))?;
-                pidfd_kill(ctl.pidfd.as_fd()).map_err(os("pidfd_send_signal"))?;
+                kill_service(ctl.pid, ctl.pidfd.as_fd()).map_err(os("pidfd_send_signal"))?;
             }
         }
         Ok(format!("{action} injected into service {} (pid {pid})", self.0.name))
@@ -1350,7 +1355,20 @@ impl Drop for ServiceHandle {
     }
 }
 
-fn pidfd_kill(pidfd: BorrowedFd<'_>) -> io::Result<()> {
+/// SIGKILLs service `pid` through its pidfd; if this process may not signal it (the jailed
+/// core: another uid), through the VM's helper, which created it.
+pub(crate) fn kill_service(pid: u32, pidfd: BorrowedFd<'_>) -> io::Result<()> {
+    match pidfd_signal_kill(pidfd) {
+        Err(e) if e.raw_os_error() == Some(libc::EPERM) => match crate::helper::current() {
+            Some(h) => h.kill(pid),
+            None => Err(e),
+        },
+        r => r,
+    }
+}
+
+/// SIGKILLs the process of `pidfd` (never a recycled pid); a process already gone is no error.
+pub fn pidfd_signal_kill(pidfd: BorrowedFd<'_>) -> io::Result<()> {
     // SAFETY: pidfd_send_signal with a valid pidfd, a signal number, no siginfo and no flags.
     let rc = unsafe {
         libc::syscall(
@@ -1419,7 +1437,11 @@ fn start_instance(recipe: &Recipe, carried: &[ExitRequest]) -> Result<Instance, 
     let (control, child_ctl) =
         ControlChannel::pair().map_err(|source| ServiceError::Control { name: name.clone(), source })?;
     let child_ctl = child_ctl.into_fd();
-    let mut child = spawn::spawn(program, child_ctl.as_fd()).map_err(|source| match source {
+    let spawned = match &options.helper {
+        Some(h) => h.spawn(program, child_ctl.as_fd()),
+        None => spawn::spawn(program, child_ctl.as_fd()),
+    };
+    let mut child = spawned.map_err(|source| match source {
         SpawnError::NamespacesUnavailable(_) => ServiceError::Sandbox(source),
         SpawnError::Child { step: "execve", source: ref e, .. }
             if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::EACCES)) =>
@@ -1551,13 +1573,22 @@ fn spawn_service_with_state(
     });
     let (tx, exit_rx) = sync_channel(1);
     let (sh, kill_fd) = (shared.clone(), shared.lock_ctl().pidfd.try_clone().ok());
-    let supervisor = std::thread::Builder::new().name(format!("sup-{name}")).spawn(move || supervise(&sh, child, &tx));
+    // With a helper creating the instances, the supervisor needs no process creation: it runs
+    // under its own filter from its start (without one it clones, and a filter would be
+    // inherited by the services it creates).
+    let confine = shared.lock_recipe().options.helper.is_some();
+    let supervisor = std::thread::Builder::new().name(format!("sup-{name}")).spawn(move || {
+        if confine {
+            crate::jail::confine_or_abort(bulkhead_policies::Policy::CoreSupervisor);
+        }
+        supervise(&sh, child, &tx)
+    });
     let supervisor = match supervisor {
         Ok(w) => w,
         Err(e) => {
             // The closure (and the child) were dropped with the failed spawn: kill by pidfd.
             if let Some(fd) = kill_fd {
-                let _ = pidfd_kill(fd.as_fd());
+                let _ = kill_service(pid, fd.as_fd());
             }
             return Err(ServiceError::Os { what: "spawning the supervisor thread", source: e });
         }

@@ -437,9 +437,9 @@ impl Vmm {
         // the services' supervisor threads and the API's workers were created before and stay
         // unfiltered, because processes they start would inherit a filter too
         // (docs/SECURITY.md). What needs more (opening a new image) is done by the API thread.
-        // The filter allows no cgroup file writes: from now on the keeper removes the VM's
+        // The filter allows no cgroup file writes: from now on the helper removes the VM's
         // cgroup, once this process has exited.
-        vm.seal_cgroup();
+        vm.seal_helper();
         if let Err(e) = bulkhead_policies::install(bulkhead_policies::Policy::CoreMain) {
             vm.stop(StopReason::InternalError(format!("cannot install the main thread's seccomp filter: {e}")));
         }

@@ -104,6 +104,9 @@ pub enum SpawnError {
         #[source]
         source: io::Error,
     },
+    /// The VM's helper did not create it.
+    #[error("creating it through the VM's helper")]
+    Helper(#[source] Box<crate::helper::HelperError>),
     /// The child neither exec'ed nor reported an error in time.
     #[error("service {} (pid {pid}) did not reach execve within {EXEC_TIMEOUT:?}", path.display())]
     ExecTimeout {
@@ -398,6 +401,12 @@ pub struct ServiceChild {
 }
 
 impl ServiceChild {
+    /// A child the helper created for this process (`CLONE_PARENT`: it is this process's own
+    /// child, reaped here): its pid, the pidfd the helper passed and the jail it was created in.
+    pub fn adopted(pid: u32, pidfd: OwnedFd, jail: JailPlan) -> Self {
+        Self { pid, pidfd, status: None, jail }
+    }
+
     /// What the child was created in: the plan its set-up message carries.
     pub fn jail_plan(&self) -> JailPlan {
         self.jail
@@ -413,12 +422,19 @@ impl ServiceChild {
         self.pidfd.as_fd()
     }
 
-    /// Sends `SIGKILL` through the pidfd (never to a recycled pid).
+    /// Sends `SIGKILL` through the pidfd (never to a recycled pid); through the helper when this
+    /// process may no longer signal it (the jailed core, another uid).
     pub fn kill(&mut self) -> io::Result<()> {
         if self.status.is_some() {
             return Ok(());
         }
-        super::pidfd_kill(self.pidfd.as_fd())
+        super::kill_service(self.pid, self.pidfd.as_fd())
+    }
+
+    /// Gives up the child without killing or reaping it: its pid and pidfd (the helper hands
+    /// them to the core, whose child it is).
+    pub fn into_parts(self) -> (u32, OwnedFd, JailPlan) {
+        (self.pid, self.pidfd, self.jail)
     }
 
     /// Waits for the child to exit and reaps it (once; later calls return the same status).
@@ -510,10 +526,26 @@ fn jail_plan(sandbox: &Sandbox) -> JailPlan {
     JailPlan::Created { namespaces, switch_to: sandbox.switch_id.then_some((SERVICE_ID, SERVICE_ID)) }
 }
 
+/// How a service is created, past what [`init_sandbox`] decided.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct How {
+    /// The `(uid, gid)` outside its user namespace that the service's unprivileged ids map to
+    /// (default: [`SERVICE_ID`] itself). The helper gives each VM's services ids of their own.
+    pub service_ids: Option<(u32, u32)>,
+    /// `CLONE_PARENT`: the child becomes the caller's parent's child (the helper creates
+    /// services for its core this way, so the core supervises and reaps them).
+    pub clone_parent: bool,
+}
+
 /// Creates the service process running `program` (see the module docs), with `ctl` as its fd 3, in the
 /// namespaces of the [`init_sandbox`] decision (strict if none was made). Returns once the child
 /// has exec'ed.
 pub fn spawn(program: &super::Program, ctl: BorrowedFd<'_>) -> Result<ServiceChild, SpawnError> {
+    spawn_as(program, ctl, How::default())
+}
+
+/// [`spawn`], the way `how` says.
+pub fn spawn_as(program: &super::Program, ctl: BorrowedFd<'_>, how: How) -> Result<ServiceChild, SpawnError> {
     let sandbox = init_sandbox(false)?;
     let binary = program.path.as_path();
     let path = cstring(binary.as_os_str().as_bytes(), "the service path")?;
@@ -547,9 +579,13 @@ pub fn spawn(program: &super::Program, ctl: BorrowedFd<'_>) -> Result<ServiceChi
 
     let mut pidfd: libc::c_int = -1;
     let mut cargs = CloneArgs {
-        flags: sandbox.namespaces.flags() | libc::CLONE_PIDFD as u64,
+        flags: sandbox.namespaces.flags()
+            | libc::CLONE_PIDFD as u64
+            | if how.clone_parent { libc::CLONE_PARENT as u64 } else { 0 },
         pidfd: &mut pidfd as *mut libc::c_int as u64,
-        exit_signal: libc::SIGCHLD as u64,
+        // With CLONE_PARENT the kernel takes the caller's own exit signal (SIGCHLD for the
+        // helper) and refuses any other.
+        exit_signal: if how.clone_parent { 0 } else { libc::SIGCHLD as u64 },
         ..CloneArgs::default()
     };
     let blocked = SignalsBlocked::new();
@@ -582,7 +618,7 @@ pub fn spawn(program: &super::Program, ctl: BorrowedFd<'_>) -> Result<ServiceChi
         e
     };
     if sandbox.namespaces.contains(Namespace::User) {
-        if let Err(e) = write_id_maps(pid, sandbox.switch_id) {
+        if let Err(e) = write_id_maps(pid, sandbox.switch_id, how.service_ids) {
             return Err(fail(&mut child, e));
         }
     }
@@ -611,14 +647,16 @@ pub fn spawn(program: &super::Program, ctl: BorrowedFd<'_>) -> Result<ServiceChi
     }
 }
 
-/// Writes uid_map, setgroups and gid_map of `pid`'s user namespace.
-fn write_id_maps(pid: u32, switch_id: bool) -> Result<(), SpawnError> {
+/// Writes uid_map, setgroups and gid_map of `pid`'s user namespace: inside 0 → the caller's
+/// ids; with `switch_id`, inside [`SERVICE_ID`] → `service` (default [`SERVICE_ID`]).
+fn write_id_maps(pid: u32, switch_id: bool, service: Option<(u32, u32)>) -> Result<(), SpawnError> {
     // SAFETY: getuid/getgid have no preconditions.
     let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
-    let map = |outside: u32| {
-        let mut m = format!("0 {outside} 1\n");
-        if switch_id && outside != SERVICE_ID {
-            m.push_str(&format!("{SERVICE_ID} {SERVICE_ID} 1\n"));
+    let (svc_uid, svc_gid) = service.unwrap_or((SERVICE_ID, SERVICE_ID));
+    let map = |own: u32, svc: u32| {
+        let mut m = format!("0 {own} 1\n");
+        if switch_id && own != svc {
+            m.push_str(&format!("{SERVICE_ID} {svc} 1\n"));
         }
         m
     };
@@ -629,12 +667,12 @@ fn write_id_maps(pid: u32, switch_id: bool) -> Result<(), SpawnError> {
             source,
         })
     };
-    write("uid_map", &map(uid))?;
+    write("uid_map", &map(uid, svc_uid))?;
     if !switch_id {
         // Required before an unprivileged process may write gid_map.
         write("setgroups", "deny")?;
     }
-    write("gid_map", &map(gid))
+    write("gid_map", &map(gid, svc_gid))
 }
 
 /// Waits (bounded) on the error pipe: `Ok(None)` at EOF (the child exec'ed), `Ok(Some)` with the

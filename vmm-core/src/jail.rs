@@ -1,0 +1,403 @@
+//! The core's own jail: the ids a VM runs under, and the drop of the core's privileges once the
+//! VM is built.
+//!
+//! Started as root, every VM gets two uid/gid pairs of its own ([`VmIds`]): one for its core,
+//! one for its services. They come from the operator (`--uid/--gid`: the services then get
+//! `uid+1/gid+1`) or from a range (`--id-range FIRST-LAST`, default [`DEFAULT_RANGE`]), taken in
+//! blocks of two. A uid is held by binding an abstract Unix socket named after it
+//! ([`IdLease`]): the kernel frees the name when the last holder (the core, then the helper that
+//! cleans up after it) is gone, so a crash leaves nothing to clean and two VMs on one host never
+//! share an id. So a compromised service of one VM cannot signal or trace another VM's
+//! processes, nor its own core (signals need a matching uid; tracing needs it too, and the core
+//! is not dumpable).
+//!
+//! [`drop_privileges`] runs on the VMM thread at the end of `launch::build`, after everything
+//! that needs root (the cgroup, TAPs, disk images, `/dev/kvm`) and before the vCPU threads
+//! exist, in this order, each failing with the step's name:
+//!
+//! 1. rlimits: no core dumps (`RLIMIT_CORE` 0; guest RAM is also `MADV_DONTDUMP`), a bounded fd
+//!    table and task count ([`CoreLimits`]).
+//! 2. the capability bounding set emptied (this thread; the threads it creates later inherit
+//!    it).
+//! 3. supplementary groups cleared, then gid and uid switched to the core's ([`VmIds::core`])
+//!    for every thread (glibc broadcasts the change to all threads of the process). Leaving
+//!    uid 0 clears every capability (permitted, effective, ambient) of every thread.
+//! 4. not dumpable (`PR_SET_DUMPABLE` 0: no ptrace, no core, `/proc/PID` owned by root), and
+//!    `no_new_privs` (this thread and what it creates).
+//! 5. checked: the effective capability set read back is empty, and so are the ids.
+//!
+//! The seccomp filter of the VMM thread comes later (`vmm`), when the VM runs.
+
+use std::io;
+use std::os::fd::OwnedFd;
+
+use serde::{Deserialize, Serialize};
+
+/// The default range VM ids are taken from: far above the ids of people and system accounts
+/// and of the usual `/etc/subuid` ranges.
+pub const DEFAULT_RANGE: IdRange = IdRange { first: 1_500_000_000, last: 1_500_999_999 };
+
+/// Errors of the core's jail.
+#[derive(Debug, thiserror::Error)]
+pub enum JailError {
+    /// An id given by the operator or the range is unusable.
+    #[error("jail ids: {0}")]
+    Ids(String),
+    /// The id is used by another VM on this host.
+    #[error("uid {0} is in use by another VM on this host")]
+    InUse(u32),
+    /// Every id of the range is in use.
+    #[error("every uid of the range {0} is in use")]
+    RangeFull(IdRange),
+    /// A step of the drop failed.
+    #[error("jail step failed: {step}")]
+    Step {
+        /// The step.
+        step: &'static str,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// The drop did not leave the core without privileges.
+    #[error("after the drop the core still has {0}")]
+    NotDropped(String),
+}
+
+fn step(step: &'static str) -> impl FnOnce(io::Error) -> JailError {
+    move |source| JailError::Step { step, source }
+}
+
+fn check(rc: libc::c_long, name: &'static str) -> Result<(), JailError> {
+    if rc < 0 {
+        Err(JailError::Step { step: name, source: io::Error::last_os_error() })
+    } else {
+        Ok(())
+    }
+}
+
+/// A range of ids, inclusive.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IdRange {
+    /// The first id.
+    pub first: u32,
+    /// The last id.
+    pub last: u32,
+}
+
+impl IdRange {
+    /// Parses `FIRST-LAST`.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let (a, b) = s.split_once('-').ok_or_else(|| format!("{s:?}: expected FIRST-LAST"))?;
+        let first: u32 = a.trim().parse().map_err(|_| format!("{a:?} is not a uid"))?;
+        let last: u32 = b.trim().parse().map_err(|_| format!("{b:?} is not a uid"))?;
+        let r = Self { first, last };
+        r.validate().map_err(|e| e.to_string())?;
+        Ok(r)
+    }
+
+    /// A range holds at least one block of two ids, none of them 0 or the overflow id.
+    pub fn validate(&self) -> Result<(), JailError> {
+        if self.first == 0 || self.last < self.first.saturating_add(1) || self.last >= u32::MAX - 1 {
+            return Err(JailError::Ids(format!("{self}: needs at least two ids, none of them 0 or {}", u32::MAX)));
+        }
+        if (self.first..=self.last).contains(&crate::service::spawn::SERVICE_ID) {
+            return Err(JailError::Ids(format!("{self} holds {}, the overflow id", crate::service::spawn::SERVICE_ID)));
+        }
+        Ok(())
+    }
+}
+
+impl std::fmt::Display for IdRange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}-{}", self.first, self.last)
+    }
+}
+
+/// The jail of the core (the `bulkhead.jail` section of a configuration).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JailConfig {
+    /// The core keeps root and every capability (`--no-jail`; loud in the log).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub disabled: bool,
+    /// The core's uid (its services get `uid+1`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uid: Option<u32>,
+    /// The core's gid (its services get `gid+1`; default: the uid).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gid: Option<u32>,
+    /// Where ids are taken from when no uid is given (default [`DEFAULT_RANGE`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id_range: Option<IdRange>,
+}
+
+impl JailConfig {
+    /// Whether nothing is set.
+    pub fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
+
+    /// Checks the ids given.
+    pub fn validate(&self) -> Result<(), JailError> {
+        if let Some(r) = &self.id_range {
+            r.validate()?;
+        }
+        if self.gid.is_some() && self.uid.is_none() {
+            return Err(JailError::Ids("a gid needs a uid".into()));
+        }
+        for (what, id) in [("uid", self.uid), ("gid", self.gid)] {
+            if let Some(id) = id {
+                let overflow = crate::service::spawn::SERVICE_ID;
+                if id == 0 || (overflow - 1..=overflow).contains(&id) {
+                    return Err(JailError::Ids(format!(
+                        "{what} {id}: not 0, and neither it nor {what}+1 may be the overflow id {}",
+                        crate::service::spawn::SERVICE_ID
+                    )));
+                }
+                if id >= u32::MAX - 2 {
+                    return Err(JailError::Ids(format!("{what} {id} is too large")));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The ids of one VM's processes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmIds {
+    /// The core's `(uid, gid)`.
+    pub core: (u32, u32),
+    /// Every service's `(uid, gid)`, outside its user namespace.
+    pub service: (u32, u32),
+}
+
+/// A VM's ids, held for as long as this value or a dup of its fds lives (see the module docs).
+#[derive(Debug)]
+pub struct IdLease {
+    /// The ids.
+    pub ids: VmIds,
+    /// The sockets bound to the names of the core's and the services' uids.
+    pub holds: Vec<OwnedFd>,
+}
+
+/// Binds the abstract socket `bulkhead-uid-<uid>`: `Ok(None)` if another process holds it.
+fn claim(uid: u32) -> Result<Option<OwnedFd>, JailError> {
+    use nix::sys::socket::{bind, socket, AddressFamily, SockFlag, SockType, UnixAddr};
+    let fd = socket(AddressFamily::Unix, SockType::Datagram, SockFlag::SOCK_CLOEXEC, None)
+        .map_err(|e| JailError::Step { step: "socket for the uid claim", source: e.into() })?;
+    let addr = UnixAddr::new_abstract(format!("bulkhead-uid-{uid}").as_bytes())
+        .map_err(|e| JailError::Step { step: "naming the uid claim", source: e.into() })?;
+    match bind(std::os::fd::AsRawFd::as_raw_fd(&fd), &addr) {
+        Ok(()) => Ok(Some(fd)),
+        Err(nix::Error::EADDRINUSE) => Ok(None),
+        Err(e) => Err(JailError::Step { step: "binding the uid claim", source: e.into() }),
+    }
+}
+
+/// Takes the VM's ids: the operator's, or the first free block of two in the range.
+pub fn lease(config: &JailConfig) -> Result<IdLease, JailError> {
+    config.validate()?;
+    let pair = |uid: u32, gid: u32| VmIds { core: (uid, gid), service: (uid + 1, gid + 1) };
+    let both = |uid: u32| -> Result<Option<Vec<OwnedFd>>, JailError> {
+        let Some(a) = claim(uid)? else { return Ok(None) };
+        let Some(b) = claim(uid + 1)? else { return Ok(None) };
+        Ok(Some(vec![a, b]))
+    };
+    if let Some(uid) = config.uid {
+        let gid = config.gid.unwrap_or(uid);
+        return match both(uid)? {
+            Some(holds) => Ok(IdLease { ids: pair(uid, gid), holds }),
+            None => Err(JailError::InUse(uid)),
+        };
+    }
+    let range = config.id_range.unwrap_or(DEFAULT_RANGE);
+    range.validate()?;
+    let mut uid = range.first;
+    // Bounded by the range: one claim (two binds) per block of two ids.
+    while uid < range.last {
+        if let Some(holds) = both(uid)? {
+            return Ok(IdLease { ids: pair(uid, uid), holds });
+        }
+        uid += 2;
+    }
+    Err(JailError::RangeFull(range))
+}
+
+/// `CAP_SETPCAP` (linux/capability.h): needed to shrink the bounding set.
+const CAP_SETPCAP: u32 = 8;
+
+/// Bounds the core keeps after the drop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CoreLimits {
+    /// `RLIMIT_NOFILE`.
+    pub open_files: u64,
+    /// `RLIMIT_NPROC`: tasks (threads count) of the core's uid, which only this VM's core uses.
+    pub tasks: u64,
+}
+
+impl CoreLimits {
+    /// Bounds for a VM of `vcpus` vCPUs and `services` services: each service holds about ten
+    /// fds in the core and a supervisor thread; the API serves at most 64 connections, each on a
+    /// thread.
+    pub fn for_vm(vcpus: u64, services: u64) -> Self {
+        Self { open_files: 1024 + 16 * services, tasks: 128 + vcpus + 2 * services }
+    }
+}
+
+fn set_rlimit(resource: libc::__rlimit_resource_t, value: u64, name: &'static str) -> Result<(), JailError> {
+    let lim = libc::rlimit { rlim_cur: value, rlim_max: value };
+    // SAFETY: setrlimit reads the struct we pass, which outlives the call.
+    check(unsafe { libc::setrlimit(resource, &lim) }.into(), name)
+}
+
+/// Drops the core's privileges (see the module docs). Call on the VMM thread, before the vCPU
+/// threads exist.
+pub fn drop_privileges(ids: &VmIds, limits: &CoreLimits) -> Result<(), JailError> {
+    set_rlimit(libc::RLIMIT_CORE, 0, "setrlimit(RLIMIT_CORE)")?;
+    set_rlimit(libc::RLIMIT_NOFILE, limits.open_files, "setrlimit(RLIMIT_NOFILE)")?;
+    set_rlimit(libc::RLIMIT_NPROC, limits.tasks, "setrlimit(RLIMIT_NPROC)")?;
+    for cap in 0..=63 {
+        // SAFETY: prctl with integer arguments only; EINVAL past the last capability is expected.
+        let rc = unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0) };
+        if rc < 0 && io::Error::last_os_error().raw_os_error() != Some(libc::EINVAL) {
+            return Err(step("prctl(PR_CAPBSET_DROP)")(io::Error::last_os_error()));
+        }
+    }
+    let (uid, gid) = ids.core;
+    // SAFETY: setgroups with a zero-length list and a null pointer, as the man page allows.
+    check(unsafe { libc::setgroups(0, std::ptr::null()) }.into(), "setgroups")?;
+    // SAFETY: setresgid/setresuid with plain ids (glibc applies them to every thread).
+    check(unsafe { libc::setresgid(gid, gid, gid) }.into(), "setresgid")?;
+    // SAFETY: as above.
+    check(unsafe { libc::setresuid(uid, uid, uid) }.into(), "setresuid")?;
+    clear_capabilities()?;
+    // SAFETY: prctl with integer arguments only.
+    check(unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) }.into(), "prctl(PR_SET_DUMPABLE)")?;
+    // SAFETY: prctl with integer arguments only.
+    let rc = unsafe { libc::prctl(libc::PR_CAP_AMBIENT, libc::PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0) };
+    check(rc.into(), "prctl(PR_CAP_AMBIENT_CLEAR_ALL)")?;
+    // SAFETY: as above.
+    check(unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) }.into(), "prctl(PR_SET_NO_NEW_PRIVS)")?;
+    verify(ids)
+}
+
+/// Empties this thread's effective, permitted and inheritable sets (leaving uid 0 emptied the
+/// first two already; the inheritable set survives an id change).
+fn clear_capabilities() -> Result<(), JailError> {
+    #[repr(C)]
+    struct Header {
+        version: u32,
+        pid: libc::c_int,
+    }
+    #[repr(C)]
+    #[derive(Clone, Copy)]
+    struct Data {
+        effective: u32,
+        permitted: u32,
+        inheritable: u32,
+    }
+    // _LINUX_CAPABILITY_VERSION_3: two Data words.
+    let mut header = Header { version: 0x2008_0522, pid: 0 };
+    let data = [Data { effective: 0, permitted: 0, inheritable: 0 }; 2];
+    // SAFETY: capset reads a v3 header and two data words, both valid for the call.
+    let rc = unsafe { libc::syscall(libc::SYS_capset, &mut header as *mut Header, data.as_ptr()) };
+    check(rc, "capset")
+}
+
+/// Reads back what the kernel says of this thread: no capability in any set, the core's ids.
+fn verify(ids: &VmIds) -> Result<(), JailError> {
+    let status = std::fs::read_to_string("/proc/thread-self/status").map_err(step("reading /proc/thread-self/status"))?;
+    let t = crate::isolation::parse_status(&status);
+    let zero = |set: &str| u64::from_str_radix(set, 16) == Ok(0);
+    if ![&t.cap_effective, &t.cap_permitted, &t.cap_bounding, &t.cap_ambient, &t.cap_inheritable]
+        .iter()
+        .all(|s| zero(s))
+    {
+        return Err(JailError::NotDropped(format!(
+            "capabilities (effective {}, permitted {}, bounding {})",
+            t.cap_effective, t.cap_permitted, t.cap_bounding
+        )));
+    }
+    if t.uid.iter().any(|u| *u != ids.core.0) || t.gid.iter().any(|g| *g != ids.core.1) {
+        return Err(JailError::NotDropped(format!("uids {:?} gids {:?}", t.uid, t.gid)));
+    }
+    if !t.no_new_privs {
+        return Err(JailError::NotDropped("no no_new_privs".into()));
+    }
+    Ok(())
+}
+
+/// Confines a thread of the core that exists before the drop (or runs outside the VMM thread's
+/// lineage): no bounding set (while it still may), `no_new_privs`, and `policy` as its seccomp
+/// filter. Each long-lived thread calls it first thing.
+pub fn confine_thread(policy: bulkhead_policies::Policy) -> Result<(), JailError> {
+    let has_setpcap = std::fs::read_to_string("/proc/thread-self/status")
+        .ok()
+        .map(|s| crate::isolation::parse_status(&s))
+        .is_some_and(|t| u64::from_str_radix(&t.cap_effective, 16).is_ok_and(|e| e & (1 << CAP_SETPCAP) != 0));
+    if has_setpcap {
+        for cap in 0..=63 {
+            // SAFETY: prctl with integer arguments only; EINVAL past the last capability.
+            unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0) };
+        }
+    }
+    // SAFETY: prctl with integer arguments only.
+    check(unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) }.into(), "prctl(PR_SET_NO_NEW_PRIVS)")?;
+    // The no-clone3 guard first: installing a filter takes a prctl the thread's own policy
+    // does not allow.
+    let guard = if policy == bulkhead_policies::Policy::CoreApi {
+        bulkhead_policies::install_no_clone3()
+    } else {
+        Ok(())
+    };
+    let installed = guard.and_then(|()| bulkhead_policies::install(policy));
+    installed.map_err(|e| JailError::Step { step: "installing the thread's seccomp filter", source: io::Error::other(e) })
+}
+
+/// [`confine_thread`], or the process ends: no thread of the core runs unconfined.
+pub fn confine_or_abort(policy: bulkhead_policies::Policy) {
+    if let Err(e) = confine_thread(policy) {
+        eprintln!(
+            "bulkhead: error: thread {:?} cannot be confined ({}): {}",
+            std::thread::current().name().unwrap_or("?"),
+            policy.name(),
+            crate::vmm::chain(&e)
+        );
+        std::process::abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges_and_ids_are_checked() {
+        assert_eq!(IdRange::parse("100-199"), Ok(IdRange { first: 100, last: 199 }));
+        assert!(IdRange::parse("100").is_err());
+        assert!(IdRange::parse("0-10").is_err());
+        assert!(IdRange::parse("10-10").is_err());
+        assert!(IdRange::parse("65000-66000").is_err(), "holds the overflow id");
+        assert!(JailConfig { uid: Some(0), ..JailConfig::default() }.validate().is_err());
+        assert!(JailConfig { uid: Some(65533), ..JailConfig::default() }.validate().is_err());
+        assert!(JailConfig { gid: Some(5), ..JailConfig::default() }.validate().is_err());
+        assert!(JailConfig { uid: Some(5000), gid: Some(6000), ..JailConfig::default() }.validate().is_ok());
+    }
+
+    #[test]
+    fn a_leased_id_is_not_leased_twice() {
+        let range = IdRange { first: 1_499_000_000, last: 1_499_000_003 };
+        let cfg = JailConfig { id_range: Some(range), ..JailConfig::default() };
+        let a = lease(&cfg).expect("first");
+        let b = lease(&cfg).expect("second");
+        assert_eq!(a.ids.core, (1_499_000_000, 1_499_000_000));
+        assert_eq!(a.ids.service, (1_499_000_001, 1_499_000_001));
+        assert_eq!(b.ids.core.0, 1_499_000_002);
+        assert!(matches!(lease(&cfg), Err(JailError::RangeFull(_))));
+        let explicit = JailConfig { uid: Some(1_499_000_002), ..JailConfig::default() };
+        assert!(matches!(lease(&explicit), Err(JailError::InUse(1_499_000_002))));
+        drop(b);
+        assert_eq!(lease(&explicit).expect("freed").ids.core, (1_499_000_002, 1_499_000_002));
+    }
+}
