@@ -24,6 +24,7 @@ const POLICIES: &[(&str, &[&str])] = &[
     ("core-supervisor", &["core-supervisor.json"]),
     ("core-faults", &["core-faults.json"]),
     ("no-clone3", &["no-clone3.json"]),
+    ("helper", &["common.json", "console.json", "block.json", "net.json", "helper.json"]),
 ];
 
 const UNISTD: &str = "/usr/include/x86_64-linux-gnu/asm/unistd_64.h";

@@ -757,9 +757,15 @@ impl CoreEndpoint {
     }
 
     /// Posted writes not completed, oldest first, taken away: after [`abort`](Self::abort), for
-    /// the next instance to [`adopt`](Self::adopt).
+    /// the next instance to [`adopt`](Self::adopt). Completions the dead instance published
+    /// first are consumed (validated as always): a write it finished is not done twice. One it
+    /// did but died before completing is carried (the window between its effect and its
+    /// completion record; a UART byte may then show twice, as after a lost acknowledgement on
+    /// real hardware). A completion that fails validation stops the consumption there: the rest
+    /// is carried.
     pub fn take_posted(&self) -> Vec<ExitRequest> {
         let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let _ = self.reap(&mut st);
         st.posted.drain(..).map(|p| p.req).collect()
     }
 

@@ -74,6 +74,13 @@ pub enum Policy {
     CoreSupervisor,
     /// The core's fault-schedule thread: control messages and kills of services.
     CoreFaults,
+    /// The VM's privileged helper. A filter is inherited by the processes a thread creates, and
+    /// the helper creates the services: so this policy is the services' policies merged with
+    /// what a service does before its own filter (its jail: `mount`, `pivot_root`, id switches)
+    /// and what the helper does (spawning, id maps, cgroup files, `/proc` reads, kills). Still
+    /// no `ptrace`, `bpf`, module or `kexec` calls, keys, `io_uring`, `userfaultfd`, file
+    /// handles, `setns`, `socket`, `bind`, `connect`. A mismatch fails with `EPERM`.
+    Helper,
 }
 
 macro_rules! embedded {
@@ -87,7 +94,7 @@ macro_rules! embedded {
 
 impl Policy {
     /// Every policy.
-    pub const ALL: [Policy; 8] = [
+    pub const ALL: [Policy; 9] = [
         Policy::Console,
         Policy::Block,
         Policy::Net,
@@ -96,6 +103,7 @@ impl Policy {
         Policy::CoreApi,
         Policy::CoreSupervisor,
         Policy::CoreFaults,
+        Policy::Helper,
     ];
 
     /// The policy's name (its JSON key).
@@ -109,6 +117,7 @@ impl Policy {
             Policy::CoreApi => "core-api",
             Policy::CoreSupervisor => "core-supervisor",
             Policy::CoreFaults => "core-faults",
+            Policy::Helper => "helper",
         }
     }
 
@@ -122,6 +131,7 @@ impl Policy {
             Policy::CoreApi => embedded!("core-api"),
             Policy::CoreSupervisor => embedded!("core-supervisor"),
             Policy::CoreFaults => embedded!("core-faults"),
+            Policy::Helper => embedded!("helper"),
         }
     }
 

@@ -99,6 +99,59 @@ fn core_faults_allows_what_it_uses() {
 }
 
 #[test]
+fn helper_allows_what_it_and_its_children_use() {
+    assert_all_allowed(Policy::Helper, include_str!("used/helper.txt"));
+}
+
+#[test]
+fn helper_refuses_what_no_part_of_a_vm_needs() {
+    // The helper's filter stacks under every service it creates, so it holds their jail's calls
+    // and their own policies; these stay out, each failing with EPERM.
+    for name in [
+        "ptrace",
+        "process_vm_readv",
+        "process_vm_writev",
+        "bpf",
+        "perf_event_open",
+        "kexec_load",
+        "kexec_file_load",
+        "init_module",
+        "finit_module",
+        "delete_module",
+        "keyctl",
+        "add_key",
+        "request_key",
+        "userfaultfd",
+        "io_uring_setup",
+        "open_by_handle_at",
+        "name_to_handle_at",
+        "setns",
+        "unshare",
+        "socket",
+        "bind",
+        "connect",
+        "chroot",
+        "mknod",
+        "mknodat",
+        "swapon",
+        "reboot",
+        "settimeofday",
+        "fsopen",
+        "move_mount",
+        "open_tree",
+        "setxattr",
+        "kill",
+        "clone",
+        "fork",
+        "vfork",
+    ] {
+        assert_eq!(verdict(Policy::Helper, name, [0; 6]), Action::Errno(1), "the helper lets {name} through");
+    }
+    // Executable memory neither.
+    assert_eq!(verdict(Policy::Helper, "mmap", [0, 4096, PROT_EXEC | 1, 0x22, u64::MAX, 0]), Action::Errno(1));
+}
+
+#[test]
 fn no_core_thread_creates_processes_execs_or_changes_namespaces() {
     for policy in [Policy::CoreApi, Policy::CoreSupervisor, Policy::CoreFaults, Policy::CoreMain, Policy::CoreVcpu] {
         for (name, args) in [
@@ -301,6 +354,28 @@ fn needed_by(policy: Policy) -> &'static [(&'static str, &'static str)] {
             ("socketpair", "a new instance's control socket"),
         ],
         Policy::CoreFaults => &SETXID,
+        // What a service's jail and start need (the filter is inherited by the services) and
+        // what the helper itself does; see `helper_refuses_what_no_part_of_a_vm_needs` for what
+        // stays out.
+        Policy::Helper => &[
+            SETXID[0],
+            SETXID[1],
+            SETXID[2],
+            ("execve", "the child becomes the service"),
+            ("clone3", "creating a service in its namespaces"),
+            ("mount", "the service's jail: its empty root"),
+            ("umount2", "the service's jail"),
+            ("pivot_root", "the service's jail"),
+            ("capset", "the service's jail"),
+            ("prctl", "the child's parent-death signal, the service's jail"),
+            ("seccomp", "the service loads its own filter"),
+            ("openat", "id maps, cgroup files, /proc reads"),
+            ("mkdir", "a service's child cgroup"),
+            ("unlink", "the API socket after the core"),
+            ("pidfd_open", "leftovers of the VM's group"),
+            ("pidfd_send_signal", "SIGKILL to a service"),
+            ("fcntl", "fd duplicates, close-on-exec"),
+        ],
         _ => &[],
     }
 }
@@ -320,7 +395,13 @@ fn dangerous_syscalls_are_rejected_by_every_policy() {
                 policy,
                 Policy::CoreVcpu | Policy::CoreMain | Policy::CoreApi | Policy::CoreSupervisor | Policy::CoreFaults
             );
-            let expected = if core { Action::KillProcess } else { Action::Trap };
+            let expected = if core {
+                Action::KillProcess
+            } else if policy == Policy::Helper {
+                Action::Errno(1)
+            } else {
+                Action::Trap
+            };
             assert_eq!(a, expected, "{policy:?} lets {name} {args:?} through");
         }
     }

@@ -294,6 +294,62 @@ pub fn core_ids(pid: u32) -> (u32, u32) {
     read().unwrap_or((u32::MAX, u32::MAX))
 }
 
+/// The host directory the jailed core of the VM at `sock` sees as its root (`jail_root` of
+/// `GET /bulkhead/isolation`), if it has one.
+pub fn jail_root(sock: &std::path::Path) -> Option<PathBuf> {
+    let (s, body) = curl(sock, "GET", "/bulkhead/isolation", None);
+    assert_eq!(s, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).expect("json");
+    v["jail_root"].as_str().map(PathBuf::from)
+}
+
+/// A file given to a VM ([`give_to_vm`]): the path to name in the API; dropping it removes the
+/// copy from the jail directory, and the directory once empty (the helper leaves an operator's
+/// files, and with them the directory, in place).
+#[derive(Debug)]
+pub struct Given {
+    /// The path the VM's core opens it by.
+    pub path: String,
+    copy: Option<PathBuf>,
+}
+
+impl Drop for Given {
+    fn drop(&mut self) {
+        if let Some(copy) = &self.copy {
+            let _ = std::fs::remove_file(copy);
+            if let Some(root) = copy.parent() {
+                let _ = std::fs::remove_dir(root.join("proc"));
+                if std::fs::remove_dir(root).is_ok() {
+                    let _ = root.parent().map(std::fs::remove_dir);
+                }
+            }
+        }
+    }
+}
+
+/// Makes `file` available to the running VM whose core is `core` (API socket `sock`) as an
+/// operator of a jailed VMM does: a copy in its jail directory, owned by the core's uid. Without
+/// a jail directory, the file itself, given to the core's uid.
+pub fn give_to_vm(sock: &std::path::Path, core: u32, file: &std::path::Path) -> Given {
+    let (uid, gid) = core_ids(core);
+    match jail_root(sock) {
+        Some(root) => {
+            let name = file.file_name().expect("a file name");
+            let inside = root.join(name);
+            std::fs::copy(file, &inside).expect("copy into the jail");
+            std::os::unix::fs::chown(&inside, Some(uid), Some(gid)).expect("chown in the jail");
+            Given { path: format!("/{}", name.to_string_lossy()), copy: Some(inside) }
+        }
+        None => {
+            // SAFETY: geteuid has no preconditions.
+            if unsafe { libc::geteuid() } == 0 {
+                std::os::unix::fs::chown(file, Some(uid), Some(gid)).expect("chown");
+            }
+            Given { path: file.to_string_lossy().into_owned(), copy: None }
+        }
+    }
+}
+
 /// Polls `cond` every 20 ms for at most `limit`; returns whether it became true.
 pub fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
     let start = Instant::now();

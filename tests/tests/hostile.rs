@@ -5,7 +5,6 @@
 //! hang, add the counts without overflowing, keep its API answering, and leave the other service
 //! (the console) alone.
 
-use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -16,10 +15,10 @@ fn hostile_service_dir(dir: &Path) -> std::path::PathBuf {
     let services = dir.join("services");
     std::fs::create_dir_all(&services).expect("mkdir");
     std::os::unix::fs::symlink(bin_dir().join("bulkhead-console"), services.join("bulkhead-console")).expect("link");
-    let script = services.join("bulkhead-block");
+    // A link, not a wrapper script: services inherit the VM helper's seccomp filter, which runs
+    // no shell; the stand-in takes its mode from the name it is started under.
     let hostile = env!("CARGO_BIN_EXE_hostile-service");
-    std::fs::write(&script, format!("#!/bin/sh\nexec {hostile} control-attack \"$@\"\n")).expect("script");
-    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    std::os::unix::fs::symlink(hostile, services.join("bulkhead-block")).expect("link");
     services
 }
 

@@ -82,6 +82,25 @@ fn the_core_drops_to_the_vms_ids_and_every_thread_is_filtered() {
     for want in ["vcpu0", "api", "sup-console", "sup-block-disk0"] {
         assert!(names.iter().any(|n| n == want), "no thread {want}: {names:?}");
     }
+    // Its own mount and IPC namespaces; its root is its jail directory, which holds only the
+    // core's /proc mount point.
+    let sock = dir.join("vm.sock");
+    let root = jail_root(&sock).expect("a jail directory");
+    for ns in ["mnt", "ipc"] {
+        let theirs = std::fs::read_link(format!("/proc/{core}/ns/{ns}")).expect("ns");
+        let ours = std::fs::read_link(format!("/proc/self/ns/{ns}")).expect("ns");
+        assert_ne!(theirs, ours, "the core shares the host's {ns} namespace");
+    }
+    use std::os::unix::fs::MetadataExt;
+    let seen = std::fs::metadata(format!("/proc/{core}/root/")).expect("the core's root");
+    let jail = std::fs::metadata(&root).expect("the jail directory");
+    assert_eq!((seen.dev(), seen.ino()), (jail.dev(), jail.ino()), "the core's root is not {}", root.display());
+    let inside: Vec<String> = std::fs::read_dir(&root)
+        .expect("list the jail")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(inside, ["proc"], "the jail holds more than the core's /proc");
+    assert_eq!(jail.uid(), uid, "the jail directory is the core's");
     // Not dumpable: /proc/PID is root's, whoever the process runs as.
     let meta = std::fs::metadata(format!("/proc/{core}/fd")).expect("fd dir");
     assert_eq!(std::os::unix::fs::MetadataExt::uid(&meta), 0, "the core is dumpable");
@@ -90,7 +109,6 @@ fn the_core_drops_to_the_vms_ids_and_every_thread_is_filtered() {
     assert_eq!(core_line.split_whitespace().nth(4), Some("0"), "{core_line}");
 
     // The same, through the API's typed report, which also lists the helper.
-    let sock = dir.join("vm.sock");
     let (s, body) = curl(&sock, "GET", "/bulkhead/isolation", None);
     assert_eq!(s, 200, "{body}");
     let report: Value = serde_json::from_str(&body).expect("json");
@@ -102,7 +120,16 @@ fn the_core_drops_to_the_vms_ids_and_every_thread_is_filtered() {
         c["threads"].as_array().expect("threads").iter().all(|t| t["status"]["seccomp"] == "filter"),
         "a core thread runs unfiltered: {c}"
     );
-    assert!(role("helper")["pid"].as_u64().is_some_and(|p| p != u64::from(core)));
+    // The helper stays root but keeps six capabilities (dac_override, kill, setgid, setuid,
+    // sys_ptrace, setfcap) and runs under its own filter.
+    let helper = role("helper");
+    assert!(helper["pid"].as_u64().is_some_and(|p| p != u64::from(core)), "{helper}");
+    for set in ["cap_effective", "cap_permitted", "cap_bounding"] {
+        assert_eq!(helper["status"][set], "00000000800800e2", "helper {set}: {helper}");
+    }
+    assert_eq!(helper["status"]["cap_inheritable"], "0000000000000000", "{helper}");
+    assert_eq!(helper["status"]["seccomp"], "filter", "{helper}");
+    assert_eq!(helper["status"]["no_new_privs"], true, "{helper}");
     for svc in ["console", "block-disk0"] {
         let p = role(svc);
         assert_eq!(p["status"]["uid"][1], uid + 1, "{svc} runs as the VM's service uid: {p}");
@@ -125,6 +152,8 @@ fn the_core_drops_to_the_vms_ids_and_every_thread_is_filtered() {
         "the killed block service was not replaced"
     );
     kill_vm(&sock, child);
+    // The helper removes the jail directory the core left empty.
+    assert!(wait_until(Duration::from_secs(10), || !root.exists()), "{} left behind", root.display());
 }
 
 /// Runs `f` in a forked child that switched to `(uid, gid)`; returns its exit code.

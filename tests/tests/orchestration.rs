@@ -159,9 +159,10 @@ fn kata_go_runtime_sequence() {
     // Hot-plug into the first placeholder.
     let disk = dir.join("container.img");
     pattern_image(&disk, 21, 1 << 20);
-    // The jailed core opens it as the VM's uid: Kata gives a jailed VMM's files to its uid too.
-    std::os::unix::fs::chown(&disk, Some(core_ids(vm.pid()).0), None).expect("chown the container's disk");
-    let body = serde_json::json!({ "drive_id": "drive_0", "path_on_host": disk }).to_string();
+    // The jailed core sees its jail directory only, as the VM's uid: Kata puts a jailed VMM's
+    // files there and names them relative to it.
+    let disk = give_to_vm(&sock, vm.pid(), &disk);
+    let body = serde_json::json!({ "drive_id": "drive_0", "path_on_host": disk.path }).to_string();
     let (a, _) = timed(&sock, "PATCH", "/drives/drive_0", Some(&body), Duration::from_secs(5));
     assert_eq!(a.status, 204, "{}", a.body);
     let r = vm.finish(Duration::from_secs(120));

@@ -752,8 +752,12 @@ impl KeptCgroup {
         self.lock().as_ref().map(VmCgroup::resources).unwrap_or_default()
     }
 
-    /// CPU time of a child group or the whole VM ([`VmCgroup::cpu_ns`]).
+    /// CPU time of a child group or the whole VM ([`VmCgroup::cpu_ns`]); read by the helper
+    /// once the core is jailed (the cgroup file system is outside its root).
     pub fn cpu_ns(&self, child: Option<&str>) -> Option<u64> {
+        if self.helper.is_sealed() {
+            return self.helper.cpu_ns(child);
+        }
         self.lock().as_ref()?.cpu_ns(child)
     }
 

@@ -4,8 +4,10 @@
 //! `bulkhead-helper` is the core's own executable (dispatched on `argv[0]`), started by the
 //! core's VMM thread at `InstanceStart` while the core is still root, before anything of the VM
 //! exists. Its stdin is one end of a `SOCK_SEQPACKET` pair; the core holds the other end and
-//! nothing else does. Messages are bincode ([`Request`], [`Reply`]), one request and one reply
-//! at a time (the core serialises callers), fds travel with `SCM_RIGHTS`.
+//! nothing else does. Messages are bincode ([`Request`], [`Reply`]), each with its request's
+//! number, one request and one reply at a time (the core serialises callers; a reply that comes
+//! after its caller gave up is recognised by its number and dropped), fds travel with
+//! `SCM_RIGHTS`.
 //!
 //! What it does, each checked against what this VM owns:
 //! - **Spawn** a service: only a [`Program`] of the set-up's list (the core's own executable, or
@@ -80,12 +82,17 @@ pub struct HelperSetup {
     pub vm_id: String,
     /// The ids the services' unprivileged ids map to (`None`: [`crate::service::spawn::SERVICE_ID`]).
     pub service_ids: Option<(u32, u32)>,
-    /// Services may start without the namespaces this host lacks (`--insecure-no-sandbox`).
-    pub insecure_no_sandbox: bool,
+    /// The namespaces services get ([`crate::service::Namespaces::flags`]), as the core decided.
+    pub namespaces: u64,
+    /// Whether services switch to their unprivileged ids (as the core decided).
+    pub switch_id: bool,
     /// The only programs it starts.
     pub programs: Vec<Program>,
     /// The core's API socket, removed when the core is gone (if it is still the same file).
     pub api_socket: Option<PathBuf>,
+    /// The core's jail directory ([`crate::jail::jail_root`]), removed once the core is gone if
+    /// nothing but its `proc` mount point is left in it.
+    pub jail_root: Option<PathBuf>,
 }
 
 /// A request of the core.
@@ -124,6 +131,11 @@ pub enum Request {
         /// The services.
         services: Vec<(String, u32)>,
     },
+    /// CPU time of the child group `child` (a service, or the core's), or of the whole VM.
+    CpuNs {
+        /// The child group, or `None` for the VM.
+        child: Option<String>,
+    },
     /// The start failed and the core cleaned up: exit touching nothing.
     Leave,
 }
@@ -144,6 +156,8 @@ pub enum Reply {
     Resources(Resources),
     /// The report.
     Report(Box<IsolationReport>),
+    /// CPU time in ns, if the group has it.
+    CpuNs(Option<u64>),
     /// Refused or failed; `pid`: a child created and killed meanwhile, for the core to reap.
     Refused {
         /// Why.
@@ -178,6 +192,9 @@ pub struct Helper {
     /// the core is gone (the channel stays open until then).
     sealed: std::sync::atomic::AtomicBool,
     pid: u32,
+    /// Number of the last request: each reply carries its request's, so a reply that arrives
+    /// after its caller gave up waiting is recognised and dropped by the next caller.
+    seq: std::sync::atomic::AtomicU64,
 }
 
 /// The helper of this process's VM, for the code paths that act on a service without a handle
@@ -201,7 +218,7 @@ impl Helper {
         let child = cmd.spawn().map_err(HelperError::Start)?;
         let pid = child.id();
         let helper =
-            Self { chan: Mutex::new(Some(core)), child: Mutex::new(Some(child)), sealed: false.into(), pid };
+            Self { chan: Mutex::new(Some(core)), child: Mutex::new(Some(child)), sealed: false.into(), pid, seq: 0.into() };
         helper.send(&encode(setup)?, holds)?;
         let helper = Arc::new(helper);
         *CURRENT.lock().unwrap_or_else(|e| e.into_inner()) = Arc::downgrade(&helper);
@@ -219,15 +236,27 @@ impl Helper {
         chan.send_bytes_now(bytes, fds).map_err(HelperError::Channel)
     }
 
-    /// One request and its reply (callers on several threads take turns).
+    /// One request and its reply (callers on several threads take turns). Replies to earlier
+    /// requests whose callers gave up are dropped; the wait is bounded by [`CALL_TIMEOUT`].
     fn call(&self, req: &Request, fds: &[BorrowedFd<'_>]) -> Result<(Reply, Vec<OwnedFd>), HelperError> {
         let chan = self.chan.lock().unwrap_or_else(|e| e.into_inner());
         let chan = chan.as_ref().ok_or(HelperError::Unexpected)?;
+        let seq = self.seq.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
         // Never blocking (the helper reads at once; the core's threads' filters allow only
         // non-blocking sends): a full queue is an error.
-        chan.send_bytes_now(&encode(req)?, fds).map_err(HelperError::Channel)?;
-        let (bytes, fds) = chan.recv_bytes(Instant::now() + CALL_TIMEOUT).map_err(HelperError::Channel)?;
-        Ok((decode(&bytes)?, fds))
+        chan.send_bytes_now(&encode(&(seq, req))?, fds).map_err(HelperError::Channel)?;
+        let deadline = Instant::now() + CALL_TIMEOUT;
+        // Bounded: each round takes one queued reply, until ours or the deadline.
+        loop {
+            let (bytes, fds) = chan.recv_bytes(deadline).map_err(HelperError::Channel)?;
+            let (n, reply): (u64, Reply) = decode(&bytes)?;
+            match n.cmp(&seq) {
+                std::cmp::Ordering::Equal => return Ok((reply, fds)),
+                // A late reply to a caller that timed out: its fds close here.
+                std::cmp::Ordering::Less => continue,
+                std::cmp::Ordering::Greater => return Err(HelperError::Unexpected),
+            }
+        }
     }
 
     fn call_done(&self, req: &Request) -> Result<(), HelperError> {
@@ -292,6 +321,14 @@ impl Helper {
         }
     }
 
+    /// CPU time of a child group of the VM's cgroup, or of the whole VM (`None` if unreadable).
+    pub fn cpu_ns(&self, child: Option<&str>) -> Option<u64> {
+        match self.call(&Request::CpuNs { child: child.map(str::to_string) }, &[]) {
+            Ok((Reply::CpuNs(ns), _)) => ns,
+            _ => None,
+        }
+    }
+
     /// The core dropped its privileges: from now on the helper alone cleans up, once the core
     /// is gone.
     pub fn seal(&self) {
@@ -316,7 +353,8 @@ impl Drop for Helper {
             return;
         }
         if let Some(c) = &chan {
-            if let Ok(bytes) = encode(&Request::Leave) {
+            let seq = self.seq.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+            if let Ok(bytes) = encode(&(seq, Request::Leave)) {
                 let _ = c.send_bytes_now(&bytes, &[]);
             }
         }
@@ -411,13 +449,26 @@ impl State {
                 }
             }
             Request::Report { vm, services } => {
-                if let Some((_, pid)) = services.iter().find(|(_, pid)| !self.of_core(*pid)) {
-                    return (Self::refuse(format!("pid {pid} is not a service of this VM")), None);
-                }
-                let mut r = crate::isolation::report_of(&vm, self.core, &services);
+                // Only the core's children are read; a pid that is not (an instance that just
+                // died, or a lie) is listed with that error and nothing else.
+                let (ours, others): (Vec<_>, Vec<_>) = services.into_iter().partition(|(_, pid)| self.of_core(*pid));
+                let mut r = crate::isolation::report_of(&vm, self.core, &ours);
+                r.jail_root = self.setup.jail_root.as_ref().map(|p| p.display().to_string());
+                r.processes.extend(others.into_iter().map(|(role, pid)| crate::isolation::ProcessReport {
+                    role,
+                    pid,
+                    errors: vec!["not a child of the VM's core (gone, or replaced): not read".into()],
+                    ..crate::isolation::ProcessReport::default()
+                }));
                 let host = crate::isolation::host_namespaces();
                 r.processes.insert(1, crate::isolation::inspect("helper", std::process::id(), &host));
                 (Reply::Report(Box::new(r)), None)
+            }
+            Request::CpuNs { child } => {
+                if child.as_deref().is_some_and(|c| !valid_group_name(c) && c != crate::cgroup::CORE_CHILD) {
+                    return (Self::refuse("not a group of this VM"), None);
+                }
+                (Reply::CpuNs(self.cgroup.as_ref().and_then(|cg| cg.cpu_ns(child.as_deref()))), None)
             }
             Request::Leave => (Reply::Done, None),
         }
@@ -479,6 +530,19 @@ impl State {
                 let _ = std::fs::remove_file(path);
             }
         }
+        if let Some(root) = &self.setup.jail_root {
+            // Only what the core made: an operator's files stay, and so does the directory.
+            let _ = std::fs::remove_dir(root.join("proc"));
+            match std::fs::remove_dir(root) {
+                Ok(()) => {
+                    if let Some(parent) = root.parent() {
+                        let _ = std::fs::remove_dir(parent);
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => eprintln!("{HELPER_NAME}: VM {}: jail {} left in place: {e}", self.setup.vm_id, root.display()),
+            }
+        }
         if ok {
             ExitCode::SUCCESS
         } else {
@@ -492,6 +556,56 @@ fn file_id(path: &std::path::Path) -> Option<(u64, u64)> {
     std::fs::symlink_metadata(path).ok().map(|m| (m.dev(), m.ino()))
 }
 
+/// Capabilities the helper keeps (linux/capability.h numbers): `CAP_DAC_OVERRIDE` (a cgroup v1
+/// hierarchy's root directory is mode 0555: removing the VM's group from it needs it), `CAP_KILL`
+/// (a service, another uid), `CAP_SETGID` and `CAP_SETUID` (a new service's id maps to the VM's
+/// service ids),
+/// `CAP_SETFCAP` (the kernel asks for it to map uid 0, the helper's own, into a new user
+/// namespace: the service's root there until its jail switches ids), `CAP_SYS_PTRACE` (the fds,
+/// namespaces and root of the VM's processes, which run as other uids or are not dumpable, for
+/// the isolation report). It stays uid 0, which owns the cgroup files.
+const KEEP_CAPS: [u32; 6] = [1, 5, 6, 7, 19, 31];
+
+/// Narrows the helper once it has its set-up: every capability but [`KEEP_CAPS`] leaves the
+/// bounding, permitted, effective and inheritable sets, then the `helper` seccomp filter (and
+/// with it `no_new_privs`) is loaded. Services it creates get a full set inside their own user
+/// namespace (the kernel resets it there), and the filter stacks under their own.
+fn confine() -> Result<(), String> {
+    for cap in 0..=63u32 {
+        if KEEP_CAPS.contains(&cap) {
+            continue;
+        }
+        // SAFETY: prctl with integer arguments only; EINVAL past the last capability.
+        let rc = unsafe { libc::prctl(libc::PR_CAPBSET_DROP, libc::c_ulong::from(cap), 0, 0, 0) };
+        if rc < 0 && io::Error::last_os_error().raw_os_error() != Some(libc::EINVAL) {
+            return Err(format!("PR_CAPBSET_DROP {cap}: {}", io::Error::last_os_error()));
+        }
+    }
+    let mask = KEEP_CAPS.iter().fold(0u64, |m, c| m | (1 << c));
+    #[repr(C)]
+    struct Header {
+        version: u32,
+        pid: libc::c_int,
+    }
+    #[repr(C)]
+    #[derive(Clone, Copy)]
+    struct Data {
+        effective: u32,
+        permitted: u32,
+        inheritable: u32,
+    }
+    let (lo, hi) = ((mask & 0xffff_ffff) as u32, (mask >> 32) as u32);
+    // _LINUX_CAPABILITY_VERSION_3: two Data words, low capabilities first.
+    let mut header = Header { version: 0x2008_0522, pid: 0 };
+    let data = [Data { effective: lo, permitted: lo, inheritable: 0 }, Data { effective: hi, permitted: hi, inheritable: 0 }];
+    // SAFETY: capset reads a v3 header and two data words, both valid for the call.
+    let rc = unsafe { libc::syscall(libc::SYS_capset, &mut header as *mut Header, data.as_ptr()) };
+    if rc < 0 {
+        return Err(format!("capset: {}", io::Error::last_os_error()));
+    }
+    bulkhead_policies::install(bulkhead_policies::Policy::Helper).map_err(|e| crate::vmm::chain(&e))
+}
+
 /// The helper process: `bulkhead-helper`, its stdin the channel to its core. Returns its exit
 /// status.
 pub fn helper_main() -> ExitCode {
@@ -500,6 +614,13 @@ pub fn helper_main() -> ExitCode {
         unsafe { libc::signal(sig, libc::SIG_IGN) };
     }
     crate::logger::init(log::LevelFilter::Info);
+    // A mount namespace of its own, a copy of the core's: the core's pivot into its jail moves
+    // every process whose root is the core's root, and the helper must keep the host's.
+    // SAFETY: unshare with a namespace flag only; the helper is single-threaded.
+    if unsafe { libc::unshare(libc::CLONE_NEWNS) } != 0 {
+        eprintln!("{HELPER_NAME}: unshare(CLONE_NEWNS): {}", io::Error::last_os_error());
+        return ExitCode::from(2);
+    }
     // SAFETY: fd 0 is the channel the core gave us as stdin; nothing else in this process owns it.
     let chan = ControlChannel::from_fd(unsafe { OwnedFd::from_raw_fd(0) });
     let say = |msg: &str| eprintln!("{HELPER_NAME}[{}]: {msg}", std::process::id());
@@ -516,8 +637,10 @@ pub fn helper_main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    if let Err(e) = crate::service::init_sandbox(setup.insecure_no_sandbox) {
-        say(&format!("sandbox: {e}"));
+    crate::service::spawn::adopt_sandbox(setup.namespaces, setup.switch_id);
+    if let Err(e) = confine() {
+        say(&format!("cannot confine myself: {e}"));
+        return ExitCode::from(2);
     }
     // SAFETY: getppid has no preconditions.
     let core = u32::try_from(unsafe { libc::getppid() }).unwrap_or(0);
@@ -529,17 +652,19 @@ pub fn helper_main() -> ExitCode {
             Err(ControlError::Timeout) => continue,
             Err(ControlError::Closed) => break,
             Err(e) => {
-                // A message we cannot read: answer it as refused; a dead channel ends the loop.
-                if chan.send_bytes(&encode(&State::refuse(e.to_string())).unwrap_or_default(), &[]).is_err() {
+                // A message we cannot read (number 0: no caller waits for it); a dead channel
+                // ends the loop.
+                if chan.send_bytes(&encode(&(0u64, State::refuse(e.to_string()))).unwrap_or_default(), &[]).is_err() {
                     break;
                 }
                 continue;
             }
         };
-        let req = match decode::<Request>(&bytes) {
+        let (seq, req) = match decode::<(u64, Request)>(&bytes) {
             Ok(r) => r,
             Err(e) => {
-                let _ = chan.send_bytes(&encode(&State::refuse(format!("malformed request: {e}"))).unwrap_or_default(), &[]);
+                let refused = State::refuse(format!("malformed request: {e}"));
+                let _ = chan.send_bytes(&encode(&(0u64, refused)).unwrap_or_default(), &[]);
                 continue;
             }
         };
@@ -547,7 +672,7 @@ pub fn helper_main() -> ExitCode {
         let (reply, fd) = state.handle(req, fds);
         let out: Vec<BorrowedFd<'_>> = fd.iter().map(AsFd::as_fd).collect();
         // A failed send means the core is gone mid-reply: the next receive sees the close.
-        let _ = encode(&reply).and_then(|b| chan.send_bytes(&b, &out).map_err(HelperError::Channel));
+        let _ = encode(&(seq, reply)).and_then(|b| chan.send_bytes(&b, &out).map_err(HelperError::Channel));
         if leave {
             return ExitCode::SUCCESS;
         }
@@ -572,9 +697,9 @@ mod tests {
 
     #[test]
     fn messages_round_trip() {
-        let r = Request::Place { name: "console".into(), pid: 7 };
-        let back: Request = decode(&encode(&r).expect("encode")).expect("decode");
-        assert!(matches!(back, Request::Place { ref name, pid: 7 } if name == "console"));
+        let r = (3u64, Request::Place { name: "console".into(), pid: 7 });
+        let back: (u64, Request) = decode(&encode(&r).expect("encode")).expect("decode");
+        assert!(matches!(back, (3, Request::Place { ref name, pid: 7 }) if name == "console"));
         let u = Request::Update {
             update: Resources { cpu_weight: Some(300), ..Resources::default() },
             guest_ram: 1 << 27,

@@ -29,6 +29,12 @@ pub struct IsolationReport {
     pub host_namespaces: BTreeMap<String, String>,
     /// The core first, then each device's service.
     pub processes: Vec<ProcessReport>,
+    /// The host directory the jailed core's root is (`/run/bulkhead/jail/ID/root`): files an
+    /// API request names after the start are looked up in it. `null` when the core is not
+    /// jailed in a directory of its own. (Always written: the report also travels as bincode
+    /// from the helper, which has no optional fields.)
+    #[serde(default)]
+    pub jail_root: Option<String>,
 }
 
 /// One process.
@@ -322,7 +328,7 @@ pub fn report_of(vm: &str, core: u32, services: &[(String, u32)]) -> IsolationRe
     let host = host_namespaces();
     let mut processes = vec![inspect("core", core, &host)];
     processes.extend(services.iter().map(|(role, pid)| inspect(role, *pid, &host)));
-    IsolationReport { vm: vm.to_string(), host_namespaces: host, processes }
+    IsolationReport { vm: vm.to_string(), host_namespaces: host, processes, jail_root: None }
 }
 
 /// A short text rendering, one block per process (what `bulkhead inspect` prints).
@@ -478,7 +484,7 @@ Max core file size        0                    unlimited            bytes     \n
         assert!(r.fd_count >= 3 && r.fds.iter().any(|f| f.fd == 0));
         assert!(r.threads.iter().any(|t| t.tid == r.pid), "the main thread is listed");
         assert!(r.rlimits.contains_key("Max open files"));
-        let text = render(&IsolationReport { vm: "t".into(), host_namespaces: host, processes: vec![r] });
+        let text = render(&IsolationReport { vm: "t".into(), host_namespaces: host, processes: vec![r], jail_root: None });
         assert!(text.starts_with("core (pid ") && text.contains("  threads ("), "{text}");
     }
 }

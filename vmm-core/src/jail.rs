@@ -11,10 +11,14 @@
 //! processes, nor its own core (signals need a matching uid; tracing needs it too, and the core
 //! is not dumpable).
 //!
-//! [`drop_privileges`] runs on the VMM thread at the end of `launch::build`, after everything
-//! that needs root (the cgroup, TAPs, disk images, `/dev/kvm`) and before the vCPU threads
-//! exist, in this order, each failing with the step's name:
+//! At its start, before any thread exists, the core enters mount and IPC namespaces of its own
+//! ([`enter_own_namespaces`]). [`drop_privileges`] runs on the VMM thread at the end of
+//! `launch::build`, after everything that needs root (the cgroup, TAPs, disk images,
+//! `/dev/kvm`) and before the vCPU threads exist, in this order, each failing with the step's
+//! name:
 //!
+//! 0. [`pivot`] into the VM's jail directory ([`jail_root`]): a fresh `/proc` and whatever the
+//!    operator put there; the host's file system detached.
 //! 1. rlimits: no core dumps (`RLIMIT_CORE` 0; guest RAM is also `MADV_DONTDUMP`), a bounded fd
 //!    table and task count ([`CoreLimits`]).
 //! 2. the capability bounding set emptied (this thread; the threads it creates later inherit
@@ -251,9 +255,102 @@ fn set_rlimit(resource: libc::__rlimit_resource_t, value: u64, name: &'static st
     check(unsafe { libc::setrlimit(resource, &lim) }.into(), name)
 }
 
+/// Set once this process entered mount and IPC namespaces of its own ([`enter_own_namespaces`]).
+static OWN_NAMESPACES: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether [`enter_own_namespaces`] succeeded in this process.
+pub fn in_own_namespaces() -> bool {
+    OWN_NAMESPACES.load(std::sync::atomic::Ordering::SeqCst)
+}
+
+/// The core's first step, when it starts as root with its jail on, before any thread exists
+/// (namespaces belong to each thread; threads created later share these): mount and IPC
+/// namespaces of its own, every mount made private, so nothing it mounts reaches the host and
+/// it can later [`pivot`] into its jail. Until then it sees the host's file system as it was
+/// when it started.
+pub fn enter_own_namespaces() -> Result<(), JailError> {
+    // SAFETY: unshare with namespace flags only; the process is single-threaded here.
+    check(unsafe { libc::unshare(libc::CLONE_NEWNS | libc::CLONE_NEWIPC) }.into(), "unshare(CLONE_NEWNS|CLONE_NEWIPC)")?;
+    // SAFETY: mount with a static NUL-terminated path and no source, type or data.
+    let rc = unsafe {
+        libc::mount(
+            std::ptr::null(),
+            c"/".as_ptr(),
+            std::ptr::null(),
+            libc::MS_REC | libc::MS_PRIVATE,
+            std::ptr::null(),
+        )
+    };
+    check(rc.into(), "mount(/, MS_REC|MS_PRIVATE)")?;
+    OWN_NAMESPACES.store(true, std::sync::atomic::Ordering::SeqCst);
+    Ok(())
+}
+
+/// Where VM `vm_id`'s core is jailed: `/run/bulkhead/jail/<id>/root` (for the anonymous id,
+/// `<id>-<pid>`). A host directory, so an operator can put in it what the VM is to open after
+/// its start (a new disk image), as with Firecracker's jailer; the helper removes it when it is
+/// empty once the core is gone.
+pub fn jail_root(vm_id: &str) -> std::path::PathBuf {
+    let group = crate::cgroup::group_name(vm_id);
+    let name = group.to_string_lossy();
+    let name = name.strip_prefix("bulkhead-").unwrap_or(&name);
+    std::path::Path::new(crate::api_client::RUNTIME_DIR).join("jail").join(name).join("root")
+}
+
+fn cpath(p: &std::path::Path, what: &'static str) -> Result<std::ffi::CString, JailError> {
+    std::ffi::CString::new(std::os::unix::ffi::OsStrExt::as_bytes(p.as_os_str()))
+        .map_err(|_| JailError::Step { step: what, source: io::Error::from_raw_os_error(libc::EINVAL) })
+}
+
+/// Moves every thread of the core into `root` (in its own mount namespace,
+/// [`enter_own_namespaces`]): `root` is created if missing (owned by `owner`, mode 0700, so the
+/// core can create the files API requests name there), bind-mounted on itself, a fresh `proc`
+/// mounted in it (`nosuid,nodev,noexec`: the core reads its own and its services' status),
+/// then `pivot_root` into it and the old root detached. From then on the core sees nothing of
+/// the host's file system but what is in `root`.
+pub fn pivot(root: &std::path::Path, owner: (u32, u32)) -> Result<(), JailError> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(root).map_err(step("creating the jail directory"))?;
+    std::os::unix::fs::chown(root, Some(owner.0), Some(owner.1)).map_err(step("chown of the jail directory"))?;
+    let proc_dir = root.join("proc");
+    if !proc_dir.is_dir() {
+        std::fs::DirBuilder::new().mode(0o555).create(&proc_dir).map_err(step("creating the jail's /proc"))?;
+    }
+    let (croot, cproc) = (cpath(root, "the jail path")?, cpath(&proc_dir, "the jail path")?);
+    // SAFETY: mount with NUL-terminated paths that outlive the call; a bind of a directory on
+    // itself, which makes it a mount point pivot_root accepts.
+    let rc = unsafe { libc::mount(croot.as_ptr(), croot.as_ptr(), std::ptr::null(), libc::MS_BIND, std::ptr::null()) };
+    check(rc.into(), "mount --bind of the jail directory")?;
+    // SAFETY: as above: a new proc instance of this PID namespace, no data.
+    let rc = unsafe {
+        libc::mount(
+            c"proc".as_ptr(),
+            cproc.as_ptr(),
+            c"proc".as_ptr(),
+            libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+            std::ptr::null(),
+        )
+    };
+    check(rc.into(), "mount of the jail's /proc")?;
+    // SAFETY: chdir to a NUL-terminated path.
+    check(unsafe { libc::chdir(croot.as_ptr()) }.into(), "chdir into the jail")?;
+    // `pivot_root(".", ".")` stacks the old root on the new one; detaching "." then leaves the
+    // new root alone (the old one goes once nothing uses it).
+    // SAFETY: pivot_root with two NUL-terminated static paths.
+    check(unsafe { libc::syscall(libc::SYS_pivot_root, c".".as_ptr(), c".".as_ptr()) }, "pivot_root")?;
+    // SAFETY: umount2 with a static NUL-terminated path.
+    check(unsafe { libc::umount2(c".".as_ptr(), libc::MNT_DETACH) }.into(), "detaching the host's root")?;
+    // SAFETY: chdir to a static NUL-terminated path.
+    check(unsafe { libc::chdir(c"/".as_ptr()) }.into(), "chdir(/)")
+}
+
 /// Drops the core's privileges (see the module docs). Call on the VMM thread, before the vCPU
-/// threads exist.
-pub fn drop_privileges(ids: &VmIds, limits: &CoreLimits) -> Result<(), JailError> {
+/// threads exist. `root`: the jail directory to [`pivot`] into first (when the core entered
+/// namespaces of its own at its start).
+pub fn drop_privileges(ids: &VmIds, limits: &CoreLimits, root: Option<&std::path::Path>) -> Result<(), JailError> {
+    if let Some(root) = root {
+        pivot(root, ids.core)?;
+    }
     set_rlimit(libc::RLIMIT_CORE, 0, "setrlimit(RLIMIT_CORE)")?;
     set_rlimit(libc::RLIMIT_NOFILE, limits.open_files, "setrlimit(RLIMIT_NOFILE)")?;
     set_rlimit(libc::RLIMIT_NPROC, limits.tasks, "setrlimit(RLIMIT_NPROC)")?;

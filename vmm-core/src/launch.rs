@@ -713,7 +713,7 @@ pub fn build(id: &str, config: &VmConfig) -> Result<RunningVm, LaunchError> {
     let terminal = if config.console_reads_stdin() { RawTerminal::enter() } else { RawTerminal(None) };
 
     // Everything that needs root is done: the core drops it before any vCPU thread exists.
-    jail_core(config, lease.as_ref(), helper.as_deref(), services.len())?;
+    jail_core(id, config, lease.as_ref(), helper.as_deref(), services.len())?;
 
     let buses = Arc::new(buses);
     let mut vcpus = vcpu::VcpuSet::default();
@@ -760,6 +760,13 @@ fn start_helper(
         );
         return Ok((None, None));
     }
+    if config.bulkhead.jail.disabled && config.bulkhead.cgroup.disabled {
+        log::warn!(
+            "INSECURE (--no-jail): no privileged helper either (--no-cgroup): the core creates its services \
+             itself and keeps uid 0 and every capability for its whole life"
+        );
+        return Ok((None, None));
+    }
     let lease = crate::jail::lease(&config.bulkhead.jail).map_err(LaunchError::Jail)?;
     let mut programs = vec![service_program(config, "bulkhead-console")?];
     if !config.drives.is_empty() {
@@ -768,12 +775,18 @@ fn start_helper(
     if !config.network_interfaces.is_empty() {
         programs.push(service_program(config, "bulkhead-net")?);
     }
+    // The sandbox decision is the core's (made before, probed while the VMM waited): the helper
+    // takes it as it is.
+    let sandbox = service::init_sandbox(config.bulkhead.insecure_no_sandbox).map_err(service::ServiceError::Sandbox)?;
     let setup = crate::helper::HelperSetup {
         vm_id: id.to_string(),
         service_ids: Some(lease.ids.service),
-        insecure_no_sandbox: config.bulkhead.insecure_no_sandbox,
+        namespaces: sandbox.namespaces.flags(),
+        switch_id: sandbox.switch_id,
         programs,
         api_socket: crate::api::socket_path(),
+        jail_root: (crate::jail::in_own_namespaces() && !config.bulkhead.jail.disabled)
+            .then(|| crate::jail::jail_root(id)),
     };
     let holds: Vec<_> = lease.holds.iter().map(std::os::fd::AsFd::as_fd).collect();
     let helper = crate::helper::Helper::start(&setup, &holds).map_err(|e| LaunchError::Helper(Box::new(e)))?;
@@ -791,6 +804,7 @@ fn start_helper(
 /// Drops the core's privileges ([`crate::jail::drop_privileges`]) unless the jail is off (then
 /// says so loudly), and seals the helper: from now on it alone acts with privileges.
 fn jail_core(
+    id: &str,
     config: &VmConfig,
     lease: Option<&crate::jail::IdLease>,
     helper: Option<&crate::helper::Helper>,
@@ -806,7 +820,11 @@ fn jail_core(
     }
     let vcpus = u64::from(config.machine_config.vcpu_count);
     let limits = crate::jail::CoreLimits::for_vm(vcpus, services as u64);
-    crate::jail::drop_privileges(&lease.ids, &limits).map_err(LaunchError::Jail)?;
+    let root = crate::jail::in_own_namespaces().then(|| crate::jail::jail_root(id));
+    crate::jail::drop_privileges(&lease.ids, &limits, root.as_deref()).map_err(LaunchError::Jail)?;
+    if let Some(r) = &root {
+        log::info!("jail: the core's root is {} (its own mount and IPC namespaces)", r.display());
+    }
     helper.seal();
     log::info!(
         "jail: core runs as {}:{} with no capabilities, no_new_privs, not dumpable, at most {} fds and {} tasks",

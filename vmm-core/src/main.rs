@@ -131,6 +131,24 @@ fn drive(mut vmm: Vmm, sock: Option<&Path>, start_now: bool) -> ExitCode {
     ExitCode::from(reason.exit_code())
 }
 
+/// As root with the jail on, before any thread exists: the core's own mount and IPC namespaces
+/// (`jail::enter_own_namespaces`). False (after saying why) if that failed.
+fn own_namespaces(jail: &vmm_core::jail::JailConfig) -> bool {
+    if jail.disabled || !nix::unistd::geteuid().is_root() {
+        return true;
+    }
+    match vmm_core::jail::enter_own_namespaces() {
+        Ok(()) => true,
+        Err(e) => {
+            eprintln!(
+                "bulkhead: error: the core's own namespaces: {} (start it with --no-jail to run it unjailed)",
+                chain(&e)
+            );
+            false
+        }
+    }
+}
+
 /// `bulkhead` with no subcommand: the Firecracker way.
 fn serve_api(args: &VmmArgs) -> ExitCode {
     if args.version {
@@ -166,6 +184,9 @@ fn serve_api(args: &VmmArgs) -> ExitCode {
     if jail != vmm_core::jail::JailConfig::default() {
         config.bulkhead.jail = vmm_core::jail::JailConfig { disabled: jail.disabled || config.bulkhead.jail.disabled, ..jail };
     }
+    if !own_namespaces(&config.bulkhead.jail) {
+        return ExitCode::from(EX_CONFIG);
+    }
     drive(Vmm::new(&id, config), sock.as_deref(), args.config_file.is_some())
 }
 
@@ -180,7 +201,11 @@ fn run(args: &RunArgs) -> ExitCode {
         return ExitCode::from(EX_CONFIG);
     }
     let id = args.id.clone().unwrap_or_else(|| format!("vm-{}", std::process::id()));
-    drive(Vmm::new(&id, args.to_config()), sock.as_deref(), true)
+    let config = args.to_config();
+    if !own_namespaces(&config.bulkhead.jail) {
+        return ExitCode::from(EX_CONFIG);
+    }
+    drive(Vmm::new(&id, config), sock.as_deref(), true)
 }
 
 /// `bulkhead run --detach`: runs the same command without `--detach` in a new session, its

@@ -12,8 +12,10 @@
 //!   and per process;
 //! - **idle CPU**: user + system time of all those processes over 2 s of a halted guest.
 //!
-//! Bulkhead runs twice per round: as users run it (with the VM's cgroup and its keeper) and with
-//! `--no-cgroup`, so what the cgroup costs is measured in the same run.
+//! Bulkhead runs three times per round: as users run it (the core jailed, its helper, the VM's
+//! cgroup), with `--no-cgroup`, and with `--no-jail --no-cgroup` (no helper: the core keeps root
+//! and creates its services itself), so what the cgroup and the jail cost is measured in the
+//! same run.
 //!
 //! Firecracker is `../shared/peers/firecracker` (or `$BULKHEAD_FIRECRACKER`); without it the
 //! Bulkhead rows stand alone and say so.
@@ -36,8 +38,11 @@ const IDLE_WINDOW: Duration = Duration::from_secs(2);
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
 pub(crate) enum Vmm {
     Bulkhead,
-    /// Bulkhead with `--no-cgroup`: what the VM's cgroup (and its keeper) costs, same run.
+    /// Bulkhead with `--no-cgroup`: what the VM's cgroup costs, same run.
     BulkheadNoCgroup,
+    /// Bulkhead with `--no-jail --no-cgroup` (no helper, the core keeps root): what the jail and
+    /// the cgroup cost together, same run.
+    BulkheadBare,
     Firecracker,
 }
 
@@ -181,7 +186,7 @@ pub(crate) struct VmSpec<'a> {
 pub(crate) fn spawn_with(vm: VmSpec<'_>, cmdline: &str, tag: &str) -> Result<Child, BoxError> {
     let VmSpec { vmm, exe, probe, disk, nic, dir } = vm;
     let cmd = match vmm {
-        Vmm::Bulkhead | Vmm::BulkheadNoCgroup => {
+        Vmm::Bulkhead | Vmm::BulkheadNoCgroup | Vmm::BulkheadBare => {
             let mut c = Command::new(exe);
             c.args(["run", "--serial-input", "none", "--log-level", "warn", "--mem", &MEM_MIB.to_string()])
                 .arg("--kernel")
@@ -195,6 +200,9 @@ pub(crate) fn spawn_with(vm: VmSpec<'_>, cmdline: &str, tag: &str) -> Result<Chi
             }
             if vmm == Vmm::BulkheadNoCgroup {
                 c.arg("--no-cgroup");
+            }
+            if vmm == Vmm::BulkheadBare {
+                c.args(["--no-jail", "--no-cgroup"]);
             }
             c
         }
@@ -273,7 +281,11 @@ pub fn bench(bin: &Path, probe: &Path, runs: usize) -> Result<(), BoxError> {
     let disk = dir.join("disk.img");
     std::fs::File::create(&disk)?.set_len(8 << 20)?;
     let mut vmms: Vec<(Vmm, PathBuf)> =
-        vec![(Vmm::Bulkhead, bin.join("bulkhead")), (Vmm::BulkheadNoCgroup, bin.join("bulkhead"))];
+        vec![
+            (Vmm::Bulkhead, bin.join("bulkhead")),
+            (Vmm::BulkheadNoCgroup, bin.join("bulkhead")),
+            (Vmm::BulkheadBare, bin.join("bulkhead")),
+        ];
     match crate::bench_api::firecracker() {
         Some(p) => vmms.push((Vmm::Firecracker, p)),
         None => println!("# Firecracker not found (../shared/peers/firecracker, $BULKHEAD_FIRECRACKER): Bulkhead only"),
@@ -343,6 +355,24 @@ pub fn bench(bin: &Path, probe: &Path, runs: usize) -> Result<(), BoxError> {
                 devices.label(),
                 b.0 - n.0,
                 b.1 - n.1
+            );
+        }
+        if let (Some(n), Some(z)) =
+            (medians.get(&(devices, Vmm::BulkheadNoCgroup)), medians.get(&(devices, Vmm::BulkheadBare)))
+        {
+            println!(
+                "footprint {}: the core's jail (its helper, ids, drop) costs {:+.2} ms of start time and {:+.0} KiB of PSS (--no-cgroup vs --no-jail --no-cgroup)",
+                devices.label(),
+                n.0 - z.0,
+                n.1 - z.1
+            );
+        }
+        if let (Some(b), Some(z)) = (medians.get(&(devices, Vmm::Bulkhead)), medians.get(&(devices, Vmm::BulkheadBare))) {
+            println!(
+                "footprint {}: jail and cgroup together cost {:+.2} ms of start time and {:+.0} KiB of PSS",
+                devices.label(),
+                b.0 - z.0,
+                b.1 - z.1
             );
         }
         if let (Some(b), Some(f)) = (medians.get(&(devices, Vmm::Bulkhead)), medians.get(&(devices, Vmm::Firecracker)))

@@ -6,7 +6,8 @@
 //!   publishes in its read mirror, so the core answers it without a round trip;
 //! - port 0x3fa under Bulkhead: the UART's interrupt-identification register, which has a read
 //!   side effect, so it always makes the full round trip to the console service (the cost of a
-//!   forwarded exit);
+//!   forwarded exit); and the same with `--no-jail --no-cgroup`, so what the core's jail and the
+//!   VM's cgroup cost an exit is measured in the same run;
 //! - port 0x3fd under Firecracker (`../shared/peers/firecracker` or `$BULKHEAD_FIRECRACKER`), whose
 //!   UART lives in its own process: the peer's in-process exit.
 //!
@@ -29,6 +30,9 @@ enum Case {
     MirroredLsr,
     /// Bulkhead, port 0x3fa (forwarded, read side effect).
     RoundTripIir,
+    /// The same with `--no-jail --no-cgroup`: what the core's jail and the VM's cgroup cost a
+    /// forwarded exit, same run.
+    RoundTripIirBare,
     /// Firecracker, port 0x3fd (in its process).
     Firecracker,
 }
@@ -39,6 +43,7 @@ impl Case {
             Self::Core => "Bulkhead, in the core (0x80)",
             Self::MirroredLsr => "Bulkhead, UART LSR from the console's read mirror (0x3fd)",
             Self::RoundTripIir => "Bulkhead, UART IIR round trip to bulkhead-console (0x3fa)",
+            Self::RoundTripIirBare => "same, --no-jail --no-cgroup",
             Self::Firecracker => "Firecracker, UART LSR in-process (0x3fd)",
         }
     }
@@ -47,7 +52,7 @@ impl Case {
         match self {
             Self::Core => 0x80,
             Self::MirroredLsr | Self::Firecracker => 0x3fd,
-            Self::RoundTripIir => 0x3fa,
+            Self::RoundTripIir | Self::RoundTripIirBare => 0x3fa,
         }
     }
 }
@@ -106,14 +111,16 @@ fn cmdline(port: u16, exits: u64) -> String {
     format!("probe.test=pio-loop probe.n={exits} probe.port={port:#x}")
 }
 
-fn bulkhead(r: &PioRun<'_>, port: u16, exits: u64) -> Result<u64, BoxError> {
-    let out = Command::new(r.bin.join("bulkhead"))
-        .args(["run", "--kernel"])
+fn bulkhead(r: &PioRun<'_>, port: u16, exits: u64, bare: bool) -> Result<u64, BoxError> {
+    let mut cmd = Command::new(r.bin.join("bulkhead"));
+    cmd.args(["run", "--kernel"])
         .arg(r.probe)
         .args(["--serial-input", "none", "--log-level", "warn", "--cmdline"])
-        .arg(cmdline(port, exits))
-        .stdin(Stdio::null())
-        .output()?;
+        .arg(cmdline(port, exits));
+    if bare {
+        cmd.args(["--no-jail", "--no-cgroup"]);
+    }
+    let out = cmd.stdin(Stdio::null()).output()?;
     let stdout = String::from_utf8_lossy(&out.stdout);
     if !out.status.success() {
         return Err(format!(
@@ -143,7 +150,7 @@ pub fn bench(r: &PioRun<'_>) -> Result<(), BoxError> {
     let dir = crate::util::workspace_root().join("target/bench-pio");
     std::fs::create_dir_all(&dir)?;
     let fc: Option<PathBuf> = crate::bench_api::firecracker();
-    let mut cases = vec![Case::Core, Case::MirroredLsr, Case::RoundTripIir];
+    let mut cases = vec![Case::Core, Case::MirroredLsr, Case::RoundTripIir, Case::RoundTripIirBare];
     match &fc {
         Some(_) => cases.push(Case::Firecracker),
         None => println!(
@@ -165,7 +172,7 @@ pub fn bench(r: &PioRun<'_>) -> Result<(), BoxError> {
                 );
                 let c = match (case, &fc) {
                     (Case::Firecracker, Some(fc)) => firecracker(fc, r, &dir, case.port(), exits)?,
-                    _ => bulkhead(r, case.port(), exits)?,
+                    _ => bulkhead(r, case.port(), exits, *case == Case::RoundTripIirBare)?,
                 };
                 samples[k].push(c);
             }
@@ -189,6 +196,13 @@ pub fn bench(r: &PioRun<'_>) -> Result<(), BoxError> {
         let worst = |c: Case| cases.iter().position(|x| *x == c).and_then(|k| samples[k].iter().copied().max());
         if let (Some(f), Some(c)) = (med(Case::RoundTripIir), med(Case::Core)) {
             println!("pio {tag}: forwarded round trip (IIR) / in-core exit: {:.2}", f as f64 / c as f64);
+        }
+        if let (Some(j), Some(b)) = (med(Case::RoundTripIir), med(Case::RoundTripIirBare)) {
+            println!(
+                "pio {tag}: forwarded exit with the jail and cgroup / without (--no-jail --no-cgroup): {:.3} ({:+.1}%)",
+                j as f64 / b as f64,
+                (j as f64 / b as f64 - 1.0) * 100.0
+            );
         }
         if let (Some(b), Some(f)) = (med(Case::MirroredLsr), med(Case::Firecracker)) {
             let wb = worst(Case::MirroredLsr).unwrap_or(0);

@@ -589,6 +589,25 @@ fn posted_writes_are_bounded_and_carried_to_the_next_ring_in_order() {
 }
 
 #[test]
+fn posted_writes_the_dead_instance_completed_are_not_carried() {
+    let (core, mut svc) = pair(64, Duration::from_micros(50));
+    svc.mirror().publish(&[crate::mirror::MirrorEntry::posted_write(0x1064, 4)]);
+    for v in 1..=3 {
+        assert!(core.post(&ack(v)).expect("post"));
+    }
+    // The instance serves the first two (their effects happened, their completions are in the
+    // ring, not consumed yet), then dies before the third.
+    for _ in 0..2 {
+        let inc = svc.next_request().expect("next").expect("queued");
+        svc.complete(&inc, &ExitReply::ok(&[])).expect("complete");
+    }
+    core.abort();
+    let carried = core.take_posted();
+    assert_eq!(carried.iter().map(|r| r.data[0]).collect::<Vec<_>>(), vec![3], "only the write it never finished");
+    assert_eq!(core.posted_outstanding(), 0);
+}
+
+#[test]
 fn a_forged_completion_of_a_posted_write_breaks_the_ring() {
     let (core, mut svc) = pair(64, Duration::from_micros(50));
     svc.mirror().publish(&[crate::mirror::MirrorEntry::posted_write(0x1064, 4)]);

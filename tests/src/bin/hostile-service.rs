@@ -10,9 +10,9 @@
 //! 4. floods the channel with messages until its queue is full and the send blocks;
 //! 5. that, or a sleep of at most two minutes, is a hang: it answers nothing more.
 //!
-//! Usage: `hostile-service MODE --control-fd N`; the only mode is `control-attack` (a test wraps
-//! it in a script named after the service it replaces, since the core passes no arguments of
-//! its own choosing and an empty environment).
+//! Usage: `hostile-service MODE --control-fd N`; the only mode is `control-attack`. Started as
+//! `bulkhead-block` (a test links it under that name into a `--service-dir`, since the core
+//! passes no arguments of its own choosing and an empty environment) the mode is implied.
 
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::process::ExitCode;
@@ -84,8 +84,17 @@ fn many_fds(control: BorrowedFd<'_>) -> Result<(), String> {
 }
 
 fn run() -> Result<(), String> {
-    let mut args = std::env::args().skip(1);
-    let mode = args.next().ok_or("usage: hostile-service control-attack --control-fd N")?;
+    // Started by the core from a service directory under a service's name (a link to this
+    // binary: the services inherit the VM helper's filter, which runs no shell), the mode is
+    // `control-attack`; otherwise it comes first.
+    let argv0 = std::env::args().next().unwrap_or_default();
+    let as_service = std::path::Path::new(&argv0).file_name().is_some_and(|n| n == "bulkhead-block");
+    let mut args = std::env::args().skip(1).peekable();
+    let mode = match args.peek() {
+        Some(m) if m != "--control-fd" => args.next().unwrap_or_default(),
+        _ if as_service => "control-attack".to_string(),
+        _ => return Err("usage: hostile-service control-attack --control-fd N".into()),
+    };
     if mode != "control-attack" {
         return Err(format!("unknown mode {mode}"));
     }

@@ -314,6 +314,15 @@ pub fn init_sandbox(insecure: bool) -> Result<Sandbox, SpawnError> {
     Ok(SANDBOX.get_or_init(|| s).clone())
 }
 
+/// Takes the decision another process made (the core's, for its helper): `namespaces` as
+/// [`Namespaces::flags`], and whether services switch to [`SERVICE_ID`]. Spares the helper the
+/// probe (a child in every namespace) on the VM's start path. A decision already made stays.
+pub fn adopt_sandbox(namespaces: u64, switch_id: bool) -> Sandbox {
+    let namespaces = Namespaces(namespaces & Namespaces::all().flags());
+    let s = Sandbox { namespaces, missing: UnavailableList::default(), switch_id };
+    SANDBOX.get_or_init(|| s).clone()
+}
+
 /// Whether services can be given [`SERVICE_ID`]: the core has CAP_SETUID and CAP_SETGID, that id
 /// exists in the core's own user namespace, and setgroups is allowed there (a nested core in a
 /// user namespace made by an unprivileged user may have none of these).
