@@ -62,8 +62,7 @@ pub enum Policy {
     CoreVcpu,
     /// The core's main thread once the VM runs: it waits for a stop, sends control messages,
     /// kicks vCPUs and reads metrics; it creates no thread or process any more (services are
-    /// started and restarted by supervisor threads created during set-up, which stay unfiltered
-    /// because a filter is inherited by the processes a thread creates).
+    /// restarted by supervisor threads through the VM's helper).
     CoreMain,
     /// The core's API threads (the acceptor and one per connection), from their start: HTTP on
     /// the API socket, control messages to services and the helper, the output files the API

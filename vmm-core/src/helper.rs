@@ -519,7 +519,7 @@ impl State {
         }
     }
 
-    /// After the core is gone: what the keeper of a VM does (see the module docs).
+    /// After the core is gone: the VM's clean-up (see the module docs).
     fn clean_up(&self) -> ExitCode {
         let mut ok = true;
         if let Some(cg) = &self.cgroup {

@@ -434,8 +434,7 @@ impl Vmm {
         // From here on this thread only applies actions to the running VM: waits, control
         // messages, kicks, metrics. It gets the narrow `core-main` filter, installed after the
         // vCPU threads exist (a thread inherits its creator's filter, and theirs need KVM_RUN);
-        // the services' supervisor threads and the API's workers were created before and stay
-        // unfiltered, because processes they start would inherit a filter too
+        // the supervisor, fault and API threads confined themselves when they started
         // (docs/SECURITY.md). What needs more (opening a new image) is done by the API thread.
         // The filter allows no cgroup file writes: from now on the helper removes the VM's
         // cgroup, once this process has exited.
