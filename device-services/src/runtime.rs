@@ -170,6 +170,14 @@ pub trait MmioHandler {
     }
     /// The core resumed the service ([`ControlMsg::Resume`]): a held request is retried.
     fn resumed(&mut self) {}
+    /// The request about to be served sits at `index` in the submission ring. With
+    /// [`work_done`](Self::work_done) this orders a posted write against the interrupts the
+    /// device raised: see `virtio::mmio` (an acknowledgement submitted before an interrupt
+    /// must not clear it).
+    fn at_request(&mut self, _index: u64) {}
+    /// Interrupts raised since the last call happened before the core had submitted
+    /// `submitted` requests (the count is read after the work).
+    fn work_done(&mut self, _submitted: u64) {}
     /// The core gave up on this device ([`ControlMsg::EnterFailed`]): go to a permanent failed
     /// state the guest can see. Returns false if the device has no such state (the message is
     /// then ignored).
@@ -206,6 +214,11 @@ pub trait MmioHandler {
 /// What the serve loop needs from a device, whatever its bus.
 trait Dispatch {
     fn access(&mut self, req: &ExitRequest) -> Option<ExitReply>;
+    /// The ring position of the request about to be served ([`MmioHandler::at_request`]).
+    fn at_request(&mut self, _index: u64) {}
+    /// Device work may have raised interrupts; `submitted` is the core's submission count now
+    /// ([`MmioHandler::work_done`]).
+    fn work_done(&mut self, _submitted: u64) {}
     fn event_fds(&self) -> Vec<RawFd>;
     fn write_fds(&self) -> Vec<RawFd> {
         Vec::new()
@@ -347,6 +360,12 @@ impl<H: MmioHandler> Dispatch for MmioDispatch<H> {
     }
     fn poll(&mut self) -> Result<bool, RuntimeError> {
         self.handler.poll()
+    }
+    fn at_request(&mut self, index: u64) {
+        self.handler.at_request(index);
+    }
+    fn work_done(&mut self, submitted: u64) {
+        self.handler.work_done(submitted);
     }
     fn prepare_sleep(&mut self) -> Result<bool, RuntimeError> {
         self.handler.prepare_sleep()
@@ -633,7 +652,9 @@ impl<H: Dispatch> Server<H> {
             }
             self.ring.beat();
             let mut did = self.serve_queued()?;
-            if self.handler.poll()? {
+            let polled = self.handler.poll()?;
+            self.handler.work_done(self.ring.submitted());
+            if polled {
                 self.publish_mirror();
                 did = true;
             }
@@ -721,6 +742,7 @@ impl<H: Dispatch> Server<H> {
             if p.revents != 0 {
                 dev_ready = true;
                 self.handler.on_event(p.fd)?;
+                self.handler.work_done(self.ring.submitted());
             }
         }
         if dev_ready {
@@ -824,7 +846,9 @@ impl<H: Dispatch> Server<H> {
     fn serve_queued(&mut self) -> Result<bool, RuntimeError> {
         let mut did = false;
         while let Some(inc) = self.ring.next_request()? {
+            self.handler.at_request(inc.index);
             let reply = self.dispatch(&inc);
+            self.handler.work_done(self.ring.submitted());
             // Before the completion: a read the core answers from the mirror afterwards must
             // see this access's effect.
             self.publish_mirror();

@@ -993,6 +993,10 @@ pub struct Incoming {
     pub len: u32,
     /// The validated request, or `None` when the record was malformed.
     pub request: Option<ExitRequest>,
+    /// Its position in the submission ring (how many requests the core had submitted before
+    /// it): compared with [`ServiceEndpoint::submitted`] taken when the device raised an
+    /// interrupt, it tells whether a posted write was submitted before that interrupt.
+    pub index: u64,
 }
 
 /// The service's end of a ring: takes exits and posts completions.
@@ -1077,6 +1081,7 @@ impl ServiceEndpoint {
         }
         // SAFETY: the slot is inside the mapping; the volatile copy is validated below.
         let rec = unsafe { self.view.sub_ptr(self.sub_cons).read_volatile() };
+        let index = self.sub_cons;
         self.sub_cons = self.sub_cons.wrapping_add(1);
         self.view.u64_at(OFF_SUB_CONS).store(self.sub_cons, Ordering::Release);
         let request = match ExitKind::from_raw(rec.kind) {
@@ -1085,7 +1090,12 @@ impl ServiceEndpoint {
             }
             _ => None,
         };
-        Ok(Some(Incoming { seq: rec.seq, len: rec.len, request }))
+        Ok(Some(Incoming { seq: rec.seq, len: rec.len, request, index }))
+    }
+
+    /// How many requests the core has submitted so far (its producer index, as published).
+    pub fn submitted(&self) -> u64 {
+        self.view.u64_at(OFF_SUB_PROD).load(Ordering::Acquire)
     }
 
     /// Posts the completion of `inc` and rings the core if it announced sleep.
