@@ -141,19 +141,7 @@ impl Policy {
 
     /// The compiled BPF program.
     pub fn program(self) -> Result<Vec<sock_filter>, PolicyError> {
-        let bytes = self.embedded().0;
-        if bytes.is_empty() || !bytes.len().is_multiple_of(8) {
-            return Err(PolicyError::Malformed(self.name()));
-        }
-        Ok(bytes
-            .chunks_exact(8)
-            .map(|c| sock_filter {
-                code: u16::from_le_bytes([c[0], c[1]]),
-                jt: c[2],
-                jf: c[3],
-                k: u32::from_le_bytes([c[4], c[5], c[6], c[7]]),
-            })
-            .collect())
+        decode_program(self.embedded().0, self.name())
     }
 
     /// What the compiled filter does with `data` (see [`bpf::evaluate`]).
@@ -240,9 +228,13 @@ pub fn install_no_clone3() -> Result<(), PolicyError> {
 
 /// The program [`install_no_clone3`] loads.
 pub fn no_clone3_program() -> Result<Vec<sock_filter>, PolicyError> {
-    let bytes = include_bytes!(concat!(env!("OUT_DIR"), "/no-clone3.bpf")).as_slice();
+    decode_program(include_bytes!(concat!(env!("OUT_DIR"), "/no-clone3.bpf")), "no-clone3")
+}
+
+/// An embedded program (8 bytes per little-endian `sock_filter`, as `build.rs` writes them).
+fn decode_program(bytes: &[u8], name: &'static str) -> Result<Vec<sock_filter>, PolicyError> {
     if bytes.is_empty() || !bytes.len().is_multiple_of(8) {
-        return Err(PolicyError::Malformed("no-clone3"));
+        return Err(PolicyError::Malformed(name));
     }
     Ok(bytes
         .chunks_exact(8)

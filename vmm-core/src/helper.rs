@@ -571,38 +571,9 @@ const KEEP_CAPS: [u32; 6] = [1, 5, 6, 7, 19, 31];
 /// with it `no_new_privs`) is loaded. Services it creates get a full set inside their own user
 /// namespace (the kernel resets it there), and the filter stacks under their own.
 fn confine() -> Result<(), String> {
-    for cap in 0..=63u32 {
-        if KEEP_CAPS.contains(&cap) {
-            continue;
-        }
-        // SAFETY: prctl with integer arguments only; EINVAL past the last capability.
-        let rc = unsafe { libc::prctl(libc::PR_CAPBSET_DROP, libc::c_ulong::from(cap), 0, 0, 0) };
-        if rc < 0 && io::Error::last_os_error().raw_os_error() != Some(libc::EINVAL) {
-            return Err(format!("PR_CAPBSET_DROP {cap}: {}", io::Error::last_os_error()));
-        }
-    }
-    let mask = KEEP_CAPS.iter().fold(0u64, |m, c| m | (1 << c));
-    #[repr(C)]
-    struct Header {
-        version: u32,
-        pid: libc::c_int,
-    }
-    #[repr(C)]
-    #[derive(Clone, Copy)]
-    struct Data {
-        effective: u32,
-        permitted: u32,
-        inheritable: u32,
-    }
-    let (lo, hi) = ((mask & 0xffff_ffff) as u32, (mask >> 32) as u32);
-    // _LINUX_CAPABILITY_VERSION_3: two Data words, low capabilities first.
-    let mut header = Header { version: 0x2008_0522, pid: 0 };
-    let data = [Data { effective: lo, permitted: lo, inheritable: 0 }, Data { effective: hi, permitted: hi, inheritable: 0 }];
-    // SAFETY: capset reads a v3 header and two data words, both valid for the call.
-    let rc = unsafe { libc::syscall(libc::SYS_capset, &mut header as *mut Header, data.as_ptr()) };
-    if rc < 0 {
-        return Err(format!("capset: {}", io::Error::last_os_error()));
-    }
+    let keep = KEEP_CAPS.iter().fold(0u64, |m, c| m | (1 << c));
+    crate::jail::drop_bounding_set(keep).map_err(|e| crate::vmm::chain(&e))?;
+    crate::jail::set_capabilities(keep).map_err(|e| crate::vmm::chain(&e))?;
     bulkhead_policies::install(bulkhead_policies::Policy::Helper).map_err(|e| crate::vmm::chain(&e))
 }
 

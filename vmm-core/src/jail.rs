@@ -228,9 +228,6 @@ pub fn lease(config: &JailConfig) -> Result<IdLease, JailError> {
     Err(JailError::RangeFull(range))
 }
 
-/// `CAP_SETPCAP` (linux/capability.h): needed to shrink the bounding set.
-const CAP_SETPCAP: u32 = 8;
-
 /// Bounds the core keeps after the drop.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CoreLimits {
@@ -354,13 +351,7 @@ pub fn drop_privileges(ids: &VmIds, limits: &CoreLimits, root: Option<&std::path
     set_rlimit(libc::RLIMIT_CORE, 0, "setrlimit(RLIMIT_CORE)")?;
     set_rlimit(libc::RLIMIT_NOFILE, limits.open_files, "setrlimit(RLIMIT_NOFILE)")?;
     set_rlimit(libc::RLIMIT_NPROC, limits.tasks, "setrlimit(RLIMIT_NPROC)")?;
-    for cap in 0..=63 {
-        // SAFETY: prctl with integer arguments only; EINVAL past the last capability is expected.
-        let rc = unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0) };
-        if rc < 0 && io::Error::last_os_error().raw_os_error() != Some(libc::EINVAL) {
-            return Err(step("prctl(PR_CAPBSET_DROP)")(io::Error::last_os_error()));
-        }
-    }
+    drop_bounding_set(0)?;
     let (uid, gid) = ids.core;
     // SAFETY: setgroups with a zero-length list and a null pointer, as the man page allows.
     check(unsafe { libc::setgroups(0, std::ptr::null()) }.into(), "setgroups")?;
@@ -368,7 +359,9 @@ pub fn drop_privileges(ids: &VmIds, limits: &CoreLimits, root: Option<&std::path
     check(unsafe { libc::setresgid(gid, gid, gid) }.into(), "setresgid")?;
     // SAFETY: as above.
     check(unsafe { libc::setresuid(uid, uid, uid) }.into(), "setresuid")?;
-    clear_capabilities()?;
+    // Leaving uid 0 emptied the effective and permitted sets; the inheritable one survives an
+    // id change.
+    set_capabilities(0)?;
     // SAFETY: prctl with integer arguments only.
     check(unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) }.into(), "prctl(PR_SET_DUMPABLE)")?;
     // SAFETY: prctl with integer arguments only.
@@ -379,9 +372,23 @@ pub fn drop_privileges(ids: &VmIds, limits: &CoreLimits, root: Option<&std::path
     verify(ids)
 }
 
-/// Empties this thread's effective, permitted and inheritable sets (leaving uid 0 emptied the
-/// first two already; the inheritable set survives an id change).
-fn clear_capabilities() -> Result<(), JailError> {
+/// Removes from this thread's bounding set every capability not in `keep` (a mask of
+/// capability numbers). Needs `CAP_SETPCAP`; numbers past the kernel's last capability are
+/// skipped (EINVAL).
+pub fn drop_bounding_set(keep: u64) -> Result<(), JailError> {
+    for cap in (0..=63u32).filter(|c| keep & (1 << c) == 0) {
+        // SAFETY: prctl with integer arguments only; EINVAL past the last capability is expected.
+        let rc = unsafe { libc::prctl(libc::PR_CAPBSET_DROP, libc::c_ulong::from(cap), 0, 0, 0) };
+        if rc < 0 && io::Error::last_os_error().raw_os_error() != Some(libc::EINVAL) {
+            return Err(step("prctl(PR_CAPBSET_DROP)")(io::Error::last_os_error()));
+        }
+    }
+    Ok(())
+}
+
+/// Sets this thread's effective and permitted capability sets to `keep` (a mask of capability
+/// numbers) and empties its inheritable set (`capset`, version 3).
+pub fn set_capabilities(keep: u64) -> Result<(), JailError> {
     #[repr(C)]
     struct Header {
         version: u32,
@@ -394,9 +401,11 @@ fn clear_capabilities() -> Result<(), JailError> {
         permitted: u32,
         inheritable: u32,
     }
-    // _LINUX_CAPABILITY_VERSION_3: two Data words.
+    let (lo, hi) = ((keep & 0xffff_ffff) as u32, (keep >> 32) as u32);
+    let word = |w: u32| Data { effective: w, permitted: w, inheritable: 0 };
+    // _LINUX_CAPABILITY_VERSION_3: two Data words, low capabilities first.
     let mut header = Header { version: 0x2008_0522, pid: 0 };
-    let data = [Data { effective: 0, permitted: 0, inheritable: 0 }; 2];
+    let data = [word(lo), word(hi)];
     // SAFETY: capset reads a v3 header and two data words, both valid for the call.
     let rc = unsafe { libc::syscall(libc::SYS_capset, &mut header as *mut Header, data.as_ptr()) };
     check(rc, "capset")
@@ -429,16 +438,9 @@ fn verify(ids: &VmIds) -> Result<(), JailError> {
 /// lineage): no bounding set (while it still may), `no_new_privs`, and `policy` as its seccomp
 /// filter. Each long-lived thread calls it first thing.
 pub fn confine_thread(policy: bulkhead_policies::Policy) -> Result<(), JailError> {
-    let has_setpcap = std::fs::read_to_string("/proc/thread-self/status")
-        .ok()
-        .map(|s| crate::isolation::parse_status(&s))
-        .is_some_and(|t| u64::from_str_radix(&t.cap_effective, 16).is_ok_and(|e| e & (1 << CAP_SETPCAP) != 0));
-    if has_setpcap {
-        for cap in 0..=63 {
-            // SAFETY: prctl with integer arguments only; EINVAL past the last capability.
-            unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0) };
-        }
-    }
+    // Best effort: without CAP_SETPCAP (an unprivileged core) the kernel refuses with EPERM and
+    // the bounding set stays; the thread's no_new_privs and filter below are what it must have.
+    let _ = drop_bounding_set(0);
     // SAFETY: prctl with integer arguments only.
     check(unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) }.into(), "prctl(PR_SET_NO_NEW_PRIVS)")?;
     // The no-clone3 guard first: installing a filter takes a prctl the thread's own policy

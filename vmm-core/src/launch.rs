@@ -591,7 +591,8 @@ pub fn build(id: &str, config: &VmConfig) -> Result<RunningVm, LaunchError> {
     }
     // Which namespaces services get: refuses to go on if one is unavailable, unless the user
     // asked for insecure_no_sandbox (then warns loudly). Probed before guest RAM exists.
-    service::init_sandbox(config.bulkhead.insecure_no_sandbox).map_err(service::ServiceError::Sandbox)?;
+    let sandbox =
+        service::init_sandbox(config.bulkhead.insecure_no_sandbox).map_err(service::ServiceError::Sandbox)?;
     let plan = config.plan();
     let mut mmio = MmioAllocator::default();
     let disks = plan_disks(config, &mut mmio)?;
@@ -617,7 +618,7 @@ pub fn build(id: &str, config: &VmConfig) -> Result<RunningVm, LaunchError> {
     // The VM's ids and its privileged helper (as root), which creates its services and keeps
     // its cgroup; then the cgroup, before guest RAM exists, so the RAM is charged to the VM
     // (the services go into it as they start).
-    let (lease, helper) = start_helper(id, config)?;
+    let (lease, helper) = start_helper(id, config, &sandbox)?;
     let cgroup = crate::cgroup::for_vm(
         id,
         &config.bulkhead.cgroup,
@@ -752,6 +753,7 @@ pub fn build(id: &str, config: &VmConfig) -> Result<RunningVm, LaunchError> {
 fn start_helper(
     id: &str,
     config: &VmConfig,
+    sandbox: &service::Sandbox,
 ) -> Result<(Option<crate::jail::IdLease>, Option<Arc<crate::helper::Helper>>), LaunchError> {
     if !nix::unistd::geteuid().is_root() {
         log::info!(
@@ -775,9 +777,7 @@ fn start_helper(
     if !config.network_interfaces.is_empty() {
         programs.push(service_program(config, "bulkhead-net")?);
     }
-    // The sandbox decision is the core's (made before, probed while the VMM waited): the helper
-    // takes it as it is.
-    let sandbox = service::init_sandbox(config.bulkhead.insecure_no_sandbox).map_err(service::ServiceError::Sandbox)?;
+    // The sandbox decision is the core's (probed while the VMM waited): the helper takes it.
     let setup = crate::helper::HelperSetup {
         vm_id: id.to_string(),
         service_ids: Some(lease.ids.service),
