@@ -585,6 +585,30 @@ struct Faults {
     slow: Duration,
     /// Answer the next request with a wrong sequence number.
     corrupt_next: bool,
+    /// Memory the `leak` fault allocated and keeps.
+    leaked: Vec<Vec<u8>>,
+}
+
+/// Step of the `leak` fault.
+const LEAK_CHUNK: usize = 1 << 20;
+/// Most steps of one `leak` fault (4 GiB): the data bound normally ends it far sooner.
+const LEAK_MAX_CHUNKS: usize = 4096;
+
+/// Allocates and touches memory [`LEAK_CHUNK`] at a time until an allocation fails (the data
+/// bound, `RLIMIT_DATA`) or [`LEAK_MAX_CHUNKS`], appending it to `kept`. Returns the bytes added.
+fn leak(kept: &mut Vec<Vec<u8>>) -> usize {
+    let mut added = 0;
+    for _ in 0..LEAK_MAX_CHUNKS {
+        let mut chunk = Vec::new();
+        if chunk.try_reserve_exact(LEAK_CHUNK).is_err() || kept.try_reserve(1).is_err() {
+            break;
+        }
+        // Written, so every page is really allocated (and charged to the cgroup).
+        chunk.resize(LEAK_CHUNK, 0xa5);
+        kept.push(chunk);
+        added += LEAK_CHUNK;
+    }
+    added
 }
 
 struct Server<H> {
@@ -890,6 +914,10 @@ impl<H: Dispatch> Server<H> {
             ServiceFault::CorruptReply => self.faults.corrupt_next = true,
             ServiceFault::SlowIo { ms } => {
                 SLOW_IO_MS.store(u64::from(ms.min(FAULT_SLOW_MAX_MS)), std::sync::atomic::Ordering::Relaxed);
+            }
+            ServiceFault::Leak => {
+                let added = leak(&mut self.faults.leaked);
+                eprintln!("{}: leaked {} MiB, serving on", self.name(), added >> 20);
             }
         }
         self.publish_mirror();

@@ -529,6 +529,9 @@ pub enum ServiceFault {
         /// Extra time, in ms.
         ms: u32,
     },
+    /// Allocate and touch heap memory, 1 MiB at a time, until the data bound (`RLIMIT_DATA`)
+    /// refuses more; keep it and serve on (a leak: the memory is charged to the VM's cgroup).
+    Leak,
 }
 
 /// Exit status of a service told to [`ServiceFault::Crash`].
@@ -568,6 +571,8 @@ pub enum FaultAction {
     CorruptState,
     /// The service attempts a forbidden system call (`execve`); its filter kills it by SIGSYS.
     Seccomp,
+    /// The service allocates and keeps heap memory up to its data bound, serving on (a leak).
+    Leak,
 }
 
 impl FaultAction {
@@ -575,14 +580,14 @@ impl FaultAction {
     /// liveness check notices). `slow` does not; `corrupt-reply` does only once the guest
     /// accesses the device.
     pub fn is_fatal(&self) -> bool {
-        !matches!(self, Self::Slow { .. } | Self::SlowIo { .. } | Self::CorruptReply)
+        !matches!(self, Self::Slow { .. } | Self::SlowIo { .. } | Self::CorruptReply | Self::Leak)
     }
 
     /// The names [`parse`](Self::parse) accepts.
     pub const NAMES: &'static str =
-        "kill, crash, abort, segv, hang, slow=MS, slow-io=MS, corrupt-reply, corrupt-state, seccomp";
+        "kill, crash, abort, segv, hang, slow=MS, slow-io=MS, corrupt-reply, corrupt-state, seccomp, leak";
 
-    /// Parses `kill|crash|abort|segv|hang|slow=MS|slow-io=MS|corrupt-reply|corrupt-state|seccomp`.
+    /// Parses `kill|crash|abort|segv|hang|slow=MS|slow-io=MS|corrupt-reply|corrupt-state|seccomp|leak`.
     pub fn parse(s: &str) -> Result<Self, String> {
         Ok(match s {
             "kill" => Self::Kill,
@@ -593,6 +598,7 @@ impl FaultAction {
             "corrupt-reply" => Self::CorruptReply,
             "corrupt-state" => Self::CorruptState,
             "seccomp" => Self::Seccomp,
+            "leak" => Self::Leak,
             other => {
                 let ms = |v: &str| match v.parse::<u32>() {
                     Ok(ms) if ms <= FAULT_SLOW_MAX_MS => Ok(ms),
@@ -623,6 +629,7 @@ impl std::fmt::Display for FaultAction {
             Self::CorruptReply => f.write_str("corrupt-reply"),
             Self::CorruptState => f.write_str("corrupt-state"),
             Self::Seccomp => f.write_str("seccomp"),
+            Self::Leak => f.write_str("leak"),
         }
     }
 }
@@ -1118,7 +1125,8 @@ mod tests {
 
     #[test]
     fn fault_actions_parse_and_print() {
-        for name in ["kill", "crash", "abort", "segv", "hang", "slow=250", "corrupt-reply", "corrupt-state", "seccomp"]
+        for name in
+            ["kill", "crash", "abort", "segv", "hang", "slow=250", "corrupt-reply", "corrupt-state", "seccomp", "leak"]
         {
             let a = FaultAction::parse(name).expect(name);
             assert_eq!(a.to_string(), name);

@@ -304,3 +304,93 @@ fn cpu_weights_share_a_cpu_by_priority_and_follow_a_live_change() {
         let _ = child.finish(LIMIT);
     }
 }
+
+/// The `oom_kill` count of a VM's memory group: v2 `memory.events` (which counts its children's
+/// too); v1 `memory.oom_control` of the group and of each child (each counts its own only).
+fn oom_kills(version: &str, paths: &[PathBuf]) -> u64 {
+    let count = |text: &str| -> u64 {
+        text.lines().find_map(|l| l.strip_prefix("oom_kill ")).and_then(|n| n.trim().parse().ok()).expect("oom_kill")
+    };
+    if version == "v2" {
+        return count(&setting(version, paths, ("memory", ""), "memory.events"));
+    }
+    let dir = paths.iter().find(|p| p.to_string_lossy().contains("/memory/")).expect("memory hierarchy");
+    let mut dirs = vec![dir.clone()];
+    dirs.extend(std::fs::read_dir(dir).expect("group").flatten().map(|e| e.path()).filter(|p| p.is_dir()));
+    dirs.iter().map(|d| count(&std::fs::read_to_string(d.join("memory.oom_control")).expect("oom_control"))).sum()
+}
+
+/// The serial log's last `tick N`.
+fn last_tick(serial: &Path) -> u64 {
+    let text = std::fs::read_to_string(serial).unwrap_or_default();
+    text.lines().rev().filter_map(|l| l.strip_prefix("tick ")).filter_map(|n| n.trim().parse().ok()).next().unwrap_or(0)
+}
+
+/// A VM that outgrows its memory limit ends as a whole: its services leak (each up to its 16 MiB
+/// data bound, together more than the 64 MiB of headroom over guest RAM that the smallest
+/// accepted limit leaves), the kernel's OOM killer acts in the VM's cgroup, and the core ends
+/// the VM (exit status 137) naming the service the kernel chose; its cgroup goes. A second VM on
+/// the host, in a group of its own, ticks on with no OOM kill.
+#[test]
+fn a_vm_over_its_memory_limit_ends_as_a_whole_and_its_neighbour_runs_on() {
+    let dir = scratch("cgroup-oom");
+    let (dir_a, dir_b) = (dir.join("a"), dir.join("b"));
+    for d in [&dir_a, &dir_b] {
+        std::fs::create_dir_all(d).expect("mkdir");
+    }
+    let (b, sock_b) = start(&dir_b, &["--memory-max", "192M"]);
+    let (version_b, paths_b, info_b) = resources(&sock_b);
+    assert_eq!(oom_kills(&version_b, &paths_b), 0, "{info_b}");
+
+    let extra: Vec<PathBuf> = (1..6).map(|i| dir_a.join(format!("disk{i}.img"))).collect();
+    let mut args = vec!["--mem", "16", "--memory-max", "80M", "--allow-faults"];
+    for d in &extra {
+        std::fs::File::create(d).expect("create").set_len(1 << 20).expect("size");
+        args.extend(["--disk", d.to_str().expect("utf8")]);
+    }
+    let (a, sock_a) = start(&dir_a, &args);
+    let (version_a, paths_a, info_a) = resources(&sock_a);
+    assert_eq!(
+        setting(&version_a, &paths_a, ("memory", "memory.limit_in_bytes"), "memory.max"),
+        (80u64 << 20).to_string(),
+        "{info_a}"
+    );
+    if version_a == "v2" {
+        assert_eq!(setting(&version_a, &paths_a, ("memory", ""), "memory.oom.group"), "1");
+    }
+    // Every service leaks; the API answers each injection while the VM still runs (a leak is
+    // not fatal by itself), until the VM ends.
+    let mut injected = 0;
+    for dev in ["console", "block0", "block1", "block2", "block3", "block4", "block5"] {
+        let (s, body) = curl(&sock_a, "PUT", &format!("/bulkhead/devices/{dev}/fault"), Some(r#"{"action": "leak"}"#));
+        if s == 200 {
+            injected += 1;
+        } else {
+            assert!(injected >= 4, "leak into {dev}: {s} {body}");
+            break;
+        }
+    }
+    let r = a.finish(LIMIT);
+    assert_eq!(r.status.code(), Some(137), "a VM over its limit ends with 137\n{}", r.stderr);
+    let line = r
+        .stderr
+        .lines()
+        .find(|l| l.contains("OOM killer ended service ") && l.contains("ending the VM"))
+        .unwrap_or_else(|| panic!("no line naming the service\n{}", r.stderr));
+    eprintln!("{line}");
+    assert!(line.contains("limit (80 MiB"), "{line}");
+    assert!(
+        ["console", "block-disk"].iter().any(|s| line.contains(&format!("service {s}"))),
+        "the service the kernel chose is named: {line}"
+    );
+    assert!(wait_until(Duration::from_secs(10), || paths_a.iter().all(|p| !p.exists())), "left behind: {paths_a:?}");
+
+    // The neighbour: ticking on, never OOM-killed, its group intact.
+    let serial_b = dir_b.join("serial.log");
+    let before = last_tick(&serial_b);
+    assert!(wait_until(Duration::from_secs(10), || last_tick(&serial_b) > before + 5), "B stopped ticking at {before}");
+    assert_eq!(oom_kills(&version_b, &paths_b), 0);
+    assert_eq!(curl(&sock_b, "PUT", "/bulkhead/actions", Some(r#"{"action_type": "Kill"}"#)).0, 204);
+    let r = b.finish(LIMIT);
+    assert_eq!(r.status.code(), Some(0), "{}", r.stderr);
+}

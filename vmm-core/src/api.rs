@@ -100,11 +100,11 @@ impl ApiServer {
         let listener = bind_private(path).map_err(|e| bind_err(e.to_string()))?;
         let ctx = Ctx { view, actions };
         let handler: Arc<Handler> = Arc::new(move |req: &HttpRequest| route(&req.verb, &req.path, &req.body, &ctx));
-        let http =
-            HttpServer::start(listener, path.to_path_buf(), handler, PeerPolicy::own_uid(), MAX_BODY, confine).map_err(|e| {
-                let _ = std::fs::remove_file(path);
-                ApiError::Http(e)
-            })?;
+        let http = HttpServer::start(listener, path.to_path_buf(), handler, PeerPolicy::own_uid(), MAX_BODY, confine)
+            .map_err(|e| {
+            let _ = std::fs::remove_file(path);
+            ApiError::Http(e)
+        })?;
         *SOCKET.lock().unwrap_or_else(|e| e.into_inner()) = Some(path.to_path_buf());
         log::info!("API listening at {}", path.display());
         Ok(Self { _http: http, path: path.to_path_buf() })

@@ -194,6 +194,9 @@ impl Resources {
                 }
                 if let Some(m) = self.memory_max {
                     out.push(w("memory", "memory.max", m.to_string()));
+                    // The OOM killer ends the whole VM, not one of its processes (v1 has no
+                    // such switch: the core ends the VM when it sees an OOM kill in its group).
+                    out.push(w("memory", "memory.oom.group", "1".into()));
                 }
                 if let Some(p) = self.pids_max {
                     out.push(w("pids", "pids.max", p.to_string()));
@@ -649,6 +652,12 @@ impl VmCgroup {
             }
         }
     }
+
+    /// How many processes the kernel's OOM killer has ended in the VM's group (children
+    /// included); `None` without a memory controller.
+    pub fn oom_kills(&self) -> Option<u64> {
+        Some(oom_kills(&self.layout.dir("memory", &self.group)?, self.layout.version))
+    }
 }
 
 /// A VM's cgroup, its core's side. The VM's helper ([`crate::helper`]) removes it once the core
@@ -761,6 +770,15 @@ impl KeptCgroup {
         self.lock().as_ref()?.cpu_ns(child)
     }
 
+    /// OOM kills in the VM's group ([`VmCgroup::oom_kills`]); read by the helper once the core
+    /// is jailed.
+    pub fn oom_kills(&self) -> Option<u64> {
+        if self.helper.is_sealed() {
+            return self.helper.oom_kills();
+        }
+        self.lock().as_ref()?.oom_kills()
+    }
+
     /// The version and the VM group's directories.
     pub fn describe(&self) -> Option<(Version, Vec<PathBuf>)> {
         self.lock().as_ref().map(|cg| (cg.version(), cg.dirs()))
@@ -823,13 +841,31 @@ fn kill_if_in_group(pid: u32, group: &str) {
     }
 }
 
-/// The `oom_kill` count of a memory group (v2 `memory.events`, v1 `memory.oom_control`).
+/// The `oom_kill` count of a VM's memory group `memory`. v2 (`memory.events`) counts a kill in
+/// the group and every group below it; v1 (`memory.oom_control`) only in the group of the
+/// process killed, so there the VM's group and its children (the core's, each service's) are
+/// summed.
 fn oom_kills(memory: &Path, version: Version) -> u64 {
-    let file = if version == Version::V2 { "memory.events" } else { "memory.oom_control" };
-    std::fs::read_to_string(memory.join(file))
-        .ok()
-        .and_then(|t| t.lines().find_map(|l| l.strip_prefix("oom_kill ").and_then(|n| n.trim().parse().ok())))
-        .unwrap_or(0)
+    let count = |dir: &Path, file: &str| -> u64 {
+        std::fs::read_to_string(dir.join(file))
+            .ok()
+            .and_then(|t| t.lines().find_map(|l| l.strip_prefix("oom_kill ").and_then(|n| n.trim().parse().ok())))
+            .unwrap_or(0)
+    };
+    match version {
+        Version::V2 => count(memory, "memory.events"),
+        Version::V1 => {
+            let children = std::fs::read_dir(memory)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                // Bounded: the core's group and one per service.
+                .take(1024)
+                .map(|e| count(&e.path(), "memory.oom_control"));
+            count(memory, "memory.oom_control").saturating_add(children.fold(0u64, u64::saturating_add))
+        }
+    }
 }
 
 /// What the helper does with the VM's cgroup once the core is gone: waits up to `grace` for the
@@ -990,6 +1026,7 @@ mod tests {
                 ("cpu.weight", "300".into()),
                 ("cpu.max", "50000 100000".into()),
                 ("memory.max", (256u64 << 20).to_string()),
+                ("memory.oom.group", "1".into()),
                 ("pids.max", "64".into()),
                 ("io.weight", "default 500".into()),
             ]

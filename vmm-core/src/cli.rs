@@ -205,7 +205,7 @@ pub struct FaultArgs {
     /// The device: `console`, `block` (first disk), `blockN`, `net` (first NIC), `netN`, a
     /// device id or a service's name, or `stats` to print metrics.
     pub device: String,
-    /// kill, crash, abort, segv, hang, slow=MS, corrupt-reply, corrupt-state or seccomp.
+    /// kill, crash, abort, segv, hang, slow=MS, slow-io=MS, corrupt-reply, corrupt-state, seccomp or leak.
     #[arg(value_parser = FaultAction::parse)]
     pub action: Option<FaultAction>,
 }

@@ -29,6 +29,9 @@ pub enum StopReason {
     /// The operator asked for the stop (`bulkhead stop` after its grace period, `bulkhead
     /// kill`).
     Requested(String),
+    /// The VM outgrew the memory limit of its cgroup: the kernel's OOM killer ended one of its
+    /// processes (named here), so the VM ends as a whole.
+    OutOfMemory(String),
 }
 
 impl StopReason {
@@ -36,13 +39,15 @@ impl StopReason {
     ///
     /// 0 for a guest-initiated power-off or reset and for a stop the operator asked for, the
     /// verdict byte for the debug-exit port, 70 for a KVM/guest failure, 128 + signal for a
-    /// signal.
+    /// signal, 137 for a VM its memory limit ended.
     pub fn exit_code(&self) -> u8 {
         match self {
             Self::DebugExit(v) => *v,
             Self::I8042Reset | Self::TripleFault | Self::SystemEvent(_) | Self::Halted | Self::Requested(_) => 0,
             Self::InternalError(_) => 70,
             Self::Signal(s) => u8::try_from(128 + s).unwrap_or(255),
+            // As a container runtime reports an OOM-killed container (128 + SIGKILL).
+            Self::OutOfMemory(_) => 137,
         }
     }
 }
@@ -58,6 +63,7 @@ impl fmt::Display for StopReason {
             Self::InternalError(e) => write!(f, "KVM could not run the guest: {e}"),
             Self::Signal(s) => write!(f, "VMM received signal {s}"),
             Self::Requested(why) => write!(f, "{why}"),
+            Self::OutOfMemory(why) => write!(f, "the VM exceeded the memory limit of its cgroup: {why}"),
         }
     }
 }
@@ -67,6 +73,12 @@ impl fmt::Display for StopReason {
 pub struct StopHandle {
     stopping: Arc<AtomicBool>,
     tx: Sender<StopReason>,
+}
+
+impl fmt::Debug for StopHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("StopHandle").field("stopping", &self.is_stopping()).finish_non_exhaustive()
+    }
 }
 
 impl StopHandle {
@@ -103,5 +115,6 @@ mod tests {
         assert_eq!(StopReason::DebugExit(3).exit_code(), 3);
         assert_eq!(StopReason::I8042Reset.exit_code(), 0);
         assert_eq!(StopReason::InternalError("x".into()).exit_code(), 70);
+        assert_eq!(StopReason::OutOfMemory("x".into()).exit_code(), 137);
     }
 }

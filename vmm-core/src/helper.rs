@@ -136,6 +136,8 @@ pub enum Request {
         /// The child group, or `None` for the VM.
         child: Option<String>,
     },
+    /// How many processes the kernel's OOM killer ended in the VM's group.
+    OomKills,
     /// The start failed and the core cleaned up: exit touching nothing.
     Leave,
 }
@@ -158,6 +160,8 @@ pub enum Reply {
     Report(Box<IsolationReport>),
     /// CPU time in ns, if the group has it.
     CpuNs(Option<u64>),
+    /// The OOM kill count (`None`: no memory controller).
+    OomKills(Option<u64>),
     /// Refused or failed; `pid`: a child created and killed meanwhile, for the core to reap.
     Refused {
         /// Why.
@@ -217,8 +221,13 @@ impl Helper {
         cmd.stdin(std::process::Stdio::from(theirs.into_fd())).stdout(std::process::Stdio::null());
         let child = cmd.spawn().map_err(HelperError::Start)?;
         let pid = child.id();
-        let helper =
-            Self { chan: Mutex::new(Some(core)), child: Mutex::new(Some(child)), sealed: false.into(), pid, seq: 0.into() };
+        let helper = Self {
+            chan: Mutex::new(Some(core)),
+            child: Mutex::new(Some(child)),
+            sealed: false.into(),
+            pid,
+            seq: 0.into(),
+        };
         helper.send(&encode(setup)?, holds)?;
         let helper = Arc::new(helper);
         *CURRENT.lock().unwrap_or_else(|e| e.into_inner()) = Arc::downgrade(&helper);
@@ -325,6 +334,14 @@ impl Helper {
     pub fn cpu_ns(&self, child: Option<&str>) -> Option<u64> {
         match self.call(&Request::CpuNs { child: child.map(str::to_string) }, &[]) {
             Ok((Reply::CpuNs(ns), _)) => ns,
+            _ => None,
+        }
+    }
+
+    /// How many processes the kernel's OOM killer ended in the VM's group (`None` if unknown).
+    pub fn oom_kills(&self) -> Option<u64> {
+        match self.call(&Request::OomKills, &[]) {
+            Ok((Reply::OomKills(n), _)) => n,
             _ => None,
         }
     }
@@ -470,6 +487,7 @@ impl State {
                 }
                 (Reply::CpuNs(self.cgroup.as_ref().and_then(|cg| cg.cpu_ns(child.as_deref()))), None)
             }
+            Request::OomKills => (Reply::OomKills(self.cgroup.as_ref().and_then(VmCgroup::oom_kills)), None),
             Request::Leave => (Reply::Done, None),
         }
     }
@@ -540,7 +558,9 @@ impl State {
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(e) => eprintln!("{HELPER_NAME}: VM {}: jail {} left in place: {e}", self.setup.vm_id, root.display()),
+                Err(e) => {
+                    eprintln!("{HELPER_NAME}: VM {}: jail {} left in place: {e}", self.setup.vm_id, root.display())
+                }
             }
         }
         if ok {
@@ -671,10 +691,8 @@ mod tests {
         let r = (3u64, Request::Place { name: "console".into(), pid: 7 });
         let back: (u64, Request) = decode(&encode(&r).expect("encode")).expect("decode");
         assert!(matches!(back, (3, Request::Place { ref name, pid: 7 }) if name == "console"));
-        let u = Request::Update {
-            update: Resources { cpu_weight: Some(300), ..Resources::default() },
-            guest_ram: 1 << 27,
-        };
+        let u =
+            Request::Update { update: Resources { cpu_weight: Some(300), ..Resources::default() }, guest_ram: 1 << 27 };
         let back: Request = decode(&encode(&u).expect("encode")).expect("decode");
         assert!(matches!(back, Request::Update { ref update, .. } if update.cpu_weight == Some(300)));
         assert!(decode::<Request>(&[0xff; 9]).is_err());

@@ -484,7 +484,8 @@ Max core file size        0                    unlimited            bytes     \n
         assert!(r.fd_count >= 3 && r.fds.iter().any(|f| f.fd == 0));
         assert!(r.threads.iter().any(|t| t.tid == r.pid), "the main thread is listed");
         assert!(r.rlimits.contains_key("Max open files"));
-        let text = render(&IsolationReport { vm: "t".into(), host_namespaces: host, processes: vec![r], jail_root: None });
+        let text =
+            render(&IsolationReport { vm: "t".into(), host_namespaces: host, processes: vec![r], jail_root: None });
         assert!(text.starts_with("core (pid ") && text.contains("  threads ("), "{text}");
     }
 }

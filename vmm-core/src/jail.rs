@@ -267,7 +267,10 @@ pub fn in_own_namespaces() -> bool {
 /// when it started.
 pub fn enter_own_namespaces() -> Result<(), JailError> {
     // SAFETY: unshare with namespace flags only; the process is single-threaded here.
-    check(unsafe { libc::unshare(libc::CLONE_NEWNS | libc::CLONE_NEWIPC) }.into(), "unshare(CLONE_NEWNS|CLONE_NEWIPC)")?;
+    check(
+        unsafe { libc::unshare(libc::CLONE_NEWNS | libc::CLONE_NEWIPC) }.into(),
+        "unshare(CLONE_NEWNS|CLONE_NEWIPC)",
+    )?;
     // SAFETY: mount with a static NUL-terminated path and no source, type or data.
     let rc = unsafe {
         libc::mount(
@@ -413,7 +416,8 @@ pub fn set_capabilities(keep: u64) -> Result<(), JailError> {
 
 /// Reads back what the kernel says of this thread: no capability in any set, the core's ids.
 fn verify(ids: &VmIds) -> Result<(), JailError> {
-    let status = std::fs::read_to_string("/proc/thread-self/status").map_err(step("reading /proc/thread-self/status"))?;
+    let status =
+        std::fs::read_to_string("/proc/thread-self/status").map_err(step("reading /proc/thread-self/status"))?;
     let t = crate::isolation::parse_status(&status);
     let zero = |set: &str| u64::from_str_radix(set, 16) == Ok(0);
     if ![&t.cap_effective, &t.cap_permitted, &t.cap_bounding, &t.cap_ambient, &t.cap_inheritable]
@@ -445,13 +449,11 @@ pub fn confine_thread(policy: bulkhead_policies::Policy) -> Result<(), JailError
     check(unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) }.into(), "prctl(PR_SET_NO_NEW_PRIVS)")?;
     // The no-clone3 guard first: installing a filter takes a prctl the thread's own policy
     // does not allow.
-    let guard = if policy == bulkhead_policies::Policy::CoreApi {
-        bulkhead_policies::install_no_clone3()
-    } else {
-        Ok(())
-    };
+    let guard =
+        if policy == bulkhead_policies::Policy::CoreApi { bulkhead_policies::install_no_clone3() } else { Ok(()) };
     let installed = guard.and_then(|()| bulkhead_policies::install(policy));
-    installed.map_err(|e| JailError::Step { step: "installing the thread's seccomp filter", source: io::Error::other(e) })
+    installed
+        .map_err(|e| JailError::Step { step: "installing the thread's seccomp filter", source: io::Error::other(e) })
 }
 
 /// [`confine_thread`], or the process ends: no thread of the core runs unconfined.

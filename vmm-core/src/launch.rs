@@ -357,6 +357,7 @@ struct Wiring<'a> {
     buses: &'a mut Buses,
     cgroup: Option<&'a Arc<crate::cgroup::KeptCgroup>>,
     helper: Option<&'a Arc<crate::helper::Helper>>,
+    stop: &'a StopHandle,
 }
 
 impl Wiring<'_> {
@@ -381,7 +382,8 @@ impl Wiring<'_> {
             write_errors: drive.werror,
             read_errors: drive.rerror,
         };
-        let (device, handle) = service::spawn_block(&binary, spec, service_options(self.config, self.cgroup, self.helper))?;
+        let (device, handle) =
+            service::spawn_block(&binary, spec, service_options(self.config, self.cgroup, self.helper, self.stop))?;
         self.buses.mmio.insert(slot.base, slot.len, device)?;
         log::info!(
             "disk{index}: {}{} at {:#x} (GSI {}) served by pid {} (drive {})",
@@ -423,7 +425,8 @@ impl Wiring<'_> {
             rx_rate_limit: rate_limit(iface.rx_rate_limiter.as_ref()),
             tx_rate_limit: rate_limit(iface.tx_rate_limiter.as_ref()),
         };
-        let (device, handle) = service::spawn_net(&binary, net_spec, service_options(self.config, self.cgroup, self.helper))?;
+        let (device, handle) =
+            service::spawn_net(&binary, net_spec, service_options(self.config, self.cgroup, self.helper, self.stop))?;
         self.buses.mmio.insert(slot.base, slot.len, device)?;
         log::info!(
             "net{index}: TAP {tap_name}, MAC {} at {:#x} (GSI {}) served by pid {} (interface {})",
@@ -441,8 +444,14 @@ impl Wiring<'_> {
         let (output, input) = serial_fds(&self.config.bulkhead.console, &self.config.drives)?;
         let irq = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(os("eventfd"))?;
         self.vm.register_irqfd(&irq, COM1_GSI).map_err(|source| LaunchError::Kvm { what: "KVM_IRQFD", source })?;
-        let (device, handle) =
-            service::spawn_console(&binary, output, input, irq, COM1_BASE, service_options(self.config, self.cgroup, self.helper))?;
+        let (device, handle) = service::spawn_console(
+            &binary,
+            output,
+            input,
+            irq,
+            COM1_BASE,
+            service_options(self.config, self.cgroup, self.helper, self.stop),
+        )?;
         self.buses.pio.insert(u64::from(COM1_BASE), COM1_LEN, device)?;
         Ok(handle)
     }
@@ -480,11 +489,13 @@ fn service_options(
     config: &VmConfig,
     cgroup: Option<&Arc<crate::cgroup::KeptCgroup>>,
     helper: Option<&Arc<crate::helper::Helper>>,
+    stop: &StopHandle,
 ) -> service::ServiceOptions {
     let s = &config.bulkhead.supervision;
     service::ServiceOptions {
         cgroup: cgroup.cloned(),
         helper: helper.cloned(),
+        stop: Some(stop.clone()),
         call_timeout: Duration::from_millis(s.service_deadline_ms),
         liveness_interval: Duration::from_millis(s.service_liveness_ms),
         io_deadline: Duration::from_millis(s.service_io_deadline_ms),
@@ -591,8 +602,7 @@ pub fn build(id: &str, config: &VmConfig) -> Result<RunningVm, LaunchError> {
     }
     // Which namespaces services get: refuses to go on if one is unavailable, unless the user
     // asked for insecure_no_sandbox (then warns loudly). Probed before guest RAM exists.
-    let sandbox =
-        service::init_sandbox(config.bulkhead.insecure_no_sandbox).map_err(service::ServiceError::Sandbox)?;
+    let sandbox = service::init_sandbox(config.bulkhead.insecure_no_sandbox).map_err(service::ServiceError::Sandbox)?;
     let plan = config.plan();
     let mut mmio = MmioAllocator::default();
     let disks = plan_disks(config, &mut mmio)?;
@@ -645,6 +655,7 @@ pub fn build(id: &str, config: &VmConfig) -> Result<RunningVm, LaunchError> {
             buses: &mut buses,
             cgroup: cgroup.as_ref(),
             helper: helper.as_ref(),
+            stop: &stop,
         };
         services.push(w.start_console()?);
         for (i, disk) in disks.into_iter().enumerate() {
@@ -687,8 +698,8 @@ pub fn build(id: &str, config: &VmConfig) -> Result<RunningVm, LaunchError> {
         .iter()
         .filter_map(|f| registry.resolve(&f.device).map(|(_, svc)| (svc.clone(), f.clone())))
         .collect();
-    let faults = crate::faults::ScheduleThread::start(schedules, helper.is_some())
-        .map_err(|e| LaunchError::Api(Box::new(e)))?;
+    let faults =
+        crate::faults::ScheduleThread::start(schedules, helper.is_some()).map_err(|e| LaunchError::Api(Box::new(e)))?;
     let injections = config
         .bulkhead
         .inject_forbidden

@@ -182,7 +182,8 @@ fn serve_api(args: &VmmArgs) -> ExitCode {
     }
     let jail = args.jail.to_config();
     if jail != vmm_core::jail::JailConfig::default() {
-        config.bulkhead.jail = vmm_core::jail::JailConfig { disabled: jail.disabled || config.bulkhead.jail.disabled, ..jail };
+        config.bulkhead.jail =
+            vmm_core::jail::JailConfig { disabled: jail.disabled || config.bulkhead.jail.disabled, ..jail };
     }
     if !own_namespaces(&config.bulkhead.jail) {
         return ExitCode::from(EX_CONFIG);

@@ -197,6 +197,10 @@ pub struct ServiceOptions {
     /// The VM's privileged helper, which creates the instances (with the VM's service ids)
     /// when the core runs as root; `None`: the core creates them itself.
     pub helper: Option<Arc<crate::helper::Helper>>,
+    /// Ends the VM when the kernel's OOM killer ended an instance (the VM outgrew its cgroup's
+    /// memory limit): the VM ends as a whole rather than lose a device. `None`: the instance is
+    /// restarted like any other that died.
+    pub stop: Option<crate::control::StopHandle>,
 }
 
 impl From<Duration> for ServiceOptions {
@@ -219,6 +223,7 @@ impl Default for ServiceOptions {
             io_deadline: Duration::from_secs(30),
             cgroup: None,
             helper: None,
+            stop: None,
         }
     }
 }
@@ -480,6 +485,7 @@ impl RemoteDevice {
                     self.name
                 ),
                 Failure::Orderly => log::info!("service {} (pid {pid}) stopped: {why}", self.name),
+                Failure::OutOfMemory => log::error!("{why}; ending the VM"),
                 Failure::LastInstance => log::error!(
                     "service {} (pid {pid}), which presented the failed device, ended: {why}; falling back: its \
                      reads now return all-ones and writes are dropped",
@@ -629,6 +635,8 @@ enum Failure {
     GaveUp,
     /// The last instance, which presented the failed device, ended (`log::error!`).
     LastInstance,
+    /// The kernel's OOM killer ended it and the VM ends with it (`log::error!`).
+    OutOfMemory,
 }
 
 /// How the core words a service's death by SIGSYS, from the report its SIGSYS handler sent
@@ -981,6 +989,7 @@ impl ServiceRef {
             FaultAction::Slow { ms } => send(ControlMsg::InjectFault(ServiceFault::Slow { ms }))?,
             FaultAction::SlowIo { ms } => send(ControlMsg::InjectFault(ServiceFault::SlowIo { ms }))?,
             FaultAction::CorruptReply => send(ControlMsg::InjectFault(ServiceFault::CorruptReply))?,
+            FaultAction::Leak => send(ControlMsg::InjectFault(ServiceFault::Leak))?,
             FaultAction::Seccomp => send(ControlMsg::AttemptForbidden(ForbiddenAction::Execve))?,
             FaultAction::CorruptState => {
                 let Some(state) = &self.0.state else {
@@ -1714,6 +1723,29 @@ fn liveness_for(o: &ServiceOptions) -> Liveness {
     Liveness::new(o.liveness_interval, o.call_timeout, Instant::now()).with_io_deadline(o.io_deadline)
 }
 
+/// Whether the kernel's OOM killer ended the instance `pid` (which died by SIGKILL): the VM's
+/// cgroup counts an OOM kill. If so the device is marked failed and the VM is told to stop, as
+/// a whole (cgroup v2's `memory.oom.group`, done by the core on v1): a VM over its memory limit
+/// would only be OOM-killed again. Costs one question to the helper per SIGKILL death.
+fn ended_by_oom(shared: &Shared, pid: u32) -> bool {
+    let (cgroup, stop) = {
+        let recipe = shared.lock_recipe();
+        (recipe.options.cgroup.clone(), recipe.options.stop.clone())
+    };
+    let (Some(cgroup), Some(stop)) = (cgroup, stop) else { return false };
+    let Some(kills) = cgroup.oom_kills().filter(|&n| n > 0) else { return false };
+    let limit =
+        cgroup.resources().memory_max.map_or_else(|| "its parent's".to_string(), |m| format!("{} MiB", m >> 20));
+    let why = format!(
+        "the kernel's OOM killer ended service {} (pid {pid}): the VM's memory use reached its limit ({limit}; \
+         {kills} OOM kill(s) in its cgroup)",
+        shared.name
+    );
+    shared.device.mark_failed_as(&why, Failure::OutOfMemory);
+    stop.stop(crate::control::StopReason::OutOfMemory(why));
+    true
+}
+
 /// The supervisor thread: waits for the instance to fail, then restarts it per the policy.
 fn supervise(shared: &Shared, mut child: ServiceChild, exit_tx: &SyncSender<ExitStatus>) {
     let (options, is_console) = {
@@ -1752,6 +1784,10 @@ fn supervise(shared: &Shared, mut child: ServiceChild, exit_tx: &SyncSender<Exit
             Ended::Died(status) if status.signal() == Some(libc::SIGSYS) => {
                 let report = shared.lock_ctl().seccomp_report();
                 (status, describe_seccomp_death(report), Failure::Seccomp)
+            }
+            Ended::Died(status) if status.signal() == Some(libc::SIGKILL) && ended_by_oom(shared, pid) => {
+                let _ = exit_tx.send(status);
+                return;
             }
             Ended::Died(status) => (status, describe(status), Failure::Error),
             Ended::Faulted(status, why) => (status, format!("{why}; killed it"), Failure::Error),

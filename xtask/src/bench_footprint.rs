@@ -280,12 +280,11 @@ pub fn bench(bin: &Path, probe: &Path, runs: usize) -> Result<(), BoxError> {
     std::fs::create_dir_all(&dir)?;
     let disk = dir.join("disk.img");
     std::fs::File::create(&disk)?.set_len(8 << 20)?;
-    let mut vmms: Vec<(Vmm, PathBuf)> =
-        vec![
-            (Vmm::Bulkhead, bin.join("bulkhead")),
-            (Vmm::BulkheadNoCgroup, bin.join("bulkhead")),
-            (Vmm::BulkheadBare, bin.join("bulkhead")),
-        ];
+    let mut vmms: Vec<(Vmm, PathBuf)> = vec![
+        (Vmm::Bulkhead, bin.join("bulkhead")),
+        (Vmm::BulkheadNoCgroup, bin.join("bulkhead")),
+        (Vmm::BulkheadBare, bin.join("bulkhead")),
+    ];
     match crate::bench_api::firecracker() {
         Some(p) => vmms.push((Vmm::Firecracker, p)),
         None => println!("# Firecracker not found (../shared/peers/firecracker, $BULKHEAD_FIRECRACKER): Bulkhead only"),
@@ -367,7 +366,8 @@ pub fn bench(bin: &Path, probe: &Path, runs: usize) -> Result<(), BoxError> {
                 n.1 - z.1
             );
         }
-        if let (Some(b), Some(z)) = (medians.get(&(devices, Vmm::Bulkhead)), medians.get(&(devices, Vmm::BulkheadBare))) {
+        if let (Some(b), Some(z)) = (medians.get(&(devices, Vmm::Bulkhead)), medians.get(&(devices, Vmm::BulkheadBare)))
+        {
             println!(
                 "footprint {}: jail and cgroup together cost {:+.2} ms of start time and {:+.0} KiB of PSS",
                 devices.label(),
