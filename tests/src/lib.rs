@@ -51,9 +51,11 @@ pub fn wait_for_serial(path: &std::path::Path, needle: &str, limit: Duration) ->
     wait_until(limit, || std::fs::read_to_string(path).is_ok_and(|s| s.contains(needle)))
 }
 
-/// The child of `core` running the service binary `binary` (e.g. `bulkhead-console`).
-pub fn service_child(core: u32, binary: &str) -> Option<ProcInfo> {
-    children_of(core).into_iter().find(|p| p.runs(binary))
+/// The process of the VMM `vmm` (the pid a test started) running the service binary `binary`
+/// (e.g. `bulkhead-console`): a child of its core, or after the split of a jailed start, of its
+/// helper.
+pub fn service_child(vmm: u32, binary: &str) -> Option<ProcInfo> {
+    descendants_of(vmm).into_iter().find(|p| p.runs(binary))
 }
 
 /// A path from the environment, with a message saying how to get it when it is missing.
@@ -172,9 +174,14 @@ impl VmChild {
         Self(Some(cmd.spawn().expect("spawn bulkhead")))
     }
 
-    /// The VMM's pid.
+    /// The VMM's pid (the launcher's, when a jailed core runs in a PID namespace of its own).
     pub fn id(&self) -> u32 {
         self.0.as_ref().map_or(0, Child::id)
+    }
+
+    /// The core's pid ([`core_of`]).
+    pub fn core(&self) -> u32 {
+        core_of(self.id())
     }
 
     /// The process, for its pipes and `try_wait`.
@@ -272,14 +279,52 @@ pub fn children_of(parent: u32) -> Vec<ProcInfo> {
     v
 }
 
-/// The service processes among the children of `core` (not its privileged helper).
-pub fn services_of(core: u32) -> Vec<ProcInfo> {
-    children_of(core).into_iter().filter(|p| !p.runs("bulkhead-helper")).collect()
+/// The service processes of the VMM `vmm` (not its core, launcher or privileged helper).
+pub fn services_of(vmm: u32) -> Vec<ProcInfo> {
+    descendants_of(vmm).into_iter().filter(|p| p.name.starts_with("bulkhead-") && !p.runs("bulkhead-helper")).collect()
+}
+
+/// Every live process below `pid` (children, theirs, ...; four levels at most).
+pub fn descendants_of(pid: u32) -> Vec<ProcInfo> {
+    let mut out = Vec::new();
+    let mut level = vec![pid];
+    for _ in 0..4 {
+        let next: Vec<ProcInfo> = level.iter().flat_map(|p| children_of(*p)).collect();
+        level = next.iter().map(|p| p.pid).collect();
+        out.extend(next);
+    }
+    out
+}
+
+/// The core of the VMM `vmm` (the pid a test started): `vmm` itself, or, when it started as
+/// root with its jail on, the child it split off into a PID namespace of its own (the
+/// launcher, `vmm`, stays outside, docs/SECURITY.md). A pid already in a nested namespace is
+/// a core.
+pub fn core_of(vmm: u32) -> u32 {
+    let nspid_depth = |pid: u32| {
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .ok()
+            .and_then(|s| s.lines().find_map(|l| l.strip_prefix("NSpid:")).map(|v| v.split_whitespace().count()))
+            .unwrap_or(0)
+    };
+    let own = nspid_depth(vmm);
+    if own > 1 {
+        return vmm;
+    }
+    let find =
+        || children_of(vmm).into_iter().find(|c| c.name == "bulkhead" && nspid_depth(c.pid) > own).map(|c| c.pid);
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        // The split is the launcher's first step.
+        wait_until(Duration::from_secs(2), || find().is_some());
+    }
+    find().unwrap_or(vmm)
 }
 
 /// The `(uid, gid)` the core `pid` runs as once its VM is built: as root, the VM's own ids
 /// after the core's drop (waited for, at most 10 s); otherwise the caller's.
 pub fn core_ids(pid: u32) -> (u32, u32) {
+    let pid = core_of(pid);
     let read = || -> Option<(u32, u32)> {
         let st = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
         let first = |key: &str| -> Option<u32> {

@@ -195,11 +195,11 @@ fn a_paused_vm_stands_still_then_finishes() {
     let mut args = probe_vm_args(&serial, Some(&image), cmdline, &[]);
     args.extend(["--api-sock".into(), sock.clone().into_os_string()]);
     let child = bulkhead(&args).spawn().expect("spawn");
-    let core = child.id();
+    let vmm = child.id();
     assert!(wait_for_serial(&serial, "blk-verify: round 3/", Duration::from_secs(60)), "guest never reached round 3");
     assert_eq!(curl(&sock, "PATCH", "/vm", Some(r#"{"state": "Paused"}"#)).0, 204);
     assert!(curl(&sock, "GET", "/", None).1.contains("\"Paused\""));
-    let services: Vec<u32> = services_of(core).iter().map(|p| p.pid).collect();
+    let services: Vec<u32> = services_of(vmm).iter().map(|p| p.pid).collect();
     assert_eq!(services.len(), 2, "console and block");
     let snapshot = || (std::fs::read(&image).expect("image"), std::fs::read(&serial).expect("serial"));
     let cpu = || services.iter().map(|&p| cpu_ns(p)).sum::<u64>();
@@ -306,7 +306,7 @@ fn a_start_that_fails_late_leaves_nothing_behind() {
     let dir = scratch("api-late-failure");
     let sock = dir.join("api.sock");
     let vm = api_vmm(&sock, "late");
-    let core = vm.pid();
+    let (vmm, core) = (vm.pid(), core_of(vm.pid()));
     // An initrd larger than guest RAM: refused after the services started, when it is loaded.
     let initrd = dir.join("initrd.img");
     std::fs::File::create(&initrd).expect("create").set_len(40 << 20).expect("size");
@@ -325,9 +325,9 @@ fn a_start_that_fails_late_leaves_nothing_behind() {
     assert!(fault_message(&b).contains("initrd"), "{b}");
     assert!(vm.log().contains("service block-d started as pid"), "the failure came after the services started");
     assert!(
-        wait_until(Duration::from_secs(5), || children_of(core).is_empty()),
+        wait_until(Duration::from_secs(5), || services_of(vmm).is_empty()),
         "service processes left behind: {:?}",
-        children_of(core)
+        services_of(vmm)
     );
     assert!(
         wait_until(Duration::from_secs(5), || vm_threads(core).is_empty() && threads(core).len() <= baseline),

@@ -163,15 +163,32 @@ fn a_vm_runs_in_its_own_cgroup_with_its_settings_changed_live_and_removed_at_the
     assert!(wait_until(Duration::from_secs(10), || paths.iter().all(|p| !p.exists())), "left behind: {paths:?}");
 }
 
-/// `kill -9` of the core: nothing of it runs to clean up, its keeper does.
+/// `kill -9` of the process started (the launcher, when the core runs in a PID namespace of its
+/// own: the core dies with it), then of the core itself (the launcher ends by the same signal):
+/// nothing of the core runs to clean up, its helper does.
 #[test]
 fn the_cgroup_goes_when_the_core_is_killed() {
+    use std::os::unix::process::ExitStatusExt;
     let dir = scratch("cgroup-kill");
     let (mut child, sock) = start(&dir, &["--cpu-weight", "50"]);
     let (_, paths, info) = resources(&sock);
     assert!(!paths.is_empty(), "{info}");
     child.child().kill().expect("SIGKILL");
     let _ = child.child().wait();
+    assert!(wait_until(Duration::from_secs(15), || paths.iter().all(|p| !p.exists())), "left behind: {paths:?}");
+
+    let dir = dir.join("core");
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    let (mut child, sock) = start(&dir, &["--cpu-weight", "50"]);
+    let (_, paths, info) = resources(&sock);
+    assert!(!paths.is_empty(), "{info}");
+    let core = child.core();
+    // SAFETY: kill(2) has no memory-safety preconditions.
+    assert_eq!(unsafe { libc::kill(i32::try_from(core).expect("pid"), libc::SIGKILL) }, 0);
+    let status = child.child().wait().expect("wait");
+    if core != child.id() {
+        assert_eq!(status.signal(), Some(libc::SIGKILL), "the launcher ends as its core did: {status:?}");
+    }
     assert!(wait_until(Duration::from_secs(15), || paths.iter().all(|p| !p.exists())), "left behind: {paths:?}");
 }
 
@@ -232,7 +249,7 @@ fn a_start_that_fails_leaves_no_cgroup() {
             .collect()
     };
     assert!(wait_until(Duration::from_secs(5), || leftovers().is_empty()), "left behind: {:?}", leftovers());
-    assert!(wait_until(Duration::from_secs(5), || children_of(vm.id()).is_empty()), "{:?}", children_of(vm.id()));
+    assert!(wait_until(Duration::from_secs(5), || services_of(vm.id()).is_empty()), "{:?}", services_of(vm.id()));
     assert_eq!(curl(&sock, "PUT", "/bulkhead/actions", Some(r#"{"action_type": "Kill"}"#)).0, 204);
     let r = vm.finish(LIMIT);
     assert_eq!(r.status.code(), Some(0), "{}", r.stderr);

@@ -33,7 +33,7 @@ fn inspect_reads_back_what_confines_every_process() {
     // The core: its pid, and its threads as the kernel sees them. The vCPU thread runs under its
     // seccomp filter; the VMM thread (the main one) under its own once the VM started.
     let core = process(&report, "core");
-    assert_eq!(core["pid"].as_u64(), Some(u64::from(child.id())), "{core}");
+    assert_eq!(core["pid"].as_u64(), Some(u64::from(core_of(child.id()))), "{core}");
     let threads = core["threads"].as_array().expect("threads");
     let thread = |name: &str| threads.iter().find(|t| t["status"]["name"] == name).cloned();
     let vcpu = thread("vcpu0").unwrap_or_else(|| panic!("no vcpu0 thread: {core}"));

@@ -56,7 +56,9 @@ fn the_core_drops_to_the_vms_ids_and_every_thread_is_filtered() {
     }
     let dir = scratch("jail-core");
     let (child, _) = ticking_vm(&dir, "vm", &["--allow-faults"]);
-    let core = child.id();
+    let vmm = child.id();
+    let core = core_of(vmm);
+    assert_ne!(core, vmm, "the core runs apart from the launcher, in a PID namespace of its own");
     let (uid, gid) = core_ids(core);
     assert_ne!(uid, 0, "the core kept uid 0");
 
@@ -82,15 +84,29 @@ fn the_core_drops_to_the_vms_ids_and_every_thread_is_filtered() {
     for want in ["vcpu0", "api", "sup-console", "sup-block-disk0"] {
         assert!(names.iter().any(|n| n == want), "no thread {want}: {names:?}");
     }
-    // Its own mount and IPC namespaces; its root is its jail directory, which holds only the
-    // core's /proc mount point.
+    // Its own PID, mount and IPC namespaces; its root is its jail directory, which holds only
+    // the core's /proc mount point.
     let sock = dir.join("vm.sock");
     let root = jail_root(&sock).expect("a jail directory");
-    for ns in ["mnt", "ipc"] {
+    for ns in ["pid", "mnt", "ipc"] {
         let theirs = std::fs::read_link(format!("/proc/{core}/ns/{ns}")).expect("ns");
         let ours = std::fs::read_link(format!("/proc/self/ns/{ns}")).expect("ns");
         assert_ne!(theirs, ours, "the core shares the host's {ns} namespace");
     }
+    // Pid 1 of its namespace, alone there: the /proc it sees lists no other process (not its
+    // services, its helper or the launcher, which are outside).
+    assert_eq!(field(&status, "NSpid"), format!("{core}\t1"), "{status}");
+    let visible: Vec<String> = std::fs::read_dir(format!("/proc/{core}/root/proc"))
+        .expect("the core's /proc")
+        .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
+        .filter(|n| n.parse::<u32>().is_ok())
+        .collect();
+    assert_eq!(visible, ["1"], "the core sees other processes");
+    // The launcher (the pid started) is root with only CAP_KILL; the helper is its child.
+    let launcher = std::fs::read_to_string(format!("/proc/{vmm}/status")).expect("launcher status");
+    assert_eq!(field(&launcher, "CapEff"), "0000000000000020", "{launcher}");
+    assert_eq!(field(&launcher, "NoNewPrivs"), "1", "{launcher}");
+    assert!(children_of(vmm).iter().any(|p| p.runs("bulkhead-helper")), "the helper is the launcher's child");
     use std::os::unix::fs::MetadataExt;
     let seen = std::fs::metadata(format!("/proc/{core}/root/")).expect("the core's root");
     let jail = std::fs::metadata(&root).expect("the jail directory");
@@ -141,12 +157,12 @@ fn the_core_drops_to_the_vms_ids_and_every_thread_is_filtered() {
     let (s, b) = curl(&sock, "GET", "/bulkhead/resources", None);
     assert_eq!(s, 200, "{b}");
     assert!(b.contains("\"cpu_weight\":250"), "{b}");
-    let before = services_of(core).iter().map(|p| p.pid).collect::<Vec<_>>();
+    let before = services_of(vmm).iter().map(|p| p.pid).collect::<Vec<_>>();
     let out = bulkhead_cli(&["fault", sock.to_str().expect("utf8"), "block", "kill"]);
     assert!(out.status.success(), "{out:?}");
     assert!(
         wait_until(Duration::from_secs(10), || {
-            let now = services_of(core);
+            let now = services_of(vmm);
             now.len() == before.len() && now.iter().any(|p| !before.contains(&p.pid))
         }),
         "the killed block service was not replaced"
@@ -206,17 +222,18 @@ fn each_vm_has_ids_of_its_own_and_a_service_reaches_no_other_process() {
     let (a, _) = ticking_vm(&dir, "a", &[]);
     // B's block service tries to signal every process it may, 1.5 s in.
     let (b, serial_b) = ticking_vm(&dir, "b", &["--inject-forbidden", "block:signal-all@1500"]);
-    let (a_core, b_core) = (a.id(), b.id());
-    let ids = |core: u32| -> (u32, u32, u32) {
-        let (uid, gid) = core_ids(core);
-        let svc = service_child(core, "bulkhead-block").map(|p| p.pid).expect("a block service");
+    let (a_vmm, b_vmm) = (a.id(), b.id());
+    let (a_core, b_core) = (core_of(a_vmm), core_of(b_vmm));
+    let ids = |vmm: u32| -> (u32, u32, u32) {
+        let (uid, gid) = core_ids(vmm);
+        let svc = service_child(vmm, "bulkhead-block").map(|p| p.pid).expect("a block service");
         let st = std::fs::read_to_string(format!("/proc/{svc}/status")).expect("service status");
         let svc_uid: u32 = field(&st, "Uid").split_whitespace().next().and_then(|u| u.parse().ok()).expect("uid");
         assert_eq!(gid, uid, "ids from the range come in uid = gid pairs");
         (uid, svc_uid, svc)
     };
-    let (a_uid, a_svc_uid, a_svc) = ids(a_core);
-    let (b_uid, b_svc_uid, b_svc) = ids(b_core);
+    let (a_uid, a_svc_uid, a_svc) = ids(a_vmm);
+    let (b_uid, b_svc_uid, b_svc) = ids(b_vmm);
     let all = [a_uid, a_svc_uid, b_uid, b_svc_uid];
     for (i, x) in all.iter().enumerate() {
         assert!(*x != 0 && all.iter().skip(i + 1).all(|y| y != x), "ids are not distinct: {all:?}");
@@ -243,7 +260,7 @@ fn each_vm_has_ids_of_its_own_and_a_service_reaches_no_other_process() {
 
     // B's block service tried: it died by SIGSYS (its filter), and A ticks on.
     assert!(
-        wait_until(Duration::from_secs(20), || !services_of(b_core).iter().any(|p| p.pid == b_svc)),
+        wait_until(Duration::from_secs(20), || !services_of(b_vmm).iter().any(|p| p.pid == b_svc)),
         "B's block service did not act"
     );
     assert!(wait_for_serial(&serial_b, "tick 2\n", LIMIT), "B's guest stopped");
@@ -252,7 +269,7 @@ fn each_vm_has_ids_of_its_own_and_a_service_reaches_no_other_process() {
     let before = ticks(&a_serial);
     std::thread::sleep(Duration::from_millis(500));
     assert!(ticks(&a_serial) > before, "A stopped ticking");
-    assert!(services_of(a_core).iter().any(|p| p.pid == a_svc), "A's service was hit");
+    assert!(services_of(a_vmm).iter().any(|p| p.pid == a_svc), "A's service was hit");
     let sock_b = dir.join("b.sock");
     let (s, body) = curl(&sock_b, "GET", "/bulkhead/devices", None);
     assert_eq!(s, 200, "{body}");

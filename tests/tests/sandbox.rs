@@ -52,7 +52,7 @@ fn is_root() -> bool {
 /// Every jail property of service `pid` (a child of `core`). `declared` lists the targets of its
 /// fds above 3 (memfd names, `anon_inode:[eventfd]`, file paths) in any order; `file_size` is its
 /// expected RLIMIT_FSIZE.
-fn assert_jailed(core: u32, pid: u32, what: &str, declared: &[String], file_size: u64) {
+fn assert_jailed(core: u32, parent: u32, pid: u32, what: &str, declared: &[String], file_size: u64) {
     let st = status(pid);
     let ctx = format!("{what} (pid {pid}): {st:?}");
     assert_eq!(st["NoNewPrivs"], "1", "{ctx}");
@@ -71,9 +71,10 @@ fn assert_jailed(core: u32, pid: u32, what: &str, declared: &[String], file_size
         assert_eq!(st["Gid"].split_whitespace().collect::<Vec<_>>(), [gid.as_str(); 4], "{ctx}");
         assert_eq!(st["Groups"], "", "supplementary groups of {ctx}");
     }
-    // pid 1 of its own PID namespace, and still the core's direct child.
+    // pid 1 of its own PID namespace, and the child of the process that supervises or reaps it:
+    // the core, or after the split of a jailed start the helper (docs/SECURITY.md).
     assert_eq!(st["NSpid"].split_whitespace().collect::<Vec<_>>(), [pid.to_string(), "1".to_string()], "{ctx}");
-    assert_eq!(st["PPid"], core.to_string(), "{ctx}");
+    assert_eq!(st["PPid"], parent.to_string(), "{ctx}");
 
     for ns in NAMESPACES {
         let theirs = std::fs::read_link(format!("/proc/{pid}/ns/{ns}")).expect("ns link");
@@ -128,9 +129,11 @@ fn every_running_service_is_jailed() {
     std::fs::File::create(&image).expect("create").set_len(8 << 20).expect("size");
     let cmdline = "probe.test=ticker probe.n=40 probe.delay=20000";
     let child = bulkhead(&probe_vm_args(&out, Some(&image), cmdline, &[])).spawn().expect("spawn");
-    let core = child.id();
+    let vmm = child.id();
     assert!(wait_for_serial(&out, "tick 2\n", Duration::from_secs(30)), "guest never printed tick 2");
-    let kids = children_of(core);
+    let core = core_of(vmm);
+    let parent = children_of(vmm).into_iter().find(|p| p.runs("bulkhead-helper")).map_or(core, |p| p.pid);
+    let kids = services_of(vmm);
     let console = kids.iter().find(|p| p.runs("bulkhead-console")).expect("console child");
     let block = kids.iter().find(|p| p.runs("bulkhead-block")).expect("block child");
     let eventfd = || "anon_inode:[eventfd]".to_string();
@@ -144,7 +147,7 @@ fn every_running_service_is_jailed() {
         eventfd(),
         out.to_string_lossy().into_owned(),
     ];
-    assert_jailed(core, console.pid, "console", &console_fds, 1 << 30);
+    assert_jailed(core, parent, console.pid, "console", &console_fds, 1 << 30);
     // Ring memfd, two doorbells, guest RAM memfd, disk image and its flush witness (a second
     // description of the same file), irqfd, one queue ioeventfd, the state region that survives
     // restarts.
@@ -159,7 +162,7 @@ fn every_running_service_is_jailed() {
         eventfd(),
         eventfd(),
     ];
-    assert_jailed(core, block.pid, "block", &block_fds, 8 << 20);
+    assert_jailed(core, parent, block.pid, "block", &block_fds, 8 << 20);
     let r = wait_bounded(child, LIMIT);
     assert_eq!(r.status.code(), Some(0), "stderr:\n{}", r.stderr);
     let serial = std::fs::read_to_string(&out).expect("serial log");

@@ -126,9 +126,10 @@ fn running_services_and_vcpu_threads_are_filtered() {
     let serial = dir.join("serial.log");
     let cmdline = "probe.test=ticker probe.n=200 probe.delay=5000";
     let child = bulkhead(&probe_vm_args(&serial, Some(&image), cmdline, &[])).spawn().expect("spawn");
-    let core = child.id();
+    let vmm = child.id();
     assert!(wait_for_serial(&serial, "tick 2\n", Duration::from_secs(30)), "guest never printed tick 2");
-    let kids = children_of(core);
+    let core = core_of(vmm);
+    let kids = services_of(vmm);
     let mut seen = Vec::new();
     for name in ["bulkhead-console", "bulkhead-block"] {
         let svc = kids.iter().find(|p| p.runs(name)).unwrap_or_else(|| panic!("no {name} child"));

@@ -165,7 +165,7 @@ fn private_dir(parent: &Path) -> std::io::Result<PathBuf> {
     let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
     let mut last = None;
     for attempt in 0..8u32 {
-        let p = parent.join(format!(".bh-{}-{:x}", std::process::id(), nanos.wrapping_add(attempt)));
+        let p = parent.join(format!(".bh-{}-{:x}", crate::pidns::host_pid(), nanos.wrapping_add(attempt)));
         match std::fs::DirBuilder::new().mode(0o700).create(&p) {
             Ok(()) => return Ok(p),
             Err(e) => last = Some(e),

@@ -471,7 +471,7 @@ pub fn pin_vcpus(lists: &[String]) -> Result<usize, CgroupError> {
 /// The name of the VM's group under the parent: `bulkhead-ID`, and for a VMM without an id of
 /// its own (`anonymous-instance`) `bulkhead-anonymous-instance-PID`.
 pub fn group_name(vm_id: &str) -> PathBuf {
-    group_name_of(vm_id, std::process::id())
+    group_name_of(vm_id, crate::pidns::host_pid())
 }
 
 /// [`group_name`] of the VM whose core is `core` (the helper checks the core's requests so).
@@ -717,7 +717,13 @@ impl KeptCgroup {
         }
         let pending = std::mem::take(&mut *self.pending.lock().unwrap_or_else(|e| e.into_inner()));
         for (name, pid) in pending {
-            self.with(|cg| cg.place(&name, pid))?;
+            // A core in its own PID namespace holds its services' host pids: the helper, in
+            // the host's, moves them.
+            if crate::pidns::in_own_pid_namespace() {
+                self.helper.place(&name, pid)?;
+            } else {
+                self.with(|cg| cg.place(&name, pid))?;
+            }
         }
         Ok(())
     }

@@ -54,6 +54,9 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 const GRACE: Duration = Duration::from_secs(5);
 /// Most live services the helper tracks (restarts are capped far below this).
 const MAX_CHILDREN: usize = 256;
+/// Longest wait of a [`Request::Reap`] for the service to end (it was killed, or its pidfd
+/// already said it ended).
+const REAP_LIMIT: Duration = Duration::from_secs(5);
 
 /// Errors talking to the helper.
 #[derive(Debug, thiserror::Error)]
@@ -93,6 +96,19 @@ pub struct HelperSetup {
     /// The core's jail directory ([`crate::jail::jail_root`]), removed once the core is gone if
     /// nothing but its `proc` mount point is left in it.
     pub jail_root: Option<PathBuf>,
+}
+
+/// The helper's first message: from the launcher of a split ([`crate::pidns`]), which process
+/// is the core; otherwise, or next, the core's set-up.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum Hello {
+    /// The core, in a PID namespace of its own: the helper's children go there.
+    Core {
+        /// Its pid (host namespace).
+        pid: u32,
+    },
+    /// The set-up (and the fds the helper holds until it exits attached).
+    Setup(Box<HelperSetup>),
 }
 
 /// A request of the core.
@@ -138,6 +154,12 @@ pub enum Request {
     },
     /// How many processes the kernel's OOM killer ended in the VM's group.
     OomKills,
+    /// Wait (at most [`REAP_LIMIT`]) for a service the helper created, as its parent, to end;
+    /// reap it and say how it ended (a split: the services are the helper's children).
+    Reap {
+        /// Its pid.
+        pid: u32,
+    },
     /// The start failed and the core cleaned up: exit touching nothing.
     Leave,
 }
@@ -153,6 +175,8 @@ pub enum Reply {
         pid: u32,
         /// What it was created in.
         jail: JailPlan,
+        /// The helper is its parent and reaps it ([`Request::Reap`]); otherwise the core is.
+        reaped_here: bool,
     },
     /// The settings in force.
     Resources(Resources),
@@ -162,6 +186,11 @@ pub enum Reply {
     CpuNs(Option<u64>),
     /// The OOM kill count (`None`: no memory controller).
     OomKills(Option<u64>),
+    /// How the service ended (a raw wait status).
+    Reaped {
+        /// The status `waitpid` gave.
+        status: i32,
+    },
     /// Refused or failed; `pid`: a child created and killed meanwhile, for the core to reap.
     Refused {
         /// Why.
@@ -216,19 +245,31 @@ impl Helper {
     /// exits: the VM's id lease).
     pub fn start(setup: &HelperSetup, holds: &[BorrowedFd<'_>]) -> Result<Arc<Self>, HelperError> {
         let (core, theirs) = ControlChannel::pair().map_err(HelperError::Channel)?;
-        let mut cmd = std::process::Command::new("/proc/self/exe");
-        std::os::unix::process::CommandExt::arg0(&mut cmd, HELPER_NAME);
-        cmd.stdin(std::process::Stdio::from(theirs.into_fd())).stdout(std::process::Stdio::null());
-        let child = cmd.spawn().map_err(HelperError::Start)?;
+        let child = spawn_process(theirs)?;
         let pid = child.id();
-        let helper = Self {
-            chan: Mutex::new(Some(core)),
-            child: Mutex::new(Some(child)),
-            sealed: false.into(),
-            pid,
-            seq: 0.into(),
-        };
-        helper.send(&encode(setup)?, holds)?;
+        Self::set_up(core, Some(child), pid, setup, holds)
+    }
+
+    /// The helper the launcher of a split started ([`crate::pidns`]), set up for this VM. It is
+    /// not this process's child: the launcher's.
+    pub fn prestarted(
+        p: crate::pidns::Prestarted,
+        setup: &HelperSetup,
+        holds: &[BorrowedFd<'_>],
+    ) -> Result<Arc<Self>, HelperError> {
+        Self::set_up(p.chan, None, p.pid, setup, holds)
+    }
+
+    fn set_up(
+        chan: ControlChannel,
+        child: Option<std::process::Child>,
+        pid: u32,
+        setup: &HelperSetup,
+        holds: &[BorrowedFd<'_>],
+    ) -> Result<Arc<Self>, HelperError> {
+        let helper =
+            Self { chan: Mutex::new(Some(chan)), child: Mutex::new(child), sealed: false.into(), pid, seq: 0.into() };
+        helper.send(&encode(&Hello::Setup(Box::new(setup.clone())))?, holds)?;
         let helper = Arc::new(helper);
         *CURRENT.lock().unwrap_or_else(|e| e.into_inner()) = Arc::downgrade(&helper);
         Ok(helper)
@@ -281,9 +322,9 @@ impl Helper {
         let helper = |e: HelperError| SpawnError::Helper(Box::new(e));
         let (reply, mut fds) = self.call(&Request::Spawn { program: program.clone() }, &[ctl]).map_err(helper)?;
         match reply {
-            Reply::Spawned { pid, jail } if fds.len() == 1 => {
+            Reply::Spawned { pid, jail, reaped_here } if fds.len() == 1 => {
                 let pidfd = fds.remove(0);
-                Ok(ServiceChild::adopted(pid, pidfd, jail))
+                Ok(ServiceChild::adopted(pid, pidfd, jail, reaped_here))
             }
             Reply::Refused { reason, pid } => {
                 if let Some(pid) = pid {
@@ -298,6 +339,16 @@ impl Helper {
     /// SIGKILLs a service the helper created.
     pub fn kill(&self, pid: u32) -> io::Result<()> {
         self.call_done(&Request::Kill { pid }).map_err(io::Error::other)
+    }
+
+    /// How a service the helper created and reaps ended (see [`Request::Reap`]).
+    pub fn reap(&self, pid: u32) -> io::Result<std::process::ExitStatus> {
+        use std::os::unix::process::ExitStatusExt;
+        match self.call(&Request::Reap { pid }, &[]).map_err(io::Error::other)?.0 {
+            Reply::Reaped { status } => Ok(std::process::ExitStatus::from_raw(status)),
+            Reply::Refused { reason, .. } => Err(io::Error::other(reason)),
+            _ => Err(io::Error::other(HelperError::Unexpected)),
+        }
     }
 
     /// Hands the helper the VM's cgroup, which it removes once the core is gone.
@@ -389,12 +440,34 @@ impl Drop for Helper {
     }
 }
 
+/// Starts the helper process (`/proc/self/exe` as [`HELPER_NAME`]) with `chan` as its stdin;
+/// it waits for its [`Hello`].
+pub fn spawn_process(chan: ControlChannel) -> Result<std::process::Child, HelperError> {
+    let mut cmd = std::process::Command::new("/proc/self/exe");
+    std::os::unix::process::CommandExt::arg0(&mut cmd, HELPER_NAME);
+    cmd.stdin(std::process::Stdio::from(chan.into_fd())).stdout(std::process::Stdio::null());
+    cmd.spawn().map_err(HelperError::Start)
+}
+
+/// The launcher's one message to the helper ([`Hello::Core`]): which process is the core.
+pub fn introduce_core(chan: &ControlChannel, pid: u32) -> Result<(), HelperError> {
+    chan.send_bytes_now(&encode(&Hello::Core { pid })?, &[]).map_err(HelperError::Channel)
+}
+
 /// Reaps a child the helper created and killed (bounded: it was SIGKILLed).
 fn reap(pid: u32) {
     let Ok(p) = libc::pid_t::try_from(pid) else { return };
     let mut status = 0;
     // SAFETY: waitpid on a child of this process (CLONE_PARENT), writing into a local int.
     unsafe { libc::waitpid(p, &mut status, 0) };
+}
+
+/// Reaps a child that has ended, if it has (never waits).
+fn reap_now(pid: u32) {
+    let Ok(p) = libc::pid_t::try_from(pid) else { return };
+    let mut status = 0;
+    // SAFETY: waitpid on a child of this process, not waiting, writing into a local int.
+    unsafe { libc::waitpid(p, &mut status, libc::WNOHANG) };
 }
 
 /// The parent of `pid` (`PPid:` of its status).
@@ -416,6 +489,8 @@ fn valid_group_name(name: &str) -> bool {
 struct State {
     setup: HelperSetup,
     core: u32,
+    /// The services are this process's children (a split, [`crate::pidns`]): it reaps them.
+    reaps: bool,
     cgroup: Option<VmCgroup>,
     /// Pidfds of the services it created, by pid.
     children: BTreeMap<u32, OwnedFd>,
@@ -428,8 +503,12 @@ impl State {
         Reply::Refused { reason: reason.into(), pid: None }
     }
 
-    /// Checks that `pid` is a child of the core.
+    /// Checks that `pid` is a process of the VM's: a child of the core, or (a split) a live
+    /// service this helper created.
     fn of_core(&self, pid: u32) -> bool {
+        if self.reaps {
+            return self.children.contains_key(&pid) && parent_of(pid) == Some(std::process::id());
+        }
         parent_of(pid) == Some(self.core)
     }
 
@@ -488,6 +567,7 @@ impl State {
                 (Reply::CpuNs(self.cgroup.as_ref().and_then(|cg| cg.cpu_ns(child.as_deref()))), None)
             }
             Request::OomKills => (Reply::OomKills(self.cgroup.as_ref().and_then(VmCgroup::oom_kills)), None),
+            Request::Reap { pid } => (self.reap(pid), None),
             Request::Leave => (Reply::Done, None),
         }
     }
@@ -499,13 +579,23 @@ impl State {
         if fds.len() != 1 {
             return (Self::refuse("a spawn needs exactly its control socket"), None);
         }
-        // Forget the services that have exited (their pidfd reads as ready).
-        self.children.retain(|_, fd| !ipc::wait::wait_readable(fd.as_fd(), Duration::ZERO).unwrap_or(true));
+        // Forget the services that have exited (their pidfd reads as ready); those this helper
+        // reaps are forgotten once reaped, unless the table is full.
+        if !self.reaps || self.children.len() >= MAX_CHILDREN {
+            let reaps = self.reaps;
+            self.children.retain(|&pid, fd| {
+                let gone = ipc::wait::wait_readable(fd.as_fd(), Duration::ZERO).unwrap_or(true);
+                if gone && reaps {
+                    reap_now(pid);
+                }
+                !gone
+            });
+        }
         if self.children.len() >= MAX_CHILDREN {
             return (Self::refuse("too many live services"), None);
         }
         let ctl = fds.remove(0);
-        let how = How { service_ids: self.setup.service_ids, clone_parent: true };
+        let how = How { service_ids: self.setup.service_ids, clone_parent: !self.reaps };
         match crate::service::spawn::spawn_as(program, ctl.as_fd(), how) {
             Ok(child) => {
                 let (pid, pidfd, jail) = child.into_parts();
@@ -514,16 +604,46 @@ impl State {
                     return (Reply::Refused { reason: "dup of the pidfd".into(), pid: Some(pid) }, None);
                 };
                 self.children.insert(pid, keep);
-                (Reply::Spawned { pid, jail }, Some(pidfd))
+                (Reply::Spawned { pid, jail, reaped_here: self.reaps }, Some(pidfd))
             }
             Err(e) => {
-                let pid = match &e {
+                let mut pid = match &e {
                     SpawnError::Child { pid, .. } | SpawnError::ExecTimeout { pid, .. } => Some(*pid),
                     SpawnError::IdMap { pid, .. } => Some(*pid),
                     _ => None,
                 };
+                // Its parent reaps the killed child: here, or (CLONE_PARENT) the core.
+                if self.reaps {
+                    if let Some(p) = pid.take() {
+                        reap(p);
+                    }
+                }
                 (Reply::Refused { reason: crate::vmm::chain(&e), pid }, None)
             }
+        }
+    }
+
+    /// [`Request::Reap`]: waits (bounded) for the child's pidfd to say it ended, then reaps it.
+    fn reap(&mut self, pid: u32) -> Reply {
+        if !self.reaps {
+            return Self::refuse("the core reaps its services");
+        }
+        let Some(fd) = self.children.get(&pid) else {
+            return Self::refuse(format!("pid {pid} is not a service this helper started (or was reaped)"));
+        };
+        if !ipc::wait::wait_readable(fd.as_fd(), REAP_LIMIT).unwrap_or(false) {
+            return Self::refuse(format!("pid {pid} has not ended within {REAP_LIMIT:?}"));
+        }
+        let Ok(p) = libc::pid_t::try_from(pid) else { return Self::refuse("bad pid") };
+        let mut status = 0;
+        // SAFETY: waitpid on a child of this process that has ended (its pidfd said so; it
+        // stays a zombie, its pid not reused, until this call), writing into a local int.
+        let r = unsafe { libc::waitpid(p, &mut status, libc::WNOHANG) };
+        self.children.remove(&pid);
+        if r == p {
+            Reply::Reaped { status }
+        } else {
+            Self::refuse(format!("waitpid({pid}): {}", io::Error::last_os_error()))
         }
     }
 
@@ -539,6 +659,14 @@ impl State {
 
     /// After the core is gone: the VM's clean-up (see the module docs).
     fn clean_up(&self) -> ExitCode {
+        // A split's services are this helper's children: they leave when their control
+        // channel closes; any that has not is killed now (the group's grace below covers a
+        // VM with a cgroup, this one a VM without).
+        if self.reaps {
+            for fd in self.children.values() {
+                let _ = crate::service::pidfd_signal_kill(fd.as_fd());
+            }
+        }
         let mut ok = true;
         if let Some(cg) = &self.cgroup {
             ok &= crate::cgroup::clean_up_after(&self.setup.vm_id, cg, GRACE);
@@ -615,28 +743,53 @@ pub fn helper_main() -> ExitCode {
     // SAFETY: fd 0 is the channel the core gave us as stdin; nothing else in this process owns it.
     let chan = ControlChannel::from_fd(unsafe { OwnedFd::from_raw_fd(0) });
     let say = |msg: &str| eprintln!("{HELPER_NAME}[{}]: {msg}", std::process::id());
-    let (setup, _holds) = match chan.recv_bytes(Instant::now() + CALL_TIMEOUT) {
-        Ok((bytes, fds)) => match decode::<HelperSetup>(&bytes) {
-            Ok(s) => (s, fds),
+    // A split's launcher speaks first (which process is the core); then, or at once, the
+    // core sends the set-up. After a split the set-up may come much later (the API waits for
+    // a configuration): the helper confines itself first, and waits for as long as the core
+    // lives.
+    let mut split: Option<u32> = None;
+    let (setup, _holds) = loop {
+        let deadline = Instant::now() + if split.is_some() { Duration::from_secs(3600) } else { CALL_TIMEOUT };
+        let (bytes, fds) = match chan.recv_bytes(deadline) {
+            Ok(m) => m,
+            Err(ControlError::Timeout) if split.is_some() => continue,
+            // The core ended before it started a VM: nothing to clean up.
+            Err(ControlError::Closed) if split.is_some() => return ExitCode::SUCCESS,
+            Err(e) => {
+                say(&format!("no set-up from the core: {e}"));
+                return ExitCode::from(2);
+            }
+        };
+        match decode::<Hello>(&bytes) {
+            Ok(Hello::Core { pid }) if split.is_none() && fds.is_empty() => {
+                if let Err(e) = confine() {
+                    say(&format!("cannot confine myself: {e}"));
+                    return ExitCode::from(2);
+                }
+                split = Some(pid);
+            }
+            Ok(Hello::Setup(setup)) => break (*setup, fds),
+            Ok(Hello::Core { .. }) => {
+                say("a second or malformed introduction of the core");
+                return ExitCode::from(2);
+            }
             Err(e) => {
                 say(&format!("bad set-up: {e}"));
                 return ExitCode::from(2);
             }
-        },
-        Err(e) => {
-            say(&format!("no set-up from the core: {e}"));
-            return ExitCode::from(2);
         }
     };
     crate::service::spawn::adopt_sandbox(setup.namespaces, setup.switch_id);
-    if let Err(e) = confine() {
-        say(&format!("cannot confine myself: {e}"));
-        return ExitCode::from(2);
+    if split.is_none() {
+        if let Err(e) = confine() {
+            say(&format!("cannot confine myself: {e}"));
+            return ExitCode::from(2);
+        }
     }
     // SAFETY: getppid has no preconditions.
-    let core = u32::try_from(unsafe { libc::getppid() }).unwrap_or(0);
+    let core = split.unwrap_or_else(|| u32::try_from(unsafe { libc::getppid() }).unwrap_or(0));
     let socket_id = setup.api_socket.as_deref().and_then(file_id);
-    let mut state = State { setup, core, cgroup: None, children: BTreeMap::new(), socket_id };
+    let mut state = State { setup, core, reaps: split.is_some(), cgroup: None, children: BTreeMap::new(), socket_id };
     loop {
         let (bytes, fds) = match chan.recv_bytes(Instant::now() + Duration::from_secs(3600)) {
             Ok(m) => m,

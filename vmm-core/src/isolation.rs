@@ -319,7 +319,7 @@ pub fn inspect(role: &str, pid: u32, host: &BTreeMap<String, String>) -> Process
 /// The report of a VM whose core is this process and whose services are `services` (role and
 /// pid of each).
 pub fn report(vm: &str, services: &[(String, u32)]) -> IsolationReport {
-    report_of(vm, std::process::id(), services)
+    report_of(vm, crate::pidns::host_pid(), services)
 }
 
 /// The report of a VM whose core is `core` and whose services are `services` (what the VM's

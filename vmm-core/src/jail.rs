@@ -267,10 +267,8 @@ pub fn in_own_namespaces() -> bool {
 /// when it started.
 pub fn enter_own_namespaces() -> Result<(), JailError> {
     // SAFETY: unshare with namespace flags only; the process is single-threaded here.
-    check(
-        unsafe { libc::unshare(libc::CLONE_NEWNS | libc::CLONE_NEWIPC) }.into(),
-        "unshare(CLONE_NEWNS|CLONE_NEWIPC)",
-    )?;
+    let rc = unsafe { libc::unshare(libc::CLONE_NEWNS | libc::CLONE_NEWIPC) };
+    check(rc.into(), "unshare(CLONE_NEWNS|CLONE_NEWIPC)")?;
     // SAFETY: mount with a static NUL-terminated path and no source, type or data.
     let rc = unsafe {
         libc::mount(
@@ -362,6 +360,9 @@ pub fn drop_privileges(ids: &VmIds, limits: &CoreLimits, root: Option<&std::path
     check(unsafe { libc::setresgid(gid, gid, gid) }.into(), "setresgid")?;
     // SAFETY: as above.
     check(unsafe { libc::setresuid(uid, uid, uid) }.into(), "setresuid")?;
+    // The id change cleared the parent-death signal of a core in its own PID namespace.
+    crate::pidns::rearm_parent_death()
+        .map_err(|e| JailError::Step { step: "the launcher's death signal", source: io::Error::other(e) })?;
     // Leaving uid 0 emptied the effective and permitted sets; the inheritable one survives an
     // id change.
     set_capabilities(0)?;

@@ -479,7 +479,7 @@ fn plan_nets(config: &VmConfig, mmio: &mut MmioAllocator) -> Result<Vec<PlannedN
 /// The MAC an interface without `guest_mac` gets: locally administered, unicast, made from the
 /// core's pid and the device's index, so two VMs on one bridge differ.
 fn default_mac(index: usize) -> [u8; 6] {
-    let pid = std::process::id().to_be_bytes();
+    let pid = crate::pidns::host_pid().to_be_bytes();
     [0x02, 0xb4, pid[1], pid[2], pid[3], u8::try_from(index & 0xff).unwrap_or(0)]
 }
 
@@ -800,7 +800,18 @@ fn start_helper(
             .then(|| crate::jail::jail_root(id)),
     };
     let holds: Vec<_> = lease.holds.iter().map(std::os::fd::AsFd::as_fd).collect();
-    let helper = crate::helper::Helper::start(&setup, &holds).map_err(|e| LaunchError::Helper(Box::new(e)))?;
+    let helper = match crate::pidns::take_helper() {
+        Some(p) => crate::helper::Helper::prestarted(p, &setup, &holds),
+        // After a split only the launcher's helper creates services in the core's namespace,
+        // and a failed start has sent it away.
+        None if crate::pidns::in_own_pid_namespace() => {
+            return Err(LaunchError::Jail(crate::jail::JailError::Ids(
+                "this bulkhead process's privileged helper left after a failed start: start a new bulkhead".into(),
+            )))
+        }
+        None => crate::helper::Helper::start(&setup, &holds),
+    }
+    .map_err(|e| LaunchError::Helper(Box::new(e)))?;
     log::info!(
         "jail: VM ids core {}:{} services {}:{}; privileged helper pid {}",
         lease.ids.core.0,
@@ -834,7 +845,8 @@ fn jail_core(
     let root = crate::jail::in_own_namespaces().then(|| crate::jail::jail_root(id));
     crate::jail::drop_privileges(&lease.ids, &limits, root.as_deref()).map_err(LaunchError::Jail)?;
     if let Some(r) = &root {
-        log::info!("jail: the core's root is {} (its own mount and IPC namespaces)", r.display());
+        let pid = if crate::pidns::in_own_pid_namespace() { "PID, " } else { "" };
+        log::info!("jail: the core's root is {} (its own {pid}mount and IPC namespaces)", r.display());
     }
     helper.seal();
     log::info!(
@@ -1037,8 +1049,14 @@ impl RunningVm {
             // a dead or hung instance just leaves the last known ones.
             let own = service.stats(Duration::from_millis(200)).ok();
             let stats = service.device().stats();
-            let cpu = service_cpu_ns(service.pid())
-                .map_or_else(|| "n/a".to_string(), |ns| format!("{:.1} ms", ns as f64 / 1e6));
+            // From the service's cgroup if it has one (every instance); else the instance's own
+            // figure, which a core in its own PID namespace cannot read (its pid is the host's).
+            let cpu = match &self.cgroup {
+                Some(cg) => cg.cpu_ns(Some(service.name())),
+                None if crate::pidns::in_own_pid_namespace() => None,
+                None => service_cpu_ns(service.pid()),
+            }
+            .map_or_else(|| "n/a".to_string(), |ns| format!("{:.1} ms", ns as f64 / 1e6));
             // The current instance's idle spin (the time it waited for requests on a CPU).
             let spin = own.map_or_else(|| "n/a".to_string(), |s| format!("{:.1} ms", s.idle_spin_ns as f64 / 1e6));
             log::info!(

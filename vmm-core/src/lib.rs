@@ -23,6 +23,7 @@ pub mod launch;
 pub mod logger;
 pub mod memory;
 pub mod mmio;
+pub mod pidns;
 pub mod service;
 pub mod tap;
 pub mod vcpu;

@@ -26,7 +26,7 @@ impl log::Log for Logger {
         let t = self.start.elapsed();
         let line = format!(
             "bulkhead[{}] {:>4}.{:03}s {:<5} {}\n",
-            std::process::id(),
+            crate::pidns::host_pid(),
             t.as_secs(),
             t.subsec_millis(),
             record.level(),

@@ -131,11 +131,17 @@ fn drive(mut vmm: Vmm, sock: Option<&Path>, start_now: bool) -> ExitCode {
     ExitCode::from(reason.exit_code())
 }
 
-/// As root with the jail on, before any thread exists: the core's own mount and IPC namespaces
+/// As root with the jail on, before any thread exists: the core's own PID namespace (the split
+/// into launcher, helper and core, `pidns::split`), then its own mount and IPC namespaces
 /// (`jail::enter_own_namespaces`). False (after saying why) if that failed.
 fn own_namespaces(jail: &vmm_core::jail::JailConfig) -> bool {
     if jail.disabled || !nix::unistd::geteuid().is_root() {
         return true;
+    }
+    // The launcher stays here (and exits with the core); the core goes on below.
+    if let Err(e) = vmm_core::pidns::split() {
+        eprintln!("bulkhead: error: {} (start it with --no-jail to run it unjailed)", chain(&e));
+        return false;
     }
     match vmm_core::jail::enter_own_namespaces() {
         Ok(()) => true,

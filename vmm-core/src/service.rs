@@ -1368,7 +1368,8 @@ impl Drop for ServiceHandle {
 /// core: another uid), through the VM's helper, which created it.
 pub(crate) fn kill_service(pid: u32, pidfd: BorrowedFd<'_>) -> io::Result<()> {
     match pidfd_signal_kill(pidfd) {
-        Err(e) if e.raw_os_error() == Some(libc::EPERM) => match crate::helper::current() {
+        // EPERM: another uid; EINVAL: outside the caller's PID namespace (a split's core).
+        Err(e) if matches!(e.raw_os_error(), Some(libc::EPERM | libc::EINVAL)) => match crate::helper::current() {
             Some(h) => h.kill(pid),
             None => Err(e),
         },

@@ -221,7 +221,7 @@ impl Vmm {
             config: config.clone(),
             devices: None,
             started: None,
-            pid: std::process::id(),
+            pid: crate::pidns::host_pid(),
             vcpu_exits: Vec::new(),
             paused_by: None,
             cgroup: None,

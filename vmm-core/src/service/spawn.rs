@@ -407,13 +407,16 @@ pub struct ServiceChild {
     pidfd: OwnedFd,
     status: Option<ExitStatus>,
     jail: JailPlan,
+    /// The helper is its parent and reaps it ([`crate::pidns`]): [`wait`](Self::wait) asks it.
+    helper_reaps: bool,
 }
 
 impl ServiceChild {
-    /// A child the helper created for this process (`CLONE_PARENT`: it is this process's own
-    /// child, reaped here): its pid, the pidfd the helper passed and the jail it was created in.
-    pub fn adopted(pid: u32, pidfd: OwnedFd, jail: JailPlan) -> Self {
-        Self { pid, pidfd, status: None, jail }
+    /// A child the helper created for this process: its pid, the pidfd the helper passed, the
+    /// jail it was created in, and who reaps it: this process (`CLONE_PARENT` made it its own
+    /// child) or, after a split ([`crate::pidns`]), the helper, its parent.
+    pub fn adopted(pid: u32, pidfd: OwnedFd, jail: JailPlan, helper_reaps: bool) -> Self {
+        Self { pid, pidfd, status: None, jail, helper_reaps }
     }
 
     /// What the child was created in: the plan its set-up message carries.
@@ -421,7 +424,8 @@ impl ServiceChild {
         self.jail
     }
 
-    /// The pid in the core's PID namespace.
+    /// The pid: in the PID namespace of the process that created it (the host's after a split,
+    /// where the helper creates services).
     pub fn id(&self) -> u32 {
         self.pid
     }
@@ -449,6 +453,12 @@ impl ServiceChild {
     /// Waits for the child to exit and reaps it (once; later calls return the same status).
     pub fn wait(&mut self) -> io::Result<ExitStatus> {
         if let Some(s) = self.status {
+            return Ok(s);
+        }
+        if self.helper_reaps {
+            let helper = crate::helper::current().ok_or_else(|| io::Error::other("the privileged helper is gone"))?;
+            let s = helper.reap(self.pid)?;
+            self.status = Some(s);
             return Ok(s);
         }
         let pid = libc::pid_t::try_from(self.pid).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
@@ -617,7 +627,7 @@ pub fn spawn_as(program: &super::Program, ctl: BorrowedFd<'_>, how: How) -> Resu
     })?;
     // SAFETY: with CLONE_PIDFD the kernel stored a new pidfd (O_CLOEXEC) here; we own it.
     let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
-    let mut child = ServiceChild { pid, pidfd, status: None, jail: jail_plan(&sandbox) };
+    let mut child = ServiceChild { pid, pidfd, status: None, jail: jail_plan(&sandbox), helper_reaps: false };
     // The child's copies only: the parent keeps release_wr and err_rd.
     drop((null, ctl, release_rd, err_wr));
 

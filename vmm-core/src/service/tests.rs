@@ -429,7 +429,14 @@ fn killed_service_is_restarted_and_the_next_access_is_served() {
     assert_ne!(first, second);
     assert_eq!(c.dev.generation(), 1);
     c.dev.write(0x3f8, 0, b"b");
-    assert_eq!(read_out(&mut c.out, 1), b"b", "the new instance writes to the same output fd");
+    // At least once (docs/ARCHITECTURE.md, loss bounds): a kill between the first instance's
+    // output of `a` and its completion of the write hands the write to the new instance, which
+    // prints it again before `b`.
+    let mut got = read_out(&mut c.out, 1);
+    if got == b"a" {
+        got.extend(read_out(&mut c.out, 1));
+    }
+    assert!(got == b"b" || got == b"ab", "the new instance writes to the same output fd: {got:?}");
     assert!(!c.dev.is_failed());
     let m = c.handle.metrics();
     assert_eq!(m.restarts, 1);

@@ -1,0 +1,240 @@
+//! The core's own PID namespace, and the two processes that stay outside it.
+//!
+//! When `bulkhead` starts as root with its jail on, its very first step (before any thread
+//! exists) splits it in three:
+//!
+//! ```text
+//! bulkhead           the launcher: the pid the orchestrator started       host PID namespace
+//! ├── bulkhead-helper  the VM's privileged helper                          host PID namespace
+//! │   └── bulkhead-console, bulkhead-block, ...  its children, each pid 1 of a namespace of its own
+//! └── bulkhead       the core: pid 1 of a PID namespace of its own
+//! ```
+//!
+//! - **The core** sees no other process: its `/proc` (the one its jail mounts) shows only its
+//!   own namespace, where it is alone, and a pid it names means nothing outside it. It keeps
+//!   its host pid for what operators see (logs, the API, names made from it: [`host_pid`]);
+//!   the pids of its services it holds are host pids, used only through the pidfds and the
+//!   helper.
+//! - **The helper** must outlive the core to clean up after it (a PID namespace's processes all
+//!   die with its init), so it is the launcher's child, started before the split. The launcher
+//!   tells it which process is the core. The services are the helper's children, each in a
+//!   PID namespace of its own (as before the split: the kernel lets a process that entered
+//!   another namespace for its children create no new one, so they are not put in the core's):
+//!   it reaps them and tells the core how each ended. They end with the core: their control
+//!   channel closes, and the helper kills any left when it sees the core gone.
+//! - **The launcher** does nothing but wait: it forwards the termination signals to the core,
+//!   and when the core ends, exits as it did (its exit code, or the same signal). It keeps only
+//!   `CAP_KILL` (the core runs as another uid after its drop). If the launcher is killed, the
+//!   kernel kills the core (`PR_SET_PDEATHSIG`), with it every service, and the helper, seeing
+//!   the core's end of its channel close, cleans up as after any end of the core.
+//!
+//! Without root, or with `--no-jail`, there is no split: one process, as before.
+
+use std::io;
+use std::os::fd::{AsFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::{Mutex, OnceLock};
+
+use ipc::control::ControlChannel;
+
+/// Errors of the split.
+#[derive(Debug, thiserror::Error)]
+pub enum PidNsError {
+    /// A system call of the split failed.
+    #[error("PID namespace: {step}")]
+    Step {
+        /// The step.
+        step: &'static str,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// The helper could not be started or told which process is the core.
+    #[error("PID namespace: the privileged helper")]
+    Helper(#[source] crate::helper::HelperError),
+}
+
+fn step(step: &'static str) -> impl FnOnce(io::Error) -> PidNsError {
+    move |source| PidNsError::Step { step, source }
+}
+
+fn check(rc: libc::c_long, name: &'static str) -> Result<libc::c_long, PidNsError> {
+    if rc < 0 {
+        Err(PidNsError::Step { step: name, source: io::Error::last_os_error() })
+    } else {
+        Ok(rc)
+    }
+}
+
+/// The helper the launcher started for the core: the core's end of its channel and its pid.
+#[derive(Debug)]
+pub struct Prestarted {
+    /// The core's end of the helper's channel.
+    pub chan: ControlChannel,
+    /// The helper's pid (host namespace).
+    pub pid: u32,
+}
+
+static PRESTARTED: Mutex<Option<Prestarted>> = Mutex::new(None);
+/// The read end of the launcher's liveness pipe (the core of a split).
+static LAUNCHER_ALIVE: OnceLock<OwnedFd> = OnceLock::new();
+static HOST_PID: OnceLock<u32> = OnceLock::new();
+/// The core's pid, for the launcher's signal forwarding.
+static CORE: AtomicI32 = AtomicI32::new(0);
+
+/// This process's pid in the host's PID namespace: what logs, the API and names made from a
+/// pid use. The core in its own namespace is pid 1 there.
+pub fn host_pid() -> u32 {
+    HOST_PID.get().copied().unwrap_or_else(std::process::id)
+}
+
+/// Whether this process is the core of a split, in a PID namespace of its own.
+pub fn in_own_pid_namespace() -> bool {
+    HOST_PID.get().is_some()
+}
+
+/// The helper the launcher started (once; `None` without a split or once taken).
+pub fn take_helper() -> Option<Prestarted> {
+    PRESTARTED.lock().unwrap_or_else(|e| e.into_inner()).take()
+}
+
+/// The split (see the module docs). Returns in the core only; the launcher never returns from
+/// here (it exits with the core's status). Call it first, while the process has one thread.
+pub fn split() -> Result<(), PidNsError> {
+    let (core_end, helper_end) = ControlChannel::pair().map_err(|e| step("socketpair")(io::Error::other(e)))?;
+    let helper = crate::helper::spawn_process(helper_end).map_err(PidNsError::Helper)?;
+    let helper_pid = helper.id();
+    // The launcher holds the write end for its whole life and never writes: the core sees it
+    // close when the launcher is gone (the parent-death signal only covers a death after it is
+    // set).
+    let mut fds = [0 as RawFd; 2];
+    // SAFETY: pipe2 writes two fds into the array we pass.
+    check(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }.into(), "pipe2")?;
+    // SAFETY: pipe2 just returned these two fds; nothing else owns them.
+    let (alive_r, alive_w) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    // SAFETY: unshare with a namespace flag only: the next child is created in a new PID
+    // namespace; this process stays where it is.
+    check(unsafe { libc::unshare(libc::CLONE_NEWPID) }.into(), "unshare(CLONE_NEWPID)")?;
+    // SAFETY: the process has one thread (the caller's contract), so the child may go on
+    // running Rust code.
+    let pid = check(unsafe { libc::fork() }.into(), "fork of the core")?;
+    if pid == 0 {
+        drop(alive_w);
+        // The helper's `Child` stays with the launcher, its parent.
+        std::mem::forget(helper);
+        return core_side(alive_r, core_end, helper_pid);
+    }
+    drop(alive_r);
+    drop(helper);
+    let core = libc::pid_t::try_from(pid).unwrap_or(0);
+    launcher(core, core_end, alive_w)
+}
+
+/// The core's first steps after the fork: die with the launcher, note the host pid and the
+/// helper.
+fn core_side(alive: OwnedFd, chan: ControlChannel, helper_pid: u32) -> Result<(), PidNsError> {
+    let _ = LAUNCHER_ALIVE.set(alive);
+    rearm_parent_death()?;
+    // `/proc` is still the host's: its `self` is this process's host pid.
+    let host: u32 = std::fs::read_link("/proc/self")
+        .map_err(step("readlink /proc/self"))?
+        .to_string_lossy()
+        .parse()
+        .map_err(|_| step("parsing /proc/self")(io::Error::from_raw_os_error(libc::EINVAL)))?;
+    let _ = HOST_PID.set(host);
+    *PRESTARTED.lock().unwrap_or_else(|e| e.into_inner()) = Some(Prestarted { chan, pid: helper_pid });
+    Ok(())
+}
+
+/// Sets the core's parent-death signal (SIGKILL when the launcher dies), and ends the core at
+/// once if the launcher is already gone. At the split, and again after the core's id change,
+/// which clears it. Nothing without a split.
+pub fn rearm_parent_death() -> Result<(), PidNsError> {
+    let Some(alive) = LAUNCHER_ALIVE.get() else { return Ok(()) };
+    // SAFETY: prctl with integer arguments only.
+    check(unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) }.into(), "PR_SET_PDEATHSIG")?;
+    // The launcher never writes: readable means its end closed, it died before the signal
+    // was set.
+    if ipc::wait::wait_readable(alive.as_fd(), std::time::Duration::ZERO).unwrap_or(true) {
+        // SAFETY: _exit ends this process at once; the helper cleans up after it.
+        unsafe { libc::_exit(1) };
+    }
+    Ok(())
+}
+
+extern "C" fn forward(sig: libc::c_int) {
+    let core = CORE.load(Ordering::Relaxed);
+    if core > 0 {
+        // SAFETY: kill is async-signal-safe; it takes integers only.
+        unsafe { libc::kill(core, sig) };
+    }
+}
+
+/// The signals the launcher passes on to the core (those the core acts on, and the usual
+/// ones a supervisor sends).
+const FORWARDED: [libc::c_int; 6] =
+    [libc::SIGTERM, libc::SIGINT, libc::SIGHUP, libc::SIGQUIT, libc::SIGUSR1, libc::SIGUSR2];
+
+/// `CAP_KILL`: the only capability the launcher keeps.
+const CAP_KILL: u64 = 1 << 5;
+
+/// The launcher: introduces the core to the helper, then forwards signals and waits.
+fn launcher(core: libc::pid_t, chan: ControlChannel, alive: OwnedFd) -> ! {
+    CORE.store(core, Ordering::SeqCst);
+    let introduced = crate::helper::introduce_core(&chan, host_u32(core)).map_err(PidNsError::Helper);
+    drop(chan);
+    if let Err(e) = introduced {
+        eprintln!("bulkhead: error: {}", crate::vmm::chain(&e));
+        // SAFETY: kill with integers only; the core is our child.
+        unsafe { libc::kill(core, libc::SIGKILL) };
+    }
+    for sig in FORWARDED {
+        // SAFETY: a plain handler that only calls kill (async-signal-safe); SA_RESTART keeps
+        // waitpid going.
+        unsafe {
+            let mut act: libc::sigaction = std::mem::zeroed();
+            act.sa_sigaction = forward as extern "C" fn(libc::c_int) as usize;
+            act.sa_flags = libc::SA_RESTART;
+            libc::sigemptyset(&mut act.sa_mask);
+            libc::sigaction(sig, &act, std::ptr::null_mut());
+        }
+    }
+    // Narrowed: it only signals the core from here on.
+    if let Err(e) = crate::jail::drop_bounding_set(CAP_KILL).and_then(|()| crate::jail::set_capabilities(CAP_KILL)) {
+        eprintln!("bulkhead: warning: the launcher keeps its capabilities: {}", crate::vmm::chain(&e));
+    }
+    // SAFETY: prctl with integer arguments only.
+    unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) };
+    let mut raw = 0;
+    loop {
+        // SAFETY: waitpid on our own child, writing into a local int.
+        let r = unsafe { libc::waitpid(core, &mut raw, 0) };
+        if r == core {
+            break;
+        }
+        if io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
+            eprintln!("bulkhead: error: waiting for the core: {}", io::Error::last_os_error());
+            std::process::exit(70);
+        }
+    }
+    drop(alive);
+    if libc::WIFSIGNALED(raw) {
+        let sig = libc::WTERMSIG(raw);
+        // Ends as the core did: the same signal, its default action.
+        // SAFETY: resetting a disposition, unblocking and raising a signal: integers only.
+        unsafe {
+            libc::signal(sig, libc::SIG_DFL);
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            libc::sigaddset(&mut set, sig);
+            libc::sigprocmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
+            libc::raise(sig);
+        }
+        std::process::exit(128 + sig);
+    }
+    std::process::exit(libc::WEXITSTATUS(raw));
+}
+
+fn host_u32(pid: libc::pid_t) -> u32 {
+    u32::try_from(pid).unwrap_or(0)
+}
