@@ -146,6 +146,12 @@ fn the_core_drops_to_the_vms_ids_and_every_thread_is_filtered() {
     assert_eq!(helper["status"]["cap_inheritable"], "0000000000000000", "{helper}");
     assert_eq!(helper["status"]["seccomp"], "filter", "{helper}");
     assert_eq!(helper["status"]["no_new_privs"], true, "{helper}");
+    // The launcher: the pid started, root with CAP_KILL only; the core's pid in the report is
+    // its host pid.
+    let launcher = role("launcher");
+    assert_eq!(launcher["pid"].as_u64(), Some(u64::from(vmm)), "{launcher}");
+    assert_eq!(launcher["status"]["cap_effective"], "0000000000000020", "{launcher}");
+    assert_eq!(c["pid"].as_u64(), Some(u64::from(core)), "{c}");
     for svc in ["console", "block-disk0"] {
         let p = role(svc);
         assert_eq!(p["status"]["uid"][1], uid + 1, "{svc} runs as the VM's service uid: {p}");

@@ -2,8 +2,10 @@
 //! behalf by a small process that stays outside the jail, for this VM only.
 //!
 //! `bulkhead-helper` is the core's own executable (dispatched on `argv[0]`), started by the
-//! core's VMM thread at `InstanceStart` while the core is still root, before anything of the VM
-//! exists. Its stdin is one end of a `SOCK_SEQPACKET` pair; the core holds the other end and
+//! launcher of a split before the core exists ([`crate::pidns`]: it stays outside the core's PID
+//! namespace and outlives the core; the launcher first tells it the core's pid, [`Hello::Core`]),
+//! or, without a split, by the core's VMM thread at `InstanceStart` while the core is still
+//! root; either way before anything of the VM exists. Its stdin is one end of a `SOCK_SEQPACKET` pair; the core holds the other end and
 //! nothing else does. Messages are bincode ([`Request`], [`Reply`]), each with its request's
 //! number, one request and one reply at a time (the core serialises callers; a reply that comes
 //! after its caller gave up is recognised by its number and dropped), fds travel with
@@ -11,12 +13,13 @@
 //!
 //! What it does, each checked against what this VM owns:
 //! - **Spawn** a service: only a [`Program`] of the set-up's list (the core's own executable, or
-//!   the `--service-dir` binaries), in the namespaces the sandbox decided, with `CLONE_PARENT` so
-//!   the service is the core's child (the core supervises and reaps it; it dies with the core),
-//!   its unprivileged ids mapped to the VM's service ids ([`crate::jail::VmIds::service`]), which
-//!   the core, no longer root, could not map.
+//!   the `--service-dir` binaries), in the namespaces the sandbox decided, its unprivileged ids
+//!   mapped to the VM's service ids ([`crate::jail::VmIds::service`]), which the core, no longer
+//!   root, could not map. After a split the service is the helper's child: the helper **reaps**
+//!   it when the core asks ([`Request::Reap`], once its pidfd says it ended). Without one it is
+//!   created with `CLONE_PARENT`, so the core is its parent and reaps it.
 //! - **Kill** a service it created (the core's uid may not signal the services' uid).
-//! - **Place** a process of the VM (a child of the core) in the VM's cgroup, and **update** the
+//! - **Place** a process of the VM (a service) in the VM's cgroup, and **update** the
 //!   cgroup's settings (the cgroup's files are root's).
 //! - **Report** what confines each process of the VM, read from `/proc` (the core may not read
 //!   another uid's fds and namespaces).
@@ -458,7 +461,8 @@ pub fn introduce_core(chan: &ControlChannel, pid: u32) -> Result<(), HelperError
 fn reap(pid: u32) {
     let Ok(p) = libc::pid_t::try_from(pid) else { return };
     let mut status = 0;
-    // SAFETY: waitpid on a child of this process (CLONE_PARENT), writing into a local int.
+    // SAFETY: waitpid on a child of this process (made so by CLONE_PARENT for the core, or the
+    // helper's own after a split), writing into a local int.
     unsafe { libc::waitpid(p, &mut status, 0) };
 }
 
@@ -558,6 +562,12 @@ impl State {
                 }));
                 let host = crate::isolation::host_namespaces();
                 r.processes.insert(1, crate::isolation::inspect("helper", std::process::id(), &host));
+                if self.reaps {
+                    // After a split, the launcher: its parent and the core's.
+                    // SAFETY: getppid has no preconditions.
+                    let launcher = u32::try_from(unsafe { libc::getppid() }).unwrap_or(0);
+                    r.processes.insert(2, crate::isolation::inspect("launcher", launcher, &host));
+                }
                 (Reply::Report(Box::new(r)), None)
             }
             Request::CpuNs { child } => {
