@@ -33,6 +33,9 @@ fn main() -> ExitCode {
     if Path::new(&argv0).file_name().is_some_and(|n| n == vmm_core::helper::HELPER_NAME) {
         return vmm_core::helper::helper_main();
     }
+    if Path::new(&argv0).file_name().is_some_and(|n| n == vmm_core::pidns::LAUNCHER_NAME) {
+        return vmm_core::pidns::launcher_main();
+    }
     if let Some(service) =
         std::path::Path::new(&argv0).file_name().and_then(|n| n.to_str()).and_then(device_services::mains::by_name)
     {

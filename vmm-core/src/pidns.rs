@@ -31,7 +31,7 @@
 //! Without root, or with `--no-jail`, there is no split: one process, as before.
 
 use std::io;
-use std::os::fd::{AsFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::{Mutex, OnceLock};
 
@@ -178,7 +178,13 @@ const FORWARDED: [libc::c_int; 6] =
 /// `CAP_KILL`: the only capability the launcher keeps.
 const CAP_KILL: u64 = 1 << 5;
 
-/// The launcher: introduces the core to the helper, then forwards signals and waits.
+/// The `argv[0]` the launcher runs under once it has replaced its image.
+pub const LAUNCHER_NAME: &str = "bulkhead-launcher";
+
+/// The launcher: introduces the core to the helper, then waits ([`wait_for_core`]) in a fresh
+/// image of the executable (`bulkhead-launcher CORE_PID ALIVE_FD`): what `bulkhead` had
+/// touched before the split (argument parsing, the configuration) would otherwise stay in its
+/// memory for the VM's life. If that `execve` fails it waits as it is.
 fn launcher(core: libc::pid_t, chan: ControlChannel, alive: OwnedFd) -> ! {
     CORE.store(core, Ordering::SeqCst);
     let introduced = crate::helper::introduce_core(&chan, host_u32(core)).map_err(PidNsError::Helper);
@@ -188,6 +194,86 @@ fn launcher(core: libc::pid_t, chan: ControlChannel, alive: OwnedFd) -> ! {
         // SAFETY: kill with integers only; the core is our child.
         unsafe { libc::kill(core, libc::SIGKILL) };
     }
+    // The signals to forward wait, blocked, across the exec (the mask survives it) until the
+    // new image's handlers are in place; if the exec fails, the handlers here take them.
+    install_forwarding();
+    let blocked = forwarded_set();
+    // SAFETY: changing this thread's signal mask with a set we built.
+    unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &blocked, std::ptr::null_mut()) };
+    let fd = alive.as_raw_fd();
+    // SAFETY: clearing FD_CLOEXEC of an fd we own, so the new image keeps it.
+    if unsafe { libc::fcntl(fd, libc::F_SETFD, 0) } == 0 {
+        let args = [LAUNCHER_NAME.to_string(), core.to_string(), fd.to_string()];
+        let args: Vec<std::ffi::CString> =
+            args.iter().filter_map(|a| std::ffi::CString::new(a.as_str()).ok()).collect();
+        let mut argv: Vec<*const libc::c_char> = args.iter().map(|a| a.as_ptr()).collect();
+        argv.push(std::ptr::null());
+        // SAFETY: execv with a NUL-terminated path and a NULL-terminated argv of C strings that
+        // outlive the call (std's exec would clear the signal mask).
+        unsafe { libc::execv(c"/proc/self/exe".as_ptr(), argv.as_ptr()) };
+        eprintln!("bulkhead: warning: the launcher waits in its first image: execve: {}", io::Error::last_os_error());
+    }
+    // SAFETY: as above.
+    unsafe { libc::pthread_sigmask(libc::SIG_UNBLOCK, &blocked, std::ptr::null_mut()) };
+    wait_for_core(core, alive)
+}
+
+/// `bulkhead-launcher CORE_PID ALIVE_FD`: the launcher's fresh image ([`launcher`]).
+pub fn launcher_main() -> std::process::ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let (Some(core), Some(fd)) = (
+        args.first().and_then(|a| a.parse::<libc::pid_t>().ok()).filter(|p| *p > 0),
+        args.get(1).and_then(|a| a.parse::<RawFd>().ok()).filter(|f| *f > 2),
+    ) else {
+        eprintln!("{LAUNCHER_NAME}: started by bulkhead only (CORE_PID ALIVE_FD)");
+        return std::process::ExitCode::from(2);
+    };
+    if args.len() != 2 {
+        eprintln!("{LAUNCHER_NAME}: started by bulkhead only (CORE_PID ALIVE_FD)");
+        return std::process::ExitCode::from(2);
+    }
+    // Only its own child: signals go nowhere else.
+    // SAFETY: a siginfo_t is plain data; waitid fills it (WNOWAIT: the child stays as it is).
+    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+    // SAFETY: waitid with a pid, a local siginfo and flags; reaps nothing.
+    let rc = unsafe {
+        libc::waitid(libc::P_PID, core as libc::id_t, &mut info, libc::WEXITED | libc::WNOHANG | libc::WNOWAIT)
+    };
+    if rc != 0 {
+        eprintln!("{LAUNCHER_NAME}: {core} is not my child");
+        return std::process::ExitCode::from(2);
+    }
+    CORE.store(core, Ordering::SeqCst);
+    install_forwarding();
+    let blocked = forwarded_set();
+    // SAFETY: changing this thread's signal mask with a set we built: what came during the
+    // exec is delivered now, to the handlers.
+    unsafe { libc::pthread_sigmask(libc::SIG_UNBLOCK, &blocked, std::ptr::null_mut()) };
+    // SAFETY: the fd the first image passed, open across the exec and owned by nothing else
+    // here; checked to be open first.
+    if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+        eprintln!("{LAUNCHER_NAME}: fd {fd} is not open");
+        return std::process::ExitCode::from(2);
+    }
+    // SAFETY: as above.
+    let alive = unsafe { OwnedFd::from_raw_fd(fd) };
+    wait_for_core(core, alive)
+}
+
+fn forwarded_set() -> libc::sigset_t {
+    // SAFETY: a sigset_t is plain data, initialised by sigemptyset before use.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: sigemptyset/sigaddset on a local set.
+    unsafe {
+        libc::sigemptyset(&mut set);
+        for sig in FORWARDED {
+            libc::sigaddset(&mut set, sig);
+        }
+    }
+    set
+}
+
+fn install_forwarding() {
     for sig in FORWARDED {
         // SAFETY: a plain handler that only calls kill (async-signal-safe); SA_RESTART keeps
         // waitpid going.
@@ -199,6 +285,10 @@ fn launcher(core: libc::pid_t, chan: ControlChannel, alive: OwnedFd) -> ! {
             libc::sigaction(sig, &act, std::ptr::null_mut());
         }
     }
+}
+
+/// Waits for the core, forwarding signals to it, and exits as it did. Keeps only `CAP_KILL`.
+fn wait_for_core(core: libc::pid_t, alive: OwnedFd) -> ! {
     // Narrowed: it only signals the core from here on.
     if let Err(e) = crate::jail::drop_bounding_set(CAP_KILL).and_then(|()| crate::jail::set_capabilities(CAP_KILL)) {
         eprintln!("bulkhead: warning: the launcher keeps its capabilities: {}", crate::vmm::chain(&e));

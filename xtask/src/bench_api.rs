@@ -148,8 +148,7 @@ fn one_run(vmm: Vmm, exe: &Path, probe: &Path, dir: &Path) -> Result<Run, BoxErr
         run.start_ms = first.duration_since(t).as_secs_f64() * 1e3;
         Ok(())
     })();
-    let _ = child.kill();
-    let _ = child.wait();
+    crate::bench_footprint::kill_vm(&mut child);
     let _ = std::fs::remove_file(&sock);
     result.map(|()| run)
 }

@@ -265,9 +265,21 @@ fn one_run(vm: VmSpec<'_>) -> Result<Sample, BoxError> {
         let idle_cpu_ms = after.saturating_sub(before) as f64 / 1e6;
         Ok(Sample { start_ms, pss_kib, per_process, idle_cpu_ms })
     })();
+    kill_vm(&mut child);
+    result
+}
+
+/// SIGKILLs the VMM `child` and waits (at most 5 s) for every process of its VM to be gone: a
+/// jailed Bulkhead's launcher goes first, its core, helper and services a moment later (and
+/// the next run may open the same disk image, which they hold locked, or the same TAP).
+pub(crate) fn kill_vm(child: &mut Child) {
+    let all = tree(child.id());
     let _ = child.kill();
     let _ = child.wait();
-    result
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while all.iter().any(|p| Path::new(&format!("/proc/{p}")).exists()) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }
 
 fn median_f(v: &[f64]) -> f64 {
