@@ -2,8 +2,8 @@
 //! behalf by a small process that stays outside the jail, for this VM only.
 //!
 //! `bulkhead-helper` is the core's own executable (dispatched on `argv[0]`), started by the
-//! launcher of a split before the core exists ([`crate::pidns`]: it stays outside the core's PID
-//! namespace and outlives the core; the launcher first tells it the core's pid, [`Hello::Core`]),
+//! launcher of a split right after the core's fork ([`crate::pidns`]: it stays outside the core's
+//! PID namespace and outlives the core; the launcher's [`Hello::Split`] is queued first),
 //! or, without a split, by the core's VMM thread at `InstanceStart` while the core is still
 //! root; either way before anything of the VM exists. Its stdin is one end of a `SOCK_SEQPACKET` pair; the core holds the other end and
 //! nothing else does. Messages are bincode ([`Request`], [`Reply`]), each with its request's
@@ -99,17 +99,17 @@ pub struct HelperSetup {
     /// The core's jail directory ([`crate::jail::jail_root`]), removed once the core is gone if
     /// nothing but its `proc` mount point is left in it.
     pub jail_root: Option<PathBuf>,
+    /// The core's host pid ([`crate::pidns::host_pid`]); without a split the helper's parent.
+    pub core_pid: u32,
 }
 
-/// The helper's first message: from the launcher of a split ([`crate::pidns`]), which process
-/// is the core; otherwise, or next, the core's set-up.
+/// The helper's first message: from the launcher of a split ([`crate::pidns`]), that the core
+/// is in a PID namespace of its own and the services are the helper's to reap; otherwise, or
+/// next, the core's set-up.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum Hello {
-    /// The core, in a PID namespace of its own: the helper's children go there.
-    Core {
-        /// Its pid (host namespace).
-        pid: u32,
-    },
+    /// A split: the core, its host pid in the set-up, is not the helper's parent.
+    Split,
     /// The set-up (and the fds the helper holds until it exits attached).
     Setup(Box<HelperSetup>),
 }
@@ -227,7 +227,7 @@ pub struct Helper {
     /// Set once the core dropped its privileges: from then on the helper cleans up alone, when
     /// the core is gone (the channel stays open until then).
     sealed: std::sync::atomic::AtomicBool,
-    pid: u32,
+    pid: Option<u32>,
     /// Number of the last request: each reply carries its request's, so a reply that arrives
     /// after its caller gave up waiting is recognised and dropped by the next caller.
     seq: std::sync::atomic::AtomicU64,
@@ -250,7 +250,7 @@ impl Helper {
         let (core, theirs) = ControlChannel::pair().map_err(HelperError::Channel)?;
         let child = spawn_process(theirs)?;
         let pid = child.id();
-        Self::set_up(core, Some(child), pid, setup, holds)
+        Self::set_up(core, Some(child), Some(pid), setup, holds)
     }
 
     /// The helper the launcher of a split started ([`crate::pidns`]), set up for this VM. It is
@@ -260,13 +260,13 @@ impl Helper {
         setup: &HelperSetup,
         holds: &[BorrowedFd<'_>],
     ) -> Result<Arc<Self>, HelperError> {
-        Self::set_up(p.chan, None, p.pid, setup, holds)
+        Self::set_up(p.chan, None, None, setup, holds)
     }
 
     fn set_up(
         chan: ControlChannel,
         child: Option<std::process::Child>,
-        pid: u32,
+        pid: Option<u32>,
         setup: &HelperSetup,
         holds: &[BorrowedFd<'_>],
     ) -> Result<Arc<Self>, HelperError> {
@@ -278,8 +278,8 @@ impl Helper {
         Ok(helper)
     }
 
-    /// The helper's pid.
-    pub fn pid(&self) -> u32 {
+    /// The helper's pid, when this process started it (a split's launcher starts it).
+    pub fn pid(&self) -> Option<u32> {
         self.pid
     }
 
@@ -452,9 +452,9 @@ pub fn spawn_process(chan: ControlChannel) -> Result<std::process::Child, Helper
     cmd.spawn().map_err(HelperError::Start)
 }
 
-/// The launcher's one message to the helper ([`Hello::Core`]): which process is the core.
-pub fn introduce_core(chan: &ControlChannel, pid: u32) -> Result<(), HelperError> {
-    chan.send_bytes_now(&encode(&Hello::Core { pid })?, &[]).map_err(HelperError::Channel)
+/// The launcher's one message to the helper ([`Hello::Split`]), queued before the core exists.
+pub fn introduce_split(chan: &ControlChannel) -> Result<(), HelperError> {
+    chan.send_bytes_now(&encode(&Hello::Split)?, &[]).map_err(HelperError::Channel)
 }
 
 /// Reaps a child the helper created and killed (bounded: it was SIGKILLed).
@@ -757,29 +757,29 @@ pub fn helper_main() -> ExitCode {
     // core sends the set-up. After a split the set-up may come much later (the API waits for
     // a configuration): the helper confines itself first, and waits for as long as the core
     // lives.
-    let mut split: Option<u32> = None;
+    let mut split = false;
     let (setup, _holds) = loop {
-        let deadline = Instant::now() + if split.is_some() { Duration::from_secs(3600) } else { CALL_TIMEOUT };
+        let deadline = Instant::now() + if split { Duration::from_secs(3600) } else { CALL_TIMEOUT };
         let (bytes, fds) = match chan.recv_bytes(deadline) {
             Ok(m) => m,
-            Err(ControlError::Timeout) if split.is_some() => continue,
+            Err(ControlError::Timeout) if split => continue,
             // The core ended before it started a VM: nothing to clean up.
-            Err(ControlError::Closed) if split.is_some() => return ExitCode::SUCCESS,
+            Err(ControlError::Closed) if split => return ExitCode::SUCCESS,
             Err(e) => {
                 say(&format!("no set-up from the core: {e}"));
                 return ExitCode::from(2);
             }
         };
         match decode::<Hello>(&bytes) {
-            Ok(Hello::Core { pid }) if split.is_none() && fds.is_empty() => {
+            Ok(Hello::Split) if !split && fds.is_empty() => {
                 if let Err(e) = confine() {
                     say(&format!("cannot confine myself: {e}"));
                     return ExitCode::from(2);
                 }
-                split = Some(pid);
+                split = true;
             }
             Ok(Hello::Setup(setup)) => break (*setup, fds),
-            Ok(Hello::Core { .. }) => {
+            Ok(Hello::Split) => {
                 say("a second or malformed introduction of the core");
                 return ExitCode::from(2);
             }
@@ -790,16 +790,16 @@ pub fn helper_main() -> ExitCode {
         }
     };
     crate::service::spawn::adopt_sandbox(setup.namespaces, setup.switch_id);
-    if split.is_none() {
+    if !split {
         if let Err(e) = confine() {
             say(&format!("cannot confine myself: {e}"));
             return ExitCode::from(2);
         }
     }
     // SAFETY: getppid has no preconditions.
-    let core = split.unwrap_or_else(|| u32::try_from(unsafe { libc::getppid() }).unwrap_or(0));
+    let core = if split { setup.core_pid } else { u32::try_from(unsafe { libc::getppid() }).unwrap_or(0) };
     let socket_id = setup.api_socket.as_deref().and_then(file_id);
-    let mut state = State { setup, core, reaps: split.is_some(), cgroup: None, children: BTreeMap::new(), socket_id };
+    let mut state = State { setup, core, reaps: split, cgroup: None, children: BTreeMap::new(), socket_id };
     loop {
         let (bytes, fds) = match chan.recv_bytes(Instant::now() + Duration::from_secs(3600)) {
             Ok(m) => m,

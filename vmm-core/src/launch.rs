@@ -796,6 +796,7 @@ fn start_helper(
         switch_id: sandbox.switch_id,
         programs,
         api_socket: crate::api::socket_path(),
+        core_pid: crate::pidns::host_pid(),
         jail_root: (crate::jail::in_own_namespaces() && !config.bulkhead.jail.disabled)
             .then(|| crate::jail::jail_root(id)),
     };
@@ -813,12 +814,12 @@ fn start_helper(
     }
     .map_err(|e| LaunchError::Helper(Box::new(e)))?;
     log::info!(
-        "jail: VM ids core {}:{} services {}:{}; privileged helper pid {}",
+        "jail: VM ids core {}:{} services {}:{}; privileged helper {}",
         lease.ids.core.0,
         lease.ids.core.1,
         lease.ids.service.0,
         lease.ids.service.1,
-        helper.pid()
+        helper.pid().map_or_else(|| "started by the launcher".to_string(), |p| format!("pid {p}"))
     );
     Ok((Some(lease), Some(helper)))
 }

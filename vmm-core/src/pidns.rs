@@ -16,8 +16,8 @@
 //!   the pids of its services it holds are host pids, used only through the pidfds and the
 //!   helper.
 //! - **The helper** must outlive the core to clean up after it (a PID namespace's processes all
-//!   die with its init), so it is the launcher's child, started before the split. The launcher
-//!   tells it which process is the core. The services are the helper's children, each in a
+//!   die with its init), so it is the launcher's child, started once the core is forked, in the
+//!   host's namespace again (the launcher `setns`es back to its own). The services are the helper's children, each in a
 //!   PID namespace of its own (as before the split: the kernel lets a process that entered
 //!   another namespace for its children create no new one, so they are not put in the core's):
 //!   it reaps them and tells the core how each ended. They end with the core: their control
@@ -66,13 +66,11 @@ fn check(rc: libc::c_long, name: &'static str) -> Result<libc::c_long, PidNsErro
     }
 }
 
-/// The helper the launcher started for the core: the core's end of its channel and its pid.
+/// The helper the launcher starts for the core: the core's end of its channel.
 #[derive(Debug)]
 pub struct Prestarted {
     /// The core's end of the helper's channel.
     pub chan: ControlChannel,
-    /// The helper's pid (host namespace).
-    pub pid: u32,
 }
 
 static PRESTARTED: Mutex<Option<Prestarted>> = Mutex::new(None);
@@ -100,10 +98,29 @@ pub fn take_helper() -> Option<Prestarted> {
 
 /// The split (see the module docs). Returns in the core only; the launcher never returns from
 /// here (it exits with the core's status). Call it first, while the process has one thread.
+///
+/// The core is forked first, so that starting the helper (a `fork` and `execve`) is not on its
+/// way: the launcher then takes its children back to the host's PID namespace (`setns` to its
+/// own) and starts the helper. The helper's first message ([`crate::helper::Hello::Split`]) is
+/// queued before the fork, so it precedes anything the core sends.
 pub fn split() -> Result<(), PidNsError> {
     let (core_end, helper_end) = ControlChannel::pair().map_err(|e| step("socketpair")(io::Error::other(e)))?;
-    let helper = crate::helper::spawn_process(helper_end).map_err(PidNsError::Helper)?;
-    let helper_pid = helper.id();
+    crate::helper::introduce_split(&core_end).map_err(PidNsError::Helper)?;
+    let own_ns = std::fs::File::open("/proc/self/ns/pid").map_err(step("opening /proc/self/ns/pid"))?;
+    // Whether the launcher may take its children back to its own namespace after the fork (not
+    // as root of a user namespace, which does not own the host's PID namespace): a `setns` to
+    // where it is changes nothing. If it may not, the helper starts first.
+    // SAFETY: setns with an fd we own and a namespace flag.
+    let may_return = unsafe { libc::setns(own_ns.as_raw_fd(), libc::CLONE_NEWPID) } == 0;
+    let mut helper_end = Some(helper_end);
+    let early = if may_return {
+        None
+    } else {
+        let end = helper_end
+            .take()
+            .ok_or_else(|| step("the helper's channel")(io::Error::from_raw_os_error(libc::EINVAL)))?;
+        Some(crate::helper::spawn_process(end).map_err(PidNsError::Helper)?)
+    };
     // The launcher holds the write end for its whole life and never writes: the core sees it
     // close when the launcher is gone (the parent-death signal only covers a death after it is
     // set).
@@ -119,20 +136,40 @@ pub fn split() -> Result<(), PidNsError> {
     // running Rust code.
     let pid = check(unsafe { libc::fork() }.into(), "fork of the core")?;
     if pid == 0 {
-        drop(alive_w);
-        // The helper's `Child` stays with the launcher, its parent.
-        std::mem::forget(helper);
-        return core_side(alive_r, core_end, helper_pid);
+        // The helper's `Child`, if it started first, stays with the launcher, its parent.
+        std::mem::forget(early);
+        drop((alive_w, helper_end, own_ns));
+        return core_side(alive_r, core_end);
     }
-    drop(alive_r);
-    drop(helper);
+    drop((alive_r, core_end));
     let core = libc::pid_t::try_from(pid).unwrap_or(0);
-    launcher(core, core_end, alive_w)
+    let helper = match (early, helper_end) {
+        (Some(h), _) => Ok(h),
+        (None, Some(end)) => {
+            // SAFETY: setns with an fd we own and a namespace flag: the children this process
+            // creates from now on go to its own PID namespace again.
+            let rc = unsafe { libc::setns(own_ns.as_raw_fd(), libc::CLONE_NEWPID) };
+            check(rc.into(), "setns to the host's PID namespace")
+                .and_then(|_| crate::helper::spawn_process(end).map_err(PidNsError::Helper))
+        }
+        (None, None) => Err(step("starting the helper")(io::Error::from_raw_os_error(libc::EINVAL))),
+    };
+    drop(own_ns);
+    match helper {
+        // The helper outlives the launcher's image: its `Child` is never waited for here.
+        Ok(h) => drop(h),
+        Err(e) => {
+            eprintln!("bulkhead: error: {}", crate::vmm::chain(&e));
+            // SAFETY: kill with integers only; the core is our child.
+            unsafe { libc::kill(core, libc::SIGKILL) };
+        }
+    }
+    launcher(core, alive_w)
 }
 
 /// The core's first steps after the fork: die with the launcher, note the host pid and the
-/// helper.
-fn core_side(alive: OwnedFd, chan: ControlChannel, helper_pid: u32) -> Result<(), PidNsError> {
+/// helper's channel.
+fn core_side(alive: OwnedFd, chan: ControlChannel) -> Result<(), PidNsError> {
     let _ = LAUNCHER_ALIVE.set(alive);
     rearm_parent_death()?;
     // `/proc` is still the host's: its `self` is this process's host pid.
@@ -142,7 +179,7 @@ fn core_side(alive: OwnedFd, chan: ControlChannel, helper_pid: u32) -> Result<()
         .parse()
         .map_err(|_| step("parsing /proc/self")(io::Error::from_raw_os_error(libc::EINVAL)))?;
     let _ = HOST_PID.set(host);
-    *PRESTARTED.lock().unwrap_or_else(|e| e.into_inner()) = Some(Prestarted { chan, pid: helper_pid });
+    *PRESTARTED.lock().unwrap_or_else(|e| e.into_inner()) = Some(Prestarted { chan });
     Ok(())
 }
 
@@ -181,19 +218,12 @@ const CAP_KILL: u64 = 1 << 5;
 /// The `argv[0]` the launcher runs under once it has replaced its image.
 pub const LAUNCHER_NAME: &str = "bulkhead-launcher";
 
-/// The launcher: introduces the core to the helper, then waits ([`wait_for_core`]) in a fresh
-/// image of the executable (`bulkhead-launcher CORE_PID ALIVE_FD`): what `bulkhead` had
-/// touched before the split (argument parsing, the configuration) would otherwise stay in its
-/// memory for the VM's life. If that `execve` fails it waits as it is.
-fn launcher(core: libc::pid_t, chan: ControlChannel, alive: OwnedFd) -> ! {
+/// The launcher: waits ([`wait_for_core`]) in a fresh image of the executable
+/// (`bulkhead-launcher CORE_PID ALIVE_FD`): what `bulkhead` had touched before the split
+/// (argument parsing, the configuration) would otherwise stay in its memory for the VM's life.
+/// If that `execve` fails it waits as it is.
+fn launcher(core: libc::pid_t, alive: OwnedFd) -> ! {
     CORE.store(core, Ordering::SeqCst);
-    let introduced = crate::helper::introduce_core(&chan, host_u32(core)).map_err(PidNsError::Helper);
-    drop(chan);
-    if let Err(e) = introduced {
-        eprintln!("bulkhead: error: {}", crate::vmm::chain(&e));
-        // SAFETY: kill with integers only; the core is our child.
-        unsafe { libc::kill(core, libc::SIGKILL) };
-    }
     // The signals to forward wait, blocked, across the exec (the mask survives it) until the
     // new image's handlers are in place; if the exec fails, the handlers here take them.
     install_forwarding();
@@ -323,8 +353,4 @@ fn wait_for_core(core: libc::pid_t, alive: OwnedFd) -> ! {
         std::process::exit(128 + sig);
     }
     std::process::exit(libc::WEXITSTATUS(raw));
-}
-
-fn host_u32(pid: libc::pid_t) -> u32 {
-    u32::try_from(pid).unwrap_or(0)
 }
