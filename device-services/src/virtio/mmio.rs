@@ -12,7 +12,12 @@
 //!
 //! While the service spins, [`MmioTransport::poll`](crate::runtime::MmioHandler::poll) looks at the
 //! available rings directly and disables kicks (`VRING_USED_F_NO_NOTIFY`, or the `EVENT_IDX`
-//! equivalent); they are re-enabled, with a final check, before it sleeps.
+//! equivalent); they are re-enabled, with a final check, before it sleeps, on every queue every
+//! time: with `EVENT_IDX` that moves `avail_event` to where the device now is. A queue can take
+//! buffers outside the poll loop (the net service's RX queue runs when its TAP is readable),
+//! and a driver does not kick for buffers it adds past a stale `avail_event`: a queue left
+//! armed at an older position sleeps through them (a lost RX wake-up, seen as a TCP connection
+//! that never got its SYN).
 
 use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, RawFd};
@@ -1203,7 +1208,8 @@ impl<D: VirtioDevice> MmioHandler for MmioTransport<D> {
         }
         let mut pending = false;
         for i in 0..self.queues.len() {
-            if self.notify_on[i] || !self.queues[i].ready() {
+            // Re-armed even if armed already (see the module docs): the position may be stale.
+            if !self.queues[i].ready() {
                 continue;
             }
             match self.queues[i].enable_notification(&self.mem) {
@@ -1391,6 +1397,8 @@ mod tests {
     struct Batcher {
         hold: bool,
         taken: Vec<u16>,
+        /// Offers `EVENT_IDX`.
+        event_idx: bool,
     }
 
     impl VirtioDevice for Batcher {
@@ -1398,7 +1406,7 @@ mod tests {
             1
         }
         fn features(&self) -> u64 {
-            F_VERSION_1
+            F_VERSION_1 | if self.event_idx { F_EVENT_IDX } else { 0 }
         }
         fn queue_max_sizes(&self) -> Vec<u16> {
             vec![16]
@@ -1432,14 +1440,21 @@ mod tests {
         let irq = EventFd::new(EFD_NONBLOCK).expect("eventfd");
         let seen = irq.try_clone().expect("dup");
         let notify = EventFd::new(EFD_NONBLOCK).expect("eventfd");
-        let mut t =
-            MmioTransport::new(Batcher { hold, taken: Vec::new() }, mem.clone(), vec![notify], irq).expect("transport");
+        let mut t = MmioTransport::new(Batcher { hold, ..Batcher::default() }, mem.clone(), vec![notify], irq)
+            .expect("transport");
         t.attach_state(region).expect("state");
         (t, seen)
     }
 
     fn bring_up(t: &mut MmioTransport<Batcher>, mem: &GuestMemoryMmap<()>) {
+        bring_up_with(t, mem, 0);
+    }
+
+    /// [`bring_up`] with the low 32 feature bits `low` accepted too.
+    fn bring_up_with(t: &mut MmioTransport<Batcher>, mem: &GuestMemoryMmap<()>, low: u32) {
         wr_b(t, reg::STATUS, status::ACKNOWLEDGE | status::DRIVER);
+        wr_b(t, reg::DRIVER_FEATURES_SEL, 0);
+        wr_b(t, reg::DRIVER_FEATURES, low);
         wr_b(t, reg::DRIVER_FEATURES_SEL, 1);
         wr_b(t, reg::DRIVER_FEATURES, 1);
         wr_b(t, reg::STATUS, status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK);
@@ -1517,6 +1532,40 @@ mod tests {
     /// A restarted instance redoes what was in flight, but raises the interrupt only on its first
     /// poll, after the runtime served what waited on the ring: an acknowledgement the guest
     /// posted to the dead instance (carried to this one) clears the old bits, never the new one.
+    /// With `EVENT_IDX`, a queue that took buffers outside the poll loop (the net service's RX
+    /// queue, run when its TAP is readable) is re-armed at its new position before the service
+    /// sleeps: the driver kicks only for buffers added past `avail_event`, so a stale one would
+    /// let the service sleep through the next buffers (the RX stall this caught).
+    #[test]
+    fn sleeping_rearms_event_idx_where_the_device_is() {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10000)]).expect("memory");
+        let irq = EventFd::new(EFD_NONBLOCK).expect("eventfd");
+        let notify = EventFd::new(EFD_NONBLOCK).expect("eventfd");
+        let dev = Batcher { event_idx: true, ..Batcher::default() };
+        let mut t = MmioTransport::new(dev, mem.clone(), vec![notify], irq).expect("transport");
+        bring_up_with(&mut t, &mem, 1 << virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX);
+        // `avail_event` follows the 16 used-ring entries.
+        let avail_event = || -> u16 { mem.read_obj(GuestAddress(USED + 4 + 16 * 8)).expect("avail_event") };
+        assert!(MmioHandler::poll(&mut t).expect("poll"), "heads 0-2 taken");
+        assert!(!MmioHandler::prepare_sleep(&mut t).expect("sleep"), "nothing more");
+        assert_eq!(avail_event(), 3, "armed where the device is");
+        // The driver adds heads 3 and 4; the device takes them through QueueNotify before it
+        // sees the kick (as RX does on the TAP's readiness), then finds no new work in a poll.
+        for head in 3u16..5 {
+            let d = 0x1000 + u64::from(head) * 16;
+            mem.write_obj(0x8000u64 + u64::from(head) * 0x100, GuestAddress(d)).expect("addr");
+            mem.write_obj(64u32, GuestAddress(d + 8)).expect("len");
+            mem.write_obj(2u16, GuestAddress(d + 12)).expect("flags");
+            mem.write_obj(head, GuestAddress(AVAIL + 4 + u64::from(head) * 2)).expect("ring");
+        }
+        mem.write_obj(5u16, GuestAddress(AVAIL + 2)).expect("avail idx");
+        wr_b(&mut t, reg::QUEUE_NOTIFY, 0);
+        assert_eq!(t.device().taken, [0, 1, 2, 3, 4]);
+        assert!(!MmioHandler::poll(&mut t).expect("poll"));
+        assert!(!MmioHandler::prepare_sleep(&mut t).expect("sleep"));
+        assert_eq!(avail_event(), 5, "re-armed where the device is now, so head 5 is kicked");
+    }
+
     #[test]
     fn a_restored_device_interrupts_after_the_carried_acknowledgements() {
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10000)]).expect("memory");
