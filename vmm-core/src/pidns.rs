@@ -143,6 +143,10 @@ pub fn split() -> Result<(), PidNsError> {
     }
     drop((alive_r, core_end));
     let core = libc::pid_t::try_from(pid).unwrap_or(0);
+    // Forward at once: the handlers `bulkhead` installed would keep a signal for this process,
+    // and the core is already serving (its API socket may be up before the helper is).
+    CORE.store(core, Ordering::SeqCst);
+    install_forwarding();
     let helper = match (early, helper_end) {
         (Some(h), _) => Ok(h),
         (None, Some(end)) => {
@@ -223,10 +227,9 @@ pub const LAUNCHER_NAME: &str = "bulkhead-launcher";
 /// (argument parsing, the configuration) would otherwise stay in its memory for the VM's life.
 /// If that `execve` fails it waits as it is.
 fn launcher(core: libc::pid_t, alive: OwnedFd) -> ! {
-    CORE.store(core, Ordering::SeqCst);
     // The signals to forward wait, blocked, across the exec (the mask survives it) until the
-    // new image's handlers are in place; if the exec fails, the handlers here take them.
-    install_forwarding();
+    // new image's handlers are in place; if the exec fails, the handlers installed at the fork
+    // take them.
     let blocked = forwarded_set();
     // SAFETY: changing this thread's signal mask with a set we built.
     unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &blocked, std::ptr::null_mut()) };
