@@ -14,10 +14,10 @@
 //! available rings directly and disables kicks (`VRING_USED_F_NO_NOTIFY`, or the `EVENT_IDX`
 //! equivalent); they are re-enabled, with a final check, before it sleeps, on every queue every
 //! time: with `EVENT_IDX` that moves `avail_event` to where the device now is. A queue can take
-//! buffers outside the poll loop (the net service's RX queue runs when its TAP is readable),
-//! and a driver does not kick for buffers it adds past a stale `avail_event`: a queue left
-//! armed at an older position sleeps through them (a lost RX wake-up, seen as a TCP connection
-//! that never got its SYN).
+//! buffers outside the poll loop (a kick handled at once, or the net service's RX queue run
+//! when its TAP is readable), and a driver does not kick for buffers it adds past a stale
+//! `avail_event`: a queue left armed at an older position slept through them until the next
+//! wake-up (the sleep slice, 1 s, at the latest, when the poll finds them).
 
 use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, RawFd};
@@ -1535,7 +1535,7 @@ mod tests {
     /// With `EVENT_IDX`, a queue that took buffers outside the poll loop (the net service's RX
     /// queue, run when its TAP is readable) is re-armed at its new position before the service
     /// sleeps: the driver kicks only for buffers added past `avail_event`, so a stale one would
-    /// let the service sleep through the next buffers (the RX stall this caught).
+    /// let the service sleep through the next buffers until its next wake-up.
     #[test]
     fn sleeping_rearms_event_idx_where_the_device_is() {
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10000)]).expect("memory");
