@@ -99,7 +99,7 @@ pub struct HelperSetup {
     /// The core's jail directory ([`crate::jail::jail_root`]), removed once the core is gone if
     /// nothing but its `proc` mount point is left in it.
     pub jail_root: Option<PathBuf>,
-    /// The core's host pid ([`crate::pidns::host_pid`]); without a split the helper's parent.
+    /// The core's host pid ([`crate::pidns::host_pid`]; without a split, the helper's parent).
     pub core_pid: u32,
 }
 
@@ -796,8 +796,7 @@ pub fn helper_main() -> ExitCode {
             return ExitCode::from(2);
         }
     }
-    // SAFETY: getppid has no preconditions.
-    let core = if split { setup.core_pid } else { u32::try_from(unsafe { libc::getppid() }).unwrap_or(0) };
+    let core = setup.core_pid;
     let socket_id = setup.api_socket.as_deref().and_then(file_id);
     let mut state = State { setup, core, reaps: split, cgroup: None, children: BTreeMap::new(), socket_id };
     loop {

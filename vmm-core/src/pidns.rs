@@ -96,6 +96,13 @@ pub fn take_helper() -> Option<Prestarted> {
     PRESTARTED.lock().unwrap_or_else(|e| e.into_inner()).take()
 }
 
+/// The helper of a split: started before the fork (the launcher may not take its children back
+/// to its own PID namespace), or to be started after it, on this end of its channel.
+enum HelperStart {
+    Started(std::process::Child),
+    AfterFork(ControlChannel),
+}
+
 /// The split (see the module docs). Returns in the core only; the launcher never returns from
 /// here (it exits with the core's status). Call it first, while the process has one thread.
 ///
@@ -112,14 +119,10 @@ pub fn split() -> Result<(), PidNsError> {
     // where it is changes nothing. If it may not, the helper starts first.
     // SAFETY: setns with an fd we own and a namespace flag.
     let may_return = unsafe { libc::setns(own_ns.as_raw_fd(), libc::CLONE_NEWPID) } == 0;
-    let mut helper_end = Some(helper_end);
-    let early = if may_return {
-        None
+    let helper = if may_return {
+        HelperStart::AfterFork(helper_end)
     } else {
-        let end = helper_end
-            .take()
-            .ok_or_else(|| step("the helper's channel")(io::Error::from_raw_os_error(libc::EINVAL)))?;
-        Some(crate::helper::spawn_process(end).map_err(PidNsError::Helper)?)
+        HelperStart::Started(crate::helper::spawn_process(helper_end).map_err(PidNsError::Helper)?)
     };
     // The launcher holds the write end for its whole life and never writes: the core sees it
     // close when the launcher is gone (the parent-death signal only covers a death after it is
@@ -136,9 +139,9 @@ pub fn split() -> Result<(), PidNsError> {
     // running Rust code.
     let pid = check(unsafe { libc::fork() }.into(), "fork of the core")?;
     if pid == 0 {
-        // The helper's `Child`, if it started first, stays with the launcher, its parent.
-        std::mem::forget(early);
-        drop((alive_w, helper_end, own_ns));
+        // The helper, if it started first, is the launcher's to keep (dropping a `Child` neither
+        // waits for nor signals it).
+        drop((alive_w, helper, own_ns));
         return core_side(alive_r, core_end);
     }
     drop((alive_r, core_end));
@@ -147,16 +150,15 @@ pub fn split() -> Result<(), PidNsError> {
     // and the core is already serving (its API socket may be up before the helper is).
     CORE.store(core, Ordering::SeqCst);
     install_forwarding();
-    let helper = match (early, helper_end) {
-        (Some(h), _) => Ok(h),
-        (None, Some(end)) => {
+    let helper = match helper {
+        HelperStart::Started(h) => Ok(h),
+        HelperStart::AfterFork(end) => {
             // SAFETY: setns with an fd we own and a namespace flag: the children this process
             // creates from now on go to its own PID namespace again.
             let rc = unsafe { libc::setns(own_ns.as_raw_fd(), libc::CLONE_NEWPID) };
             check(rc.into(), "setns to the host's PID namespace")
                 .and_then(|_| crate::helper::spawn_process(end).map_err(PidNsError::Helper))
         }
-        (None, None) => Err(step("starting the helper")(io::Error::from_raw_os_error(libc::EINVAL))),
     };
     drop(own_ns);
     match helper {
@@ -254,17 +256,14 @@ fn launcher(core: libc::pid_t, alive: OwnedFd) -> ! {
 /// `bulkhead-launcher CORE_PID ALIVE_FD`: the launcher's fresh image ([`launcher`]).
 pub fn launcher_main() -> std::process::ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let (Some(core), Some(fd)) = (
+    let (Some(core), Some(fd), 2) = (
         args.first().and_then(|a| a.parse::<libc::pid_t>().ok()).filter(|p| *p > 0),
         args.get(1).and_then(|a| a.parse::<RawFd>().ok()).filter(|f| *f > 2),
+        args.len(),
     ) else {
         eprintln!("{LAUNCHER_NAME}: started by bulkhead only (CORE_PID ALIVE_FD)");
         return std::process::ExitCode::from(2);
     };
-    if args.len() != 2 {
-        eprintln!("{LAUNCHER_NAME}: started by bulkhead only (CORE_PID ALIVE_FD)");
-        return std::process::ExitCode::from(2);
-    }
     // Only its own child: signals go nowhere else.
     // SAFETY: a siginfo_t is plain data; waitid fills it (WNOWAIT: the child stays as it is).
     let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };

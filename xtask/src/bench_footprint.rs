@@ -358,34 +358,25 @@ pub fn bench(bin: &Path, probe: &Path, runs: usize) -> Result<(), BoxError> {
         medians.insert((*devices, *vmm), (median_f(&start), median_f(&pss)));
     }
     for &devices in &rows {
-        if let (Some(b), Some(n)) =
-            (medians.get(&(devices, Vmm::Bulkhead)), medians.get(&(devices, Vmm::BulkheadNoCgroup)))
-        {
-            println!(
-                "footprint {}: the VM's cgroup costs {:+.2} ms of start time and {:+.0} KiB of PSS (with / without)",
-                devices.label(),
-                b.0 - n.0,
-                b.1 - n.1
-            );
-        }
-        if let (Some(n), Some(z)) =
-            (medians.get(&(devices, Vmm::BulkheadNoCgroup)), medians.get(&(devices, Vmm::BulkheadBare)))
-        {
-            println!(
-                "footprint {}: the core's jail (its helper, ids, drop) costs {:+.2} ms of start time and {:+.0} KiB of PSS (--no-cgroup vs --no-jail --no-cgroup)",
-                devices.label(),
-                n.0 - z.0,
-                n.1 - z.1
-            );
-        }
-        if let (Some(b), Some(z)) = (medians.get(&(devices, Vmm::Bulkhead)), medians.get(&(devices, Vmm::BulkheadBare)))
-        {
-            println!(
-                "footprint {}: jail and cgroup together cost {:+.2} ms of start time and {:+.0} KiB of PSS",
-                devices.label(),
-                b.0 - z.0,
-                b.1 - z.1
-            );
+        // What one variant costs over another, in start time and PSS.
+        for (with, without, what, how) in [
+            (Vmm::Bulkhead, Vmm::BulkheadNoCgroup, "the VM's cgroup costs", " (with / without)"),
+            (
+                Vmm::BulkheadNoCgroup,
+                Vmm::BulkheadBare,
+                "the core's jail (its helper, ids, drop) costs",
+                " (--no-cgroup vs --no-jail --no-cgroup)",
+            ),
+            (Vmm::Bulkhead, Vmm::BulkheadBare, "jail and cgroup together cost", ""),
+        ] {
+            if let (Some(a), Some(b)) = (medians.get(&(devices, with)), medians.get(&(devices, without))) {
+                println!(
+                    "footprint {}: {what} {:+.2} ms of start time and {:+.0} KiB of PSS{how}",
+                    devices.label(),
+                    a.0 - b.0,
+                    a.1 - b.1
+                );
+            }
         }
         if let (Some(b), Some(f)) = (medians.get(&(devices, Vmm::Bulkhead)), medians.get(&(devices, Vmm::Firecracker)))
         {

@@ -1464,16 +1464,21 @@ mod tests {
         wr_b(t, reg::QUEUE_DRIVER_LOW, 0x2000);
         wr_b(t, reg::QUEUE_DEVICE_LOW, 0x3000);
         wr_b(t, reg::QUEUE_READY, 1);
-        for head in 0u16..3 {
-            // A 64-byte device-writable buffer per head.
+        offer(mem, 0..3);
+        wr_b(t, reg::STATUS, status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK);
+        mem.write_obj(3u16, GuestAddress(AVAIL + 2)).expect("avail idx");
+    }
+
+    /// Puts `heads` in the available ring, a 64-byte device-writable buffer each (head N at
+    /// slot N); the caller publishes the new available index.
+    fn offer(mem: &GuestMemoryMmap<()>, heads: std::ops::Range<u16>) {
+        for head in heads {
             let d = 0x1000 + u64::from(head) * 16;
             mem.write_obj(0x8000u64 + u64::from(head) * 0x100, GuestAddress(d)).expect("addr");
             mem.write_obj(64u32, GuestAddress(d + 8)).expect("len");
             mem.write_obj(2u16, GuestAddress(d + 12)).expect("flags");
             mem.write_obj(head, GuestAddress(AVAIL + 4 + u64::from(head) * 2)).expect("ring");
         }
-        wr_b(t, reg::STATUS, status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK);
-        mem.write_obj(3u16, GuestAddress(AVAIL + 2)).expect("avail idx");
     }
 
     fn wr_b(t: &mut MmioTransport<Batcher>, offset: u64, v: u32) {
@@ -1551,13 +1556,7 @@ mod tests {
         assert_eq!(avail_event(), 3, "armed where the device is");
         // The driver adds heads 3 and 4; the device takes them through QueueNotify before it
         // sees the kick (as RX does on the TAP's readiness), then finds no new work in a poll.
-        for head in 3u16..5 {
-            let d = 0x1000 + u64::from(head) * 16;
-            mem.write_obj(0x8000u64 + u64::from(head) * 0x100, GuestAddress(d)).expect("addr");
-            mem.write_obj(64u32, GuestAddress(d + 8)).expect("len");
-            mem.write_obj(2u16, GuestAddress(d + 12)).expect("flags");
-            mem.write_obj(head, GuestAddress(AVAIL + 4 + u64::from(head) * 2)).expect("ring");
-        }
+        offer(&mem, 3..5);
         mem.write_obj(5u16, GuestAddress(AVAIL + 2)).expect("avail idx");
         wr_b(&mut t, reg::QUEUE_NOTIFY, 0);
         assert_eq!(t.device().taken, [0, 1, 2, 3, 4]);
