@@ -38,7 +38,7 @@ use vm_superio::serial::{NoEvents, SerialState};
 use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
-use ipc::control::IoCounters;
+use ipc::control::{DeviceReport, IoCounters, UartReport};
 use ipc::{Mirror, MirrorEntry};
 
 use crate::output::Output;
@@ -432,6 +432,19 @@ impl PioHandler for Console {
             self.serial.writer_mut().flush_now();
         }
         Ok(())
+    }
+
+    fn report(&mut self) -> DeviceReport {
+        let s = self.serial.state();
+        DeviceReport::Uart(UartReport {
+            ier: s.interrupt_enable,
+            iir: s.interrupt_identification,
+            lcr: s.line_control,
+            lsr: s.line_status,
+            mcr: s.modem_control,
+            fifo: u32::try_from(s.in_buffer.len()).unwrap_or(u32::MAX),
+            pending_input: u32::try_from(self.pending.len()).unwrap_or(u32::MAX),
+        })
     }
 
     /// Output bytes the reader got (`bytes_from_guest`), output bytes dropped for a reader that

@@ -6,8 +6,8 @@ use std::time::{Duration, Instant};
 
 use bulkhead_policies::{Policy, PolicyError, Report};
 use ipc::control::{
-    bounded_reason, seccomp_report, ControlMsg, DeviceConfig, FdRole, ForbiddenAction, IoCounters, RateLimitUpdate,
-    ServiceFault, ServiceSetup, ServiceStats, FAULT_CRASH_STATUS, FAULT_SLOW_MAX_MS,
+    bounded_reason, seccomp_report, ControlMsg, DeviceConfig, DeviceReport, FdRole, ForbiddenAction, IoCounters, RateLimitUpdate,
+    RingReport, ServiceFault, ServiceReport, ServiceSetup, ServiceStats, FAULT_CRASH_STATUS, FAULT_SLOW_MAX_MS,
 };
 use ipc::ring::{ExitKind, ExitReply, ExitRequest, Incoming, ServiceEndpoint};
 use ipc::{ControlChannel, ControlError, IpcError, Mirror, MirrorEntry};
@@ -130,6 +130,10 @@ pub trait PioHandler {
     /// access (input arriving) must [`invalidate`](Mirror::invalidate) it before raising the
     /// interrupt that could make the guest read.
     fn attach_mirror(&mut self, _mirror: Mirror) {}
+    /// The device's live state, for [`ControlMsg::Inspect`] (read-only).
+    fn report(&mut self) -> DeviceReport {
+        DeviceReport::Opaque
+    }
 }
 
 /// A memory-mapped device served by the runtime (e.g. a virtio-mmio transport). Offsets are
@@ -209,6 +213,10 @@ pub trait MmioHandler {
     /// change of a mirrored value made outside an access, rewrite the value in place
     /// ([`Mirror::update`], at its offset into the window) or invalidate the table.
     fn attach_mirror(&mut self, _mirror: Mirror) {}
+    /// The device's live state, for [`ControlMsg::Inspect`] (read-only).
+    fn report(&mut self) -> DeviceReport {
+        DeviceReport::Opaque
+    }
 }
 
 /// What the serve loop needs from a device, whatever its bus.
@@ -248,6 +256,7 @@ trait Dispatch {
     /// Mirrored registers with absolute addresses.
     fn mirrored(&mut self, _out: &mut Vec<MirrorEntry>) {}
     fn attach_mirror(&mut self, _mirror: Mirror) {}
+    fn report(&mut self) -> DeviceReport;
 }
 
 /// Turns the mirrored entries from `start` on, given as offsets into the window `[base, base +
@@ -315,6 +324,9 @@ impl<H: PioHandler> Dispatch for PioDispatch<H> {
     fn attach_mirror(&mut self, mirror: Mirror) {
         self.handler.attach_mirror(mirror.based(u64::from(self.base)));
     }
+    fn report(&mut self) -> DeviceReport {
+        self.handler.report()
+    }
     fn poll(&mut self) -> Result<bool, RuntimeError> {
         Ok(false)
     }
@@ -377,6 +389,9 @@ impl<H: MmioHandler> Dispatch for MmioDispatch<H> {
     }
     fn attach_mirror(&mut self, mirror: Mirror) {
         self.handler.attach_mirror(mirror.based(self.base));
+    }
+    fn report(&mut self) -> DeviceReport {
+        self.handler.report()
     }
     fn wake_after(&self) -> Option<Duration> {
         self.handler.wake_after()
@@ -819,6 +834,17 @@ impl<H: Dispatch> Server<H> {
             ControlMsg::SetRateLimit { token, limits } => {
                 let applied = self.handler.set_rate_limit(&limits);
                 self.control.send(&ControlMsg::RateLimitSet { token, applied }, &[])?;
+                Ok(Flow::Continue)
+            }
+            ControlMsg::Inspect { token } => {
+                let ring = RingReport {
+                    submitted: self.ring.submitted(),
+                    taken: self.ring.taken(),
+                    mirror_valid: self.ring.mirror().is_valid(),
+                    sleeps: self.stats.sleeps,
+                };
+                let report = Box::new(ServiceReport { ring, device: self.handler.report() });
+                self.control.send(&ControlMsg::Inspected { token, report }, &[])?;
                 Ok(Flow::Continue)
             }
             ControlMsg::EnterFailed { reason } => {

@@ -374,6 +374,107 @@ impl IoCounters {
     }
 }
 
+/// A service's live state ([`ControlMsg::Inspect`]), for an operator or a test looking at a device
+/// that seems stuck: what the ring, the device's registers and (virtio) the guest's rings hold
+/// at the moment of the request. Read-only: taking it changes nothing. Values from guest memory
+/// are `None` where the guest's rings could not be read.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceReport {
+    /// The exit ring, as this instance sees it.
+    pub ring: RingReport,
+    /// The device.
+    pub device: DeviceReport,
+}
+
+/// The exit ring of a [`ServiceReport`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RingReport {
+    /// Requests the core has submitted (its producer index).
+    pub submitted: u64,
+    /// Requests this instance has taken (its consumer index).
+    pub taken: u64,
+    /// Whether the read mirror is valid (the core answers mirrored reads from it).
+    pub mirror_valid: bool,
+    /// Times this instance went to sleep on its doorbell.
+    pub sleeps: u64,
+}
+
+/// The device part of a [`ServiceReport`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DeviceReport {
+    /// A device with nothing more to report.
+    Opaque,
+    /// A 16550 UART.
+    Uart(UartReport),
+    /// A virtio-mmio device.
+    Virtio(VirtioReport),
+}
+
+/// A UART's registers and buffers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UartReport {
+    /// Interrupt enable.
+    pub ier: u8,
+    /// Interrupt identification.
+    pub iir: u8,
+    /// Line control.
+    pub lcr: u8,
+    /// Line status.
+    pub lsr: u8,
+    /// Modem control (OUT2 gates the interrupt on a PC).
+    pub mcr: u8,
+    /// Bytes in the receive FIFO.
+    pub fifo: u32,
+    /// Input bytes waiting for room in the FIFO.
+    pub pending_input: u32,
+}
+
+/// A virtio-mmio transport and its queues.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VirtioReport {
+    /// Device status register.
+    pub status: u32,
+    /// InterruptStatus.
+    pub interrupt_status: u32,
+    /// Interrupts raised by this instance.
+    pub interrupts: u64,
+    /// Interrupt bits held back until the first poll after a restore.
+    pub held_interrupts: Option<u32>,
+    /// Interrupt records kept against posted acknowledgements.
+    pub raise_records: u32,
+    /// The driver's negotiated features.
+    pub driver_features: u64,
+    /// Each queue.
+    pub queues: Vec<QueueReport>,
+    /// Device-specific counts (`rx_held`, `requests_in_flight`, ...).
+    pub device: std::collections::BTreeMap<String, u64>,
+}
+
+/// One virtqueue: the device's positions beside the guest's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueReport {
+    /// QueueReady.
+    pub ready: bool,
+    /// Queue size.
+    pub size: u16,
+    /// The next available-ring entry the device takes.
+    pub next_avail: u16,
+    /// The next used-ring entry the device fills.
+    pub next_used: u16,
+    /// The driver's available index.
+    pub avail_idx: Option<u16>,
+    /// The driver's available-ring flags (bit 0: no interrupts wanted).
+    pub avail_flags: Option<u16>,
+    /// EVENT_IDX: the used index the driver wants an interrupt after.
+    pub used_event: Option<u16>,
+    /// The used index in guest memory.
+    pub used_idx: Option<u16>,
+    /// EVENT_IDX: the available index the device wants a kick after.
+    pub avail_event: Option<u16>,
+    /// Whether the device has notifications from the driver enabled (it is not polling).
+    pub kicks_armed: bool,
+}
+
 /// A control message.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ControlMsg {
@@ -472,6 +573,18 @@ pub enum ControlMsg {
     IoStopped {
         /// What failed, for the operator (`write at sector 123: No space left on device`).
         reason: String,
+    },
+    /// Core → service: report the live state. Answered with `Inspected`.
+    Inspect {
+        /// Echoed in the answer.
+        token: u64,
+    },
+    /// Service → core: the state asked for by `Inspect` `token`.
+    Inspected {
+        /// The request's token.
+        token: u64,
+        /// The state.
+        report: Box<ServiceReport>,
     },
 }
 

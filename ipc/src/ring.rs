@@ -1093,6 +1093,11 @@ impl ServiceEndpoint {
         Ok(Some(Incoming { seq: rec.seq, len: rec.len, request, index }))
     }
 
+    /// How many requests this end has taken so far (its consumer index).
+    pub fn taken(&self) -> u64 {
+        self.sub_cons
+    }
+
     /// How many requests the core has submitted so far (its producer index, as published).
     pub fn submitted(&self) -> u64 {
         self.view.u64_at(OFF_SUB_PROD).load(Ordering::Acquire)

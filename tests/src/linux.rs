@@ -172,9 +172,37 @@ impl LiveVm {
         String::from_utf8_lossy(&self.log.lock().expect("log buffer")).into_owned()
     }
 
-    /// Both, for assertion messages.
+    /// Both, and (while the VM runs) each device's live state, for assertion messages.
     pub fn context(&self) -> String {
-        format!("--- console\n{}\n--- log\n{}", self.console(), self.log())
+        format!("--- console\n{}\n--- log\n{}\n--- devices\n{}", self.console(), self.log(), self.device_states())
+    }
+
+    /// Each device's live state as `bulkhead inspect --device` prints it (what the service's
+    /// registers and the guest's virtqueues held when a wait ran out), or why there is none.
+    pub fn device_states(&self) -> String {
+        let sock = std::path::PathBuf::from(format!("/run/bulkhead/vm-{}.sock", self.pid()));
+        if !sock.exists() {
+            return format!("(no API socket {})", sock.display());
+        }
+        let (code, body) = crate::curl(&sock, "GET", "/bulkhead/devices", None);
+        let ids: Vec<String> = serde_json::from_str::<serde_json::Value>(&body)
+            .ok()
+            .and_then(|v| v.as_array().map(|a| a.iter().filter_map(|d| d["id"].as_str().map(String::from)).collect()))
+            .unwrap_or_default();
+        if code != 200 || ids.is_empty() {
+            return format!("(GET /bulkhead/devices: {code} {body})");
+        }
+        let vm = sock.to_string_lossy().into_owned();
+        let mut out = String::new();
+        for id in ids {
+            let o = crate::bulkhead_cli(&["inspect", &vm, "--device", &id]);
+            out.push_str(&format!(
+                "{id}: {}{}\n",
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            ));
+        }
+        out
     }
 
     /// Waits (at most `limit`) until the console holds `needle` after byte `from`; returns the
@@ -221,9 +249,10 @@ impl LiveVm {
                 break s;
             }
             if start.elapsed() > limit {
+                let context = self.context();
                 let _ = self.child.kill();
                 let _ = self.child.wait();
-                panic!("bulkhead still running after {limit:?}\n{}", self.context());
+                panic!("bulkhead still running after {limit:?}\n{context}");
             }
             std::thread::sleep(Duration::from_millis(50));
         };

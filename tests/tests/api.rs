@@ -213,6 +213,31 @@ fn a_paused_vm_stands_still_then_finishes() {
     // The liveness pings are still answered (a few per second); nothing else runs.
     assert!(used < 50_000_000, "the services used {} ms of CPU in 2 s while paused", used / 1_000_000);
     eprintln!("paused 2 s: services used {:.1} ms of CPU", used as f64 / 1e6);
+    // A paused VM's devices hold still: the block service reports its queue drained, its
+    // positions equal to the guest's indices in guest memory.
+    let (st, b) = curl(&sock, "GET", "/bulkhead/devices/block/state", None);
+    assert_eq!(st, 200, "{b}");
+    let state: serde_json::Value = serde_json::from_str(&b).expect("json");
+    let pid = state["pid"].as_u64().and_then(|p| u32::try_from(p).ok()).expect("pid");
+    assert!(services.contains(&pid), "the block service's pid {pid}: {b}");
+    let v = &state["report"]["device"]["Virtio"];
+    assert_ne!(v["status"].as_u64().expect("status") & 4, 0, "DRIVER_OK: {b}");
+    let q = &v["queues"][0];
+    assert_eq!(q["ready"], true, "{b}");
+    assert_eq!(q["used_idx"], q["next_used"], "the used index in guest memory is the device's: {b}");
+    assert_eq!(q["avail_idx"], q["next_avail"], "every request offered was taken: {b}");
+    assert!(q["next_used"].as_u64().expect("next_used") > 0, "{b}");
+    let ring = &state["report"]["ring"];
+    assert_eq!(ring["taken"], ring["submitted"], "no exit waits on the ring of a paused VM: {b}");
+    let (st, b) = curl(&sock, "GET", "/bulkhead/devices/console/state", None);
+    assert_eq!(st, 200, "{b}");
+    let uart: serde_json::Value = serde_json::from_str(&b).expect("json");
+    assert_eq!(uart["report"]["device"]["Uart"]["lsr"].as_u64().map(|l| l & 0x60), Some(0x60), "THRE|TEMT: {b}");
+    let (st, b) = curl(&sock, "GET", "/bulkhead/devices/nosuch/state", None);
+    assert_eq!((st, fault_message(&b).contains("no device `nosuch`")), (400, true), "{b}");
+    let out = bulkhead_cli(&["inspect", sock.to_str().expect("utf8"), "--device", "block"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && text.contains("\"Virtio\"") && text.contains("\"avail_event\""), "{text}");
     assert_eq!(curl(&sock, "PATCH", "/vm", Some(r#"{"state": "Resumed"}"#)).0, 204);
     let r = wait_bounded(child, Duration::from_secs(240));
     let serial_text = std::fs::read_to_string(&serial).unwrap_or_default();

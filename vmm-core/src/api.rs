@@ -407,6 +407,7 @@ fn route(method: &Verb, url: &str, body: &[u8], ctx: &Ctx) -> Reply {
             Err(r) => r,
         },
         (Get, ["bulkhead", "vm"]) => Reply::json(&vm_summary(&view(ctx))),
+        (Get, ["bulkhead", "devices", id, "state"]) => device_state(ctx, id),
         (Patch, ["bulkhead", "devices", id]) => match parse::<DevicePatch>(body) {
             Ok(p) => patch_device(ctx, id, &p),
             Err(r) => r,
@@ -613,6 +614,28 @@ fn inject(ctx: &Ctx, device: &str, action: FaultAction) -> Reply {
         Err(e) => Reply::error(crate::vmm::chain(&e)),
     }
 }
+
+/// `GET /bulkhead/devices/{id}/state`: the device's live state, as its service reports it
+/// (registers, the exit ring, the guest's rings beside the device's positions).
+fn device_state(ctx: &Ctx, device: &str) -> Reply {
+    let v = view(ctx);
+    let Some(reg) = &v.devices else {
+        return Reply::error("The requested operation is not supported before starting the microVM.");
+    };
+    let Some((_, svc)) = reg.resolve(device) else {
+        return Reply::error(format!("no device `{device}` (have: {})", reg.names()));
+    };
+    if !svc.wait_alive(None, HOLD_LIMIT) {
+        return Reply::error(format!("device {} has no live instance (restarting for over {HOLD_LIMIT:?})", svc.name()));
+    }
+    match svc.inspect(INSPECT_LIMIT) {
+        Ok(report) => Reply::json(&serde_json::json!({ "service": svc.name(), "pid": svc.pid(), "report": report })),
+        Err(e) => Reply::error(crate::vmm::chain(&e)),
+    }
+}
+
+/// How long a service has to answer an inspection.
+const INSPECT_LIMIT: Duration = Duration::from_secs(2);
 
 fn id_mismatch() -> Reply {
     Reply::error("The id from the path does not match the id from the body!")

@@ -167,6 +167,11 @@ pub struct InspectArgs {
     /// The API's JSON (`GET /bulkhead/isolation`) instead of text.
     #[arg(long)]
     pub json: bool,
+    /// Instead, the live state of this device (its registers, exit ring and virtqueues, as
+    /// `GET /bulkhead/devices/ID/state` returns it, in JSON): `console`, `block`, `net`, a
+    /// device id or a service's name.
+    #[arg(long, value_name = "ID")]
+    pub device: Option<String>,
 }
 
 /// A VM named on the command line.

@@ -56,7 +56,10 @@ fn main() -> ExitCode {
         Some(Command::Stop(s)) => stop_gracefully(&s),
         Some(Command::Fault(f)) => fault(&f),
         Some(Command::Stats(v)) => stats(&v.vm),
-        Some(Command::Inspect(a)) => inspect(&a.vm, a.json),
+        Some(Command::Inspect(a)) => match &a.device {
+            Some(d) => device_state(&a.vm, d),
+            None => inspect(&a.vm, a.json),
+        },
         Some(Command::Set(a)) => match serde_json::to_string(&a.resources.to_resources()) {
             Ok(body) => simple(&a.vm, "PATCH", "/bulkhead/resources", &body, "resources set"),
             Err(e) => {
@@ -395,6 +398,23 @@ fn inspect(vm: &str, json: bool) -> ExitCode {
     match serde_json::from_str::<vmm_core::isolation::IsolationReport>(&answer.body) {
         Ok(r) => {
             print!("{}", vmm_core::isolation::render(&r));
+            ExitCode::SUCCESS
+        }
+        Err(_) => {
+            eprintln!("bulkhead: error: malformed answer: {}", answer.body);
+            ExitCode::from(EX_UNAVAILABLE)
+        }
+    }
+}
+
+fn device_state(vm: &str, device: &str) -> ExitCode {
+    let answer = match call(vm, "GET", &format!("/bulkhead/devices/{device}/state"), None) {
+        Ok(a) => a,
+        Err(code) => return code,
+    };
+    match serde_json::from_str::<serde_json::Value>(&answer.body).and_then(|v| serde_json::to_string_pretty(&v)) {
+        Ok(pretty) => {
+            println!("{pretty}");
             ExitCode::SUCCESS
         }
         Err(_) => {

@@ -40,7 +40,8 @@ use std::time::{Duration, Instant};
 
 use ipc::control::{
     bounded_reason, BlockConfig, ControlMsg, DeviceConfig, FaultAction, FdRole, ForbiddenAction, MemoryRegion,
-    NetConfig, RateLimit, RateLimitUpdate, RingSetup, ServiceFault, ServiceMetrics, ServiceSetup, ServiceStats,
+    NetConfig, RateLimit, RateLimitUpdate, RingSetup, ServiceFault, ServiceMetrics, ServiceReport, ServiceSetup,
+    ServiceStats,
 };
 use ipc::ring::{ExitKind, ExitRequest, Status};
 use ipc::state::{StateRegion, HOT_OFFSET, SLOT_HEADER_LEN, SLOT_LEN};
@@ -748,6 +749,8 @@ impl Ctl {
                 self.io_stop = Some(ipc::control::bounded_reason(reason).to_string());
                 true
             }
+            // The late answer to an inspection whose wait ended: dropped.
+            ControlMsg::Inspected { token, .. } => token != 0 && token < self.next_token,
             _ => false,
         }
     }
@@ -1208,6 +1211,21 @@ impl ServiceRef {
             });
         }
         Ok(())
+    }
+
+    /// The current instance's live state ([`ControlMsg::Inspect`]), answered within `timeout`.
+    /// The core relays it as the service wrote it.
+    pub fn inspect(&self, timeout: Duration) -> Result<ServiceReport, ServiceError> {
+        if self.0.device.closed() {
+            return Err(ServiceError::Unsupported { name: self.0.name.clone(), what: "the device has failed for good" });
+        }
+        let mut ctl = self.0.lock_ctl();
+        let token = ctl.next_token();
+        ctl.control.send_now(&ControlMsg::Inspect { token }, &[]).map_err(|e| self.0.control_error(e))?;
+        self.0.await_reply(&mut ctl, Instant::now() + timeout, |m| match m {
+            ControlMsg::Inspected { token: t, report } if *t == token => Some((**report).clone()),
+            _ => None,
+        })
     }
 
     /// Gives a block device a new image (`file`, opened by the core): the current instance is

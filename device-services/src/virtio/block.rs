@@ -18,7 +18,7 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::rc::Rc;
 use std::time::Duration;
 
-use ipc::control::{ErrorPolicy, IoCounters, RateLimit, RateLimitUpdate};
+use ipc::control::{DeviceReport, ErrorPolicy, IoCounters, RateLimit, RateLimitUpdate};
 
 use virtio_bindings::virtio_blk;
 use vm_memory::{Bytes, Permissions, VolatileSlice};
@@ -648,6 +648,17 @@ impl VirtioDevice for Block {
         held.at
     }
 
+    fn report_counts(&self) -> std::collections::BTreeMap<String, u64> {
+        let s = self.stats;
+        [
+            ("ok".into(), s.ok),
+            ("ioerr".into(), s.ioerr),
+            ("held".into(), u64::from(self.held.is_some())),
+            ("throttle_wait_us".into(), self.throttle_wait().map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))),
+        ]
+        .into()
+    }
+
     fn process_queue(&mut self, queue: &mut QueueCtx<'_>) -> Result<usize, DeviceError> {
         if self.held.is_some() {
             // Nothing is taken while a request is held: the VM is (being) stopped.
@@ -729,6 +740,9 @@ impl BlockHandler {
 impl MmioHandler for BlockHandler {
     fn mirrored(&mut self, out: &mut Vec<ipc::MirrorEntry>) {
         self.transport.mirrored(out);
+    }
+    fn report(&mut self) -> DeviceReport {
+        DeviceReport::Virtio(self.transport.report())
     }
     fn attach_mirror(&mut self, mirror: ipc::Mirror) {
         self.transport.attach_mirror(mirror);

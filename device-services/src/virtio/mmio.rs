@@ -34,6 +34,7 @@ use vmm_sys_util::eventfd::EventFd;
 use super::tracked::{QueueCtx, Tracker};
 use super::{VirtioDevice, F_EVENT_IDX, F_VERSION_1};
 use crate::memory::GuestMem;
+use ipc::control::{DeviceReport, QueueReport, VirtioReport};
 use ipc::{Mirror, MirrorEntry};
 
 use crate::runtime::{MmioHandler, RuntimeError};
@@ -707,6 +708,46 @@ impl<D: VirtioDevice> MmioTransport<D> {
         self.persist();
     }
 
+    /// The transport's live state and its queues', guest-memory fields read now.
+    pub fn report(&self) -> VirtioReport {
+        let mem = &self.mem;
+        let at = |addr: u64| -> Option<u16> {
+            mem.load::<u16>(GuestAddress(addr), Ordering::Acquire).ok().map(u16::from_le)
+        };
+        let queues = self
+            .queues
+            .iter()
+            .zip(&self.notify_on)
+            .map(|(q, &armed)| {
+                let size = u64::from(q.size());
+                let (avail, used) = (q.avail_ring(), q.used_ring());
+                let known = q.ready();
+                QueueReport {
+                    ready: q.ready(),
+                    size: q.size(),
+                    next_avail: q.next_avail(),
+                    next_used: q.next_used(),
+                    avail_flags: known.then(|| at(avail)).flatten(),
+                    avail_idx: known.then(|| at(avail.wrapping_add(2))).flatten(),
+                    used_event: known.then(|| at(avail.wrapping_add(4 + 2 * size))).flatten(),
+                    used_idx: known.then(|| at(used.wrapping_add(2))).flatten(),
+                    avail_event: known.then(|| at(used.wrapping_add(4 + 8 * size))).flatten(),
+                    kicks_armed: armed,
+                }
+            })
+            .collect();
+        VirtioReport {
+            status: self.status,
+            interrupt_status: self.interrupt_status,
+            interrupts: self.stats.interrupts,
+            held_interrupts: self.deferred_irq,
+            raise_records: u32::try_from(self.raises.len()).unwrap_or(u32::MAX),
+            driver_features: self.driver_features,
+            queues,
+            device: self.device.report_counts(),
+        }
+    }
+
     /// Bits of the interrupts raised after the request being served was submitted (all that
     /// are still unreported when the runtime gave no position: a direct call in a test, or a
     /// raise during this very batch, conservatively kept). Forgets the records this request
@@ -1155,6 +1196,10 @@ impl<D: VirtioDevice> MmioHandler for MmioTransport<D> {
 
     fn attach_mirror(&mut self, mirror: Mirror) {
         self.mirror = Some(mirror);
+    }
+
+    fn report(&mut self) -> DeviceReport {
+        DeviceReport::Virtio(MmioTransport::report(self))
     }
 
     fn redone(&self) -> u64 {

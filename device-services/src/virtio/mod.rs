@@ -102,4 +102,9 @@ pub trait VirtioDevice {
     fn release_held(&mut self) -> Option<(u16, u16, u16)> {
         None
     }
+    /// Device-specific counts for an inspection report ([`ipc::control::VirtioReport::device`]):
+    /// what the device holds that the rings do not show.
+    fn report_counts(&self) -> std::collections::BTreeMap<String, u64> {
+        std::collections::BTreeMap::new()
+    }
 }

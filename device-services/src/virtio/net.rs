@@ -51,11 +51,11 @@
 use std::cell::Cell;
 use std::collections::VecDeque;
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::rc::Rc;
 use std::time::Duration;
 
-use ipc::control::{IoCounters, RateLimit, RateLimitUpdate};
+use ipc::control::{DeviceReport, IoCounters, RateLimit, RateLimitUpdate};
 
 use virtio_bindings::virtio_net as vn;
 use virtio_queue::desc::split::Descriptor;
@@ -1166,6 +1166,21 @@ impl VirtioDevice for Net {
         Ok(())
     }
 
+    fn report_counts(&self) -> std::collections::BTreeMap<String, u64> {
+        let s = self.stats;
+        // Whether the TAP has a frame now (a zero-timeout poll; nothing is read).
+        let tap_readable = ipc::wait::wait_readable(self.tap.as_fd(), Duration::ZERO).unwrap_or(false);
+        [
+            ("rx_held".into(), self.rx_held.len() as u64),
+            ("rx_frame_waiting".into(), u64::from(self.pending.is_some())),
+            ("tap_readable".into(), u64::from(tap_readable)),
+            ("rx_frames".into(), s.rx_frames),
+            ("tx_frames".into(), s.tx_frames),
+            ("tx_throttled".into(), u64::from(self.tx_throttled())),
+        ]
+        .into()
+    }
+
     fn reset(&mut self) {
         self.rx_held.clear();
         self.pending = None;
@@ -1216,6 +1231,9 @@ impl NetHandler {
 impl MmioHandler for NetHandler {
     fn mirrored(&mut self, out: &mut Vec<ipc::MirrorEntry>) {
         self.transport.mirrored(out);
+    }
+    fn report(&mut self) -> DeviceReport {
+        DeviceReport::Virtio(self.transport.report())
     }
     fn attach_mirror(&mut self, mirror: ipc::Mirror) {
         self.transport.attach_mirror(mirror);
