@@ -473,6 +473,9 @@ pub struct QueueReport {
     pub avail_event: Option<u16>,
     /// Whether the device has notifications from the driver enabled (it is not polling).
     pub kicks_armed: bool,
+    /// The used index when this service instance last interrupted for this queue (`None`:
+    /// not yet).
+    pub notified_used: Option<u16>,
 }
 
 /// A control message.

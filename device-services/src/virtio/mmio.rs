@@ -221,6 +221,9 @@ pub struct MmioTransport<D> {
     addrs: Vec<QueueAddrs>,
     /// Whether kicks are currently enabled per queue (false while the service polls).
     notify_on: Vec<bool>,
+    /// Per queue, the used index when this instance last decided to interrupt for it (for
+    /// [`report`](Self::report): whether the driver was told of the latest used entries).
+    notified_used: Vec<Option<u16>>,
     notify: Vec<EventFd>,
     irq: EventFd,
     status: u32,
@@ -299,6 +302,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
             queues,
             addrs: vec![QueueAddrs::default(); n],
             notify_on: vec![true; n],
+            notified_used: vec![None; n],
             notify,
             irq,
             status: 0,
@@ -464,6 +468,9 @@ impl<D: VirtioDevice> MmioTransport<D> {
                 self.redone += redone;
                 if self.status & status::DRIVER_OK != 0 {
                     // Interrupts the dead instance may not have raised: one (maybe spurious) now.
+                    for (n, q) in self.notified_used.iter_mut().zip(&self.queues) {
+                        *n = q.ready().then(|| q.next_used());
+                    }
                     self.signal(INT_VRING);
                     if config_changed {
                         // A new medium (the core swapped the image): the driver re-reads the
@@ -717,8 +724,8 @@ impl<D: VirtioDevice> MmioTransport<D> {
         let queues = self
             .queues
             .iter()
-            .zip(&self.notify_on)
-            .map(|(q, &armed)| {
+            .zip(self.notify_on.iter().zip(&self.notified_used))
+            .map(|(q, (&armed, &notified_used))| {
                 let size = u64::from(q.size());
                 let (avail, used) = (q.avail_ring(), q.used_ring());
                 let known = q.ready();
@@ -733,6 +740,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
                     used_idx: known.then(|| at(used.wrapping_add(2))).flatten(),
                     avail_event: known.then(|| at(used.wrapping_add(4 + 8 * size))).flatten(),
                     kicks_armed: armed,
+                    notified_used,
                 }
             })
             .collect();
@@ -814,6 +822,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
         }
         self.addrs.iter_mut().for_each(|a| *a = QueueAddrs::default());
         self.notify_on.iter_mut().for_each(|n| *n = true);
+        self.notified_used.iter_mut().for_each(|n| *n = None);
         self.device.reset();
         self.words.iter_mut().for_each(|w| *w = QueueWord::default());
         self.orders.iter_mut().for_each(|o| *o = 0);
@@ -966,6 +975,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
                             !self.interrupts_suppressed(i)
                         };
                         if wanted {
+                            self.notified_used[i] = Some(self.queues[i].next_used());
                             self.signal(INT_VRING);
                         }
                     }

@@ -46,6 +46,25 @@ uptime_s() {
 	REPLY=${REPLY%.*}
 }
 
+# diagnose: after a failed test, what the guest's kernel saw of its devices' interrupts (how
+# many each IRQ took; how many of them its handler found nothing behind, in /proc/irq/N/spurious)
+# and of eth0's traffic, in lines before the result line, for whoever reads the console.
+diagnose() {
+	local f v l
+	echo "bulkhead-diag: /proc/interrupts"
+	cat /proc/interrupts
+	# IRQs 4-7: the console's, and the first virtio devices' (built-ins only: no process each).
+	for f in /proc/irq/[4-7]/spurious; do
+		[ -r "$f" ] || continue
+		v=
+		while read -r l; do v="$v $l;"; done <"$f"
+		echo "bulkhead-diag: $f:$v"
+	done
+	for f in rx_packets tx_packets rx_dropped tx_dropped; do
+		read -r v </sys/class/net/eth0/statistics/$f 2>/dev/null && echo "bulkhead-diag: eth0 $f $v"
+	done
+}
+
 # bulkhead_run_test NAME [KEY=VALUE]...: runs one test and prints its result line.
 # Returns 0 for a pass, 1 for a fail, 2 for an unknown test.
 bulkhead_run_test() {
@@ -68,7 +87,7 @@ bulkhead_run_test() {
 	t0=$REPLY
 	echo "bulkhead-guest: test $name starting"
 	. "$script"
-	if bulkhead_test; then status=pass; rc=0; else status=fail; rc=1; fi
+	if bulkhead_test; then status=pass; rc=0; else status=fail; rc=1; diagnose; fi
 	uptime_s
 	echo "bulkhead-result: test=$name status=$status seconds=$((REPLY - t0))$bulkhead_facts end"
 	return $rc
