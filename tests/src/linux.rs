@@ -126,6 +126,8 @@ pub struct LiveVm {
     console: Arc<Mutex<Vec<u8>>>,
     log: Arc<Mutex<Vec<u8>>>,
     readers: Vec<JoinHandle<()>>,
+    /// The VM's API socket, if its command line names one (`--api-sock`, or `--id`).
+    api_sock: Option<std::path::PathBuf>,
 }
 
 fn collect(mut from: impl Read + Send + 'static, into: Arc<Mutex<Vec<u8>>>) -> JoinHandle<()> {
@@ -143,6 +145,11 @@ fn collect(mut from: impl Read + Send + 'static, into: Arc<Mutex<Vec<u8>>>) -> J
 impl LiveVm {
     /// Spawns `cmd` (a [`crate::bulkhead`] command) with stdin piped, inside `ns` if given.
     pub fn spawn(cmd: &mut Command, ns: Option<&NetNs>) -> Self {
+        let args: Vec<String> = cmd.get_args().map(|a| a.to_string_lossy().into_owned()).collect();
+        let after = |flag: &str| args.iter().position(|a| a == flag).and_then(|i| args.get(i + 1)).cloned();
+        let api_sock = after("--api-sock")
+            .map(std::path::PathBuf::from)
+            .or_else(|| after("--id").map(|id| std::path::PathBuf::from(format!("/run/bulkhead/{id}.sock"))));
         cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
         let mut child = match ns {
             Some(ns) => ns.spawn(cmd),
@@ -154,7 +161,7 @@ impl LiveVm {
             collect(child.stdout.take().expect("stdout piped"), console.clone()),
             collect(child.stderr.take().expect("stderr piped"), log.clone()),
         ];
-        Self { stdin: child.stdin.take(), child, console, log, readers }
+        Self { stdin: child.stdin.take(), child, console, log, readers, api_sock }
     }
 
     /// The core's pid.
@@ -177,13 +184,13 @@ impl LiveVm {
         format!("--- console\n{}\n--- log\n{}\n--- devices\n{}", self.console(), self.log(), self.device_states())
     }
 
-    /// Each device's live state as `bulkhead inspect --device` prints it (what the service's
-    /// registers and the guest's virtqueues held when a wait ran out), or why there is none.
+    /// Every vCPU's and device's live state as `bulkhead inspect --vcpus` and `--device` print
+    /// them (where the guest was, its pending interrupts, what the services' registers and the
+    /// guest's virtqueues held when a wait ran out), or why there is none.
     pub fn device_states(&self) -> String {
-        let sock = std::path::PathBuf::from(format!("/run/bulkhead/vm-{}.sock", self.pid()));
-        if !sock.exists() {
-            return format!("(no API socket {})", sock.display());
-        }
+        let Some(sock) = self.api_sock.clone().filter(|s| s.exists()) else {
+            return format!("(no API socket: {:?})", self.api_sock);
+        };
         let (code, body) = crate::curl(&sock, "GET", "/bulkhead/devices", None);
         let ids: Vec<String> = serde_json::from_str::<serde_json::Value>(&body)
             .ok()
@@ -193,7 +200,9 @@ impl LiveVm {
             return format!("(GET /bulkhead/devices: {code} {body})");
         }
         let vm = sock.to_string_lossy().into_owned();
-        let mut out = String::new();
+        let o = crate::bulkhead_cli(&["inspect", &vm, "--vcpus"]);
+        let mut out =
+            format!("vcpus: {}{}\n", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
         for id in ids {
             let o = crate::bulkhead_cli(&["inspect", &vm, "--device", &id]);
             out.push_str(&format!(

@@ -197,7 +197,24 @@ fn a_paused_vm_stands_still_then_finishes() {
     let child = bulkhead(&args).spawn().expect("spawn");
     let vmm = child.id();
     assert!(wait_for_serial(&serial, "blk-verify: round 3/", Duration::from_secs(60)), "guest never reached round 3");
+    // Every vCPU's state, read by its own thread between two runs of the guest.
+    let vcpus = || -> serde_json::Value {
+        let (st, b) = curl(&sock, "GET", "/bulkhead/vcpus", None);
+        assert_eq!(st, 200, "{b}");
+        serde_json::from_str(&b).expect("json")
+    };
+    let running = vcpus();
+    assert_eq!(running[0]["state"], "running", "{running}");
+    assert_eq!(running[0]["errors"], serde_json::json!([]), "{running}");
+    assert!(running[0]["exits"].as_u64().is_some_and(|n| n > 0), "{running}");
     assert_eq!(curl(&sock, "PATCH", "/vm", Some(r#"{"state": "Paused"}"#)).0, 204);
+    let paused = vcpus();
+    assert_eq!(paused.as_array().map(Vec::len), Some(1), "{paused}");
+    let v = &paused[0];
+    assert_eq!((v["index"].as_u64(), v["state"].as_str()), (Some(0), Some("paused")), "{paused}");
+    assert!(v["rip"].as_u64().is_some_and(|ip| ip > 0) && v["mp_state"].is_string(), "{paused}");
+    assert!(v["lapic"]["irr"].is_array() && v["lapic"]["svr"].is_u64(), "the local APIC: {paused}");
+    assert_eq!(vcpus()[0]["exits"], v["exits"], "a paused vCPU takes no exit");
     assert!(curl(&sock, "GET", "/", None).1.contains("\"Paused\""));
     let services: Vec<u32> = services_of(vmm).iter().map(|p| p.pid).collect();
     assert_eq!(services.len(), 2, "console and block");

@@ -162,6 +162,8 @@ fn linux_vm(root: &std::path::Path, cmdline_extra: &str, extra: &[&str]) -> std:
     let vmlinux = artefact("BULKHEAD_VMLINUX");
     let disk = format!("{},id=root", root.display());
     let cmdline = format!("{CMDLINE} {cmdline_extra}");
+    // For `bulkhead inspect` when a wait runs out (LiveVm::device_states).
+    let sock = root.with_file_name("api.sock");
     let mut args = vec![
         "--kernel",
         vmlinux.to_str().expect("utf8"),
@@ -173,6 +175,8 @@ fn linux_vm(root: &std::path::Path, cmdline_extra: &str, extra: &[&str]) -> std:
         "tap=bhlinux0,mac=02:00:0a:00:02:02",
         "--cmdline",
         &cmdline,
+        "--api-sock",
+        sock.to_str().expect("utf8"),
     ];
     args.extend_from_slice(extra);
     bulkhead(&args)

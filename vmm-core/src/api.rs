@@ -407,6 +407,14 @@ fn route(method: &Verb, url: &str, body: &[u8], ctx: &Ctx) -> Reply {
             Err(r) => r,
         },
         (Get, ["bulkhead", "vm"]) => Reply::json(&vm_summary(&view(ctx))),
+        (Get, ["bulkhead", "vcpus"]) => {
+            let (tx, rx) = crossbeam_channel::bounded(1);
+            let r = act(ctx, VmmAction::InspectVcpus(tx));
+            match rx.try_recv() {
+                Ok(reports) => Reply::json(&reports),
+                Err(_) => r,
+            }
+        }
         (Get, ["bulkhead", "devices", id, "state"]) => device_state(ctx, id),
         (Patch, ["bulkhead", "devices", id]) => match parse::<DevicePatch>(body) {
             Ok(p) => patch_device(ctx, id, &p),

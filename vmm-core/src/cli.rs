@@ -170,8 +170,12 @@ pub struct InspectArgs {
     /// Instead, the live state of this device (its registers, exit ring and virtqueues, as
     /// `GET /bulkhead/devices/ID/state` returns it, in JSON): `console`, `block`, `net`, a
     /// device id or a service's name.
-    #[arg(long, value_name = "ID")]
+    #[arg(long, value_name = "ID", conflicts_with = "vcpus")]
     pub device: Option<String>,
+    /// Instead, every vCPU's state (instruction pointer, halted or not, the local APIC's
+    /// pending and in-service vectors, as `GET /bulkhead/vcpus` returns it, in JSON).
+    #[arg(long)]
+    pub vcpus: bool,
 }
 
 /// A VM named on the command line.

@@ -945,6 +945,12 @@ impl RunningVm {
         Ok(())
     }
 
+    /// Every vCPU's state ([`crate::vcpu_state`]), each read by its own thread; the guest goes
+    /// on at once.
+    pub fn vcpu_reports(&self, limit: Duration) -> Result<Vec<crate::vcpu_state::VcpuReport>, LaunchError> {
+        Ok(self.vcpus.report(limit)?)
+    }
+
     /// Resumes the VM: the services first, then the vCPUs.
     pub fn resume(&self, limit: Duration) -> Result<(), LaunchError> {
         for svc in &self.services {

@@ -27,5 +27,6 @@ pub mod pidns;
 pub mod service;
 pub mod tap;
 pub mod vcpu;
+pub mod vcpu_state;
 pub mod vm;
 pub mod vmm;

@@ -57,7 +57,8 @@ fn main() -> ExitCode {
         Some(Command::Fault(f)) => fault(&f),
         Some(Command::Stats(v)) => stats(&v.vm),
         Some(Command::Inspect(a)) => match &a.device {
-            Some(d) => device_state(&a.vm, d),
+            Some(d) => pretty_json(&a.vm, &format!("/bulkhead/devices/{d}/state")),
+            None if a.vcpus => pretty_json(&a.vm, "/bulkhead/vcpus"),
             None => inspect(&a.vm, a.json),
         },
         Some(Command::Set(a)) => match serde_json::to_string(&a.resources.to_resources()) {
@@ -407,8 +408,9 @@ fn inspect(vm: &str, json: bool) -> ExitCode {
     }
 }
 
-fn device_state(vm: &str, device: &str) -> ExitCode {
-    let answer = match call(vm, "GET", &format!("/bulkhead/devices/{device}/state"), None) {
+/// `GET path`, its JSON answer printed indented.
+fn pretty_json(vm: &str, path: &str) -> ExitCode {
+    let answer = match call(vm, "GET", path, None) {
         Ok(a) => a,
         Err(code) => return code,
     };

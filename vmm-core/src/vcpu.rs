@@ -221,6 +221,8 @@ pub enum VcpuCommand {
     Pause,
     /// Run the guest again.
     Resume,
+    /// Read the vCPU's state into the report slot ([`crate::vcpu_state`]), then go on as before.
+    Report,
     /// End the thread.
     Exit,
 }
@@ -232,6 +234,8 @@ pub enum VcpuEvent {
     Paused(usize),
     /// Vcpu `index` runs the guest again.
     Resumed(usize),
+    /// Vcpu `index` put its report in its slot.
+    Reported(usize),
     /// Vcpu `index`'s thread has ended.
     Exited(usize),
 }
@@ -256,6 +260,7 @@ pub fn next_state(state: VcpuState, cmd: VcpuCommand) -> (VcpuState, Option<Ack>
         (VcpuState::Exited, _) | (_, VcpuCommand::Exit) => (VcpuState::Exited, None),
         (_, VcpuCommand::Pause) => (VcpuState::Paused, Some(VcpuEvent::Paused)),
         (_, VcpuCommand::Resume) => (VcpuState::Running, Some(VcpuEvent::Resumed)),
+        (state, VcpuCommand::Report) => (state, Some(VcpuEvent::Reported)),
     }
 }
 
@@ -270,9 +275,9 @@ pub fn run(
     buses: Arc<Buses>,
     stop: StopHandle,
     commands: Receiver<VcpuCommand>,
-    events: Sender<VcpuEvent>,
-    exit_count: Arc<AtomicU64>,
+    out: Outbox,
 ) {
+    let Outbox { events, exit_count, reports } = out;
     // The thread's seccomp filter, before its first KVM_RUN: KVM_RUN, the rings' doorbells and
     // little else (policies/json/vcpu.json; a mismatch kills the process). Never run without it.
     if let Err(e) = bulkhead_policies::install(bulkhead_policies::Policy::CoreVcpu) {
@@ -291,6 +296,12 @@ pub fn run(
             _ => commands.recv_timeout(PAUSED_POLL).ok(),
         };
         if let Some(cmd) = cmd {
+            if cmd == VcpuCommand::Report {
+                let report = crate::vcpu_state::read(&vcpu, index, exits, state == VcpuState::Paused);
+                if let Some(slot) = reports.lock().unwrap_or_else(|e| e.into_inner()).get_mut(index) {
+                    *slot = Some(report);
+                }
+            }
             let (next, ack) = next_state(state, cmd);
             state = next;
             if let Some(ack) = ack {
@@ -339,6 +350,20 @@ pub fn run(
     let _ = events.send(VcpuEvent::Exited(index));
 }
 
+/// Where a vCPU thread reports: acknowledgements, its exit count, its state report.
+#[derive(Debug)]
+pub struct Outbox {
+    /// Acknowledgements of commands.
+    pub events: Sender<VcpuEvent>,
+    /// Exits handled so far.
+    pub exit_count: Arc<AtomicU64>,
+    /// The report slots (this thread fills its own).
+    pub reports: Reports,
+}
+
+/// One report slot per vCPU, filled by its thread on [`VcpuCommand::Report`].
+pub type Reports = Arc<std::sync::Mutex<Vec<Option<crate::vcpu_state::VcpuReport>>>>;
+
 /// A running vCPU thread: its command channel and its join handle.
 #[derive(Debug)]
 pub struct VcpuHandle {
@@ -356,11 +381,12 @@ impl VcpuHandle {
         stop: StopHandle,
         events: Sender<VcpuEvent>,
         exit_count: Arc<AtomicU64>,
+        reports: Reports,
     ) -> std::io::Result<Self> {
         let (commands, rx) = crossbeam_channel::unbounded();
         let thread = std::thread::Builder::new()
             .name(format!("vcpu{index}"))
-            .spawn(move || run(index, vcpu, buses, stop, rx, events, exit_count))?;
+            .spawn(move || run(index, vcpu, buses, stop, rx, Outbox { events, exit_count, reports }))?;
         Ok(Self { index, commands, thread: Some(thread) })
     }
 
@@ -418,6 +444,7 @@ pub struct VcpuSet {
     events: Receiver<VcpuEvent>,
     events_tx: Sender<VcpuEvent>,
     exits: Vec<Arc<AtomicU64>>,
+    reports: Reports,
 }
 
 /// Errors of [`VcpuSet`].
@@ -434,7 +461,7 @@ pub enum VcpuError {
 impl Default for VcpuSet {
     fn default() -> Self {
         let (events_tx, events) = crossbeam_channel::unbounded();
-        Self { handles: Vec::new(), events, events_tx, exits: Vec::new() }
+        Self { handles: Vec::new(), events, events_tx, exits: Vec::new(), reports: Reports::default() }
     }
 }
 
@@ -443,7 +470,8 @@ impl VcpuSet {
     pub fn spawn(&mut self, vcpu: VcpuFd, buses: Arc<Buses>, stop: StopHandle) -> Result<(), VcpuError> {
         let index = self.handles.len();
         let count = Arc::new(AtomicU64::new(0));
-        let h = VcpuHandle::spawn(index, vcpu, buses, stop, self.events_tx.clone(), count.clone())
+        self.reports.lock().unwrap_or_else(|e| e.into_inner()).push(None);
+        let h = VcpuHandle::spawn(index, vcpu, buses, stop, self.events_tx.clone(), count.clone(), self.reports.clone())
             .map_err(VcpuError::Spawn)?;
         self.handles.push(h);
         self.exits.push(count);
@@ -497,6 +525,14 @@ impl VcpuSet {
     /// Takes every vCPU out of `KVM_RUN`; returns once all wait (or `limit` passed).
     pub fn pause(&self, limit: Duration) -> Result<(), VcpuError> {
         self.command_all(VcpuCommand::Pause, VcpuEvent::Paused, "pause", limit)
+    }
+
+    /// Every vCPU's state, each read by its thread between two `KVM_RUN`s (at most `limit` in
+    /// all). A vCPU whose thread has ended has no report.
+    pub fn report(&self, limit: Duration) -> Result<Vec<crate::vcpu_state::VcpuReport>, VcpuError> {
+        self.reports.lock().unwrap_or_else(|e| e.into_inner()).iter_mut().for_each(|r| *r = None);
+        self.command_all(VcpuCommand::Report, VcpuEvent::Reported, "report", limit)?;
+        Ok(self.reports.lock().unwrap_or_else(|e| e.into_inner()).iter_mut().filter_map(Option::take).collect())
     }
 
     /// Lets every vCPU run again.
@@ -598,6 +634,11 @@ mod tests {
         for s in [Running, Paused, Exited] {
             assert_eq!(next_state(s, Exit), (Exited, None));
         }
+        for s in [Running, Paused] {
+            let (next, ack) = next_state(s, Report);
+            assert_eq!((next, ack.map(|f| f(1))), (s, Some(VcpuEvent::Reported(1))), "a report changes no state");
+        }
+        assert_eq!(next_state(Exited, Report), (Exited, None));
         assert_eq!(next_state(Exited, Resume).0, Exited, "nothing leaves Exited");
     }
 

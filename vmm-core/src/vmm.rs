@@ -87,6 +87,8 @@ pub enum VmmAction {
     /// `PATCH /bulkhead/resources` before the start: the VM's cgroup settings (a running VM's
     /// are changed live by the API thread).
     PatchResources(crate::cgroup::Resources),
+    /// `GET /bulkhead/vcpus`: every vCPU's state, sent on the channel given.
+    InspectVcpus(Sender<Vec<crate::vcpu_state::VcpuReport>>),
 }
 
 impl VmmAction {
@@ -320,6 +322,10 @@ impl Vmm {
                 self.config.metrics = Some(cfg);
             }
             VmmAction::InstanceStart => self.start()?,
+            VmmAction::InspectVcpus(out) => {
+                let reports = self.running()?.vcpu_reports(PAUSE_LIMIT).map_err(|e| ActionError::Failed(chain(&e)))?;
+                let _ = out.send(reports);
+            }
             VmmAction::Pause => {
                 if self.state == VmState::Running {
                     self.running()?.pause(PAUSE_LIMIT).map_err(|e| ActionError::Failed(chain(&e)))?;
