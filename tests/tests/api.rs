@@ -204,17 +204,21 @@ fn a_paused_vm_stands_still_then_finishes() {
         serde_json::from_str(&b).expect("json")
     };
     let running = vcpus();
-    assert_eq!(running[0]["state"], "running", "{running}");
-    assert_eq!(running[0]["errors"], serde_json::json!([]), "{running}");
-    assert!(running[0]["exits"].as_u64().is_some_and(|n| n > 0), "{running}");
+    assert_eq!(running["vcpus"][0]["state"], "running", "{running}");
+    assert_eq!(running["vcpus"][0]["errors"], serde_json::json!([]), "{running}");
+    assert!(running["vcpus"][0]["exits"].as_u64().is_some_and(|n| n > 0), "{running}");
+    // The I/O APIC: 24 pins, each either routed or masked.
+    let io = &running["ioapic"];
+    let routed = io["pins"].as_array().map_or(0, Vec::len);
+    assert_eq!(routed + io["masked"].as_array().map_or(0, Vec::len), 24, "{running}");
     assert_eq!(curl(&sock, "PATCH", "/vm", Some(r#"{"state": "Paused"}"#)).0, 204);
     let paused = vcpus();
-    assert_eq!(paused.as_array().map(Vec::len), Some(1), "{paused}");
-    let v = &paused[0];
+    assert_eq!(paused["vcpus"].as_array().map(Vec::len), Some(1), "{paused}");
+    let v = &paused["vcpus"][0];
     assert_eq!((v["index"].as_u64(), v["state"].as_str()), (Some(0), Some("paused")), "{paused}");
     assert!(v["rip"].as_u64().is_some_and(|ip| ip > 0) && v["mp_state"].is_string(), "{paused}");
     assert!(v["lapic"]["irr"].is_array() && v["lapic"]["svr"].is_u64(), "the local APIC: {paused}");
-    assert_eq!(vcpus()[0]["exits"], v["exits"], "a paused vCPU takes no exit");
+    assert_eq!(vcpus()["vcpus"][0]["exits"], v["exits"], "a paused vCPU takes no exit");
     assert!(curl(&sock, "GET", "/", None).1.contains("\"Paused\""));
     let services: Vec<u32> = services_of(vmm).iter().map(|p| p.pid).collect();
     assert_eq!(services.len(), 2, "console and block");

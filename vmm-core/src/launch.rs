@@ -570,7 +570,7 @@ pub struct RunningVm {
     stopped: crossbeam_channel::Receiver<StopReason>,
     started: Instant,
     _buses: Arc<Buses>,
-    _vm: VmFd,
+    vm: VmFd,
     _ram: GuestRam,
     /// Dropped once the services are gone and guest RAM is unmapped.
     cgroup: Option<Arc<crate::cgroup::KeptCgroup>>,
@@ -750,7 +750,7 @@ pub fn build(id: &str, config: &VmConfig) -> Result<RunningVm, LaunchError> {
         stopped,
         started: Instant::now(),
         _buses: buses,
-        _vm: vm,
+        vm,
         _ram: ram,
         cgroup,
         _helper: helper,
@@ -945,10 +945,15 @@ impl RunningVm {
         Ok(())
     }
 
-    /// Every vCPU's state ([`crate::vcpu_state`]), each read by its own thread; the guest goes
-    /// on at once.
-    pub fn vcpu_reports(&self, limit: Duration) -> Result<Vec<crate::vcpu_state::VcpuReport>, LaunchError> {
-        Ok(self.vcpus.report(limit)?)
+    /// Every vCPU's state ([`crate::vcpu_state`]), each read by its own thread (the guest goes
+    /// on at once), and the I/O APIC's.
+    pub fn cpu_report(&self, limit: Duration) -> Result<crate::vcpu_state::CpuReport, LaunchError> {
+        let vcpus = self.vcpus.report(limit)?;
+        let (ioapic, ioapic_error) = match crate::vcpu_state::ioapic(&self.vm) {
+            Ok(r) => (Some(r), None),
+            Err(e) => (None, Some(format!("KVM_GET_IRQCHIP: {e}"))),
+        };
+        Ok(crate::vcpu_state::CpuReport { vcpus, ioapic, ioapic_error })
     }
 
     /// Resumes the VM: the services first, then the vCPUs.

@@ -2,11 +2,23 @@
 //! seems stuck (`GET /bulkhead/vcpus`): where it runs, whether it halted, the interrupt KVM is
 //! injecting, and its local APIC's pending (IRR) and in-service (ISR) vectors. Read by the vCPU's
 //! own thread between two `KVM_RUN`s (a vCPU fd's ioctls wait for its `KVM_RUN` to return), so
-//! the guest stands still while it is read. Read-only: nothing is set.
+//! the guest stands still while it is read. Beside them, the in-kernel I/O APIC's pins, which the
+//! devices' irqfds drive ([`ioapic`], read on the VM fd). Read-only: nothing is set.
 
-use kvm_bindings::{kvm_lapic_state, KVM_MP_STATE_HALTED, KVM_MP_STATE_RUNNABLE};
-use kvm_ioctls::VcpuFd;
+use kvm_bindings::{kvm_irqchip, kvm_lapic_state, KVM_IRQCHIP_IOAPIC, KVM_MP_STATE_HALTED, KVM_MP_STATE_RUNNABLE};
+use kvm_ioctls::{VcpuFd, VmFd};
 use serde::Serialize;
+
+/// The vCPUs and the I/O APIC that feeds them (`GET /bulkhead/vcpus`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct CpuReport {
+    /// Each vCPU.
+    pub vcpus: Vec<VcpuReport>,
+    /// The in-kernel I/O APIC.
+    pub ioapic: Option<IoapicReport>,
+    /// Why it could not be read.
+    pub ioapic_error: Option<String>,
+}
 
 /// One vCPU's state ([`read`]).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
@@ -86,6 +98,66 @@ pub fn read(vcpu: &VcpuFd, index: usize, exits: u64, paused: bool) -> VcpuReport
     r
 }
 
+/// The in-kernel I/O APIC: which pins are requested (`irr`), and each unmasked pin's routing.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct IoapicReport {
+    /// Pins whose line is asserted (bit per pin).
+    pub irr: u32,
+    /// The pins the guest unmasked.
+    pub pins: Vec<IoapicPin>,
+    /// Pins the guest left masked (their routing is not shown).
+    pub masked: Vec<u8>,
+}
+
+/// One unmasked I/O APIC pin (a redirection-table entry).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct IoapicPin {
+    /// The pin (the GSI, for pins 0-23).
+    pub pin: u8,
+    /// The vector it delivers.
+    pub vector: u8,
+    /// `edge` or `level`.
+    pub trigger: &'static str,
+    /// Level-triggered: delivered and waiting for the EOI.
+    pub remote_irr: bool,
+    /// The delivery is pending.
+    pub delivery_pending: bool,
+    /// Destination APIC id.
+    pub dest: u8,
+}
+
+/// The in-kernel I/O APIC's state (`KVM_GET_IRQCHIP`).
+pub fn ioapic(vm: &VmFd) -> Result<IoapicReport, kvm_ioctls::Error> {
+    let mut chip = kvm_irqchip { chip_id: KVM_IRQCHIP_IOAPIC, ..Default::default() };
+    vm.get_irqchip(&mut chip)?;
+    // SAFETY: `chip_id` is KVM_IRQCHIP_IOAPIC, so KVM filled the union's `ioapic` member; every
+    // bit pattern is a valid `kvm_ioapic_state` (plain integers).
+    let state = unsafe { chip.chip.ioapic };
+    let mut r = IoapicReport { irr: state.irr, ..Default::default() };
+    for (pin, entry) in (0u8..).zip(state.redirtbl.iter()) {
+        // SAFETY: both union members are plain integers over the same 64 bits.
+        let bits = unsafe { entry.bits };
+        match redirection(pin, bits) {
+            Some(p) => r.pins.push(p),
+            None => r.masked.push(pin),
+        }
+    }
+    Ok(r)
+}
+
+/// A redirection-table entry's fields (82093AA datasheet, 3.2.4); `None` if the pin is masked.
+fn redirection(pin: u8, bits: u64) -> Option<IoapicPin> {
+    let bit = |n: u32| bits & (1 << n) != 0;
+    (!bit(16)).then(|| IoapicPin {
+        pin,
+        vector: bits.to_le_bytes()[0],
+        trigger: if bit(15) { "level" } else { "edge" },
+        remote_irr: bit(14),
+        delivery_pending: bit(12),
+        dest: bits.to_le_bytes()[7],
+    })
+}
+
 // Register offsets in the local APIC's page (Intel SDM vol. 3, table 11-1).
 const APIC_TPR: usize = 0x80;
 const APIC_PPR: usize = 0xa0;
@@ -137,5 +209,14 @@ mod tests {
         assert_eq!(vectors(&page, APIC_ISR), vec![0x30]);
         assert_eq!(reg(&page, APIC_TPR), 0x20);
         assert_eq!(reg(&page, 1022), 0, "a register past the page reads 0");
+    }
+
+    #[test]
+    fn redirection_entries_decode_and_masked_pins_are_left_out() {
+        assert_eq!(redirection(4, 1 << 16), None, "masked");
+        let e = redirection(6, 0x0100_0000_0000_c036).expect("unmasked");
+        assert_eq!((e.pin, e.vector, e.trigger, e.remote_irr, e.dest), (6, 0x36, "level", true, 1));
+        let e = redirection(5, 0x35).expect("unmasked");
+        assert_eq!((e.trigger, e.remote_irr, e.delivery_pending), ("edge", false, false));
     }
 }

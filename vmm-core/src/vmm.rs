@@ -88,7 +88,7 @@ pub enum VmmAction {
     /// are changed live by the API thread).
     PatchResources(crate::cgroup::Resources),
     /// `GET /bulkhead/vcpus`: every vCPU's state, sent on the channel given.
-    InspectVcpus(Sender<Vec<crate::vcpu_state::VcpuReport>>),
+    InspectVcpus(Sender<crate::vcpu_state::CpuReport>),
 }
 
 impl VmmAction {
@@ -323,7 +323,7 @@ impl Vmm {
             }
             VmmAction::InstanceStart => self.start()?,
             VmmAction::InspectVcpus(out) => {
-                let reports = self.running()?.vcpu_reports(PAUSE_LIMIT).map_err(|e| ActionError::Failed(chain(&e)))?;
+                let reports = self.running()?.cpu_report(PAUSE_LIMIT).map_err(|e| ActionError::Failed(chain(&e)))?;
                 let _ = out.send(reports);
             }
             VmmAction::Pause => {
