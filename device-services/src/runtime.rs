@@ -145,78 +145,56 @@ pub trait MmioHandler {
     /// Guest store of `data` at `offset`. Returns false to reject it.
     fn write(&mut self, offset: u64, data: &[u8]) -> bool;
     /// Device fds to watch for readability (e.g. queue ioeventfds); re-queried every iteration.
-    fn event_fds(&self) -> Vec<RawFd> {
-        Vec::new()
-    }
+    fn event_fds(&self) -> Vec<RawFd>;
     /// One of [`event_fds`](Self::event_fds) is readable or hung up.
-    fn on_event(&mut self, _fd: RawFd) -> Result<(), RuntimeError> {
-        Ok(())
-    }
+    fn on_event(&mut self, fd: RawFd) -> Result<(), RuntimeError>;
     /// Called on every iteration while the service spins: look for work in shared memory (no
     /// blocking). Returns true if it did any, which keeps the service spinning.
-    fn poll(&mut self) -> Result<bool, RuntimeError> {
-        Ok(false)
-    }
+    fn poll(&mut self) -> Result<bool, RuntimeError>;
     /// The service is about to sleep: re-arm notifications. Returns true if work arrived
     /// meanwhile (the service then keeps spinning instead).
-    fn prepare_sleep(&mut self) -> Result<bool, RuntimeError> {
-        Ok(false)
-    }
+    fn prepare_sleep(&mut self) -> Result<bool, RuntimeError>;
     /// Requests this instance found in flight in the state region and redone
     /// ([`ServiceStats::redone`]).
-    fn redone(&self) -> u64 {
-        0
-    }
+    fn redone(&self) -> u64;
     /// Why the device holds a request and wants the VM stopped (its error policy), once per
     /// hold: the runtime sends [`ControlMsg::IoStopped`].
-    fn take_stop(&mut self) -> Option<String> {
-        None
-    }
+    fn take_stop(&mut self) -> Option<String>;
     /// The core resumed the service ([`ControlMsg::Resume`]): a held request is retried.
-    fn resumed(&mut self) {}
+    fn resumed(&mut self);
     /// The request about to be served sits at `index` in the submission ring. With
     /// [`work_done`](Self::work_done) this orders a posted write against the interrupts the
     /// device raised: see `virtio::mmio` (an acknowledgement submitted before an interrupt
     /// must not clear it).
-    fn at_request(&mut self, _index: u64) {}
+    fn at_request(&mut self, index: u64);
     /// Interrupts raised since the last call happened before the core had submitted
     /// `submitted` requests (the count is read after the work).
-    fn work_done(&mut self, _submitted: u64) {}
+    fn work_done(&mut self, submitted: u64);
     /// The core gave up on this device ([`ControlMsg::EnterFailed`]): go to a permanent failed
     /// state the guest can see. Returns false if the device has no such state (the message is
     /// then ignored).
-    fn enter_failed(&mut self, _reason: &str) -> bool {
-        false
-    }
+    fn enter_failed(&mut self, reason: &str) -> bool;
     /// Work deferred until a deadline (e.g. a request waiting for rate-limit tokens): how long
     /// the service may sleep at most before [`poll`](Self::poll) can make progress. Asked
     /// right before [`prepare_sleep`](Self::prepare_sleep); `None` = no deadline.
-    fn wake_after(&self) -> Option<Duration> {
-        None
-    }
+    fn wake_after(&self) -> Option<Duration>;
     /// The core replaced the rate limits ([`ControlMsg::SetRateLimit`]). Returns false if this
     /// device has no limits of that kind.
-    fn set_rate_limit(&mut self, _limits: &RateLimitUpdate) -> bool {
-        false
-    }
+    fn set_rate_limit(&mut self, limits: &RateLimitUpdate) -> bool;
     /// The device's counters, for the core's metrics.
-    fn io_counters(&self) -> IoCounters {
-        IoCounters::default()
-    }
+    fn io_counters(&self) -> IoCounters;
     /// Registers whose read has no side effect, with the value a read returns now, for the read
     /// mirror ([`ipc::mirror`]), at offsets into the window, and the registers whose writes may
     /// be posted ([`MirrorEntry::posted_write`]: writes that change nothing but the device's own
     /// registers). Asked after every access, event and poll that did work; the default mirrors
     /// nothing.
-    fn mirrored(&mut self, _out: &mut Vec<MirrorEntry>) {}
+    fn mirrored(&mut self, out: &mut Vec<MirrorEntry>);
     /// The read mirror, given once before serving: before raising an interrupt that follows a
     /// change of a mirrored value made outside an access, rewrite the value in place
     /// ([`Mirror::update`], at its offset into the window) or invalidate the table.
-    fn attach_mirror(&mut self, _mirror: Mirror) {}
+    fn attach_mirror(&mut self, mirror: Mirror);
     /// The device's live state, for [`ControlMsg::Inspect`] (read-only).
-    fn report(&mut self) -> DeviceReport {
-        DeviceReport::Opaque
-    }
+    fn report(&mut self) -> DeviceReport;
 }
 
 /// What the serve loop needs from a device, whatever its bus.

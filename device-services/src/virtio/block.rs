@@ -786,6 +786,14 @@ impl MmioHandler for BlockHandler {
         self.transport.resume_held();
     }
 
+    fn at_request(&mut self, index: u64) {
+        self.transport.at_request(index);
+    }
+
+    fn work_done(&mut self, submitted: u64) {
+        self.transport.work_done(submitted);
+    }
+
     fn redone(&self) -> u64 {
         self.transport.redone()
     }
@@ -840,6 +848,15 @@ mod tests {
         let m = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM)]).expect("mem");
         m.write_slice(bytes, GuestAddress(0)).expect("fill");
         m
+    }
+
+    #[test]
+    fn the_handler_passes_the_transport_every_call() {
+        let (_t, f) = disk(16);
+        let b = Block::new(f, 16 * SECTOR, false, "h", 1, 16).expect("block");
+        let notify = vec![vmm_sys_util::eventfd::EventFd::new(0).expect("eventfd")];
+        let t = MmioTransport::new(b, guest(&[0u8; MEM]), notify, vmm_sys_util::eventfd::EventFd::new(0).expect("irqfd")).expect("transport");
+        crate::virtio::mmio::handler_checks::a_posted_ack_keeps_a_later_interrupt(&mut BlockHandler::new(t));
     }
 
     #[test]

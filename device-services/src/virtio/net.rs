@@ -1286,6 +1286,27 @@ impl MmioHandler for NetHandler {
         self.transport.device().throttle_wait()
     }
 
+    fn take_stop(&mut self) -> Option<String> {
+        self.transport.take_stop()
+    }
+
+    fn resumed(&mut self) {
+        self.transport.resume_held();
+    }
+
+    fn at_request(&mut self, index: u64) {
+        self.transport.at_request(index);
+    }
+
+    fn work_done(&mut self, submitted: u64) {
+        self.transport.work_done(submitted);
+    }
+
+    fn enter_failed(&mut self, reason: &str) -> bool {
+        self.transport.enter_failed(reason);
+        true
+    }
+
     fn redone(&self) -> u64 {
         self.transport.redone()
     }
@@ -1377,6 +1398,15 @@ mod tests {
         assert_eq!(parse_rx(&m, 0, [d(0x100, 2048, false, false)]), Err(NetError::WrongDirection));
         assert_eq!(parse_rx(&m, 0, [d(0x100, 20, true, false)]), Err(NetError::TooShort(20)));
         assert!(matches!(parse_rx(&m, 0, [d(0x1_0000, 2048, true, false)]), Err(NetError::OutsideMemory { .. })));
+    }
+
+    #[test]
+    fn the_handler_passes_the_transport_every_call() {
+        let (_r, w) = pipe();
+        let n = Net::new(w, [2, 0, 0, 0, 0, 1], 16).expect("net");
+        let notify = vec![vmm_sys_util::eventfd::EventFd::new(0).expect("eventfd"), vmm_sys_util::eventfd::EventFd::new(0).expect("eventfd")];
+        let t = MmioTransport::new(n, guest(&[0u8; MEM]), notify, vmm_sys_util::eventfd::EventFd::new(0).expect("irqfd")).expect("transport");
+        crate::virtio::mmio::handler_checks::a_posted_ack_keeps_a_later_interrupt(&mut NetHandler::new(t));
     }
 
     #[test]
