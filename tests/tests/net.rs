@@ -575,3 +575,42 @@ fn two_nics_in_one_vm_each_get_their_own_slot_mac_and_service() {
     };
     assert_ne!(pid_of("net-a"), pid_of("net-b"), "one process per NIC");
 }
+
+/// Past its restart cap the net device is failed for good: its last instance presents
+/// DEVICE_NEEDS_RESET to the guest (the net handler passes `enter_failed` on to its transport),
+/// as its live state shows, and the VM runs on.
+#[test]
+fn net_past_its_cap_presents_needs_reset() {
+    let _one = serialize();
+    let ns = NetNs::new("netcap");
+    ns.add_tap("bh0");
+    let dir = scratch("net-cap");
+    let out = dir.join("serial.log");
+    let sock = dir.join("api.sock");
+    let net = format!("tap=bh0,mac={}", mac_str(&GUEST_MAC));
+    let extra = ["--net", &net, "--restart-max", "1/60", "--restart-burst", "1000/1", "--fault", "net:kill,after=500ms,every=300ms,count=2"];
+    let mut args = probe_vm_args(&out, None, "probe.test=idle", &extra);
+    args.extend(["--api-sock".into(), sock.clone().into_os_string()]);
+    let mut child = ns.spawn(&mut bulkhead(&args));
+    let net_state = || -> Result<serde_json::Value, String> {
+        let (st, b) = curl(&sock, "GET", "/bulkhead/devices/net0/state", None);
+        if st != 200 {
+            return Err(format!("{st} {b}"));
+        }
+        serde_json::from_str(&b).map_err(|e| format!("{e}: {b}"))
+    };
+    let needs_reset =
+        |v: &serde_json::Value| v["report"]["device"]["Virtio"]["status"].as_u64().is_some_and(|s| s & 0x40 != 0);
+    let failed = wait_until(Duration::from_secs(30), || net_state().is_ok_and(|v| needs_reset(&v)));
+    let (_, devices) = curl(&sock, "GET", "/bulkhead/devices", None);
+    let last = net_state();
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(failed, "the net device never showed DEVICE_NEEDS_RESET: {last:?}\n{devices}");
+    let all: serde_json::Value = serde_json::from_str(&devices).expect("json");
+    let nic = all.as_array().and_then(|a| a.iter().find(|d| d["id"] == "net0")).expect("net0").clone();
+    assert_eq!(nic["state"], "failed", "{devices}");
+    assert!(nic["failed"].as_str().is_some_and(|f| f.contains("restart cap reached")), "{devices}");
+    let console = all.as_array().and_then(|a| a.iter().find(|d| d["id"] == "console")).expect("console").clone();
+    assert_eq!(console["state"], "serving", "the rest of the VM runs on: {devices}");
+}

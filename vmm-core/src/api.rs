@@ -633,7 +633,9 @@ fn device_state(ctx: &Ctx, device: &str) -> Reply {
     let Some((_, svc)) = reg.resolve(device) else {
         return Reply::error(format!("no device `{device}` (have: {})", reg.names()));
     };
-    if !svc.wait_alive(None, HOLD_LIMIT) {
+    // A device past its restart cap has a last instance to look at (unless it fails closed,
+    // which `inspect` says); one being replaced is waited for.
+    if !svc.device().is_failed() && !svc.wait_alive(None, HOLD_LIMIT) {
         return Reply::error(format!("device {} has no live instance (restarting for over {HOLD_LIMIT:?})", svc.name()));
     }
     match svc.inspect(INSPECT_LIMIT) {
