@@ -6,8 +6,9 @@ use std::time::{Duration, Instant};
 
 use bulkhead_policies::{Policy, PolicyError, Report};
 use ipc::control::{
-    bounded_reason, seccomp_report, ControlMsg, DeviceConfig, DeviceReport, FdRole, ForbiddenAction, IoCounters, RateLimitUpdate,
-    RingReport, ServiceFault, ServiceReport, ServiceSetup, ServiceStats, FAULT_CRASH_STATUS, FAULT_SLOW_MAX_MS,
+    bounded_reason, seccomp_report, ControlMsg, DeviceConfig, DeviceReport, FdRole, ForbiddenAction, IoCounters,
+    RateLimitUpdate, RingReport, ServiceFault, ServiceReport, ServiceSetup, ServiceStats, FAULT_CRASH_STATUS,
+    FAULT_SLOW_MAX_MS,
 };
 use ipc::ring::{ExitKind, ExitReply, ExitRequest, Incoming, ServiceEndpoint};
 use ipc::{ControlChannel, ControlError, IpcError, Mirror, MirrorEntry};

@@ -200,16 +200,13 @@ impl LiveVm {
             return format!("(GET /bulkhead/devices: {code} {body})");
         }
         let vm = sock.to_string_lossy().into_owned();
-        let o = crate::bulkhead_cli(&["inspect", &vm, "--vcpus"]);
-        let mut out =
-            format!("vcpus: {}{}\n", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+        let inspect = |what: &[&str]| {
+            let o = crate::bulkhead_cli(&[&["inspect", vm.as_str()], what].concat());
+            format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+        };
+        let mut out = format!("vcpus: {}\n", inspect(&["--vcpus"]));
         for id in ids {
-            let o = crate::bulkhead_cli(&["inspect", &vm, "--device", &id]);
-            out.push_str(&format!(
-                "{id}: {}{}\n",
-                String::from_utf8_lossy(&o.stdout),
-                String::from_utf8_lossy(&o.stderr)
-            ));
+            out.push_str(&format!("{id}: {}\n", inspect(&["--device", &id])));
         }
         out
     }

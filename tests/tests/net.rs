@@ -588,7 +588,16 @@ fn net_past_its_cap_presents_needs_reset() {
     let out = dir.join("serial.log");
     let sock = dir.join("api.sock");
     let net = format!("tap=bh0,mac={}", mac_str(&GUEST_MAC));
-    let extra = ["--net", &net, "--restart-max", "1/60", "--restart-burst", "1000/1", "--fault", "net:kill,after=500ms,every=300ms,count=2"];
+    let extra = [
+        "--net",
+        &net,
+        "--restart-max",
+        "1/60",
+        "--restart-burst",
+        "1000/1",
+        "--fault",
+        "net:kill,after=500ms,every=300ms,count=2",
+    ];
     let mut args = probe_vm_args(&out, None, "probe.test=idle", &extra);
     args.extend(["--api-sock".into(), sock.clone().into_os_string()]);
     let mut child = ns.spawn(&mut bulkhead(&args));

@@ -572,12 +572,9 @@ fn patch_device(ctx: &Ctx, device: &str, p: &DevicePatch) -> Reply {
     if p.service_liveness_ms.is_some_and(|l| l > 600_000) {
         return Reply::error("service_liveness_ms must be at most 600000");
     }
-    let v = view(ctx);
-    let Some(reg) = &v.devices else {
-        return Reply::error("The requested operation is not supported before starting the microVM.");
-    };
-    let Some((_, svc)) = reg.resolve(device) else {
-        return Reply::error(format!("no device `{device}` (have: {})", reg.names()));
+    let svc = match service_named(ctx, device) {
+        Ok(svc) => svc,
+        Err(r) => return r,
     };
     if p.restart_max.is_some_and(|r| r.max > 0) && svc.supervision().restart_max.0 == 0 {
         return Reply::error("restarts cannot be turned on for a device started without them");
@@ -597,12 +594,9 @@ const HOLD_LIMIT: Duration = Duration::from_secs(5);
 /// `PUT /bulkhead/devices/{id}/fault`, on this (API) thread: the VMM thread is not involved, so
 /// an injection that waits for a restarting service holds up nothing else.
 fn inject(ctx: &Ctx, device: &str, action: FaultAction) -> Reply {
-    let v = view(ctx);
-    let Some(reg) = &v.devices else {
-        return Reply::error("The requested operation is not supported before starting the microVM.");
-    };
-    let Some((_, svc)) = reg.resolve(device) else {
-        return Reply::error(format!("no device `{device}` (have: {})", reg.names()));
+    let svc = match service_named(ctx, device) {
+        Ok(svc) => svc,
+        Err(r) => return r,
     };
     if svc.device().is_failed() {
         return Reply::error(format!(
@@ -623,20 +617,33 @@ fn inject(ctx: &Ctx, device: &str, action: FaultAction) -> Reply {
     }
 }
 
+/// The service of the device `device` names (an id, `block`, `net0`, a service's name, ...), or
+/// the error reply: not started yet, or no such device.
+fn service_named(ctx: &Ctx, device: &str) -> Result<crate::service::ServiceRef, Reply> {
+    let v = view(ctx);
+    let Some(reg) = &v.devices else {
+        return Err(Reply::error("The requested operation is not supported before starting the microVM."));
+    };
+    match reg.resolve(device) {
+        Some((_, svc)) => Ok(svc.clone()),
+        None => Err(Reply::error(format!("no device `{device}` (have: {})", reg.names()))),
+    }
+}
+
 /// `GET /bulkhead/devices/{id}/state`: the device's live state, as its service reports it
 /// (registers, the exit ring, the guest's rings beside the device's positions).
 fn device_state(ctx: &Ctx, device: &str) -> Reply {
-    let v = view(ctx);
-    let Some(reg) = &v.devices else {
-        return Reply::error("The requested operation is not supported before starting the microVM.");
-    };
-    let Some((_, svc)) = reg.resolve(device) else {
-        return Reply::error(format!("no device `{device}` (have: {})", reg.names()));
+    let svc = match service_named(ctx, device) {
+        Ok(svc) => svc,
+        Err(r) => return r,
     };
     // A device past its restart cap has a last instance to look at (unless it fails closed,
     // which `inspect` says); one being replaced is waited for.
     if !svc.device().is_failed() && !svc.wait_alive(None, HOLD_LIMIT) {
-        return Reply::error(format!("device {} has no live instance (restarting for over {HOLD_LIMIT:?})", svc.name()));
+        return Reply::error(format!(
+            "device {} has no live instance (restarting for over {HOLD_LIMIT:?})",
+            svc.name()
+        ));
     }
     match svc.inspect(INSPECT_LIMIT) {
         Ok(report) => Reply::json(&serde_json::json!({ "service": svc.name(), "pid": svc.pid(), "report": report })),

@@ -1217,7 +1217,10 @@ impl ServiceRef {
     /// The core relays it as the service wrote it.
     pub fn inspect(&self, timeout: Duration) -> Result<ServiceReport, ServiceError> {
         if self.0.device.closed() {
-            return Err(ServiceError::Unsupported { name: self.0.name.clone(), what: "the device has failed for good" });
+            return Err(ServiceError::Unsupported {
+                name: self.0.name.clone(),
+                what: "the device has failed for good",
+            });
         }
         let mut ctl = self.0.lock_ctl();
         let token = ctl.next_token();

@@ -471,8 +471,9 @@ impl VcpuSet {
         let index = self.handles.len();
         let count = Arc::new(AtomicU64::new(0));
         self.reports.lock().unwrap_or_else(|e| e.into_inner()).push(None);
-        let h = VcpuHandle::spawn(index, vcpu, buses, stop, self.events_tx.clone(), count.clone(), self.reports.clone())
-            .map_err(VcpuError::Spawn)?;
+        let h =
+            VcpuHandle::spawn(index, vcpu, buses, stop, self.events_tx.clone(), count.clone(), self.reports.clone())
+                .map_err(VcpuError::Spawn)?;
         self.handles.push(h);
         self.exits.push(count);
         Ok(())

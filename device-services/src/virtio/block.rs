@@ -654,7 +654,10 @@ impl VirtioDevice for Block {
             ("ok".into(), s.ok),
             ("ioerr".into(), s.ioerr),
             ("held".into(), u64::from(self.held.is_some())),
-            ("throttle_wait_us".into(), self.throttle_wait().map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))),
+            (
+                "throttle_wait_us".into(),
+                self.throttle_wait().map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX)),
+            ),
         ]
         .into()
     }
@@ -742,7 +745,7 @@ impl MmioHandler for BlockHandler {
         self.transport.mirrored(out);
     }
     fn report(&mut self) -> DeviceReport {
-        DeviceReport::Virtio(self.transport.report())
+        MmioHandler::report(&mut self.transport)
     }
     fn attach_mirror(&mut self, mirror: ipc::Mirror) {
         self.transport.attach_mirror(mirror);
@@ -799,8 +802,7 @@ impl MmioHandler for BlockHandler {
     }
 
     fn enter_failed(&mut self, reason: &str) -> bool {
-        self.transport.enter_failed(reason);
-        true
+        MmioHandler::enter_failed(&mut self.transport, reason)
     }
 
     fn io_counters(&self) -> IoCounters {
@@ -855,7 +857,9 @@ mod tests {
         let (_t, f) = disk(16);
         let b = Block::new(f, 16 * SECTOR, false, "h", 1, 16).expect("block");
         let notify = vec![vmm_sys_util::eventfd::EventFd::new(0).expect("eventfd")];
-        let t = MmioTransport::new(b, guest(&[0u8; MEM]), notify, vmm_sys_util::eventfd::EventFd::new(0).expect("irqfd")).expect("transport");
+        let t =
+            MmioTransport::new(b, guest(&[0u8; MEM]), notify, vmm_sys_util::eventfd::EventFd::new(0).expect("irqfd"))
+                .expect("transport");
         crate::virtio::mmio::handler_checks::a_posted_ack_keeps_a_later_interrupt(&mut BlockHandler::new(t));
     }
 

@@ -727,19 +727,22 @@ impl<D: VirtioDevice> MmioTransport<D> {
             .iter()
             .zip(self.notify_on.iter().zip(&self.notified_used))
             .map(|(q, (&armed, &notified_used))| {
+                let ready = q.ready();
+                // The ring fields virtio-queue does not read for us: the flags, and the two
+                // EVENT_IDX words after each ring.
                 let size = u64::from(q.size());
                 let (avail, used) = (q.avail_ring(), q.used_ring());
-                let known = q.ready();
+                let word = |addr: u64| ready.then(|| at(addr)).flatten();
                 QueueReport {
-                    ready: q.ready(),
+                    ready,
                     size: q.size(),
                     next_avail: q.next_avail(),
                     next_used: q.next_used(),
-                    avail_flags: known.then(|| at(avail)).flatten(),
-                    avail_idx: known.then(|| at(avail.wrapping_add(2))).flatten(),
-                    used_event: known.then(|| at(avail.wrapping_add(4 + 2 * size))).flatten(),
-                    used_idx: known.then(|| at(used.wrapping_add(2))).flatten(),
-                    avail_event: known.then(|| at(used.wrapping_add(4 + 8 * size))).flatten(),
+                    avail_flags: word(avail),
+                    avail_idx: ready.then(|| q.avail_idx(mem, Ordering::Acquire).ok()).flatten().map(|i| i.0),
+                    used_event: word(avail.wrapping_add(4 + 2 * size)),
+                    used_idx: ready.then(|| q.used_idx(mem, Ordering::Acquire).ok()).flatten().map(|i| i.0),
+                    avail_event: word(used.wrapping_add(4 + 8 * size)),
                     kicks_armed: armed,
                     notified_used,
                 }

@@ -1233,7 +1233,7 @@ impl MmioHandler for NetHandler {
         self.transport.mirrored(out);
     }
     fn report(&mut self) -> DeviceReport {
-        DeviceReport::Virtio(self.transport.report())
+        MmioHandler::report(&mut self.transport)
     }
     fn attach_mirror(&mut self, mirror: ipc::Mirror) {
         self.transport.attach_mirror(mirror);
@@ -1303,8 +1303,7 @@ impl MmioHandler for NetHandler {
     }
 
     fn enter_failed(&mut self, reason: &str) -> bool {
-        self.transport.enter_failed(reason);
-        true
+        MmioHandler::enter_failed(&mut self.transport, reason)
     }
 
     fn redone(&self) -> u64 {
@@ -1404,8 +1403,13 @@ mod tests {
     fn the_handler_passes_the_transport_every_call() {
         let (_r, w) = pipe();
         let n = Net::new(w, [2, 0, 0, 0, 0, 1], 16).expect("net");
-        let notify = vec![vmm_sys_util::eventfd::EventFd::new(0).expect("eventfd"), vmm_sys_util::eventfd::EventFd::new(0).expect("eventfd")];
-        let t = MmioTransport::new(n, guest(&[0u8; MEM]), notify, vmm_sys_util::eventfd::EventFd::new(0).expect("irqfd")).expect("transport");
+        let notify = vec![
+            vmm_sys_util::eventfd::EventFd::new(0).expect("eventfd"),
+            vmm_sys_util::eventfd::EventFd::new(0).expect("eventfd"),
+        ];
+        let t =
+            MmioTransport::new(n, guest(&[0u8; MEM]), notify, vmm_sys_util::eventfd::EventFd::new(0).expect("irqfd"))
+                .expect("transport");
         crate::virtio::mmio::handler_checks::a_posted_ack_keeps_a_later_interrupt(&mut NetHandler::new(t));
     }
 
