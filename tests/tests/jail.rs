@@ -106,6 +106,12 @@ fn the_core_drops_to_the_vms_ids_and_every_thread_is_filtered() {
     let launcher = std::fs::read_to_string(format!("/proc/{vmm}/status")).expect("launcher status");
     assert_eq!(field(&launcher, "CapEff"), "0000000000000020", "{launcher}");
     assert_eq!(field(&launcher, "NoNewPrivs"), "1", "{launcher}");
+    // It waits in the small image `bulkhead` embeds, run from a sealed memfd (unless the host
+    // forbids executing memfds; its memory is in the footprint bench).
+    if std::fs::read_to_string("/proc/sys/vm/memfd_noexec").map_or(true, |v| v.trim() != "2") {
+        let exe = std::fs::read_link(format!("/proc/{vmm}/exe")).expect("launcher exe");
+        assert!(exe.to_string_lossy().starts_with("/memfd:bulkhead-launcher"), "{}", exe.display());
+    }
     assert!(children_of(vmm).iter().any(|p| p.runs("bulkhead-helper")), "the helper is the launcher's child");
     use std::os::unix::fs::MetadataExt;
     let seen = std::fs::metadata(format!("/proc/{core}/root/")).expect("the core's root");

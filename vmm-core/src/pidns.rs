@@ -24,7 +24,9 @@
 //!   channel closes, and the helper kills any left when it sees the core gone.
 //! - **The launcher** does nothing but wait: it forwards the termination signals to the core,
 //!   and when the core ends, exits as it did (its exit code, or the same signal). It keeps only
-//!   `CAP_KILL` (the core runs as another uid after its drop). If the launcher is killed, the
+//!   `CAP_KILL` (the core runs as another uid after its drop). It waits in a program of its own
+//!   ([`LAUNCHER_IMAGE`], `vmm-core/launcher/launcher.rs`): a few KiB, where a fresh image of
+//!   `bulkhead` kept ~170 KiB per VM. If the launcher is killed, the
 //!   kernel kills the core (`PR_SET_PDEATHSIG`), with it every service, and the helper, seeing
 //!   the core's end of its channel close, cleans up as after any end of the core.
 //!
@@ -224,13 +226,20 @@ const CAP_KILL: u64 = 1 << 5;
 /// The `argv[0]` the launcher runs under once it has replaced its image.
 pub const LAUNCHER_NAME: &str = "bulkhead-launcher";
 
-/// The launcher: waits ([`wait_for_core`]) in a fresh image of the executable
-/// (`bulkhead-launcher CORE_PID ALIVE_FD`): what `bulkhead` had touched before the split
-/// (argument parsing, the configuration) would otherwise stay in its memory for the VM's life.
-/// If that `execve` fails it waits as it is.
+/// The launcher as a program of its own (`vmm-core/launcher/launcher.rs`, compiled by
+/// `build.rs`): a few KiB with no libc and no writable data, which waits as [`wait_for_core`]
+/// does. Empty where it is not built.
+pub const LAUNCHER_IMAGE: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/bulkhead-launcher"));
+
+/// The launcher: waits ([`wait_for_core`]) in a fresh image (`bulkhead-launcher CORE_PID
+/// ALIVE_FD`): what `bulkhead` had touched before the split (argument parsing, the configuration)
+/// would otherwise stay in its memory for the VM's life. The image is [`LAUNCHER_IMAGE`], run
+/// from a sealed memfd (a few pages of its own); where the host does not let a memfd be
+/// executed, this executable again ([`launcher_main`], ~140 KiB of its own); if that `execve`
+/// fails too, it waits as it is.
 fn launcher(core: libc::pid_t, alive: OwnedFd) -> ! {
     // The signals to forward wait, blocked, across the exec (the mask survives it) until the
-    // new image's handlers are in place; if the exec fails, the handlers installed at the fork
+    // new image reads or handles them; if the exec fails, the handlers installed at the fork
     // take them.
     let blocked = forwarded_set();
     // SAFETY: changing this thread's signal mask with a set we built.
@@ -243,6 +252,10 @@ fn launcher(core: libc::pid_t, alive: OwnedFd) -> ! {
             args.iter().filter_map(|a| std::ffi::CString::new(a.as_str()).ok()).collect();
         let mut argv: Vec<*const libc::c_char> = args.iter().map(|a| a.as_ptr()).collect();
         argv.push(std::ptr::null());
+        match exec_image(&argv) {
+            Ok(never) => match never {},
+            Err(e) => eprintln!("bulkhead: the launcher runs as bulkhead again: {e}"),
+        }
         // SAFETY: execv with a NUL-terminated path and a NULL-terminated argv of C strings that
         // outlive the call (std's exec would clear the signal mask).
         unsafe { libc::execv(c"/proc/self/exe".as_ptr(), argv.as_ptr()) };
@@ -251,6 +264,53 @@ fn launcher(core: libc::pid_t, alive: OwnedFd) -> ! {
     // SAFETY: as above.
     unsafe { libc::pthread_sigmask(libc::SIG_UNBLOCK, &blocked, std::ptr::null_mut()) };
     wait_for_core(core, alive)
+}
+
+/// `MFD_EXEC`: a memfd that may be executed, asked for explicitly (Linux 6.3+; a host with
+/// `vm.memfd_noexec = 1` seals memfds against it by default).
+const MFD_EXEC: libc::c_uint = 0x10;
+
+/// [`LAUNCHER_IMAGE`] in a memfd sealed against any change, opened read-only (no writer left
+/// to make an `execve` of it fail with `ETXTBSY`).
+fn launcher_memfd() -> io::Result<OwnedFd> {
+    if LAUNCHER_IMAGE.is_empty() {
+        return Err(io::Error::new(io::ErrorKind::Unsupported, "no launcher image in this build"));
+    }
+    let flags = libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING;
+    // SAFETY: memfd_create with a NUL-terminated name and flags; returns a new fd or -1.
+    let mut raw = unsafe { libc::memfd_create(c"bulkhead-launcher".as_ptr(), flags | MFD_EXEC) };
+    if raw < 0 && io::Error::last_os_error().raw_os_error() == Some(libc::EINVAL) {
+        // A kernel before MFD_EXEC: its memfds are executable.
+        // SAFETY: as above.
+        raw = unsafe { libc::memfd_create(c"bulkhead-launcher".as_ptr(), flags) };
+    }
+    if raw < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: memfd_create just returned this fd; nothing else owns it.
+    let mut file = std::fs::File::from(unsafe { OwnedFd::from_raw_fd(raw) });
+    std::io::Write::write_all(&mut file, LAUNCHER_IMAGE)?;
+    let seals = libc::F_SEAL_SEAL | libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_WRITE;
+    // SAFETY: fcntl(F_ADD_SEALS) on an fd we own, with seal flags.
+    if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, seals) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let ro = std::fs::OpenOptions::new().read(true).open(format!("/proc/self/fd/{}", file.as_raw_fd()))?;
+    Ok(ro.into())
+}
+
+/// Runs [`LAUNCHER_IMAGE`] in this process with `argv` and an empty environment. Returns only
+/// on failure.
+fn exec_image(argv: &[*const libc::c_char]) -> io::Result<std::convert::Infallible> {
+    let image = launcher_memfd()?;
+    let envp: [*mut libc::c_char; 1] = [std::ptr::null_mut()];
+    // SAFETY: execveat of our own fd with an empty path (AT_EMPTY_PATH), a NULL-terminated argv
+    // of C strings the caller keeps alive, and an empty environment. The fd is close-on-exec: the
+    // kernel holds the file for the new image.
+    unsafe {
+        libc::execveat(image.as_raw_fd(), c"".as_ptr(), argv.as_ptr().cast(), envp.as_ptr(), libc::AT_EMPTY_PATH)
+    };
+    Err(io::Error::last_os_error())
 }
 
 /// `bulkhead-launcher CORE_PID ALIVE_FD`: the launcher's fresh image ([`launcher`]).
@@ -355,4 +415,120 @@ fn wait_for_core(core: libc::pid_t, alive: OwnedFd) -> ! {
         std::process::exit(128 + sig);
     }
     std::process::exit(libc::WEXITSTATUS(raw));
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::process::ExitStatusExt;
+    use std::process::{Child, Command, Stdio};
+    use std::time::{Duration, Instant};
+
+    use super::*;
+
+    /// The sealed launcher image as a path a child can execute (this process holds the fd).
+    fn image() -> (OwnedFd, String) {
+        let fd = launcher_memfd().expect("launcher memfd");
+        let path = format!("/proc/{}/fd/{}", std::process::id(), fd.as_raw_fd());
+        (fd, path)
+    }
+
+    /// A field of `/proc/PID/status`.
+    fn status_field(pid: u32, name: &str) -> Option<String> {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        status.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(':').map(|v| v.trim().to_string()))
+    }
+
+    /// `sh` starts `child` in the background and becomes the launcher of it (its parent), with
+    /// fd 3 open as the liveness fd; returns once the launcher is waiting (`no_new_privs` is its
+    /// last step before its loop).
+    fn launch(child: &str) -> (Child, OwnedFd) {
+        let (fd, path) = image();
+        let script = format!("{child} & exec \"$0\" \"$!\" 3 3</dev/null");
+        let launcher = Command::new("sh")
+            .args(["-c", &script, &path])
+            .stdin(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("sh");
+        let t = Instant::now();
+        while status_field(launcher.id(), "NoNewPrivs").as_deref() != Some("1") {
+            assert!(t.elapsed() < Duration::from_secs(10), "the launcher never got to its wait");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        (launcher, fd)
+    }
+
+    fn signal(child: &Child, sig: libc::c_int) {
+        // SAFETY: kill with integers only, to our own child.
+        assert_eq!(unsafe { libc::kill(child.id() as libc::pid_t, sig) }, 0);
+    }
+
+    #[test]
+    fn the_launcher_image_is_small_and_writes_nothing_of_its_own() {
+        assert!(!LAUNCHER_IMAGE.is_empty(), "built for x86_64 Linux");
+        assert!(LAUNCHER_IMAGE.len() < 16 << 10, "{} bytes", LAUNCHER_IMAGE.len());
+        assert_eq!(&LAUNCHER_IMAGE[..4], b"\x7fELF");
+        // ET_EXEC: position-dependent, nothing to relocate.
+        assert_eq!(u16::from_le_bytes([LAUNCHER_IMAGE[16], LAUNCHER_IMAGE[17]]), 2);
+        // No program header maps anything writable (PT_LOAD with PF_W).
+        let phoff = usize::try_from(u64::from_le_bytes(LAUNCHER_IMAGE[32..40].try_into().expect("8"))).expect("fits");
+        let phnum = usize::from(u16::from_le_bytes([LAUNCHER_IMAGE[56], LAUNCHER_IMAGE[57]]));
+        for i in 0..phnum {
+            let ph = &LAUNCHER_IMAGE[phoff + i * 56..phoff + (i + 1) * 56];
+            let (kind, flags) = (u32::from_le_bytes(ph[0..4].try_into().expect("4")), ph[4]);
+            assert!(!(kind == 1 && flags & 2 != 0), "program header {i} is a writable load");
+        }
+    }
+
+    #[test]
+    fn the_launcher_refuses_what_bulkhead_would_not_pass() {
+        let (_fd, path) = image();
+        for args in [&[][..], &["1"], &["12", "2"], &["x", "5"], &["99999999999", "5"], &["1", "5", "6"]] {
+            let out = Command::new(&path).args(args).stderr(Stdio::piped()).output().expect("run");
+            assert_eq!(out.status.code(), Some(2), "{args:?}");
+            assert!(String::from_utf8_lossy(&out.stderr).starts_with("bulkhead-launcher: "), "{args:?}");
+        }
+        // A pid that is not its child, and a liveness fd that is not open.
+        let out = Command::new(&path).args(["1", "3"]).stderr(Stdio::piped()).output().expect("run");
+        assert_eq!(out.status.code(), Some(2));
+        assert!(String::from_utf8_lossy(&out.stderr).contains("not my child"), "{out:?}");
+    }
+
+    #[test]
+    fn the_launcher_forwards_a_signal_and_exits_as_its_core_did() {
+        // The core stands in: it ends with 7 when SIGUSR1 reaches it.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ready = dir.path().join("ready");
+        let core = format!("sh -c 'trap \"kill $p; exit 7\" USR1; sleep 30 & p=$!; : > {}; wait $p'", ready.display());
+        let (mut launcher, _fd) = launch(&core);
+        let t = Instant::now();
+        while !ready.exists() {
+            assert!(t.elapsed() < Duration::from_secs(10), "the stand-in core never got ready");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        if nix::unistd::geteuid().is_root() {
+            assert_eq!(status_field(launcher.id(), "CapEff").as_deref(), Some("0000000000000020"));
+            assert_eq!(status_field(launcher.id(), "CapBnd").as_deref(), Some("0000000000000020"));
+            assert_eq!(status_field(launcher.id(), "CapInh").as_deref(), Some("0000000000000000"));
+        }
+        signal(&launcher, libc::SIGUSR1);
+        let status = launcher.wait().expect("wait");
+        assert_eq!(status.code(), Some(7), "{status:?}");
+    }
+
+    #[test]
+    fn the_launcher_ends_by_the_signal_that_ended_its_core() {
+        let (mut launcher, _fd) = launch("sleep 30");
+        signal(&launcher, libc::SIGTERM);
+        let status = launcher.wait().expect("wait");
+        assert_eq!(status.signal(), Some(libc::SIGTERM), "{status:?}");
+        // A signal it does not forward (SIGWINCH) is read and dropped; it goes on waiting.
+        let (mut launcher, _fd) = launch("sleep 30");
+        signal(&launcher, libc::SIGWINCH);
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(launcher.try_wait().expect("try_wait").is_none(), "still waiting");
+        // (Not SIGINT: `sh` starts a background command with SIGINT ignored.)
+        signal(&launcher, libc::SIGHUP);
+        assert_eq!(launcher.wait().expect("wait").signal(), Some(libc::SIGHUP));
+    }
 }
