@@ -16,7 +16,7 @@ use std::fs::File;
 use std::process::ExitCode;
 
 use crate::runtime::error_chain;
-use crate::virtio::block::{Block, BlockHandler};
+use crate::virtio::block::Block;
 use crate::virtio::mmio::MmioTransport;
 use crate::virtio::setup::{check_window, run_service, take_transport_fds, transport, ServiceParts};
 use crate::{RuntimeError, Startup};
@@ -68,6 +68,5 @@ pub fn main() -> ExitCode {
         setup,
         backend_fds: Block::disk_fds,
         stats: Block::stats_handle,
-        handler: BlockHandler::new,
     })
 }

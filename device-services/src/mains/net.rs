@@ -14,7 +14,7 @@ use std::process::ExitCode;
 
 use crate::runtime::error_chain;
 use crate::virtio::mmio::MmioTransport;
-use crate::virtio::net::{Net, NetHandler};
+use crate::virtio::net::Net;
 use crate::virtio::setup::{check_window, run_service, take_transport_fds, transport, ServiceParts};
 use crate::{RuntimeError, Startup};
 use bulkhead_policies::Policy;
@@ -63,6 +63,5 @@ pub fn main() -> ExitCode {
         setup,
         backend_fds: |n: &Net| vec![n.tap_fd()],
         stats: Net::stats_handle,
-        handler: NetHandler::new,
     })
 }

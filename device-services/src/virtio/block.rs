@@ -9,7 +9,8 @@
 //! Rate limiting ([`Block::set_rate_limit`]): a request is taken from its queue only once the
 //! limiter admits it ([`Throttle`]), then charged its data length and one operation. While
 //! throttled the chains stay in the queue (nothing held, nothing to lose across a restart) and
-//! [`BlockHandler`] sleeps until the tokens are due instead of spinning.
+//! the service sleeps until the tokens are due instead of spinning
+//! ([`VirtioDevice::wake_after`]).
 
 use std::cell::Cell;
 use std::fs::File;
@@ -18,17 +19,15 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::rc::Rc;
 use std::time::Duration;
 
-use ipc::control::{DeviceReport, ErrorPolicy, IoCounters, RateLimit, RateLimitUpdate};
+use ipc::control::{ErrorPolicy, IoCounters, RateLimit, RateLimitUpdate};
 
 use virtio_bindings::virtio_blk;
 use vm_memory::{Bytes, Permissions, VolatileSlice};
 
-use super::mmio::MmioTransport;
 use super::request::{parse_request, Request, RequestType, MAX_DESCRIPTORS, SECTOR};
 use super::{DeviceError, QueueCtx, VirtioDevice, F_EVENT_IDX, F_VERSION_1};
 use crate::memory::{GuestMem, Inline};
 use crate::ratelimit::Throttle;
-use crate::runtime::{MmioHandler, RuntimeError};
 
 /// Virtio device ID of a block device.
 pub const DEVICE_ID_BLOCK: u32 = 2;
@@ -347,7 +346,7 @@ impl Block {
     }
 
     /// Starts enforcing the rate limit: call it after the requests in flight at a restart were
-    /// redone ([`BlockHandler::new`] does).
+    /// redone ([`VirtioDevice::serving`] does).
     pub fn arm_rate_limit(&self) {
         self.throttle.arm();
     }
@@ -718,117 +717,44 @@ impl VirtioDevice for Block {
         self.held = None;
         self.throttle.clear_wait();
     }
-}
 
-/// The block device as the service runtime serves it: the transport, plus sleeping (instead of
-/// spinning) while requests wait for rate-limit tokens, and waking when they are due.
-#[derive(Debug)]
-pub struct BlockHandler {
-    transport: MmioTransport<Block>,
-}
-
-impl BlockHandler {
-    /// Wraps a transport (restored, if it had saved state) and arms the device's rate limit.
-    pub fn new(transport: MmioTransport<Block>) -> Self {
-        transport.device().arm_rate_limit();
-        Self { transport }
-    }
-
-    /// The transport.
-    pub fn transport(&self) -> &MmioTransport<Block> {
-        &self.transport
-    }
-}
-
-impl MmioHandler for BlockHandler {
-    fn mirrored(&mut self, out: &mut Vec<ipc::MirrorEntry>) {
-        self.transport.mirrored(out);
-    }
-    fn report(&mut self) -> DeviceReport {
-        MmioHandler::report(&mut self.transport)
-    }
-    fn attach_mirror(&mut self, mirror: ipc::Mirror) {
-        self.transport.attach_mirror(mirror);
-    }
-    fn read(&mut self, offset: u64, data: &mut [u8]) -> bool {
-        self.transport.read(offset, data)
-    }
-
-    fn write(&mut self, offset: u64, data: &[u8]) -> bool {
-        self.transport.write(offset, data)
-    }
-
-    fn event_fds(&self) -> Vec<RawFd> {
-        self.transport.event_fds()
-    }
-
-    fn on_event(&mut self, fd: RawFd) -> Result<(), RuntimeError> {
-        self.transport.on_event(fd)
-    }
-
-    fn poll(&mut self) -> Result<bool, RuntimeError> {
-        self.transport.poll()
-    }
-
-    fn prepare_sleep(&mut self) -> Result<bool, RuntimeError> {
-        let pending = self.transport.prepare_sleep()?;
-        // Queued requests that wait for tokens are no reason to stay awake: `wake_after` ends
-        // the sleep when they are due (one limiter covers every queue).
-        Ok(pending && self.transport.device().throttle_wait().is_none())
+    fn serving(&self) {
+        self.arm_rate_limit();
     }
 
     fn wake_after(&self) -> Option<Duration> {
-        self.transport.device().throttle_wait()
+        self.throttle_wait()
     }
 
-    fn take_stop(&mut self) -> Option<String> {
-        self.transport.take_stop()
+    fn pending_waits_for_tokens(&self) -> bool {
+        // One limiter covers every queue.
+        self.throttle_wait().is_some()
     }
 
-    fn resumed(&mut self) {
-        self.transport.resume_held();
+    fn update_rate_limit(&mut self, limits: &RateLimitUpdate) -> bool {
+        let RateLimitUpdate::Block(limit) = limits else { return false };
+        self.set_rate_limit(limit);
+        self.arm_rate_limit();
+        true
     }
 
-    fn at_request(&mut self, index: u64) {
-        self.transport.at_request(index);
-    }
-
-    fn work_done(&mut self, submitted: u64) {
-        self.transport.work_done(submitted);
-    }
-
-    fn redone(&self) -> u64 {
-        self.transport.redone()
-    }
-
-    fn enter_failed(&mut self, reason: &str) -> bool {
-        MmioHandler::enter_failed(&mut self.transport, reason)
-    }
-
-    fn io_counters(&self) -> IoCounters {
-        let s = self.transport.device().stats();
-        IoCounters {
+    fn io_counters(&self) -> Option<IoCounters> {
+        let s = self.stats();
+        Some(IoCounters {
             requests: s.ok + s.ioerr + s.unsupp,
             bytes_to_guest: s.bytes_read,
             bytes_from_guest: s.bytes_written,
             throttled: s.throttled,
             errors: s.ioerr + s.unsupp + s.unanswerable,
             host_errors: s.host_errors,
-        }
-    }
-
-    fn set_rate_limit(&mut self, limits: &RateLimitUpdate) -> bool {
-        let RateLimitUpdate::Block(limit) = limits else { return false };
-        let device = self.transport.device_mut();
-        device.set_rate_limit(limit);
-        device.arm_rate_limit();
-        true
+        })
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::virtio::mmio::MmioTransport;
     use crate::virtio::request::ParseError;
     use proptest::prelude::*;
     use std::io::Write;
@@ -853,14 +779,15 @@ mod tests {
     }
 
     #[test]
-    fn the_handler_passes_the_transport_every_call() {
+    fn the_block_transport_keeps_an_interrupt_raised_after_a_posted_ack() {
         let (_t, f) = disk(16);
         let b = Block::new(f, 16 * SECTOR, false, "h", 1, 16).expect("block");
         let notify = vec![vmm_sys_util::eventfd::EventFd::new(0).expect("eventfd")];
         let t =
             MmioTransport::new(b, guest(&[0u8; MEM]), notify, vmm_sys_util::eventfd::EventFd::new(0).expect("irqfd"))
                 .expect("transport");
-        crate::virtio::mmio::handler_checks::a_posted_ack_keeps_a_later_interrupt(&mut BlockHandler::new(t));
+        let mut t = t;
+        crate::virtio::mmio::handler_checks::a_posted_ack_keeps_a_later_interrupt(&mut t);
     }
 
     #[test]

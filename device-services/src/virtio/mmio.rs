@@ -689,6 +689,20 @@ impl<D: VirtioDevice> MmioTransport<D> {
             && self.status & (status::NEEDS_RESET | status::FAILED) == 0
     }
 
+    /// The device's own source of work ([`VirtioDevice::own_work`]) while the device runs and
+    /// names a queue it has.
+    fn own_work(&self) -> Option<(RawFd, usize)> {
+        self.device.own_work().filter(|(_, q)| self.running() && *q < self.queues.len())
+    }
+
+    /// Runs queue `queue` for the device's own work, as a kick would (interrupts batched the
+    /// same way), and saves the registers as after any access. Returns whether chains completed.
+    fn run_own_work(&mut self, queue: usize) -> bool {
+        let did = self.process(queue);
+        self.persist();
+        did
+    }
+
     /// Whether the device failed for good ([`enter_failed`](Self::enter_failed)).
     pub fn is_failed(&self) -> bool {
         self.failed
@@ -1195,7 +1209,9 @@ impl<D: VirtioDevice> MmioHandler for MmioTransport<D> {
     }
 
     fn event_fds(&self) -> Vec<RawFd> {
-        self.notify.iter().map(|e| e.as_raw_fd()).collect()
+        let mut v: Vec<RawFd> = self.notify.iter().map(|e| e.as_raw_fd()).collect();
+        v.extend(self.own_work().map(|(fd, _)| fd));
+        v
     }
 
     fn mirrored(&mut self, out: &mut Vec<MirrorEntry>) {
@@ -1234,18 +1250,24 @@ impl<D: VirtioDevice> MmioHandler for MmioTransport<D> {
     }
 
     fn wake_after(&self) -> Option<Duration> {
-        None
+        self.device.wake_after()
     }
 
-    fn set_rate_limit(&mut self, _limits: &RateLimitUpdate) -> bool {
-        false
+    fn set_rate_limit(&mut self, limits: &RateLimitUpdate) -> bool {
+        self.device.update_rate_limit(limits)
     }
 
     fn io_counters(&self) -> IoCounters {
-        IoCounters { requests: self.stats.completed, ..IoCounters::default() }
+        self.device.io_counters().unwrap_or(IoCounters { requests: self.stats.completed, ..IoCounters::default() })
     }
 
     fn on_event(&mut self, fd: RawFd) -> Result<(), RuntimeError> {
+        if let Some((own, queue)) = self.own_work() {
+            if fd == own {
+                self.run_own_work(queue);
+                return Ok(());
+            }
+        }
         let Some(i) = self.notify.iter().position(|e| e.as_raw_fd() == fd) else { return Ok(()) };
         // Drain the kick counter (readable, so this does not block).
         let _ = self.notify[i].read();
@@ -1278,6 +1300,9 @@ impl<D: VirtioDevice> MmioHandler for MmioTransport<D> {
             }
             did |= self.process(i);
         }
+        if let Some((_, queue)) = self.own_work() {
+            did |= self.run_own_work(queue);
+        }
         Ok(did)
     }
 
@@ -1298,6 +1323,11 @@ impl<D: VirtioDevice> MmioHandler for MmioTransport<D> {
                 }
                 Err(e) => self.needs_reset(&format!("queue {i}: enabling notifications: {e}")),
             }
+        }
+        if pending && self.device.pending_waits_for_tokens() {
+            // Chains waiting for tokens are no reason to stay awake (`wake_after` ends the
+            // sleep when they are due); take whatever else arrived first.
+            return self.poll();
         }
         Ok(pending)
     }

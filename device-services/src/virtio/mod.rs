@@ -2,9 +2,12 @@
 //! (block now, net later) shares.
 //!
 //! A device implements [`VirtioDevice`]: identity, feature bits, config space, queue sizes, and
-//! how to process one queue. [`mmio::MmioTransport`] implements the virtio-mmio version 2 register
-//! file around it, owns the queues (`virtio_queue::Queue`), the interrupt status and the irqfd,
-//! and plugs into the service runtime as an [`crate::runtime::MmioHandler`].
+//! how to process one queue, and the few things a device adds to how it is served (a source of
+//! work of its own, like the net device's TAP; rate limits; counters). [`mmio::MmioTransport`]
+//! implements the virtio-mmio version 2 register file around it, owns the queues
+//! (`virtio_queue::Queue`), the interrupt status and the irqfd, and is the one
+//! [`crate::runtime::MmioHandler`] of every virtio service: no device wraps it, so no call of the
+//! runtime can miss the transport.
 
 pub mod block;
 pub mod mmio;
@@ -13,6 +16,10 @@ pub mod request;
 pub mod setup;
 pub mod tracked;
 
+use std::os::fd::RawFd;
+use std::time::Duration;
+
+use ipc::control::{IoCounters, RateLimitUpdate};
 pub use tracked::QueueCtx;
 
 /// `VIRTIO_F_VERSION_1`.
@@ -106,5 +113,36 @@ pub trait VirtioDevice {
     /// what the device holds that the rings do not show.
     fn report_counts(&self) -> std::collections::BTreeMap<String, u64> {
         std::collections::BTreeMap::new()
+    }
+    /// The transport is about to be served (restored, if it had saved state): start what runs
+    /// on its own, such as the rate limiters' refill. Nothing by default.
+    fn serving(&self) {}
+    /// Work of the device's own, beside the driver's kicks: an fd to wait on and the queue to
+    /// run when it is readable or while the service spins (net: the TAP and the RX queue, while
+    /// RX buffers are held and tokens allow). Asked every iteration while the device runs;
+    /// `None` (the default) when there is nothing to wait for now.
+    fn own_work(&self) -> Option<(RawFd, usize)> {
+        None
+    }
+    /// Requests waiting for rate-limit tokens: how long until some are due (the service sleeps
+    /// no longer). `None` (the default): nothing waits.
+    fn wake_after(&self) -> Option<Duration> {
+        None
+    }
+    /// Whether chains left in the queues when the service is about to sleep wait for tokens
+    /// (then they are no reason to stay awake: [`wake_after`](Self::wake_after) ends the sleep
+    /// when they are due). False by default.
+    fn pending_waits_for_tokens(&self) -> bool {
+        false
+    }
+    /// The core replaced the rate limits. Returns false (the default) if this device has no
+    /// limits of that kind.
+    fn update_rate_limit(&mut self, _limits: &RateLimitUpdate) -> bool {
+        false
+    }
+    /// The device's counters for the core's metrics; `None` (the default): the transport counts
+    /// completed chains only.
+    fn io_counters(&self) -> Option<IoCounters> {
+        None
     }
 }

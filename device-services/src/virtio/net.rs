@@ -46,7 +46,8 @@
 //! Rate limiting ([`Net::set_rate_limit`]): one [`Throttle`] per direction, each charged the
 //! frame bytes (without the header) and one operation per frame. A throttled TX leaves chains
 //! in the TX queue; a throttled RX stops reading the TAP (the kernel queues or drops, as for any
-//! slow receiver). [`NetHandler`] then sleeps until the tokens are due.
+//! slow receiver). The service then sleeps until the tokens are due
+//! ([`VirtioDevice::wake_after`]).
 
 use std::cell::Cell;
 use std::collections::VecDeque;
@@ -55,18 +56,16 @@ use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::rc::Rc;
 use std::time::Duration;
 
-use ipc::control::{DeviceReport, IoCounters, RateLimit, RateLimitUpdate};
+use ipc::control::{IoCounters, RateLimit, RateLimitUpdate};
 
 use virtio_bindings::virtio_net as vn;
 use virtio_queue::desc::split::Descriptor;
 use vm_memory::{Bytes, GuestMemory, Permissions, VolatileSlice};
 
-use super::mmio::{reg, status, MmioTransport};
 use super::request::{take_front, Segment};
 use super::{DeviceError, QueueCtx, VirtioDevice, F_EVENT_IDX, F_VERSION_1};
-use crate::memory::{GuestMem, Inline};
+use crate::memory::{GuestMem, Inline, ZeroPages};
 use crate::ratelimit::Throttle;
-use crate::runtime::{MmioHandler, RuntimeError};
 
 /// Virtio device ID of a network device.
 pub const DEVICE_ID_NET: u32 = 1;
@@ -151,6 +150,9 @@ pub enum NetError {
     /// Queue size unusable.
     #[error("queue size {0} (power of two, 2..=32768)")]
     QueueSize(u16),
+    /// The overflow buffer could not be mapped.
+    #[error("mapping the overflow buffer: {0}")]
+    Overflow(io::ErrorKind),
     /// More than [`MAX_DESCRIPTORS`] descriptors.
     #[error("chain longer than {MAX_DESCRIPTORS} descriptors")]
     TooLong,
@@ -625,8 +627,9 @@ pub struct Net {
     tap_offloads: Option<libc::c_uint>,
     /// A received frame waiting for more RX buffers (`MRG_RXBUF`), if any.
     pending: Option<PendingFrame>,
-    /// Where the part of a frame beyond the held RX buffers is read (`MAX_PACKET` + 1 bytes).
-    overflow: Vec<u8>,
+    /// Where the part of a frame beyond the held RX buffers is read (`MAX_PACKET` + 1 bytes;
+    /// pages allocated only where a frame spilled).
+    overflow: ZeroPages,
     stats: NetStats,
     shared: Rc<Cell<NetStats>>,
     complaints: u32,
@@ -654,7 +657,10 @@ impl Net {
             offloads: Offloads::default(),
             tap_offloads: None,
             pending: None,
-            overflow: vec![0u8; MAX_PACKET + 1],
+            overflow: ZeroPages::new(MAX_PACKET + 1).map_err(|e| match e {
+                vm_memory::mmap::MmapRegionError::Mmap(e) => NetError::Overflow(e.kind()),
+                _ => NetError::Overflow(io::ErrorKind::Other),
+            })?,
             stats: NetStats::default(),
             shared: Rc::new(Cell::new(NetStats::default())),
             complaints: 0,
@@ -729,7 +735,7 @@ impl Net {
     }
 
     /// Starts enforcing the rate limit: after the chains in flight at a restart were redone
-    /// ([`NetHandler::new`] does).
+    /// ([`VirtioDevice::serving`] does).
     pub fn arm_rate_limit(&self) {
         self.tx_throttle.arm();
         self.rx_throttle.arm();
@@ -1190,150 +1196,48 @@ impl VirtioDevice for Net {
             self.complain(&format!("TUNSETOFFLOAD 0 after a reset: {e}"));
         }
     }
-}
 
-/// The net device as the service runtime serves it: the transport, plus the TAP fd watched
-/// (while RX buffers are held) and read while the service spins.
-#[derive(Debug)]
-pub struct NetHandler {
-    transport: MmioTransport<Net>,
-}
-
-impl NetHandler {
-    /// Wraps a transport (restored, if it had saved state) and arms the device's rate limit.
-    pub fn new(transport: MmioTransport<Net>) -> Self {
-        transport.device().arm_rate_limit();
-        Self { transport }
+    fn serving(&self) {
+        self.arm_rate_limit();
     }
 
-    /// The transport.
-    pub fn transport(&self) -> &MmioTransport<Net> {
-        &self.transport
-    }
-
-    /// Whether frames can be delivered now (device running, buffers held, RX tokens).
-    fn rx_ready(&self) -> bool {
-        let st = self.transport.status();
-        st & (status::DRIVER_OK | status::NEEDS_RESET | status::FAILED) == status::DRIVER_OK
-            && self.transport.device().rx_wants_frames()
-            && self.transport.device().rx_admissible()
-    }
-
-    /// Runs the RX queue (through the transport's QueueNotify path, which batches the
-    /// interrupt). Returns whether anything was delivered.
-    fn run_rx(&mut self) -> bool {
-        let before = self.transport.device().stats().rx_frames;
-        self.transport.write(reg::QUEUE_NOTIFY, &u32::from(RX_QUEUE).to_le_bytes());
-        self.transport.device().stats().rx_frames != before
-    }
-}
-
-impl MmioHandler for NetHandler {
-    fn mirrored(&mut self, out: &mut Vec<ipc::MirrorEntry>) {
-        self.transport.mirrored(out);
-    }
-    fn report(&mut self) -> DeviceReport {
-        MmioHandler::report(&mut self.transport)
-    }
-    fn attach_mirror(&mut self, mirror: ipc::Mirror) {
-        self.transport.attach_mirror(mirror);
-    }
-    fn read(&mut self, offset: u64, data: &mut [u8]) -> bool {
-        self.transport.read(offset, data)
-    }
-
-    fn write(&mut self, offset: u64, data: &[u8]) -> bool {
-        self.transport.write(offset, data)
-    }
-
-    fn event_fds(&self) -> Vec<RawFd> {
-        let mut v = self.transport.event_fds();
-        if self.rx_ready() {
-            v.push(self.transport.device().tap_fd());
-        }
-        v
-    }
-
-    fn on_event(&mut self, fd: RawFd) -> Result<(), RuntimeError> {
-        if fd == self.transport.device().tap_fd() {
-            if self.rx_ready() {
-                self.run_rx();
-            }
-            return Ok(());
-        }
-        self.transport.on_event(fd)
-    }
-
-    fn poll(&mut self) -> Result<bool, RuntimeError> {
-        let mut did = self.transport.poll()?;
-        if self.rx_ready() {
-            did |= self.run_rx();
-        }
-        Ok(did)
-    }
-
-    fn prepare_sleep(&mut self) -> Result<bool, RuntimeError> {
-        let pending = self.transport.prepare_sleep()?;
-        if pending && self.transport.device().tx_throttled() {
-            // TX chains waiting for tokens are no reason to stay awake (`wake_after` ends the
-            // sleep when they are due); take whatever else arrived (RX buffers) first.
-            return self.poll();
-        }
-        Ok(pending)
+    fn own_work(&self) -> Option<(RawFd, usize)> {
+        // The TAP is read only into RX buffers held, and only while RX tokens allow.
+        (self.rx_wants_frames() && self.rx_admissible()).then(|| (self.tap_fd(), usize::from(RX_QUEUE)))
     }
 
     fn wake_after(&self) -> Option<Duration> {
-        self.transport.device().throttle_wait()
+        self.throttle_wait()
     }
 
-    fn take_stop(&mut self) -> Option<String> {
-        self.transport.take_stop()
+    fn pending_waits_for_tokens(&self) -> bool {
+        self.tx_throttled()
     }
 
-    fn resumed(&mut self) {
-        self.transport.resume_held();
+    fn update_rate_limit(&mut self, limits: &RateLimitUpdate) -> bool {
+        let RateLimitUpdate::Net { rx, tx } = limits else { return false };
+        self.set_rate_limit(rx, tx);
+        self.arm_rate_limit();
+        true
     }
 
-    fn at_request(&mut self, index: u64) {
-        self.transport.at_request(index);
-    }
-
-    fn work_done(&mut self, submitted: u64) {
-        self.transport.work_done(submitted);
-    }
-
-    fn enter_failed(&mut self, reason: &str) -> bool {
-        MmioHandler::enter_failed(&mut self.transport, reason)
-    }
-
-    fn redone(&self) -> u64 {
-        self.transport.redone()
-    }
-
-    fn io_counters(&self) -> IoCounters {
-        let s = self.transport.device().stats();
-        IoCounters {
+    fn io_counters(&self) -> Option<IoCounters> {
+        let s = self.stats();
+        Some(IoCounters {
             requests: s.tx_frames + s.rx_frames,
             bytes_to_guest: s.rx_bytes,
             bytes_from_guest: s.tx_bytes,
             throttled: s.tx_throttled + s.rx_throttled,
             errors: s.tx_dropped + s.tx_errors + s.rx_dropped + s.rx_bad_chains + s.rx_errors,
             host_errors: s.tx_errors + s.rx_errors,
-        }
-    }
-
-    fn set_rate_limit(&mut self, limits: &RateLimitUpdate) -> bool {
-        let RateLimitUpdate::Net { rx, tx } = limits else { return false };
-        let device = self.transport.device_mut();
-        device.set_rate_limit(rx, tx);
-        device.arm_rate_limit();
-        true
+        })
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::virtio::mmio::MmioTransport;
     use proptest::prelude::*;
     use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
     use virtio_queue::Queue;
@@ -1400,7 +1304,32 @@ mod tests {
     }
 
     #[test]
-    fn the_handler_passes_the_transport_every_call() {
+    fn the_transport_serves_the_devices_hooks() {
+        use crate::runtime::MmioHandler;
+        let (_r, w) = pipe();
+        let tap = w.as_raw_fd();
+        let n = Net::new(w, [2, 0, 0, 0, 0, 1], 16).expect("net");
+        let notify = vec![
+            vmm_sys_util::eventfd::EventFd::new(0).expect("eventfd"),
+            vmm_sys_util::eventfd::EventFd::new(0).expect("eventfd"),
+        ];
+        let mut t =
+            MmioTransport::new(n, guest(&[0u8; MEM]), notify, vmm_sys_util::eventfd::EventFd::new(0).expect("irqfd"))
+                .expect("transport");
+        // No driver, no RX buffers: the TAP is not waited on, only the two kicks.
+        assert_eq!(t.event_fds().len(), 2);
+        assert!(!t.event_fds().contains(&tap));
+        assert!(!t.poll().expect("poll"), "nothing to do");
+        // Rate limits and counters are the device's.
+        let limit = RateLimit { ops_per_sec: 10, ..RateLimit::default() };
+        assert!(!t.set_rate_limit(&RateLimitUpdate::Block(limit)), "a NIC has no disk limit");
+        assert!(t.set_rate_limit(&RateLimitUpdate::Net { rx: limit, tx: RateLimit::default() }));
+        assert_eq!(t.io_counters(), IoCounters::default());
+        assert_eq!(t.wake_after(), None, "nothing waits for tokens");
+    }
+
+    #[test]
+    fn the_net_transport_keeps_an_interrupt_raised_after_a_posted_ack() {
         let (_r, w) = pipe();
         let n = Net::new(w, [2, 0, 0, 0, 0, 1], 16).expect("net");
         let notify = vec![
@@ -1410,7 +1339,8 @@ mod tests {
         let t =
             MmioTransport::new(n, guest(&[0u8; MEM]), notify, vmm_sys_util::eventfd::EventFd::new(0).expect("irqfd"))
                 .expect("transport");
-        crate::virtio::mmio::handler_checks::a_posted_ack_keeps_a_later_interrupt(&mut NetHandler::new(t));
+        let mut t = t;
+        crate::virtio::mmio::handler_checks::a_posted_ack_keeps_a_later_interrupt(&mut t);
     }
 
     #[test]

@@ -16,7 +16,7 @@ use vmm_sys_util::eventfd::EventFd;
 use super::mmio::{MmioTransport, MIN_WINDOW};
 use super::VirtioDevice;
 use crate::memory::{map_guest_memory, memory_fds, GuestMem};
-use crate::runtime::{error_chain, MmioHandler, RuntimeError, Startup};
+use crate::runtime::{error_chain, RuntimeError, Startup};
 
 /// Guest RAM and the eventfds a virtio transport is built from.
 pub struct TransportFds {
@@ -76,8 +76,10 @@ pub fn transport<D: VirtioDevice>(
 pub type Placed<D> = (MmioTransport<D>, u64, u64);
 
 /// What a virtio service binary supplies to [`run_service`]: its name, its seccomp policy, its
-/// device-specific set-up, and how to reach the device's back-end fd, counters and handler.
-pub struct ServiceParts<D, S, H> {
+/// device-specific set-up, and how to reach the device's back-end fds and counters. The
+/// transport itself is the handler the runtime serves (`VirtioDevice` hooks add what a device
+/// needs beyond its queues).
+pub struct ServiceParts<D, S> {
     /// Binary name, for log lines (`bulkhead-net`).
     pub name: &'static str,
     /// The seccomp policy installed before any guest data is read.
@@ -90,16 +92,12 @@ pub struct ServiceParts<D, S, H> {
     pub backend_fds: fn(&D) -> Vec<RawFd>,
     /// The device's counters, printed at exit.
     pub stats: fn(&D) -> Rc<Cell<S>>,
-    /// The handler serving the transport.
-    pub handler: fn(MmioTransport<D>) -> H,
 }
 
 /// The life of a virtio service process after its arguments: set up (reporting a failure to the
 /// core), jail keeping only the transport's, guest RAM's and the back end's fds, seccomp, resume
 /// from the state region, serve until `Shutdown`, print the counters. Returns the exit code.
-pub fn run_service<D: VirtioDevice, S: Copy + std::fmt::Display, H: MmioHandler>(
-    parts: &ServiceParts<D, S, H>,
-) -> ExitCode {
+pub fn run_service<D: VirtioDevice, S: Copy + std::fmt::Display>(parts: &ServiceParts<D, S>) -> ExitCode {
     let name = parts.name;
     let run = || -> Result<(), RuntimeError> {
         let mut st = Startup::from_args(std::env::args().skip(1))?;
@@ -118,7 +116,9 @@ pub fn run_service<D: VirtioDevice, S: Copy + std::fmt::Display, H: MmioHandler>
         st.seccomp(parts.policy)?;
         transport.restore().log(name, parts.redone_what);
         let stats = (parts.stats)(transport.device());
-        let served = st.serve_mmio((parts.handler)(transport), base, len);
+        // After the requests in flight were redone: they are not charged again.
+        transport.device().serving();
+        let served = st.serve_mmio(transport, base, len);
         eprintln!("{name}[{}]: stats {}", std::process::id(), stats.get());
         served.map(|_| ())
     };
