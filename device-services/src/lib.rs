@@ -8,6 +8,7 @@
 #![deny(missing_docs)]
 
 pub mod console;
+pub mod footprint;
 pub mod jail;
 pub mod mains;
 pub mod memory;

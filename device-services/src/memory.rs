@@ -15,41 +15,6 @@ use vm_memory::{FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, G
 /// paths' profiles (longer lists spill to the heap).
 pub type Inline<T> = smallvec::SmallVec<[T; 4]>;
 
-/// A buffer of zeroes in an anonymous mapping of its own: the kernel gives it a page only when
-/// the page is first written. For a buffer that must be large but is seldom filled (the net
-/// service's overflow frame, 64 KiB): from the heap it would be resident for the service's life
-/// (a zeroed allocation is written whole unless it comes from fresh heap pages).
-pub struct ZeroPages(vm_memory::mmap::MmapRegion<()>);
-
-impl ZeroPages {
-    /// A mapping of `len` bytes (rounded up to whole pages by the kernel; `len` are usable).
-    pub fn new(len: usize) -> Result<Self, vm_memory::mmap::MmapRegionError> {
-        vm_memory::mmap::MmapRegion::new(len).map(Self)
-    }
-}
-
-impl std::ops::Deref for ZeroPages {
-    type Target = [u8];
-    fn deref(&self) -> &[u8] {
-        // SAFETY: the region is a private anonymous mapping of `size()` bytes, readable and
-        // writable, owned by `self` and unmapped only when it drops; nothing else aliases it.
-        unsafe { std::slice::from_raw_parts(self.0.as_ptr(), self.0.size()) }
-    }
-}
-
-impl std::ops::DerefMut for ZeroPages {
-    fn deref_mut(&mut self) -> &mut [u8] {
-        // SAFETY: as in `deref`; `&mut self` makes this the only borrow.
-        unsafe { std::slice::from_raw_parts_mut(self.0.as_ptr(), self.0.size()) }
-    }
-}
-
-impl std::fmt::Debug for ZeroPages {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "ZeroPages({} bytes)", self.0.size())
-    }
-}
-
 /// Guest memory as mapped by a service.
 pub type GuestMem = GuestMemoryMmap<()>;
 
@@ -160,15 +125,6 @@ pub fn memory_fds(mem: &GuestMem) -> Vec<RawFd> {
 mod tests {
     use super::*;
 
-    #[test]
-    fn zero_pages_read_as_zeroes_and_keep_what_is_written() {
-        let mut z = ZeroPages::new(65_551).expect("map");
-        assert_eq!(z.len(), 65_551);
-        assert!(z.iter().all(|b| *b == 0));
-        z[65_550] = 7;
-        z[0] = 1;
-        assert_eq!((z[0], z[65_550], z[4096]), (1, 7, 0));
-    }
     use nix::sys::memfd::{memfd_create, MemFdCreateFlag};
     use vm_memory::Bytes;
 

@@ -563,6 +563,8 @@ impl Startup {
         server.handler.attach_mirror(mirror);
         server.publish_mirror();
         server.control.send(&ControlMsg::Ready { pid: std::process::id() }, &[])?;
+        // Set-up is over: the serve loop stays shallow.
+        crate::footprint::trim_main_stack();
         server.run(idle_spin)
     }
 }

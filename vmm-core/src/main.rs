@@ -27,6 +27,8 @@ const DEFAULT_ID: &str = "anonymous-instance";
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(30);
 
 fn main() -> ExitCode {
+    // Where the main thread's stack is, for trimming it once start-up is over (every role).
+    device_services::footprint::note_main_stack();
     // Started as a service (`argv[0]` = `bulkhead-console`, ...): the core spawns its own
     // executable so every process of a VM shares one file's text pages.
     let argv0 = std::env::args_os().next().unwrap_or_default();

@@ -457,6 +457,9 @@ impl Vmm {
         // SAFETY: malloc_trim only returns free heap pages to the kernel (MADV_DONTNEED and a
         // shrinking brk, both allowed by the core-main filter); no allocation is touched.
         unsafe { libc::malloc_trim(0) };
+        // Likewise the main thread's stack below this frame (start-up went deep once; the
+        // action loop does not): nothing when this runs on another thread.
+        device_services::footprint::trim_main_stack();
         log::info!("VM started");
         Ok(())
     }

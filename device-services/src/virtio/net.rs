@@ -64,7 +64,8 @@ use vm_memory::{Bytes, GuestMemory, Permissions, VolatileSlice};
 
 use super::request::{take_front, Segment};
 use super::{DeviceError, QueueCtx, VirtioDevice, F_EVENT_IDX, F_VERSION_1};
-use crate::memory::{GuestMem, Inline, ZeroPages};
+use crate::footprint::ZeroPages;
+use crate::memory::{GuestMem, Inline};
 use crate::ratelimit::Throttle;
 
 /// Virtio device ID of a network device.
