@@ -918,6 +918,11 @@ impl RunningVm {
         self.inject_due();
     }
 
+    /// When the next injection is due, if any is left ([`tick`](Self::tick) sends it).
+    pub fn next_injection(&self) -> Option<Instant> {
+        self.injections.iter().map(|inj| self.started + inj.delay).min()
+    }
+
     /// A disk whose error policy stops the VM holds a request the host failed: which drive and
     /// why (`drive data: write at sector 8: No space left on device`). Asked regularly; each
     /// hold is reported once.
