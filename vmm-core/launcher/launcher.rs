@@ -12,7 +12,11 @@
 //!
 //! `vmm-core/build.rs` compiles it with the same `rustc` (`no_std`, `panic=abort`) and `bulkhead`
 //! embeds it; the first image runs it from a sealed memfd (`pidns::launcher`). Where that is not
-//! allowed (a host with `vm.memfd_noexec = 2`), the first image waits itself, the same way.
+//! allowed (a host with `vm.memfd_noexec = 2`), a fresh image of `bulkhead` waits instead
+//! (`pidns::launcher_main`), and failing that the first image itself, the same way.
+//!
+//! Signal dispositions the first image set survive the `execve`: SIGPIPE stays ignored (Rust's
+//! runtime ignores it), so a message to a closed stderr cannot end the launcher.
 //!
 //! Contract with the first image, which execs this:
 //! - the core is this process's child (checked: `waitid(WNOWAIT)`);
