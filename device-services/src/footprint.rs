@@ -16,8 +16,11 @@ pub struct ZeroPages(vm_memory::mmap::MmapRegion<()>);
 
 impl ZeroPages {
     /// A mapping of `len` bytes (rounded up to whole pages by the kernel; `len` are usable).
-    pub fn new(len: usize) -> Result<Self, vm_memory::mmap::MmapRegionError> {
-        vm_memory::mmap::MmapRegion::new(len).map(Self)
+    pub fn new(len: usize) -> std::io::Result<Self> {
+        vm_memory::mmap::MmapRegion::new(len).map(Self).map_err(|e| match e {
+            vm_memory::mmap::MmapRegionError::Mmap(e) => e,
+            other => std::io::Error::other(other),
+        })
     }
 }
 

@@ -124,7 +124,6 @@ pub fn memory_fds(mem: &GuestMem) -> Vec<RawFd> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
     use nix::sys::memfd::{memfd_create, MemFdCreateFlag};
     use vm_memory::Bytes;
 

@@ -187,8 +187,7 @@ pub trait MmioHandler {
     /// Registers whose read has no side effect, with the value a read returns now, for the read
     /// mirror ([`ipc::mirror`]), at offsets into the window, and the registers whose writes may
     /// be posted ([`MirrorEntry::posted_write`]: writes that change nothing but the device's own
-    /// registers). Asked after every access, event and poll that did work; the default mirrors
-    /// nothing.
+    /// registers). Asked after every access, event and poll that did work.
     fn mirrored(&mut self, out: &mut Vec<MirrorEntry>);
     /// The read mirror, given once before serving: before raising an interrupt that follows a
     /// change of a mirrored value made outside an access, rewrite the value in place

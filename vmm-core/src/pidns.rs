@@ -252,7 +252,7 @@ fn launcher(core: libc::pid_t, alive: OwnedFd) -> ! {
             args.iter().filter_map(|a| std::ffi::CString::new(a.as_str()).ok()).collect();
         let mut argv: Vec<*const libc::c_char> = args.iter().map(|a| a.as_ptr()).collect();
         argv.push(std::ptr::null());
-        match exec_image(&argv) {
+        match exec_image(&args) {
             Ok(never) => match never {},
             Err(e) => eprintln!("bulkhead: the launcher runs as bulkhead again: {e}"),
         }
@@ -267,7 +267,7 @@ fn launcher(core: libc::pid_t, alive: OwnedFd) -> ! {
 }
 
 /// `MFD_EXEC`: a memfd that may be executed, asked for explicitly (Linux 6.3+; a host with
-/// `vm.memfd_noexec = 1` seals memfds against it by default).
+/// `vm.memfd_noexec = 1` seals memfds against it by default). Not among nix's flags yet.
 const MFD_EXEC: libc::c_uint = 0x10;
 
 /// [`LAUNCHER_IMAGE`] in a memfd sealed against any change, opened read-only (no writer left
@@ -276,19 +276,14 @@ fn launcher_memfd() -> io::Result<OwnedFd> {
     if LAUNCHER_IMAGE.is_empty() {
         return Err(io::Error::new(io::ErrorKind::Unsupported, "no launcher image in this build"));
     }
-    let flags = libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING;
-    // SAFETY: memfd_create with a NUL-terminated name and flags; returns a new fd or -1.
-    let mut raw = unsafe { libc::memfd_create(c"bulkhead-launcher".as_ptr(), flags | MFD_EXEC) };
-    if raw < 0 && io::Error::last_os_error().raw_os_error() == Some(libc::EINVAL) {
+    use nix::sys::memfd::{memfd_create, MemFdCreateFlag};
+    let flags = MemFdCreateFlag::MFD_CLOEXEC | MemFdCreateFlag::MFD_ALLOW_SEALING;
+    let fd = match memfd_create(c"bulkhead-launcher", flags | MemFdCreateFlag::from_bits_retain(MFD_EXEC)) {
         // A kernel before MFD_EXEC: its memfds are executable.
-        // SAFETY: as above.
-        raw = unsafe { libc::memfd_create(c"bulkhead-launcher".as_ptr(), flags) };
-    }
-    if raw < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: memfd_create just returned this fd; nothing else owns it.
-    let mut file = std::fs::File::from(unsafe { OwnedFd::from_raw_fd(raw) });
+        Err(nix::errno::Errno::EINVAL) => memfd_create(c"bulkhead-launcher", flags)?,
+        r => r?,
+    };
+    let mut file = std::fs::File::from(fd);
     std::io::Write::write_all(&mut file, LAUNCHER_IMAGE)?;
     let seals = libc::F_SEAL_SEAL | libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_WRITE;
     // SAFETY: fcntl(F_ADD_SEALS) on an fd we own, with seal flags.
@@ -299,18 +294,13 @@ fn launcher_memfd() -> io::Result<OwnedFd> {
     Ok(ro.into())
 }
 
-/// Runs [`LAUNCHER_IMAGE`] in this process with `argv` and an empty environment. Returns only
+/// Runs [`LAUNCHER_IMAGE`] in this process with `args` and an empty environment. Returns only
 /// on failure.
-fn exec_image(argv: &[*const libc::c_char]) -> io::Result<std::convert::Infallible> {
+fn exec_image(args: &[std::ffi::CString]) -> io::Result<std::convert::Infallible> {
     let image = launcher_memfd()?;
-    let envp: [*mut libc::c_char; 1] = [std::ptr::null_mut()];
-    // SAFETY: execveat of our own fd with an empty path (AT_EMPTY_PATH), a NULL-terminated argv
-    // of C strings the caller keeps alive, and an empty environment. The fd is close-on-exec: the
-    // kernel holds the file for the new image.
-    unsafe {
-        libc::execveat(image.as_raw_fd(), c"".as_ptr(), argv.as_ptr().cast(), envp.as_ptr(), libc::AT_EMPTY_PATH)
-    };
-    Err(io::Error::last_os_error())
+    // The fd is close-on-exec: the kernel holds the file for the new image.
+    let none: [&std::ffi::CStr; 0] = [];
+    Ok(nix::unistd::execveat(Some(image.as_raw_fd()), c"", args, &none, nix::fcntl::AtFlags::AT_EMPTY_PATH)?)
 }
 
 /// `bulkhead-launcher CORE_PID ALIVE_FD`: the launcher's fresh image ([`launcher`]).

@@ -517,13 +517,17 @@ impl Vmm {
     /// deadline comes sooner.
     fn next_tick(&self) -> Duration {
         let now = Instant::now();
-        let metrics = (self.metrics.is_some() && self.vm.is_some()).then_some(self.metrics_due);
         let injection = self.vm.as_ref().and_then(RunningVm::next_injection);
-        [self.stop_deadline, metrics, injection]
+        [self.stop_deadline, self.metrics_deadline(), injection]
             .into_iter()
             .flatten()
             .map(|d| d.saturating_duration_since(now))
             .fold(TICK, Duration::min)
+    }
+
+    /// When the metrics file is written next: only while a VM runs and one is configured.
+    fn metrics_deadline(&self) -> Option<Instant> {
+        (self.metrics.is_some() && self.vm.is_some()).then_some(self.metrics_due)
     }
 
     /// Between calls: signals, due injections, the stop deadline, the metrics timer.
@@ -550,7 +554,7 @@ impl Vmm {
                 }
             }
         }
-        if self.metrics.is_some() && self.vm.is_some() && Instant::now() >= self.metrics_due {
+        if self.metrics_deadline().is_some_and(|d| Instant::now() >= d) {
             if let Err(e) = self.flush_metrics() {
                 log::warn!("{e}");
             }

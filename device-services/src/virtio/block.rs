@@ -783,10 +783,9 @@ mod tests {
         let (_t, f) = disk(16);
         let b = Block::new(f, 16 * SECTOR, false, "h", 1, 16).expect("block");
         let notify = vec![vmm_sys_util::eventfd::EventFd::new(0).expect("eventfd")];
-        let t =
+        let mut t =
             MmioTransport::new(b, guest(&[0u8; MEM]), notify, vmm_sys_util::eventfd::EventFd::new(0).expect("irqfd"))
                 .expect("transport");
-        let mut t = t;
         crate::virtio::mmio::handler_checks::a_posted_ack_keeps_a_later_interrupt(&mut t);
     }
 

@@ -655,11 +655,6 @@ impl<D: VirtioDevice> MmioTransport<D> {
         &self.device
     }
 
-    /// The device, to change its settings (rate limits) between requests.
-    pub fn device_mut(&mut self) -> &mut D {
-        &mut self.device
-    }
-
     /// Guest memory.
     pub fn memory(&self) -> &GuestMem {
         &self.mem
@@ -1333,7 +1328,7 @@ impl<D: VirtioDevice> MmioHandler for MmioTransport<D> {
     }
 }
 
-/// Checks a device's handler must pass, run from the device modules' tests.
+/// Checks the transport must pass over each device, run from the device modules' tests.
 #[cfg(test)]
 pub(crate) mod handler_checks {
     use super::*;
@@ -1348,11 +1343,11 @@ pub(crate) mod handler_checks {
         assert!(h.write(reg::INTERRUPT_ACK, &bits.to_le_bytes()));
     }
 
-    /// Through the handler, called as the runtime calls it: an interrupt raised after a posted
+    /// Through `MmioHandler`, called as the runtime calls it: an interrupt raised after a posted
     /// InterruptACK was submitted survives that acknowledgement, and the guest's next one clears
-    /// it. Fails for a handler that keeps `at_request` or `work_done` from its transport (then
-    /// every acknowledgement clears everything). The interrupt is `enter_failed`'s
-    /// configuration change; the handler's report is the transport's.
+    /// it. Fails if `at_request` or `work_done` does not reach the ordering (then every
+    /// acknowledgement clears everything). The interrupt is `enter_failed`'s configuration
+    /// change, which the report shows.
     pub(crate) fn a_posted_ack_keeps_a_later_interrupt(h: &mut impl MmioHandler) {
         assert!(h.enter_failed("check"), "a virtio handler has a failed state");
         // Raised while the core had submitted 4 requests.

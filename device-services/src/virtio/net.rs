@@ -658,10 +658,7 @@ impl Net {
             offloads: Offloads::default(),
             tap_offloads: None,
             pending: None,
-            overflow: ZeroPages::new(MAX_PACKET + 1).map_err(|e| match e {
-                vm_memory::mmap::MmapRegionError::Mmap(e) => NetError::Overflow(e.kind()),
-                _ => NetError::Overflow(io::ErrorKind::Other),
-            })?,
+            overflow: ZeroPages::new(MAX_PACKET + 1).map_err(|e| NetError::Overflow(e.kind()))?,
             stats: NetStats::default(),
             shared: Rc::new(Cell::new(NetStats::default())),
             complaints: 0,
@@ -1337,10 +1334,9 @@ mod tests {
             vmm_sys_util::eventfd::EventFd::new(0).expect("eventfd"),
             vmm_sys_util::eventfd::EventFd::new(0).expect("eventfd"),
         ];
-        let t =
+        let mut t =
             MmioTransport::new(n, guest(&[0u8; MEM]), notify, vmm_sys_util::eventfd::EventFd::new(0).expect("irqfd"))
                 .expect("transport");
-        let mut t = t;
         crate::virtio::mmio::handler_checks::a_posted_ack_keeps_a_later_interrupt(&mut t);
     }
 
